@@ -1,0 +1,184 @@
+//! The model's tokenizer as found in a Hugging Face folder: `tokenizer.json` (read with the stable
+//! `tokenizers` 0.2x line, which understands Hub files), the special tokens named in
+//! `tokenizer_config.json`, and the chat template source from `chat_template.jinja` (transformers ≥ 5)
+//! or `tokenizer_config.json`'s `chat_template` (older convention). Rendering lives in `data::template`.
+
+use std::path::{Path, PathBuf};
+
+/// Errors while reading a model's tokenizer files.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("no tokenizer.json in the model folder; FineTune needs the fast-tokenizer file that Hub models ship (convert with transformers' AutoTokenizer.save_pretrained if you only have a slow tokenizer): {0}")]
+    Missing(PathBuf),
+    #[error("could not read tokenizer ({reason}); re-download the model's tokenizer files: {path}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("could not tokenize text: {0}")]
+    Encode(String),
+}
+
+/// A tokenizer plus what `tokenizer_config.json` says about specials and the chat template.
+#[derive(Clone)]
+pub struct ModelTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Jinja source of the chat template, if the model ships one.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+}
+
+impl std::fmt::Debug for ModelTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("has_chat_template", &self.chat_template.is_some())
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish()
+    }
+}
+
+/// A special token in tokenizer_config.json is either a string or `{"content": "...", ...}`.
+fn special_token(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+impl ModelTokenizer {
+    /// Reads `tokenizer.json`, `tokenizer_config.json` (optional) and `chat_template.jinja` (optional).
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(TokenizerError::Missing(path));
+        }
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Invalid {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = if config_path.is_file() {
+            let text =
+                std::fs::read_to_string(&config_path).map_err(|e| TokenizerError::Invalid {
+                    path: config_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            serde_json::from_str(&text).map_err(|e| TokenizerError::Invalid {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            })?
+        } else {
+            serde_json::Value::Null
+        };
+        let template_path = dir.join("chat_template.jinja");
+        let chat_template = if template_path.is_file() {
+            Some(
+                std::fs::read_to_string(&template_path).map_err(|e| TokenizerError::Invalid {
+                    path: template_path.clone(),
+                    reason: e.to_string(),
+                })?,
+            )
+        } else {
+            match config.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                // Older multi-template form: [{"name": "default", "template": "..."}, ...].
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or_else(|| list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned),
+                _ => None,
+            }
+        };
+        Ok(Self {
+            inner,
+            chat_template,
+            bos_token: special_token(config.get("bos_token")),
+            eos_token: special_token(config.get("eos_token")),
+            pad_token: special_token(config.get("pad_token")),
+        })
+    }
+
+    /// Token ids of `text`. `add_special_tokens` applies the tokenizer's post-processor (e.g. a BOS).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids` (special tokens kept).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    /// Padding id: the declared pad token, else EOS, else 0. Padded positions never reach the loss.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token
+            .as_deref()
+            .and_then(|t| self.token_to_id(t))
+            .or_else(|| self.eos_id())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn reads_template_from_both_conventions() {
+        let a = ModelTokenizer::from_dir(&fixture("tiny-llama")).unwrap();
+        let b = ModelTokenizer::from_dir(&fixture("tiny-qwen2")).unwrap();
+        assert_eq!(a.chat_template, b.chat_template);
+        assert!(a.chat_template.unwrap().contains("<|im_start|>"));
+        assert_eq!(b.eos_token.as_deref(), Some("<|im_end|>"));
+        assert_eq!(b.eos_id(), Some(2));
+        assert_eq!(b.bos_id(), Some(1));
+    }
+
+    #[test]
+    fn encodes_and_decodes() {
+        let t = ModelTokenizer::from_dir(&fixture("tiny-llama")).unwrap();
+        let ids = t.encode("hello world", false).unwrap();
+        assert!(!ids.is_empty());
+        assert_eq!(t.decode(&ids).unwrap(), "hello world");
+    }
+
+    #[test]
+    fn missing_tokenizer_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ModelTokenizer::from_dir(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("tokenizer.json"));
+    }
+}

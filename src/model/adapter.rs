@@ -1,0 +1,288 @@
+//! PEFT LoRA adapters in and out: `adapter_model.safetensors` + `adapter_config.json` exactly as PEFT
+//! writes and reads them (`base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
+//! (out, r)). Writes are atomic: each file goes to a temp file in the same folder, then is renamed,
+//! so a crash never leaves a half-written adapter behind.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+
+use super::config::Family;
+use super::lora::{self, Lora, LoraConfig, LoraState};
+use super::Model;
+
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+/// Errors while reading or writing adapter folders.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("no adapter_config.json in the adapter folder; pick a folder saved by PEFT or FineTune: {0}")]
+    MissingConfig(PathBuf),
+    #[error("adapter_config.json cannot be used: {reason}: {path}")]
+    InvalidConfig { path: PathBuf, reason: String },
+    #[error("no adapter_model.safetensors in the adapter folder (PEFT's older adapter_model.bin is not read; re-save it with a current PEFT): {0}")]
+    MissingWeights(PathBuf),
+    #[error("adapter weights cannot be read: {reason}: {path}")]
+    InvalidWeights { path: PathBuf, reason: String },
+    #[error("the adapter has weights for module {module}, which this model does not have; the adapter was trained for another architecture: {path}")]
+    UnknownModule { module: String, path: PathBuf },
+    #[error("adapter tensor {key} has shape {found:?}, expected {expected:?} for this model: {path}")]
+    WrongShape {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        path: PathBuf,
+    },
+    #[error("{what} is not supported: {path}")]
+    Unsupported { what: String, path: PathBuf },
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Writes `bytes` to `path` through a temp file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), std::io::Error> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// The adapter_config.json PEFT expects for `state` on `model`.
+pub fn peft_config(state: &LoraState, model: &Model, base_model: Option<&str>) -> serde_json::Value {
+    let adapted: BTreeSet<String> = model
+        .linears()
+        .iter()
+        .filter(|l| l.lora.is_some())
+        .map(|l| l.name().to_owned())
+        .collect();
+    let c = &state.config;
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": c.rank,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.dropout,
+        "target_modules": adapted.into_iter().collect::<Vec<_>>(),
+        "layers_to_transform": c.layers,
+        "use_rslora": c.use_rslora,
+        "fan_in_fan_out": model.config.family == Family::Gpt2,
+        "bias": "none",
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_dora": false,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+        "library": "finetune",
+    })
+}
+
+/// Saves the adapter of `model` (its LoRA `state`) to `dir` in PEFT's layout.
+pub fn save(
+    dir: &Path,
+    state: &LoraState,
+    model: &Model,
+    base_model: Option<&str>,
+) -> Result<(), AdapterError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AdapterError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tensors: HashMap<String, Tensor> = state
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    let bytes = safetensors::tensor::serialize(&tensors, None).map_err(|e| {
+        AdapterError::InvalidWeights {
+            path: dir.join(ADAPTER_WEIGHTS),
+            reason: e.to_string(),
+        }
+    })?;
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    write_atomic(&weights_path, &bytes).map_err(io(&weights_path))?;
+    let config_path = dir.join(ADAPTER_CONFIG);
+    let text = serde_json::to_string_pretty(&peft_config(state, model, base_model))
+        .map_err(|e| AdapterError::InvalidConfig {
+            path: config_path.clone(),
+            reason: e.to_string(),
+        })?;
+    write_atomic(&config_path, text.as_bytes()).map_err(io(&config_path))?;
+    Ok(())
+}
+
+/// `base_model.model.<path>.lora_A[.default].weight` → (`<path>`, "lora_A").
+fn parse_key(key: &str) -> Option<(&str, &'static str)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    let rest = rest.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    if let Some(p) = rest.strip_suffix(".lora_A") {
+        Some((p, "lora_A"))
+    } else {
+        rest.strip_suffix(".lora_B").map(|p| (p, "lora_B"))
+    }
+}
+
+/// Reads the LoRA settings PEFT stored; the targets are taken from the tensors themselves.
+fn read_config(path: &Path) -> Result<LoraConfig, AdapterError> {
+    let bad = |reason: String| AdapterError::InvalidConfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
+        if t != "LORA" {
+            return Err(AdapterError::Unsupported {
+                what: format!("peft_type {t} (only LORA adapters)"),
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    let unsupported = |what: &str| AdapterError::Unsupported {
+        what: what.to_owned(),
+        path: path.to_path_buf(),
+    };
+    if v.get("use_dora").and_then(|d| d.as_bool()) == Some(true) {
+        return Err(unsupported("DoRA (use_dora)"));
+    }
+    if v.get("alpha_pattern")
+        .and_then(|p| p.as_object())
+        .is_some_and(|p| !p.is_empty())
+    {
+        return Err(unsupported("a per-module alpha_pattern"));
+    }
+    let rank = v
+        .get("r")
+        .and_then(|r| r.as_u64())
+        .ok_or_else(|| bad("missing \"r\"".into()))? as usize;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(|a| a.as_f64())
+        .unwrap_or(rank as f64);
+    let layers = match v.get("layers_to_transform") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as usize]),
+        Some(serde_json::Value::Array(a)) => {
+            Some(a.iter().filter_map(|n| n.as_u64()).map(|n| n as usize).collect())
+        }
+        _ => None,
+    };
+    Ok(LoraConfig {
+        rank,
+        alpha,
+        dropout: v.get("lora_dropout").and_then(|d| d.as_f64()).unwrap_or(0.0),
+        targets: Vec::new(),
+        layers,
+        use_rslora: v.get("use_rslora").and_then(|r| r.as_bool()).unwrap_or(false),
+    })
+}
+
+/// Loads a PEFT adapter from `dir` onto `model` (replacing any adapter) and returns its state,
+/// ready to train further or to run.
+pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
+    let config_path = dir.join(ADAPTER_CONFIG);
+    if !config_path.is_file() {
+        return Err(AdapterError::MissingConfig(config_path));
+    }
+    let mut config = read_config(&config_path)?;
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    if !weights_path.is_file() {
+        return Err(AdapterError::MissingWeights(weights_path));
+    }
+    let bad_weights = |reason: String| AdapterError::InvalidWeights {
+        path: weights_path.clone(),
+        reason,
+    };
+    let device = model.device().clone();
+    let tensors = candle_core::safetensors::load(&weights_path, &device)
+        .map_err(|e| bad_weights(format!("not a readable safetensors file ({e})")))?;
+    // module path → (A, B)
+    let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    for (key, t) in tensors {
+        let (path, which) = parse_key(&key).ok_or_else(|| AdapterError::Unsupported {
+            what: format!("adapter tensor {key} (only lora_A/lora_B of linear layers)"),
+            path: weights_path.clone(),
+        })?;
+        let entry = pairs.entry(path.to_owned()).or_default();
+        if which == "lora_A" {
+            entry.0 = Some(t);
+        } else {
+            entry.1 = Some(t);
+        }
+    }
+    let known: BTreeSet<String> = model.linears().iter().map(|l| l.path.clone()).collect();
+    if let Some(unknown) = pairs.keys().find(|p| !known.contains(*p)) {
+        return Err(AdapterError::UnknownModule {
+            module: unknown.clone(),
+            path: weights_path.clone(),
+        });
+    }
+    model.detach_lora();
+    let varmap = VarMap::new();
+    let scale = config.scale();
+    let mut targets = BTreeSet::new();
+    for lin in model.linears_mut() {
+        let Some((a, b)) = pairs.remove(&lin.path) else {
+            continue;
+        };
+        let (a, b) = match (a, b) {
+            (Some(a), Some(b)) => (a, b),
+            _ => {
+                return Err(bad_weights(format!(
+                    "module {} has only one of lora_A / lora_B",
+                    lin.path
+                )))
+            }
+        };
+        // Rank per module comes from the tensors, which also covers PEFT's rank_pattern.
+        let r = a.dim(0)?;
+        let check = |t: &Tensor, which: &str, expected: Vec<usize>| {
+            if t.dims() != expected.as_slice() {
+                Err(AdapterError::WrongShape {
+                    key: lora::peft_key(&lin.path, which),
+                    expected,
+                    found: t.dims().to_vec(),
+                    path: weights_path.clone(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        check(&a, "lora_A", vec![r, lin.in_features()])?;
+        check(&b, "lora_B", vec![lin.out_features(), r])?;
+        let a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
+        let b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
+        lora::insert(&varmap, &lin.path, &a, &b);
+        let module_scale = if r == config.rank {
+            scale
+        } else if config.use_rslora {
+            config.alpha / (r as f64).sqrt()
+        } else {
+            config.alpha / r as f64
+        };
+        lin.lora = Some(Lora {
+            a,
+            b,
+            scale: module_scale,
+            dropout: config.dropout,
+        });
+        targets.insert(lin.name().to_owned());
+    }
+    config.targets = targets.into_iter().collect();
+    Ok(LoraState { config, varmap })
+}

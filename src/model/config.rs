@@ -1,0 +1,466 @@
+//! Hugging Face `config.json` → [`ModelConfig`], the plain internal config every model file reads.
+//!
+//! Both conventions are read: transformers ≥ 5 keeps RoPE settings under `rope_parameters`; older
+//! checkpoints put `rope_theta` at the top level and scaling under `rope_scaling` (`type` or
+//! `rope_type`). Unknown keys are ignored; `quantization_config: null` is accepted.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::ModelError;
+
+/// Architectures FineTune can train, as `architectures[0]` names them in config.json.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GPT2LMHeadModel",
+];
+
+/// Which forward pass a checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 2/3.x, Mistral, SmolLM, Qwen2/2.5, Qwen3: pre-norm RMSNorm, RoPE, GQA, SwiGLU.
+    Llama,
+    /// GPT-2: LayerNorm, learned positions, Conv1D weights stored (in, out), gelu_new.
+    Gpt2,
+}
+
+/// How RoPE frequencies are rescaled for long context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1 frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The activation of the MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// exact erf gelu (`gelu`).
+    Gelu,
+    Relu,
+}
+
+/// Normalized model description, independent of the config.json convention it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `architectures[0]`, e.g. `LlamaForCausalLM`.
+    pub architecture: String,
+    pub model_type: String,
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3: RMSNorm on each head of q and k before RoPE.
+    pub qk_norm: bool,
+    pub activation: Activation,
+    /// GPT-2: divide attention scores by (layer index + 1) as well.
+    pub scale_attn_by_inverse_layer_idx: bool,
+    /// Stored dtype as the config declares it (`dtype` or `torch_dtype`), if any.
+    pub stored_dtype: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// config.json as written by transformers 4 or 5; only the keys FineTune reads.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    // llama family
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    // gpt2
+    n_embd: Option<usize>,
+    n_layer: Option<usize>,
+    n_head: Option<usize>,
+    n_inner: Option<usize>,
+    n_positions: Option<usize>,
+    layer_norm_epsilon: Option<f64>,
+    activation_function: Option<String>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    // common
+    dtype: Option<String>,
+    torch_dtype: Option<String>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+    quantization_config: Option<serde_json::Value>,
+}
+
+fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
+    match v.as_ref()? {
+        serde_json::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        serde_json::Value::Array(a) => a
+            .first()
+            .and_then(|n| n.as_u64())
+            .and_then(|n| u32::try_from(n).ok()),
+        _ => None,
+    }
+}
+
+fn activation(name: &str) -> Result<Activation, String> {
+    match name {
+        "silu" | "swish" => Ok(Activation::Silu),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+        "gelu" => Ok(Activation::Gelu),
+        "relu" => Ok(Activation::Relu),
+        other => Err(format!("activation {other:?} is not supported")),
+    }
+}
+
+/// Reads RoPE θ and scaling from `rope_parameters` (transformers ≥ 5) or top-level
+/// `rope_theta` + `rope_scaling` (older). A scaling type FineTune cannot reproduce is an error,
+/// never silently ignored, since training with the wrong frequencies quietly ruins a model.
+fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling), String> {
+    let params = raw
+        .rope_parameters
+        .as_ref()
+        .filter(|v| v.is_object())
+        .or(raw.rope_scaling.as_ref().filter(|v| v.is_object()));
+    let theta = raw
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(|t| t.as_f64())
+        .or(raw.rope_theta)
+        .unwrap_or(10_000.0);
+    let Some(p) = params else {
+        return Ok((theta, RopeScaling::Default));
+    };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |key: &str| p.get(key).and_then(|v| v.as_f64());
+    let need = |key: &str| num(key).ok_or_else(|| format!("rope_type {kind:?} needs {key:?}"));
+    let scaling = match kind {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: need("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(format!(
+                "rope_type {other:?} is not supported (supported: default, linear, llama3)"
+            ))
+        }
+    };
+    Ok((theta, scaling))
+}
+
+impl ModelConfig {
+    /// Reads and normalizes `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        if !path.is_file() {
+            return Err(ModelError::MissingConfig(path));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        Self::from_json(&text).map_err(|reason| ModelError::InvalidConfig { path, reason })
+    }
+
+    /// Parses config.json text; the error is a sentence without the path.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
+        if let Some(q) = raw.quantization_config.as_ref().filter(|q| !q.is_null()) {
+            let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("?");
+            return Err(format!(
+                "quantized checkpoints ({method}) cannot be trained directly; pick the unquantized model"
+            ));
+        }
+        let architecture = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| {
+                // Fall back to model_type when `architectures` is missing.
+                Some(
+                    match raw.model_type.as_deref()? {
+                        "llama" => "LlamaForCausalLM",
+                        "mistral" => "MistralForCausalLM",
+                        "qwen2" => "Qwen2ForCausalLM",
+                        "qwen3" => "Qwen3ForCausalLM",
+                        "gpt2" => "GPT2LMHeadModel",
+                        _ => return None,
+                    }
+                    .to_owned(),
+                )
+            })
+            .ok_or_else(|| {
+                format!(
+                    "no `architectures` entry and an unknown model_type {:?}; supported: {}",
+                    raw.model_type.as_deref().unwrap_or(""),
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                )
+            })?;
+        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(format!(
+                "architecture {architecture} is not supported; supported: {}",
+                SUPPORTED_ARCHITECTURES.join(", ")
+            ));
+        }
+        let need = |v: Option<usize>, key: &str| v.ok_or_else(|| format!("missing {key:?}"));
+        let stored_dtype = raw.dtype.clone().or(raw.torch_dtype.clone());
+        let bos_token_id = first_id(&raw.bos_token_id);
+        let eos_token_id = first_id(&raw.eos_token_id);
+        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        if architecture == "GPT2LMHeadModel" {
+            let hidden_size = need(raw.n_embd.or(raw.hidden_size), "n_embd")?;
+            let num_heads = need(raw.n_head.or(raw.num_attention_heads), "n_head")?;
+            if num_heads == 0 || hidden_size % num_heads != 0 {
+                return Err(format!(
+                    "n_embd {hidden_size} is not divisible by n_head {num_heads}"
+                ));
+            }
+            if raw.scale_attn_weights == Some(false) {
+                return Err("scale_attn_weights=false is not supported".into());
+            }
+            return Ok(Self {
+                architecture,
+                model_type: raw.model_type.unwrap_or_else(|| "gpt2".into()),
+                family: Family::Gpt2,
+                vocab_size,
+                hidden_size,
+                intermediate_size: raw.n_inner.unwrap_or(4 * hidden_size),
+                num_layers: need(raw.n_layer.or(raw.num_hidden_layers), "n_layer")?,
+                num_heads,
+                num_kv_heads: num_heads,
+                head_dim: hidden_size / num_heads,
+                max_position_embeddings: need(raw.n_positions, "n_positions")?,
+                norm_eps: raw.layer_norm_epsilon.unwrap_or(1e-5),
+                rope_theta: 0.0,
+                rope_scaling: RopeScaling::Default,
+                tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+                qkv_bias: true,
+                o_bias: true,
+                mlp_bias: true,
+                qk_norm: false,
+                activation: activation(raw.activation_function.as_deref().unwrap_or("gelu_new"))?,
+                scale_attn_by_inverse_layer_idx: raw
+                    .scale_attn_by_inverse_layer_idx
+                    .unwrap_or(false),
+                stored_dtype,
+                bos_token_id,
+                eos_token_id,
+            });
+        }
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => return Err(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and no head_dim is given")),
+        };
+        let (rope_theta, rope_scaling) = rope(&raw)?;
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let is_qwen2 = architecture == "Qwen2ForCausalLM";
+        Ok(Self {
+            model_type: raw.model_type.clone().unwrap_or_default(),
+            family: Family::Llama,
+            vocab_size,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral/Qwen3 follow
+            // `attention_bias` for all four projections.
+            qkv_bias: is_qwen2 || attention_bias,
+            o_bias: !is_qwen2 && attention_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            qk_norm: architecture == "Qwen3ForCausalLM",
+            activation: activation(raw.hidden_act.as_deref().unwrap_or("silu"))?,
+            scale_attn_by_inverse_layer_idx: false,
+            stored_dtype,
+            bos_token_id,
+            eos_token_id,
+            architecture,
+        })
+    }
+
+    /// Every linear projection name in one layer, in checkpoint order (the default LoRA targets).
+    pub fn linear_names(&self) -> &'static [&'static str] {
+        match self.family {
+            Family::Llama => &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            Family::Gpt2 => &["c_attn", "c_proj", "c_fc"],
+        }
+    }
+
+    /// Number of parameters implied by the config (weights, biases, norms; tied head counted once).
+    pub fn parameter_count(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        match self.family {
+            Family::Llama => {
+                let attn = h * q + 2 * h * kv + q * h;
+                let attn_bias = if self.qkv_bias { q + 2 * kv } else { 0 }
+                    + if self.o_bias { h } else { 0 };
+                let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
+                let norms = 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
+                v * h + self.num_layers * (attn + attn_bias + mlp + norms) + h + head
+            }
+            Family::Gpt2 => {
+                let layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h) + 4 * h;
+                v * h + self.max_position_embeddings * h + self.num_layers * layer + 2 * h + head
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA31: &str = r#"{
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": true,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "quantization_config": null, "some_future_key": {"x": 1}, "torch_dtype": "bfloat16"
+    }"#;
+
+    #[test]
+    fn reads_transformers4_convention_with_llama3_scaling() {
+        let c = ModelConfig::from_json(LLAMA31).unwrap();
+        assert_eq!(c.family, Family::Llama);
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0
+            }
+        );
+        assert_eq!(c.stored_dtype.as_deref(), Some("bfloat16"));
+        // Llama-3.2-1B has 1.236B parameters.
+        assert_eq!(c.parameter_count(), 1_235_814_400);
+    }
+
+    #[test]
+    fn reads_linear_scaling_old_type_key() {
+        let text = LLAMA31.replace(
+            r#""rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#,
+            r#""rope_scaling": {"type": "linear", "factor": 4.0}"#,
+        );
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters() {
+        let text = r#"{"architectures": ["Qwen3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8,
+            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}}"#;
+        let c = ModelConfig::from_json(text).unwrap();
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.rope_scaling, RopeScaling::Default);
+        assert!(c.qk_norm);
+        assert_eq!(c.head_dim, 8);
+    }
+
+    #[test]
+    fn unsupported_architecture_names_the_supported_ones() {
+        let err = ModelConfig::from_json(r#"{"architectures": ["BertModel"], "vocab_size": 5}"#)
+            .unwrap_err();
+        assert!(err.contains("BertModel"), "{err}");
+        for a in SUPPORTED_ARCHITECTURES {
+            assert!(err.contains(a), "{err}");
+        }
+    }
+
+    #[test]
+    fn unsupported_rope_type_is_an_error() {
+        let text = LLAMA31.replace("\"llama3\"", "\"yarn\"");
+        assert!(ModelConfig::from_json(&text).unwrap_err().contains("yarn"));
+    }
+
+    #[test]
+    fn quantized_checkpoint_is_refused() {
+        let text = LLAMA31.replace(
+            "\"quantization_config\": null",
+            "\"quantization_config\": {\"quant_method\": \"gptq\"}",
+        );
+        assert!(ModelConfig::from_json(&text).unwrap_err().contains("gptq"));
+    }
+}

@@ -1,0 +1,182 @@
+//! GPT-2 (transformers `modeling_gpt2.py`): learned positions, pre-LayerNorm blocks, fused
+//! `c_attn` q/k/v projection, gelu_new MLP, tied head. Checkpoints store Conv1D weights (in, out);
+//! they are transposed to (out, in) on load so every projection is an ordinary [`LoraLinear`]
+//! (PEFT's `fan_in_fan_out=True` describes the same thing from the adapter's side). Keys with or
+//! without the `transformer.` prefix are accepted (older Hub uploads omit it); module paths are
+//! always transformers' (`transformer.h.N.attn.c_attn`), which is what PEFT names adapters by.
+
+use candle_core::{Result, Tensor};
+
+use super::config::{Activation, ModelConfig};
+use super::lora::LoraLinear;
+use super::ops;
+use super::weights::Weights;
+use super::{ModelError, ModelInput};
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: (Tensor, Tensor),
+    c_attn: LoraLinear,
+    attn_c_proj: LoraLinear,
+    ln_2: (Tensor, Tensor),
+    c_fc: LoraLinear,
+    mlp_c_proj: LoraLinear,
+}
+
+/// A GPT-2 causal LM.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    cfg: ModelConfig,
+    /// (V, H)
+    wte: Tensor,
+    /// (P, H)
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: (Tensor, Tensor),
+    lm_head: Tensor,
+}
+
+/// Loads a Conv1D stored (in, out) as a linear (out, in).
+fn conv1d(
+    w: &Weights,
+    prefix: &str,
+    path: &str,
+    layer: usize,
+    in_f: usize,
+    out_f: usize,
+) -> std::result::Result<LoraLinear, ModelError> {
+    let key = format!("{prefix}{}", path.trim_start_matches("transformer."));
+    let weight = w.get(&format!("{key}.weight"), &[in_f, out_f])?;
+    Ok(LoraLinear {
+        path: path.to_owned(),
+        layer,
+        weight: weight.t()?.contiguous()?,
+        bias: Some(w.get(&format!("{key}.bias"), &[out_f])?),
+        lora: None,
+    })
+}
+
+fn norm(w: &Weights, key: &str, h: usize) -> std::result::Result<(Tensor, Tensor), ModelError> {
+    Ok((
+        w.get(&format!("{key}.weight"), &[h])?,
+        w.get(&format!("{key}.bias"), &[h])?,
+    ))
+}
+
+impl Gpt2 {
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let prefix = if w.contains("transformer.wte.weight") || !w.contains("wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        let wte = w.get(&format!("{prefix}wte.weight"), &[cfg.vocab_size, h])?;
+        let wpe = w.get(
+            &format!("{prefix}wpe.weight"),
+            &[cfg.max_position_embeddings, h],
+        )?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("transformer.h.{l}");
+            let key = format!("{prefix}h.{l}");
+            blocks.push(Block {
+                ln_1: norm(w, &format!("{key}.ln_1"), h)?,
+                c_attn: conv1d(w, prefix, &format!("{p}.attn.c_attn"), l, h, 3 * h)?,
+                attn_c_proj: conv1d(w, prefix, &format!("{p}.attn.c_proj"), l, h, h)?,
+                ln_2: norm(w, &format!("{key}.ln_2"), h)?,
+                c_fc: conv1d(w, prefix, &format!("{p}.mlp.c_fc"), l, h, i)?,
+                mlp_c_proj: conv1d(w, prefix, &format!("{p}.mlp.c_proj"), l, i, h)?,
+            });
+        }
+        let ln_f = norm(w, &format!("{prefix}ln_f"), h)?;
+        let lm_head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+            w.get("lm_head.weight", &[cfg.vocab_size, h])?
+        } else {
+            wte.clone()
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+        })
+    }
+
+    pub fn linears(&self) -> Vec<&LoraLinear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.c_attn, &b.attn_c_proj, &b.c_fc, &b.mlp_c_proj])
+            .collect()
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| {
+                [
+                    &mut b.c_attn,
+                    &mut b.attn_c_proj,
+                    &mut b.c_fc,
+                    &mut b.mlp_c_proj,
+                ]
+            })
+            .collect()
+    }
+
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Final hidden states `(B, T, H)` after `ln_f`.
+    pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = input.input_ids.dims2()?;
+        let (nh, d, h) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+        let tok = self
+            .wte
+            .index_select(&input.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
+        let pos = match &input.position_ids {
+            Some(p) => self
+                .wpe
+                .index_select(&p.flatten_all()?, 0)?
+                .reshape((b, t, h))?,
+            None => self.wpe.narrow(0, 0, t)?.unsqueeze(0)?,
+        };
+        let mut x = tok.broadcast_add(&pos)?;
+        let bias = input.bias(x.dtype())?;
+        let eps = cfg.norm_eps;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let a = ops::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
+            let qkv = blk.c_attn.forward(&a, train)?; // (B, T, 3H)
+            let split = |i: usize| -> Result<Tensor> {
+                qkv.narrow(2, i * h, h)?
+                    .reshape((b, t, nh, d))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let mut scale = 1.0 / (d as f64).sqrt();
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (l + 1) as f64;
+            }
+            let att = ops::attention(&q, &k, &v, &bias, scale)?
+                .transpose(1, 2)?
+                .reshape((b, t, h))?;
+            x = (x + blk.attn_c_proj.forward(&att, train)?)?;
+            let m = ops::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
+            let m = blk.c_fc.forward(&m, train)?;
+            let m = match cfg.activation {
+                Activation::GeluTanh => ops::gelu_tanh(&m)?,
+                Activation::Gelu => m.gelu_erf()?,
+                Activation::Relu => m.relu()?,
+                Activation::Silu => m.silu()?,
+            };
+            x = (x + blk.mlp_c_proj.forward(&m, train)?)?;
+        }
+        ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
+    }
+}

@@ -1,0 +1,220 @@
+//! The llama family: Llama 2/3.x, Mistral, SmolLM, Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head
+//! q/k RMSNorm, explicit head_dim). Follows transformers' `modeling_llama.py`, `modeling_qwen2.py`
+//! and `modeling_qwen3.py`; tensor names mirror the checkpoint keys (`model.layers.N.self_attn.q_proj`).
+//! Every projection is a [`LoraLinear`] and every op is differentiable (see `model::ops`).
+
+use candle_core::{Result, Tensor};
+
+use super::config::{Activation, ModelConfig};
+use super::lora::LoraLinear;
+use super::ops;
+use super::weights::Weights;
+use super::{ModelError, ModelInput};
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    input_norm: Tensor,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_norm: Tensor,
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+/// A llama-family causal LM.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: ModelConfig,
+    /// (V, H)
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// (V, H); the embedding when tied.
+    lm_head: Tensor,
+    /// RoPE tables (max_positions, head_dim), compute dtype.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Loads a linear projection `path` with weight (out, in) and an optional bias.
+pub(super) fn linear(
+    w: &Weights,
+    path: &str,
+    layer: usize,
+    out_f: usize,
+    in_f: usize,
+    bias: bool,
+) -> std::result::Result<LoraLinear, ModelError> {
+    Ok(LoraLinear {
+        path: path.to_owned(),
+        layer,
+        weight: w.get(&format!("{path}.weight"), &[out_f, in_f])?,
+        bias: if bias {
+            Some(w.get(&format!("{path}.bias"), &[out_f])?)
+        } else {
+            None
+        },
+        lora: None,
+    })
+}
+
+impl Llama {
+    pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
+        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let at = format!("{p}.self_attn");
+            let mlp = format!("{p}.mlp");
+            let qk_norm = |name: &str| -> std::result::Result<Option<Tensor>, ModelError> {
+                if cfg.qk_norm {
+                    Ok(Some(w.get(&format!("{at}.{name}.weight"), &[d])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q_proj: linear(w, &format!("{at}.q_proj"), l, q, h, cfg.qkv_bias)?,
+                k_proj: linear(w, &format!("{at}.k_proj"), l, kv, h, cfg.qkv_bias)?,
+                v_proj: linear(w, &format!("{at}.v_proj"), l, kv, h, cfg.qkv_bias)?,
+                o_proj: linear(w, &format!("{at}.o_proj"), l, h, q, cfg.o_bias)?,
+                q_norm: qk_norm("q_norm")?,
+                k_norm: qk_norm("k_norm")?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_proj: linear(w, &format!("{mlp}.gate_proj"), l, i, h, cfg.mlp_bias)?,
+                up_proj: linear(w, &format!("{mlp}.up_proj"), l, i, h, cfg.mlp_bias)?,
+                down_proj: linear(w, &format!("{mlp}.down_proj"), l, h, i, cfg.mlp_bias)?,
+            });
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let (cos, sin) = ops::rope_tables(
+            d,
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            cfg.max_position_embeddings,
+            w.device(),
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos: cos.to_dtype(w.dtype())?,
+            sin: sin.to_dtype(w.dtype())?,
+        })
+    }
+
+    pub fn linears(&self) -> Vec<&LoraLinear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+            })
+            .collect()
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.q_proj,
+                    &mut l.k_proj,
+                    &mut l.v_proj,
+                    &mut l.o_proj,
+                    &mut l.gate_proj,
+                    &mut l.up_proj,
+                    &mut l.down_proj,
+                ]
+            })
+            .collect()
+    }
+
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Final hidden states `(B, T, H)` after the last norm.
+    pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = input.input_ids.dims2()?;
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut x = self
+            .embed
+            .index_select(&input.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
+        // cos/sin for each position: (B or 1, 1, T, D)
+        let (cos, sin) = match &input.position_ids {
+            Some(pos) => {
+                let flat = pos.flatten_all()?;
+                (
+                    self.cos.index_select(&flat, 0)?.reshape((b, 1, t, d))?,
+                    self.sin.index_select(&flat, 0)?.reshape((b, 1, t, d))?,
+                )
+            }
+            None => (
+                self.cos.narrow(0, 0, t)?.reshape((1, 1, t, d))?,
+                self.sin.narrow(0, 0, t)?.reshape((1, 1, t, d))?,
+            ),
+        };
+        let bias = input.bias(x.dtype())?;
+        let scale = 1.0 / (d as f64).sqrt();
+        for layer in &self.layers {
+            let h = ops::rms_norm(&x, &layer.input_norm, cfg.norm_eps)?;
+            // (B, T, heads·D) → (B, heads, T, D)
+            let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+                let y = y.reshape((b, t, n, d))?;
+                let y = match norm {
+                    Some(w) => ops::rms_norm(&y, w, cfg.norm_eps)?,
+                    None => y,
+                };
+                y.transpose(1, 2)?.contiguous()
+            };
+            let q = heads(layer.q_proj.forward(&h, train)?, nh, &layer.q_norm)?;
+            let k = heads(layer.k_proj.forward(&h, train)?, nkv, &layer.k_norm)?;
+            let v = heads(layer.v_proj.forward(&h, train)?, nkv, &None)?;
+            let q = ops::apply_rope(&q, &cos, &sin)?;
+            let k = ops::apply_rope(&k, &cos, &sin)?;
+            let k = ops::repeat_kv(k, nh / nkv)?.contiguous()?;
+            let v = ops::repeat_kv(v, nh / nkv)?.contiguous()?;
+            let att = ops::attention(&q, &k, &v, &bias, scale)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * d))?;
+            x = (x + layer.o_proj.forward(&att, train)?)?;
+            let h = ops::rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
+            let gate = layer.gate_proj.forward(&h, train)?;
+            let gate = match cfg.activation {
+                Activation::Silu => gate.silu()?,
+                Activation::GeluTanh => gate.gelu()?,
+                Activation::Gelu => gate.gelu_erf()?,
+                Activation::Relu => gate.relu()?,
+            };
+            let up = layer.up_proj.forward(&h, train)?;
+            x = (x + layer.down_proj.forward(&(gate * up)?, train)?)?;
+        }
+        ops::rms_norm(&x, &self.norm, cfg.norm_eps)
+    }
+}

@@ -1,0 +1,292 @@
+//! LoRA with PEFT semantics: `y = W·x + b + s·B(A(dropout(x)))`, `s = alpha/r` (rsLoRA:
+//! `alpha/√r`). A is kaiming-uniform (a = √5, i.e. U(±1/√in)) and B zero at init, as PEFT does.
+//! LoRA tensors are f32 `Var`s in their own `VarMap`, keyed by their PEFT names
+//! (`base_model.model.<module path>.lora_A.weight`); base weights are plain tensors and never
+//! receive gradients.
+
+use std::collections::BTreeSet;
+
+use candle_core::{DType, Module, Result, Tensor, Var, D};
+use candle_nn::VarMap;
+use rand::{Rng, SeedableRng};
+
+/// What to adapt and how.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    /// Rank r of A (r, in) and B (out, r). Default 8.
+    pub rank: usize,
+    /// Scale numerator: s = alpha / r (or alpha / √r with rsLoRA). Default 16.
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training, 0..1. Default 0.
+    pub dropout: f64,
+    /// Module names to adapt (PEFT matching: a module path equal to or ending in `.name`). Empty =
+    /// every linear projection of every layer.
+    pub targets: Vec<String>,
+    /// Layer indices to adapt; `None` = all layers.
+    pub layers: Option<Vec<usize>>,
+    /// rsLoRA scaling alpha/√r.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: Vec::new(),
+            layers: None,
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// PEFT's key for a LoRA tensor of the module at `path` (`which` is `lora_A` or `lora_B`).
+pub fn peft_key(path: &str, which: &str) -> String {
+    format!("base_model.model.{path}.{which}.weight")
+}
+
+/// PEFT's module matching for a list of target names: the path equals the name or ends with
+/// `.name`.
+pub fn path_matches(path: &str, target: &str) -> bool {
+    path == target || path.ends_with(&format!(".{target}"))
+}
+
+/// The low-rank update attached to one linear layer.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// (r, in), f32
+    pub a: Var,
+    /// (out, r), f32
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+/// A frozen linear projection with an optional LoRA update. Weights are held (out, in) whatever
+/// the checkpoint layout (GPT-2's Conv1D (in, out) is transposed on load).
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// Layer index this projection belongs to.
+    pub layer: usize,
+    /// (out, in), compute dtype, frozen.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl LoraLinear {
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// The module's short name (`q_proj`, `c_attn`, ...).
+    pub fn name(&self) -> &str {
+        self.path.rsplit('.').next().unwrap_or(&self.path)
+    }
+
+    /// `x` `(..., in)` → `(..., out)`. Dropout on the LoRA input only when `train`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_f = self.in_features();
+        let x2 = x.reshape(((), in_f))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let mut h = x2.to_dtype(DType::F32)?;
+            if train && l.dropout > 0.0 {
+                h = candle_nn::ops::dropout(&h, l.dropout as f32)?;
+            }
+            let update = (h.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)?
+                * l.scale)?;
+            let update = update.to_dtype(y.dtype())?;
+            y = (y + update)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_features();
+        }
+        y.reshape(out_dims)
+    }
+}
+
+impl Module for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        LoraLinear::forward(self, x, false)
+    }
+}
+
+/// Errors while attaching or loading adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("LoRA target(s) {missing:?} match no module of this model; its linear modules are {available:?}")]
+    UnknownTargets {
+        missing: Vec<String>,
+        available: Vec<String>,
+    },
+    #[error("layer(s) {missing:?} do not exist: the model has {num_layers} layers (0..{num_layers})")]
+    UnknownLayers {
+        missing: Vec<usize>,
+        num_layers: usize,
+    },
+    #[error("LoRA rank must be at least 1")]
+    ZeroRank,
+    #[error("LoRA dropout must be in [0, 1), got {0}")]
+    BadDropout(f64),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The trainable side of a model: LoRA settings and the VarMap holding every A and B.
+#[derive(Clone)]
+pub struct LoraState {
+    pub config: LoraConfig,
+    pub varmap: VarMap,
+}
+
+impl LoraState {
+    /// All (PEFT key, var) pairs, sorted by key so saving and optimizing are deterministic.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = match self.varmap.data().lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Number of trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// Checks `config` against the model's linear layers; returns the chosen module paths.
+pub fn select<'a>(
+    linears: impl Iterator<Item = &'a LoraLinear>,
+    config: &LoraConfig,
+    num_layers: usize,
+) -> std::result::Result<BTreeSet<String>, LoraError> {
+    if config.rank == 0 {
+        return Err(LoraError::ZeroRank);
+    }
+    if !(0.0..1.0).contains(&config.dropout) {
+        return Err(LoraError::BadDropout(config.dropout));
+    }
+    if let Some(layers) = &config.layers {
+        let missing: Vec<usize> = layers.iter().copied().filter(|&l| l >= num_layers).collect();
+        if !missing.is_empty() {
+            return Err(LoraError::UnknownLayers {
+                missing,
+                num_layers,
+            });
+        }
+    }
+    let all: Vec<&LoraLinear> = linears.collect();
+    let missing: Vec<String> = config
+        .targets
+        .iter()
+        .filter(|t| !all.iter().any(|l| path_matches(&l.path, t)))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let available: BTreeSet<String> = all.iter().map(|l| l.name().to_owned()).collect();
+        return Err(LoraError::UnknownTargets {
+            missing,
+            available: available.into_iter().collect(),
+        });
+    }
+    Ok(all
+        .iter()
+        .filter(|l| {
+            config.targets.is_empty() || config.targets.iter().any(|t| path_matches(&l.path, t))
+        })
+        .filter(|l| config.layers.as_ref().is_none_or(|ls| ls.contains(&l.layer)))
+        .map(|l| l.path.clone())
+        .collect())
+}
+
+/// Attaches fresh LoRA weights (A kaiming-uniform from `seed`, B zero) to the selected linears.
+pub fn attach<'a>(
+    linears: Vec<&'a mut LoraLinear>,
+    config: &LoraConfig,
+    num_layers: usize,
+    seed: u64,
+) -> std::result::Result<LoraState, LoraError> {
+    let chosen = select(linears.iter().map(|l| &**l), config, num_layers)?;
+    let varmap = VarMap::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let scale = config.scale();
+    for lin in linears {
+        if !chosen.contains(&lin.path) {
+            lin.lora = None;
+            continue;
+        }
+        let (out_f, in_f) = (lin.out_features(), lin.in_features());
+        let device = lin.weight.device().clone();
+        // kaiming_uniform_(a=√5): gain √(2/(1+5)), bound = gain·√3/√fan_in = 1/√fan_in.
+        let bound = 1.0 / (in_f as f32).sqrt();
+        let a: Vec<f32> = (0..config.rank * in_f)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (config.rank, in_f), &device)?)?;
+        let b = Var::zeros((out_f, config.rank), DType::F32, &device)?;
+        insert(&varmap, &lin.path, &a, &b);
+        lin.lora = Some(Lora {
+            a,
+            b,
+            scale,
+            dropout: config.dropout,
+        });
+    }
+    Ok(LoraState {
+        config: config.clone(),
+        varmap,
+    })
+}
+
+/// Registers A and B of the module at `path` in `varmap` under their PEFT keys.
+pub fn insert(varmap: &VarMap, path: &str, a: &Var, b: &Var) {
+    let mut data = match varmap.data().lock() {
+        Ok(d) => d,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    data.insert(peft_key(path, "lora_A"), a.clone());
+    data.insert(peft_key(path, "lora_B"), b.clone());
+}
+
+/// Sum of squares of every element of `t` as f32 (helper for norms in tests and clipping).
+pub fn sum_sq(t: &Tensor) -> Result<f32> {
+    t.to_dtype(DType::F32)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()
+}
+
+/// Max |x| over `t` (f32).
+pub fn max_abs(t: &Tensor) -> Result<f32> {
+    t.to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(D::Minus1)?
+        .to_scalar::<f32>()
+}

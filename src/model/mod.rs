@@ -1,0 +1,227 @@
+//! Models: Hugging Face config parsing, weight loading, the llama-family and GPT-2 forward passes,
+//! LoRA, differentiable ops and PEFT adapter files. Candle-transformers models cannot take LoRA
+//! (private Linear, fused no-backward ops), so the model files are written here, keeping checkpoint
+//! key names.
+
+pub mod adapter;
+pub mod config;
+pub mod gpt2;
+pub mod llama;
+pub mod lora;
+pub mod ops;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{Family, ModelConfig, SUPPORTED_ARCHITECTURES};
+pub use lora::{LoraConfig, LoraError, LoraLinear, LoraState};
+
+/// Errors while loading a model folder.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("no config.json in the model folder; pick a Hugging Face model folder (it holds config.json and *.safetensors): {0}")]
+    MissingConfig(PathBuf),
+    #[error("config.json cannot be used: {reason}: {path}")]
+    InvalidConfig { path: PathBuf, reason: String },
+    #[error("no safetensors weights found (expected model.safetensors or the shards listed in model.safetensors.index.json); download the model again or convert .bin/GGUF with `finetune convert`: {0}")]
+    MissingWeights(PathBuf),
+    #[error("weights cannot be read: {reason}: {path}")]
+    InvalidWeights { path: PathBuf, reason: String },
+    #[error("tensor {name} is missing from the checkpoint; the files do not match config.json (wrong or partial download?): {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+    #[error("tensor {name} has shape {found:?} but config.json implies {expected:?}; the weights and config.json do not belong together: {path}")]
+    WrongShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        path: PathBuf,
+    },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// One forward pass's inputs, as tensors on the model's device.
+#[derive(Debug, Clone)]
+pub struct ModelInput {
+    /// (B, T) u32 token ids.
+    pub input_ids: Tensor,
+    /// (B, T) u32 positions; `None` = 0..T for every row.
+    pub position_ids: Option<Tensor>,
+    /// Additive attention bias broadcastable to (B, H, T, T); `None` = causal.
+    pub attn_bias: Option<Tensor>,
+}
+
+impl ModelInput {
+    /// Plain causal input: positions 0..T, causal mask.
+    pub fn causal(input_ids: Tensor) -> Self {
+        Self {
+            input_ids,
+            position_ids: None,
+            attn_bias: None,
+        }
+    }
+
+    /// The attention bias to add to scores, in `dtype`.
+    pub(crate) fn bias(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match &self.attn_bias {
+            Some(b) => b.to_dtype(dtype),
+            None => {
+                let (b, t) = self.input_ids.dims2()?;
+                ops::attention_bias(b, t, None, dtype, self.input_ids.device())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Arch {
+    Llama(llama::Llama),
+    Gpt2(gpt2::Gpt2),
+}
+
+/// A loaded causal LM with frozen base weights and (optionally) LoRA attached.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    /// The folder it was loaded from.
+    pub dir: PathBuf,
+    pub dtype: DType,
+    arch: Arch,
+}
+
+impl Model {
+    /// Loads `dir` (config.json + safetensors, single or sharded) with weights in `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let w = weights::Weights::open(dir, dtype, device)?;
+        let arch = match config.family {
+            Family::Llama => Arch::Llama(llama::Llama::load(&w, &config)?),
+            Family::Gpt2 => Arch::Gpt2(gpt2::Gpt2::load(&w, &config)?),
+        };
+        Ok(Self {
+            config,
+            dir: dir.to_path_buf(),
+            dtype,
+            arch,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.lm_head().device()
+    }
+
+    /// Every linear projection (LoRA candidates), layer by layer.
+    pub fn linears(&self) -> Vec<&LoraLinear> {
+        match &self.arch {
+            Arch::Llama(m) => m.linears(),
+            Arch::Gpt2(m) => m.linears(),
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        match &mut self.arch {
+            Arch::Llama(m) => m.linears_mut(),
+            Arch::Gpt2(m) => m.linears_mut(),
+        }
+    }
+
+    /// Distinct short names of the linear modules (`q_proj`, ...), in model order.
+    pub fn linear_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for l in self.linears() {
+            if !names.iter().any(|n| n == l.name()) {
+                names.push(l.name().to_owned());
+            }
+        }
+        names
+    }
+
+    /// Attaches fresh LoRA weights (A seeded kaiming-uniform, B zero), replacing any adapter.
+    pub fn attach_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<LoraState, LoraError> {
+        let n = self.config.num_layers;
+        lora::attach(self.linears_mut(), config, n, seed)
+    }
+
+    /// Removes every adapter.
+    pub fn detach_lora(&mut self) {
+        for l in self.linears_mut() {
+            l.lora = None;
+        }
+    }
+
+    fn lm_head(&self) -> &Tensor {
+        match &self.arch {
+            Arch::Llama(m) => m.lm_head(),
+            Arch::Gpt2(m) => m.lm_head(),
+        }
+    }
+
+    /// Final hidden states `(B, T, H)`.
+    pub fn hidden(&self, input: &ModelInput, train: bool) -> candle_core::Result<Tensor> {
+        match &self.arch {
+            Arch::Llama(m) => m.hidden(input, train),
+            Arch::Gpt2(m) => m.hidden(input, train),
+        }
+    }
+
+    /// Logits `(B, T, V)` (inference mode, no dropout).
+    pub fn logits(&self, input: &ModelInput) -> candle_core::Result<Tensor> {
+        let h = self.hidden(input, false)?;
+        let (b, t, c) = h.dims3()?;
+        let logits = h.reshape((b * t, c))?.matmul(&self.lm_head().t()?)?;
+        logits.reshape((b, t, ()))
+    }
+
+    /// Masked next-token loss as transformers defines it: `labels` `(B, T)` (row-major, unshifted,
+    /// -100 = ignore); position t predicts label t+1; mean over the positions that count.
+    /// The LM head runs only on those positions, which saves (B·T − N)·V logits.
+    /// Returns `(loss, N)`; an error if no position counts.
+    pub fn loss(
+        &self,
+        input: &ModelInput,
+        labels: &[i64],
+        train: bool,
+    ) -> candle_core::Result<(Tensor, usize)> {
+        let (b, t) = input.input_ids.dims2()?;
+        if labels.len() != b * t {
+            candle_core::bail!("labels have {} entries for a {b}x{t} batch", labels.len());
+        }
+        let mut rows: Vec<u32> = Vec::new();
+        let mut targets: Vec<u32> = Vec::new();
+        for bi in 0..b {
+            for ti in 0..t.saturating_sub(1) {
+                let y = labels[bi * t + ti + 1];
+                if y != -100 {
+                    if y < 0 || y as usize >= self.config.vocab_size {
+                        candle_core::bail!(
+                            "label {y} is outside the vocabulary (0..{})",
+                            self.config.vocab_size
+                        );
+                    }
+                    rows.push((bi * t + ti) as u32);
+                    targets.push(y as u32);
+                }
+            }
+        }
+        let n = rows.len();
+        if n == 0 {
+            candle_core::bail!("no position in the batch has a label to learn from");
+        }
+        let dev = self.device();
+        let h = self.hidden(input, train)?;
+        let c = h.dim(2)?;
+        let picked = h
+            .reshape((b * t, c))?
+            .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+        let logits = picked.matmul(&self.lm_head().t()?)?;
+        let loss = ops::cross_entropy(&logits, &Tensor::from_vec(targets, n, dev)?)?;
+        Ok((loss, n))
+    }
+}

@@ -1,0 +1,178 @@
+//! Frozen base weights from `model.safetensors` or a sharded checkpoint
+//! (`model.safetensors.index.json`), memory-mapped, checked against the shapes the config implies,
+//! and converted to the compute dtype on load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+
+/// The safetensors files of one checkpoint and which file holds each tensor.
+pub struct Weights {
+    dir: PathBuf,
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// tensor name → index into `files`
+    index: HashMap<String, usize>,
+    /// dtype tensors are converted to on load
+    dtype: DType,
+    device: Device,
+}
+
+/// The safetensors files that make up the checkpoint in `dir`.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::Io {
+            path: index_path.clone(),
+            source: e,
+        })?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::InvalidWeights {
+                path: index_path.clone(),
+                reason: format!("the shard index is not valid JSON ({e})"),
+            })?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::InvalidWeights {
+                path: index_path.clone(),
+                reason: "the shard index has no \"weight_map\" object".into(),
+            })?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for file in map.values() {
+            let name = file.as_str().ok_or_else(|| ModelError::InvalidWeights {
+                path: index_path.clone(),
+                reason: "a \"weight_map\" entry is not a file name".into(),
+            })?;
+            let path = dir.join(name);
+            if !files.contains(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        for f in &files {
+            if !f.is_file() {
+                return Err(ModelError::MissingWeights(f.clone()));
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    // Some repos name the single file differently; accept exactly one *.safetensors that is not an adapter.
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "safetensors")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("adapter"))
+        })
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(ModelError::MissingWeights(single));
+    }
+    Ok(found)
+}
+
+impl Weights {
+    /// Memory-maps every file of the checkpoint in `dir` and indexes its tensor names.
+    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let paths = checkpoint_files(dir)?;
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for path in paths {
+            // SAFETY: the file is mapped read-only; FineTune never writes to model files, and a
+            // file changed underneath us by another program is outside what any loader can guard.
+            let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
+                ModelError::InvalidWeights {
+                    path: path.clone(),
+                    reason: format!(
+                        "not a readable safetensors file, maybe truncated by an interrupted download ({e}); download it again"
+                    ),
+                }
+            })?;
+            for (name, _) in st.tensors() {
+                index.insert(name, files.len());
+            }
+            files.push((path, st));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Loads `name`, checks it has `shape`, and converts it to the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_owned(),
+                dir: self.dir.clone(),
+            })?;
+        let (path, st) = &self.files[i];
+        let view = st.get(name).map_err(|e| ModelError::InvalidWeights {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if view.shape() != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_owned(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+                path: path.clone(),
+            });
+        }
+        let t = st
+            .load(name, &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(|e| ModelError::InvalidWeights {
+                path: path.clone(),
+                reason: format!("tensor {name}: {e}"),
+            })?;
+        Ok(t)
+    }
+
+    /// Stored dtype of the first floating-point tensor (what the checkpoint ships in).
+    pub fn stored_dtype(&self) -> Option<DType> {
+        self.files.iter().find_map(|(_, st)| {
+            st.tensors().into_iter().find_map(|(_, v)| {
+                DType::try_from(v.dtype())
+                    .ok()
+                    .filter(|d| d.is_float())
+            })
+        })
+    }
+}

@@ -1,0 +1,120 @@
+//! Shared helpers for integration tests: fixture discovery and tensor comparisons.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use finetune::model::{Model, ModelInput};
+
+pub fn fixtures_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures_root().join(name)
+}
+
+/// Fixture folders to check: `FINETUNE_FIXTURES` (colon-separated paths) or every folder under
+/// tests/fixtures.
+pub fn fixture_dirs() -> Vec<PathBuf> {
+    if let Ok(list) = std::env::var("FINETUNE_FIXTURES") {
+        return list
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect();
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_root())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Folders with reference numbers (reference.safetensors).
+pub fn reference_dirs() -> Vec<PathBuf> {
+    fixture_dirs()
+        .into_iter()
+        .filter(|d| d.join("reference.safetensors").is_file())
+        .collect()
+}
+
+pub struct Reference {
+    pub input_ids: Tensor,
+    pub labels: Vec<i64>,
+    pub base_logits: Tensor,
+    pub lora_logits: Tensor,
+    pub grads: Vec<(String, Tensor)>,
+    pub loss: f64,
+}
+
+pub fn reference(dir: &Path) -> Reference {
+    let mut t = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .unwrap();
+    let input_ids = t.remove("input_ids").unwrap().to_dtype(DType::U32).unwrap();
+    let labels = t
+        .remove("labels")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap();
+    let base_logits = t.remove("base_logits").unwrap();
+    let lora_logits = t.remove("lora_logits").unwrap();
+    let mut grads: Vec<(String, Tensor)> = t
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("grad.").map(|k| (k.to_owned(), v)))
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    Reference {
+        input_ids,
+        labels,
+        base_logits,
+        lora_logits,
+        grads,
+        loss: json["loss"].as_f64().unwrap(),
+    }
+}
+
+pub fn load(dir: &Path) -> Model {
+    Model::load(dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+pub fn logits(model: &Model, ids: &Tensor) -> Tensor {
+    model.logits(&ModelInput::causal(ids.clone())).unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn norm(a: &Tensor) -> f64 {
+    a.to_dtype(DType::F64)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
+}
+
+pub fn name(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}

@@ -1,0 +1,98 @@
+//! Parity with the reference stack. The fixtures were made by transformers 5.24 + PEFT 0.21.2
+//! (float32, CPU; see tests/fixtures/README.md): base and LoRA logits, the masked loss, and the
+//! gradient of that loss w.r.t. every LoRA tensor. Set `FINETUNE_FIXTURES=dir1:dir2` to check other
+//! folders in the same format: `cargo test --release --test parity`.
+
+mod common;
+
+use common::*;
+use finetune::model::{adapter, ModelInput};
+
+#[test]
+fn base_logits_match_transformers() {
+    let dirs = reference_dirs();
+    assert!(!dirs.is_empty(), "no fixture folders with reference.safetensors");
+    for dir in dirs {
+        let r = reference(&dir);
+        let model = load(&dir);
+        let diff = max_abs_diff(&logits(&model, &r.input_ids), &r.base_logits);
+        println!("{:<14} base logits max|diff| = {diff:.2e}", name(&dir));
+        assert!(diff <= 1e-4, "{}: base logits differ by {diff}", name(&dir));
+    }
+}
+
+#[test]
+fn peft_adapter_logits_match() {
+    for dir in reference_dirs() {
+        let r = reference(&dir);
+        let mut model = load(&dir);
+        adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+        let diff = max_abs_diff(&logits(&model, &r.input_ids), &r.lora_logits);
+        println!("{:<14} LoRA logits max|diff| = {diff:.2e}", name(&dir));
+        assert!(diff <= 1e-4, "{}: LoRA logits differ by {diff}", name(&dir));
+    }
+}
+
+#[test]
+fn masked_loss_and_every_lora_gradient_match() {
+    for dir in reference_dirs() {
+        let r = reference(&dir);
+        let mut model = load(&dir);
+        let state = adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+        let (loss, n) = model
+            .loss(&ModelInput::causal(r.input_ids.clone()), &r.labels, false)
+            .unwrap();
+        let ours = loss.to_scalar::<f32>().unwrap() as f64;
+        println!(
+            "{:<14} loss ours {ours:.7} ref {:.7} (|diff| {:.1e}, {n} positions)",
+            name(&dir),
+            r.loss,
+            (ours - r.loss).abs()
+        );
+        assert!((ours - r.loss).abs() <= 1e-5, "{}: loss", name(&dir));
+        let grads = loss.backward().unwrap();
+        let vars = state.named_vars();
+        assert_eq!(vars.len(), r.grads.len(), "{}: LoRA tensor count", name(&dir));
+        let mut worst = 0f64;
+        for (key, want) in &r.grads {
+            let var = &vars
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("{}: no LoRA tensor {key}", name(&dir)))
+                .1;
+            let got = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{}: no gradient reached {key}", name(&dir)));
+            let rel = norm(&(got - want).unwrap()) / norm(want);
+            worst = worst.max(rel);
+            assert!(rel <= 1e-3, "{}: {key} relative error {rel:.2e}", name(&dir));
+        }
+        println!(
+            "{:<14} {} LoRA gradients, worst relative error {worst:.2e}",
+            name(&dir),
+            r.grads.len()
+        );
+    }
+}
+
+#[test]
+fn sharded_checkpoint_gives_the_same_logits() {
+    let mut checked = 0;
+    for dir in fixture_dirs() {
+        let n = name(&dir);
+        let Some(base) = n.strip_suffix("-sharded") else {
+            continue;
+        };
+        let single = dir.with_file_name(base);
+        let r = reference(&single);
+        let a = logits(&load(&dir), &r.input_ids);
+        let b = logits(&load(&single), &r.input_ids);
+        let diff = max_abs_diff(&a, &b);
+        println!("{n:<22} vs single file: max|diff| = {diff:.2e}");
+        assert_eq!(diff, 0.0, "{n}: sharded logits differ from {base}");
+        checked += 1;
+    }
+    if std::env::var("FINETUNE_FIXTURES").is_err() {
+        assert!(checked >= 4, "expected the four sharded fixtures");
+    }
+}
