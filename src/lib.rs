@@ -1,6 +1,7 @@
 //! FineTune: LoRA fine-tuning of Hugging Face causal language models with Candle, on Metal, CUDA or
 //! CPU. The engine (model, data, train) runs headless from the CLI or under the egui app.
 
+pub mod cli;
 pub mod data;
 pub mod model;
-pub mod cli;
+pub mod train;

@@ -11,7 +11,10 @@ use finetune::model::{adapter, ModelInput};
 #[test]
 fn base_logits_match_transformers() {
     let dirs = reference_dirs();
-    assert!(!dirs.is_empty(), "no fixture folders with reference.safetensors");
+    assert!(
+        !dirs.is_empty(),
+        "no fixture folders with reference.safetensors"
+    );
     for dir in dirs {
         let r = reference(&dir);
         let model = load(&dir);
@@ -52,7 +55,12 @@ fn masked_loss_and_every_lora_gradient_match() {
         assert!((ours - r.loss).abs() <= 1e-5, "{}: loss", name(&dir));
         let grads = loss.backward().unwrap();
         let vars = state.named_vars();
-        assert_eq!(vars.len(), r.grads.len(), "{}: LoRA tensor count", name(&dir));
+        assert_eq!(
+            vars.len(),
+            r.grads.len(),
+            "{}: LoRA tensor count",
+            name(&dir)
+        );
         let mut worst = 0f64;
         for (key, want) in &r.grads {
             let var = &vars
@@ -65,7 +73,11 @@ fn masked_loss_and_every_lora_gradient_match() {
                 .unwrap_or_else(|| panic!("{}: no gradient reached {key}", name(&dir)));
             let rel = norm(&(got - want).unwrap()) / norm(want);
             worst = worst.max(rel);
-            assert!(rel <= 1e-3, "{}: {key} relative error {rel:.2e}", name(&dir));
+            assert!(
+                rel <= 1e-3,
+                "{}: {key} relative error {rel:.2e}",
+                name(&dir)
+            );
         }
         println!(
             "{:<14} {} LoRA gradients, worst relative error {worst:.2e}",

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 pub enum TokenizerError {
     #[error("no tokenizer.json in the model folder; FineTune needs the fast-tokenizer file that Hub models ship (convert with transformers' AutoTokenizer.save_pretrained if you only have a slow tokenizer): {0}")]
     Missing(PathBuf),
-    #[error("could not read tokenizer ({reason}); re-download the model's tokenizer files: {path}")]
+    #[error(
+        "could not read tokenizer ({reason}); re-download the model's tokenizer files: {path}"
+    )]
     Invalid { path: PathBuf, reason: String },
     #[error("could not tokenize text: {0}")]
     Encode(String),

@@ -29,7 +29,9 @@ pub enum AdapterError {
     InvalidWeights { path: PathBuf, reason: String },
     #[error("the adapter has weights for module {module}, which this model does not have; the adapter was trained for another architecture: {path}")]
     UnknownModule { module: String, path: PathBuf },
-    #[error("adapter tensor {key} has shape {found:?}, expected {expected:?} for this model: {path}")]
+    #[error(
+        "adapter tensor {key} has shape {found:?}, expected {expected:?} for this model: {path}"
+    )]
     WrongShape {
         key: String,
         expected: Vec<usize>,
@@ -59,7 +61,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), std::io::Error> {
 }
 
 /// The adapter_config.json PEFT expects for `state` on `model`.
-pub fn peft_config(state: &LoraState, model: &Model, base_model: Option<&str>) -> serde_json::Value {
+pub fn peft_config(
+    state: &LoraState,
+    model: &Model,
+    base_model: Option<&str>,
+) -> serde_json::Value {
     let adapted: BTreeSet<String> = model
         .linears()
         .iter()
@@ -116,10 +122,12 @@ pub fn save(
     let weights_path = dir.join(ADAPTER_WEIGHTS);
     write_atomic(&weights_path, &bytes).map_err(io(&weights_path))?;
     let config_path = dir.join(ADAPTER_CONFIG);
-    let text = serde_json::to_string_pretty(&peft_config(state, model, base_model))
-        .map_err(|e| AdapterError::InvalidConfig {
-            path: config_path.clone(),
-            reason: e.to_string(),
+    let text =
+        serde_json::to_string_pretty(&peft_config(state, model, base_model)).map_err(|e| {
+            AdapterError::InvalidConfig {
+                path: config_path.clone(),
+                reason: e.to_string(),
+            }
         })?;
     write_atomic(&config_path, text.as_bytes()).map_err(io(&config_path))?;
     Ok(())
@@ -177,18 +185,27 @@ fn read_config(path: &Path) -> Result<LoraConfig, AdapterError> {
         .unwrap_or(rank as f64);
     let layers = match v.get("layers_to_transform") {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as usize]),
-        Some(serde_json::Value::Array(a)) => {
-            Some(a.iter().filter_map(|n| n.as_u64()).map(|n| n as usize).collect())
-        }
+        Some(serde_json::Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(|n| n.as_u64())
+                .map(|n| n as usize)
+                .collect(),
+        ),
         _ => None,
     };
     Ok(LoraConfig {
         rank,
         alpha,
-        dropout: v.get("lora_dropout").and_then(|d| d.as_f64()).unwrap_or(0.0),
+        dropout: v
+            .get("lora_dropout")
+            .and_then(|d| d.as_f64())
+            .unwrap_or(0.0),
         targets: Vec::new(),
         layers,
-        use_rslora: v.get("use_rslora").and_then(|r| r.as_bool()).unwrap_or(false),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(|r| r.as_bool())
+            .unwrap_or(false),
     })
 }
 

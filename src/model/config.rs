@@ -33,7 +33,9 @@ pub enum Family {
 pub enum RopeScaling {
     Default,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -216,7 +218,10 @@ impl ModelConfig {
         let raw: RawConfig =
             serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
         if let Some(q) = raw.quantization_config.as_ref().filter(|q| !q.is_null()) {
-            let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("?");
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("?");
             return Err(format!(
                 "quantized checkpoints ({method}) cannot be trained directly; pick the unquantized model"
             ));
@@ -362,13 +367,16 @@ impl ModelConfig {
     /// Number of parameters implied by the config (weights, biases, norms; tied head counted once).
     pub fn parameter_count(&self) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         match self.family {
             Family::Llama => {
                 let attn = h * q + 2 * h * kv + q * h;
-                let attn_bias = if self.qkv_bias { q + 2 * kv } else { 0 }
-                    + if self.o_bias { h } else { 0 };
+                let attn_bias =
+                    if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
                 let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
                 let norms = 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
                 v * h + self.num_layers * (attn + attn_bias + mlp + norms) + h + head

@@ -115,7 +115,9 @@ impl LoraLinear {
             if train && l.dropout > 0.0 {
                 h = candle_nn::ops::dropout(&h, l.dropout as f32)?;
             }
-            let update = (h.matmul(&l.a.as_tensor().t()?)?.matmul(&l.b.as_tensor().t()?)?
+            let update = (h
+                .matmul(&l.a.as_tensor().t()?)?
+                .matmul(&l.b.as_tensor().t()?)?
                 * l.scale)?;
             let update = update.to_dtype(y.dtype())?;
             y = (y + update)?;
@@ -142,7 +144,9 @@ pub enum LoraError {
         missing: Vec<String>,
         available: Vec<String>,
     },
-    #[error("layer(s) {missing:?} do not exist: the model has {num_layers} layers (0..{num_layers})")]
+    #[error(
+        "layer(s) {missing:?} do not exist: the model has {num_layers} layers (0..{num_layers})"
+    )]
     UnknownLayers {
         missing: Vec<usize>,
         num_layers: usize,
@@ -160,6 +164,15 @@ pub enum LoraError {
 pub struct LoraState {
     pub config: LoraConfig,
     pub varmap: VarMap,
+}
+
+impl std::fmt::Debug for LoraState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraState")
+            .field("config", &self.config)
+            .field("parameters", &self.parameter_count())
+            .finish()
+    }
 }
 
 impl LoraState {
@@ -193,7 +206,11 @@ pub fn select<'a>(
         return Err(LoraError::BadDropout(config.dropout));
     }
     if let Some(layers) = &config.layers {
-        let missing: Vec<usize> = layers.iter().copied().filter(|&l| l >= num_layers).collect();
+        let missing: Vec<usize> = layers
+            .iter()
+            .copied()
+            .filter(|&l| l >= num_layers)
+            .collect();
         if !missing.is_empty() {
             return Err(LoraError::UnknownLayers {
                 missing,
@@ -220,7 +237,12 @@ pub fn select<'a>(
         .filter(|l| {
             config.targets.is_empty() || config.targets.iter().any(|t| path_matches(&l.path, t))
         })
-        .filter(|l| config.layers.as_ref().is_none_or(|ls| ls.contains(&l.layer)))
+        .filter(|l| {
+            config
+                .layers
+                .as_ref()
+                .is_none_or(|ls| ls.contains(&l.layer))
+        })
         .map(|l| l.path.clone())
         .collect())
 }
@@ -276,10 +298,7 @@ pub fn insert(varmap: &VarMap, path: &str, a: &Var, b: &Var) {
 
 /// Sum of squares of every element of `t` as f32 (helper for norms in tests and clipping).
 pub fn sum_sq(t: &Tensor) -> Result<f32> {
-    t.to_dtype(DType::F32)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f32>()
+    t.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()
 }
 
 /// Max |x| over `t` (f32).

@@ -22,7 +22,9 @@ fn upcast(x: &Tensor) -> Result<(Tensor, DType)> {
 /// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * weight` (Llama, Qwen).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let (xf, dtype) = upcast(x)?;
-    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     xf.broadcast_mul(&inv_rms)?
         .to_dtype(dtype)?
         .broadcast_mul(weight)
@@ -90,8 +92,8 @@ pub fn rope_tables(
                 if wavelen > low_freq_wavelen {
                     *f /= factor;
                 } else if wavelen >= high_freq_wavelen {
-                    let smooth =
-                        (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let smooth = (old_ctx / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
                     *f = (1.0 - smooth) * *f / factor + smooth * *f;
                 }
             }
@@ -216,7 +218,13 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
         let grads = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g = grads.get(&x).unwrap();
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm > 0.0);
     }
 

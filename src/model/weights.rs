@@ -168,11 +168,9 @@ impl Weights {
     /// Stored dtype of the first floating-point tensor (what the checkpoint ships in).
     pub fn stored_dtype(&self) -> Option<DType> {
         self.files.iter().find_map(|(_, st)| {
-            st.tensors().into_iter().find_map(|(_, v)| {
-                DType::try_from(v.dtype())
-                    .ok()
-                    .filter(|d| d.is_float())
-            })
+            st.tensors()
+                .into_iter()
+                .find_map(|(_, v)| DType::try_from(v.dtype()).ok().filter(|d| d.is_float()))
         })
     }
 }

@@ -51,8 +51,8 @@ pub struct Reference {
 }
 
 pub fn reference(dir: &Path) -> Reference {
-    let mut t = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-        .unwrap();
+    let mut t =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let input_ids = t.remove("input_ids").unwrap().to_dtype(DType::U32).unwrap();
     let labels = t
         .remove("labels")
