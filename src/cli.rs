@@ -1,9 +1,14 @@
-//! The command line: `finetune info|train|…` run headless on the same engine as the app.
+//! The command line: `finetune train|info …` run headless on the same engine as the app; with no
+//! subcommand (or just paths) the app window opens.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::data::{OverLong, PromptCompletionStyle};
+use crate::model::LoraConfig;
+use crate::train::{DeviceChoice, Duration, Event, Schedule, TrainConfig};
 
 /// FineTune: LoRA fine-tuning of Hugging Face language models.
 #[derive(Debug, Parser)]
@@ -11,10 +16,14 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Open the app with these loaded: a model folder and/or a .jsonl dataset.
+    pub paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a LoRA adapter headless.
+    Train(Box<TrainArgs>),
     /// Describe a local Hugging Face model folder (architecture, sizes, LoRA targets).
     Info {
         /// Model folder (config.json + safetensors).
@@ -22,17 +31,208 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScheduleArg {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PromptStyleArg {
+    /// The chat template when the model has one, else plain concatenation.
+    Auto,
+    /// `prompt + completion` as written.
+    Plain,
+    /// Always the chat template (ChatML fallback).
+    Chat,
+}
+
+/// `finetune train` flags; every TrainConfig setting has one.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training JSONL.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Validation JSONL (default: hold out --valid-fraction of the training records).
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// Output folder (adapter/, best/, checkpoints/).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Comma-separated module names (default: every linear projection).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Comma-separated layer indices (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    /// rsLoRA scaling alpha/√r.
+    #[arg(long)]
+    pub rslora: bool,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub schedule: ScheduleArg,
+    /// Final lr as a fraction of --lr (cosine/linear).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_lr_ratio: f64,
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Optimizer steps (conflicts with --epochs).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Passes over the data (default 1).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+    /// Train on prompts too (default: loss on completions / assistant turns only).
+    #[arg(long)]
+    pub no_mask_prompt: bool,
+    #[arg(long, value_enum, default_value_t = PromptStyleArg::Auto)]
+    pub prompt_style: PromptStyleArg,
+    /// Pack short records into full rows.
+    #[arg(long)]
+    pub packing: bool,
+    /// Drop over-long records instead of truncating them.
+    #[arg(long)]
+    pub drop_long: bool,
+    /// Skip bad JSONL lines (reported) instead of refusing to start.
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_fraction: f64,
+    /// Evaluate every N steps (0 = only at start and end).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    /// Max validation batches per evaluation (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub eval_batches: usize,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: usize,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    /// Stop after N evaluations without val-loss improvement (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub early_stop: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Resume from a checkpoint folder (out/checkpoints/step-N).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Print every N steps.
+    #[arg(long, default_value_t = 1)]
+    pub log_every: usize,
+}
+
+impl TrainArgs {
+    pub fn to_config(&self) -> TrainConfig {
+        TrainConfig {
+            model_dir: self.model.clone(),
+            train_data: self.data.clone(),
+            valid_data: self.valid.clone(),
+            out_dir: self.out.clone(),
+            lora: LoraConfig {
+                rank: self.rank,
+                alpha: self.alpha,
+                dropout: self.dropout,
+                targets: self.targets.clone(),
+                layers: (!self.layers.is_empty()).then(|| self.layers.clone()),
+                use_rslora: self.rslora,
+            },
+            lr: self.lr,
+            schedule: match self.schedule {
+                ScheduleArg::Cosine => Schedule::Cosine,
+                ScheduleArg::Linear => Schedule::Linear,
+                ScheduleArg::Constant => Schedule::Constant,
+            },
+            min_lr_ratio: self.min_lr_ratio,
+            warmup_steps: self.warmup,
+            duration: match self.steps {
+                Some(s) => Duration::Steps(s),
+                None => Duration::Epochs(self.epochs.unwrap_or(1)),
+            },
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            max_seq_len: self.max_seq_len,
+            mask_prompt: !self.no_mask_prompt,
+            prompt_completion: match self.prompt_style {
+                PromptStyleArg::Auto => PromptCompletionStyle::Auto,
+                PromptStyleArg::Plain => PromptCompletionStyle::Plain,
+                PromptStyleArg::Chat => PromptCompletionStyle::ChatTemplate,
+            },
+            packing: self.packing,
+            over_long: if self.drop_long {
+                OverLong::Drop
+            } else {
+                OverLong::Truncate
+            },
+            skip_bad_lines: self.skip_bad_lines,
+            valid_fraction: self.valid_fraction,
+            eval_every: self.eval_every,
+            eval_batches: self.eval_batches,
+            save_every: self.save_every,
+            max_grad_norm: self.max_grad_norm,
+            adamw: crate::train::optim::AdamWConfig {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: 1e-8,
+                weight_decay: self.weight_decay,
+            },
+            early_stop_patience: self.early_stop,
+            seed: self.seed,
+            device: match self.device {
+                DeviceArg::Auto => DeviceChoice::Auto,
+                DeviceArg::Cpu => DeviceChoice::Cpu,
+                DeviceArg::Cuda => DeviceChoice::Cuda,
+                DeviceArg::Metal => DeviceChoice::Metal,
+            },
+            resume_from: self.resume.clone(),
+            log_every: self.log_every.max(1),
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Info { model }) => info(&model),
-        None => {
-            eprintln!("the app window is not built yet; try `finetune --help`");
-            Ok(())
-        }
+        Some(Command::Train(args)) => train(&args),
+        None => open_app(cli.paths),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -40,7 +240,12 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn info(dir: &std::path::Path) -> anyhow::Result<()> {
+fn open_app(paths: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    crate::ui::run_app(paths)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(dir: &Path) -> anyhow::Result<ExitCode> {
     let cfg = crate::model::ModelConfig::from_dir(dir)?;
     println!("architecture   {}", cfg.architecture);
     println!("parameters     {}", cfg.parameter_count());
@@ -49,5 +254,121 @@ fn info(dir: &std::path::Path) -> anyhow::Result<()> {
     println!("vocab          {}", cfg.vocab_size);
     println!("context        {}", cfg.max_position_embeddings);
     println!("LoRA targets   {}", cfg.linear_names().join(", "));
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Prints one event the way a terminal user wants it; returns the exit code for terminal events.
+pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
+    match event {
+        Event::Started {
+            model,
+            architecture,
+            device,
+            base_params,
+            trainable_params,
+            total_steps,
+            start_step,
+            train,
+            valid,
+        } => {
+            println!("model      {model} ({architecture}, {base_params} parameters) on {device}");
+            println!(
+                "LoRA       {trainable_params} trainable parameters ({:.3}%)",
+                100.0 * *trainable_params as f64 / (*base_params).max(1) as f64
+            );
+            println!("training data\n{train}");
+            if let Some(v) = valid {
+                println!("validation data\n{v}");
+            }
+            println!("steps      {start_step} → {total_steps}");
+        }
+        Event::Log(line) => println!("{line}"),
+        Event::Step(s) => {
+            if s.step % log_every == 0 || s.step == s.total_steps {
+                println!(
+                    "step {:>5}/{} | epoch {:.2} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | {} elapsed, {} left{}",
+                    s.step,
+                    s.total_steps,
+                    s.epoch,
+                    s.loss,
+                    s.lr,
+                    s.grad_norm,
+                    s.tokens_per_sec,
+                    fmt_secs(s.elapsed_secs),
+                    fmt_secs(s.eta_secs),
+                    s.rss_bytes
+                        .map(|b| format!(" | RSS {:.0} MB", b as f64 / 1e6))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        Event::Eval {
+            step,
+            val_loss,
+            best,
+        } => println!(
+            "eval at step {step}: val loss {val_loss:.4}{}",
+            if *best { " (best)" } else { "" }
+        ),
+        Event::Saved { step, path } => println!("saved step {step}: {}", path.display()),
+        Event::Finished {
+            adapter,
+            best,
+            final_loss,
+            final_val_loss,
+        } => {
+            println!(
+                "finished: train loss {} | val loss {}",
+                final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                final_val_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            );
+            println!("adapter: {}", adapter.display());
+            if let Some(b) = best {
+                println!("best adapter (lowest val loss): {}", b.display());
+            }
+            return Some(ExitCode::SUCCESS);
+        }
+        Event::Stopped {
+            adapter,
+            step,
+            reason,
+        } => {
+            println!("{reason}");
+            println!("adapter of step {step} saved: {}", adapter.display());
+            return Some(ExitCode::from(3));
+        }
+        Event::Failed { error } => {
+            eprintln!("error: {error}");
+            return Some(ExitCode::FAILURE);
+        }
+    }
+    None
+}
+
+fn train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
+    let config = args.to_config();
+    let (reporter, events, stop) = crate::session::Reporter::channel();
+    // Ctrl-C asks for a clean stop: the current step finishes and everything is saved.
+    let flag = stop.clone();
+    if let Err(e) = ctrlc::set_handler(move || {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!("\nstopping after this step (Ctrl-C again to kill)…");
+    }) {
+        eprintln!("note: Ctrl-C will kill without saving ({e})");
+    }
+    let log_every = config.log_every;
+    let worker = std::thread::spawn(move || crate::train::run(config, reporter));
+    let mut code = ExitCode::FAILURE;
+    for event in events.iter() {
+        if let Some(c) = print_event(&event, log_every) {
+            code = c;
+        }
+    }
+    let _ = worker.join();
+    Ok(code)
 }

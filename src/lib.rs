@@ -1,7 +1,11 @@
 //! FineTune: LoRA fine-tuning of Hugging Face causal language models with Candle, on Metal, CUDA or
 //! CPU. The engine (model, data, train) runs headless from the CLI or under the egui app.
 
+pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod memory;
 pub mod model;
+pub mod session;
 pub mod train;
+pub mod ui;

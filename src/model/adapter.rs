@@ -252,6 +252,7 @@ pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
     model.detach_lora();
     let varmap = VarMap::new();
     let scale = config.scale();
+    let dropout_seed = lora::DropoutSeed::default();
     let mut targets = BTreeSet::new();
     for lin in model.linears_mut() {
         let Some((a, b)) = pairs.remove(&lin.path) else {
@@ -297,9 +298,14 @@ pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
             b,
             scale: module_scale,
             dropout: config.dropout,
+            seed: dropout_seed.clone(),
         });
         targets.insert(lin.name().to_owned());
     }
     config.targets = targets.into_iter().collect();
-    Ok(LoraState { config, varmap })
+    Ok(LoraState {
+        config,
+        varmap,
+        dropout_seed,
+    })
 }

@@ -71,6 +71,48 @@ pub struct Lora {
     pub b: Var,
     pub scale: f64,
     pub dropout: f64,
+    /// Seed of the current forward pass's dropout masks, shared by every module of a model and set
+    /// by the trainer before each micro-batch ([`DropoutSeed::set`]), so dropout is deterministic
+    /// and a resumed run draws the same masks (Candle's CPU RNG cannot be seeded).
+    pub seed: DropoutSeed,
+}
+
+/// Shared, settable seed for LoRA dropout masks.
+#[derive(Debug, Clone, Default)]
+pub struct DropoutSeed(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl DropoutSeed {
+    pub fn set(&self, seed: u64) {
+        self.0.store(seed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A 64-bit mix of two values (splitmix64 finalizer), for deriving per-module seeds.
+pub fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn path_hash(path: &str) -> u64 {
+    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Inverted dropout on `x` with a mask drawn from `seed`.
+fn seeded_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
 }
 
 /// A frozen linear projection with an optional LoRA update. Weights are held (out, in) whatever
@@ -113,7 +155,7 @@ impl LoraLinear {
         if let Some(l) = &self.lora {
             let mut h = x2.to_dtype(DType::F32)?;
             if train && l.dropout > 0.0 {
-                h = candle_nn::ops::dropout(&h, l.dropout as f32)?;
+                h = seeded_dropout(&h, l.dropout, mix(l.seed.get(), path_hash(&self.path)))?;
             }
             let update = (h
                 .matmul(&l.a.as_tensor().t()?)?
@@ -164,6 +206,8 @@ pub enum LoraError {
 pub struct LoraState {
     pub config: LoraConfig,
     pub varmap: VarMap,
+    /// Seed of the dropout masks of the next forward pass.
+    pub dropout_seed: DropoutSeed,
 }
 
 impl std::fmt::Debug for LoraState {
@@ -248,8 +292,8 @@ pub fn select<'a>(
 }
 
 /// Attaches fresh LoRA weights (A kaiming-uniform from `seed`, B zero) to the selected linears.
-pub fn attach<'a>(
-    linears: Vec<&'a mut LoraLinear>,
+pub fn attach(
+    linears: Vec<&mut LoraLinear>,
     config: &LoraConfig,
     num_layers: usize,
     seed: u64,
@@ -258,6 +302,7 @@ pub fn attach<'a>(
     let varmap = VarMap::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let scale = config.scale();
+    let seed_cell = DropoutSeed::default();
     for lin in linears {
         if !chosen.contains(&lin.path) {
             lin.lora = None;
@@ -278,11 +323,13 @@ pub fn attach<'a>(
             b,
             scale,
             dropout: config.dropout,
+            seed: seed_cell.clone(),
         });
     }
     Ok(LoraState {
         config: config.clone(),
         varmap,
+        dropout_seed: seed_cell,
     })
 }
 

@@ -58,31 +58,58 @@ impl AdamW {
         &self.params
     }
 
-    /// Global L2 norm of the gradients of all parameters (missing gradients count as zero).
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
-        for (_, p) in &self.params {
-            if let Some(g) = grads.get(p) {
-                total += g
-                    .to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f32>()? as f64;
+    /// The gradients of this optimizer's parameters in `store`, in parameter order.
+    pub fn collect(&self, store: &GradStore) -> Vec<Option<Tensor>> {
+        self.params
+            .iter()
+            .map(|(_, p)| store.get(p).cloned())
+            .collect()
+    }
+
+    /// Adds `scale · store`'s gradients into `acc` (gradient accumulation over micro-batches).
+    pub fn accumulate(
+        &self,
+        acc: &mut [Option<Tensor>],
+        store: &GradStore,
+        scale: f64,
+    ) -> Result<()> {
+        for (slot, (_, p)) in acc.iter_mut().zip(&self.params) {
+            if let Some(g) = store.get(p) {
+                let g = (g * scale)?;
+                *slot = Some(match slot.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                });
             }
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of `grads` (missing gradients count as zero).
+    pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+        let mut total = 0f64;
+        for g in grads.iter().flatten() {
+            total += g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
         }
         Ok(total.sqrt())
     }
 
-    /// One update with learning rate `lr`; gradients are multiplied by `grad_scale` first (used for
-    /// clipping and for averaging accumulated gradients).
-    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    /// One update with learning rate `lr` from `grads` (in parameter order, see [`AdamW::collect`]);
+    /// gradients are multiplied by `grad_scale` first (clipping).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(p) else { continue };
+            let Some(Some(g)) = grads.get(i) else {
+                continue;
+            };
             let g = if grad_scale != 1.0 {
                 (g * grad_scale)?
             } else {
@@ -150,15 +177,9 @@ mod tests {
             },
         )
         .unwrap();
-        let grads = x
-            .as_tensor()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!((opt.grad_norm(&grads).unwrap() - 2.0).abs() < 1e-6);
+        let store = x.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let grads = opt.collect(&store.backward().unwrap());
+        assert!((AdamW::grad_norm(&grads).unwrap() - 2.0).abs() < 1e-6);
         opt.step(&grads, 0.1, 1.0).unwrap();
         let v = x.as_tensor().to_vec1::<f32>().unwrap()[0];
         assert!((v - 0.899).abs() < 1e-6, "{v}");

@@ -1,0 +1,502 @@
+//! Loading datasets: read JSONL, detect the format from the first record, check and encode every
+//! record, apply the length policy, and split off a validation set when no file is given. All
+//! problems are collected (`DataErrors`) unless `skip_bad_lines` skips the per-record ones.
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::encode::{Encoder, PromptCompletionStyle, Sample};
+use super::error::{DataError, DataErrors, Problem};
+use super::format::{Format, Record};
+use super::jsonl::{read_jsonl, DEFAULT_MAX_LINE_BYTES};
+use super::summary::{DatasetSummary, LoadCounts, TemplateUse};
+use super::tokenizer::{ModelTokenizer, TokenizerError};
+
+/// What to do with records longer than `max_seq_len` tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverLong {
+    /// Keep the first `max_seq_len` tokens (counted in the summary).
+    #[default]
+    Truncate,
+    /// Leave the record out (counted in the summary).
+    Drop,
+}
+
+/// How datasets are read and encoded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct DataOptions {
+    /// Longest record in tokens. Default 2048.
+    pub max_seq_len: usize,
+    /// Loss only on completions and assistant turns. Default on.
+    pub mask_prompt: bool,
+    /// How prompt/completion records are rendered. Default `Auto` (chat template when the model
+    /// has one).
+    pub prompt_completion: PromptCompletionStyle,
+    /// Records over `max_seq_len`: truncate (default) or drop.
+    pub over_long: OverLong,
+    /// Skip bad records (counted and kept in `LoadedData::skipped`) instead of failing. Default off.
+    pub skip_bad_lines: bool,
+    /// Longest accepted line in bytes. Default 1 MiB.
+    pub max_line_bytes: usize,
+    /// Share of records held out for validation when no validation file is given. Default 0.1.
+    pub valid_fraction: f64,
+    /// Seed of the hold-out split. Default 0.
+    pub seed: u64,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        Self {
+            max_seq_len: 2048,
+            mask_prompt: true,
+            prompt_completion: PromptCompletionStyle::Auto,
+            over_long: OverLong::Truncate,
+            skip_bad_lines: false,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            valid_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// Encoded records of one dataset, ready for batching.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// The file the records came from.
+    pub path: PathBuf,
+    pub samples: Vec<Sample>,
+    /// Padding id for batches (the tokenizer's pad token, else EOS, else 0).
+    pub pad_id: u32,
+    pub summary: DatasetSummary,
+}
+
+/// Where the validation set came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValidSource {
+    /// A validation file.
+    File(PathBuf),
+    /// Held out of the training file.
+    HeldOut { fraction: f64, seed: u64 },
+    /// No validation (a one-record training file or `valid_fraction` 0).
+    None,
+}
+
+/// Training and validation data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedData {
+    pub train: Dataset,
+    pub valid: Option<Dataset>,
+    pub valid_source: ValidSource,
+    /// Problems skipped because of `skip_bad_lines` (empty otherwise).
+    pub skipped: Vec<DataError>,
+}
+
+/// A piece of a previewed record: masked (prompt) or trained text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviewSegment {
+    pub text: String,
+    pub trained: bool,
+}
+
+/// A record as the model sees it, in masked/trained pieces, for the UI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviewRecord {
+    pub line: usize,
+    pub segments: Vec<PreviewSegment>,
+}
+
+/// Loads the training file and the validation file (or holds out `valid_fraction` of the training
+/// records, at least one when there are two or more). Fails with every problem found.
+pub fn load(
+    train: &Path,
+    valid: Option<&Path>,
+    tokenizer: &ModelTokenizer,
+    options: &DataOptions,
+) -> Result<LoadedData, DataErrors> {
+    let encoder = Encoder::new(tokenizer, options.mask_prompt, options.prompt_completion)
+        .map_err(|p| DataErrors::single(DataError::new(train, None, p)))?;
+    let mut errors = Vec::new();
+    let train_file = load_file(train, &encoder, options, None, &mut errors);
+    let valid_file = valid.map(|path| load_file(path, &encoder, options, None, &mut errors));
+    let fatal = errors.iter().any(|e| !e.problem.is_per_record());
+    if fatal || (!errors.is_empty() && !options.skip_bad_lines) {
+        return Err(DataErrors { errors });
+    }
+    // A file that yielded nothing has pushed its reason to `errors`.
+    let Some(train_file) = train_file else {
+        return Err(DataErrors { errors });
+    };
+    let valid_file = match valid_file {
+        Some(None) => return Err(DataErrors { errors }),
+        Some(Some(file)) => Some(file),
+        None => None,
+    };
+    let pad_id = tokenizer.pad_id();
+    let template = |format: Format| {
+        if format.is_chat()
+            || format == Format::PromptCompletion && encoder.prompt_completion_as_chat()
+        {
+            if encoder.uses_fallback_template() {
+                TemplateUse::Fallback
+            } else {
+                TemplateUse::Model
+            }
+        } else {
+            TemplateUse::None
+        }
+    };
+    let dataset = |path: &Path, format: Format, samples: Vec<Sample>, counts: LoadCounts| Dataset {
+        path: path.to_owned(),
+        summary: DatasetSummary::compute(
+            &samples,
+            format,
+            template(format),
+            options.mask_prompt,
+            counts,
+        ),
+        samples,
+        pad_id,
+    };
+
+    let (train_set, valid_set, valid_source) = match (valid, valid_file) {
+        (Some(path), Some(v)) => (
+            dataset(
+                train,
+                train_file.format,
+                train_file.samples,
+                train_file.counts,
+            ),
+            Some(dataset(path, v.format, v.samples, v.counts)),
+            ValidSource::File(path.to_owned()),
+        ),
+        _ => {
+            let held = hold_out(
+                train_file.samples.len(),
+                options.valid_fraction,
+                options.seed,
+            );
+            let format = train_file.format;
+            if held.is_empty() {
+                (
+                    dataset(train, format, train_file.samples, train_file.counts),
+                    None,
+                    ValidSource::None,
+                )
+            } else {
+                let (valid_samples, train_samples) = take_indices(train_file.samples, &held);
+                (
+                    dataset(train, format, train_samples, train_file.counts),
+                    Some(dataset(train, format, valid_samples, LoadCounts::default())),
+                    ValidSource::HeldOut {
+                        fraction: options.valid_fraction,
+                        seed: options.seed,
+                    },
+                )
+            }
+        }
+    };
+    Ok(LoadedData {
+        train: train_set,
+        valid: valid_set,
+        valid_source,
+        skipped: errors,
+    })
+}
+
+/// The first `n` good records of `path` as masked/trained pieces, for a quick look before loading
+/// the whole file. Bad lines among them fail it unless `options.skip_bad_lines`.
+pub fn preview(
+    path: &Path,
+    tokenizer: &ModelTokenizer,
+    options: &DataOptions,
+    n: usize,
+) -> Result<Vec<PreviewRecord>, DataErrors> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let encoder = Encoder::new(tokenizer, options.mask_prompt, options.prompt_completion)
+        .map_err(|p| DataErrors::single(DataError::new(path, None, p)))?;
+    let mut errors = Vec::new();
+    let file = load_file(path, &encoder, options, Some(n), &mut errors);
+    let fatal = errors.iter().any(|e| !e.problem.is_per_record());
+    match file {
+        Some(file) if !fatal && (errors.is_empty() || options.skip_bad_lines) => {
+            let mut records = Vec::with_capacity(file.samples.len());
+            for sample in file.samples.iter().take(n) {
+                records.push(preview_sample(tokenizer, sample).map_err(|e| {
+                    DataErrors::single(DataError::new(
+                        path,
+                        Some(sample.line),
+                        Problem::Tokenize(e.to_string()),
+                    ))
+                })?);
+            }
+            Ok(records)
+        }
+        _ => Err(DataErrors { errors }),
+    }
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    pub fn format(&self) -> Format {
+        self.summary.format
+    }
+
+    /// The first `n` records as masked/trained pieces of text.
+    pub fn preview(
+        &self,
+        tokenizer: &ModelTokenizer,
+        n: usize,
+    ) -> Result<Vec<PreviewRecord>, TokenizerError> {
+        self.samples
+            .iter()
+            .take(n)
+            .map(|s| preview_sample(tokenizer, s))
+            .collect()
+    }
+}
+
+/// Decodes runs of equally masked tokens. A run boundary inside a multi-byte character shows as
+/// U+FFFD on both sides; the tokens are what trains, so the preview follows them.
+fn preview_sample(
+    tokenizer: &ModelTokenizer,
+    sample: &Sample,
+) -> Result<PreviewRecord, TokenizerError> {
+    let mut segments = Vec::new();
+    let mut start = 0;
+    while start < sample.tokens.len() {
+        let trained = sample.loss_mask[start];
+        let len = sample.loss_mask[start..]
+            .iter()
+            .take_while(|&&m| m == trained)
+            .count();
+        segments.push(PreviewSegment {
+            text: tokenizer.decode(&sample.tokens[start..start + len])?,
+            trained,
+        });
+        start += len;
+    }
+    Ok(PreviewRecord {
+        line: sample.line,
+        segments,
+    })
+}
+
+/// One file's good samples and counts; per-record problems go to `errors`.
+struct FileData {
+    format: Format,
+    samples: Vec<Sample>,
+    counts: LoadCounts,
+}
+
+fn load_file(
+    path: &Path,
+    encoder: &Encoder<'_>,
+    options: &DataOptions,
+    max_records: Option<usize>,
+    errors: &mut Vec<DataError>,
+) -> Option<FileData> {
+    let read = match read_jsonl(path, options.max_line_bytes, max_records) {
+        Ok(read) => read,
+        Err(e) => {
+            errors.push(e);
+            return None;
+        }
+    };
+    let errors_before = errors.len();
+    errors.extend(read.problems);
+    let mut first: Option<(Format, usize)> = None;
+    let mut samples = Vec::with_capacity(read.records.len());
+    let mut counts = LoadCounts::default();
+    for record in &read.records {
+        let sample = record_format(&mut first, &record.object, record.line)
+            .and_then(|format| Record::parse(format, &record.object))
+            .and_then(|r| r.encode(encoder, record.line));
+        let mut sample = match sample {
+            Ok(sample) => sample,
+            Err(problem) => {
+                errors.push(DataError::new(path, Some(record.line), problem));
+                continue;
+            }
+        };
+        if sample.len() > options.max_seq_len {
+            match options.over_long {
+                OverLong::Drop => {
+                    counts.dropped += 1;
+                    continue;
+                }
+                OverLong::Truncate => sample.truncate(options.max_seq_len),
+            }
+        }
+        if sample.trained_tokens() == 0 {
+            counts.untrainable += 1;
+            continue;
+        }
+        samples.push(sample);
+    }
+    // Problems keep file order (read problems and record problems interleave by line).
+    errors[errors_before..].sort_by_key(|e| e.line);
+    counts.skipped_lines = errors.len() - errors_before;
+    let format = match first {
+        Some((format, _)) if !samples.is_empty() => format,
+        _ => {
+            if errors.len() == errors_before || options.skip_bad_lines {
+                errors.push(DataError::new(
+                    path,
+                    None,
+                    Problem::NoRecords {
+                        max_seq_len: options.max_seq_len,
+                        dropped: counts.dropped,
+                        untrainable: counts.untrainable,
+                        skipped: counts.skipped_lines,
+                    },
+                ));
+            }
+            return None;
+        }
+    };
+    Some(FileData {
+        format,
+        samples,
+        counts,
+    })
+}
+
+/// The record's format, checked against the file's first record (which sets it).
+fn record_format(
+    first: &mut Option<(Format, usize)>,
+    object: &serde_json::Map<String, serde_json::Value>,
+    line: usize,
+) -> Result<Format, Problem> {
+    match (*first, Format::detect(object)) {
+        (None, None) => Err(Problem::UnknownFormat),
+        (None, Some(format)) => {
+            *first = Some((format, line));
+            Ok(format)
+        }
+        (Some((expected, first_line)), None) => Err(Problem::MissingKeys {
+            expected,
+            first_line,
+        }),
+        (Some((first_format, first_line)), Some(found)) if found != first_format => {
+            Err(Problem::MixedFormats {
+                found,
+                first: first_format,
+                first_line,
+            })
+        }
+        (Some((format, _)), Some(_)) => Ok(format),
+    }
+}
+
+/// Indices (sorted) of the records held out for validation: `round(n * fraction)`, at least 1 and
+/// at most `n - 1` when `n >= 2`; none for `fraction <= 0` or `n < 2`. Deterministic for a seed.
+pub fn hold_out(n: usize, fraction: f64, seed: u64) -> Vec<usize> {
+    if n < 2 || fraction.is_nan() || fraction <= 0.0 {
+        return Vec::new();
+    }
+    let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let mut held = order[..k].to_vec();
+    held.sort_unstable();
+    held
+}
+
+/// Splits `samples` into (those at `indices` (sorted), the rest), keeping file order in both.
+fn take_indices(samples: Vec<Sample>, indices: &[usize]) -> (Vec<Sample>, Vec<Sample>) {
+    let mut taken = Vec::with_capacity(indices.len());
+    let mut rest = Vec::with_capacity(samples.len().saturating_sub(indices.len()));
+    let mut next = indices.iter().peekable();
+    for (i, sample) in samples.into_iter().enumerate() {
+        if next.peek() == Some(&&i) {
+            next.next();
+            taken.push(sample);
+        } else {
+            rest.push(sample);
+        }
+    }
+    (taken, rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_out_sizes_and_determinism() {
+        assert!(hold_out(1, 0.1, 0).is_empty());
+        assert!(hold_out(10, 0.0, 0).is_empty());
+        assert_eq!(hold_out(2, 0.1, 0).len(), 1);
+        assert_eq!(hold_out(5, 0.99, 0).len(), 4);
+        assert_eq!(hold_out(200, 0.1, 0).len(), 20);
+        assert_eq!(hold_out(200, 0.1, 7), hold_out(200, 0.1, 7));
+        assert_ne!(hold_out(200, 0.1, 7), hold_out(200, 0.1, 8));
+        let h = hold_out(200, 0.1, 7);
+        assert!(h.windows(2).all(|w| w[0] < w[1]) && h.iter().all(|&i| i < 200));
+    }
+
+    #[test]
+    fn take_indices_keeps_order() {
+        let samples: Vec<Sample> = (1..=5)
+            .map(|line| Sample {
+                line,
+                tokens: vec![1, 2],
+                loss_mask: vec![false, true],
+                truncated: false,
+                approximate_mask: false,
+            })
+            .collect();
+        let (taken, rest) = take_indices(samples, &[1, 3]);
+        assert_eq!(taken.iter().map(|s| s.line).collect::<Vec<_>>(), vec![2, 4]);
+        assert_eq!(
+            rest.iter().map(|s| s.line).collect::<Vec<_>>(),
+            vec![1, 3, 5]
+        );
+    }
+
+    #[test]
+    fn format_set_by_first_record() {
+        let obj = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        let mut first = None;
+        assert_eq!(
+            record_format(&mut first, &obj(serde_json::json!({"x": 1})), 1),
+            Err(Problem::UnknownFormat)
+        );
+        assert_eq!(
+            record_format(&mut first, &obj(serde_json::json!({"text": "a"})), 2),
+            Ok(Format::Text)
+        );
+        assert_eq!(
+            record_format(
+                &mut first,
+                &obj(serde_json::json!({"prompt": "a", "completion": "b"})),
+                3
+            ),
+            Err(Problem::MixedFormats {
+                found: Format::PromptCompletion,
+                first: Format::Text,
+                first_line: 2
+            })
+        );
+        assert_eq!(
+            record_format(&mut first, &obj(serde_json::json!({"txt": "a"})), 4),
+            Err(Problem::MissingKeys {
+                expected: Format::Text,
+                first_line: 2
+            })
+        );
+    }
+}

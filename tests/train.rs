@@ -1,0 +1,357 @@
+//! The training loop end to end on a fixture model and the bundled demo data: loss falls, events
+//! arrive in order, checkpoints are complete, Stop saves and Resume continues exactly, a non-finite
+//! loss stops with the last good adapter, early stopping keeps the best, bad data never starts.
+//! These train for real on CPU (a few seconds each with the dev profile's optimized deps).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use common::*;
+use finetune::model::{adapter, Model};
+use finetune::session::Reporter;
+use finetune::train::{self, Duration, Event, Schedule, TrainConfig};
+
+fn demo(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/demo")
+        .join(name)
+}
+
+fn config(out: &Path, steps: usize) -> TrainConfig {
+    TrainConfig {
+        model_dir: fixture("tiny-llama"),
+        train_data: demo("train.jsonl"),
+        valid_data: Some(demo("valid.jsonl")),
+        out_dir: out.to_path_buf(),
+        duration: Duration::Steps(steps),
+        lr: 2e-2,
+        batch_size: 4,
+        max_seq_len: 128,
+        eval_every: 5,
+        eval_batches: 2,
+        save_every: 5,
+        ..Default::default()
+    }
+}
+
+type TestHook = Arc<dyn Fn(&Event, &Reporter) + Send + Sync>;
+
+/// Runs to the end on this thread; `hook` sees every event as it happens.
+fn run(config: TrainConfig, hook: Option<TestHook>) -> Vec<Event> {
+    let (reporter, events, _stop) = Reporter::channel();
+    let reporter = match hook {
+        Some(h) => {
+            let inner = reporter.clone();
+            reporter.with_hook(Arc::new(move |e| h(e, &inner)))
+        }
+        None => reporter,
+    };
+    let t = std::thread::spawn(move || train::run(config, reporter));
+    let all: Vec<Event> = events.iter().collect();
+    t.join().unwrap();
+    all
+}
+
+fn steps(events: &[Event]) -> Vec<(usize, f64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step(s) => Some((s.step, s.loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<(String, Vec<f32>)> =
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn a_run_learns_reports_in_order_and_saves_complete_checkpoints() {
+    let out = tempfile::tempdir().unwrap();
+    let events = run(config(out.path(), 20), None);
+    assert!(
+        matches!(events.last(), Some(Event::Finished { .. })),
+        "{:?}",
+        events.last()
+    );
+    let started = events
+        .iter()
+        .position(|e| matches!(e, Event::Started { .. }))
+        .unwrap();
+    let first_eval = events
+        .iter()
+        .position(|e| matches!(e, Event::Eval { step: 0, .. }))
+        .unwrap();
+    let first_step = events
+        .iter()
+        .position(|e| matches!(e, Event::Step(_)))
+        .unwrap();
+    assert!(started < first_eval && first_eval < first_step);
+    let s = steps(&events);
+    assert_eq!(
+        s.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
+    // The fixture is a random-weight model (logits bounded by its 0.02-std head), so LoRA moves the
+    // loss slowly; what must hold is a steady fall of train and validation loss.
+    let mean = |v: &[(usize, f64)]| v.iter().map(|x| x.1).sum::<f64>() / v.len() as f64;
+    assert!(
+        mean(&s[15..]) < mean(&s[..5]) - 0.02,
+        "loss did not fall: {s:?}"
+    );
+    let evals: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Eval { val_loss, .. } => Some(*val_loss),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(evals.len(), 5, "evals at 0, 5, 10, 15 and the end");
+    assert!(
+        evals.last().unwrap() < &(evals[0] - 0.05),
+        "val loss did not fall: {evals:?}"
+    );
+    for step in [5, 10, 15, 20] {
+        let ckpt = out.path().join(format!("checkpoints/step-{step:06}"));
+        for f in [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ] {
+            assert!(ckpt.join(f).is_file(), "{}", ckpt.join(f).display());
+        }
+    }
+    let mut model = Model::load(
+        &fixture("tiny-llama"),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    adapter::load(&out.path().join("adapter"), &mut model).unwrap();
+    assert!(out.path().join("best/adapter_model.safetensors").is_file());
+    // No temp folders left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(out.path().join("checkpoints"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some())
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn stop_saves_and_resume_continues_exactly() {
+    let mut c = config(Path::new(""), 8);
+    c.lora.dropout = 0.1; // seeded dropout must replay identically after resume
+    c.grad_accum = 2;
+    c.eval_every = 0;
+    c.save_every = 0;
+
+    let straight = tempfile::tempdir().unwrap();
+    c.out_dir = straight.path().to_path_buf();
+    let a = run(c.clone(), None);
+    assert!(matches!(a.last(), Some(Event::Finished { .. })));
+
+    let stopped = tempfile::tempdir().unwrap();
+    c.out_dir = stopped.path().to_path_buf();
+    let b = run(
+        c.clone(),
+        Some(Arc::new(|e: &Event, r: &Reporter| {
+            if let Event::Step(s) = e {
+                if s.step == 3 {
+                    r.request_stop();
+                }
+            }
+        })),
+    );
+    let Some(Event::Stopped { adapter, step, .. }) = b.last() else {
+        panic!("expected Stopped, got {:?}", b.last());
+    };
+    assert_eq!(*step, 3);
+    assert_eq!(adapter, &stopped.path().join("adapter"));
+    let ckpt = stopped.path().join("checkpoints/step-000003");
+    assert!(ckpt.join("optimizer.safetensors").is_file());
+
+    c.resume_from = Some(ckpt);
+    let resumed = run(c.clone(), None);
+    assert!(
+        matches!(resumed.last(), Some(Event::Finished { .. })),
+        "{:?}",
+        resumed.last()
+    );
+    let rs = steps(&resumed);
+    assert_eq!(rs.first().unwrap().0, 4);
+    // Same losses step for step, and bit-identical final adapters.
+    let full = steps(&a);
+    for (x, y) in rs.iter().zip(&full[3..]) {
+        assert_eq!(x.0, y.0);
+        assert_eq!(
+            x.1.to_bits(),
+            y.1.to_bits(),
+            "step {}: {} vs {}",
+            x.0,
+            x.1,
+            y.1
+        );
+    }
+    assert_eq!(
+        adapter_tensors(&straight.path().join("adapter")),
+        adapter_tensors(&stopped.path().join("adapter"))
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_and_keeps_the_last_good_adapter() {
+    // A copy of the model with one poisoned weight makes every loss NaN.
+    let model_dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, model_dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut w =
+        candle_core::safetensors::load(model_dir.path().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let norm = w.get("model.norm.weight").unwrap();
+    let poisoned = (norm * f64::NAN).unwrap();
+    w.insert("model.norm.weight".into(), poisoned);
+    candle_core::safetensors::save(&w, model_dir.path().join("model.safetensors")).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let mut c = config(out.path(), 5);
+    c.model_dir = model_dir.path().to_path_buf();
+    let events = run(c, None);
+    let Some(Event::Stopped {
+        adapter,
+        step,
+        reason,
+    }) = events.last()
+    else {
+        panic!("expected Stopped, got {:?}", events.last());
+    };
+    assert_eq!(*step, 0);
+    assert!(
+        reason.contains("NaN") && reason.contains("learning rate"),
+        "{reason}"
+    );
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    assert!(steps(&events).is_empty());
+}
+
+#[test]
+fn early_stop_keeps_the_best_adapter() {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = config(out.path(), 60);
+    // A learning rate far too high for this model: validation loss soon rises.
+    c.lr = 0.5;
+    c.schedule = Schedule::Constant;
+    c.max_grad_norm = 0.0;
+    c.eval_every = 1;
+    c.save_every = 0;
+    c.early_stop_patience = 2;
+    let events = run(c, None);
+    let Some(Event::Finished { best, .. }) = events.last() else {
+        panic!("expected Finished, got {:?}", events.last());
+    };
+    assert!(steps(&events).len() < 60, "early stop did not trigger");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Log(l) if l.contains("early stop"))));
+    let evals: Vec<(usize, f64, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Eval {
+                step,
+                val_loss,
+                best,
+            } => Some((*step, *val_loss, *best)),
+            _ => None,
+        })
+        .collect();
+    let n = evals.len();
+    assert!(
+        !evals[n - 1].2 && !evals[n - 2].2,
+        "the last two evals did not improve"
+    );
+    let best_step = evals.iter().rfind(|e| e.2).unwrap().0;
+    if best_step > 0 {
+        assert_eq!(best.as_deref(), Some(out.path().join("best").as_path()));
+    }
+}
+
+#[test]
+fn bad_data_fails_before_training_with_line_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\nnot json\n{\"prompt\": 3, \"completion\": \"b\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let mut c = config(&out, 5);
+    c.train_data = data;
+    c.valid_data = None;
+    let events = run(c, None);
+    let Some(Event::Failed { error }) = events.last() else {
+        panic!("expected Failed, got {:?}", events.last());
+    };
+    assert!(
+        error.contains("line 2") && error.contains("line 3") && error.contains("bad.jsonl"),
+        "{error}"
+    );
+    assert!(!out.join("adapter").exists());
+}
+
+#[test]
+fn cli_trains_headless() {
+    let out = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .args(["train", "--model"])
+        .arg(fixture("tiny-gpt2"))
+        .arg("--data")
+        .arg(demo("train.jsonl"))
+        .arg("--out")
+        .arg(out.path())
+        .args([
+            "--steps",
+            "3",
+            "--max-seq-len",
+            "64",
+            "--rank",
+            "4",
+            "--targets",
+            "c_attn,c_fc",
+            "--packing",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("step     3/3") && stdout.contains("finished"),
+        "{stdout}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["c_attn", "c_fc"]));
+    assert_eq!(cfg["fan_in_fan_out"], true);
+}
