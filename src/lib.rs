@@ -4,6 +4,8 @@
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod export;
+pub mod inspect;
 pub mod memory;
 pub mod model;
 pub mod session;

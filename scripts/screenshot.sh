@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Screenshots of every step of the app, in a virtual X display: opens the window with a fixture
+# model and the WWDC25 dataset, starts a short real training run, stops it, and saves one PNG per
+# step panel (plus the app's frame-time log) under the output folder.
+#
+#   scripts/screenshot.sh [out-dir] [model-dir] [train.jsonl]
+#
+# Needs: Xvfb, xdotool, ImageMagick (`import`), Mesa's software OpenGL
+#   apt-get install -y xvfb xdotool imagemagick libgl1-mesa-dri
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:-target/screenshots}
+MODEL=${2:-tests/fixtures/tiny-llama}
+DATA=${3:-../shared/data/wwdc25-train.jsonl}
+TRAIN_SECS=${TRAIN_SECS:-30}
+DISPLAY_NUM=${DISPLAY_NUM:-:97}
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cargo build --example app
+
+# A fresh home: no saved settings, and runs are written under it.
+FAKE_HOME=$(mktemp -d)
+Xvfb "$DISPLAY_NUM" -screen 0 1400x900x24 >"$OUT/xvfb.log" 2>&1 &
+XVFB=$!
+cleanup() {
+    [[ -n "${APP:-}" ]] && kill "$APP" 2>/dev/null || true
+    kill "$XVFB" 2>/dev/null || true
+}
+trap cleanup EXIT
+sleep 1
+
+HOME=$FAKE_HOME XDG_DATA_HOME=$FAKE_HOME/.local/share DISPLAY=$DISPLAY_NUM \
+    LIBGL_ALWAYS_SOFTWARE=1 FINETUNE_FRAME_LOG=1 \
+    ./target/debug/examples/app "$MODEL" "$DATA" >"$OUT/app.log" 2>&1 &
+APP=$!
+
+WID=""
+for _ in $(seq 1 50); do
+    WID=$(DISPLAY=$DISPLAY_NUM xdotool search --name '^FineTune$' 2>/dev/null | head -1 || true)
+    [[ -n "$WID" ]] && break
+    sleep 0.2
+done
+[[ -n "$WID" ]] || { echo "the window did not open; see $OUT/app.log" >&2; exit 1; }
+export DISPLAY=$DISPLAY_NUM
+xdotool windowfocus --sync "$WID"
+sleep 3 # model summary and dataset read
+
+key() { xdotool key --window "$WID" "$1"; sleep "${2:-1}"; }
+shot() { import -window root "$OUT/$1.png"; echo "$OUT/$1.png"; }
+
+key ctrl+1; shot 1-model
+key ctrl+2; shot 2-dataset
+key ctrl+3; shot 3-settings
+key ctrl+Return "$TRAIN_SECS"; shot 4-train-running
+key ctrl+period 3; shot 4-train-stopped
+key ctrl+5; shot 5-export
+
+kill "$APP"
+wait "$APP" 2>/dev/null || true
+APP=""
+echo "frame times (from $OUT/app.log):"
+grep 'frame time' "$OUT/app.log" | tail -3

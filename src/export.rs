@@ -1,0 +1,356 @@
+//! Exporting a trained adapter: the PEFT files (`adapter_model.safetensors`,
+//! `adapter_config.json`) copied into a folder the person chose, plus a README.md model card
+//! (base model, dataset, settings, final losses, date). Every file is written atomically (temp
+//! file + rename), so an interrupted export never leaves a half-written adapter. Later: GGUF LoRA,
+//! MLX adapters, merged models.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::model::adapter::{write_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::train::{Duration, TrainConfig};
+
+/// Why an export failed. The text says what to do next; the path comes last.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the adapter folder has no {file}; export a folder reported by a save (latest or best): {dir}")]
+    MissingFile { file: &'static str, dir: PathBuf },
+    #[error("the destination is the adapter folder itself; choose another folder: {0}")]
+    SameFolder(PathBuf),
+    #[error("the destination exists and is not a folder; choose a folder: {0}")]
+    NotAFolder(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path} ({source}); check the folder is writable and the disk has space")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the model card says about the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardInfo {
+    /// The base model as people know it: `org/name` for a Hub model, else the folder name.
+    pub base_model: String,
+    /// Training file name.
+    pub dataset: String,
+    /// Validation file name, when there was one.
+    pub valid_dataset: Option<String>,
+    pub config: TrainConfig,
+    /// Optimizer steps done when the adapter was saved.
+    pub steps_done: usize,
+    pub total_steps: usize,
+    pub final_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    /// `YYYY-MM-DD` (UTC), see [`today`].
+    pub date: String,
+}
+
+/// Where an export went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    pub dir: PathBuf,
+    /// Every file written, adapter files first.
+    pub files: Vec<PathBuf>,
+}
+
+/// Copies the PEFT adapter in `adapter_dir` into `dest` (created if needed; existing adapter files
+/// there are replaced) and writes the model card as `dest/README.md`.
+pub fn export_adapter(
+    adapter_dir: &Path,
+    dest: &Path,
+    card: &CardInfo,
+) -> Result<Exported, ExportError> {
+    for file in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
+        if !adapter_dir.join(file).is_file() {
+            return Err(ExportError::MissingFile {
+                file,
+                dir: adapter_dir.to_path_buf(),
+            });
+        }
+    }
+    if dest.exists() && !dest.is_dir() {
+        return Err(ExportError::NotAFolder(dest.to_path_buf()));
+    }
+    std::fs::create_dir_all(dest).map_err(|source| ExportError::Write {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    let same = match (adapter_dir.canonicalize(), dest.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Err(ExportError::SameFolder(dest.to_path_buf()));
+    }
+    let mut files = Vec::new();
+    for file in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
+        let from = adapter_dir.join(file);
+        let bytes = std::fs::read(&from).map_err(|source| ExportError::Read {
+            path: from.clone(),
+            source,
+        })?;
+        let to = dest.join(file);
+        write_atomic(&to, &bytes).map_err(|source| ExportError::Write {
+            path: to.clone(),
+            source,
+        })?;
+        files.push(to);
+    }
+    let readme = dest.join("README.md");
+    write_atomic(&readme, model_card(card).as_bytes()).map_err(|source| ExportError::Write {
+        path: readme.clone(),
+        source,
+    })?;
+    files.push(readme);
+    Ok(Exported {
+        dir: dest.to_path_buf(),
+        files,
+    })
+}
+
+/// The README.md model card: Hub front matter (so the Hub links the adapter to its base model),
+/// then what was trained on what, with which settings, and how it ended.
+pub fn model_card(card: &CardInfo) -> String {
+    let c = &card.config;
+    let mut s = String::new();
+    // `writeln!` into a String cannot fail; the results are ignored on purpose.
+    let _ = writeln!(s, "---");
+    let _ = writeln!(s, "base_model: {}", yaml_str(&card.base_model));
+    let _ = writeln!(s, "library_name: peft");
+    let _ = writeln!(s, "pipeline_tag: text-generation");
+    let _ = writeln!(s, "tags:");
+    let _ = writeln!(
+        s,
+        "- {}",
+        yaml_str(&format!("base_model:adapter:{}", card.base_model))
+    );
+    let _ = writeln!(s, "- lora");
+    let _ = writeln!(s, "- finetune");
+    let _ = writeln!(s, "---");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "# LoRA adapter for {}", card.base_model);
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Trained with FineTune on {} ({} of {} steps) on {}.",
+        card.dataset, card.steps_done, card.total_steps, card.date
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Results");
+    let _ = writeln!(s);
+    let loss = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.4}"));
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(s, "| final train loss | {} |", loss(card.final_loss));
+    let _ = writeln!(
+        s,
+        "| final validation loss | {} |",
+        loss(card.final_val_loss)
+    );
+    let _ = writeln!(s, "| best validation loss | {} |", loss(card.best_val_loss));
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Data");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "- training: {}", card.dataset);
+    match &card.valid_dataset {
+        Some(v) => {
+            let _ = writeln!(s, "- validation: {v}");
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "- validation: {:.0}% held out of the training file",
+                c.valid_fraction * 100.0
+            );
+        }
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Settings");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "| setting | value |\n|---|---|");
+    let targets = if c.lora.targets.is_empty() {
+        "all linear layers".to_owned()
+    } else {
+        c.lora.targets.join(", ")
+    };
+    let layers = c.lora.layers.as_ref().map_or_else(
+        || "all".to_owned(),
+        |l| {
+            l.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
+    let duration = match c.duration {
+        Duration::Steps(n) => format!("{n} steps"),
+        Duration::Epochs(n) => format!("{n} epochs"),
+    };
+    let rows: [(&str, String); 16] = [
+        ("LoRA rank", c.lora.rank.to_string()),
+        ("LoRA alpha", c.lora.alpha.to_string()),
+        ("LoRA dropout", c.lora.dropout.to_string()),
+        ("target modules", targets),
+        ("layers", layers),
+        ("learning rate", format!("{:e}", c.lr)),
+        ("schedule", format!("{:?}", c.schedule).to_lowercase()),
+        ("warmup steps", c.warmup_steps.to_string()),
+        ("duration", duration),
+        ("batch size", c.batch_size.to_string()),
+        ("gradient accumulation", c.grad_accum.to_string()),
+        ("max sequence length", c.max_seq_len.to_string()),
+        ("loss on completions only", c.mask_prompt.to_string()),
+        ("packing", c.packing.to_string()),
+        ("max grad norm", c.max_grad_norm.to_string()),
+        ("seed", c.seed.to_string()),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(s, "| {k} | {v} |");
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Use");
+    let _ = writeln!(s);
+    let _ = writeln!(s, "```python");
+    let _ = writeln!(s, "from peft import PeftModel");
+    let _ = writeln!(s, "from transformers import AutoModelForCausalLM");
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "base = AutoModelForCausalLM.from_pretrained({:?})",
+        card.base_model
+    );
+    let _ = writeln!(
+        s,
+        "model = PeftModel.from_pretrained(base, \"path/to/this/folder\")"
+    );
+    let _ = writeln!(s, "```");
+    s
+}
+
+/// Today's date in UTC as `YYYY-MM-DD`.
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (y, m, d) = civil_date(secs);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// (year, month, day) of a Unix time, proleptic Gregorian, UTC (Howard Hinnant's algorithm).
+pub fn civil_date(unix_secs: i64) -> (i64, u32, u32) {
+    let z = unix_secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// A YAML scalar that stays a string whatever it holds.
+fn yaml_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_adapter() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama/peft-adapter")
+    }
+
+    fn card() -> CardInfo {
+        CardInfo {
+            base_model: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+            dataset: "train.jsonl".into(),
+            valid_dataset: None,
+            config: TrainConfig {
+                lr: 1e-4,
+                duration: Duration::Steps(60),
+                ..Default::default()
+            },
+            steps_done: 40,
+            total_steps: 60,
+            final_loss: Some(1.23456),
+            final_val_loss: None,
+            best_val_loss: Some(1.5),
+            date: "2025-06-09".into(),
+        }
+    }
+
+    #[test]
+    fn export_copies_the_peft_files_and_writes_a_card() {
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("my-adapter");
+        let done = export_adapter(&fixture_adapter(), &dest, &card()).unwrap();
+        assert_eq!(done.dir, dest);
+        assert_eq!(done.files.len(), 3);
+        for file in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
+            assert_eq!(
+                std::fs::read(dest.join(file)).unwrap(),
+                std::fs::read(fixture_adapter().join(file)).unwrap(),
+                "{file}"
+            );
+        }
+        let readme = std::fs::read_to_string(dest.join("README.md")).unwrap();
+        assert!(readme.starts_with("---\nbase_model: 'HuggingFaceTB/SmolLM2-135M-Instruct'\n"));
+        assert!(readme.contains("| final train loss | 1.2346 |"), "{readme}");
+        assert!(readme.contains("| final validation loss | n/a |"));
+        assert!(readme.contains("(40 of 60 steps) on 2025-06-09"));
+        assert!(readme.contains("| learning rate | 1e-4 |"));
+        assert!(readme.contains("| duration | 60 steps |"));
+        assert!(readme.contains("10% held out"));
+        // No temp files are left behind.
+        assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 3);
+        // Exporting again replaces the files.
+        export_adapter(&fixture_adapter(), &dest, &card()).unwrap();
+        assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn export_refuses_what_it_cannot_do() {
+        let out = tempfile::tempdir().unwrap();
+        let err = export_adapter(out.path(), &out.path().join("x"), &card()).unwrap_err();
+        assert!(matches!(
+            err,
+            ExportError::MissingFile {
+                file: ADAPTER_WEIGHTS,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("latest or best"));
+
+        let file = out.path().join("a-file");
+        std::fs::write(&file, "x").unwrap();
+        let err = export_adapter(&fixture_adapter(), &file, &card()).unwrap_err();
+        assert!(matches!(err, ExportError::NotAFolder(_)), "{err}");
+
+        let copy = out.path().join("copy");
+        export_adapter(&fixture_adapter(), &copy, &card()).unwrap();
+        let err = export_adapter(&copy, &copy, &card()).unwrap_err();
+        assert!(matches!(err, ExportError::SameFolder(_)), "{err}");
+    }
+
+    #[test]
+    fn yaml_strings_are_quoted() {
+        assert_eq!(yaml_str("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(951_782_400), (2000, 2, 29));
+        assert_eq!(civil_date(1_749_427_200), (2025, 6, 9));
+        assert_eq!(civil_date(-86_400), (1969, 12, 31));
+        assert_eq!(today().len(), 10);
+    }
+}

@@ -1,0 +1,563 @@
+//! [`FineTuneApp`], the [`eframe::App`]: `logic()` does the non-UI work (dropped files, shortcuts,
+//! queued actions, worker results, draining session events with a time cap, memory figures);
+//! `ui()` draws the steps side panel, the status bar and the current step's panel. Panels never act
+//! directly: they return actions that the next `logic()` carries out.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::TryRecvError;
+use eframe::egui;
+use egui::{Color32, RichText, Ui};
+
+use super::dataset::{drop_overlay_ui, DataKey, DatasetAction, DatasetPanel, Outcome};
+use super::export::{ExportAction, ExportPanel};
+use super::models::{ModelAction, ModelsPanel};
+use super::run_view::RunView;
+use super::settings::{run_dir, settings_ui, Preset, Settings};
+use super::status::Status;
+use super::steps::steps_ui;
+pub use super::steps::Step;
+use super::train::{train_ui, TrainAction};
+use super::{classify_paths, find_assets, open_folder, Opened};
+use crate::inspect::ModelSummary;
+use crate::session::{Repaint, Session};
+use crate::train::TrainConfig;
+
+mod derived;
+
+/// Longest time `logic()` spends draining engine events per frame.
+pub const EVENT_BUDGET: Duration = Duration::from_millis(10);
+
+/// Starts a training session; the real engine or a scripted fake in tests.
+pub type Engine = Arc<dyn Fn(TrainConfig, Option<Repaint>) -> Session + Send + Sync>;
+
+/// The real engine: [`crate::session::start`].
+pub fn real_engine() -> Engine {
+    Arc::new(crate::session::start)
+}
+
+/// Work the panels ask for, done in the next `logic()`.
+#[derive(Debug, Clone, PartialEq)]
+enum Action {
+    ChooseModel(PathBuf),
+    TryDemo,
+    Data(DatasetAction),
+    BrowseTrain,
+    Start,
+    Stop,
+    GoTo(Step),
+    Export { adapter: PathBuf, dest: PathBuf },
+    OpenFolder(PathBuf),
+}
+
+/// A message above the panel: what happened, or what went wrong and what to do.
+#[derive(Debug, Clone, PartialEq)]
+struct Notice {
+    text: String,
+    error: bool,
+}
+
+/// The app.
+pub struct FineTuneApp {
+    settings: Settings,
+    step: Step,
+    models: ModelsPanel,
+    dataset: DatasetPanel,
+    export: ExportPanel,
+    run: RunView,
+    session: Option<Session>,
+    run_config: Option<TrainConfig>,
+    engine: Engine,
+    actions: Vec<Action>,
+    notices: Vec<Notice>,
+    status: Status,
+    first_frame_done: bool,
+}
+
+impl FineTuneApp {
+    /// The app as the window opens it: settings restored, `paths` loaded, the real engine.
+    pub fn new(cc: &eframe::CreationContext<'_>, paths: Vec<PathBuf>) -> Self {
+        Self::with_engine(Self::load_settings(cc.storage), paths, real_engine())
+    }
+
+    /// The settings saved by the last launch, or the defaults.
+    pub fn load_settings(storage: Option<&dyn eframe::Storage>) -> Settings {
+        storage
+            .and_then(|s| eframe::get_value::<Settings>(s, eframe::APP_KEY))
+            .unwrap_or_default()
+    }
+
+    /// The app with given settings and engine (tests pass a scripted fake).
+    pub fn with_engine(settings: Settings, paths: Vec<PathBuf>, engine: Engine) -> Self {
+        let mut app = Self {
+            settings,
+            step: Step::Model,
+            models: ModelsPanel::default(),
+            dataset: DatasetPanel::default(),
+            export: ExportPanel::default(),
+            run: RunView::default(),
+            session: None,
+            run_config: None,
+            engine,
+            actions: Vec::new(),
+            notices: Vec::new(),
+            status: Status::default(),
+            first_frame_done: false,
+        };
+        app.open_paths(&paths);
+        app
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn settings_mut(&mut self) -> &mut Settings {
+        &mut self.settings
+    }
+
+    pub fn run_view(&self) -> &RunView {
+        &self.run
+    }
+
+    pub fn step(&self) -> Step {
+        self.step
+    }
+
+    pub fn set_step(&mut self, step: Step) {
+        self.step = step;
+    }
+
+    pub fn model_summary(&self) -> Option<&ModelSummary> {
+        self.models.summary.as_ref()
+    }
+
+    pub fn dataset_outcome(&self) -> Option<&Outcome> {
+        self.dataset.report.as_ref().map(|r| &r.outcome)
+    }
+
+    /// The messages shown above the panel, oldest first.
+    pub fn notices(&self) -> Vec<&str> {
+        self.notices.iter().map(|n| n.text.as_str()).collect()
+    }
+
+    /// The destination of the next export (the export step's text field).
+    pub fn set_export_dir(&mut self, dir: &Path) {
+        self.export.dest_text = dir.display().to_string();
+    }
+
+    /// The last export's outcome.
+    pub fn export_result(&self) -> Option<&Result<crate::export::Exported, String>> {
+        self.export.result.as_ref()
+    }
+
+    /// True while any worker (model summary, dataset read, export) is running.
+    pub fn is_busy(&self) -> bool {
+        self.models.is_busy() || self.dataset.is_busy() || self.export.is_busy()
+    }
+
+    /// Loads the bundled demo (model, dataset, Quick-test settings) in the next frame.
+    pub fn load_demo(&mut self) {
+        self.actions.push(Action::TryDemo);
+    }
+
+    /// Queues the paths (command line, dropped files): model folders and JSONL datasets.
+    pub fn open_paths(&mut self, paths: &[PathBuf]) {
+        // Absolute paths, so runs and model cards do not depend on the working folder.
+        let paths: Vec<PathBuf> = paths
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+            .collect();
+        for o in classify_paths(&paths) {
+            match o {
+                Opened::Model(p) => self.actions.push(Action::ChooseModel(p)),
+                Opened::Train(p) => {
+                    self.actions.push(Action::Data(DatasetAction::SetTrain(p)));
+                    self.actions.push(Action::GoTo(Step::Dataset));
+                }
+                Opened::Valid(p) => self
+                    .actions
+                    .push(Action::Data(DatasetAction::SetValid(Some(p)))),
+                Opened::Unknown(p, why) => self.error(format!("{why}: {}", p.display())),
+            }
+        }
+    }
+
+    fn error(&mut self, text: String) {
+        self.notify(Notice { text, error: true });
+    }
+
+    fn info(&mut self, text: String) {
+        self.notify(Notice { text, error: false });
+    }
+
+    /// Adds a message above the panel (the oldest goes when there are more than four).
+    fn notify(&mut self, notice: Notice) {
+        self.notices.retain(|n| n.text != notice.text);
+        if self.notices.len() >= 4 {
+            self.notices.remove(0);
+        }
+        self.notices.push(notice);
+    }
+
+    fn do_action(&mut self, ctx: &egui::Context, action: Action) {
+        match action {
+            Action::ChooseModel(dir) => {
+                self.models.inspect(ctx, &dir);
+                self.settings.model_dir = Some(dir);
+            }
+            Action::TryDemo => match find_assets() {
+                Ok(a) => {
+                    self.do_action(ctx, Action::ChooseModel(a.join("demo-model")));
+                    self.settings.train_data = Some(a.join("demo").join("train.jsonl"));
+                    let valid = a.join("demo").join("valid.jsonl");
+                    self.settings.valid_data = valid.is_file().then_some(valid);
+                    Preset::QuickTest.apply_for(&mut self.settings, Some(256));
+                    self.settings.lora_targets = None;
+                    self.settings.lora_layers.clear();
+                    self.step = Step::Dataset;
+                    self.info("Demo loaded: a tiny model and 200 records. Look at the preview, then press Start in step 4 (Cmd/Ctrl+Enter).".into());
+                }
+                Err(e) => self.error(e),
+            },
+            Action::Data(DatasetAction::SetTrain(p)) => {
+                if !p.is_file() {
+                    self.error(format!("file not found; check the path: {}", p.display()));
+                }
+                self.settings.train_data = Some(p);
+            }
+            Action::Data(DatasetAction::SetValid(p)) => self.settings.valid_data = p,
+            Action::BrowseTrain => self.dataset.browse_train(ctx),
+            Action::GoTo(step) => self.step = step,
+            Action::Start => self.start(ctx),
+            Action::Stop => {
+                if let Some(s) = &self.session {
+                    s.stop();
+                    self.run.request_stop();
+                }
+            }
+            Action::Export { adapter, dest } => {
+                let card = self.card_info();
+                self.export.start(ctx, adapter, dest.clone(), card);
+                self.settings.export_dir = Some(dest);
+            }
+            Action::OpenFolder(dir) => {
+                if let Err(e) = open_folder(&dir) {
+                    self.error(e);
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, ctx: &egui::Context) {
+        if self.run.state.is_active() {
+            return;
+        }
+        self.step = Step::Train;
+        let blockers = self.blockers();
+        if let Some(b) = blockers.first() {
+            self.error(format!(
+                "Cannot start yet: {} (step {}).",
+                b.message,
+                b.step.title()
+            ));
+            return;
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let out = run_dir(&self.settings.output_root, &self.model_name(), secs);
+        let config = match self.settings.to_config(out).validate() {
+            Ok(c) => c,
+            Err(p) => {
+                let text = p
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                self.error(format!("Cannot start: {text}"));
+                return;
+            }
+        };
+        let repaint_ctx = ctx.clone();
+        let repaint: Repaint = Arc::new(move || repaint_ctx.request_repaint());
+        self.run = RunView::starting();
+        // Frame-time figures cover the run from here.
+        self.status.frames.reset();
+        self.export.result = None;
+        self.notices.clear();
+        self.session = Some((self.engine)(config.clone(), Some(repaint)));
+        self.run_config = Some(config);
+    }
+
+    /// Folds queued engine events into the run view, for at most [`EVENT_BUDGET`].
+    fn drain_events(&mut self, ctx: &egui::Context) {
+        let deadline = Instant::now() + EVENT_BUDGET;
+        loop {
+            let Some(session) = &self.session else { return };
+            match session.events.try_recv() {
+                Ok(event) => {
+                    let end = event.is_terminal();
+                    self.run.apply(event);
+                    if end {
+                        self.session = None;
+                        return;
+                    }
+                }
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.session = None;
+                    if self.run.state.is_active() {
+                        self.run.apply(crate::train::Event::Failed {
+                            error: "the training thread ended without reporting; see the log and try again".into(),
+                        });
+                    }
+                    return;
+                }
+            }
+            if Instant::now() >= deadline {
+                // More are waiting: come back next frame.
+                ctx.request_repaint();
+                return;
+            }
+        }
+    }
+
+    fn logic_inner(&mut self, ctx: &egui::Context) {
+        if !self.first_frame_done {
+            self.first_frame_done = true;
+            self.models.rescan(ctx);
+            if let Some(d) = self.settings.model_dir.clone() {
+                if !self
+                    .actions
+                    .iter()
+                    .any(|a| matches!(a, Action::ChooseModel(_)))
+                {
+                    self.models.inspect(ctx, &d);
+                }
+            }
+        }
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .collect()
+        });
+        if !dropped.is_empty() {
+            self.open_paths(&dropped);
+        }
+        let (open, start, stop, goto) = ctx.input_mut(|i| {
+            let open = i.consume_key(egui::Modifiers::COMMAND, egui::Key::O);
+            let start = i.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter);
+            let stop = i.consume_key(egui::Modifiers::COMMAND, egui::Key::Period);
+            let keys = [
+                egui::Key::Num1,
+                egui::Key::Num2,
+                egui::Key::Num3,
+                egui::Key::Num4,
+                egui::Key::Num5,
+            ];
+            let goto = keys
+                .iter()
+                .position(|k| i.consume_key(egui::Modifiers::COMMAND, *k));
+            (open, start, stop, goto)
+        });
+        if open {
+            self.actions.push(Action::BrowseTrain);
+        }
+        if start {
+            self.actions.push(Action::Start);
+        }
+        if stop {
+            self.actions.push(Action::Stop);
+        }
+        if let Some(i) = goto {
+            self.step = Step::ALL[i];
+        }
+
+        let had = self.models.summary.as_ref().map(|m| m.dir.clone());
+        if let Some(dir) = self.models.poll() {
+            self.actions.push(Action::ChooseModel(dir));
+        }
+        if let Some(m) = &self.models.summary {
+            if had.as_ref() != Some(&m.dir) && self.settings.max_seq_len > m.context_length {
+                let c = m.context_length;
+                self.settings.max_seq_len = c;
+                self.info(format!(
+                    "Max sequence length lowered to {c} tokens, the most {} reads.",
+                    m.name
+                ));
+            }
+        }
+        for a in self.dataset.poll() {
+            self.actions.push(Action::Data(a));
+        }
+        if let Some(dir) = self.export.poll() {
+            self.info(format!("Exported the adapter to {}", dir.display()));
+        }
+        for a in std::mem::take(&mut self.actions) {
+            self.do_action(ctx, a);
+        }
+        // Targets the chosen model does not have (after switching models) fall back to all.
+        if let (Some(m), Some(t)) = (&self.models.summary, &self.settings.lora_targets) {
+            if t.iter().any(|n| !m.linear_names.contains(n)) {
+                self.settings.lora_targets = None;
+            }
+        }
+        self.dataset
+            .want(ctx, DataKey::from_settings(&self.settings));
+        self.drain_events(ctx);
+        self.status.refresh(ctx);
+        ctx.request_repaint_after(Duration::from_secs(1));
+    }
+
+    fn central_ui(&mut self, ui: &mut Ui) {
+        let mut dismissed = None;
+        for (i, n) in self.notices.iter().enumerate() {
+            let color = if n.error {
+                ui.visuals().error_fg_color
+            } else {
+                Color32::from_rgb(40, 150, 70)
+            };
+            egui::Frame::group(ui.style()).show(ui, |ui| {
+                ui.set_width(ui.available_width());
+                ui.horizontal_wrapped(|ui| {
+                    ui.label(RichText::new(&n.text).color(color));
+                    if ui.small_button("Dismiss").clicked() {
+                        dismissed = Some(i);
+                    }
+                });
+            });
+        }
+        if let Some(i) = dismissed {
+            self.notices.remove(i);
+        }
+        if !self.notices.is_empty() {
+            ui.add_space(6.0);
+        }
+        match self.step {
+            Step::Model => {
+                let chosen = self.settings.model_dir.clone();
+                egui::ScrollArea::vertical()
+                    .id_salt("model-step")
+                    .show(ui, |ui| {
+                        match self.models.models_ui(ui, chosen.as_deref()) {
+                            Some(ModelAction::Choose(p)) => {
+                                self.actions.push(Action::ChooseModel(p))
+                            }
+                            Some(ModelAction::TryDemo) => self.actions.push(Action::TryDemo),
+                            None => {}
+                        }
+                    });
+            }
+            Step::Dataset => {
+                let acts = self.dataset.dataset_ui(ui, &self.settings);
+                self.actions.extend(acts.into_iter().map(Action::Data));
+            }
+            Step::Settings => {
+                let problems = self.settings.problems(self.models.summary.as_ref());
+                egui::ScrollArea::vertical()
+                    .id_salt("settings-step")
+                    .show(ui, |ui| {
+                        ui.heading("3. Training settings");
+                        settings_ui(
+                            ui,
+                            &mut self.settings,
+                            self.models.summary.as_ref(),
+                            &problems,
+                        );
+                    });
+            }
+            Step::Train => {
+                let blockers = self.blockers();
+                let summary = self.run_summary();
+                match train_ui(ui, &self.run, &blockers, &summary) {
+                    Some(TrainAction::Start) => self.actions.push(Action::Start),
+                    Some(TrainAction::Stop) => self.actions.push(Action::Stop),
+                    Some(TrainAction::GoTo(s)) => self.actions.push(Action::GoTo(s)),
+                    Some(TrainAction::OpenFolder(p)) => self.actions.push(Action::OpenFolder(p)),
+                    None => {}
+                }
+            }
+            Step::Export => {
+                if self.export.dest_text.is_empty() {
+                    let dir = self.settings.export_dir.clone().unwrap_or_else(|| {
+                        self.settings
+                            .output_root
+                            .join("exports")
+                            .join(format!("{}-lora", self.model_name().replace('/', "-")))
+                    });
+                    self.export.dest_text = dir.display().to_string();
+                }
+                egui::ScrollArea::vertical()
+                    .id_salt("export-step")
+                    .show(ui, |ui| match self.export.export_ui(ui, &self.run) {
+                        Some(ExportAction::Export { adapter, dest }) => {
+                            self.actions.push(Action::Export { adapter, dest })
+                        }
+                        Some(ExportAction::OpenFolder(p)) => {
+                            self.actions.push(Action::OpenFolder(p))
+                        }
+                        None => {}
+                    });
+            }
+        }
+        if !self.actions.is_empty() {
+            ui.ctx().request_repaint();
+        }
+    }
+}
+
+impl eframe::App for FineTuneApp {
+    fn logic(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
+        self.status.frames.begin(frame.info().cpu_usage);
+        self.logic_inner(ctx);
+        self.status.frames.log(ctx, &self.run);
+    }
+
+    fn ui(&mut self, ui: &mut Ui, _frame: &mut eframe::Frame) {
+        egui::Panel::bottom("status-bar").show(ui, |ui| self.status.status_ui(ui, &self.run));
+        egui::Panel::left("steps")
+            .resizable(false)
+            .exact_size(190.0)
+            .show(ui, |ui| {
+                let mut step = self.step;
+                steps_ui(ui, &mut step, |s| self.step_status(s));
+                self.step = step;
+            });
+        egui::CentralPanel::default_margins().show(ui, |ui| self.central_ui(ui));
+        drop_overlay_ui(ui);
+        self.status.frames.end();
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, eframe::APP_KEY, &self.settings);
+    }
+
+    fn persist_egui_memory(&self) -> bool {
+        false
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        self.stop_on_exit();
+    }
+}
+
+impl FineTuneApp {
+    /// On quit, asks a running session to stop and gives it a few seconds to save its adapter.
+    fn stop_on_exit(&mut self) {
+        if let Some(mut s) = self.session.take() {
+            s.stop();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !s.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if s.is_finished() {
+                s.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Step 5, export: pick the latest or the best adapter of the run, a destination folder (dialog or
+//! typed), export it on a worker thread ([`crate::export`]: PEFT files + README.md model card),
+//! and offer to open the folder.
+
+use std::path::PathBuf;
+
+use eframe::egui;
+use egui::{Color32, RichText, Ui};
+
+use super::run_view::RunView;
+use super::settings::error_color;
+use super::{pick_path, take_ready, Job, Pick};
+use crate::export::{export_adapter, CardInfo, Exported};
+
+/// Which adapter of the run to export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Which {
+    /// The final adapter, or the most recent checkpoint while training.
+    #[default]
+    Latest,
+    /// The adapter with the best validation loss.
+    Best,
+}
+
+/// What the export panel asks the app to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExportAction {
+    /// Export `adapter` into `dest` (the app adds the model card).
+    Export {
+        adapter: PathBuf,
+        dest: PathBuf,
+    },
+    OpenFolder(PathBuf),
+}
+
+/// The export step's state.
+#[derive(Default)]
+pub struct ExportPanel {
+    /// The destination text field.
+    pub dest_text: String,
+    pub which: Which,
+    job: Option<Job<Result<Exported, String>>>,
+    /// The last export's outcome.
+    pub result: Option<Result<Exported, String>>,
+    browse: Option<Job<Option<PathBuf>>>,
+}
+
+impl ExportPanel {
+    /// Starts exporting on a worker thread.
+    pub fn start(&mut self, ctx: &egui::Context, adapter: PathBuf, dest: PathBuf, card: CardInfo) {
+        self.result = None;
+        self.job = Some(Job::spawn(ctx, "export", move || {
+            export_adapter(&adapter, &dest, &card).map_err(|e| e.to_string())
+        }));
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Collects a finished export or a picked folder; returns the folder of a successful export.
+    pub fn poll(&mut self) -> Option<PathBuf> {
+        if let Some(r) = take_ready(&mut self.job) {
+            let r = r.and_then(|r| r);
+            let dir = r.as_ref().ok().map(|e| e.dir.clone());
+            self.result = Some(r);
+            return dir;
+        }
+        if let Some(Ok(Some(p))) = take_ready(&mut self.browse) {
+            self.dest_text = p.display().to_string();
+        }
+        None
+    }
+
+    /// The adapter folder the current choice points at, with words about it.
+    fn chosen(&self, view: &RunView) -> Option<(PathBuf, String)> {
+        match self.which {
+            Which::Latest => view.latest_adapter().map(|(step, p)| {
+                let what = if view.final_adapter.is_some() {
+                    format!("final adapter (step {step})")
+                } else {
+                    format!("checkpoint of step {step}")
+                };
+                (p, what)
+            }),
+            Which::Best => view.best.clone().map(|p| {
+                let what = match view.best_val {
+                    Some((step, loss)) => format!("best validation loss {loss:.4} (step {step})"),
+                    None => "best validation loss".into(),
+                };
+                (p, what)
+            }),
+        }
+    }
+
+    /// The export step.
+    pub fn export_ui(&mut self, ui: &mut Ui, view: &RunView) -> Option<ExportAction> {
+        let mut action = None;
+        ui.heading("5. Export the adapter");
+        ui.label("Writes the adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json) with a README.md model card. Load it with PEFT, or with FineTune later.");
+        ui.add_space(6.0);
+
+        if view.latest_adapter().is_none() && view.best.is_none() {
+            ui.label("Nothing to export yet: train first (step 4). An adapter is saved at every checkpoint, when you press Stop and at the end.");
+            return None;
+        }
+        ui.horizontal(|ui| {
+            ui.label("Adapter:");
+            ui.radio_value(&mut self.which, Which::Latest, "Latest");
+            ui.add_enabled_ui(view.best.is_some(), |ui| {
+                ui.radio_value(&mut self.which, Which::Best, "Best validation loss")
+                    .on_disabled_hover_text("The run names its best adapter when it finishes");
+            });
+        });
+        let chosen = self.chosen(view);
+        match &chosen {
+            Some((p, what)) => {
+                ui.horizontal(|ui| {
+                    ui.weak(what);
+                    ui.monospace(p.display().to_string());
+                });
+            }
+            None => {
+                ui.weak("That adapter is not available for this run.");
+            }
+        }
+        ui.add_space(6.0);
+        ui.horizontal(|ui| {
+            let l = ui.label("Destination folder:");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.dest_text)
+                    .hint_text("/path/to/my-adapter")
+                    .desired_width(420.0),
+            )
+            .labelled_by(l.id);
+            if ui
+                .add_enabled(self.browse.is_none(), egui::Button::new("Choose…"))
+                .clicked()
+            {
+                self.browse = Some(pick_path(ui.ctx(), Pick::Folder, "Export the adapter to…"));
+            }
+        });
+        ui.add_space(6.0);
+        let dest = self.dest_text.trim();
+        let ready = chosen.is_some() && !dest.is_empty() && self.job.is_none();
+        if ui
+            .add_enabled(ready, egui::Button::new(RichText::new("Export").strong()))
+            .clicked()
+        {
+            if let Some((adapter, _)) = chosen {
+                action = Some(ExportAction::Export {
+                    adapter,
+                    dest: PathBuf::from(dest),
+                });
+            }
+        }
+        if dest.is_empty() {
+            ui.weak("Choose where to put the adapter.");
+        }
+        if view.state.is_active() {
+            ui.weak("Training is still running: this exports the most recent checkpoint.");
+        }
+        if self.job.is_some() {
+            ui.label("Exporting…");
+        }
+        match &self.result {
+            Some(Ok(done)) => {
+                egui::Frame::group(ui.style()).show(ui, |ui| {
+                    ui.set_width(ui.available_width());
+                    ui.label(
+                        RichText::new(format!("Exported to {}", done.dir.display()))
+                            .color(Color32::from_rgb(40, 150, 70))
+                            .strong(),
+                    );
+                    for f in &done.files {
+                        ui.monospace(
+                            f.file_name()
+                                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                        );
+                    }
+                    if ui.button("Open folder").clicked() {
+                        action = Some(ExportAction::OpenFolder(done.dir.clone()));
+                    }
+                });
+            }
+            Some(Err(e)) => {
+                ui.label(RichText::new(format!("Export failed: {e}")).color(error_color(ui)));
+            }
+            None => {}
+        }
+        action
+    }
+}

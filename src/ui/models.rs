@@ -1,0 +1,295 @@
+//! Step 1, the model: a typed path or a folder dialog, the models already in the Hugging Face
+//! cache, the demo model, a placeholder for Hub search, and the chosen model's facts (read by
+//! [`crate::inspect`] on a worker thread, no weights loaded).
+
+use std::path::{Path, PathBuf};
+
+use eframe::egui;
+use egui::{RichText, Ui};
+
+use super::settings::error_color;
+use super::{pick_path, take_ready, Job, Pick};
+use crate::inspect::{self, format_bytes, format_count, CachedModel, ModelSummary};
+
+/// What the model panel asks the app to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelAction {
+    /// Use this folder as the base model.
+    Choose(PathBuf),
+    /// Load the bundled demo model and dataset.
+    TryDemo,
+}
+
+/// The model step's state (none of it persisted).
+pub struct ModelsPanel {
+    /// The path text field.
+    pub path_text: String,
+    cache_dir: Option<PathBuf>,
+    cache: Vec<CachedModel>,
+    cache_job: Option<Job<Vec<CachedModel>>>,
+    summary_job: Option<Job<Result<ModelSummary, String>>>,
+    /// The chosen model's facts.
+    pub summary: Option<ModelSummary>,
+    /// Why the chosen folder cannot be used.
+    pub error: Option<String>,
+    browse: Option<Job<Option<PathBuf>>>,
+    search: String,
+}
+
+impl Default for ModelsPanel {
+    fn default() -> Self {
+        Self {
+            path_text: String::new(),
+            cache_dir: inspect::hub_cache_dir(),
+            cache: Vec::new(),
+            cache_job: None,
+            summary_job: None,
+            summary: None,
+            error: None,
+            browse: None,
+            search: String::new(),
+        }
+    }
+}
+
+impl ModelsPanel {
+    /// Starts scanning the cache folder.
+    pub fn rescan(&mut self, ctx: &egui::Context) {
+        if let Some(dir) = self.cache_dir.clone() {
+            self.cache_job = Some(Job::spawn(ctx, "cache-scan", move || {
+                inspect::scan_cache(&dir)
+            }));
+        }
+    }
+
+    /// Starts reading `dir`'s config and headers; the result replaces the summary.
+    pub fn inspect(&mut self, ctx: &egui::Context, dir: &Path) {
+        self.path_text = dir.display().to_string();
+        self.error = None;
+        let owned = dir.to_path_buf();
+        let job = Job::spawn(ctx, "inspect", move || {
+            inspect::summarize(&owned).map_err(|e| e.to_string())
+        });
+        self.summary_job = Some(job);
+    }
+
+    /// True while a summary or scan is being read.
+    pub fn is_busy(&self) -> bool {
+        self.summary_job.is_some() || self.cache_job.is_some()
+    }
+
+    /// Collects finished work; returns a folder picked in the dialog, if any.
+    pub fn poll(&mut self) -> Option<PathBuf> {
+        if let Some(r) = take_ready(&mut self.cache_job) {
+            self.cache = r.unwrap_or_default();
+        }
+        if let Some(r) = take_ready(&mut self.summary_job) {
+            match r.and_then(|r| r) {
+                Ok(s) => {
+                    self.summary = Some(s);
+                    self.error = None;
+                }
+                Err(e) => {
+                    self.summary = None;
+                    self.error = Some(e);
+                }
+            }
+        }
+        take_ready(&mut self.browse).and_then(|r| r.ok().flatten())
+    }
+
+    /// The model step. `chosen` is the folder in the settings.
+    pub fn models_ui(&mut self, ui: &mut Ui, chosen: Option<&Path>) -> Option<ModelAction> {
+        let mut action = None;
+        ui.heading("1. Choose a model");
+        ui.label(
+            "A Hugging Face model folder with config.json, tokenizer.json and safetensors weights.",
+        );
+        ui.add_space(6.0);
+
+        ui.horizontal(|ui| {
+            if ui
+                .button("Try the demo")
+                .on_hover_text(
+                    "A tiny bundled model and dataset: the whole flow in about a minute, offline",
+                )
+                .clicked()
+            {
+                action = Some(ModelAction::TryDemo);
+            }
+            ui.weak("no download needed");
+        });
+        ui.add_space(6.0);
+
+        ui.horizontal(|ui| {
+            let l = ui.label("Folder:");
+            let edit = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.path_text)
+                        .hint_text("/path/to/model (config.json + *.safetensors)")
+                        .desired_width(440.0),
+                )
+                .labelled_by(l.id);
+            let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if ui.button("Use").clicked() || enter {
+                let p = PathBuf::from(self.path_text.trim());
+                if !p.as_os_str().is_empty() {
+                    action = Some(ModelAction::Choose(p));
+                }
+            }
+            if ui
+                .add_enabled(self.browse.is_none(), egui::Button::new("Browse…"))
+                .clicked()
+            {
+                self.browse = Some(pick_path(ui.ctx(), Pick::Folder, "Choose a model folder"));
+            }
+        });
+        ui.add_space(8.0);
+
+        if let Some(a) = self.chosen_ui(ui, chosen) {
+            action = Some(a);
+        }
+        ui.add_space(10.0);
+        if let Some(a) = self.cache_ui(ui) {
+            action = Some(a);
+        }
+        ui.add_space(10.0);
+        ui.strong("Search the Hugging Face Hub");
+        ui.horizontal(|ui| {
+            let l = ui.label("Search:");
+            ui.add_enabled(
+                false,
+                egui::TextEdit::singleline(&mut self.search)
+                    .hint_text("e.g. SmolLM2-135M-Instruct")
+                    .desired_width(300.0),
+            )
+            .labelled_by(l.id);
+        });
+        ui.weak("Hub search and download are coming; until then, download with `hf download <org/name>` and the model shows up in the list above.");
+        action
+    }
+
+    /// Facts about the chosen model, or why it cannot be used.
+    fn chosen_ui(&self, ui: &mut Ui, chosen: Option<&Path>) -> Option<ModelAction> {
+        let reading = self.summary_job.is_some();
+        egui::Frame::group(ui.style()).show(ui, |ui| {
+            ui.set_width(ui.available_width());
+            if reading {
+                ui.label("Reading the model's config and file headers…");
+                return;
+            }
+            if let Some(err) = &self.error {
+                ui.label(RichText::new(err).color(error_color(ui)));
+                return;
+            }
+            let Some(s) = &self.summary else {
+                match chosen {
+                    Some(p) => ui.label(format!("Chosen: {}", p.display())),
+                    None => ui.weak("No model chosen yet."),
+                };
+                return;
+            };
+            ui.horizontal(|ui| {
+                ui.strong(RichText::new(&s.name).size(16.0));
+                ui.weak(s.dir.display().to_string());
+            });
+            egui::Grid::new("model-facts")
+                .num_columns(4)
+                .spacing([24.0, 4.0])
+                .show(ui, |ui| {
+                    fact(ui, "Architecture", &s.architecture);
+                    fact(ui, "Parameters", &format_count(s.parameters));
+                    ui.end_row();
+                    fact(ui, "Layers", &s.layers.to_string());
+                    fact(ui, "Hidden size", &s.hidden_size.to_string());
+                    ui.end_row();
+                    fact(ui, "Vocabulary", &s.vocab_size.to_string());
+                    fact(ui, "Context length", &s.context_length.to_string());
+                    ui.end_row();
+                    fact(ui, "Weights dtype", &s.dtype_text());
+                    fact(
+                        ui,
+                        "Size on disk",
+                        &format!(
+                            "{} ({} weight file{})",
+                            format_bytes(s.size_bytes),
+                            s.weight_files,
+                            if s.weight_files == 1 { "" } else { "s" }
+                        ),
+                    );
+                    ui.end_row();
+                });
+            if !s.has_tokenizer {
+                ui.label(
+                    RichText::new("No tokenizer.json in this folder: datasets cannot be read. Download the model's tokenizer files too.")
+                        .color(error_color(ui)),
+                );
+            } else if !s.has_chat_template {
+                ui.weak("No chat template: chat datasets use the ChatML fallback.");
+            }
+            ui.weak(format!("LoRA can adapt: {}", s.linear_names.join(", ")));
+        });
+        None
+    }
+
+    /// The models already downloaded.
+    fn cache_ui(&mut self, ui: &mut Ui) -> Option<ModelAction> {
+        let mut action = None;
+        ui.horizontal(|ui| {
+            ui.strong("Downloaded models");
+            match &self.cache_dir {
+                Some(d) => ui.weak(d.display().to_string()),
+                None => ui.weak("(no home folder: set HF_HUB_CACHE)"),
+            };
+            if ui.small_button("Rescan").clicked() {
+                self.rescan(ui.ctx());
+            }
+        });
+        if self.cache_job.is_some() {
+            ui.label("Scanning…");
+            return None;
+        }
+        if self.cache.is_empty() {
+            ui.weak("None found in the Hugging Face cache. Models downloaded with huggingface_hub or `hf download` appear here.");
+            return None;
+        }
+        egui::ScrollArea::vertical()
+            .id_salt("cache-list")
+            .max_height(220.0)
+            .show(ui, |ui| {
+                egui::Grid::new("cache-grid")
+                    .num_columns(4)
+                    .striped(true)
+                    .spacing([16.0, 4.0])
+                    .show(ui, |ui| {
+                        for m in &self.cache {
+                            let arch = m.architecture.as_deref().unwrap_or("unknown");
+                            let supported = crate::model::SUPPORTED_ARCHITECTURES.contains(&arch);
+                            if ui
+                                .add_enabled(supported, egui::Button::new(&m.repo_id))
+                                .on_hover_text(m.path.display().to_string())
+                                .on_disabled_hover_text(format!("{arch} is not supported yet"))
+                                .clicked()
+                            {
+                                action = Some(ModelAction::Choose(m.path.clone()));
+                            }
+                            ui.label(arch);
+                            ui.label(format_bytes(m.size_bytes));
+                            let rev: String = m.revision.chars().take(8).collect();
+                            ui.weak(if m.is_main {
+                                format!("{rev} (main)")
+                            } else {
+                                rev
+                            });
+                            ui.end_row();
+                        }
+                    });
+            });
+        action
+    }
+}
+
+fn fact(ui: &mut Ui, name: &str, value: &str) {
+    ui.weak(name);
+    ui.strong(value);
+}

@@ -1,0 +1,69 @@
+//! The steps of the flow (Model → Dataset → Settings → Train → Export) and the side panel that
+//! lists them, each with a one-line status so the state of the whole flow shows at a glance.
+
+use eframe::egui;
+use egui::{RichText, Ui};
+
+/// The steps of the flow, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Model,
+    Dataset,
+    Settings,
+    Train,
+    Export,
+}
+
+impl Step {
+    pub const ALL: [Step; 5] = [
+        Step::Model,
+        Step::Dataset,
+        Step::Settings,
+        Step::Train,
+        Step::Export,
+    ];
+
+    /// The side panel's label, e.g. "1. Model".
+    pub fn title(self) -> &'static str {
+        match self {
+            Step::Model => "1. Model",
+            Step::Dataset => "2. Dataset",
+            Step::Settings => "3. Settings",
+            Step::Train => "4. Train",
+            Step::Export => "5. Export",
+        }
+    }
+}
+
+/// The side panel. `status` gives each step's line and whether that step is in order.
+pub fn steps_ui(ui: &mut Ui, current: &mut Step, status: impl Fn(Step) -> (String, bool)) {
+    ui.add_space(8.0);
+    ui.heading("FineTune");
+    ui.weak("LoRA on your own machine");
+    ui.add_space(12.0);
+    for step in Step::ALL {
+        let r = ui
+            .add_sized(
+                [ui.available_width(), 28.0],
+                egui::Button::selectable(*current == step, RichText::new(step.title()).size(16.0)),
+            )
+            .on_hover_text(format!(
+                "Cmd/Ctrl+{}",
+                Step::ALL
+                    .iter()
+                    .position(|s| *s == step)
+                    .map_or(0, |i| i + 1)
+            ));
+        if r.clicked() {
+            *current = step;
+        }
+        let (text, ok) = status(step);
+        let color = if ok {
+            ui.visuals().weak_text_color()
+        } else {
+            ui.visuals().warn_fg_color
+        };
+        ui.label(RichText::new(text).size(12.0).color(color));
+        ui.add_space(6.0);
+    }
+}

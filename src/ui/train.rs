@@ -1,0 +1,227 @@
+//! Step 4, training: what is missing before a start, Start / Stop, the progress line (step, ETA,
+//! tokens/s), the outcome (where the adapter was saved), the live charts and the event log.
+
+use eframe::egui;
+use egui::{Color32, RichText, Ui};
+
+use super::app::Step;
+use super::charts::run_charts_ui;
+use super::format_duration;
+use super::run_view::{LogKind, RunState, RunView};
+use super::settings::error_color;
+
+/// What the train panel asks the app to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainAction {
+    Start,
+    Stop,
+    GoTo(Step),
+    OpenFolder(std::path::PathBuf),
+}
+
+/// A reason training cannot start, and the step that fixes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocker {
+    pub step: Step,
+    pub message: String,
+}
+
+/// The train step. `blockers` empty = ready to start.
+pub fn train_ui(
+    ui: &mut Ui,
+    view: &RunView,
+    blockers: &[Blocker],
+    summary: &str,
+) -> Option<TrainAction> {
+    let mut action = None;
+    ui.heading("4. Train the adapter");
+    ui.weak(summary);
+    ui.add_space(4.0);
+
+    let active = view.state.is_active();
+    if !active && !blockers.is_empty() {
+        egui::Frame::group(ui.style()).show(ui, |ui| {
+            ui.set_width(ui.available_width());
+            ui.strong("Before you start:");
+            for b in blockers {
+                ui.horizontal(|ui| {
+                    if ui
+                        .small_button(format!("Go to {}", b.step.title()))
+                        .clicked()
+                    {
+                        action = Some(TrainAction::GoTo(b.step));
+                    }
+                    ui.label(RichText::new(&b.message).color(error_color(ui)));
+                });
+            }
+        });
+        ui.add_space(4.0);
+    }
+
+    ui.horizontal(|ui| {
+        let can_start = !active && blockers.is_empty();
+        let start =
+            egui::Button::new(RichText::new("Start training").strong()).fill(if can_start {
+                Color32::from_rgb(30, 110, 60)
+            } else {
+                ui.visuals().widgets.inactive.bg_fill
+            });
+        if ui
+            .add_enabled(can_start, start)
+            .on_hover_text("Cmd/Ctrl+Enter")
+            .clicked()
+        {
+            action = Some(TrainAction::Start);
+        }
+        let can_stop = matches!(view.state, RunState::Starting | RunState::Running);
+        if ui
+            .add_enabled(can_stop, egui::Button::new("Stop"))
+            .on_hover_text(
+                "Finishes the current step, saves the adapter and says where (Cmd/Ctrl+.)",
+            )
+            .clicked()
+        {
+            action = Some(TrainAction::Stop);
+        }
+        ui.label(format!("State: {}", view.state.label()));
+    });
+
+    if view.state != RunState::Idle {
+        progress_ui(ui, view);
+    }
+    if let Some(a) = outcome_ui(ui, view) {
+        action = Some(a);
+    }
+    ui.add_space(6.0);
+
+    let log_height = 130.0;
+    egui::Panel::bottom("train-log")
+        .resizable(true)
+        .default_size(log_height)
+        .show(ui, |ui| log_ui(ui, view));
+    egui::CentralPanel::default_margins().show(ui, |ui| {
+        if view.state == RunState::Idle {
+            ui.add_space(20.0);
+            ui.vertical_centered(|ui| {
+                ui.weak("Live charts of loss, learning rate, throughput and memory appear here once training starts.");
+            });
+            return;
+        }
+        egui::ScrollArea::vertical()
+            .id_salt("charts")
+            .show(ui, |ui| run_charts_ui(ui, view));
+    });
+    action
+}
+
+fn progress_ui(ui: &mut Ui, view: &RunView) {
+    let total = view.total_steps;
+    let text = if total > 0 {
+        format!("Step {} of {total}", view.step)
+    } else {
+        "Loading the model and data…".to_owned()
+    };
+    ui.add(
+        egui::ProgressBar::new(view.progress())
+            .text(text.clone())
+            .desired_height(20.0),
+    );
+    ui.horizontal_wrapped(|ui| {
+        ui.label(text);
+        if let Some(eta) = view.eta_secs.filter(|_| view.state.is_active()) {
+            ui.label(format!("ETA {}", format_duration(eta)));
+        }
+        ui.label(format!("elapsed {}", format_duration(view.elapsed_secs)));
+        if let Some(tps) = view.tokens_per_sec {
+            ui.label(format!("{tps:.0} tokens/s"));
+        }
+        if view.epoch > 0.0 {
+            ui.label(format!("epoch {:.2}", view.epoch));
+        }
+        if let Some(l) = view.last_loss() {
+            ui.label(format!("loss {l:.4}"));
+        }
+        if let Some(v) = view.last_val_loss() {
+            ui.label(format!("val loss {v:.4}"));
+        }
+        if let Some(info) = &view.info {
+            ui.weak(format!(
+                "{} on {}, {} trainable parameters",
+                info.model, info.device, info.trainable_params
+            ));
+        }
+    });
+}
+
+/// The end of a run: where the adapter is, or what went wrong and what to do.
+fn outcome_ui(ui: &mut Ui, view: &RunView) -> Option<TrainAction> {
+    let mut action = None;
+    let (headline, color) = match view.state {
+        RunState::Stopped => {
+            let reason = view.stop_reason.as_deref().unwrap_or("stop requested");
+            let why = if reason.starts_with("stopped at step") {
+                String::new()
+            } else {
+                format!(": {reason}")
+            };
+            (
+                format!("Stopped at step {}{why}. The adapter is saved:", view.step),
+                Color32::from_rgb(200, 140, 20),
+            )
+        }
+        RunState::Finished => (
+            "Finished. The adapter is saved:".to_owned(),
+            Color32::from_rgb(40, 150, 70),
+        ),
+        RunState::Failed => {
+            ui.label(
+                RichText::new(format!(
+                    "Training failed: {}",
+                    view.error.as_deref().unwrap_or("unknown error")
+                ))
+                .color(error_color(ui)),
+            );
+            ui.weak("Check the model and dataset steps, lower the batch size or sequence length if memory ran out, then start again.");
+            return None;
+        }
+        _ => return None,
+    };
+    let path = view.final_adapter.clone()?;
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.set_width(ui.available_width());
+        ui.label(RichText::new(headline).color(color).strong());
+        ui.horizontal(|ui| {
+            ui.monospace(path.display().to_string());
+            if ui.button("Open folder").clicked() {
+                action = Some(TrainAction::OpenFolder(path.clone()));
+            }
+            if ui.button("Export…").clicked() {
+                action = Some(TrainAction::GoTo(Step::Export));
+            }
+        });
+    });
+    action
+}
+
+fn log_ui(ui: &mut Ui, view: &RunView) {
+    ui.strong("Log");
+    let row_height = ui.text_style_height(&egui::TextStyle::Monospace);
+    // Only the visible rows are laid out, so a long log costs nothing per frame.
+    egui::ScrollArea::vertical()
+        .id_salt("log")
+        .stick_to_bottom(true)
+        .auto_shrink([false, false])
+        .show_rows(ui, row_height, view.log.len(), |ui, rows| {
+            for line in &view.log[rows] {
+                let color = match line.kind {
+                    LogKind::Info => ui.visuals().text_color(),
+                    LogKind::Eval => Color32::from_rgb(230, 120, 30),
+                    LogKind::Saved => Color32::from_rgb(40, 150, 70),
+                    LogKind::Error => error_color(ui),
+                };
+                ui.add(
+                    egui::Label::new(RichText::new(&line.text).monospace().color(color)).truncate(),
+                );
+            }
+        });
+}

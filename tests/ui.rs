@@ -1,0 +1,578 @@
+//! The app driven through egui_kittest (AccessKit queries, clicks, keys, dropped files) with a
+//! scripted fake engine behind `session::start_with`, plus one run on the real engine: the steps
+//! are visible, the demo fills model and dataset, Start feeds the run view and charts, Stop saves
+//! and says where, export writes a loadable PEFT adapter, and bad data shows its problems.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use egui_kittest::kittest::Queryable;
+use egui_kittest::Harness;
+
+use finetune::data::{DatasetSummary, Format, TemplateUse};
+use finetune::session::{self, Reporter};
+use finetune::train::{self, Event, StepStats, TrainConfig};
+use finetune::ui::dataset::Outcome;
+use finetune::ui::{Engine, FineTuneApp, Preset, RunState, Settings, Step};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// Settings that write under `out` (never the person's home folder).
+fn settings(out: &Path) -> Settings {
+    Settings {
+        output_root: out.to_path_buf(),
+        ..Settings::default()
+    }
+}
+
+fn harness(app: FineTuneApp) -> Harness<'static, FineTuneApp> {
+    Harness::builder()
+        .with_size([1280.0, 860.0])
+        .build_eframe(|_cc| app)
+}
+
+/// Steps frames until `cond` holds (workers and the fake engine run on real threads).
+fn wait_for(h: &mut Harness<'_, FineTuneApp>, what: &str, cond: impl Fn(&FineTuneApp) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cond(h.state()) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Let the frame after the change lay out what it shows.
+    h.step();
+    h.step();
+}
+
+fn has_label(h: &Harness<'_, FineTuneApp>, text: &str) -> bool {
+    h.query_all_by_label_contains(text).next().is_some()
+}
+
+fn summary() -> DatasetSummary {
+    DatasetSummary {
+        format: Format::PromptCompletion,
+        template: TemplateUse::Model,
+        prompt_masked: true,
+        records: 200,
+        total_tokens: 20_000,
+        trained_tokens: 15_000,
+        masked_fraction: 0.25,
+        length_p50: 90,
+        length_p90: 150,
+        length_p99: 250,
+        length_max: 256,
+        histogram: vec![(0, 50), (64, 100), (128, 50)],
+        truncated: 3,
+        dropped: 0,
+        untrainable: 0,
+        skipped_lines: 0,
+        approximate_masks: 0,
+    }
+}
+
+fn stats(step: usize, total: usize) -> StepStats {
+    StepStats {
+        step,
+        total_steps: total,
+        epoch: step as f64 / 50.0,
+        loss: 4.0 / (1.0 + step as f64 * 0.2),
+        lr: 1e-3 * (1.0 - step as f64 / total as f64),
+        grad_norm: 1.0,
+        tokens: 400,
+        input_tokens: 600,
+        tokens_per_sec: 5_000.0 + step as f64,
+        elapsed_secs: step as f64 * 0.1,
+        eta_secs: (total - step) as f64 * 0.1,
+        rss_bytes: Some(150_000_000 + step as u64 * 1_000_000),
+        device_bytes: None,
+    }
+}
+
+/// Copies the PEFT adapter the reference stack made for tiny-llama into `dir`, as a save would.
+fn save_adapter(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(fixture("tiny-llama/peft-adapter").join(f), dir.join(f)).unwrap();
+    }
+}
+
+/// A scripted engine: `steps` steps (an eval every 4), stopping early on request. `delay` paces
+/// the steps so a test can press Stop mid-run. Records the config it was started with.
+fn fake_engine(steps: usize, delay: Duration, seen: Arc<Mutex<Option<TrainConfig>>>) -> Engine {
+    Arc::new(move |config: TrainConfig, repaint| {
+        *seen.lock().unwrap() = Some(config.clone());
+        session::start_with(config, repaint, move |cfg: TrainConfig, r: Reporter| {
+            r.send(Event::Started {
+                model: "demo-model".into(),
+                architecture: "LlamaForCausalLM".into(),
+                device: "Fake CPU".into(),
+                base_params: 150_000,
+                trainable_params: 9_000,
+                total_steps: steps,
+                start_step: 0,
+                train: Box::new(summary()),
+                valid: None,
+            });
+            r.send(Event::Eval {
+                step: 0,
+                val_loss: 4.2,
+                best: true,
+            });
+            for step in 1..=steps {
+                if r.stop_requested() {
+                    let adapter = cfg.out_dir.join("latest");
+                    save_adapter(&adapter);
+                    r.send(Event::Saved {
+                        step: step - 1,
+                        path: adapter.clone(),
+                    });
+                    r.send(Event::Stopped {
+                        adapter,
+                        step: step - 1,
+                        reason: "stop requested".into(),
+                    });
+                    return;
+                }
+                r.send(Event::Step(stats(step, steps)));
+                if step % 4 == 0 {
+                    r.send(Event::Eval {
+                        step,
+                        val_loss: 4.0 / (1.0 + step as f64 * 0.15),
+                        best: true,
+                    });
+                }
+                std::thread::sleep(delay);
+            }
+            let adapter = cfg.out_dir.join("final");
+            save_adapter(&adapter);
+            r.send(Event::Finished {
+                adapter,
+                best: Some(cfg.out_dir.join("best")),
+                final_loss: None,
+                final_val_loss: None,
+            });
+        })
+    })
+}
+
+fn demo_loaded(app: &FineTuneApp) -> bool {
+    app.model_summary().is_some()
+        && matches!(app.dataset_outcome(), Some(Outcome::Loaded(_)))
+        && !app.is_busy()
+}
+
+#[test]
+fn steps_and_status_bar_are_visible() {
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        fake_engine(1, Duration::ZERO, seen),
+    ));
+    h.run();
+    for step in Step::ALL {
+        h.get_by_label(step.title());
+    }
+    assert!(has_label(&h, "Device: "));
+    assert!(has_label(&h, "Memory: "));
+    assert!(has_label(&h, "Run: idle"));
+    // The model step is first, with the demo and a placeholder for Hub search.
+    assert_eq!(h.state().step(), Step::Model);
+    h.get_by_label("Try the demo");
+    assert!(has_label(&h, "Search the Hugging Face Hub"));
+
+    h.get_by_label("3. Settings").click();
+    h.run();
+    assert_eq!(h.state().step(), Step::Settings);
+    h.get_by_label("Presets:");
+    h.get_by_label("Quick test").click();
+    h.run();
+    assert_eq!(
+        Preset::matching(h.state().settings(), None),
+        Some(Preset::QuickTest)
+    );
+    // Nothing chosen yet: training is blocked, and the train step says why.
+    h.get_by_label("4. Train").click();
+    h.run();
+    assert!(has_label(&h, "Before you start:"));
+    assert!(has_label(&h, "choose a model folder"));
+}
+
+#[test]
+fn the_demo_fills_model_dataset_and_preview() {
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        fake_engine(1, Duration::ZERO, seen),
+    ));
+    h.run();
+    h.get_by_label("Try the demo").click();
+    wait_for(&mut h, "the demo to load", demo_loaded);
+    h.run();
+    let app = h.state();
+    let m = app.model_summary().unwrap();
+    assert_eq!(m.architecture, "LlamaForCausalLM");
+    assert_eq!((m.layers, m.hidden_size, m.vocab_size), (2, 64, 512));
+    assert!(app
+        .settings()
+        .train_data
+        .as_ref()
+        .unwrap()
+        .ends_with("demo/train.jsonl"));
+    assert!(app
+        .settings()
+        .valid_data
+        .as_ref()
+        .unwrap()
+        .ends_with("demo/valid.jsonl"));
+    assert_eq!(
+        Preset::matching(app.settings(), None),
+        Some(Preset::QuickTest)
+    );
+    let Some(Outcome::Loaded(l)) = app.dataset_outcome() else {
+        panic!("not loaded")
+    };
+    assert_eq!(l.train.records, 200);
+    assert_eq!(l.train.format, Format::PromptCompletion);
+    assert_eq!(l.valid.as_ref().map(|v| v.records), Some(40));
+    assert!(!l.preview.is_empty());
+    // Masked prompt and trained completion are separate pieces.
+    assert!(l.preview[0].segments.iter().any(|s| !s.trained));
+    assert!(l.preview[0].segments.iter().any(|s| s.trained));
+    assert_eq!(app.step(), Step::Dataset);
+    // What the person sees: format, counts and the first record's text.
+    assert!(has_label(&h, "prompt/completion"));
+    assert!(has_label(&h, "line 1"));
+    assert!(has_label(&h, "What is Super Bowl LIX?"));
+    assert!(has_label(&h, "40 records (validation file valid.jsonl)"));
+    assert!(
+        has_label(&h, "200 records, prompt/completion"),
+        "side panel status"
+    );
+}
+
+#[test]
+fn start_feeds_the_run_view_and_charts() {
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        fake_engine(12, Duration::from_millis(2), seen.clone()),
+    ));
+    h.run();
+    h.get_by_label("Try the demo").click();
+    wait_for(&mut h, "the demo to load", demo_loaded);
+    h.get_by_label("4. Train").click();
+    h.run();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the run to finish", |a| {
+        a.run_view().state == RunState::Finished
+    });
+    h.run();
+
+    let v = h.state().run_view();
+    assert_eq!(v.loss.len(), 12);
+    assert_eq!(v.loss_smooth.len(), 12);
+    assert_eq!(v.lr.len(), 12);
+    assert_eq!(v.throughput.len(), 12);
+    assert_eq!(v.rss_mb.len(), 12);
+    assert_eq!(v.val_loss.len(), 4, "evals at 0, 4, 8, 12");
+    assert_eq!(v.loss[11], [12.0, 4.0 / (1.0 + 12.0 * 0.2)]);
+    assert_eq!((v.step, v.total_steps), (12, 12));
+    assert!(v.final_adapter.as_ref().unwrap().ends_with("final"));
+    assert!(v.best.as_ref().unwrap().ends_with("best"));
+    // The settings reached the engine: Quick test is 60 steps on the demo model, written under
+    // the output folder.
+    let cfg = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(cfg.duration, train::Duration::Steps(60));
+    assert!(cfg.model_dir.ends_with("demo-model"));
+    assert!(cfg.out_dir.starts_with(out.path()));
+    // What the person sees.
+    assert!(has_label(&h, "Step 12 of 12"));
+    assert!(has_label(&h, "Run: finished"));
+    assert!(has_label(&h, "Finished. The adapter is saved:"));
+    assert!(has_label(&h, "Fake CPU"));
+    assert!(has_label(&h, "step 12: validation loss"));
+}
+
+#[test]
+fn stop_saves_says_where_and_the_export_loads() {
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        fake_engine(100_000, Duration::from_millis(20), seen),
+    ));
+    h.run();
+    h.get_by_label("Try the demo").click();
+    wait_for(&mut h, "the demo to load", demo_loaded);
+    // Cmd/Ctrl+Enter starts from any step.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Enter);
+    wait_for(&mut h, "a few steps", |a| a.run_view().step >= 3);
+    assert_eq!(h.state().step(), Step::Train);
+    assert!(has_label(&h, "Run: training (step"));
+    h.get_by_label("Stop").click();
+    wait_for(&mut h, "the stop", |a| {
+        a.run_view().state == RunState::Stopped
+    });
+    h.run();
+
+    let v = h.state().run_view();
+    let adapter = v.final_adapter.clone().unwrap();
+    assert!(adapter.ends_with("latest"));
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    assert!(v.step >= 3 && v.step < 100_000);
+    assert!(has_label(&h, &format!("Stopped at step {}", v.step)));
+    assert!(has_label(&h, &adapter.display().to_string()));
+
+    // Export it.
+    h.get_by_label("5. Export").click();
+    h.run();
+    let dest = out.path().join("exported");
+    h.state_mut().set_export_dir(&dest);
+    h.run();
+    h.get_by_label("Export").click();
+    wait_for(&mut h, "the export", |a| a.export_result().is_some());
+    h.run();
+    let done = h.state().export_result().unwrap().clone().unwrap();
+    assert_eq!(done.dir, dest);
+    assert!(has_label(&h, &format!("Exported to {}", dest.display())));
+    let readme = std::fs::read_to_string(dest.join("README.md")).unwrap();
+    assert!(readme.contains("base_model: 'demo-model'"), "{readme}");
+    assert!(readme.contains("train.jsonl"));
+    // The exported adapter loads onto its base model.
+    let dev = candle_core::Device::Cpu;
+    let mut model =
+        finetune::model::Model::load(&fixture("tiny-llama"), candle_core::DType::F32, &dev)
+            .unwrap();
+    let state = finetune::model::adapter::load(&dest, &mut model).unwrap();
+    assert_eq!(state.config.rank, 4);
+}
+
+#[test]
+fn a_bad_dataset_shows_its_problems_and_cannot_start() {
+    let out = tempfile::tempdir().unwrap();
+    let bad = out.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{not json\n{\"prompt\": \"only a prompt\"}\n",
+    )
+    .unwrap();
+    let garbage = out.path().join("garbage.jsonl");
+    std::fs::write(&garbage, [0xff_u8, 0xfe, 0x00, 0x9c, b'\n', 0x80, 0x81]).unwrap();
+
+    let mut s = settings(out.path());
+    s.model_dir = Some(fixture("tiny-llama"));
+    Preset::QuickTest.apply(&mut s);
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        s,
+        vec![],
+        fake_engine(1, Duration::ZERO, seen.clone()),
+    ));
+    h.run();
+
+    // Drop the file on the window.
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(bad.clone())));
+    wait_for(&mut h, "the problems", |a| {
+        matches!(a.dataset_outcome(), Some(Outcome::Problems(_))) && !a.is_busy()
+    });
+    h.run();
+    assert_eq!(h.state().step(), Step::Dataset);
+    let Some(Outcome::Problems(p)) = h.state().dataset_outcome() else {
+        unreachable!()
+    };
+    let lines: Vec<Option<usize>> = p.iter().map(|p| p.line).collect();
+    assert_eq!(lines, vec![Some(2), Some(3)]);
+    h.get_by_label("bad.jsonl line 2");
+    h.get_by_label("bad.jsonl line 3");
+    assert!(has_label(&h, "invalid JSON"));
+    assert!(has_label(&h, "2 problems found"));
+
+    // Start is refused, with the reason.
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Enter);
+    h.run();
+    assert_eq!(h.state().run_view().state, RunState::Idle);
+    assert!(seen.lock().unwrap().is_none(), "the engine must not start");
+    assert!(h
+        .state()
+        .notices()
+        .iter()
+        .any(|n| n.contains("the dataset has 2 problem(s)")));
+
+    // Bytes that are not text at all: problems again, no crash.
+    h.input_mut().dropped_files.push(Arc::new(Dropped(garbage)));
+    wait_for(&mut h, "the garbage's problems", |a| {
+        a.settings()
+            .train_data
+            .as_ref()
+            .is_some_and(|t| t.ends_with("garbage.jsonl"))
+            && matches!(a.dataset_outcome(), Some(Outcome::Problems(_)))
+            && !a.is_busy()
+    });
+    h.run();
+    assert!(has_label(&h, "garbage.jsonl line 1"));
+    assert!(has_label(&h, "UTF-8"));
+}
+
+#[test]
+fn command_line_paths_open_model_and_dataset() {
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let paths = vec![
+        fixture("tiny-qwen2"),
+        root().join("assets/demo/train.jsonl"),
+        out.path().join("nope.txt"),
+    ];
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        paths,
+        fake_engine(1, Duration::ZERO, seen),
+    ));
+    wait_for(&mut h, "model and dataset", demo_loaded);
+    h.run();
+    let app = h.state();
+    assert_eq!(
+        app.model_summary().unwrap().architecture,
+        "Qwen2ForCausalLM"
+    );
+    assert!(app
+        .settings()
+        .train_data
+        .as_ref()
+        .unwrap()
+        .ends_with("train.jsonl"));
+    assert_eq!(app.step(), Step::Dataset);
+    // The path that is neither is reported, not ignored.
+    assert!(app.notices().iter().any(|n| n.contains("nope.txt")));
+    // Its context is 256 tokens: the sequence length was lowered to fit, and the app says so.
+    assert_eq!(app.settings().max_seq_len, 256);
+    assert!(app.notices().iter().any(|n| n.contains("lowered to 256")));
+}
+
+#[test]
+fn settings_persist_through_eframe_storage() {
+    #[derive(Default)]
+    struct Memory(HashMap<String, String>);
+    impl eframe::Storage for Memory {
+        fn get_string(&self, key: &str) -> Option<String> {
+            self.0.get(key).cloned()
+        }
+        fn set_string(&mut self, key: &str, value: String) {
+            self.0.insert(key.into(), value);
+        }
+        fn remove_string(&mut self, key: &str) {
+            self.0.remove(key);
+        }
+        fn flush(&mut self) {}
+    }
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let mut app = FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        fake_engine(1, Duration::ZERO, seen),
+    );
+    app.settings_mut().lora_rank = 48;
+    app.settings_mut().model_dir = Some(fixture("tiny-gpt2"));
+    let mut storage = Memory::default();
+    eframe::App::save(&mut app, &mut storage);
+    let restored = FineTuneApp::load_settings(Some(&storage));
+    assert_eq!(restored, *app.settings());
+    assert_eq!(restored.lora_rank, 48);
+    assert_eq!(FineTuneApp::load_settings(None), Settings::default());
+}
+
+/// The real engine on the bundled demo model: a short run end to end, its charts, the model
+/// card and an exported adapter that loads onto the base model.
+#[test]
+fn the_real_engine_trains_the_demo_and_exports() {
+    let out = tempfile::tempdir().unwrap();
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        finetune::ui::real_engine(),
+    ));
+    h.run();
+    h.get_by_label("Try the demo").click();
+    wait_for(&mut h, "the demo to load", demo_loaded);
+    h.state_mut().settings_mut().steps = 6;
+    h.state_mut().settings_mut().eval_every = 3;
+    h.state_mut().settings_mut().save_every = 3;
+    h.state_mut().set_step(Step::Train);
+    h.run();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the run to end", |a| {
+        let s = a.run_view().state;
+        s != RunState::Idle && !s.is_active()
+    });
+    h.run();
+    let v = h.state().run_view();
+    assert_eq!(v.state, RunState::Finished, "{:?}", v.log);
+    assert_eq!(v.loss.len(), 6);
+    assert!(v.loss.iter().all(|p| p[1].is_finite() && p[1] > 0.0));
+    assert_eq!(v.lr.len(), 6);
+    assert!(
+        v.val_loss.len() >= 2,
+        "evals at 0, 3 and 6: {:?}",
+        v.val_loss
+    );
+    assert!(v.rss_mb.iter().all(|p| p[1] > 1.0));
+    let info = v.info.clone().unwrap();
+    assert_eq!(
+        info.train.records + info.valid.map_or(0, |x| x.records),
+        240
+    );
+    let adapter = v.final_adapter.clone().unwrap();
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    assert!(adapter.starts_with(out.path()));
+    assert!(has_label(&h, "Step 6 of 6"));
+    assert!(has_label(&h, "Finished. The adapter is saved:"));
+
+    h.get_by_label("5. Export").click();
+    h.run();
+    let dest = out.path().join("demo-export");
+    h.state_mut().set_export_dir(&dest);
+    h.run();
+    h.get_by_label("Export").click();
+    wait_for(&mut h, "the export", |a| a.export_result().is_some());
+    let done = h.state().export_result().unwrap().clone().unwrap();
+    assert_eq!(done.files.len(), 3);
+    let readme = std::fs::read_to_string(dest.join("README.md")).unwrap();
+    assert!(readme.contains("(6 of 6 steps)"), "{readme}");
+    let dev = candle_core::Device::Cpu;
+    let demo = root().join("assets/demo-model");
+    let mut model = finetune::model::Model::load(&demo, candle_core::DType::F32, &dev).unwrap();
+    let state = finetune::model::adapter::load(&dest, &mut model).unwrap();
+    assert_eq!(state.config.rank, 8, "Quick test trains rank 8");
+}
+
+/// A file dropped on the window in a test.
+#[derive(Debug)]
+struct Dropped(PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
