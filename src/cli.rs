@@ -24,11 +24,42 @@ pub struct Cli {
 pub enum Command {
     /// Train a LoRA adapter headless.
     Train(Box<TrainArgs>),
+    /// Measure training speed and memory: timed LoRA steps after a warm-up.
+    Bench(BenchArgs),
     /// Describe a local Hugging Face model folder (architecture, sizes, LoRA targets).
     Info {
         /// Model folder (config.json + safetensors).
         model: PathBuf,
     },
+}
+
+/// `finetune bench` flags.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model folder (a config.json alone benchmarks random weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// JSONL whose records fill the batches (default random tokens).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the random weights (for a config-only model folder) here between runs.
+    #[arg(long)]
+    pub random_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -212,23 +243,51 @@ impl TrainArgs {
             },
             early_stop_patience: self.early_stop,
             seed: self.seed,
-            device: match self.device {
-                DeviceArg::Auto => DeviceChoice::Auto,
-                DeviceArg::Cpu => DeviceChoice::Cpu,
-                DeviceArg::Cuda => DeviceChoice::Cuda,
-                DeviceArg::Metal => DeviceChoice::Metal,
-            },
+            device: self.device.into(),
             resume_from: self.resume.clone(),
             log_every: self.log_every.max(1),
         }
     }
 }
 
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+            DeviceArg::Metal => DeviceChoice::Metal,
+        }
+    }
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let report = crate::bench::run(&crate::bench::BenchOptions {
+        model: args.model.clone(),
+        batch: args.batch,
+        seq_len: args.seq_len,
+        rank: args.rank,
+        steps: args.steps,
+        warmup: args.warmup,
+        data: args.data.clone(),
+        device: args.device.into(),
+        random_dir: args.random_dir.clone(),
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn main() -> ExitCode {
+    crate::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Info { model }) => info(&model),
         Some(Command::Train(args)) => train(&args),
+        Some(Command::Bench(args)) => bench(&args),
         None => open_app(cli.paths),
     };
     match result {

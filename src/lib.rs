@@ -2,6 +2,7 @@
 //! CPU. The engine (model, data, train) runs headless from the CLI or under the egui app.
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod export;

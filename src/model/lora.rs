@@ -148,21 +148,26 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_f = self.in_features();
         let x2 = x.reshape(((), in_f))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        // The LoRA term s·(dropout(x)·Aᵀ)·Bᵀ in f32, with s folded into the (r, out) factor so no
+        // (N, out) intermediate is kept besides the update itself.
+        let update = match &self.lora {
+            Some(l) => {
+                let mut h = x2.to_dtype(DType::F32)?;
+                if train && l.dropout > 0.0 {
+                    h = seeded_dropout(&h, l.dropout, mix(l.seed.get(), path_hash(&self.path)))?;
+                }
+                let bt = (l.b.as_tensor().t()? * l.scale)?;
+                Some(
+                    h.matmul(&l.a.as_tensor().t()?)?
+                        .matmul(&bt)?
+                        .to_dtype(x2.dtype())?,
+                )
+            }
+            None => None,
+        };
+        let mut y = super::fused::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            let mut h = x2.to_dtype(DType::F32)?;
-            if train && l.dropout > 0.0 {
-                h = seeded_dropout(&h, l.dropout, mix(l.seed.get(), path_hash(&self.path)))?;
-            }
-            let update = (h
-                .matmul(&l.a.as_tensor().t()?)?
-                .matmul(&l.b.as_tensor().t()?)?
-                * l.scale)?;
-            let update = update.to_dtype(y.dtype())?;
-            y = (y + update)?;
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

@@ -5,6 +5,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod fused;
 pub mod gpt2;
 pub mod llama;
 pub mod lora;
@@ -220,8 +221,8 @@ impl Model {
         let picked = h
             .reshape((b * t, c))?
             .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        let logits = picked.matmul(&self.lm_head().t()?)?;
-        let loss = ops::cross_entropy(&logits, &Tensor::from_vec(targets, n, dev)?)?;
+        let logits = fused::frozen_linear(&picked, self.lm_head())?;
+        let loss = fused::cross_entropy(&logits, &targets)?;
         Ok((loss, n))
     }
 }

@@ -19,8 +19,9 @@ fn upcast(x: &Tensor) -> Result<(Tensor, DType)> {
     }
 }
 
-/// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * weight` (Llama, Qwen).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+/// RMSNorm over the last dim: `x / sqrt(mean(x²) + eps) * weight` (Llama, Qwen), from
+/// differentiable elementary ops (any device/dtype; see `model::fused` for the CPU kernel).
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let (xf, dtype) = upcast(x)?;
     let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
         .sqrt()?
@@ -28,6 +29,15 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     xf.broadcast_mul(&inv_rms)?
         .to_dtype(dtype)?
         .broadcast_mul(weight)
+}
+
+/// RMSNorm over the last dim, differentiable (fused kernel on CPU f32).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xf, dtype) = upcast(x)?;
+    if dtype == DType::F32 {
+        return super::fused::rms_norm(&xf, weight, eps);
+    }
+    rms_norm_composed(x, weight, eps)
 }
 
 /// LayerNorm over the last dim with affine weight and bias (GPT-2).
@@ -46,7 +56,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// Softmax over the last dim. The max is detached: softmax is shift-invariant, so this changes
 /// nothing mathematically and keeps the max's (sub)gradient out of the graph.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+pub fn softmax_last_dim_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -163,7 +173,7 @@ pub fn attention_bias(
 /// Mean cross-entropy over positions whose label is not -100, as transformers' causal-LM loss
 /// defines it: `logits` `(N, V)` at the positions that predict `targets` `(N,)` (already shifted and
 /// filtered by the caller, see `model::Model::loss`). Returns a scalar f32.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn cross_entropy_composed(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let n = targets.dim(0)?;
     let logp = log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
@@ -192,7 +202,9 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
     let (scores, dtype) = upcast(&scores)?;
-    softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(v)
+    super::fused::softmax_last_dim(&scores)?
+        .to_dtype(dtype)?
+        .matmul(v)
 }
 
 #[cfg(test)]
@@ -205,7 +217,7 @@ mod tests {
         let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap())
             .unwrap();
         let w = Tensor::randn(0f32, 1., 8, &dev).unwrap();
-        let ours = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
+        let ours = rms_norm_composed(x.as_tensor(), &w, 1e-5).unwrap();
         let fused = candle_nn::ops::rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
         let diff = (ours.clone() - fused)
             .unwrap()
@@ -231,7 +243,7 @@ mod tests {
     #[test]
     fn softmax_matches_fused() {
         let x = Tensor::randn(0f32, 3., (4, 7), &Device::Cpu).unwrap();
-        let a = softmax_last_dim(&x).unwrap();
+        let a = softmax_last_dim_composed(&x).unwrap();
         let b = candle_nn::ops::softmax_last_dim(&x).unwrap();
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);

@@ -1,0 +1,317 @@
+//! `finetune bench`: timed LoRA training steps after a warm-up, with the step split into forward /
+//! backward / optimizer, tokens per second, peak memory beside the estimate. A model folder with a
+//! config.json but no weights is benchmarked with random weights (std 0.02), so speed can be
+//! measured before a download.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::backend;
+use crate::memory;
+use crate::model::{LoraConfig, Model, ModelConfig, ModelInput};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::DeviceChoice;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: PathBuf,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub rank: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Optional JSONL: real batches instead of random tokens.
+    pub data: Option<PathBuf>,
+    pub device: DeviceChoice,
+    /// Where to keep random weights between runs (so a run's peak memory is not inflated by
+    /// writing them); default a temp folder.
+    pub random_dir: Option<PathBuf>,
+}
+
+/// Measured figures (medians over the timed steps).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub tokens_per_step: usize,
+    pub tokens_per_sec: f64,
+    pub step_secs: f64,
+    pub forward_secs: f64,
+    pub backward_secs: f64,
+    pub optimizer_secs: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub estimate: memory::Estimate,
+    pub trainable_params: usize,
+    pub random_weights: bool,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Writes a random-weight checkpoint for the config in `src` into `dst` (config + safetensors).
+pub fn write_random_checkpoint(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    std::fs::copy(src.join("config.json"), dst.join("config.json"))?;
+    let cfg = ModelConfig::from_dir(src)?;
+    // Load the shapes by building the model from an all-zero-sized probe is not possible; list
+    // them from the architecture instead.
+    let mut shapes: Vec<(String, Vec<usize>)> = Vec::new();
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+    match cfg.family {
+        crate::model::Family::Llama => {
+            shapes.push(("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h]));
+            shapes.push(("model.norm.weight".into(), vec![h]));
+            if !cfg.tie_word_embeddings {
+                shapes.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+            }
+            for l in 0..cfg.num_layers {
+                let p = format!("model.layers.{l}");
+                for (n, s) in [
+                    ("input_layernorm.weight", vec![h]),
+                    ("post_attention_layernorm.weight", vec![h]),
+                    ("self_attn.q_proj.weight", vec![q, h]),
+                    ("self_attn.k_proj.weight", vec![kv, h]),
+                    ("self_attn.v_proj.weight", vec![kv, h]),
+                    ("self_attn.o_proj.weight", vec![h, q]),
+                    ("mlp.gate_proj.weight", vec![i, h]),
+                    ("mlp.up_proj.weight", vec![i, h]),
+                    ("mlp.down_proj.weight", vec![h, i]),
+                ] {
+                    shapes.push((format!("{p}.{n}"), s));
+                }
+                if cfg.qkv_bias {
+                    for (n, s) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                        shapes.push((format!("{p}.self_attn.{n}.bias"), vec![s]));
+                    }
+                }
+                if cfg.qk_norm {
+                    shapes.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
+                    shapes.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
+                }
+            }
+        }
+        crate::model::Family::Gpt2 => {
+            anyhow::bail!("random-weight benchmarking supports the llama family; give a GPT-2 folder with weights")
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| (rng.random::<f32>() - 0.5) * 0.07).collect()
+        };
+        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    candle_core::safetensors::save(&tensors, dst.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let backend = backend::pick(opts.device)?;
+    let has_weights = crate::model::weights::checkpoint_files(&opts.model).is_ok();
+    let tmp;
+    let model_dir = if has_weights {
+        opts.model.clone()
+    } else if let Some(dir) = &opts.random_dir {
+        if crate::model::weights::checkpoint_files(dir).is_err() {
+            write_random_checkpoint(&opts.model, dir)
+                .context("writing random weights for the benchmark")?;
+            eprintln!(
+                "note: random weights written to {}; run again for a peak-memory figure without that step",
+                dir.display()
+            );
+        }
+        dir.clone()
+    } else {
+        tmp = tempfile::tempdir()?;
+        write_random_checkpoint(&opts.model, tmp.path())
+            .context("writing random weights for the benchmark")?;
+        tmp.path().to_path_buf()
+    };
+    let mut model = Model::load(&model_dir, backend.dtype, &backend.device)?;
+    let lora = model.attach_lora(
+        &LoraConfig {
+            rank: opts.rank,
+            alpha: 2.0 * opts.rank as f64,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let mut opt = AdamW::new(lora.named_vars(), AdamWConfig::default())?;
+    let (b, t) = (opts.batch, opts.seq_len);
+    let batches = make_batches(opts, &model)?;
+    let (mut fwd, mut bwd, mut upd, mut total) = (vec![], vec![], vec![], vec![]);
+    let mut tokens_per_step = 0;
+    for step in 0..opts.warmup + opts.steps {
+        let (ids, labels, n_tokens) = &batches[step % batches.len()];
+        let input = ModelInput::causal(Tensor::from_vec(ids.clone(), (b, t), &backend.device)?);
+        let t0 = Instant::now();
+        let (loss, _) = model.loss(&input, labels, true)?;
+        loss.device().synchronize()?;
+        let t1 = Instant::now();
+        let grads = opt.collect(&loss.backward()?);
+        loss.device().synchronize()?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4, 1.0)?;
+        loss.device().synchronize()?;
+        let t3 = Instant::now();
+        if step >= opts.warmup {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            upd.push((t3 - t2).as_secs_f64());
+            total.push((t3 - t0).as_secs_f64());
+            tokens_per_step = *n_tokens;
+        }
+    }
+    let step_secs = median(&mut total);
+    let estimate = memory::estimate(
+        &model.config,
+        &memory::EstimateInput {
+            batch: b,
+            seq_len: t,
+            rank: opts.rank,
+            dtype_bytes: backend.dtype.size_in_bytes(),
+            checkpointing: false,
+            lora_modules_per_layer: None,
+        },
+    );
+    Ok(BenchReport {
+        model: opts.model.display().to_string(),
+        device: backend.name,
+        dtype: format!("{:?}", backend.dtype),
+        batch: b,
+        seq_len: t,
+        rank: opts.rank,
+        steps: opts.steps,
+        tokens_per_step,
+        tokens_per_sec: tokens_per_step as f64 / step_secs.max(1e-9),
+        step_secs,
+        forward_secs: median(&mut fwd),
+        backward_secs: median(&mut bwd),
+        optimizer_secs: median(&mut upd),
+        peak_rss_bytes: memory::peak_rss_bytes(),
+        estimate,
+        trainable_params: lora.parameter_count(),
+        random_weights: !has_weights,
+    })
+}
+
+/// (ids, labels, tokens) of one benchmark batch.
+type HostBatch = (Vec<u32>, Vec<i64>, usize);
+
+/// (ids, labels, tokens) per batch: random tokens, or real records cut/padded to seq_len.
+fn make_batches(opts: &BenchOptions, model: &Model) -> anyhow::Result<Vec<HostBatch>> {
+    let (b, t) = (opts.batch, opts.seq_len);
+    if let Some(path) = &opts.data {
+        let tok = crate::data::ModelTokenizer::from_dir(&opts.model)?;
+        let options = crate::data::DataOptions {
+            max_seq_len: t,
+            valid_fraction: 0.0,
+            ..Default::default()
+        };
+        let loaded =
+            crate::data::load(path, None, &tok, &options).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut out = Vec::new();
+        for chunk in loaded
+            .train
+            .samples
+            .chunks(b)
+            .filter(|c| c.len() == b)
+            .take(16)
+        {
+            let mut ids = vec![loaded.train.pad_id; b * t];
+            let mut labels = vec![-100i64; b * t];
+            let mut n = 0;
+            for (r, s) in chunk.iter().enumerate() {
+                for (j, (&tk, &m)) in s.tokens.iter().zip(&s.loss_mask).enumerate().take(t) {
+                    ids[r * t + j] = tk;
+                    if m {
+                        labels[r * t + j] = tk as i64;
+                    }
+                    n += 1;
+                }
+            }
+            out.push((ids, labels, n));
+        }
+        anyhow::ensure!(
+            !out.is_empty(),
+            "the benchmark data has fewer than {b} records"
+        );
+        return Ok(out);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let v = model.config.vocab_size as u32;
+    Ok((0..4)
+        .map(|_| {
+            let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..v)).collect();
+            let labels = ids.iter().map(|&x| x as i64).collect();
+            (ids, labels, b * t)
+        })
+        .collect())
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |b: u64| b as f64 / 1e6;
+        writeln!(
+            f,
+            "model {} ({}), {} {}, batch {} × {} tokens, LoRA r={} ({} trainable), {} timed steps",
+            self.model,
+            if self.random_weights {
+                "random weights"
+            } else {
+                "checkpoint"
+            },
+            self.device,
+            self.dtype,
+            self.batch,
+            self.seq_len,
+            self.rank,
+            self.trainable_params,
+            self.steps
+        )?;
+        writeln!(
+            f,
+            "tokens/s {:.1} | step {:.3}s = forward {:.3}s + backward {:.3}s + optimizer {:.3}s",
+            self.tokens_per_sec,
+            self.step_secs,
+            self.forward_secs,
+            self.backward_secs,
+            self.optimizer_secs
+        )?;
+        write!(
+            f,
+            "peak RSS {} MB | estimate {:.0} MB (weights {:.0}, LoRA+AdamW {:.0}, activations {:.0}, logits {:.0})",
+            self.peak_rss_bytes.map_or("?".into(), |b| format!("{:.0}", mb(b))),
+            mb(self.estimate.total),
+            mb(self.estimate.base_weights),
+            mb(self.estimate.lora_and_optimizer),
+            mb(self.estimate.activations),
+            mb(self.estimate.logits)
+        )
+    }
+}
