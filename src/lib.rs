@@ -7,6 +7,7 @@ pub mod cli;
 pub mod data;
 pub mod export;
 pub mod inspect;
+pub mod macos;
 pub mod memory;
 pub mod model;
 pub mod session;

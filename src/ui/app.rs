@@ -349,6 +349,11 @@ impl FineTuneApp {
         if !dropped.is_empty() {
             self.open_paths(&dropped);
         }
+        // Dropped on the Dock icon or opened from Finder (macOS; always empty elsewhere).
+        let opened = crate::macos::take_opened_paths();
+        if !opened.is_empty() {
+            self.open_paths(&opened);
+        }
         let (open, start, stop, goto) = ctx.input_mut(|i| {
             let open = i.consume_key(egui::Modifiers::COMMAND, egui::Key::O);
             let start = i.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter);

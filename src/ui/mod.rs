@@ -38,10 +38,13 @@ pub fn run_app(paths: Vec<PathBuf>) -> anyhow::Result<()> {
 /// [`run_app`] with another engine (e.g. a scripted one to preview the UI; see
 /// `examples/app_scripted.rs`).
 pub fn run_app_with(paths: Vec<PathBuf>, engine: Engine) -> anyhow::Result<()> {
+    crate::macos::install();
     eframe::run_native(
         APP_NAME,
         native_options(),
         Box::new(move |cc| {
+            let ctx = cc.egui_ctx.clone();
+            crate::macos::set_waker(move || ctx.request_repaint());
             let settings = FineTuneApp::load_settings(cc.storage);
             Ok(Box::new(FineTuneApp::with_engine(settings, paths, engine)))
         }),
@@ -56,12 +59,26 @@ pub fn native_options() -> eframe::NativeOptions {
         .with_app_id("finetune")
         .with_inner_size([1280.0, 820.0])
         .with_min_inner_size([900.0, 600.0])
-        .with_drag_and_drop(true);
+        .with_drag_and_drop(true)
+        .with_icon(app_icon());
     eframe::NativeOptions {
         viewport,
         renderer: eframe::Renderer::Glow,
         ..Default::default()
     }
+}
+
+/// The window (and, unbundled, Dock) icon. Inside FineTune.app the bundle's FineTune.icns already
+/// is the Dock icon, and eframe would swap it for egui's logo unless given an empty icon.
+fn app_icon() -> egui::IconData {
+    let in_app_bundle = cfg!(target_os = "macos")
+        && std::env::current_exe()
+            .is_ok_and(|exe| exe.to_string_lossy().contains(".app/Contents/MacOS/"));
+    if in_app_bundle {
+        return egui::IconData::default();
+    }
+    eframe::icon_data::from_png_bytes(include_bytes!("../../assets/icon/finetune-256.png"))
+        .unwrap_or_default()
 }
 
 /// What a path given to the app is.
