@@ -26,6 +26,48 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Measure training speed and memory: timed LoRA steps after a warm-up.
     Bench(BenchArgs),
+    /// Search the Hugging Face Hub for text-generation models FineTune can train.
+    Search {
+        /// Words to search for.
+        query: String,
+        /// downloads | trending | likes | updated
+        #[arg(long, default_value = "downloads")]
+        sort: String,
+        /// Only models of this organization or user.
+        #[arg(long)]
+        author: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Also list architectures FineTune cannot train.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Download what training needs from a Hub model into the shared Hugging Face cache.
+    Download {
+        /// `org/name` on the Hub.
+        repo: String,
+        #[arg(long)]
+        revision: Option<String>,
+    },
+    /// Convert PyTorch .bin (single or sharded) or a GGUF file into a safetensors model folder.
+    Convert {
+        /// A folder with pytorch_model*.bin, or a .gguf file.
+        input: PathBuf,
+        /// Output folder.
+        output: PathBuf,
+        /// f32 | f16 | bf16 (default: keep the stored dtype; GGUF is dequantized to f16).
+        #[arg(long)]
+        dtype: Option<String>,
+        #[arg(long, default_value_t = 5.0)]
+        max_shard_gb: f64,
+    },
+    /// Export a trained adapter (PEFT layout) with a README.md model card.
+    Export {
+        /// The adapter folder (e.g. out/adapter or out/best).
+        adapter: PathBuf,
+        /// Destination folder.
+        output: PathBuf,
+    },
     /// Describe a local Hugging Face model folder (architecture, sizes, LoRA targets).
     Info {
         /// Model folder (config.json + safetensors).
@@ -261,6 +303,138 @@ impl From<DeviceArg> for DeviceChoice {
     }
 }
 
+fn hub() -> anyhow::Result<crate::hub::Hub> {
+    let token = crate::hub::keychain_token().ok().flatten();
+    Ok(crate::hub::Hub::from_env(token.as_deref())?)
+}
+
+fn search(
+    text: String,
+    sort: &str,
+    author: Option<String>,
+    limit: usize,
+    all: bool,
+) -> anyhow::Result<ExitCode> {
+    let rows = hub()?.search(&crate::hub::SearchQuery {
+        text,
+        sort: sort.parse().map_err(anyhow::Error::msg)?,
+        author,
+        supported_only: !all,
+        limit,
+    })?;
+    print!("{}", crate::hub::format_rows(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn download(repo: &str, revision: Option<&str>) -> anyhow::Result<ExitCode> {
+    let hub = hub()?;
+    let cancel = crate::hub::Cancel::default();
+    let on_ctrl_c = cancel.clone();
+    if let Err(e) = ctrlc::set_handler(move || on_ctrl_c.cancel()) {
+        eprintln!("note: Ctrl-C will kill without cleaning up ({e})");
+    }
+    let mut last_progress = std::time::Instant::now() - std::time::Duration::from_secs(1);
+    let dir = hub.download(
+        repo,
+        revision,
+        &mut |event| {
+            let is_progress = matches!(event, crate::hub::DownloadEvent::Progress { .. });
+            if is_progress && last_progress.elapsed().as_millis() < 500 {
+                return;
+            }
+            if is_progress {
+                last_progress = std::time::Instant::now();
+            }
+            if let Some(line) = event.describe() {
+                eprintln!("{line}");
+            }
+        },
+        &cancel,
+    )?;
+    println!("{}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn convert(
+    input: &Path,
+    output: &Path,
+    dtype: Option<&str>,
+    max_shard_gb: f64,
+) -> anyhow::Result<ExitCode> {
+    let report = crate::convert::convert(
+        input,
+        output,
+        &crate::convert::ConvertOptions {
+            dtype: dtype.map(crate::convert::parse_dtype).transpose()?,
+            max_shard_bytes: (max_shard_gb * 1e9) as u64,
+        },
+    )?;
+    println!("{}", report.summary());
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The trainer state saved next to an adapter: `out/checkpoints/<latest>/trainer_state.json`
+/// for `out/adapter` or `out/best`, or the adapter folder's own when it is a checkpoint.
+fn trainer_state_near(adapter: &Path) -> Option<crate::train::checkpoint::TrainerState> {
+    if let Ok(s) = crate::train::checkpoint::load_state(adapter) {
+        return Some(s);
+    }
+    let ckpts = adapter.parent()?.join("checkpoints");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(ckpts)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    crate::train::checkpoint::load_state(dirs.last()?).ok()
+}
+
+fn export(adapter: &Path, output: &Path) -> anyhow::Result<ExitCode> {
+    let state = trainer_state_near(adapter);
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let card = match &state {
+        Some(s) => crate::export::CardInfo {
+            base_model: name(&s.config.model_dir),
+            dataset: name(&s.config.train_data),
+            valid_dataset: s.config.valid_data.as_deref().map(name),
+            config: s.config.clone(),
+            steps_done: s.step,
+            total_steps: s.total_steps,
+            final_loss: s.last_loss,
+            final_val_loss: None,
+            best_val_loss: s.best_val_loss,
+            date: crate::export::today(),
+        },
+        None => {
+            eprintln!("note: no trainer_state.json near the adapter; the model card will lack run details");
+            crate::export::CardInfo {
+                base_model: String::new(),
+                dataset: String::new(),
+                valid_dataset: None,
+                config: TrainConfig::default(),
+                steps_done: 0,
+                total_steps: 0,
+                final_loss: None,
+                final_val_loss: None,
+                best_val_loss: None,
+                date: crate::export::today(),
+            }
+        }
+    };
+    let exported = crate::export::export_adapter(adapter, output, &card)?;
+    for f in &exported.files {
+        println!("{}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let report = crate::bench::run(&crate::bench::BenchOptions {
         model: args.model.clone(),
@@ -288,6 +462,21 @@ pub fn main() -> ExitCode {
         Some(Command::Info { model }) => info(&model),
         Some(Command::Train(args)) => train(&args),
         Some(Command::Bench(args)) => bench(&args),
+        Some(Command::Search {
+            query,
+            sort,
+            author,
+            limit,
+            all,
+        }) => search(query, &sort, author, limit, all),
+        Some(Command::Download { repo, revision }) => download(&repo, revision.as_deref()),
+        Some(Command::Convert {
+            input,
+            output,
+            dtype,
+            max_shard_gb,
+        }) => convert(&input, &output, dtype.as_deref(), max_shard_gb),
+        Some(Command::Export { adapter, output }) => export(&adapter, &output),
         None => open_app(cli.paths),
     };
     match result {

@@ -4,8 +4,10 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod convert;
 pub mod data;
 pub mod export;
+pub mod hub;
 pub mod inspect;
 pub mod macos;
 pub mod memory;

@@ -156,11 +156,16 @@ impl TrainConfig {
         let mut bad = |field: &'static str, message: String| p.push(FieldError { field, message });
         if self.model_dir.as_os_str().is_empty() {
             bad("model_dir", "choose a model folder".into());
-        } else if !self.model_dir.join("config.json").is_file() {
+        } else if !self.model_dir.join("config.json").is_file()
+            && !self
+                .model_dir
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             bad(
                 "model_dir",
                 format!(
-                    "no config.json here; choose a Hugging Face model folder: {}",
+                    "no config.json here; choose a Hugging Face model folder or a .gguf file: {}",
                     self.model_dir.display()
                 ),
             );

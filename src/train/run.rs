@@ -165,7 +165,16 @@ impl<'c> Trainer<'c> {
             "device: {} — {}",
             backend.name, backend.reason
         )));
-        let tokenizer = ModelTokenizer::from_dir(&config.model_dir)?;
+        // A folder with only PyTorch .bin files, or a GGUF file, is converted once (cached).
+        let prepared = crate::convert::prepare_model_dir(
+            &config.model_dir,
+            &crate::convert::converted_cache_dir(),
+        )?;
+        if let Some(message) = &prepared.message {
+            reporter.send(Event::Log(message.clone()));
+        }
+        let model_dir = prepared.dir;
+        let tokenizer = ModelTokenizer::from_dir(&model_dir)?;
         reporter.send(Event::Log(format!(
             "reading {}",
             config.train_data.display()

@@ -1,0 +1,279 @@
+//! GGUF (llama.cpp) → Hugging Face folder: every tensor dequantized with candle's GGML kernels,
+//! renamed to transformers' keys, and for llama/mistral the Q/K rows un-permuted
+//! (`convert_hf_to_gguf.py` interleaves each head's rotary halves; transformers'
+//! `_reverse_permute_weights` is the inverse used here); config.json, generation_config.json,
+//! tokenizer.json, tokenizer_config.json and chat_template.jinja from the metadata.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::gguf_meta::{hf_architecture, hf_config, Meta, TensorFacts};
+use super::gguf_tokenizer;
+use super::pytorch::natural_key;
+use super::write::{write_json, write_model, PlannedTensor};
+use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
+
+/// GGUF tensor name → transformers name; `None` for tensors with no HF counterpart.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)`: rows grouped `(head, dim/2, 2)` back to
+/// `(head, 2, dim/2)`. Works for weights `(rows, cols)` and biases `(rows,)`.
+fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+        candle_core::bail!("{rows} rows do not split into {n_head} heads");
+    }
+    let half = rows / n_head / 2;
+    let rest: usize = dims[1..].iter().product();
+    t.reshape((n_head, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+pub(crate) fn convert(
+    path: &Path,
+    out: &Path,
+    options: &ConvertOptions,
+    source: SourceKind,
+) -> Result<ConvertReport, ConvertError> {
+    let bad = |reason: String| ConvertError::Gguf {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
+    let meta = Meta::new(&content.metadata, path);
+    if hf_architecture(&meta.arch).is_none() {
+        return Err(ConvertError::GgufArchitecture {
+            arch: meta.arch.clone(),
+            path: path.to_path_buf(),
+        });
+    }
+    let permuted = meta.arch == "llama" || meta.arch == "mistral";
+    let heads = meta.arch_u64("attention.head_count").unwrap_or(0) as usize;
+    let kv_heads = meta
+        .arch_u64("attention.head_count_kv")
+        .map(|v| v as usize)
+        .unwrap_or(heads);
+    let mut notes = Vec::new();
+
+    let dtype = options.dtype.unwrap_or_else(|| {
+        let types: Vec<GgmlDType> = content
+            .tensor_infos
+            .values()
+            .map(|t| t.ggml_dtype)
+            .collect();
+        if types.contains(&GgmlDType::BF16) {
+            DType::BF16
+        } else if types.iter().all(|t| *t == GgmlDType::F32) {
+            DType::F32
+        } else {
+            DType::F16
+        }
+    });
+
+    let mut plan: Vec<(String, String)> = Vec::new(); // (hf name, gguf name)
+    let mut skipped = Vec::new();
+    for name in content.tensor_infos.keys() {
+        match hf_name(name) {
+            Some(hf) => plan.push((hf, name.clone())),
+            None if name == "rope_freqs.weight" => {}
+            None => skipped.push(name.clone()),
+        }
+    }
+    if !skipped.is_empty() {
+        skipped.sort();
+        notes.push(format!(
+            "skipped tensors with no transformers counterpart: {}",
+            skipped.join(", ")
+        ));
+    }
+    plan.sort_by_key(|p| natural_key(&p.0));
+
+    let mut read = |name: &str| -> Result<Tensor, ConvertError> {
+        let bad_t = |e: candle_core::Error| ConvertError::Tensor {
+            name: name.to_owned(),
+            reason: e.to_string(),
+            path: path.to_path_buf(),
+        };
+        content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .map_err(bad_t)
+    };
+    let facts = TensorFacts {
+        has_output: content.tensor_infos.contains_key("output.weight"),
+        has_q_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        embed_rows: content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0]),
+        rope_freqs: match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => Some(
+                read("rope_freqs.weight")?
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| bad(e.to_string()))?,
+            ),
+            false => None,
+        },
+    };
+
+    let context = meta.arch_u64("context_length").unwrap_or(4096);
+    let tok = gguf_tokenizer::build(&meta, context, &mut notes)?;
+    let config = hf_config(&meta, &facts, &tok.special, dtype_name(dtype), &mut notes)?;
+
+    let planned: Vec<PlannedTensor> = plan
+        .iter()
+        .map(|(hf, g)| PlannedTensor {
+            name: hf.clone(),
+            bytes: content
+                .tensor_infos
+                .get(g)
+                .map(|t| (t.shape.elem_count() * dtype.size_in_bytes()) as u64)
+                .unwrap_or(0),
+        })
+        .collect();
+    let mut load = |hf: &str| -> Result<Tensor, ConvertError> {
+        let gguf = plan
+            .iter()
+            .find(|(h, _)| h == hf)
+            .map(|(_, g)| g.clone())
+            .unwrap_or_default();
+        let mut t = read(&gguf)?;
+        let bad_t = |e: candle_core::Error| ConvertError::Tensor {
+            name: gguf.clone(),
+            reason: e.to_string(),
+            path: path.to_path_buf(),
+        };
+        if permuted && hf.contains(".self_attn.q_proj.") {
+            t = unpermute(&t, heads).map_err(bad_t)?;
+        } else if permuted && hf.contains(".self_attn.k_proj.") {
+            t = unpermute(&t, kv_heads).map_err(bad_t)?;
+        }
+        t.to_dtype(dtype).map_err(bad_t)
+    };
+    let (shards, weight_bytes) = write_model(out, &planned, options.max_shard_bytes, &mut load)?;
+
+    write_json(&out.join("config.json"), &config)?;
+    let mut generation = json!({"_from_model_config": true});
+    if let Some(obj) = generation.as_object_mut() {
+        if let Some(b) = tok.special.bos {
+            obj.insert("bos_token_id".into(), json!(b));
+        }
+        match tok.special.stop.as_slice() {
+            [] => {}
+            [one] => {
+                obj.insert("eos_token_id".into(), json!(one));
+            }
+            many => {
+                obj.insert("eos_token_id".into(), json!(many));
+            }
+        }
+        if let Some(p) = tok.special.pad {
+            obj.insert("pad_token_id".into(), json!(p));
+        }
+    }
+    write_json(&out.join("generation_config.json"), &generation)?;
+    write_json(&out.join("tokenizer.json"), &tok.tokenizer_json)?;
+    write_json(&out.join("tokenizer_config.json"), &tok.tokenizer_config)?;
+    if let Some(t) = &tok.chat_template {
+        let p = out.join("chat_template.jinja");
+        std::fs::write(&p, t).map_err(io_err(&p))?;
+    }
+    Ok(ConvertReport {
+        source,
+        out: out.to_path_buf(),
+        tensors: planned.len(),
+        shards,
+        weight_bytes,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_transformers_keys() {
+        assert_eq!(
+            hf_name("blk.3.attn_output.weight").as_deref(),
+            Some("model.layers.3.self_attn.o_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_q.bias").as_deref(),
+            Some("model.layers.0.self_attn.q_proj.bias")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_name("blk.0.ssm_in.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // permute: reshape(n_head, 2, d/2, cols).swapaxes(1, 2) — rows 0..8, 2 heads of 4.
+        let rows: Vec<f32> = (0..8).map(|r| r as f32).collect();
+        let original = Tensor::from_vec(rows, (8, 1), &Device::Cpu).unwrap();
+        let permuted = original
+            .reshape((2, 2, 2, 1))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((8, 1))
+            .unwrap();
+        let p: Vec<f32> = permuted.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(p, [0., 2., 1., 3., 4., 6., 5., 7.]);
+        let back = unpermute(&permuted, 2).unwrap();
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (0..8).map(|r| r as f32).collect::<Vec<_>>()
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! PyTorch `torch.save` checkpoints (`pytorch_model.bin`, sharded with
+//! `pytorch_model.bin.index.json`) → safetensors. The pickle inside the zip is read by
+//! `candle_core::pickle`, an interpreter that only builds values: `GLOBAL`/`REDUCE` opcodes are
+//! recorded as names (e.g. `torch._utils._rebuild_tensor_v2`), never imported or called, so a
+//! malicious checkpoint cannot run code. Tensor bytes come straight from the zip's storages.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::pickle::PthTensors;
+use candle_core::DType;
+
+use super::write::{write_json, write_model, PlannedTensor};
+use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
+
+/// Non-parameter buffers some transformers versions saved into `.bin` files.
+const BUFFER_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq"];
+
+/// The `.bin` files a shard index names, in order.
+pub(crate) fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>, ConvertError> {
+    let bad = |reason: String| ConvertError::Pytorch {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index).map_err(io_err(index))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("the index is not JSON ({e})")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("the index has no \"weight_map\"".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for f in map.values() {
+        let name = f
+            .as_str()
+            .ok_or_else(|| bad("a weight_map entry is not a file name".into()))?;
+        let path = dir.join(name);
+        if !files.contains(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    for f in &files {
+        if !f.is_file() {
+            return Err(ConvertError::Pytorch {
+                path: f.clone(),
+                reason: "a shard named by the index is missing; download it again".into(),
+            });
+        }
+    }
+    Ok(files)
+}
+
+/// Sort key that orders `layers.2` before `layers.10`.
+pub(crate) fn natural_key(name: &str) -> Vec<(u64, String)> {
+    let mut key = Vec::new();
+    let mut text = String::new();
+    let mut num = String::new();
+    for c in name.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+        } else {
+            if !num.is_empty() {
+                key.push((0, std::mem::take(&mut text)));
+                key.push((num.parse().unwrap_or(u64::MAX), String::new()));
+                num.clear();
+            }
+            text.push(c);
+        }
+    }
+    if !num.is_empty() {
+        key.push((0, std::mem::take(&mut text)));
+        key.push((num.parse().unwrap_or(u64::MAX), String::new()));
+    }
+    key.push((0, text));
+    key
+}
+
+/// Opens one torch zip; a state dict nested under `state_dict` or `model` is found too.
+fn open(path: &Path) -> Result<PthTensors, ConvertError> {
+    let bad = |e: candle_core::Error| ConvertError::Pytorch {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let pth = PthTensors::new(path, None).map_err(bad)?;
+    if !pth.tensor_infos().is_empty() {
+        return Ok(pth);
+    }
+    for key in ["state_dict", "model"] {
+        if let Ok(p) = PthTensors::new(path, Some(key)) {
+            if !p.tensor_infos().is_empty() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(ConvertError::Pytorch {
+        path: path.to_path_buf(),
+        reason: "no tensors found in the pickle".into(),
+    })
+}
+
+/// config.json of the checkpoint folder, if there is one.
+fn read_config(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Copies the non-weight files of a model folder (config, tokenizer, templates) into `out`.
+pub(crate) fn copy_support_files(dir: &Path, out: &Path) -> Result<(), ConvertError> {
+    for name in crate::hub::SUPPORT_FILES {
+        let from = dir.join(name);
+        if from.is_file() {
+            let to = out.join(name);
+            std::fs::copy(&from, &to).map_err(io_err(&to))?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn convert(
+    files: &[PathBuf],
+    out: &Path,
+    options: &ConvertOptions,
+    source: SourceKind,
+) -> Result<ConvertReport, ConvertError> {
+    let dir = files
+        .first()
+        .and_then(|f| f.parent())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let config = read_config(&dir);
+    let arch = config
+        .as_ref()
+        .and_then(|c| c.get("architectures")?.get(0)?.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let tied = config
+        .as_ref()
+        .and_then(|c| c.get("tie_word_embeddings")?.as_bool())
+        .unwrap_or(true);
+    let mut notes = Vec::new();
+
+    // output name → (file index, stored name, output dtype, bytes)
+    let mut pths = Vec::with_capacity(files.len());
+    let mut entries: Vec<(String, usize, String, DType, u64)> = Vec::new();
+    let mut dropped = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let pth = open(file)?;
+        for (name, info) in pth.tensor_infos() {
+            if BUFFER_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+                dropped.push(name.clone());
+                continue;
+            }
+            let mut out_name = name.clone();
+            if arch == "GPT2LMHeadModel"
+                && !out_name.starts_with("transformer.")
+                && !out_name.starts_with("lm_head.")
+            {
+                out_name = format!("transformer.{out_name}");
+            }
+            let dtype = match options.dtype {
+                Some(d) if info.dtype.is_float() => d,
+                _ => info.dtype,
+            };
+            let bytes = (info.layout.shape().elem_count() * dtype.size_in_bytes()) as u64;
+            entries.push((out_name, i, name.clone(), dtype, bytes));
+        }
+        pths.push(pth);
+    }
+    let has = |n: &str| entries.iter().any(|e| e.0 == n);
+    let embed_present = has("model.embed_tokens.weight") || has("transformer.wte.weight");
+    if tied && embed_present && has("lm_head.weight") {
+        entries.retain(|e| e.0 != "lm_head.weight");
+        notes.push("dropped lm_head.weight: config.json ties it to the input embedding".to_owned());
+    }
+    if !dropped.is_empty() {
+        notes.push(format!(
+            "dropped {} non-parameter buffer(s) (attention masks / rotary caches)",
+            dropped.len()
+        ));
+    }
+    entries.sort_by_key(|e| natural_key(&e.0));
+    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(ConvertError::Tensor {
+            name: w[0].0.clone(),
+            reason: "appears in two shards".into(),
+            path: dir.clone(),
+        });
+    }
+    let plan: Vec<PlannedTensor> = entries
+        .iter()
+        .map(|e| PlannedTensor {
+            name: e.0.clone(),
+            bytes: e.4,
+        })
+        .collect();
+    let mut load = |name: &str| {
+        let (_, i, stored, dtype, _) =
+            entries
+                .iter()
+                .find(|e| e.0 == name)
+                .ok_or_else(|| ConvertError::Tensor {
+                    name: name.to_owned(),
+                    reason: "planned but not found".into(),
+                    path: dir.clone(),
+                })?;
+        let bad = |e: candle_core::Error| ConvertError::Tensor {
+            name: stored.clone(),
+            reason: e.to_string(),
+            path: files[*i].clone(),
+        };
+        let t = pths[*i]
+            .get(stored)
+            .map_err(bad)?
+            .ok_or_else(|| ConvertError::Tensor {
+                name: stored.clone(),
+                reason: "listed in the pickle but has no data".into(),
+                path: files[*i].clone(),
+            })?;
+        t.to_dtype(*dtype).map_err(bad)
+    };
+    let (shards, weight_bytes) = write_model(out, &plan, options.max_shard_bytes, &mut load)?;
+    copy_support_files(&dir, out)?;
+    if let (Some(d), Some(mut cfg)) = (options.dtype, config) {
+        // Say what the weights now are, under both spellings transformers reads.
+        let name = match d {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        };
+        if let Some(obj) = cfg.as_object_mut() {
+            let key = if obj.contains_key("dtype") {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
+            obj.insert(key.into(), serde_json::Value::String(name.into()));
+        }
+        write_json(&out.join("config.json"), &cfg)?;
+    }
+    Ok(ConvertReport {
+        source,
+        out: out.to_path_buf(),
+        tensors: plan.len(),
+        shards,
+        weight_bytes,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_key;
+
+    #[test]
+    fn natural_order_of_layers() {
+        let mut names = vec!["layers.10.w", "layers.2.w", "embed", "layers.2.b"];
+        names.sort_by_key(|n| natural_key(n));
+        assert_eq!(names, ["embed", "layers.2.b", "layers.2.w", "layers.10.w"]);
+    }
+}

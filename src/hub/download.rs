@@ -1,0 +1,635 @@
+//! Downloading what training needs — config, tokenizer files, generation config, chat template,
+//! and the safetensors weights (the shards the index names), or else the PyTorch .bin weights —
+//! into the shared cache, with progress (bytes, rate, ETA), cancel, and resume: a dropped
+//! connection continues from the bytes already in `blobs/<etag>.incomplete` with a Range request,
+//! both within one call (a few retries) and across calls (after a cancel or a crash).
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hf_hub::repository::RepoTreeEntry;
+
+use super::cache::{is_commit_hash, RepoCache};
+use super::select::{select_files, shard_names, PlannedFile};
+use super::{error_chain, Cancel, Hub, HubError};
+
+/// Retries of one file after the connection drops, each resuming where the last stopped.
+const MAX_RETRIES: u32 = 5;
+/// A transfer that delivers nothing for this long counts as dropped.
+const STALL: Duration = Duration::from_secs(60);
+/// Progress events are sent at most this often (plus once per finished file).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Overall progress of a download.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadProgress {
+    /// The file being fetched.
+    pub file: String,
+    /// Bytes in the cache so far, all files together (resumed bytes included).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Transfer rate over the last few seconds; 0 until measurable.
+    pub bytes_per_sec: f64,
+    /// Seconds left at the current rate, when there is a rate.
+    pub eta_secs: Option<f64>,
+}
+
+/// What a download reports while it runs, in order: `Planned`, then per file `FileStarted`,
+/// `Progress`…, maybe `Retrying`, `FileDone`; finally `Done`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DownloadEvent {
+    /// The revision resolved to `commit`; these files will be fetched.
+    Planned {
+        commit: String,
+        files: Vec<PlannedFile>,
+        total_bytes: u64,
+    },
+    /// Starting `file`; `resumed_bytes` were already in the cache from an earlier attempt.
+    FileStarted {
+        file: String,
+        bytes: u64,
+        resumed_bytes: u64,
+    },
+    Progress(DownloadProgress),
+    /// The connection dropped; trying again from the bytes already written.
+    Retrying {
+        file: String,
+        attempt: u32,
+        reason: String,
+    },
+    /// `file` is complete; `cached` when it was already in the cache.
+    FileDone {
+        file: String,
+        cached: bool,
+    },
+    /// Everything is in place; `snapshot` is the loadable model folder.
+    Done {
+        snapshot: PathBuf,
+    },
+}
+
+/// What a resolve HEAD says about one file.
+struct FileMeta {
+    etag: String,
+    bytes: u64,
+}
+
+/// Why one transfer attempt ended early.
+enum Attempt {
+    /// Worth retrying from where it stopped.
+    Dropped(String),
+    Fatal(HubError),
+}
+
+impl DownloadEvent {
+    /// A line for a terminal, or `None` for events not worth a line of their own.
+    pub fn describe(&self) -> Option<String> {
+        use crate::inspect::format_bytes;
+        Some(match self {
+            DownloadEvent::Planned {
+                commit,
+                files,
+                total_bytes,
+            } => format!(
+                "{} file(s), {} at commit {}",
+                files.len(),
+                format_bytes(*total_bytes),
+                &commit[..commit.len().min(10)]
+            ),
+            DownloadEvent::FileStarted {
+                file,
+                bytes,
+                resumed_bytes,
+            } if *resumed_bytes > 0 => format!(
+                "{file}: resuming at {} of {}",
+                format_bytes(*resumed_bytes),
+                format_bytes(*bytes)
+            ),
+            DownloadEvent::FileStarted { .. } => return None,
+            DownloadEvent::Progress(p) => {
+                let eta = p
+                    .eta_secs
+                    .map(|s| format!(", {} left", format_secs(s)))
+                    .unwrap_or_default();
+                format!(
+                    "{}: {} / {} ({}/s{eta})",
+                    p.file,
+                    format_bytes(p.done_bytes),
+                    format_bytes(p.total_bytes),
+                    format_bytes(p.bytes_per_sec as u64)
+                )
+            }
+            DownloadEvent::Retrying {
+                file,
+                attempt,
+                reason,
+            } => format!("{file}: connection dropped ({reason}); retry {attempt}"),
+            DownloadEvent::FileDone { file, cached: true } => format!("{file}: already cached"),
+            DownloadEvent::FileDone { file, .. } => format!("{file}: done"),
+            DownloadEvent::Done { snapshot } => format!("ready: {}", snapshot.display()),
+        })
+    }
+}
+
+/// 75.4 → "1 min 15 s", 8.2 → "8 s".
+fn format_secs(secs: f64) -> String {
+    let s = secs.round().max(0.0) as u64;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Measures the transfer rate over a sliding window.
+struct RateMeter {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RateMeter {
+    fn new() -> Self {
+        Self {
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Records `transferred` (bytes moved this session) and returns bytes/sec over ~3 s.
+    fn update(&mut self, transferred: u64) -> f64 {
+        let now = Instant::now();
+        self.samples.push_back((now, transferred));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(3))
+            && self.samples.len() > 2
+        {
+            self.samples.pop_front();
+        }
+        match (self.samples.front(), self.samples.back()) {
+            (Some((t0, b0)), Some((t1, b1))) => {
+                let dt = t1.duration_since(*t0).as_secs_f64();
+                if dt >= 0.2 {
+                    (b1 - b0) as f64 / dt
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Running totals for progress events.
+struct Tally<'a> {
+    on_event: &'a mut dyn FnMut(DownloadEvent),
+    total_bytes: u64,
+    /// Bytes of finished files plus the current file's bytes on disk.
+    done_before_file: u64,
+    transferred: u64,
+    meter: RateMeter,
+    last_sent: Option<Instant>,
+}
+
+impl Tally<'_> {
+    fn progress(&mut self, file: &str, file_bytes_on_disk: u64, force: bool) {
+        let rate = self.meter.update(self.transferred);
+        if !force && self.last_sent.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+            return;
+        }
+        self.last_sent = Some(Instant::now());
+        let done = self.done_before_file + file_bytes_on_disk;
+        let left = self.total_bytes.saturating_sub(done);
+        (self.on_event)(DownloadEvent::Progress(DownloadProgress {
+            file: file.to_owned(),
+            done_bytes: done,
+            total_bytes: self.total_bytes,
+            bytes_per_sec: rate,
+            eta_secs: (rate > 0.0).then(|| left as f64 / rate),
+        }));
+    }
+}
+
+fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> HubError + '_ {
+    move |source| HubError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers().get(name)?.to_str().ok().map(str::to_owned)
+}
+
+impl Hub {
+    /// Resolves `revision` (default `main`) to a commit and lists the files a download fetches.
+    pub fn plan(
+        &self,
+        repo: &str,
+        revision: Option<&str>,
+    ) -> Result<(String, Vec<PlannedFile>), HubError> {
+        let handle = self.repo(repo);
+        let result = self.runtime.block_on(async {
+            let info = handle
+                .info()
+                .maybe_revision(revision.map(str::to_owned))
+                .send()
+                .await?;
+            let commit = info.sha.clone();
+            let stream = handle
+                .list_tree()
+                .maybe_revision(commit.clone().or_else(|| revision.map(str::to_owned)))
+                .send()?;
+            let mut stream = Box::pin(stream);
+            let mut files = Vec::new();
+            while let Some(entry) = stream.next().await {
+                if let RepoTreeEntry::File { path, size, .. } = entry? {
+                    files.push((path, size));
+                }
+            }
+            Ok::<_, hf_hub::HFError>((commit, files))
+        });
+        let (commit, tree) = result.map_err(|e| self.map_error(repo, revision, e))?;
+        let commit = commit.ok_or_else(|| HubError::Protocol {
+            reason: format!("the model info of {repo} has no commit sha"),
+        })?;
+        let (files, _) = select_files(repo, &tree)?;
+        Ok((commit, files))
+    }
+
+    /// Downloads the training files of `repo` at `revision` (default `main`) into the cache and
+    /// returns the snapshot folder. Files already cached are skipped; partial ones resume.
+    /// Offline, a snapshot already in the cache is returned as is (`Done` is the only event).
+    /// `on_event` runs on the calling thread; `cancel` stops within about a quarter second.
+    pub fn download(
+        &self,
+        repo: &str,
+        revision: Option<&str>,
+        on_event: &mut dyn FnMut(DownloadEvent),
+        cancel: &Cancel,
+    ) -> Result<PathBuf, HubError> {
+        let (commit, mut files) = match self.plan(repo, revision) {
+            Ok(plan) => plan,
+            Err(e @ HubError::Network { .. }) => {
+                return match super::cached_snapshot(&self.cache_dir, repo, revision) {
+                    Some(snapshot) => {
+                        on_event(DownloadEvent::Done {
+                            snapshot: snapshot.clone(),
+                        });
+                        Ok(snapshot)
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let cache = RepoCache::new(&self.cache_dir, repo);
+        let total_bytes = files.iter().map(|f| f.bytes).sum();
+        on_event(DownloadEvent::Planned {
+            commit: commit.clone(),
+            files: files.clone(),
+            total_bytes,
+        });
+        let mut tally = Tally {
+            on_event,
+            total_bytes,
+            done_before_file: 0,
+            transferred: 0,
+            meter: RateMeter::new(),
+            last_sent: None,
+        };
+        let mut i = 0;
+        while i < files.len() {
+            if cancel.is_cancelled() {
+                return Err(HubError::Cancelled);
+            }
+            let file = files[i].clone();
+            let path = self.fetch_file(repo, &commit, &file, &cache, &mut tally, cancel)?;
+            if file.path.ends_with(".index.json") {
+                // Keep only the shards the index names (some repos carry extra weight files).
+                let named = shard_names(&path)?;
+                let before: u64 = files.iter().map(|f| f.bytes).sum();
+                files.retain(|f| {
+                    f.path == file.path
+                        || !(f.path.ends_with(".safetensors") || f.path.ends_with(".bin"))
+                        || named.contains(&f.path)
+                });
+                let after: u64 = files.iter().map(|f| f.bytes).sum();
+                tally.total_bytes -= before - after;
+            }
+            tally.done_before_file += file.bytes;
+            i += 1;
+        }
+        cache.write_ref(revision.unwrap_or("main"), &commit)?;
+        let snapshot = cache.snapshot_dir(&commit);
+        (tally.on_event)(DownloadEvent::Done {
+            snapshot: snapshot.clone(),
+        });
+        Ok(snapshot)
+    }
+
+    /// Makes `snapshots/<commit>/<file>` point at a complete blob, fetching what is missing.
+    fn fetch_file(
+        &self,
+        repo: &str,
+        commit: &str,
+        file: &PlannedFile,
+        cache: &RepoCache,
+        tally: &mut Tally<'_>,
+        cancel: &Cancel,
+    ) -> Result<PathBuf, HubError> {
+        let meta = self.head(repo, commit, &file.path)?;
+        let blob = cache.blob(&meta.etag);
+        if blob.is_file() {
+            tally.progress(&file.path, meta.bytes, true);
+            (tally.on_event)(DownloadEvent::FileDone {
+                file: file.path.clone(),
+                cached: true,
+            });
+            return cache.link(commit, &file.path, &meta.etag);
+        }
+        let part = cache.incomplete(&meta.etag);
+        if let Some(parent) = part.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let on_disk = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        (tally.on_event)(DownloadEvent::FileStarted {
+            file: file.path.clone(),
+            bytes: meta.bytes,
+            resumed_bytes: on_disk(&part).min(meta.bytes),
+        });
+        let mut attempt = 0;
+        loop {
+            if cancel.is_cancelled() {
+                return Err(HubError::Cancelled);
+            }
+            let have = on_disk(&part);
+            if have == meta.bytes {
+                break;
+            }
+            if have > meta.bytes {
+                // Not the file the ETag names: start over.
+                std::fs::remove_file(&part).map_err(io_err(&part))?;
+                continue;
+            }
+            match self.transfer(
+                repo, commit, &file.path, &part, have, meta.bytes, tally, cancel,
+            ) {
+                Ok(()) => {}
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Dropped(reason)) => {
+                    attempt += 1;
+                    if attempt > MAX_RETRIES {
+                        return Err(HubError::Dropped {
+                            file: file.path.clone(),
+                            reason,
+                        });
+                    }
+                    (tally.on_event)(DownloadEvent::Retrying {
+                        file: file.path.clone(),
+                        attempt,
+                        reason,
+                    });
+                    let wait = Duration::from_millis(200 * u64::from(attempt));
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until {
+                        if cancel.is_cancelled() {
+                            return Err(HubError::Cancelled);
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+        std::fs::rename(&part, &blob).map_err(io_err(&blob))?;
+        tally.progress(&file.path, meta.bytes, true);
+        (tally.on_event)(DownloadEvent::FileDone {
+            file: file.path.clone(),
+            cached: false,
+        });
+        cache.link(commit, &file.path, &meta.etag)
+    }
+
+    /// One GET of bytes `have..bytes` appended to `part`.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &self,
+        repo: &str,
+        commit: &str,
+        file: &str,
+        part: &std::path::Path,
+        have: u64,
+        bytes: u64,
+        tally: &mut Tally<'_>,
+        cancel: &Cancel,
+    ) -> Result<(), Attempt> {
+        let handle = self.repo(repo);
+        self.runtime.block_on(async {
+            let range = (have > 0).then_some(have..bytes);
+            let sent = handle
+                .download_file_stream()
+                .filename(file)
+                .revision(commit)
+                .maybe_range(range)
+                .send()
+                .await;
+            let (length, mut stream) = match sent {
+                Ok(s) => s,
+                Err(e) => return Err(self.attempt_error(repo, e)),
+            };
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(part)
+                .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+            let mut written = have;
+            if have > 0 && length == Some(bytes) {
+                // The server ignored the Range and sent the whole file: start over.
+                out.set_len(0)
+                    .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+                written = 0;
+            }
+            let mut idle = Duration::ZERO;
+            loop {
+                if cancel.is_cancelled() {
+                    let _ = out.flush();
+                    return Err(Attempt::Fatal(HubError::Cancelled));
+                }
+                let tick = Duration::from_millis(250);
+                let next = match tokio::time::timeout(tick, stream.next()).await {
+                    Err(_) => {
+                        idle += tick;
+                        if idle >= STALL {
+                            return Err(Attempt::Dropped(format!(
+                                "no data for {} s",
+                                STALL.as_secs()
+                            )));
+                        }
+                        continue;
+                    }
+                    Ok(next) => next,
+                };
+                idle = Duration::ZERO;
+                match next {
+                    Some(Ok(chunk)) => {
+                        out.write_all(&chunk)
+                            .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+                        written += chunk.len() as u64;
+                        tally.transferred += chunk.len() as u64;
+                        tally.progress(file, written, false);
+                    }
+                    Some(Err(e)) => {
+                        let _ = out.flush();
+                        return Err(self.attempt_error(repo, e));
+                    }
+                    None => break,
+                }
+            }
+            out.flush().map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+            if written < bytes {
+                return Err(Attempt::Dropped(format!(
+                    "the connection closed after {written} of {bytes} bytes"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    fn attempt_error(&self, repo: &str, e: hf_hub::HFError) -> Attempt {
+        use hf_hub::HFError as E;
+        match &e {
+            E::Request { source, .. } => Attempt::Dropped(error_chain(source)),
+            E::Http { context } if context.status.is_server_error() => {
+                Attempt::Dropped(format!("HTTP {}", context.status))
+            }
+            _ => Attempt::Fatal(self.map_error(repo, None, e)),
+        }
+    }
+
+    /// HEAD of the resolve URL without following the CDN redirect (whose answer lacks the Hub's
+    /// `X-Repo-Commit` / `X-Linked-Etag`); relative redirects (renamed repos) are followed.
+    fn head(&self, repo: &str, commit: &str, file: &str) -> Result<FileMeta, HubError> {
+        let mut url = reqwest::Url::parse(&self.endpoint).map_err(|e| HubError::Protocol {
+            reason: format!("bad endpoint: {e}"),
+        })?;
+        if let Ok(mut segs) = url.path_segments_mut() {
+            segs.pop_if_empty();
+            segs.extend(repo.split('/'));
+            segs.push("resolve");
+            segs.push(commit);
+            segs.extend(file.split('/'));
+        }
+        let resp = self.runtime.block_on(async {
+            let mut url = url;
+            for _ in 0..5 {
+                let mut req = self.head_client.head(url.clone());
+                if let Some(t) = &self.token {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await?;
+                let relative = resp.status().is_redirection()
+                    && header(&resp, "location").is_some_and(|l| l.starts_with('/'));
+                if relative {
+                    if let Some(next) = header(&resp, "location").and_then(|l| url.join(&l).ok()) {
+                        url = next;
+                        continue;
+                    }
+                }
+                return Ok(resp);
+            }
+            self.head_client.head(url).send().await
+        });
+        let resp = resp.map_err(|e| HubError::Network {
+            reason: error_chain(&e),
+        })?;
+        let status = resp.status();
+        let code = header(&resp, "x-error-code");
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            return Err(match code.as_deref() {
+                Some("RepoNotFound") => HubError::RepoNotFound {
+                    repo: repo.to_owned(),
+                },
+                Some("GatedRepo") => self.gated_error(repo),
+                _ if self.has_token => HubError::BadToken {
+                    endpoint: self.endpoint.clone(),
+                    reason: header(&resp, "x-error-message").unwrap_or_else(|| status.to_string()),
+                },
+                _ => self.gated_error(repo),
+            });
+        }
+        if status.as_u16() == 404 {
+            return Err(match code.as_deref() {
+                Some("RepoNotFound") => HubError::RepoNotFound {
+                    repo: repo.to_owned(),
+                },
+                Some("RevisionNotFound") => HubError::RevisionNotFound {
+                    repo: repo.to_owned(),
+                    revision: commit.to_owned(),
+                },
+                _ => HubError::FileNotFound {
+                    repo: repo.to_owned(),
+                    file: file.to_owned(),
+                },
+            });
+        }
+        if !(status.is_success() || status.is_redirection()) {
+            return Err(HubError::Protocol {
+                reason: format!("HEAD {file} answered {status}"),
+            });
+        }
+        let etag = header(&resp, "x-linked-etag")
+            .or_else(|| header(&resp, "etag"))
+            .map(|e| e.trim_start_matches("W/").trim_matches('"').to_owned())
+            .filter(|e| !e.is_empty() && !e.contains('/') && !e.contains(".."))
+            .ok_or_else(|| HubError::Protocol {
+                reason: format!("HEAD {file} has no usable ETag"),
+            })?;
+        let bytes = header(&resp, "x-linked-size")
+            .or_else(|| header(&resp, "content-length"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| HubError::Protocol {
+                reason: format!("HEAD {file} has no size"),
+            })?;
+        if let Some(c) = header(&resp, "x-repo-commit") {
+            if is_commit_hash(commit) && c != commit {
+                return Err(HubError::Protocol {
+                    reason: format!("asked for commit {commit}, got {c}"),
+                });
+            }
+        }
+        Ok(FileMeta { etag, bytes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_read_well_in_a_terminal() {
+        assert_eq!(format_secs(8.2), "8 s");
+        assert_eq!(format_secs(75.4), "1 min 15 s");
+        let p = DownloadEvent::Progress(DownloadProgress {
+            file: "model.safetensors".into(),
+            done_bytes: 1_500_000,
+            total_bytes: 3_000_000,
+            bytes_per_sec: 500_000.0,
+            eta_secs: Some(3.0),
+        });
+        assert_eq!(
+            p.describe().unwrap(),
+            "model.safetensors: 1.5 MB / 3.0 MB (500.0 KB/s, 3 s left)"
+        );
+    }
+
+    #[test]
+    fn rate_needs_time_to_measure() {
+        let mut m = RateMeter::new();
+        assert_eq!(m.update(0), 0.0);
+        std::thread::sleep(Duration::from_millis(250));
+        let r = m.update(1000);
+        assert!(r > 1000.0 && r < 5000.0, "{r}");
+    }
+}
