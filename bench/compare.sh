@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Side-by-side CPU benchmark: FineTune (`finetune bench`) and transformers + PEFT
+# (bench/peft_bench.py) on the same model and job, alternated for several rounds; prints each run
+# and the medians with the ratios. Creates bench/.venv (torch, transformers, peft) on first use.
+#
+#   bash bench/compare.sh MODEL_DIR [ROUNDS] [BATCH] [SEQ_LEN] [RANK] [STEPS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:?model folder}; rounds=${2:-3}; batch=${3:-4}; seq=${4:-256}; rank=${5:-8}; steps=${6:-5}
+venv=bench/.venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q torch transformers peft safetensors
+fi
+cargo build --release -q
+bin=${CARGO_TARGET_DIR:-target}/release/finetune
+out=$(mktemp)
+for r in $(seq 1 "$rounds"); do
+  "$bin" bench --model "$model" --batch "$batch" --seq-len "$seq" --rank "$rank" --steps "$steps" --warmup 2 --json \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"impl":"finetune","tokens_per_sec":d["tokens_per_sec"],"step_secs":d["step_secs"],"peak_rss_bytes":d["peak_rss_bytes"]}))' | tee -a "$out"
+  "$venv/bin/python" bench/peft_bench.py --model "$model" --batch "$batch" --seq-len "$seq" --rank "$rank" --steps "$steps" --warmup 2 | tee -a "$out"
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+med = lambda impl, k: statistics.median(r[k] for r in rows if r["impl"] == impl)
+ft, pt = "finetune", "transformers+peft"
+print(f"median tokens/s: FineTune {med(ft,'tokens_per_sec'):.1f}, PEFT {med(pt,'tokens_per_sec'):.1f}, "
+      f"ratio {med(ft,'tokens_per_sec')/med(pt,'tokens_per_sec'):.2f}x")
+print(f"median peak RSS: FineTune {med(ft,'peak_rss_bytes')/1e6:.0f} MB, PEFT {med(pt,'peak_rss_bytes')/1e6:.0f} MB, "
+      f"ratio {med(ft,'peak_rss_bytes')/med(pt,'peak_rss_bytes'):.2f}x")
+PY
