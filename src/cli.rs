@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::data::{OverLong, PromptCompletionStyle};
-use crate::model::LoraConfig;
 use crate::train::{DeviceChoice, Duration, Event, Schedule, TrainConfig};
 
 /// FineTune: LoRA fine-tuning of Hugging Face language models.
@@ -68,6 +68,8 @@ pub enum Command {
         /// Destination folder.
         output: PathBuf,
     },
+    /// Check a dataset: its summary and every problem (exit 1 when there are problems).
+    InspectData(InspectDataArgs),
     /// Describe a local Hugging Face model folder (architecture, sizes, LoRA targets).
     Info {
         /// Model folder (config.json + safetensors).
@@ -129,167 +131,227 @@ pub enum PromptStyleArg {
     Chat,
 }
 
-/// `finetune train` flags; every TrainConfig setting has one.
+/// `finetune train` flags; every TrainConfig setting has one. Unset flags take the value from
+/// `--config` (a TOML file with `TrainConfig`'s field names), else the default.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Hugging Face model folder.
+    /// Settings file (TOML, TrainConfig field names, e.g. `lr = 1e-4`, `[lora] rank = 16`);
+    /// flags given here override it.
     #[arg(long)]
-    pub model: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Hugging Face model folder (or a .gguf file).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Training JSONL.
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
     /// Validation JSONL (default: hold out --valid-fraction of the training records).
     #[arg(long)]
     pub valid: Option<PathBuf>,
     /// Output folder (adapter/, best/, checkpoints/).
     #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f64,
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f64,
-    /// Comma-separated module names (default: every linear projection).
-    #[arg(long, value_delimiter = ',')]
-    pub targets: Vec<String>,
-    /// Comma-separated layer indices (default: all).
-    #[arg(long, value_delimiter = ',')]
-    pub layers: Vec<usize>,
-    /// rsLoRA scaling alpha/√r.
+    pub out: Option<PathBuf>,
+    /// LoRA rank [default 8].
     #[arg(long)]
-    pub rslora: bool,
-    #[arg(long, default_value_t = 2e-4)]
-    pub lr: f64,
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
-    pub schedule: ScheduleArg,
-    /// Final lr as a fraction of --lr (cosine/linear).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_lr_ratio: f64,
-    #[arg(long, default_value_t = 0)]
-    pub warmup: usize,
+    pub rank: Option<usize>,
+    /// LoRA alpha [default 16].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA dropout [default 0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Comma-separated module names [default: every linear projection].
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// Comma-separated layer indices [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Option<Vec<usize>>,
+    /// rsLoRA scaling alpha/√r.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub rslora: Option<bool>,
+    /// Peak learning rate [default 2e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
+    /// Final lr as a fraction of --lr (cosine/linear) [default 0].
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    /// Warmup steps [default 0].
+    #[arg(long)]
+    pub warmup: Option<usize>,
     /// Optimizer steps (conflicts with --epochs).
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<usize>,
-    /// Passes over the data (default 1).
+    /// Passes over the data [default 1].
     #[arg(long)]
     pub epochs: Option<usize>,
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub max_seq_len: usize,
-    /// Train on prompts too (default: loss on completions / assistant turns only).
     #[arg(long)]
-    pub no_mask_prompt: bool,
-    #[arg(long, value_enum, default_value_t = PromptStyleArg::Auto)]
-    pub prompt_style: PromptStyleArg,
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Loss on completions / assistant turns only [default true]; `--mask-prompt false` trains on
+    /// prompts too.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub mask_prompt: Option<bool>,
+    #[arg(long, value_enum)]
+    pub prompt_style: Option<PromptStyleArg>,
     /// Pack short records into full rows.
-    #[arg(long)]
-    pub packing: bool,
+    #[arg(long, alias = "pack", num_args = 0..=1, default_missing_value = "true")]
+    pub packing: Option<bool>,
     /// Drop over-long records instead of truncating them.
-    #[arg(long)]
-    pub drop_long: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub drop_long: Option<bool>,
     /// Skip bad JSONL lines (reported) instead of refusing to start.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_bad_lines: Option<bool>,
     #[arg(long)]
-    pub skip_bad_lines: bool,
-    #[arg(long, default_value_t = 0.1)]
-    pub valid_fraction: f64,
-    /// Evaluate every N steps (0 = only at start and end).
-    #[arg(long, default_value_t = 50)]
-    pub eval_every: usize,
+    pub valid_fraction: Option<f64>,
+    /// Evaluate every N steps (0 = only at start and end) [default 50].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
     /// Max validation batches per evaluation (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub eval_batches: usize,
-    /// Save a checkpoint every N steps (0 = only at the end).
-    #[arg(long, default_value_t = 100)]
-    pub save_every: usize,
-    /// Clip the global gradient norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
-    pub beta2: f64,
+    #[arg(long)]
+    pub eval_batches: Option<usize>,
+    /// Save a checkpoint every N steps (0 = only at the end) [default 100].
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Clip the global gradient norm (0 = off) [default 1].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    #[arg(long)]
+    pub beta2: Option<f64>,
     /// Stop after N evaluations without val-loss improvement (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub early_stop: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    /// Resume from a checkpoint folder (out/checkpoints/step-N).
+    #[arg(long)]
+    pub early_stop: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
+    /// Resume from a checkpoint folder (OUT/checkpoints/step-N).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Print every N steps.
-    #[arg(long, default_value_t = 1)]
-    pub log_every: usize,
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// One JSON object per event instead of progress lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl TrainArgs {
-    pub fn to_config(&self) -> TrainConfig {
-        TrainConfig {
-            model_dir: self.model.clone(),
-            train_data: self.data.clone(),
-            valid_data: self.valid.clone(),
-            out_dir: self.out.clone(),
-            lora: LoraConfig {
-                rank: self.rank,
-                alpha: self.alpha,
-                dropout: self.dropout,
-                targets: self.targets.clone(),
-                layers: (!self.layers.is_empty()).then(|| self.layers.clone()),
-                use_rslora: self.rslora,
-            },
-            lr: self.lr,
-            schedule: match self.schedule {
+    /// The run's settings: `--config` (or the defaults), then every flag given.
+    pub fn to_config(&self) -> anyhow::Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the settings file {}", path.display()))?;
+                toml::from_str::<TrainConfig>(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e}settings file fields are TrainConfig's (see README#command-line): {}",
+                        path.display()
+                    )
+                })?
+            }
+            None => TrainConfig::default(),
+        };
+        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *slot = v.clone();
+            }
+        }
+        set(&mut c.model_dir, &self.model);
+        set(&mut c.train_data, &self.data);
+        if self.valid.is_some() {
+            c.valid_data = self.valid.clone();
+        }
+        set(&mut c.out_dir, &self.out);
+        set(&mut c.lora.rank, &self.rank);
+        set(&mut c.lora.alpha, &self.alpha);
+        set(&mut c.lora.dropout, &self.dropout);
+        set(&mut c.lora.targets, &self.targets);
+        if let Some(l) = &self.layers {
+            c.lora.layers = (!l.is_empty()).then(|| l.clone());
+        }
+        set(&mut c.lora.use_rslora, &self.rslora);
+        set(&mut c.lr, &self.lr);
+        if let Some(s) = self.schedule {
+            c.schedule = match s {
                 ScheduleArg::Cosine => Schedule::Cosine,
                 ScheduleArg::Linear => Schedule::Linear,
                 ScheduleArg::Constant => Schedule::Constant,
-            },
-            min_lr_ratio: self.min_lr_ratio,
-            warmup_steps: self.warmup,
-            duration: match self.steps {
-                Some(s) => Duration::Steps(s),
-                None => Duration::Epochs(self.epochs.unwrap_or(1)),
-            },
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            max_seq_len: self.max_seq_len,
-            mask_prompt: !self.no_mask_prompt,
-            prompt_completion: match self.prompt_style {
+            };
+        }
+        set(&mut c.min_lr_ratio, &self.min_lr_ratio);
+        set(&mut c.warmup_steps, &self.warmup);
+        if let Some(s) = self.steps {
+            c.duration = Duration::Steps(s);
+        }
+        if let Some(e) = self.epochs {
+            c.duration = Duration::Epochs(e);
+        }
+        set(&mut c.batch_size, &self.batch_size);
+        set(&mut c.grad_accum, &self.grad_accum);
+        set(&mut c.max_seq_len, &self.max_seq_len);
+        set(&mut c.mask_prompt, &self.mask_prompt);
+        if let Some(p) = self.prompt_style {
+            c.prompt_completion = match p {
                 PromptStyleArg::Auto => PromptCompletionStyle::Auto,
                 PromptStyleArg::Plain => PromptCompletionStyle::Plain,
                 PromptStyleArg::Chat => PromptCompletionStyle::ChatTemplate,
-            },
-            packing: self.packing,
-            over_long: if self.drop_long {
+            };
+        }
+        set(&mut c.packing, &self.packing);
+        if let Some(d) = self.drop_long {
+            c.over_long = if d {
                 OverLong::Drop
             } else {
                 OverLong::Truncate
-            },
-            skip_bad_lines: self.skip_bad_lines,
-            valid_fraction: self.valid_fraction,
-            eval_every: self.eval_every,
-            eval_batches: self.eval_batches,
-            save_every: self.save_every,
-            max_grad_norm: self.max_grad_norm,
-            adamw: crate::train::optim::AdamWConfig {
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: 1e-8,
-                weight_decay: self.weight_decay,
-            },
-            early_stop_patience: self.early_stop,
-            seed: self.seed,
-            device: self.device.into(),
-            resume_from: self.resume.clone(),
-            log_every: self.log_every.max(1),
+            };
         }
+        set(&mut c.skip_bad_lines, &self.skip_bad_lines);
+        set(&mut c.valid_fraction, &self.valid_fraction);
+        set(&mut c.eval_every, &self.eval_every);
+        set(&mut c.eval_batches, &self.eval_batches);
+        set(&mut c.save_every, &self.save_every);
+        set(&mut c.max_grad_norm, &self.max_grad_norm);
+        set(&mut c.adamw.weight_decay, &self.weight_decay);
+        set(&mut c.adamw.beta1, &self.beta1);
+        set(&mut c.adamw.beta2, &self.beta2);
+        set(&mut c.early_stop_patience, &self.early_stop);
+        set(&mut c.seed, &self.seed);
+        if let Some(d) = self.device {
+            c.device = d.into();
+        }
+        if self.resume.is_some() {
+            c.resume_from = self.resume.clone();
+        }
+        if let Some(n) = self.log_every {
+            c.log_every = n.max(1);
+        }
+        Ok(c)
     }
+}
+
+/// `finetune inspect-data` flags.
+#[derive(Debug, Args)]
+pub struct InspectDataArgs {
+    /// The JSONL file to check.
+    pub file: PathBuf,
+    /// Model folder whose tokenizer and chat template are used.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+    /// Train on prompts too (affects the masked-fraction figures).
+    #[arg(long)]
+    pub no_mask_prompt: bool,
 }
 
 impl From<DeviceArg> for DeviceChoice {
@@ -462,6 +524,7 @@ pub fn main() -> ExitCode {
         Some(Command::Info { model }) => info(&model),
         Some(Command::Train(args)) => train(&args),
         Some(Command::Bench(args)) => bench(&args),
+        Some(Command::InspectData(args)) => inspect_data(&args),
         Some(Command::Search {
             query,
             sort,
@@ -588,7 +651,7 @@ pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
         } => {
             println!("{reason}");
             println!("adapter of step {step} saved: {}", adapter.display());
-            return Some(ExitCode::from(3));
+            return Some(ExitCode::SUCCESS);
         }
         Event::Failed { error } => {
             eprintln!("error: {error}");
@@ -598,8 +661,29 @@ pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
     None
 }
 
+fn inspect_data(args: &InspectDataArgs) -> anyhow::Result<ExitCode> {
+    let tokenizer = crate::data::ModelTokenizer::from_dir(&args.model)?;
+    let options = crate::data::DataOptions {
+        max_seq_len: args.max_seq_len,
+        mask_prompt: !args.no_mask_prompt,
+        valid_fraction: 0.0,
+        ..Default::default()
+    };
+    match crate::data::load(&args.file, None, &tokenizer, &options) {
+        Ok(loaded) => {
+            println!("{}", loaded.train.summary);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(problems) => {
+            println!("{problems}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
-    let config = args.to_config();
+    let config = args.to_config()?;
+    let json = args.json;
     let (reporter, events, stop) = crate::session::Reporter::channel();
     // Ctrl-C asks for a clean stop: the current step finishes and everything is saved.
     let flag = stop.clone();
@@ -613,8 +697,24 @@ fn train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let worker = std::thread::spawn(move || crate::train::run(config, reporter));
     let mut code = ExitCode::FAILURE;
     for event in events.iter() {
-        if let Some(c) = print_event(&event, log_every) {
+        let end = if json {
+            println!("{}", serde_json::to_string(&event)?);
+            match &event {
+                Event::Finished { .. } | Event::Stopped { .. } => Some(ExitCode::SUCCESS),
+                Event::Failed { .. } => Some(ExitCode::FAILURE),
+                _ => None,
+            }
+        } else {
+            print_event(&event, log_every)
+        };
+        if let Some(c) = end {
             code = c;
+        }
+        // A stop the person asked for (Ctrl-C) is a success; a NaN stop is not.
+        if let Event::Stopped { .. } = &event {
+            if !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                code = ExitCode::from(3);
+            }
         }
     }
     let _ = worker.join();

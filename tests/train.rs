@@ -355,3 +355,75 @@ fn cli_trains_headless() {
     assert_eq!(cfg["target_modules"], serde_json::json!(["c_attn", "c_fc"]));
     assert_eq!(cfg["fan_in_fan_out"], true);
 }
+
+#[test]
+fn cli_reads_a_settings_file_flags_override_and_json_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let settings = dir.path().join("run.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "model_dir = {:?}\ntrain_data = {:?}\nout_dir = {:?}\nmax_seq_len = 64\neval_every = 0\nsave_every = 0\n[duration]\nsteps = 2\n[lora]\nrank = 4\n",
+            fixture("tiny-qwen2"),
+            demo("train.jsonl"),
+            out
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .args(["train", "--config"])
+        .arg(&settings)
+        .args(["--rank", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"started") && kinds.contains(&"step"),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last(), Some(&"finished"));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 2, "the flag overrides the file");
+}
+
+#[test]
+fn cli_inspect_data_lists_problems_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"hi\"}\n{\"text\": 5}\nnope\n").unwrap();
+    let run = |file: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_finetune"))
+            .arg("inspect-data")
+            .arg(file)
+            .arg("--model")
+            .arg(fixture("tiny-llama"))
+            .output()
+            .unwrap()
+    };
+    let output = run(&bad);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success());
+    assert!(
+        text.contains("line 2") && text.contains("line 3") && text.contains("bad.jsonl"),
+        "{text}"
+    );
+    let output = run(&demo("train.jsonl"));
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("200 records"));
+}

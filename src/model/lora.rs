@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 
 /// What to adapt and how.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct LoraConfig {
     /// Rank r of A (r, in) and B (out, r). Default 8.
     pub rank: usize,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::data::DatasetSummary;
 
 /// One optimizer step's figures.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StepStats {
     /// 1-based optimizer step.
     pub step: usize,
@@ -33,8 +33,9 @@ pub struct StepStats {
     pub device_bytes: Option<u64>,
 }
 
-/// Events from the training thread, in order.
-#[derive(Debug, Clone, PartialEq)]
+/// Events from the training thread, in order (`finetune train --json` prints one per line).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "event", content = "data", rename_all = "snake_case")]
 pub enum Event {
     /// The model and data are loaded and training begins.
     Started {

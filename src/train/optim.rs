@@ -9,6 +9,7 @@ use candle_core::{DType, Result, Tensor, Var};
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,
