@@ -34,6 +34,8 @@ pub struct BenchOptions {
     /// Where to keep random weights between runs (so a run's peak memory is not inflated by
     /// writing them); default a temp folder.
     pub random_dir: Option<PathBuf>,
+    /// Gradient checkpointing.
+    pub checkpointing: bool,
 }
 
 /// Measured figures (medians over the timed steps).
@@ -56,6 +58,7 @@ pub struct BenchReport {
     pub estimate: memory::Estimate,
     pub trainable_params: usize,
     pub random_weights: bool,
+    pub checkpointing: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -161,6 +164,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         },
         0,
     )?;
+    let sink = model.set_gradient_checkpointing(opts.checkpointing);
     let mut opt = AdamW::new(lora.named_vars(), AdamWConfig::default())?;
     let (b, t) = (opts.batch, opts.seq_len);
     let batches = make_batches(opts, &model)?;
@@ -173,7 +177,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         let (loss, _) = model.loss(&input, labels, true)?;
         loss.device().synchronize()?;
         let t1 = Instant::now();
-        let grads = opt.collect(&loss.backward()?);
+        let mut grads = opt.collect(&loss.backward()?);
+        if let Some(sink) = &sink {
+            opt.accumulate_sink(&mut grads, sink.take(), 1.0)?;
+        }
         loss.device().synchronize()?;
         let t2 = Instant::now();
         opt.step(&grads, 1e-4, 1.0)?;
@@ -195,7 +202,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             seq_len: t,
             rank: opts.rank,
             dtype_bytes: backend.dtype.size_in_bytes(),
-            checkpointing: false,
+            checkpointing: opts.checkpointing,
             lora_modules_per_layer: None,
         },
     );
@@ -217,6 +224,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         estimate,
         trainable_params: lora.parameter_count(),
         random_weights: !has_weights,
+        checkpointing: opts.checkpointing,
     })
 }
 
@@ -279,7 +287,7 @@ impl std::fmt::Display for BenchReport {
         let mb = |b: u64| b as f64 / 1e6;
         writeln!(
             f,
-            "model {} ({}), {} {}, batch {} × {} tokens, LoRA r={} ({} trainable), {} timed steps",
+            "model {} ({}), {} {}, batch {} × {} tokens, LoRA r={} ({} trainable), {} timed steps{}",
             self.model,
             if self.random_weights {
                 "random weights"
@@ -292,7 +300,8 @@ impl std::fmt::Display for BenchReport {
             self.seq_len,
             self.rank,
             self.trainable_params,
-            self.steps
+            self.steps,
+            if self.checkpointing { ", gradient checkpointing" } else { "" }
         )?;
         writeln!(
             f,

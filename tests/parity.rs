@@ -108,3 +108,45 @@ fn sharded_checkpoint_gives_the_same_logits() {
         assert!(checked >= 4, "expected the four sharded fixtures");
     }
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    for dir in reference_dirs() {
+        let r = reference(&dir);
+        let mut model = load(&dir);
+        let state = adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+        let Some(sink) = model.set_gradient_checkpointing(true) else {
+            println!(
+                "{:<14} (no gradient checkpointing for this architecture)",
+                name(&dir)
+            );
+            continue;
+        };
+        let (loss, _) = model
+            .loss(&ModelInput::causal(r.input_ids.clone()), &r.labels, true)
+            .unwrap();
+        assert!((loss.to_scalar::<f32>().unwrap() as f64 - r.loss).abs() <= 1e-5);
+        let opt =
+            finetune::train::optim::AdamW::new(state.named_vars(), Default::default()).unwrap();
+        let mut grads = opt.collect(&loss.backward().unwrap());
+        opt.accumulate_sink(&mut grads, sink.take(), 1.0).unwrap();
+        let mut worst = 0f64;
+        for ((key, _), got) in opt.params().iter().zip(&grads) {
+            let want = &r.grads.iter().find(|(k, _)| k == key).unwrap().1;
+            let got = got
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: no gradient for {key}", name(&dir)));
+            let rel = norm(&(got - want).unwrap()) / norm(want);
+            worst = worst.max(rel);
+            assert!(
+                rel <= 1e-3,
+                "{}: {key} relative error {rel:.2e}",
+                name(&dir)
+            );
+        }
+        println!(
+            "{:<14} checkpointed: worst relative gradient error {worst:.2e}",
+            name(&dir)
+        );
+    }
+}

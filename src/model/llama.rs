@@ -8,8 +8,21 @@ use candle_core::{Result, Tensor};
 use super::config::{Activation, ModelConfig};
 use super::lora::LoraLinear;
 use super::ops;
+use super::recompute;
 use super::weights::Weights;
 use super::{ModelError, ModelInput};
+
+/// What every layer of one forward pass shares.
+#[derive(Debug, Clone)]
+pub struct LayerCtx {
+    pub cfg: ModelConfig,
+    /// (B or 1, 1, T, D)
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive attention bias.
+    pub bias: Tensor,
+    pub train: bool,
+}
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
@@ -40,6 +53,8 @@ pub struct Llama {
     /// RoPE tables (max_positions, head_dim), compute dtype.
     cos: Tensor,
     sin: Tensor,
+    /// Gradient checkpointing: where recomputed layers put their LoRA gradients.
+    recompute: Option<recompute::GradSink>,
 }
 
 /// Loads a linear projection `path` with weight (out, in) and an optional bias.
@@ -64,7 +79,70 @@ pub(super) fn linear(
     })
 }
 
+impl Layer {
+    /// The layer's projections.
+    pub fn linears(&self) -> [&LoraLinear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// `x` (B, T, H) → (B, T, H). `detach_lora` runs without recording LoRA in the graph (the
+    /// value pass of gradient checkpointing).
+    pub fn forward(&self, x: &Tensor, ctx: &LayerCtx, detach_lora: bool) -> Result<Tensor> {
+        let cfg = &ctx.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let train = ctx.train;
+        let lin = |l: &LoraLinear, h: &Tensor| l.forward_opts(h, train, detach_lora);
+        let h = ops::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
+        // (B, T, heads·D) → (B, heads, T, D)
+        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+            let y = y.reshape((b, t, n, d))?;
+            let y = match norm {
+                Some(w) => ops::rms_norm(&y, w, cfg.norm_eps)?,
+                None => y,
+            };
+            y.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(lin(&self.q_proj, &h)?, nh, &self.q_norm)?;
+        let k = heads(lin(&self.k_proj, &h)?, nkv, &self.k_norm)?;
+        let v = heads(lin(&self.v_proj, &h)?, nkv, &None)?;
+        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let k = ops::repeat_kv(k, nh / nkv)?.contiguous()?;
+        let v = ops::repeat_kv(v, nh / nkv)?.contiguous()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let att = ops::attention(&q, &k, &v, &ctx.bias, scale)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * d))?;
+        let x = (x + lin(&self.o_proj, &att)?)?;
+        let h = ops::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
+        let gate = lin(&self.gate_proj, &h)?;
+        let gate = match cfg.activation {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+            Activation::Relu => gate.relu()?,
+        };
+        let up = lin(&self.up_proj, &h)?;
+        x + lin(&self.down_proj, &(gate * up)?)?
+    }
+}
+
 impl Llama {
+    /// Turns gradient checkpointing on (`Some(sink)`: layers are recomputed in backward and their
+    /// LoRA gradients land in `sink`) or off.
+    pub fn set_recompute(&mut self, sink: Option<recompute::GradSink>) {
+        self.recompute = sink;
+    }
+
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
         let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
@@ -116,6 +194,7 @@ impl Llama {
             lm_head,
             cos: cos.to_dtype(w.dtype())?,
             sin: sin.to_dtype(w.dtype())?,
+            recompute: None,
         })
     }
 
@@ -161,7 +240,7 @@ impl Llama {
     pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = input.input_ids.dims2()?;
-        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let d = cfg.head_dim;
         let mut x = self
             .embed
             .index_select(&input.input_ids.flatten_all()?, 0)?
@@ -180,40 +259,18 @@ impl Llama {
                 self.sin.narrow(0, 0, t)?.reshape((1, 1, t, d))?,
             ),
         };
-        let bias = input.bias(x.dtype())?;
-        let scale = 1.0 / (d as f64).sqrt();
+        let ctx = LayerCtx {
+            cfg: cfg.clone(),
+            cos,
+            sin,
+            bias: input.bias(x.dtype())?,
+            train,
+        };
         for layer in &self.layers {
-            let h = ops::rms_norm(&x, &layer.input_norm, cfg.norm_eps)?;
-            // (B, T, heads·D) → (B, heads, T, D)
-            let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-                let y = y.reshape((b, t, n, d))?;
-                let y = match norm {
-                    Some(w) => ops::rms_norm(&y, w, cfg.norm_eps)?,
-                    None => y,
-                };
-                y.transpose(1, 2)?.contiguous()
+            x = match (&self.recompute, train) {
+                (Some(sink), true) => recompute::checkpointed(layer, &x, &ctx, sink)?,
+                _ => layer.forward(&x, &ctx, false)?,
             };
-            let q = heads(layer.q_proj.forward(&h, train)?, nh, &layer.q_norm)?;
-            let k = heads(layer.k_proj.forward(&h, train)?, nkv, &layer.k_norm)?;
-            let v = heads(layer.v_proj.forward(&h, train)?, nkv, &None)?;
-            let q = ops::apply_rope(&q, &cos, &sin)?;
-            let k = ops::apply_rope(&k, &cos, &sin)?;
-            let k = ops::repeat_kv(k, nh / nkv)?.contiguous()?;
-            let v = ops::repeat_kv(v, nh / nkv)?.contiguous()?;
-            let att = ops::attention(&q, &k, &v, &bias, scale)?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * d))?;
-            x = (x + layer.o_proj.forward(&att, train)?)?;
-            let h = ops::rms_norm(&x, &layer.post_norm, cfg.norm_eps)?;
-            let gate = layer.gate_proj.forward(&h, train)?;
-            let gate = match cfg.activation {
-                Activation::Silu => gate.silu()?,
-                Activation::GeluTanh => gate.gelu()?,
-                Activation::Gelu => gate.gelu_erf()?,
-                Activation::Relu => gate.relu()?,
-            };
-            let up = layer.up_proj.forward(&h, train)?;
-            x = (x + layer.down_proj.forward(&(gate * up)?, train)?)?;
         }
         ops::rms_norm(&x, &self.norm, cfg.norm_eps)
     }

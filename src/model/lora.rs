@@ -146,6 +146,11 @@ impl LoraLinear {
 
     /// `x` `(..., in)` → `(..., out)`. Dropout on the LoRA input only when `train`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_opts(x, train, false)
+    }
+
+    /// As [`LoraLinear::forward`]; `detach_lora` uses A and B as constants (no graph).
+    pub fn forward_opts(&self, x: &Tensor, train: bool, detach_lora: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_f = self.in_features();
         let x2 = x.reshape(((), in_f))?;
@@ -157,12 +162,13 @@ impl LoraLinear {
                 if train && l.dropout > 0.0 {
                     h = seeded_dropout(&h, l.dropout, mix(l.seed.get(), path_hash(&self.path)))?;
                 }
-                let bt = (l.b.as_tensor().t()? * l.scale)?;
-                Some(
-                    h.matmul(&l.a.as_tensor().t()?)?
-                        .matmul(&bt)?
-                        .to_dtype(x2.dtype())?,
-                )
+                let (a, b) = if detach_lora {
+                    (l.a.as_tensor().detach(), l.b.as_tensor().detach())
+                } else {
+                    (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+                };
+                let bt = (b.t()? * l.scale)?;
+                Some(h.matmul(&a.t()?)?.matmul(&bt)?.to_dtype(x2.dtype())?)
             }
             None => None,
         };

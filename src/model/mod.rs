@@ -10,6 +10,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod lora;
 pub mod ops;
+pub mod recompute;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -148,6 +149,20 @@ impl Model {
     pub fn attach_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<LoraState, LoraError> {
         let n = self.config.num_layers;
         lora::attach(self.linears_mut(), config, n, seed)
+    }
+
+    /// Turns gradient checkpointing on or off (llama family; GPT-2 runs without). When on, the
+    /// returned sink receives the LoRA gradients of recomputed layers during `backward`, which
+    /// must be added to the step's gradients ([`crate::train::optim::AdamW::accumulate_sink`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) -> Option<recompute::GradSink> {
+        match &mut self.arch {
+            Arch::Llama(m) => {
+                let sink = on.then(recompute::GradSink::default);
+                m.set_recompute(sink.clone());
+                sink
+            }
+            Arch::Gpt2(_) => None,
+        }
     }
 
     /// Removes every adapter.

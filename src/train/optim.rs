@@ -86,6 +86,26 @@ impl AdamW {
         Ok(())
     }
 
+    /// Adds `scale ·` the gradients collected by gradient checkpointing into `acc`.
+    pub fn accumulate_sink(
+        &self,
+        acc: &mut [Option<Tensor>],
+        pairs: Vec<(Var, Tensor)>,
+        scale: f64,
+    ) -> Result<()> {
+        for (var, g) in pairs {
+            let Some(i) = self.params.iter().position(|(_, p)| p.id() == var.id()) else {
+                continue;
+            };
+            let g = (g * scale)?;
+            acc[i] = Some(match acc[i].take() {
+                Some(prev) => (prev + g)?,
+                None => g,
+            });
+        }
+        Ok(())
+    }
+
     /// Global L2 norm of `grads` (missing gradients count as zero).
     pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
         let mut total = 0f64;

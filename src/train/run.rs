@@ -147,6 +147,8 @@ struct Trainer<'c> {
     options: BatchOptions,
     state: TrainerState,
     base_name: String,
+    /// LoRA gradients of recomputed layers (gradient checkpointing).
+    recompute: Option<crate::model::recompute::GradSink>,
 }
 
 impl<'c> Trainer<'c> {
@@ -202,6 +204,7 @@ impl<'c> Trainer<'c> {
             }
             None => (model.attach_lora(&config.lora, config.seed)?, None),
         };
+        let recompute = model.set_gradient_checkpointing(config.gradient_checkpointing);
         let mut opt = AdamW::new(lora.named_vars(), config.adamw)?;
         let options = BatchOptions {
             batch_size: config.batch_size,
@@ -265,6 +268,7 @@ impl<'c> Trainer<'c> {
             options,
             state,
             base_name,
+            recompute,
         })
     }
 
@@ -386,8 +390,11 @@ impl<'c> Trainer<'c> {
                 input_tokens += batch.segment_ids.iter().filter(|&&s| s != 0).count();
                 // Weight each micro-batch by its share of target tokens, so the step's gradient is
                 // that of the mean loss over all its tokens (HF's num_items_in_batch convention).
-                self.opt
-                    .accumulate(&mut grads, &loss.backward()?, n as f64 / n_total as f64)?;
+                let weight = n as f64 / n_total as f64;
+                self.opt.accumulate(&mut grads, &loss.backward()?, weight)?;
+                if let Some(sink) = &self.recompute {
+                    self.opt.accumulate_sink(&mut grads, sink.take(), weight)?;
+                }
             }
             let loss = loss_sum / n_total as f64;
             let grad_norm = AdamW::grad_norm(&grads)?;
