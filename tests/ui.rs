@@ -16,6 +16,7 @@ use finetune::data::{DatasetSummary, Format, TemplateUse};
 use finetune::session::{self, Reporter};
 use finetune::train::{self, Event, StepStats, TrainConfig};
 use finetune::ui::dataset::Outcome;
+use finetune::ui::hub_worker::HubSetup;
 use finetune::ui::{Engine, FineTuneApp, Preset, RunState, Settings, Step};
 
 fn root() -> PathBuf {
@@ -35,6 +36,11 @@ fn settings(out: &Path) -> Settings {
 }
 
 fn harness(app: FineTuneApp) -> Harness<'static, FineTuneApp> {
+    // The Hub client never touches the person's keychain in tests (tests/ui_hub.rs covers it).
+    let app = app.with_hub(HubSetup {
+        keychain: false,
+        ..HubSetup::default()
+    });
     Harness::builder()
         .with_size([1280.0, 860.0])
         .build_eframe(|_cc| app)
@@ -186,7 +192,7 @@ fn steps_and_status_bar_are_visible() {
     assert!(has_label(&h, "Device: "));
     assert!(has_label(&h, "Memory: "));
     assert!(has_label(&h, "Run: idle"));
-    // The model step is first, with the demo and a placeholder for Hub search.
+    // The model step is first, with the demo and Hub search.
     assert_eq!(h.state().step(), Step::Model);
     h.get_by_label("Try the demo");
     assert!(has_label(&h, "Search the Hugging Face Hub"));

@@ -130,10 +130,11 @@ fn describe(e: &Error) -> String {
 }
 
 /// `tojson` as transformers defines it: Python's `json.dumps(ensure_ascii=False)`, i.e. `", "` and
-/// `": "` separators, `indent` (spaces or a string) with `","` line ends, no HTML escaping.
+/// `": "` separators, `indent` (spaces or a string) with `","` line ends, no HTML escaping, and
+/// the keyword arguments `sort_keys` and `ensure_ascii` (`\uXXXX`, surrogate pairs above U+FFFF).
 /// minijinja's own filter writes compact, HTML-escaped JSON, so tool schemas and tool-call
-/// arguments would train in a form the model never meets at inference. Keys come out sorted (the
-/// JSON maps are sorted; Python keeps insertion order unless `sort_keys`).
+/// arguments would train in a form the model never meets at inference. Keys keep their insertion
+/// order (serde_json's and minijinja's `preserve_order`), as Python's dicts do, unless `sort_keys`.
 fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
     let indent = match indent.or(kwargs.get::<Option<Value>>("indent")?) {
         None => None,
@@ -161,9 +162,8 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
             ))
         }
     };
-    // Accepted for compatibility; keys are sorted anyway and non-ASCII is never escaped.
-    let _: Option<Value> = kwargs.get("sort_keys")?;
-    let _: Option<Value> = kwargs.get("ensure_ascii")?;
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
     kwargs.assert_all_used()?;
     let json = serde_json::to_value(value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
@@ -171,6 +171,8 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
         indent: indent.as_deref(),
         item: &item,
         key: &key,
+        sort_keys,
+        ensure_ascii,
     };
     let mut out = String::new();
     write_py_json(&json, &style, 0, &mut out);
@@ -182,6 +184,8 @@ struct JsonStyle<'a> {
     indent: Option<&'a str>,
     item: &'a str,
     key: &'a str,
+    sort_keys: bool,
+    ensure_ascii: bool,
 }
 
 fn write_py_json(v: &serde_json::Value, style: &JsonStyle<'_>, level: usize, out: &mut String) {
@@ -209,24 +213,29 @@ fn write_py_json(v: &serde_json::Value, style: &JsonStyle<'_>, level: usize, out
         }
         serde_json::Value::Object(map) if !map.is_empty() => {
             out.push('{');
-            for (i, (key, item)) in map.iter().enumerate() {
+            let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+            if style.sort_keys {
+                // Python compares str keys by code point, as Rust's str ordering does.
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            for (i, (key, item)) in entries.into_iter().enumerate() {
                 if i > 0 {
                     out.push_str(separator);
                 }
                 newline(out, level + 1);
-                write_py_string(key, out);
+                write_py_string(key, style.ensure_ascii, out);
                 out.push_str(style.key);
                 write_py_json(item, style, level + 1, out);
             }
             newline(out, level);
             out.push('}');
         }
-        serde_json::Value::String(s) => write_py_string(s, out),
+        serde_json::Value::String(s) => write_py_string(s, style.ensure_ascii, out),
         other => out.push_str(&other.to_string()),
     }
 }
 
-fn write_py_string(s: &str, out: &mut String) {
+fn write_py_string(s: &str, ensure_ascii: bool, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -238,6 +247,13 @@ fn write_py_string(s: &str, out: &mut String) {
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
             c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            // Python's ensure_ascii escapes everything outside ' '..='~', DEL included.
+            c if ensure_ascii && (c as u32) > 0x7e => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
             c => out.push(c),
         }
     }
@@ -458,6 +474,23 @@ mod tests {
             out,
             format!("{compact}|{indented}|\"plain\"|{{\"k\":[1,2]}}")
         );
+    }
+
+    #[test]
+    fn tojson_sort_keys_and_ensure_ascii_match_python() {
+        let t = ChatTemplate::new(
+            "{{ messages[0] | tojson(sort_keys=True, ensure_ascii=True) }}|{{ messages[0] | tojson }}",
+            None,
+            None,
+        )
+        .unwrap();
+        let v = json!({"b": 1, "a": {"z": "é🌦\u{7f}~", "y": [true, null]}});
+        let out = t.render(&[v], None, false).unwrap();
+        // Python's json.dumps(v, sort_keys=True, ensure_ascii=True) and json.dumps(v, ensure_ascii=False).
+        let sorted_ascii =
+            r#"{"a": {"y": [true, null], "z": "\u00e9\ud83c\udf26\u007f~"}, "b": 1}"#;
+        let plain = "{\"b\": 1, \"a\": {\"z\": \"é🌦\u{7f}~\", \"y\": [true, null]}}";
+        assert_eq!(out, format!("{sorted_ascii}|{plain}"));
     }
 
     #[test]

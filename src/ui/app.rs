@@ -13,6 +13,7 @@ use egui::{Color32, RichText, Ui};
 
 use super::dataset::{drop_overlay_ui, DataKey, DatasetAction, DatasetPanel, Outcome};
 use super::export::{ExportAction, ExportPanel};
+use super::hub_worker::HubSetup;
 use super::models::{ModelAction, ModelsPanel};
 use super::run_view::RunView;
 use super::settings::{run_dir, settings_ui, Preset, Settings};
@@ -108,6 +109,13 @@ impl FineTuneApp {
         };
         app.open_paths(&paths);
         app
+    }
+
+    /// Points the Models panel's Hub search and downloads at `setup` instead of the environment's
+    /// Hub and cache (tests use a fake Hub on 127.0.0.1 and keep the keychain out of it).
+    pub fn with_hub(mut self, setup: HubSetup) -> Self {
+        self.models.set_hub_setup(setup);
+        self
     }
 
     pub fn settings(&self) -> &Settings {
@@ -329,6 +337,7 @@ impl FineTuneApp {
         if !self.first_frame_done {
             self.first_frame_done = true;
             self.models.rescan(ctx);
+            self.models.start_hub(ctx);
             if let Some(d) = self.settings.model_dir.clone() {
                 if !self
                     .actions
@@ -384,8 +393,11 @@ impl FineTuneApp {
         }
 
         let had = self.models.summary.as_ref().map(|m| m.dir.clone());
-        if let Some(dir) = self.models.poll() {
+        for dir in self.models.poll(ctx) {
             self.actions.push(Action::ChooseModel(dir));
+        }
+        if let Some(token) = self.models.take_keychain_token() {
+            self.settings.hf_token = token;
         }
         if let Some(m) = &self.models.summary {
             if had.as_ref() != Some(&m.dir) && self.settings.max_seq_len > m.context_length {
@@ -449,7 +461,8 @@ impl FineTuneApp {
                 egui::ScrollArea::vertical()
                     .id_salt("model-step")
                     .show(ui, |ui| {
-                        match self.models.models_ui(ui, chosen.as_deref()) {
+                        let token = &mut self.settings.hf_token;
+                        match self.models.models_ui(ui, chosen.as_deref(), token) {
                             Some(ModelAction::Choose(p)) => {
                                 self.actions.push(Action::ChooseModel(p))
                             }
@@ -474,6 +487,9 @@ impl FineTuneApp {
                             self.models.summary.as_ref(),
                             &problems,
                         );
+                        ui.add_space(12.0);
+                        ui.heading("Hugging Face");
+                        self.models.hub_token_ui(ui, &mut self.settings.hf_token);
                     });
             }
             Step::Train => {
@@ -554,6 +570,7 @@ impl eframe::App for FineTuneApp {
 impl FineTuneApp {
     /// On quit, asks a running session to stop and gives it a few seconds to save its adapter.
     fn stop_on_exit(&mut self) {
+        self.models.cancel_download();
         if let Some(mut s) = self.session.take() {
             s.stop();
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -10,6 +10,7 @@ pub mod app;
 pub mod charts;
 pub mod dataset;
 pub mod export;
+pub mod hub_worker;
 pub mod models;
 pub mod run_view;
 pub mod settings;

@@ -8,6 +8,7 @@ use eframe::egui;
 use egui::{Color32, RichText, Ui};
 use serde::{Deserialize, Serialize};
 
+use super::hub_worker::HfToken;
 use crate::inspect::ModelSummary;
 use crate::model::LoraConfig;
 use crate::train::{Duration, FieldError, Schedule, TrainConfig};
@@ -147,6 +148,10 @@ pub struct Settings {
     pub eval_every: usize,
     pub save_every: usize,
     pub seed: u64,
+    /// The Hugging Face access token typed in the app. Kept in the OS keychain, never in the
+    /// settings file (hence `skip`), and never printed (see [`HfToken`]).
+    #[serde(skip)]
+    pub hf_token: HfToken,
 }
 
 impl Default for Settings {
@@ -176,6 +181,7 @@ impl Default for Settings {
             eval_every: 50,
             save_every: 100,
             seed: 0,
+            hf_token: HfToken::default(),
         };
         Preset::Balanced.apply(&mut s);
         s
