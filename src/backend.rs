@@ -1,21 +1,102 @@
 //! Compute backend choice: Metal (macOS, feature `metal`) → CUDA (feature `cuda`) → CPU, or a user
 //! override, with the reason in words for the status bar and the CLI, and the compute dtype that
 //! suits it (bf16 frozen base weights on GPUs, f32 on CPU; LoRA and optimizer state always f32).
+//!
+//! The decision ([`plan`]) is separate from the hardware: it reads what a [`Probe`] reports, so
+//! tests drive it with a fake probe; [`pick`] asks the real one ([`SystemProbe`]) and opens the
+//! device.
 
 use candle_core::{DType, Device};
 
-use crate::train::DeviceChoice;
+use crate::train::{DeviceChoice, DtypeChoice};
 
-/// The chosen device and why.
+/// Which kind of device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Metal,
+    Cuda,
+    Cpu,
+}
+
+impl BackendKind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Metal => "Metal",
+            Self::Cuda => "CUDA",
+            Self::Cpu => "CPU",
+        }
+    }
+
+    fn feature(self) -> &'static str {
+        match self {
+            Self::Metal => "metal",
+            Self::Cuda => "cuda",
+            Self::Cpu => "",
+        }
+    }
+}
+
+/// A GPU as the probe found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuInfo {
+    /// How many devices of this kind (device 0 is used).
+    pub count: usize,
+    pub name: String,
+    /// Total device memory (Metal: the recommended working set), when known.
+    pub memory_bytes: Option<u64>,
+}
+
+/// The CPU as the probe found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuInfo {
+    pub cores: usize,
+    /// The widest vector extension the engine's kernels can use, e.g. "AVX-512 + BF16", "NEON".
+    pub simd: String,
+    pub memory_bytes: Option<u64>,
+}
+
+/// Why a GPU kind is not usable.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Missing {
+    /// This build was compiled without the feature.
+    NotBuilt,
+    /// Built in, but the device could not be opened.
+    Unavailable(String),
+}
+
+/// What the machine offers. The real one is [`SystemProbe`]; tests pass fakes.
+pub trait Probe {
+    fn metal(&self) -> Result<GpuInfo, Missing>;
+    fn cuda(&self) -> Result<GpuInfo, Missing>;
+    fn cpu(&self) -> CpuInfo;
+}
+
+/// The decision: which device, in which dtype, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub kind: BackendKind,
+    /// Dtype of the frozen base weights and activations.
+    pub dtype: DType,
+    /// E.g. "CPU (2 cores, AVX-512 + BF16)" or "CUDA 0: NVIDIA H100 80GB HBM3 (80 GB)".
+    pub name: String,
+    /// Why this device was picked.
+    pub reason: String,
+    /// Memory the device has, when known (RAM for the CPU).
+    pub memory_bytes: Option<u64>,
+}
+
+/// The chosen, opened device and why.
 #[derive(Debug, Clone)]
 pub struct Backend {
     pub device: Device,
     /// Dtype of the frozen base weights and activations.
     pub dtype: DType,
-    /// E.g. "CPU (2 cores)" or "CUDA 0".
+    /// E.g. "CPU (2 cores, AVX-512 + BF16)" or "CUDA 0: NVIDIA H100 80GB HBM3 (80 GB)".
     pub name: String,
     /// Why this one was picked.
     pub reason: String,
+    /// Memory the device has, when known (RAM for the CPU).
+    pub memory_bytes: Option<u64>,
 }
 
 /// Errors choosing a device.
@@ -27,80 +108,382 @@ pub enum BackendError {
         "{name} is not available ({reason}); choose another device in Settings or with --device"
     )]
     Unavailable { name: &'static str, reason: String },
+    #[error("opening {name} failed: {reason}")]
+    Open { name: &'static str, reason: String },
 }
 
-fn cpu(reason: String) -> Backend {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    Backend {
-        device: Device::Cpu,
+fn gb(bytes: u64) -> String {
+    format!("{:.0} GB", bytes as f64 / 1e9)
+}
+
+fn gpu_name(kind: BackendKind, info: &GpuInfo) -> String {
+    let mut name = format!("{} 0: {}", kind.label(), info.name);
+    if let Some(m) = info.memory_bytes {
+        name.push_str(&format!(" ({})", gb(m)));
+    }
+    if info.count > 1 {
+        name.push_str(&format!(", 1 of {}", info.count));
+    }
+    name
+}
+
+fn cpu_plan(cpu: &CpuInfo, reason: String) -> Plan {
+    Plan {
+        kind: BackendKind::Cpu,
         dtype: DType::F32,
-        name: format!("CPU ({cores} cores)"),
+        name: format!("CPU ({} cores, {})", cpu.cores, cpu.simd),
         reason,
+        memory_bytes: cpu.memory_bytes,
+    }
+}
+
+fn gpu_plan(kind: BackendKind, info: &GpuInfo, reason: String) -> Plan {
+    Plan {
+        kind,
+        dtype: DType::BF16,
+        name: gpu_name(kind, info),
+        reason,
+        memory_bytes: info.memory_bytes,
+    }
+}
+
+/// Decides the device for `choice` and the dtype for `dtype` from what `probe` reports: `Auto`
+/// tries Metal, then CUDA, then falls back to the CPU with the reason each GPU was passed over; an
+/// explicit choice that is missing is an error naming what to do. The dtype is bf16 on GPUs and
+/// f32 on the CPU unless `dtype` overrides it.
+pub fn plan(
+    choice: DeviceChoice,
+    dtype: DtypeChoice,
+    probe: &dyn Probe,
+) -> Result<Plan, BackendError> {
+    let gpu = |kind: BackendKind| match kind {
+        BackendKind::Metal => probe.metal(),
+        BackendKind::Cuda => probe.cuda(),
+        BackendKind::Cpu => Err(Missing::NotBuilt),
+    };
+    let mut plan = match choice {
+        DeviceChoice::Cpu => cpu_plan(&probe.cpu(), "chosen in settings".into()),
+        DeviceChoice::Metal | DeviceChoice::Cuda => {
+            let kind = if choice == DeviceChoice::Metal {
+                BackendKind::Metal
+            } else {
+                BackendKind::Cuda
+            };
+            match gpu(kind) {
+                Ok(info) => gpu_plan(kind, &info, "chosen in settings".into()),
+                Err(Missing::NotBuilt) => {
+                    return Err(BackendError::NotBuilt(kind.label(), kind.feature()))
+                }
+                Err(Missing::Unavailable(reason)) => {
+                    return Err(BackendError::Unavailable {
+                        name: kind.label(),
+                        reason,
+                    })
+                }
+            }
+        }
+        DeviceChoice::Auto => {
+            let mut passed = Vec::new();
+            let mut found = None;
+            for kind in [BackendKind::Metal, BackendKind::Cuda] {
+                match gpu(kind) {
+                    Ok(info) => {
+                        found = Some(gpu_plan(kind, &info, format!("{} GPU found", kind.label())));
+                        break;
+                    }
+                    Err(Missing::NotBuilt) => {}
+                    Err(Missing::Unavailable(r)) => {
+                        passed.push(format!("{} unavailable: {r}", kind.label()))
+                    }
+                }
+            }
+            match found {
+                Some(p) => p,
+                None => {
+                    let reason = if passed.is_empty() {
+                        "this build has no GPU backend".to_string()
+                    } else {
+                        format!("no GPU available ({})", passed.join("; "))
+                    };
+                    cpu_plan(&probe.cpu(), reason)
+                }
+            }
+        }
+    };
+    let auto = plan.dtype;
+    plan.dtype = match dtype {
+        DtypeChoice::Auto => auto,
+        DtypeChoice::F32 => DType::F32,
+        DtypeChoice::Bf16 => DType::BF16,
+        DtypeChoice::F16 => DType::F16,
+    };
+    if plan.dtype != auto {
+        plan.reason
+            .push_str(&format!("; {:?} chosen in settings", plan.dtype));
+    }
+    Ok(plan)
+}
+
+/// The machine itself: compiled-in GPU backends are opened to be probed.
+pub struct SystemProbe;
+
+impl Probe for SystemProbe {
+    fn metal(&self) -> Result<GpuInfo, Missing> {
+        metal_info()
+    }
+
+    fn cuda(&self) -> Result<GpuInfo, Missing> {
+        cuda_info()
+    }
+
+    fn cpu(&self) -> CpuInfo {
+        CpuInfo {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            simd: simd_level().to_string(),
+            memory_bytes: crate::memory::total_memory_bytes(),
+        }
+    }
+}
+
+/// The widest SIMD level of this CPU that matters to the kernels.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                return "AVX-512 + BF16";
+            }
+            return "AVX-512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "AVX2";
+        }
+        "SSE"
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "NEON"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
     }
 }
 
 #[cfg(feature = "metal")]
-fn metal() -> Result<Backend, BackendError> {
-    Device::new_metal(0)
-        .map(|device| Backend {
-            device,
-            dtype: DType::BF16,
-            name: "Metal (Apple GPU)".into(),
-            reason: "Apple GPU found".into(),
-        })
-        .map_err(|e| BackendError::Unavailable {
-            name: "Metal",
-            reason: e.to_string(),
-        })
+fn metal_info() -> Result<GpuInfo, Missing> {
+    Device::new_metal(0).map_err(|e| Missing::Unavailable(e.to_string()))?;
+    Ok(GpuInfo {
+        count: 1,
+        name: "Apple GPU".into(),
+        // Apple GPUs share the machine's unified memory.
+        memory_bytes: crate::memory::total_memory_bytes(),
+    })
 }
 
 #[cfg(not(feature = "metal"))]
-fn metal() -> Result<Backend, BackendError> {
-    Err(BackendError::NotBuilt("Metal", "metal"))
+fn metal_info() -> Result<GpuInfo, Missing> {
+    Err(Missing::NotBuilt)
 }
 
 #[cfg(feature = "cuda")]
-fn cuda() -> Result<Backend, BackendError> {
-    Device::new_cuda(0)
-        .map(|device| Backend {
-            device,
-            dtype: DType::BF16,
-            name: "CUDA 0".into(),
-            reason: "CUDA GPU found".into(),
-        })
-        .map_err(|e| BackendError::Unavailable {
-            name: "CUDA",
-            reason: e.to_string(),
-        })
+fn cuda_info() -> Result<GpuInfo, Missing> {
+    use candle_core::cuda::cudarc::driver::CudaContext;
+    let unavailable = |e: &dyn std::fmt::Display| Missing::Unavailable(e.to_string());
+    let count = CudaContext::device_count().map_err(|e| unavailable(&e))?;
+    if count < 1 {
+        return Err(Missing::Unavailable("no CUDA device found".into()));
+    }
+    let ctx = CudaContext::new(0).map_err(|e| unavailable(&e))?;
+    Ok(GpuInfo {
+        count: count as usize,
+        name: ctx.name().map_err(|e| unavailable(&e))?,
+        memory_bytes: ctx.total_mem().ok().map(|m| m as u64),
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<Backend, BackendError> {
-    Err(BackendError::NotBuilt("CUDA", "cuda"))
+fn cuda_info() -> Result<GpuInfo, Missing> {
+    Err(Missing::NotBuilt)
 }
 
-/// Picks the device for `choice`: `Auto` tries Metal, then CUDA, then falls back to CPU.
+/// Opens the device a plan names.
+pub fn open(plan: Plan) -> Result<Backend, BackendError> {
+    let device = match plan.kind {
+        BackendKind::Cpu => Ok(Device::Cpu),
+        BackendKind::Metal => Device::new_metal(0),
+        BackendKind::Cuda => Device::new_cuda(0),
+    }
+    .map_err(|e| BackendError::Open {
+        name: plan.kind.label(),
+        reason: e.to_string(),
+    })?;
+    Ok(Backend {
+        device,
+        dtype: plan.dtype,
+        name: plan.name,
+        reason: plan.reason,
+        memory_bytes: plan.memory_bytes,
+    })
+}
+
+/// Picks and opens the device for `choice` with the automatic dtype.
 pub fn pick(choice: DeviceChoice) -> Result<Backend, BackendError> {
-    match choice {
-        DeviceChoice::Cpu => Ok(cpu("chosen in settings".into())),
-        DeviceChoice::Metal => metal(),
-        DeviceChoice::Cuda => cuda(),
-        DeviceChoice::Auto => {
-            let mut why = Vec::new();
-            for attempt in [metal as fn() -> Result<Backend, BackendError>, cuda] {
-                match attempt() {
-                    Ok(b) => return Ok(b),
-                    Err(e) => why.push(e.to_string()),
-                }
-            }
-            let reason = if cfg!(any(feature = "metal", feature = "cuda")) {
-                format!("no GPU available: {}", why.join("; "))
-            } else {
-                "this build has no GPU backend".into()
-            };
-            Ok(cpu(reason))
+    pick_with(choice, DtypeChoice::Auto)
+}
+
+/// Picks and opens the device for `choice` and `dtype`.
+pub fn pick_with(choice: DeviceChoice, dtype: DtypeChoice) -> Result<Backend, BackendError> {
+    open(plan(choice, dtype, &SystemProbe)?)
+}
+
+/// Device memory in use now (CUDA: used of total on device 0), when the backend tells. The CPU
+/// reports none here: its figure is the process RSS.
+pub fn device_memory_used(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
         }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A machine made up for the test.
+    struct Fake {
+        metal: Result<GpuInfo, Missing>,
+        cuda: Result<GpuInfo, Missing>,
+    }
+
+    impl Probe for Fake {
+        fn metal(&self) -> Result<GpuInfo, Missing> {
+            self.metal.clone()
+        }
+        fn cuda(&self) -> Result<GpuInfo, Missing> {
+            self.cuda.clone()
+        }
+        fn cpu(&self) -> CpuInfo {
+            CpuInfo {
+                cores: 8,
+                simd: "NEON".into(),
+                memory_bytes: Some(16_000_000_000),
+            }
+        }
+    }
+
+    fn gpu(name: &str, gb: u64) -> Result<GpuInfo, Missing> {
+        Ok(GpuInfo {
+            count: 1,
+            name: name.into(),
+            memory_bytes: Some(gb * 1_000_000_000),
+        })
+    }
+
+    fn auto(probe: &Fake) -> Plan {
+        plan(DeviceChoice::Auto, DtypeChoice::Auto, probe).unwrap()
+    }
+
+    #[test]
+    fn auto_prefers_metal_then_cuda_then_cpu() {
+        let both = Fake {
+            metal: gpu("Apple M3 Max", 64),
+            cuda: gpu("H100", 80),
+        };
+        let p = auto(&both);
+        assert_eq!((p.kind, p.dtype), (BackendKind::Metal, DType::BF16));
+        assert_eq!(p.reason, "Metal GPU found");
+
+        let cuda_only = Fake {
+            metal: Err(Missing::NotBuilt),
+            cuda: gpu("NVIDIA H100 80GB HBM3", 80),
+        };
+        let p = auto(&cuda_only);
+        assert_eq!((p.kind, p.dtype), (BackendKind::Cuda, DType::BF16));
+        assert_eq!(p.name, "CUDA 0: NVIDIA H100 80GB HBM3 (80 GB)");
+        assert_eq!(p.memory_bytes, Some(80_000_000_000));
+
+        let none = Fake {
+            metal: Err(Missing::NotBuilt),
+            cuda: Err(Missing::NotBuilt),
+        };
+        let p = auto(&none);
+        assert_eq!((p.kind, p.dtype), (BackendKind::Cpu, DType::F32));
+        assert_eq!(p.name, "CPU (8 cores, NEON)");
+        assert_eq!(p.reason, "this build has no GPU backend");
+    }
+
+    #[test]
+    fn auto_falls_back_to_cpu_with_each_reason() {
+        let broken = Fake {
+            metal: Err(Missing::Unavailable("no Metal device".into())),
+            cuda: Err(Missing::Unavailable("driver version too old".into())),
+        };
+        let p = auto(&broken);
+        assert_eq!(p.kind, BackendKind::Cpu);
+        assert_eq!(
+            p.reason,
+            "no GPU available (Metal unavailable: no Metal device; CUDA unavailable: driver version too old)"
+        );
+        // A broken Metal is passed over for a working CUDA, and the CPU keeps f32.
+        let cuda = Fake {
+            metal: Err(Missing::Unavailable("no Metal device".into())),
+            cuda: gpu("A100", 40),
+        };
+        assert_eq!(auto(&cuda).kind, BackendKind::Cuda);
+    }
+
+    #[test]
+    fn override_wins_and_missing_choices_say_what_to_do() {
+        let both = Fake {
+            metal: gpu("Apple M2", 24),
+            cuda: Err(Missing::NotBuilt),
+        };
+        let p = plan(DeviceChoice::Cpu, DtypeChoice::Auto, &both).unwrap();
+        assert_eq!((p.kind, p.dtype), (BackendKind::Cpu, DType::F32));
+        assert_eq!(p.reason, "chosen in settings");
+
+        let e = plan(DeviceChoice::Cuda, DtypeChoice::Auto, &both).unwrap_err();
+        assert!(e.to_string().contains("--features cuda"), "{e}");
+
+        let gone = Fake {
+            metal: Err(Missing::Unavailable("no Metal device".into())),
+            cuda: Err(Missing::NotBuilt),
+        };
+        let e = plan(DeviceChoice::Metal, DtypeChoice::Auto, &gone).unwrap_err();
+        assert!(
+            e.to_string().contains("no Metal device") && e.to_string().contains("--device"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dtype_is_automatic_and_overridable() {
+        let cuda = Fake {
+            metal: Err(Missing::NotBuilt),
+            cuda: gpu("H100", 80),
+        };
+        let p = plan(DeviceChoice::Auto, DtypeChoice::F32, &cuda).unwrap();
+        assert_eq!((p.kind, p.dtype), (BackendKind::Cuda, DType::F32));
+        assert!(p.reason.ends_with("F32 chosen in settings"), "{}", p.reason);
+        let p = plan(DeviceChoice::Cpu, DtypeChoice::Bf16, &cuda).unwrap();
+        assert_eq!(p.dtype, DType::BF16);
+        let p = plan(DeviceChoice::Cuda, DtypeChoice::Auto, &cuda).unwrap();
+        assert_eq!(p.dtype, DType::BF16);
+    }
+
+    #[test]
+    fn the_real_probe_always_offers_the_cpu() {
+        let p = plan(DeviceChoice::Cpu, DtypeChoice::Auto, &SystemProbe).unwrap();
+        assert!(p.name.starts_with("CPU ("), "{}", p.name);
+        let b = open(p).unwrap();
+        assert!(b.device.is_cpu());
+        assert_eq!(device_memory_used(&b.device), None);
     }
 }

@@ -15,7 +15,7 @@ use crate::backend;
 use crate::memory;
 use crate::model::{LoraConfig, Model, ModelConfig, ModelInput};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::DeviceChoice;
+use crate::train::{DeviceChoice, DtypeChoice};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -31,6 +31,7 @@ pub struct BenchOptions {
     /// Optional JSONL: real batches instead of random tokens.
     pub data: Option<PathBuf>,
     pub device: DeviceChoice,
+    pub dtype: DtypeChoice,
     /// Where to keep random weights between runs (so a run's peak memory is not inflated by
     /// writing them); default a temp folder.
     pub random_dir: Option<PathBuf>,
@@ -134,7 +135,7 @@ pub fn write_random_checkpoint(src: &Path, dst: &Path) -> anyhow::Result<()> {
 
 /// Runs the benchmark.
 pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let backend = backend::pick(opts.device)?;
+    let backend = backend::pick_with(opts.device, opts.dtype)?;
     let has_weights = crate::model::weights::checkpoint_files(&opts.model).is_ok();
     let tmp;
     let model_dir = if has_weights {

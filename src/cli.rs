@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::data::{OverLong, PromptCompletionStyle};
-use crate::train::{DeviceChoice, Duration, Event, Schedule, TrainConfig};
+use crate::train::{DeviceChoice, DtypeChoice, Duration, Event, Schedule, TrainConfig};
 
 /// FineTune: LoRA fine-tuning of Hugging Face language models.
 #[derive(Debug, Parser)]
@@ -98,6 +98,9 @@ pub struct BenchArgs {
     pub data: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Compute dtype of the base model (auto: bf16 on GPUs, f32 on the CPU).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -114,6 +117,25 @@ pub enum ScheduleArg {
     Cosine,
     Linear,
     Constant,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DtypeArg> for DtypeChoice {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::Auto => DtypeChoice::Auto,
+            DtypeArg::F32 => DtypeChoice::F32,
+            DtypeArg::Bf16 => DtypeChoice::Bf16,
+            DtypeArg::F16 => DtypeChoice::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -237,6 +259,9 @@ pub struct TrainArgs {
     pub seed: Option<u64>,
     #[arg(long, value_enum)]
     pub device: Option<DeviceArg>,
+    /// Compute dtype of the base model (auto: bf16 on GPUs, f32 on the CPU).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
     /// Resume from a checkpoint folder (OUT/checkpoints/step-N).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -335,6 +360,9 @@ impl TrainArgs {
         set(&mut c.gradient_checkpointing, &self.gradient_checkpointing);
         if let Some(d) = self.device {
             c.device = d.into();
+        }
+        if let Some(d) = self.dtype {
+            c.dtype = d.into();
         }
         if self.resume.is_some() {
             c.resume_from = self.resume.clone();
@@ -514,6 +542,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         warmup: args.warmup,
         data: args.data.clone(),
         device: args.device.into(),
+        dtype: args.dtype.into(),
         random_dir: args.random_dir.clone(),
         checkpointing: args.checkpointing,
     })?;

@@ -67,6 +67,8 @@ pub struct ModelSummary {
     pub linear_names: Vec<String>,
     pub has_tokenizer: bool,
     pub has_chat_template: bool,
+    /// The parsed config.json (for the memory estimate).
+    pub config: ModelConfig,
 }
 
 impl ModelSummary {
@@ -186,6 +188,7 @@ pub fn summarize(dir: &Path) -> Result<ModelSummary, InspectError> {
         linear_names: cfg.linear_names().iter().map(|s| s.to_string()).collect(),
         has_tokenizer: dir.join("tokenizer.json").is_file(),
         has_chat_template: has_chat_template(dir),
+        config: cfg,
     })
 }
 

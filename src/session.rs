@@ -165,7 +165,33 @@ where
     }
 }
 
-/// Spawns a real training run.
+/// Spawns a real training run. Its compute threads (a rayon pool of its own) run at a lower
+/// priority than the window, so the UI keeps its frame rate while training takes every core.
 pub fn start(config: TrainConfig, repaint: Option<Repaint>) -> Session {
-    start_with(config, repaint, crate::train::run)
+    start_with(config, repaint, |config, reporter| {
+        lower_priority();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("finetune-compute-{i}"))
+            .start_handler(|_| lower_priority())
+            .build();
+        match pool {
+            Ok(pool) => pool.install(|| crate::train::run(config, reporter)),
+            // Without a pool of its own the run uses the global one, at normal priority.
+            Err(_) => crate::train::run(config, reporter),
+        }
+    })
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: nice 10 for this thread only). On
+/// macOS threads spawned by the app already run below the main thread's user-interactive QoS.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes that
+    // thread's nice value.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid);
+        if let Ok(tid) = libc::id_t::try_from(tid) {
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        }
+    }
 }

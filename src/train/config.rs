@@ -44,6 +44,18 @@ pub enum DeviceChoice {
     Metal,
 }
 
+/// Dtype of the frozen base weights and activations (LoRA and optimizer state are always f32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DtypeChoice {
+    /// bf16 on GPUs, f32 on the CPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
 /// Every setting of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -98,6 +110,8 @@ pub struct TrainConfig {
     /// Seed for LoRA init, dropout, shuffling and the hold-out split. Default 0.
     pub seed: u64,
     pub device: DeviceChoice,
+    /// Compute dtype of the base model; `Auto` suits the device.
+    pub dtype: DtypeChoice,
     /// Recompute each layer's activations in backward instead of keeping them: far less memory,
     /// about a third more compute (llama family). Default off.
     pub gradient_checkpointing: bool,
@@ -137,6 +151,7 @@ impl Default for TrainConfig {
             early_stop_patience: 0,
             seed: 0,
             device: DeviceChoice::Auto,
+            dtype: DtypeChoice::Auto,
             gradient_checkpointing: false,
             resume_from: None,
             log_every: 1,

@@ -6,7 +6,7 @@ pub mod events;
 pub mod optim;
 pub mod run;
 
-pub use config::{DeviceChoice, Duration, FieldError, Schedule, TrainConfig};
+pub use config::{DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig};
 pub use events::{Event, StepStats};
 
 pub use run::run;

@@ -162,7 +162,7 @@ impl<'c> Trainer<'c> {
             let _ = config_ok;
             config
         };
-        let backend = backend::pick(config.device)?;
+        let backend = backend::pick_with(config.device, config.dtype)?;
         reporter.send(Event::Log(format!(
             "device: {} — {}",
             backend.name, backend.reason
@@ -433,7 +433,7 @@ impl<'c> Trainer<'c> {
                 elapsed_secs: elapsed,
                 eta_secs: elapsed / done * (self.state.total_steps - self.state.step) as f64,
                 rss_bytes: crate::memory::process_rss_bytes(),
-                device_bytes: None,
+                device_bytes: crate::backend::device_memory_used(self.model.device()),
             }));
             let last = self.state.step == self.state.total_steps;
             if !last && config.eval_every > 0 && self.state.step.is_multiple_of(config.eval_every) {

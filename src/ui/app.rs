@@ -11,6 +11,7 @@ use crossbeam_channel::TryRecvError;
 use eframe::egui;
 use egui::{Color32, RichText, Ui};
 
+use super::compute::compute_ui;
 use super::dataset::{drop_overlay_ui, DataKey, DatasetAction, DatasetPanel, Outcome};
 use super::export::{ExportAction, ExportPanel};
 use super::hub_worker::HubSetup;
@@ -427,7 +428,8 @@ impl FineTuneApp {
         self.dataset
             .want(ctx, DataKey::from_settings(&self.settings));
         self.drain_events(ctx);
-        self.status.refresh(ctx);
+        self.status
+            .refresh(ctx, (self.settings.device, self.settings.dtype));
         ctx.request_repaint_after(Duration::from_secs(1));
     }
 
@@ -486,6 +488,13 @@ impl FineTuneApp {
                             &mut self.settings,
                             self.models.summary.as_ref(),
                             &problems,
+                        );
+                        ui.add_space(12.0);
+                        compute_ui(
+                            ui,
+                            &mut self.settings,
+                            self.models.summary.as_ref(),
+                            self.status.plan(),
                         );
                         ui.add_space(12.0);
                         ui.heading("Hugging Face");

@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod charts;
+pub mod compute;
 pub mod dataset;
 pub mod export;
 pub mod hub_worker;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::hub_worker::HfToken;
 use crate::inspect::ModelSummary;
 use crate::model::LoraConfig;
-use crate::train::{Duration, FieldError, Schedule, TrainConfig};
+use crate::train::{DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig};
 
 /// Starting points for the form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +148,12 @@ pub struct Settings {
     pub eval_every: usize,
     pub save_every: usize,
     pub seed: u64,
+    /// Compute device: Auto picks Metal, then CUDA, then the CPU.
+    pub device: DeviceChoice,
+    /// Compute dtype of the base model: Auto = bf16 on GPUs, f32 on the CPU.
+    pub dtype: DtypeChoice,
+    /// Recompute activations in backward: far less memory, about a third more compute.
+    pub gradient_checkpointing: bool,
     /// The Hugging Face access token typed in the app. Kept in the OS keychain, never in the
     /// settings file (hence `skip`), and never printed (see [`HfToken`]).
     #[serde(skip)]
@@ -181,6 +187,9 @@ impl Default for Settings {
             eval_every: 50,
             save_every: 100,
             seed: 0,
+            device: DeviceChoice::Auto,
+            dtype: DtypeChoice::Auto,
+            gradient_checkpointing: false,
             hf_token: HfToken::default(),
         };
         Preset::Balanced.apply(&mut s);
@@ -291,6 +300,9 @@ impl Settings {
             eval_every: self.eval_every,
             save_every: self.save_every,
             seed: self.seed,
+            device: self.device,
+            dtype: self.dtype,
+            gradient_checkpointing: self.gradient_checkpointing,
             ..TrainConfig::default()
         }
     }

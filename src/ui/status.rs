@@ -10,9 +10,10 @@ use eframe::egui;
 use egui::Ui;
 
 use super::run_view::{RunState, RunView};
-use super::{take_ready, Job};
+use super::{Job, Poll};
+use crate::backend::Plan;
 use crate::inspect::format_bytes;
-use crate::train::DeviceChoice;
+use crate::train::{DeviceChoice, DtypeChoice};
 
 /// Frames kept for the frame-time figures.
 const FRAME_WINDOW: usize = 600;
@@ -123,25 +124,37 @@ pub struct Status {
     pub frames: FrameTimes,
     rss_bytes: Option<u64>,
     refreshed: Option<Instant>,
-    /// The device `Auto` would pick, before any run says which it uses.
-    device: Option<String>,
-    device_job: Option<Job<String>>,
+    /// The device the settings' choice picks (and why), before any run says which it uses.
+    plan: Option<(Choice, Result<Plan, String>)>,
+    plan_job: Option<(Choice, Job<Result<Plan, String>>)>,
 }
 
+/// The settings' device and dtype choice.
+type Choice = (DeviceChoice, DtypeChoice);
+
 impl Status {
-    /// Refreshes memory about once a second; finds the default device once.
-    pub fn refresh(&mut self, ctx: &egui::Context) {
-        if self.device.is_none() && self.device_job.is_none() {
-            // Creating a GPU device can take a moment: not on the UI thread.
-            self.device_job = Some(Job::spawn(ctx, "device", || {
-                match crate::backend::pick(DeviceChoice::Auto) {
-                    Ok(b) => b.name,
-                    Err(e) => format!("unavailable ({e})"),
-                }
-            }));
+    /// Refreshes memory about once a second; plans the device for `choice` when it changes.
+    pub fn refresh(&mut self, ctx: &egui::Context, choice: Choice) {
+        let planned = self.plan.as_ref().map(|(c, _)| *c);
+        let planning = self.plan_job.as_ref().map(|(c, _)| *c);
+        if planned != Some(choice) && planning != Some(choice) {
+            // Probing a GPU can take a moment: not on the UI thread.
+            let job = Job::spawn(ctx, "device", move || {
+                crate::backend::plan(choice.0, choice.1, &crate::backend::SystemProbe)
+                    .map_err(|e| e.to_string())
+            });
+            self.plan_job = Some((choice, job));
         }
-        if let Some(r) = take_ready(&mut self.device_job) {
-            self.device = Some(r.unwrap_or_else(|e| format!("unknown ({e})")));
+        if let Some((c, job)) = &self.plan_job {
+            let done = match job.poll() {
+                Poll::Pending => None,
+                Poll::Ready(r) => Some(r),
+                Poll::Failed(e) => Some(Err(e)),
+            };
+            if let Some(r) = done {
+                self.plan = Some((*c, r));
+                self.plan_job = None;
+            }
         }
         if self
             .refreshed
@@ -153,15 +166,22 @@ impl Status {
         self.rss_bytes = crate::memory::process_rss_bytes();
     }
 
+    /// The device plan for the settings' current choice, once known.
+    pub fn plan(&self) -> Option<&Result<Plan, String>> {
+        self.plan.as_ref().map(|(_, p)| p)
+    }
+
     /// The bar at the bottom of the window.
     pub fn status_ui(&self, ui: &mut Ui, run: &RunView) {
         ui.horizontal(|ui| {
-            let device = match (&run.info, &self.device) {
-                (Some(i), _) => i.device.clone(),
-                (None, Some(d)) => d.clone(),
-                (None, None) => "…".into(),
+            match (&run.info, &self.plan) {
+                (Some(i), _) => ui.label(format!("Device: {}", i.device)),
+                (None, Some((_, Ok(p)))) => ui
+                    .label(format!("Device: {}", p.name))
+                    .on_hover_text(&p.reason),
+                (None, Some((_, Err(e)))) => ui.label(format!("Device: unavailable ({e})")),
+                (None, None) => ui.label("Device: …"),
             };
-            ui.label(format!("Device: {device}"));
             ui.separator();
             let mem = self.rss_bytes.map_or_else(|| "n/a".into(), format_bytes);
             ui.label(format!("Memory: {mem}"));

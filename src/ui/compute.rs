@@ -1,0 +1,178 @@
+//! The Compute part of the Settings step: device and dtype (automatic, or the user's override),
+//! gradient checkpointing, and the memory estimate for the current form with a warning when it
+//! exceeds what the chosen device has.
+
+use eframe::egui;
+use egui::{RichText, Ui};
+
+use super::settings::{error_color, Settings};
+use crate::backend::{BackendKind, Plan};
+use crate::inspect::{format_bytes, ModelSummary};
+use crate::memory::{estimate, Estimate, EstimateInput};
+use crate::train::{DeviceChoice, DtypeChoice};
+
+/// The estimate for the form's worst case (every row at the max sequence length), in the dtype
+/// the plan will use.
+pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) -> Estimate {
+    let dtype_bytes = plan.map_or(4, |p| p.dtype.size_in_bytes());
+    estimate(
+        &model.config,
+        &EstimateInput {
+            batch: s.batch_size.max(1),
+            seq_len: s.max_seq_len.max(1),
+            rank: s.lora_rank,
+            dtype_bytes,
+            checkpointing: s.gradient_checkpointing,
+            lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
+        },
+    )
+}
+
+/// A warning when `need` exceeds what the plan's device has (most of RAM on the CPU, where the OS
+/// and other apps need their share).
+pub fn memory_warning(need: u64, plan: &Plan) -> Option<String> {
+    let have = plan.memory_bytes?;
+    let usable = match plan.kind {
+        BackendKind::Cpu | BackendKind::Metal => have / 10 * 8,
+        BackendKind::Cuda => have / 20 * 19,
+    };
+    (need > usable).then(|| {
+        format!(
+            "needs about {} but {} has {}: lower the batch size or max sequence length, or turn on gradient checkpointing",
+            format_bytes(need),
+            plan.name,
+            format_bytes(have)
+        )
+    })
+}
+
+/// The Compute rows of the settings grid. Returns true when a value changed.
+pub fn compute_ui(
+    ui: &mut Ui,
+    s: &mut Settings,
+    model: Option<&ModelSummary>,
+    plan: Option<&Result<Plan, String>>,
+) -> bool {
+    let before = (s.device, s.dtype, s.gradient_checkpointing);
+    egui::Grid::new("compute-grid")
+        .num_columns(3)
+        .spacing([12.0, 6.0])
+        .show(ui, |ui| {
+            ui.heading("Compute");
+            ui.end_row();
+            ui.label("Device");
+            egui::ComboBox::from_id_salt("device")
+                .selected_text(device_label(s.device))
+                .show_ui(ui, |ui| {
+                    for d in [
+                        DeviceChoice::Auto,
+                        DeviceChoice::Metal,
+                        DeviceChoice::Cuda,
+                        DeviceChoice::Cpu,
+                    ] {
+                        ui.selectable_value(&mut s.device, d, device_label(d));
+                    }
+                });
+            match plan {
+                Some(Ok(p)) => ui.weak(format!("{} — {}", p.name, p.reason)),
+                Some(Err(e)) => ui.label(RichText::new(e).color(error_color(ui))),
+                None => ui.weak("checking…"),
+            };
+            ui.end_row();
+            ui.label("Precision");
+            egui::ComboBox::from_id_salt("dtype")
+                .selected_text(dtype_label(s.dtype))
+                .show_ui(ui, |ui| {
+                    for d in [
+                        DtypeChoice::Auto,
+                        DtypeChoice::F32,
+                        DtypeChoice::Bf16,
+                        DtypeChoice::F16,
+                    ] {
+                        ui.selectable_value(&mut s.dtype, d, dtype_label(d));
+                    }
+                });
+            ui.weak("of the frozen base model; LoRA weights and optimizer state stay f32");
+            ui.end_row();
+            ui.label("Memory saver");
+            ui.checkbox(&mut s.gradient_checkpointing, "gradient checkpointing");
+            ui.weak("recompute activations in backward: far less memory, about ⅓ slower");
+            ui.end_row();
+            ui.label("Memory");
+            match model {
+                Some(m) => {
+                    let p = plan.and_then(|p| p.as_ref().ok());
+                    let e = form_estimate(s, m, p);
+                    let detail = format!(
+                        "about {} at most: weights {}, activations {}, logits {}, LoRA + optimizer {}",
+                        format_bytes(e.total),
+                        format_bytes(e.base_weights),
+                        format_bytes(e.activations),
+                        format_bytes(e.logits),
+                        format_bytes(e.lora_and_optimizer)
+                    );
+                    match p.and_then(|p| memory_warning(e.total, p)) {
+                        Some(w) => {
+                            ui.label(RichText::new(format!("⚠ {w}")).color(error_color(ui)))
+                        }
+                        None => ui.weak(detail),
+                    };
+                }
+                None => {
+                    ui.weak("choose a model to see the estimate");
+                }
+            }
+            ui.end_row();
+        });
+    before != (s.device, s.dtype, s.gradient_checkpointing)
+}
+
+fn device_label(d: DeviceChoice) -> &'static str {
+    match d {
+        DeviceChoice::Auto => "Automatic",
+        DeviceChoice::Metal => "Metal (Apple GPU)",
+        DeviceChoice::Cuda => "CUDA (NVIDIA GPU)",
+        DeviceChoice::Cpu => "CPU",
+    }
+}
+
+fn dtype_label(d: DtypeChoice) -> &'static str {
+    match d {
+        DtypeChoice::Auto => "Automatic",
+        DtypeChoice::F32 => "f32",
+        DtypeChoice::Bf16 => "bf16",
+        DtypeChoice::F16 => "f16",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn plan(kind: BackendKind, memory: u64) -> Plan {
+        Plan {
+            kind,
+            dtype: DType::F32,
+            name: "CPU (2 cores, AVX2)".into(),
+            reason: "test".into(),
+            memory_bytes: Some(memory),
+        }
+    }
+
+    #[test]
+    fn warns_only_past_what_the_device_has() {
+        let p = plan(BackendKind::Cpu, 16_000_000_000);
+        assert_eq!(memory_warning(8_000_000_000, &p), None);
+        let w = memory_warning(15_000_000_000, &p).unwrap();
+        assert!(
+            w.contains("gradient checkpointing") && w.contains("CPU"),
+            "{w}"
+        );
+        let unknown = Plan {
+            memory_bytes: None,
+            ..p
+        };
+        assert_eq!(memory_warning(u64::MAX, &unknown), None);
+    }
+}
