@@ -1,6 +1,7 @@
 //! Compute backend choice: Metal (macOS, feature `metal`) → CUDA (feature `cuda`) → CPU, or a user
 //! override, with the reason in words for the status bar and the CLI, and the compute dtype that
-//! suits it (bf16 frozen base weights on GPUs, f32 on CPU; LoRA and optimizer state always f32).
+//! suits it (bf16 frozen base weights on GPUs; on the CPU bf16 weights with f32 activations where
+//! it has bf16 dot products (AVX512-BF16), else f32; LoRA and optimizer state always f32).
 //!
 //! The decision ([`plan`]) is separate from the hardware: it reads what a [`Probe`] reports, so
 //! tests drive it with a fake probe; [`pick`] asks the real one ([`SystemProbe`]) and opens the
@@ -52,6 +53,9 @@ pub struct CpuInfo {
     pub cores: usize,
     /// The widest vector extension the engine's kernels can use, e.g. "AVX-512 + BF16", "NEON".
     pub simd: String,
+    /// Hardware bf16 dot products (AVX512-BF16): frozen weights then default to bf16, multiplied
+    /// by the mixed-precision kernel with f32 activations.
+    pub bf16: bool,
     pub memory_bytes: Option<u64>,
 }
 
@@ -130,7 +134,7 @@ fn gpu_name(kind: BackendKind, info: &GpuInfo) -> String {
 fn cpu_plan(cpu: &CpuInfo, reason: String) -> Plan {
     Plan {
         kind: BackendKind::Cpu,
-        dtype: DType::F32,
+        dtype: if cpu.bf16 { DType::BF16 } else { DType::F32 },
         name: format!("CPU ({} cores, {})", cpu.cores, cpu.simd),
         reason,
         memory_bytes: cpu.memory_bytes,
@@ -242,6 +246,7 @@ impl Probe for SystemProbe {
                 .map(|n| n.get())
                 .unwrap_or(1),
             simd: simd_level().to_string(),
+            bf16: crate::model::bf16::has_bf16_hw(),
             memory_bytes: crate::memory::total_memory_bytes(),
         }
     }
@@ -360,6 +365,7 @@ mod tests {
     struct Fake {
         metal: Result<GpuInfo, Missing>,
         cuda: Result<GpuInfo, Missing>,
+        cpu_bf16: bool,
     }
 
     impl Probe for Fake {
@@ -373,6 +379,7 @@ mod tests {
             CpuInfo {
                 cores: 8,
                 simd: "NEON".into(),
+                bf16: self.cpu_bf16,
                 memory_bytes: Some(16_000_000_000),
             }
         }
@@ -395,6 +402,7 @@ mod tests {
         let both = Fake {
             metal: gpu("Apple M3 Max", 64),
             cuda: gpu("H100", 80),
+            cpu_bf16: false,
         };
         let p = auto(&both);
         assert_eq!((p.kind, p.dtype), (BackendKind::Metal, DType::BF16));
@@ -403,6 +411,7 @@ mod tests {
         let cuda_only = Fake {
             metal: Err(Missing::NotBuilt),
             cuda: gpu("NVIDIA H100 80GB HBM3", 80),
+            cpu_bf16: false,
         };
         let p = auto(&cuda_only);
         assert_eq!((p.kind, p.dtype), (BackendKind::Cuda, DType::BF16));
@@ -412,6 +421,7 @@ mod tests {
         let none = Fake {
             metal: Err(Missing::NotBuilt),
             cuda: Err(Missing::NotBuilt),
+            cpu_bf16: false,
         };
         let p = auto(&none);
         assert_eq!((p.kind, p.dtype), (BackendKind::Cpu, DType::F32));
@@ -424,6 +434,7 @@ mod tests {
         let broken = Fake {
             metal: Err(Missing::Unavailable("no Metal device".into())),
             cuda: Err(Missing::Unavailable("driver version too old".into())),
+            cpu_bf16: false,
         };
         let p = auto(&broken);
         assert_eq!(p.kind, BackendKind::Cpu);
@@ -435,6 +446,7 @@ mod tests {
         let cuda = Fake {
             metal: Err(Missing::Unavailable("no Metal device".into())),
             cuda: gpu("A100", 40),
+            cpu_bf16: false,
         };
         assert_eq!(auto(&cuda).kind, BackendKind::Cuda);
     }
@@ -444,6 +456,7 @@ mod tests {
         let both = Fake {
             metal: gpu("Apple M2", 24),
             cuda: Err(Missing::NotBuilt),
+            cpu_bf16: false,
         };
         let p = plan(DeviceChoice::Cpu, DtypeChoice::Auto, &both).unwrap();
         assert_eq!((p.kind, p.dtype), (BackendKind::Cpu, DType::F32));
@@ -455,6 +468,7 @@ mod tests {
         let gone = Fake {
             metal: Err(Missing::Unavailable("no Metal device".into())),
             cuda: Err(Missing::NotBuilt),
+            cpu_bf16: false,
         };
         let e = plan(DeviceChoice::Metal, DtypeChoice::Auto, &gone).unwrap_err();
         assert!(
@@ -468,6 +482,7 @@ mod tests {
         let cuda = Fake {
             metal: Err(Missing::NotBuilt),
             cuda: gpu("H100", 80),
+            cpu_bf16: false,
         };
         let p = plan(DeviceChoice::Auto, DtypeChoice::F32, &cuda).unwrap();
         assert_eq!((p.kind, p.dtype), (BackendKind::Cuda, DType::F32));
@@ -476,6 +491,15 @@ mod tests {
         assert_eq!(p.dtype, DType::BF16);
         let p = plan(DeviceChoice::Cuda, DtypeChoice::Auto, &cuda).unwrap();
         assert_eq!(p.dtype, DType::BF16);
+        // A CPU with bf16 dot products gets bf16 weights by default; f32 stays available.
+        let avx512 = Fake {
+            metal: Err(Missing::NotBuilt),
+            cuda: Err(Missing::NotBuilt),
+            cpu_bf16: true,
+        };
+        assert_eq!(auto(&avx512).dtype, DType::BF16);
+        let p = plan(DeviceChoice::Auto, DtypeChoice::F32, &avx512).unwrap();
+        assert_eq!(p.dtype, DType::F32);
     }
 
     #[test]

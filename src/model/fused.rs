@@ -142,16 +142,17 @@ impl FrozenLinearCpu {
         }
     }
 
+    /// `w` is f32 (gemm) or bf16 (the mixed-precision kernel, [`super::bf16`]).
     fn run(
         x: &[f32],
         lx: &Layout,
-        w: &[f32],
+        w: &CpuStorage,
         lw: &Layout,
         u: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, i) = lx.shape().dims2()?;
         let (o, wi) = lw.shape().dims2()?;
-        if wi != i || x.len() != n * i || w.len() != o * i || u.is_some_and(|u| u.len() != n * o) {
+        if wi != i || x.len() != n * i || u.is_some_and(|u| u.len() != n * o) {
             candle_core::bail!(
                 "frozen linear: shapes {:?} · {:?}ᵀ do not fit",
                 lx.dims(),
@@ -162,8 +163,78 @@ impl FrozenLinearCpu {
             Some(u) => u.to_vec(),
             None => vec![0f32; n * o],
         };
-        Self::gemm(x, w, &mut out, n, i, o, u.is_some());
+        match w {
+            CpuStorage::BF16(_) => {
+                let w = bf16_slice(w, lw, "ft-frozen-linear")?;
+                // out (n, o) = x (n, i) · wᵀ: B = wᵀ is (i, o) with rows 1 apart, columns i apart.
+                super::bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, &mut out, o, u.is_some())
+                    .map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
+            }
+            _ => {
+                let w = slice(w, lw, "ft-frozen-linear")?;
+                if w.len() != o * i {
+                    candle_core::bail!("frozen linear: weight is not {o}×{i}");
+                }
+                Self::gemm(x, w, &mut out, n, i, o, u.is_some());
+            }
+        }
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
+    }
+}
+
+/// The contiguous bf16 slice of a storage/layout pair, or an error.
+fn bf16_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [half::bf16]> {
+    let CpuStorage::BF16(data) = s else {
+        candle_core::bail!("{op}: expected bf16");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// `g · W` for the gradient of a frozen linear's input: candle's matmul for f32 weights, the
+/// mixed-precision kernel for bf16 weights with an f32 gradient on the CPU.
+fn input_grad(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == DType::BF16 && grad.dtype() == DType::F32 && grad.device().is_cpu() {
+        grad.contiguous()?.apply_op2(w, MixedGradX)
+    } else {
+        grad.matmul(w)
+    }
+}
+
+/// `g (n, o) · W (o, i)` with f32 `g` and bf16 `W`, f32 out.
+struct MixedGradX;
+
+impl CustomOp2 for MixedGradX {
+    fn name(&self) -> &'static str {
+        "ft-mixed-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = slice(s1, l1, self.name())?;
+        let w = bf16_slice(s2, l2, self.name())?;
+        let (n, o) = l1.shape().dims2()?;
+        let (wo, i) = l2.shape().dims2()?;
+        if wo != o || g.len() != n * o {
+            candle_core::bail!(
+                "{}: shapes {:?} · {:?} do not fit",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut out = vec![0f32; n * i];
+        // B = W is (o, i) row-major.
+        super::bf16::matmul_f32_bf16(n, i, o, g, o, 1, w, i, 1, &mut out, i, false)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name())))?;
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[n, i])))
     }
 }
 
@@ -179,8 +250,7 @@ impl CustomOp2 for FrozenLinearCpu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = "ft-frozen-linear";
-        Self::run(slice(s1, l1, op)?, l1, slice(s2, l2, op)?, l2, None)
+        Self::run(slice(s1, l1, "ft-frozen-linear")?, l1, s2, l2, None)
     }
 
     fn bwd(
@@ -190,7 +260,7 @@ impl CustomOp2 for FrozenLinearCpu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        Ok((Some(input_grad(grad, w)?), None))
     }
 }
 
@@ -209,13 +279,7 @@ impl CustomOp3 for FrozenLinearCpu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let u = slice(s3, l3, "ft-frozen-linear-plus")?;
-        Self::run(
-            slice(s1, l1, "ft-frozen-linear-plus")?,
-            l1,
-            slice(s2, l2, "ft-frozen-linear-plus")?,
-            l2,
-            Some(u),
-        )
+        Self::run(slice(s1, l1, "ft-frozen-linear-plus")?, l1, s2, l2, Some(u))
     }
 
     fn bwd(
@@ -226,13 +290,22 @@ impl CustomOp3 for FrozenLinearCpu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None, Some(grad.clone())))
+        Ok((Some(input_grad(grad, w)?), None, Some(grad.clone())))
     }
 }
 
 /// `x · Wᵀ (+ update)` for a frozen `weight` (out, in), 2-D `x` (N, in) and an optional (N, out)
 /// `update` (the LoRA term): gradients flow to `x` and `update`, never to `weight`.
 pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
+    // Mixed precision (bf16 weights, f32 activations) has no composed fallback: the weight is
+    // widened for the reference path.
+    let widened;
+    let weight = if weight.dtype() != x.dtype() && (disabled() || !x.device().is_cpu()) {
+        widened = weight.to_dtype(x.dtype())?;
+        &widened
+    } else {
+        weight
+    };
     if disabled() {
         let y = x.matmul(&weight.t()?)?;
         return match update {
@@ -240,11 +313,12 @@ pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) 
             None => Ok(y),
         };
     }
-    if fusable(x) && fusable(weight) {
+    let weight_ok = weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::BF16);
+    if fusable(x) && weight_ok {
         let (x, w) = (x.contiguous()?, weight.contiguous()?);
         return match update {
             Some(u) => x.apply_op3(&w, &u.contiguous()?, FrozenLinearCpu),
-            None if x.track_op() => x.apply_op2(&w, FrozenLinearCpu),
+            None if x.track_op() || w.dtype() != x.dtype() => x.apply_op2(&w, FrozenLinearCpu),
             None => x.matmul(&w.t()?),
         };
     }

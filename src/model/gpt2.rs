@@ -46,7 +46,7 @@ fn conv1d(
     out_f: usize,
 ) -> std::result::Result<LoraLinear, ModelError> {
     let key = format!("{prefix}{}", path.trim_start_matches("transformer."));
-    let weight = w.get(&format!("{key}.weight"), &[in_f, out_f])?;
+    let weight = w.get_matrix(&format!("{key}.weight"), &[in_f, out_f])?;
     Ok(LoraLinear {
         path: path.to_owned(),
         layer,
@@ -71,7 +71,7 @@ impl Gpt2 {
         } else {
             ""
         };
-        let wte = w.get(&format!("{prefix}wte.weight"), &[cfg.vocab_size, h])?;
+        let wte = w.get_matrix(&format!("{prefix}wte.weight"), &[cfg.vocab_size, h])?;
         let wpe = w.get(
             &format!("{prefix}wpe.weight"),
             &[cfg.max_position_embeddings, h],
@@ -91,7 +91,7 @@ impl Gpt2 {
         }
         let ln_f = norm(w, &format!("{prefix}ln_f"), h)?;
         let lm_head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-            w.get("lm_head.weight", &[cfg.vocab_size, h])?
+            w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])?
         } else {
             wte.clone()
         };
@@ -138,6 +138,7 @@ impl Gpt2 {
         let tok = self
             .wte
             .index_select(&input.input_ids.flatten_all()?, 0)?
+            .to_dtype(self.wpe.dtype())?
             .reshape((b, t, h))?;
         let pos = match &input.position_ids {
             Some(p) => self

@@ -69,7 +69,7 @@ pub(super) fn linear(
     Ok(LoraLinear {
         path: path.to_owned(),
         layer,
-        weight: w.get(&format!("{path}.weight"), &[out_f, in_f])?,
+        weight: w.get_matrix(&format!("{path}.weight"), &[out_f, in_f])?,
         bias: if bias {
             Some(w.get(&format!("{path}.bias"), &[out_f])?)
         } else {
@@ -146,7 +146,7 @@ impl Llama {
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
         let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
-        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -177,7 +177,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed.clone()
         } else {
-            w.get("lm_head.weight", &[cfg.vocab_size, h])?
+            w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])?
         };
         let (cos, sin) = ops::rope_tables(
             d,
@@ -244,6 +244,7 @@ impl Llama {
         let mut x = self
             .embed
             .index_select(&input.input_ids.flatten_all()?, 0)?
+            .to_dtype(self.cos.dtype())?
             .reshape((b, t, cfg.hidden_size))?;
         // cos/sin for each position: (B or 1, 1, T, D)
         let (cos, sin) = match &input.position_ids {

@@ -4,6 +4,7 @@
 //! key names.
 
 pub mod adapter;
+pub mod bf16;
 pub mod config;
 pub mod fused;
 pub mod gpt2;
@@ -99,10 +100,18 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `dir` (config.json + safetensors, single or sharded) with weights in `dtype` on `device`.
+    /// Loads `dir` (config.json + safetensors, single or sharded) with weights in `dtype` on
+    /// `device`. On the CPU, bf16 means mixed precision: the large frozen matrices are kept in
+    /// bf16 and multiplied by the bf16 kernel ([`bf16`]), everything else runs in f32.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let w = weights::Weights::open(dir, dtype, device)?;
+        let mixed = device.is_cpu() && dtype == DType::BF16;
+        let (dtype, w) = if mixed {
+            let w = weights::Weights::open(dir, DType::F32, device)?;
+            (DType::F32, w.with_matrix_dtype(DType::BF16))
+        } else {
+            (dtype, weights::Weights::open(dir, dtype, device)?)
+        };
         let arch = match config.family {
             Family::Llama => Arch::Llama(llama::Llama::load(&w, &config)?),
             Family::Gpt2 => Arch::Gpt2(gpt2::Gpt2::load(&w, &config)?),
@@ -191,7 +200,7 @@ impl Model {
     pub fn logits(&self, input: &ModelInput) -> candle_core::Result<Tensor> {
         let h = self.hidden(input, false)?;
         let (b, t, c) = h.dims3()?;
-        let logits = h.reshape((b * t, c))?.matmul(&self.lm_head().t()?)?;
+        let logits = fused::frozen_linear(&h.reshape((b * t, c))?, self.lm_head())?;
         logits.reshape((b, t, ()))
     }
 

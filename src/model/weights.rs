@@ -18,6 +18,9 @@ pub struct Weights {
     index: HashMap<String, usize>,
     /// dtype tensors are converted to on load
     dtype: DType,
+    /// dtype of the large frozen matrices (linear weights, embeddings, LM head): `dtype`, except
+    /// in the CPU's mixed mode (bf16 weights, f32 activations).
+    matrix_dtype: DType,
     device: Device,
 }
 
@@ -112,8 +115,20 @@ impl Weights {
             files,
             index,
             dtype,
+            matrix_dtype: dtype,
             device: device.clone(),
         })
+    }
+
+    /// Stores the large frozen matrices ([`Weights::get_matrix`]) in `dtype`.
+    pub fn with_matrix_dtype(mut self, dtype: DType) -> Self {
+        self.matrix_dtype = dtype;
+        self
+    }
+
+    /// Loads a large frozen matrix (linear weight, embedding, LM head) in the matrix dtype.
+    pub fn get_matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.get_as(name, shape, self.matrix_dtype)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -135,6 +150,10 @@ impl Weights {
 
     /// Loads `name`, checks it has `shape`, and converts it to the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor, ModelError> {
         let &i = self
             .index
             .get(name)
@@ -157,7 +176,7 @@ impl Weights {
         }
         let t = st
             .load(name, &self.device)
-            .and_then(|t| t.to_dtype(self.dtype))
+            .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| ModelError::InvalidWeights {
                 path: path.clone(),
                 reason: format!("tensor {name}: {e}"),

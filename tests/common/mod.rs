@@ -81,12 +81,44 @@ pub fn reference(dir: &Path) -> Reference {
     }
 }
 
-pub fn load(dir: &Path) -> Model {
-    Model::load(dir, DType::F32, &Device::Cpu).unwrap()
+/// The device parity runs on: the CPU, or CUDA 0 with `FINETUNE_TEST_DEVICE=cuda` (a build with
+/// `--features cuda`).
+pub fn test_device() -> Device {
+    match std::env::var("FINETUNE_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).unwrap(),
+        _ => Device::Cpu,
+    }
 }
 
+pub fn load(dir: &Path) -> Model {
+    load_as(dir, DType::F32)
+}
+
+/// The model in `dtype` on [`test_device`] (bf16 on the CPU: bf16 weights, f32 activations).
+pub fn load_as(dir: &Path, dtype: DType) -> Model {
+    Model::load(dir, dtype, &test_device()).unwrap()
+}
+
+/// Logits as f32 on the CPU.
 pub fn logits(model: &Model, ids: &Tensor) -> Tensor {
-    model.logits(&ModelInput::causal(ids.clone())).unwrap()
+    let ids = ids.to_device(model.device()).unwrap();
+    model
+        .logits(&ModelInput::causal(ids))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖ (a moved to the CPU in f32 first).
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    norm(&(a - b).unwrap()) / norm(b)
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
