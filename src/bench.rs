@@ -37,6 +37,39 @@ pub struct BenchOptions {
     pub random_dir: Option<PathBuf>,
     /// Gradient checkpointing.
     pub checkpointing: bool,
+    /// The device's peak dense TFLOP/s in the compute dtype, for model FLOP utilisation.
+    pub peak_tflops: Option<f64>,
+}
+
+/// Model FLOPs per trained token of this LoRA job: frozen projections (incl. the LM head) forward
+/// and input-gradient (4 per weight), LoRA A/B forward, input gradient and weight gradient (6 per
+/// parameter), attention scores and values over `seq_len` forward (4·T per query dim per layer)
+/// and backward (twice that). Causal masking is not subtracted, as is usual for MFU.
+pub fn training_flops_per_token(
+    cfg: &crate::model::ModelConfig,
+    seq_len: usize,
+    rank: usize,
+) -> f64 {
+    let (h, i, v, l) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.vocab_size as f64,
+        cfg.num_layers as f64,
+    );
+    let q = (cfg.num_heads * cfg.head_dim) as f64;
+    let kv = (cfg.num_kv_heads * cfg.head_dim) as f64;
+    let r = rank as f64;
+    // (in, out) of every projection of one layer
+    let shapes: Vec<(f64, f64)> = match cfg.family {
+        crate::model::Family::Llama => {
+            vec![(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+        }
+        crate::model::Family::Gpt2 => vec![(h, 3.0 * h), (h, h), (h, i), (i, h)],
+    };
+    let frozen: f64 = shapes.iter().map(|(a, b)| a * b).sum::<f64>() * l + v * h;
+    let lora: f64 = shapes.iter().map(|(a, b)| r * (a + b)).sum::<f64>() * l;
+    let attention = 12.0 * seq_len as f64 * q * l;
+    4.0 * frozen + 6.0 * lora + attention
 }
 
 /// Measured figures (medians over the timed steps).
@@ -60,6 +93,14 @@ pub struct BenchReport {
     pub trainable_params: usize,
     pub random_weights: bool,
     pub checkpointing: bool,
+    /// See [`training_flops_per_token`].
+    pub flops_per_token: f64,
+    /// flops_per_token × tokens/s.
+    pub achieved_tflops: f64,
+    /// achieved / the `--peak-tflops` given.
+    pub mfu: Option<f64>,
+    /// Largest device memory in use seen after a forward or backward (CUDA).
+    pub device_bytes: Option<u64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -170,6 +211,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let (b, t) = (opts.batch, opts.seq_len);
     let batches = make_batches(opts, &model)?;
     let (mut fwd, mut bwd, mut upd, mut total) = (vec![], vec![], vec![], vec![]);
+    let mut device_bytes: Option<u64> = None;
+    let mut sample = |d: &Device| {
+        if let Some(now) = backend::device_memory_used(d) {
+            device_bytes = Some(device_bytes.map_or(now, |m| m.max(now)));
+        }
+    };
     let mut tokens_per_step = 0;
     for step in 0..opts.warmup + opts.steps {
         let (ids, labels, n_tokens) = &batches[step % batches.len()];
@@ -178,12 +225,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         let (loss, _) = model.loss(&input, labels, true)?;
         loss.device().synchronize()?;
         let t1 = Instant::now();
+        sample(loss.device());
         let mut grads = opt.collect(&loss.backward()?);
         if let Some(sink) = &sink {
             opt.accumulate_sink(&mut grads, sink.take(), 1.0)?;
         }
         loss.device().synchronize()?;
         let t2 = Instant::now();
+        sample(loss.device());
         opt.step(&grads, 1e-4, 1.0)?;
         loss.device().synchronize()?;
         let t3 = Instant::now();
@@ -196,6 +245,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
     let step_secs = median(&mut total);
+    let tokens_per_sec = tokens_per_step as f64 / step_secs.max(1e-9);
+    let flops_per_token = training_flops_per_token(&model.config, t, opts.rank);
+    let achieved_tflops = flops_per_token * tokens_per_sec / 1e12;
     let estimate = memory::estimate(
         &model.config,
         &memory::EstimateInput {
@@ -216,7 +268,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         rank: opts.rank,
         steps: opts.steps,
         tokens_per_step,
-        tokens_per_sec: tokens_per_step as f64 / step_secs.max(1e-9),
+        tokens_per_sec,
         step_secs,
         forward_secs: median(&mut fwd),
         backward_secs: median(&mut bwd),
@@ -226,6 +278,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         trainable_params: lora.parameter_count(),
         random_weights: !has_weights,
         checkpointing: opts.checkpointing,
+        flops_per_token,
+        achieved_tflops,
+        mfu: opts.peak_tflops.map(|p| achieved_tflops / p),
+        device_bytes,
     })
 }
 
@@ -313,6 +369,19 @@ impl std::fmt::Display for BenchReport {
             self.backward_secs,
             self.optimizer_secs
         )?;
+        write!(
+            f,
+            "{:.2} GFLOP/token, {:.2} TFLOP/s achieved",
+            self.flops_per_token / 1e9,
+            self.achieved_tflops
+        )?;
+        if let Some(m) = self.mfu {
+            write!(f, " (MFU {:.1}%)", m * 100.0)?;
+        }
+        writeln!(f)?;
+        if let Some(d) = self.device_bytes {
+            writeln!(f, "device memory in use: up to {:.0} MB", mb(d))?;
+        }
         write!(
             f,
             "peak RSS {} MB | estimate {:.0} MB (weights {:.0}, LoRA+AdamW {:.0}, activations {:.0}, logits {:.0})",

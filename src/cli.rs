@@ -110,6 +110,9 @@ pub struct BenchArgs {
     /// Recompute activations in backward (gradient checkpointing).
     #[arg(long)]
     pub checkpointing: bool,
+    /// The device's peak TFLOP/s in the compute dtype, to report model FLOP utilisation.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -545,6 +548,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         dtype: args.dtype.into(),
         random_dir: args.random_dir.clone(),
         checkpointing: args.checkpointing,
+        peak_tflops: args.peak_tflops,
     })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
