@@ -85,6 +85,7 @@ fn scripted(cfg: TrainConfig, r: Reporter) {
             });
             r.send(Event::Stopped {
                 adapter: dir,
+                best: None,
                 step: step - 1,
                 reason: "stop requested".into(),
             });

@@ -344,6 +344,19 @@ pub fn pick_with(choice: DeviceChoice, dtype: DtypeChoice) -> Result<Backend, Ba
     open(plan(choice, dtype, &SystemProbe)?)
 }
 
+/// Runs Candle's own element-wise CPU ops on the calling thread (`CANDLE_NUM_THREADS=1` unless
+/// the user set it). Candle parallelises them on a pool of its own whose threads spin-wait for
+/// work, beside the rayon pool that runs the matrix products: two pools on the same cores. With
+/// both, `perf` put 20% (idle machine) to 45% (a busy one) of the CPU time in Candle's barrier
+/// spin, and `finetune bench` on SmolLM2-135M ran 2.5–3× slower on a busy 2-core machine than
+/// with Candle's pool off (BENCHMARKS.md). The heavy ops (matmuls, the fused kernels) still use
+/// every core through rayon. Call first thing in `main`, before any thread starts.
+pub fn tune_cpu_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// Device memory in use now (CUDA: used of total on device 0), when the backend tells. The CPU
 /// reports none here: its figure is the process RSS.
 pub fn device_memory_used(device: &Device) -> Option<u64> {

@@ -254,7 +254,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             batch: b,
             seq_len: t,
             rank: opts.rank,
-            dtype_bytes: backend.dtype.size_in_bytes(),
+            weight_bytes: backend.dtype.size_in_bytes(),
+            activation_bytes: if backend.device.is_cpu() {
+                4
+            } else {
+                backend.dtype.size_in_bytes()
+            },
             checkpointing: opts.checkpointing,
             lora_modules_per_layer: None,
         },

@@ -560,6 +560,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 
 pub fn main() -> ExitCode {
     crate::memory::tune_allocator();
+    crate::backend::tune_cpu_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Info { model }) => info(&model),
@@ -687,11 +688,15 @@ pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
         }
         Event::Stopped {
             adapter,
+            best,
             step,
             reason,
         } => {
             println!("{reason}");
             println!("adapter of step {step} saved: {}", adapter.display());
+            if let Some(b) = best {
+                println!("best adapter (lowest val loss): {}", b.display());
+            }
             return Some(ExitCode::SUCCESS);
         }
         Event::Failed { error } => {

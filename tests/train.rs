@@ -150,6 +150,36 @@ fn a_run_learns_reports_in_order_and_saves_complete_checkpoints() {
 }
 
 #[test]
+fn stop_names_the_best_adapter_kept_so_far() {
+    let mut c = config(Path::new(""), 8);
+    c.eval_every = 1;
+    let out = tempfile::tempdir().unwrap();
+    c.out_dir = out.path().to_path_buf();
+    let events = run(
+        c,
+        Some(Arc::new(|e: &Event, r: &Reporter| {
+            if let Event::Step(s) = e {
+                if s.step == 3 {
+                    r.request_stop();
+                }
+            }
+        })),
+    );
+    let Some(Event::Stopped { best, .. }) = events.last() else {
+        panic!("expected Stopped, got {:?}", events.last());
+    };
+    let improved_after_start = events
+        .iter()
+        .any(|e| matches!(e, Event::Eval { step, best: true, .. } if *step > 0));
+    assert!(
+        improved_after_start,
+        "expected a better val loss after step 0"
+    );
+    assert_eq!(best.as_deref(), Some(out.path().join("best").as_path()));
+    assert!(out.path().join("best/adapter_model.safetensors").is_file());
+}
+
+#[test]
 fn stop_saves_and_resume_continues_exactly() {
     let mut c = config(Path::new(""), 8);
     c.lora.dropout = 0.1; // seeded dropout must replay identically after resume
@@ -236,6 +266,7 @@ fn a_non_finite_loss_stops_and_keeps_the_last_good_adapter() {
         adapter,
         step,
         reason,
+        ..
     }) = events.last()
     else {
         panic!("expected Stopped, got {:?}", events.last());

@@ -143,6 +143,7 @@ fn fake_engine(steps: usize, delay: Duration, seen: Arc<Mutex<Option<TrainConfig
                     });
                     r.send(Event::Stopped {
                         adapter,
+                        best: None,
                         step: step - 1,
                         reason: "stop requested".into(),
                     });

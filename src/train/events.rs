@@ -76,6 +76,8 @@ pub enum Event {
     /// Stopped on request (or early stop / NaN); the adapter of the last finished step is saved.
     Stopped {
         adapter: PathBuf,
+        /// The best-validation adapter, if one was kept before the stop.
+        best: Option<PathBuf>,
         step: usize,
         reason: String,
     },

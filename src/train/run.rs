@@ -329,10 +329,19 @@ impl<'c> Trainer<'c> {
         Ok(Some((val, p > 0 && self.state.evals_since_best >= p)))
     }
 
+    /// The best-validation adapter folder, once one was written.
+    fn best_adapter(&self) -> Option<PathBuf> {
+        let best = self.out("best");
+        best.join(adapter::ADAPTER_WEIGHTS)
+            .is_file()
+            .then_some(best)
+    }
+
     fn stopped(&self, reason: String) -> anyhow::Result<Event> {
         let adapter = self.save()?;
         Ok(Event::Stopped {
             adapter,
+            best: self.best_adapter(),
             step: self.state.step,
             reason,
         })
@@ -456,13 +465,9 @@ impl<'c> Trainer<'c> {
             last_val = self.eval()?.map(|(v, _)| v).or(last_val);
         }
         let adapter = self.save()?;
-        let best = self.out("best");
         Ok(Event::Finished {
             adapter,
-            best: best
-                .join(adapter::ADAPTER_WEIGHTS)
-                .is_file()
-                .then_some(best),
+            best: self.best_adapter(),
             final_loss: self.state.last_loss,
             final_val_loss: last_val,
         })

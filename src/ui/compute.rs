@@ -14,14 +14,20 @@ use crate::train::{DeviceChoice, DtypeChoice};
 /// The estimate for the form's worst case (every row at the max sequence length), in the dtype
 /// the plan will use.
 pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) -> Estimate {
-    let dtype_bytes = plan.map_or(4, |p| p.dtype.size_in_bytes());
+    let weight_bytes = plan.map_or(4, |p| p.dtype.size_in_bytes());
+    // The CPU keeps activations in f32 (its bf16 mode is bf16 weights × f32 activations).
+    let activation_bytes = match plan {
+        Some(p) if p.kind != BackendKind::Cpu => weight_bytes,
+        _ => 4,
+    };
     estimate(
         &model.config,
         &EstimateInput {
             batch: s.batch_size.max(1),
             seq_len: s.max_seq_len.max(1),
             rank: s.lora_rank,
-            dtype_bytes,
+            weight_bytes,
+            activation_bytes,
             checkpointing: s.gradient_checkpointing,
             lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
         },

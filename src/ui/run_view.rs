@@ -253,10 +253,12 @@ impl RunView {
             }
             Event::Stopped {
                 adapter,
+                best,
                 step,
                 reason,
             } => {
                 self.state = RunState::Stopped;
+                self.best = best;
                 self.step = step;
                 self.final_loss = self.last_loss();
                 self.final_val_loss = self.last_val_loss();
@@ -443,6 +445,7 @@ mod tests {
         assert_eq!(v.state, RunState::Stopping);
         v.apply(Event::Stopped {
             adapter: "out/latest".into(),
+            best: None,
             step: 1,
             reason: "stop requested".into(),
         });
