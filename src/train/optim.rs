@@ -107,16 +107,18 @@ impl AdamW {
     }
 
     /// Global L2 norm of `grads` (missing gradients count as zero).
+    /// One read-back for all tensors (a GPU syncs once, not once per tensor).
     pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-        let mut total = 0f64;
-        for g in grads.iter().flatten() {
-            total += g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
+        let sums = grads
+            .iter()
+            .flatten()
+            .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+            .collect::<Result<Vec<_>>>()?;
+        if sums.is_empty() {
+            return Ok(0.0);
         }
-        Ok(total.sqrt())
+        let total: Vec<f32> = Tensor::stack(&sums, 0)?.to_vec1()?;
+        Ok(total.iter().map(|&x| x as f64).sum::<f64>().sqrt())
     }
 
     /// One update with learning rate `lr` from `grads` (in parameter order, see [`AdamW::collect`]);
