@@ -13,18 +13,18 @@ use rayon::prelude::*;
 use super::ops;
 
 /// `FINETUNE_NO_FUSED=1` turns the kernels off (for measuring what they buy with `bench`).
-fn disabled() -> bool {
+pub(crate) fn disabled() -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OFF.get_or_init(|| std::env::var_os("FINETUNE_NO_FUSED").is_some_and(|v| v != "0"))
 }
 
 /// True when the fused CPU kernels apply to `t`.
-fn fusable(t: &Tensor) -> bool {
+pub(crate) fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && !disabled()
 }
 
 /// The contiguous f32 slice of a storage/layout pair, or an error.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         candle_core::bail!("{op}: expected f32");
     };

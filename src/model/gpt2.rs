@@ -7,6 +7,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::attention;
 use super::config::{Activation, ModelConfig};
 use super::lora::LoraLinear;
 use super::ops;
@@ -164,7 +165,7 @@ impl Gpt2 {
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (l + 1) as f64;
             }
-            let att = ops::attention(&q, &k, &v, &bias, scale)?
+            let att = attention::attention(&q, &k, &v, &bias, scale)?
                 .transpose(1, 2)?
                 .reshape((b, t, h))?;
             x = (x + blk.attn_c_proj.forward(&att, train)?)?;

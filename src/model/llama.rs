@@ -5,6 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::attention;
 use super::config::{Activation, ModelConfig};
 use super::lora::LoraLinear;
 use super::ops;
@@ -116,10 +117,9 @@ impl Layer {
         let v = heads(lin(&self.v_proj, &h)?, nkv, &None)?;
         let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
-        let k = ops::repeat_kv(k, nh / nkv)?.contiguous()?;
-        let v = ops::repeat_kv(v, nh / nkv)?.contiguous()?;
         let scale = 1.0 / (d as f64).sqrt();
-        let att = ops::attention(&q, &k, &v, &ctx.bias, scale)?
+        // k, v stay at KV heads: the fused op reads them per group (the fallback repeats them).
+        let att = attention::attention(&q, &k, &v, &ctx.bias, scale)?
             .transpose(1, 2)?
             .reshape((b, t, nh * d))?;
         let x = (x + lin(&self.o_proj, &att)?)?;

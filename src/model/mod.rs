@@ -4,6 +4,7 @@
 //! key names.
 
 pub mod adapter;
+pub mod attention;
 pub mod bf16;
 pub mod config;
 pub mod fused;

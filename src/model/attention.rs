@@ -1,0 +1,782 @@
+//! Fused, memory-lean CPU attention with its own backward.
+//!
+//! `softmax(q·kᵀ·scale + bias)·v` over q `(B, H, T, D)` and k, v `(B, KV, T, D)` (GQA: query head
+//! `h` reads kv head `h / (H/KV)`), without expanding k/v to H heads. The composed path
+//! (`ops::repeat_kv` + `ops::attention`) keeps the repeated k/v copies and four `(B, H, T, T)`
+//! score/probability tensors alive until backward ends; this op keeps only its output and one
+//! log-sum-exp per query row `(B, H, T)`, and recomputes the probabilities in backward
+//! (flash-attention style). Keys whose bias is -inf at the edges of a row (the causal future, other
+//! segments of a packed row) are skipped in blocks of query rows.
+//!
+//! f32 on CPU only; other devices and dtypes (and `FINETUNE_NO_FUSED=1`) use the composed path.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::{fused, ops};
+
+/// Query rows per block: the keys a block needs are the union of its rows' visible ranges.
+const BLOCK: usize = 64;
+
+/// Scaled dot-product attention, `softmax(q·kᵀ·scale + bias)·v`. q `(B, H, T, D)`, k and v
+/// `(B, KV, T, D)` with `H` a multiple of `KV`, `bias` additive and broadcastable to
+/// `(B, H, T, T)`. Returns `(B, H, T, D)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let (kb, kv, kt, kd) = k.dims4()?;
+    if (kb, kt, kd) != (b, t, d) || v.dims4()? != (b, kv, t, d) || kv == 0 || h % kv != 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let bias_rows = match bias.dims() {
+        [r, 1, bt, bt2] if (*r == 1 || *r == b) && *bt == t && *bt2 == t => Some(*r),
+        _ => None,
+    };
+    match bias_rows {
+        Some(rows)
+            if fused::fusable(q)
+                && fused::fusable(k)
+                && fused::fusable(v)
+                && bias.device().is_cpu() =>
+        {
+            let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+            let op = FlashAttn {
+                bias,
+                bias_rows: rows,
+                scale: scale as f32,
+                lse: Mutex::new(None),
+            };
+            q.contiguous()?
+                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        }
+        _ => {
+            let rep = h / kv;
+            let k = ops::repeat_kv(k.clone(), rep)?.contiguous()?;
+            let v = ops::repeat_kv(v.clone(), rep)?.contiguous()?;
+            ops::attention(q, &k, &v, bias, scale)
+        }
+    }
+}
+
+/// Sizes of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    kv: usize,
+    t: usize,
+    d: usize,
+    bias_rows: usize,
+}
+
+impl Dims {
+    fn rep(&self) -> usize {
+        self.h / self.kv
+    }
+}
+
+fn dims_of(lq: &Layout, lk: &Layout, lv: &Layout, bias_rows: usize) -> Result<Dims> {
+    let (b, h, t, d) = lq.shape().dims4()?;
+    let (kb, kv, kt, kd) = lk.shape().dims4()?;
+    if (kb, kt, kd) != (b, t, d) || lv.shape().dims4()? != (b, kv, t, d) || kv == 0 || h % kv != 0 {
+        candle_core::bail!("attention: q/k/v shapes do not fit");
+    }
+    Ok(Dims {
+        b,
+        h,
+        kv,
+        t,
+        d,
+        bias_rows,
+    })
+}
+
+/// Reads a contiguous f32 CPU tensor inside a kernel.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("attention: expected a CPU tensor");
+    };
+    f(fused::slice(s, layout, "attention")?)
+}
+
+/// For every bias row and query i, the half-open key range `lo..hi` between the first and the last
+/// finite bias entry (empty when the whole row is -inf).
+fn key_ranges(bias: &[f32], rows: usize, t: usize) -> Result<Vec<(usize, usize)>> {
+    if bias.len() != rows * t * t {
+        candle_core::bail!(
+            "attention: bias holds {} values, not {rows}·{t}²",
+            bias.len()
+        );
+    }
+    Ok(bias
+        .chunks(t.max(1))
+        .take(rows * t)
+        .map(|row| {
+            let lo = row.iter().position(|&x| x != f32::NEG_INFINITY);
+            let hi = row.iter().rposition(|&x| x != f32::NEG_INFINITY);
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => (lo, hi + 1),
+                _ => (0, 0),
+            }
+        })
+        .collect())
+}
+
+/// The key range of a block of rows: the union of the rows' non-empty ranges.
+fn block_range(ranges: &[(usize, usize)]) -> (usize, usize) {
+    ranges
+        .iter()
+        .filter(|(lo, hi)| lo < hi)
+        .fold((usize::MAX, 0), |(a, b), &(lo, hi)| (a.min(lo), b.max(hi)))
+}
+
+/// `dst (m×n) = [dst +] beta · A (m×k) · B (k×n)`, each matrix given by its slice, row stride and
+/// column stride (dst's column stride is 1). Checks that the slices cover the strided extents.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    beta: f32,
+) -> Result<()> {
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if dst.len() < extent(m, n, dst_rs, 1)
+        || a.0.len() < extent(m, k, a.1, a.2)
+        || b.0.len() < extent(k, n, b.1, b.2)
+    {
+        candle_core::bail!("attention: gemm operands out of bounds");
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: the checks above guarantee every strided element of dst (m×n, strides dst_rs/1),
+    // a (m×k, strides a.1/a.2) and b (k×n, strides b.1/b.2) lies inside its slice; dst is a
+    // unique borrow so it aliases neither input; no parallelism is requested, so no pointer
+    // outlives this call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
+/// Turns one row of scaled scores `s` (keys `klo..klo + s.len()`) into probabilities in place:
+/// adds the bias row (indexed by key), zeroes keys outside `lo..hi`, and normalises with the given
+/// log-sum-exp or, when `None`, a fresh one. Returns the log-sum-exp (-inf for an empty range).
+fn probs(
+    s: &mut [f32],
+    bias: &[f32],
+    klo: usize,
+    (lo, hi): (usize, usize),
+    lse: Option<f32>,
+) -> f32 {
+    if lo >= hi {
+        s.fill(0.0);
+        return f32::NEG_INFINITY;
+    }
+    let (a, b) = (lo - klo, hi - klo);
+    s[..a].fill(0.0);
+    s[b..].fill(0.0);
+    let mid = &mut s[a..b];
+    for (x, &bb) in mid.iter_mut().zip(&bias[lo..hi]) {
+        *x += bb;
+    }
+    match lse {
+        Some(l) => {
+            mid.iter_mut().for_each(|x| *x = (*x - l).exp());
+            l
+        }
+        None => {
+            let max = mid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in mid.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            mid.iter_mut().for_each(|x| *x *= inv);
+            max + sum.ln()
+        }
+    }
+}
+
+/// Forward of one (batch, query head): writes `o` (T×D) and the log-sum-exp per row `l` (T).
+#[allow(clippy::too_many_arguments)]
+fn forward_head(
+    dm: &Dims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: &[f32],
+    ranges: &[(usize, usize)],
+    o: &mut [f32],
+    l: &mut [f32],
+) -> Result<()> {
+    let (t, d) = (dm.t, dm.d);
+    let mut s = Vec::new();
+    for i0 in (0..t).step_by(BLOCK) {
+        let i1 = (i0 + BLOCK).min(t);
+        let nb = i1 - i0;
+        let (klo, khi) = block_range(&ranges[i0..i1]);
+        if klo >= khi {
+            o[i0 * d..i1 * d].fill(0.0);
+            l[i0..i1].fill(f32::NEG_INFINITY);
+            continue;
+        }
+        let nk = khi - klo;
+        s.resize(nb * nk, 0.0);
+        // S = scale · Q_blk · K_rangeᵀ
+        mm(
+            (nb, nk, d),
+            &mut s,
+            nk,
+            false,
+            (&q[i0 * d..], d, 1),
+            (&k[klo * d..], 1, d),
+            scale,
+        )?;
+        for (r, row) in s.chunks_mut(nk).enumerate() {
+            let i = i0 + r;
+            l[i] = probs(row, &bias[i * t..(i + 1) * t], klo, ranges[i], None);
+        }
+        // O_blk = P · V_range
+        mm(
+            (nb, d, nk),
+            &mut o[i0 * d..i1 * d],
+            d,
+            false,
+            (&s, nk, 1),
+            (&v[klo * d..], d, 1),
+            1.0,
+        )?;
+    }
+    Ok(())
+}
+
+/// Backward of one (batch, kv head) group: `dq` holds the group's H/KV query heads (each T×D),
+/// `dk`/`dv` the kv head's gradients, summed over the group's query heads.
+struct GroupBwd<'a> {
+    dm: Dims,
+    scale: f32,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    g: &'a [f32],
+    lse: Option<&'a [f32]>,
+    bias: &'a [f32],
+    ranges: &'a [(usize, usize)],
+}
+
+impl<'a> GroupBwd<'a> {
+    fn run(&self, group: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) -> Result<()> {
+        let dm = &self.dm;
+        let (t, d, rep) = (dm.t, dm.d, dm.rep());
+        let (b, kvh) = (group / dm.kv, group % dm.kv);
+        let hd = t * d;
+        let k = &self.k[group * hd..(group + 1) * hd];
+        let v = &self.v[group * hd..(group + 1) * hd];
+        let br = if dm.bias_rows == 1 { 0 } else { b };
+        let bias = &self.bias[br * t * t..(br + 1) * t * t];
+        let ranges = &self.ranges[br * t..(br + 1) * t];
+        let (mut s, mut dp) = (Vec::new(), Vec::new());
+        for (j, dq) in dq.chunks_mut(hd).enumerate() {
+            let head = b * dm.h + kvh * rep + j;
+            let at = |x: &'a [f32]| &x[head * hd..(head + 1) * hd];
+            let (q, o, g) = (at(self.q), at(self.o), at(self.g));
+            let lse = self.lse.map(|l| &l[head * t..(head + 1) * t]);
+            for i0 in (0..t).step_by(BLOCK) {
+                let i1 = (i0 + BLOCK).min(t);
+                let nb = i1 - i0;
+                let (klo, khi) = block_range(&ranges[i0..i1]);
+                if klo >= khi {
+                    dq[i0 * d..i1 * d].fill(0.0);
+                    continue;
+                }
+                let nk = khi - klo;
+                s.resize(nb * nk, 0.0);
+                dp.resize(nb * nk, 0.0);
+                // P, recomputed from S = scale · Q_blk · K_rangeᵀ and the saved log-sum-exp.
+                mm(
+                    (nb, nk, d),
+                    &mut s,
+                    nk,
+                    false,
+                    (&q[i0 * d..], d, 1),
+                    (&k[klo * d..], 1, d),
+                    self.scale,
+                )?;
+                for (r, row) in s.chunks_mut(nk).enumerate() {
+                    let i = i0 + r;
+                    let l = lse.map(|l| l[i]);
+                    probs(row, &bias[i * t..(i + 1) * t], klo, ranges[i], l);
+                }
+                // dV_range += Pᵀ · dO_blk
+                mm(
+                    (nk, d, nb),
+                    &mut dv[klo * d..],
+                    d,
+                    true,
+                    (&s, 1, nk),
+                    (&g[i0 * d..], d, 1),
+                    1.0,
+                )?;
+                // dP = dO_blk · V_rangeᵀ
+                mm(
+                    (nb, nk, d),
+                    &mut dp,
+                    nk,
+                    false,
+                    (&g[i0 * d..], d, 1),
+                    (&v[klo * d..], 1, d),
+                    1.0,
+                )?;
+                // dS = P ∘ (dP − Σ_d dO·O), into dp.
+                for (r, (dpr, pr)) in dp.chunks_mut(nk).zip(s.chunks(nk)).enumerate() {
+                    let i = i0 + r;
+                    let row = i * d..(i + 1) * d;
+                    let di: f32 = g[row.clone()].iter().zip(&o[row]).map(|(a, b)| a * b).sum();
+                    for (x, &p) in dpr.iter_mut().zip(pr) {
+                        *x = p * (*x - di);
+                    }
+                }
+                // dQ_blk = scale · dS · K_range
+                mm(
+                    (nb, d, nk),
+                    &mut dq[i0 * d..i1 * d],
+                    d,
+                    false,
+                    (&dp, nk, 1),
+                    (&k[klo * d..], d, 1),
+                    self.scale,
+                )?;
+                // dK_range += scale · dSᵀ · Q_blk
+                mm(
+                    (nk, d, nb),
+                    &mut dk[klo * d..],
+                    d,
+                    true,
+                    (&dp, 1, nk),
+                    (&q[i0 * d..], d, 1),
+                    self.scale,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    fused::slice(s, l, "attention")
+}
+
+/// The forward op over (q, k, v); holds the bias and, after the forward, the log-sum-exp rows.
+struct FlashAttn {
+    /// (bias_rows, 1, T, T), contiguous f32 on CPU.
+    bias: Tensor,
+    bias_rows: usize,
+    scale: f32,
+    lse: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "ft-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = dims_of(l1, l2, l3, self.bias_rows)?;
+        let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (t, d) = (dm.t, dm.d);
+        let hd = t * d;
+        let mut out = vec![0f32; dm.b * dm.h * hd];
+        let mut lse = vec![0f32; dm.b * dm.h * t];
+        if hd > 0 {
+            with_f32(&self.bias, |bias| {
+                let ranges = key_ranges(bias, dm.bias_rows, t)?;
+                out.par_chunks_mut(hd)
+                    .zip(lse.par_chunks_mut(t))
+                    .enumerate()
+                    .try_for_each(|(head, (o, l))| {
+                        let (b, h) = (head / dm.h, head % dm.h);
+                        let kvh = b * dm.kv + h / dm.rep();
+                        let br = if dm.bias_rows == 1 { 0 } else { b };
+                        forward_head(
+                            &dm,
+                            self.scale,
+                            &q[head * hd..(head + 1) * hd],
+                            &k[kvh * hd..(kvh + 1) * hd],
+                            &v[kvh * hd..(kvh + 1) * hd],
+                            &bias[br * t * t..(br + 1) * t * t],
+                            &ranges[br * t..(br + 1) * t],
+                            o,
+                            l,
+                        )
+                    })
+            })?;
+        }
+        let mut slot = match self.lse.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        *slot = Some(Arc::new(lse));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = match self.lse.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let op = FlashAttnBwd {
+            bias: self.bias.clone(),
+            bias_rows: self.bias_rows,
+            scale: self.scale,
+            lse,
+            o: res.contiguous()?,
+            g: grad.contiguous()?,
+        };
+        let all = q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward op over (q, k, v): returns dq, dk and dv concatenated into one flat buffer.
+struct FlashAttnBwd {
+    bias: Tensor,
+    bias_rows: usize,
+    scale: f32,
+    lse: Option<Arc<Vec<f32>>>,
+    /// The forward output and its gradient, contiguous (B, H, T, D).
+    o: Tensor,
+    g: Tensor,
+}
+
+impl CustomOp3 for FlashAttnBwd {
+    fn name(&self) -> &'static str {
+        "ft-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = dims_of(l1, l2, l3, self.bias_rows)?;
+        let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (t, d) = (dm.t, dm.d);
+        let hd = t * d;
+        let (nq, nk) = (q.len(), k.len());
+        let mut all = vec![0f32; nq + 2 * nk];
+        if let Some(l) = &self.lse {
+            if l.len() != dm.b * dm.h * t {
+                candle_core::bail!("attention backward: saved log-sum-exp does not fit");
+            }
+        }
+        if hd > 0 {
+            with_f32(&self.bias, |bias| {
+                with_f32(&self.o, |o| {
+                    with_f32(&self.g, |g| {
+                        if o.len() != nq || g.len() != nq {
+                            candle_core::bail!("attention backward: output/gradient do not fit");
+                        }
+                        let ranges = key_ranges(bias, dm.bias_rows, t)?;
+                        let job = GroupBwd {
+                            dm,
+                            scale: self.scale,
+                            q,
+                            k,
+                            v,
+                            o,
+                            g,
+                            lse: self.lse.as_ref().map(|l| l.as_slice()),
+                            bias,
+                            ranges: &ranges,
+                        };
+                        let (dq, rest) = all.split_at_mut(nq);
+                        let (dk, dv) = rest.split_at_mut(nk);
+                        dq.par_chunks_mut(dm.rep() * hd)
+                            .zip(dk.par_chunks_mut(hd).zip(dv.par_chunks_mut(hd)))
+                            .enumerate()
+                            .try_for_each(|(group, (dq, (dk, dv)))| job.run(group, dq, dk, dv))
+                    })
+                })
+            })?;
+        }
+        let n = all.len();
+        Ok((CpuStorage::F32(all), Shape::from_dims(&[n])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn scale_of(a: &Tensor) -> f32 {
+        a.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0)
+    }
+
+    /// Segment ids with packing and padding: several segments and trailing zeros.
+    fn segments(b: usize, t: usize) -> Vec<u32> {
+        let mut seg = Vec::with_capacity(b * t);
+        for bi in 0..b {
+            for i in 0..t {
+                let pad = t.saturating_sub(1 + 3 * bi);
+                let id = if t > 1 && i >= pad.max(1) {
+                    0
+                } else {
+                    1 + (i / (3 + bi * 4)) as u32
+                };
+                seg.push(id);
+            }
+        }
+        seg
+    }
+
+    fn check(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool) {
+        let dev = Device::Cpu;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap();
+        let bias = if packed {
+            let seg = segments(b, t);
+            ops::attention_bias(b, t, Some(&seg), DType::F32, &dev).unwrap()
+        } else {
+            ops::attention_bias(b, t, None, DType::F32, &dev).unwrap()
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let rep = h / kv;
+        let kr = ops::repeat_kv(k.as_tensor().clone(), rep)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let vr = ops::repeat_kv(v.as_tensor().clone(), rep)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let want = ops::attention(q.as_tensor(), &kr, &vr, &bias, scale).unwrap();
+        let op = FlashAttn {
+            bias: bias.clone(),
+            bias_rows: bias.dim(0).unwrap(),
+            scale: scale as f32,
+            lse: Mutex::new(None),
+        };
+        let got = q
+            .as_tensor()
+            .apply_op3(k.as_tensor(), v.as_tensor(), op)
+            .unwrap();
+        let tol = 1e-5;
+        let diff = max_abs(&got, &want);
+        let ctx = format!("b={b} h={h} kv={kv} t={t} d={d} packed={packed}");
+        assert!(diff <= tol * scale_of(&want), "forward {ctx}: {diff}");
+        let gw = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gg = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let a = gw.get(var).unwrap();
+            let b = gg.get(var).unwrap();
+            let diff = max_abs(a, b);
+            assert!(diff <= tol * scale_of(a), "d{name} {ctx}: {diff}");
+        }
+    }
+
+    #[test]
+    fn attention_matches_composed_forward_and_gradients() {
+        for (h, kv) in [(4, 4), (6, 2), (9, 3)] {
+            for t in [1, 5, 33] {
+                for d in [8, 64] {
+                    for packed in [false, true] {
+                        check(2, h, kv, t, d, packed);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_spans_several_blocks() {
+        check(2, 6, 2, 150, 16, false);
+        check(2, 6, 2, 150, 16, true);
+    }
+
+    #[test]
+    fn public_attention_matches_composed_path() {
+        let dev = Device::Cpu;
+        let (b, h, kv, t, d) = (2, 6, 3, 7, 8);
+        let q = Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap();
+        let bias = ops::attention_bias(b, t, None, DType::F32, &dev).unwrap();
+        let got = attention(&q, &k, &v, &bias, 0.3).unwrap();
+        let kr = ops::repeat_kv(k, 2).unwrap().contiguous().unwrap();
+        let vr = ops::repeat_kv(v, 2).unwrap().contiguous().unwrap();
+        let want = ops::attention(&q, &kr, &vr, &bias, 0.3).unwrap();
+        assert!(max_abs(&got, &want) < 1e-5);
+    }
+
+    /// `cargo test --release --lib attention -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn attention_timing() {
+        let dev = Device::Cpu;
+        let (b, h, kv, t, d) = (4, 9, 3, 256, 64);
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap();
+        let bias = ops::attention_bias(b, t, None, DType::F32, &dev).unwrap();
+        let scale = 0.125;
+        let composed = || {
+            let kr = ops::repeat_kv(k.as_tensor().clone(), h / kv)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let vr = ops::repeat_kv(v.as_tensor().clone(), h / kv)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            ops::attention(q.as_tensor(), &kr, &vr, &bias, scale).unwrap()
+        };
+        let fused = || {
+            let op = FlashAttn {
+                bias: bias.clone(),
+                bias_rows: 1,
+                scale: scale as f32,
+                lse: Mutex::new(None),
+            };
+            q.as_tensor()
+                .apply_op3(k.as_tensor(), v.as_tensor(), op)
+                .unwrap()
+        };
+        let time = |name: &str, f: &dyn Fn() -> Tensor| {
+            let reps = 10;
+            let (mut fwd, mut bwd) = (0f64, 0f64);
+            for i in 0..reps + 2 {
+                let t0 = std::time::Instant::now();
+                let y = f();
+                let t1 = std::time::Instant::now();
+                let _g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let t2 = std::time::Instant::now();
+                if i >= 2 {
+                    fwd += (t1 - t0).as_secs_f64();
+                    bwd += (t2 - t1).as_secs_f64();
+                }
+            }
+            let n = reps as f64;
+            println!(
+                "{name}: forward {:.2} ms, backward {:.2} ms, total {:.2} ms",
+                fwd / n * 1e3,
+                bwd / n * 1e3,
+                (fwd + bwd) / n * 1e3
+            );
+        };
+        println!(
+            "B={b} H={h} KV={kv} T={t} D={d}, {} threads",
+            rayon::current_num_threads()
+        );
+        time("composed", &composed);
+        time("fused   ", &fused);
+        let f = 4usize;
+        let scores = b * h * t * t * f;
+        let heads = b * h * t * d * f;
+        println!(
+            "retained per layer until backward (beyond q, k, v and the output): composed {} B \
+             (4 score tensors {} B + repeated k, v {} B), fused {} B (log-sum-exp)",
+            4 * scores + 2 * heads,
+            4 * scores,
+            2 * heads,
+            b * h * t * f
+        );
+    }
+}
