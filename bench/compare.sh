@@ -4,6 +4,7 @@
 # and the medians with the ratios. Creates bench/.venv (torch, transformers, peft) on first use.
 #
 #   bash bench/compare.sh MODEL_DIR [ROUNDS] [BATCH] [SEQ_LEN] [RANK] [STEPS]
+#   FT_ARGS="--checkpointing" bash bench/compare.sh ...     # extra flags for `finetune bench`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?model folder}; rounds=${2:-3}; batch=${3:-4}; seq=${4:-256}; rank=${5:-8}; steps=${6:-5}
@@ -13,10 +14,11 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q torch transformers peft safetensors
 fi
 cargo build --release -q
+echo "finetune bench flags: ${FT_ARGS:-(none)}" 
 bin=${CARGO_TARGET_DIR:-target}/release/finetune
 out=$(mktemp)
 for r in $(seq 1 "$rounds"); do
-  "$bin" bench --model "$model" --batch "$batch" --seq-len "$seq" --rank "$rank" --steps "$steps" --warmup 2 --json \
+  "$bin" bench --model "$model" --batch "$batch" --seq-len "$seq" --rank "$rank" --steps "$steps" --warmup 2 --json ${FT_ARGS:-} \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"impl":"finetune","tokens_per_sec":d["tokens_per_sec"],"step_secs":d["step_secs"],"peak_rss_bytes":d["peak_rss_bytes"]}))' | tee -a "$out"
   "$venv/bin/python" bench/peft_bench.py --model "$model" --batch "$batch" --seq-len "$seq" --rank "$rank" --steps "$steps" --warmup 2 | tee -a "$out"
 done

@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub random_dir: Option<PathBuf>,
     /// Gradient checkpointing.
     pub checkpointing: bool,
+    /// With checkpointing, every k-th layer keeps its activations (0 = all recomputed).
+    pub keep_every: usize,
     /// The device's peak dense TFLOP/s in the compute dtype, for model FLOP utilisation.
     pub peak_tflops: Option<f64>,
 }
@@ -93,6 +95,7 @@ pub struct BenchReport {
     pub trainable_params: usize,
     pub random_weights: bool,
     pub checkpointing: bool,
+    pub keep_every: usize,
     /// See [`training_flops_per_token`].
     pub flops_per_token: f64,
     /// flops_per_token × tokens/s.
@@ -206,7 +209,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         },
         0,
     )?;
-    let sink = model.set_gradient_checkpointing(opts.checkpointing);
+    let sink = model.set_gradient_checkpointing_keep(opts.checkpointing, opts.keep_every);
     let mut opt = AdamW::new(lora.named_vars(), AdamWConfig::default())?;
     let (b, t) = (opts.batch, opts.seq_len);
     let batches = make_batches(opts, &model)?;
@@ -261,7 +264,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 backend.dtype.size_in_bytes()
             },
             checkpointing: opts.checkpointing,
+            checkpoint_keep_every: opts.keep_every,
             lora_modules_per_layer: None,
+            fused_attention: backend.device.is_cpu(),
         },
     );
     Ok(BenchReport {
@@ -283,6 +288,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         trainable_params: lora.parameter_count(),
         random_weights: !has_weights,
         checkpointing: opts.checkpointing,
+        keep_every: opts.keep_every,
         flops_per_token,
         achieved_tflops,
         mfu: opts.peak_tflops.map(|p| achieved_tflops / p),
@@ -363,7 +369,11 @@ impl std::fmt::Display for BenchReport {
             self.rank,
             self.trainable_params,
             self.steps,
-            if self.checkpointing { ", gradient checkpointing" } else { "" }
+            match (self.checkpointing, self.keep_every) {
+                (false, _) => String::new(),
+                (true, 0) => ", gradient checkpointing".to_string(),
+                (true, k) => format!(", gradient checkpointing (every {k}th layer kept)"),
+            }
         )?;
         writeln!(
             f,

@@ -110,6 +110,9 @@ pub struct BenchArgs {
     /// Recompute activations in backward (gradient checkpointing).
     #[arg(long)]
     pub checkpointing: bool,
+    /// With --checkpointing, every k-th layer keeps its activations (0 = all recomputed).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_keep_every: usize,
     /// The device's peak TFLOP/s in the compute dtype, to report model FLOP utilisation.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
@@ -271,6 +274,10 @@ pub struct TrainArgs {
     /// Recompute activations in backward: much less memory, ~1/3 more compute.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// With gradient checkpointing, every k-th layer keeps its activations (0 = all recomputed;
+    /// 3 = two layers in three recomputed).
+    #[arg(long)]
+    pub checkpoint_keep_every: Option<usize>,
     /// Print every N steps.
     #[arg(long)]
     pub log_every: Option<usize>,
@@ -361,6 +368,7 @@ impl TrainArgs {
         set(&mut c.early_stop_patience, &self.early_stop);
         set(&mut c.seed, &self.seed);
         set(&mut c.gradient_checkpointing, &self.gradient_checkpointing);
+        set(&mut c.checkpoint_keep_every, &self.checkpoint_keep_every);
         if let Some(d) = self.device {
             c.device = d.into();
         }
@@ -548,6 +556,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         dtype: args.dtype.into(),
         random_dir: args.random_dir.clone(),
         checkpointing: args.checkpointing,
+        keep_every: args.checkpoint_keep_every,
         peak_tflops: args.peak_tflops,
     })?;
     if args.json {

@@ -88,8 +88,13 @@ pub struct EstimateInput {
     pub activation_bytes: usize,
     /// Recompute each layer's activations in backward (keeps only layer inputs).
     pub checkpointing: bool,
+    /// With checkpointing, every k-th layer keeps its activations (0 = all recomputed).
+    pub checkpoint_keep_every: usize,
     /// Modules per layer carrying LoRA (default all).
     pub lora_modules_per_layer: Option<usize>,
+    /// The CPU's fused attention runs (f32 activations on the CPU): it keeps no T² tensors and no
+    /// GQA copies (see `model::attention`). GPUs use the composed ops.
+    pub fused_attention: bool,
 }
 
 /// Resident memory of the process besides tensors (binary, libraries, thread stacks, allocator
@@ -110,10 +115,12 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 ///   RoPE's neg/cat/two products/sum for q and k (4.5·(Q+KV)); the GQA-expanded k and v (2Q); the
 ///   attention output and its (B, T, Q) merge (2Q); the two residual sums (2H); the activation
 ///   and gate·up products (2I). That is 8H + 11.5Q + 10.5KV + 6I + 7r elements (22 520 for
-///   SmolLM2-135M), plus 4·S for scores, scaled scores, biased scores and probabilities.
+///   SmolLM2-135M), plus 4·S for scores, scaled scores, biased scores and probabilities. The
+///   CPU's fused attention (`fused_attention`) keeps neither the 4·S nor the GQA copies (2Q), only
+///   a log-sum-exp per row, and leaves no bias gradient.
 /// * gradients left in Candle's `GradStore` until backward ends: `or_insert` stores a full-size
 ///   gradient even for inputs that need none — the broadcast cos/sin of RoPE (2·(Q+KV) per token)
-///   and the broadcast attention bias (S) — in every layer.
+///   and, with composed attention, the broadcast attention bias (S) — in every layer.
 /// * logits: one (N, V) f32 tensor kept by the graph plus three transient ones in the
 ///   cross-entropy backward (its output, `or_insert`'s zeros, the sum). They are freed at once, and
 ///   glibc (no trim, see [`tune_allocator`]) keeps the pages; the later backward allocations do
@@ -169,6 +176,7 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
                 0
             };
             let rope2 = 9 * (q + kv); // 4.5·(Q+KV), doubled
+            let expand = if input.fused_attention { 0 } else { expand };
             let rest = 2 * h + (q + 2 * kv) + rope2 / 2 + expand + 2 * q + 2 * h + 2 * i;
             (outputs + lora + rest, 2 * (q + kv))
         }
@@ -180,11 +188,25 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
             (10 * h + outputs + lora + 3 * h + 2 * h + 2 * h + i, 0)
         }
     };
-    let layer_graph = tokens * per_token * ae + 4 * scores * ae;
-    let layer_leaked = tokens * leaked_per_token * ae + scores * ae;
+    // Composed attention keeps 4 score-sized tensors (scores, scaled, biased, probabilities) and
+    // leaves the bias gradient; the fused op keeps only its per-row log-sum-exp.
+    let (kept_scores, leaked_scores) = if input.fused_attention {
+        (b * heads * t * 4 / ae.max(1), 0)
+    } else {
+        (4 * scores, scores)
+    };
+    let layer_graph = tokens * per_token * ae + kept_scores * ae;
+    let layer_leaked = tokens * leaked_per_token * ae + leaked_scores * ae;
     let checkpointing = input.checkpointing && matches!(cfg.family, Family::Llama);
+    let kept = match input.checkpoint_keep_every {
+        0 => 0,
+        k => layers.div_ceil(k as u64),
+    };
     let activations = if checkpointing {
-        layers * 4 * tokens * h * ae + layer_graph + layer_leaked
+        (layers - kept) * 4 * tokens * h * ae
+            + kept * (layer_graph + layer_leaked)
+            + layer_graph
+            + layer_leaked
     } else {
         layers * (layer_graph + layer_leaked)
     };
@@ -236,7 +258,9 @@ mod tests {
             weight_bytes,
             activation_bytes: 4,
             checkpointing,
+            checkpoint_keep_every: 0,
             lora_modules_per_layer: None,
+            fused_attention: false,
         }
     }
 

@@ -112,44 +112,47 @@ fn sharded_checkpoint_gives_the_same_logits() {
 
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
-    for dir in reference_dirs() {
-        let r = reference(&dir);
-        let mut model = load(&dir);
-        let state = adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
-        let Some(sink) = model.set_gradient_checkpointing(true) else {
+    // keep = 0: every layer recomputed; 2: layers 0, 2, … keep their activations.
+    for keep in [0, 2] {
+        for dir in reference_dirs() {
+            let r = reference(&dir);
+            let mut model = load(&dir);
+            let state = adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+            let Some(sink) = model.set_gradient_checkpointing_keep(true, keep) else {
+                println!(
+                    "{:<14} (no gradient checkpointing for this architecture)",
+                    name(&dir)
+                );
+                continue;
+            };
+            let ids = r.input_ids.to_device(model.device()).unwrap();
+            let (loss, _) = model
+                .loss(&ModelInput::causal(ids), &r.labels, true)
+                .unwrap();
+            assert!((loss.to_scalar::<f32>().unwrap() as f64 - r.loss).abs() <= 1e-5);
+            let opt =
+                finetune::train::optim::AdamW::new(state.named_vars(), Default::default()).unwrap();
+            let mut grads = opt.collect(&loss.backward().unwrap());
+            opt.accumulate_sink(&mut grads, sink.take(), 1.0).unwrap();
+            let mut worst = 0f64;
+            for ((key, _), got) in opt.params().iter().zip(&grads) {
+                let want = &r.grads.iter().find(|(k, _)| k == key).unwrap().1;
+                let got = got
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{}: no gradient for {key}", name(&dir)));
+                let rel = rel_err(got, want);
+                worst = worst.max(rel);
+                assert!(
+                    rel <= 1e-3,
+                    "{} keep={keep}: {key} relative error {rel:.2e}",
+                    name(&dir)
+                );
+            }
             println!(
-                "{:<14} (no gradient checkpointing for this architecture)",
-                name(&dir)
-            );
-            continue;
-        };
-        let ids = r.input_ids.to_device(model.device()).unwrap();
-        let (loss, _) = model
-            .loss(&ModelInput::causal(ids), &r.labels, true)
-            .unwrap();
-        assert!((loss.to_scalar::<f32>().unwrap() as f64 - r.loss).abs() <= 1e-5);
-        let opt =
-            finetune::train::optim::AdamW::new(state.named_vars(), Default::default()).unwrap();
-        let mut grads = opt.collect(&loss.backward().unwrap());
-        opt.accumulate_sink(&mut grads, sink.take(), 1.0).unwrap();
-        let mut worst = 0f64;
-        for ((key, _), got) in opt.params().iter().zip(&grads) {
-            let want = &r.grads.iter().find(|(k, _)| k == key).unwrap().1;
-            let got = got
-                .as_ref()
-                .unwrap_or_else(|| panic!("{}: no gradient for {key}", name(&dir)));
-            let rel = rel_err(got, want);
-            worst = worst.max(rel);
-            assert!(
-                rel <= 1e-3,
-                "{}: {key} relative error {rel:.2e}",
+                "{:<14} checkpointed (keep every {keep}): worst relative gradient error {worst:.2e}",
                 name(&dir)
             );
         }
-        println!(
-            "{:<14} checkpointed: worst relative gradient error {worst:.2e}",
-            name(&dir)
-        );
     }
 }
 

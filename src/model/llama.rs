@@ -56,6 +56,8 @@ pub struct Llama {
     sin: Tensor,
     /// Gradient checkpointing: where recomputed layers put their LoRA gradients.
     recompute: Option<recompute::GradSink>,
+    /// With checkpointing, layers 0, k, 2k, … keep their activations (0 = none do).
+    keep_every: usize,
 }
 
 /// Loads a linear projection `path` with weight (out, in) and an optional bias.
@@ -139,8 +141,9 @@ impl Layer {
 impl Llama {
     /// Turns gradient checkpointing on (`Some(sink)`: layers are recomputed in backward and their
     /// LoRA gradients land in `sink`) or off.
-    pub fn set_recompute(&mut self, sink: Option<recompute::GradSink>) {
+    pub fn set_recompute(&mut self, sink: Option<recompute::GradSink>, keep_every: usize) {
         self.recompute = sink;
+        self.keep_every = keep_every;
     }
 
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
@@ -195,6 +198,7 @@ impl Llama {
             cos: cos.to_dtype(w.dtype())?,
             sin: sin.to_dtype(w.dtype())?,
             recompute: None,
+            keep_every: 0,
         })
     }
 
@@ -267,9 +271,10 @@ impl Llama {
             bias: input.bias(x.dtype())?,
             train,
         };
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
+            let kept = self.keep_every > 0 && index.is_multiple_of(self.keep_every);
             x = match (&self.recompute, train) {
-                (Some(sink), true) => recompute::checkpointed(layer, &x, &ctx, sink)?,
+                (Some(sink), true) if !kept => recompute::checkpointed(layer, &x, &ctx, sink)?,
                 _ => layer.forward(&x, &ctx, false)?,
             };
         }

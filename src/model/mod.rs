@@ -165,10 +165,21 @@ impl Model {
     /// returned sink receives the LoRA gradients of recomputed layers during `backward`, which
     /// must be added to the step's gradients ([`crate::train::optim::AdamW::accumulate_sink`]).
     pub fn set_gradient_checkpointing(&mut self, on: bool) -> Option<recompute::GradSink> {
+        self.set_gradient_checkpointing_keep(on, 0)
+    }
+
+    /// As [`Model::set_gradient_checkpointing`], keeping the activations of every `keep_every`-th
+    /// layer (layers 0, k, 2k, … run normally; 0 = recompute every layer): less recompute for
+    /// somewhat more memory (k = 3 recomputes two layers in three).
+    pub fn set_gradient_checkpointing_keep(
+        &mut self,
+        on: bool,
+        keep_every: usize,
+    ) -> Option<recompute::GradSink> {
         match &mut self.arch {
             Arch::Llama(m) => {
                 let sink = on.then(recompute::GradSink::default);
-                m.set_recompute(sink.clone());
+                m.set_recompute(sink.clone(), keep_every);
                 sink
             }
             Arch::Gpt2(_) => None,

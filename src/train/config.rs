@@ -115,6 +115,9 @@ pub struct TrainConfig {
     /// Recompute each layer's activations in backward instead of keeping them: far less memory,
     /// about a third more compute (llama family). Default off.
     pub gradient_checkpointing: bool,
+    /// With checkpointing, every k-th layer keeps its activations instead (0 = all recomputed;
+    /// 3 = two layers in three recomputed: less extra compute, somewhat more memory).
+    pub checkpoint_keep_every: usize,
     /// Checkpoint folder to resume from (`out_dir/checkpoints/step-N` or `out_dir/latest`).
     pub resume_from: Option<PathBuf>,
     /// Report progress every N steps in the CLI. Default 1.
@@ -153,6 +156,7 @@ impl Default for TrainConfig {
             device: DeviceChoice::Auto,
             dtype: DtypeChoice::Auto,
             gradient_checkpointing: false,
+            checkpoint_keep_every: 0,
             resume_from: None,
             log_every: 1,
         }

@@ -204,7 +204,10 @@ impl<'c> Trainer<'c> {
             }
             None => (model.attach_lora(&config.lora, config.seed)?, None),
         };
-        let recompute = model.set_gradient_checkpointing(config.gradient_checkpointing);
+        let recompute = model.set_gradient_checkpointing_keep(
+            config.gradient_checkpointing,
+            config.checkpoint_keep_every,
+        );
         let mut opt = AdamW::new(lora.named_vars(), config.adamw)?;
         let options = BatchOptions {
             batch_size: config.batch_size,

@@ -29,7 +29,9 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             weight_bytes,
             activation_bytes,
             checkpointing: s.gradient_checkpointing,
+            checkpoint_keep_every: 0,
             lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
+            fused_attention: plan.is_none_or(|p| p.kind == BackendKind::Cpu),
         },
     )
 }
