@@ -299,7 +299,8 @@ mod tests {
         assert_eq!(mixed.logits, f32.logits);
     }
 
-    /// Peak RSS measured with `finetune bench` (SmolLM2-135M, rank 8, CPU, 2 steps + 1 warmup).
+    /// Peak RSS measured with `finetune bench` (SmolLM2-135M, rank 8, CPU, 2 steps + 1 warmup)
+    /// with the composed attention the GPUs use (the CPU's before the fused op).
     #[test]
     fn matches_measured_peaks() {
         let cfg = smollm2_135m();
@@ -321,6 +322,36 @@ mod tests {
             assert!(
                 err.abs() < 0.05,
                 "{b}x{t} ckpt={ck} w={wb}: {e} vs {peak} ({err:+.3})"
+            );
+        }
+    }
+
+    /// The same with the CPU's fused attention (the default there), incl. partial checkpointing
+    /// (`bench/memory_grid.sh`; every point of that grid is within ±7%, bench/results/cpu-memory-grid.log).
+    #[test]
+    fn matches_measured_peaks_with_fused_attention() {
+        let cfg = smollm2_135m();
+        // (batch, seq, checkpointing, keep every, weight bytes, measured peak in bytes)
+        let measured = [
+            (1, 128, false, 0, 4, 1_063_723_008u64),
+            (2, 256, false, 0, 4, 2_467_602_432),
+            (4, 256, false, 0, 4, 4_334_067_712),
+            (1, 512, false, 0, 4, 2_470_375_424),
+            (4, 256, false, 0, 2, 4_067_270_656),
+            (4, 256, true, 0, 4, 1_741_045_760),
+            (4, 256, true, 0, 2, 1_522_651_136),
+            (4, 256, true, 3, 2, 2_423_701_504),
+            (2, 512, true, 3, 2, 2_223_853_568),
+        ];
+        for (b, t, ck, keep, wb, peak) in measured {
+            let mut i = input(b, t, ck, wb);
+            i.fused_attention = true;
+            i.checkpoint_keep_every = keep;
+            let e = estimate(&cfg, &i).total as f64;
+            let err = e / peak as f64 - 1.0;
+            assert!(
+                err.abs() < 0.08,
+                "{b}x{t} ckpt={ck}/{keep} w={wb}: {e} vs {peak} ({err:+.3})"
             );
         }
     }

@@ -29,7 +29,7 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             weight_bytes,
             activation_bytes,
             checkpointing: s.gradient_checkpointing,
-            checkpoint_keep_every: 0,
+            checkpoint_keep_every: s.checkpoint_keep_every,
             lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
             fused_attention: plan.is_none_or(|p| p.kind == BackendKind::Cpu),
         },
@@ -61,7 +61,12 @@ pub fn compute_ui(
     model: Option<&ModelSummary>,
     plan: Option<&Result<Plan, String>>,
 ) -> bool {
-    let before = (s.device, s.dtype, s.gradient_checkpointing);
+    let before = (
+        s.device,
+        s.dtype,
+        s.gradient_checkpointing,
+        s.checkpoint_keep_every,
+    );
     egui::Grid::new("compute-grid")
         .num_columns(3)
         .spacing([12.0, 6.0])
@@ -103,8 +108,16 @@ pub fn compute_ui(
             ui.weak("of the frozen base model; LoRA weights and optimizer state stay f32");
             ui.end_row();
             ui.label("Memory saver");
-            ui.checkbox(&mut s.gradient_checkpointing, "gradient checkpointing");
-            ui.weak("recompute activations in backward: far less memory, about ⅓ slower");
+            let mut saver = MemorySaver::of(s);
+            egui::ComboBox::from_id_salt("memory-saver")
+                .selected_text(saver.label())
+                .show_ui(ui, |ui| {
+                    for m in [MemorySaver::Off, MemorySaver::Balanced, MemorySaver::Maximum] {
+                        ui.selectable_value(&mut saver, m, m.label());
+                    }
+                });
+            saver.apply(s);
+            ui.weak(saver.help());
             ui.end_row();
             ui.label("Memory");
             match model {
@@ -132,7 +145,59 @@ pub fn compute_ui(
             }
             ui.end_row();
         });
-    before != (s.device, s.dtype, s.gradient_checkpointing)
+    before
+        != (
+            s.device,
+            s.dtype,
+            s.gradient_checkpointing,
+            s.checkpoint_keep_every,
+        )
+}
+
+/// Gradient checkpointing as the form offers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemorySaver {
+    Off,
+    /// Two layers in three recomputed.
+    Balanced,
+    /// Every layer recomputed.
+    Maximum,
+}
+
+impl MemorySaver {
+    fn of(s: &Settings) -> Self {
+        match (s.gradient_checkpointing, s.checkpoint_keep_every) {
+            (false, _) => Self::Off,
+            (true, 0) => Self::Maximum,
+            (true, _) => Self::Balanced,
+        }
+    }
+
+    fn apply(self, s: &mut Settings) {
+        (s.gradient_checkpointing, s.checkpoint_keep_every) = match self {
+            Self::Off => (false, 0),
+            Self::Balanced => (true, 3),
+            Self::Maximum => (true, 0),
+        };
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Off => "Off (fastest)",
+            Self::Balanced => "Balanced (gradient checkpointing, 2 layers in 3)",
+            Self::Maximum => "Maximum (gradient checkpointing, every layer)",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Self::Off => "keeps every activation for backward",
+            Self::Balanced => {
+                "recomputes most activations in backward: about half the memory, ~15% slower"
+            }
+            Self::Maximum => "recomputes all activations in backward: least memory, ~25% slower",
+        }
+    }
 }
 
 fn device_label(d: DeviceChoice) -> &'static str {

@@ -154,6 +154,8 @@ pub struct Settings {
     pub dtype: DtypeChoice,
     /// Recompute activations in backward: far less memory, about a third more compute.
     pub gradient_checkpointing: bool,
+    /// With checkpointing, every k-th layer keeps its activations (0 = all recomputed).
+    pub checkpoint_keep_every: usize,
     /// The Hugging Face access token typed in the app. Kept in the OS keychain, never in the
     /// settings file (hence `skip`), and never printed (see [`HfToken`]).
     #[serde(skip)]
@@ -190,6 +192,7 @@ impl Default for Settings {
             device: DeviceChoice::Auto,
             dtype: DtypeChoice::Auto,
             gradient_checkpointing: false,
+            checkpoint_keep_every: 0,
             hf_token: HfToken::default(),
         };
         Preset::Balanced.apply(&mut s);
@@ -303,6 +306,7 @@ impl Settings {
             device: self.device,
             dtype: self.dtype,
             gradient_checkpointing: self.gradient_checkpointing,
+            checkpoint_keep_every: self.checkpoint_keep_every,
             ..TrainConfig::default()
         }
     }
