@@ -4,6 +4,8 @@
 # step panel (plus the app's frame-time log) under the output folder.
 #
 #   scripts/screenshot.sh [out-dir] [model-dir] [train.jsonl]
+#   FT_BIN=target/release/finetune FRAME_LOG=continuous TRAIN_SECS=60 scripts/screenshot.sh ...
+#     (the release app, repainting every frame so the frame-time figures cover many frames)
 #
 # Needs: Xvfb, xdotool, ImageMagick (`import`), Mesa's software OpenGL
 #   apt-get install -y xvfb xdotool imagemagick libgl1-mesa-dri
@@ -18,7 +20,8 @@ DISPLAY_NUM=${DISPLAY_NUM:-:97}
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cargo build --example app
+BIN=${FT_BIN:-target/debug/finetune}
+[[ -n "${FT_BIN:-}" ]] || cargo build --bin finetune
 
 # A fresh home: no saved settings, and runs are written under it.
 FAKE_HOME=$(mktemp -d)
@@ -32,8 +35,8 @@ trap cleanup EXIT
 sleep 1
 
 HOME=$FAKE_HOME XDG_DATA_HOME=$FAKE_HOME/.local/share DISPLAY=$DISPLAY_NUM \
-    LIBGL_ALWAYS_SOFTWARE=1 FINETUNE_FRAME_LOG=1 \
-    ./target/debug/examples/app "$MODEL" "$DATA" >"$OUT/app.log" 2>&1 &
+    LIBGL_ALWAYS_SOFTWARE=1 FINETUNE_FRAME_LOG=${FRAME_LOG:-1} \
+    "$BIN" "$MODEL" "$DATA" >"$OUT/app.log" 2>&1 &
 APP=$!
 
 WID=""

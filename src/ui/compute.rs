@@ -105,46 +105,61 @@ pub fn compute_ui(
                         ui.selectable_value(&mut s.dtype, d, dtype_label(d));
                     }
                 });
-            ui.weak("of the frozen base model; LoRA weights and optimizer state stay f32");
+            let now = match plan {
+                Some(Ok(p))
+                    if p.kind == BackendKind::Cpu && p.dtype == candle_core::DType::BF16 =>
+                {
+                    "bf16 weights × f32 activations".to_string()
+                }
+                Some(Ok(p)) => format!("{:?}", p.dtype).to_lowercase(),
+                _ => "…".to_string(),
+            };
+            ui.weak(format!(
+                "base model in {now}; LoRA weights and optimizer state stay f32"
+            ));
             ui.end_row();
             ui.label("Memory saver");
             let mut saver = MemorySaver::of(s);
             egui::ComboBox::from_id_salt("memory-saver")
                 .selected_text(saver.label())
                 .show_ui(ui, |ui| {
-                    for m in [MemorySaver::Off, MemorySaver::Balanced, MemorySaver::Maximum] {
+                    for m in [
+                        MemorySaver::Off,
+                        MemorySaver::Balanced,
+                        MemorySaver::Maximum,
+                    ] {
                         ui.selectable_value(&mut saver, m, m.label());
                     }
                 });
             saver.apply(s);
             ui.weak(saver.help());
             ui.end_row();
-            ui.label("Memory");
-            match model {
-                Some(m) => {
-                    let p = plan.and_then(|p| p.as_ref().ok());
-                    let e = form_estimate(s, m, p);
-                    let detail = format!(
-                        "about {} at most: weights {}, activations {}, logits {}, LoRA + optimizer {}",
-                        format_bytes(e.total),
-                        format_bytes(e.base_weights),
-                        format_bytes(e.activations),
-                        format_bytes(e.logits),
-                        format_bytes(e.lora_and_optimizer)
-                    );
-                    match p.and_then(|p| memory_warning(e.total, p)) {
-                        Some(w) => {
-                            ui.label(RichText::new(format!("⚠ {w}")).color(error_color(ui)))
-                        }
-                        None => ui.weak(detail),
-                    };
-                }
-                None => {
-                    ui.weak("choose a model to see the estimate");
-                }
-            }
             ui.end_row();
         });
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Memory:");
+        match model {
+            Some(m) => {
+                let p = plan.and_then(|p| p.as_ref().ok());
+                let e = form_estimate(s, m, p);
+                let detail = format!(
+                    "about {} at most for the longest batch: weights {}, activations {}, logits {}, LoRA + optimizer {}",
+                    format_bytes(e.total),
+                    format_bytes(e.base_weights),
+                    format_bytes(e.activations),
+                    format_bytes(e.logits),
+                    format_bytes(e.lora_and_optimizer)
+                );
+                match p.and_then(|p| memory_warning(e.total, p)) {
+                    Some(w) => ui.label(RichText::new(format!("⚠ {w}")).color(error_color(ui))),
+                    None => ui.weak(detail),
+                };
+            }
+            None => {
+                ui.weak("choose a model to see the estimate");
+            }
+        }
+    });
     before
         != (
             s.device,
