@@ -150,6 +150,22 @@ fn a_run_learns_reports_in_order_and_saves_complete_checkpoints() {
 }
 
 #[test]
+fn max_seq_len_past_the_model_context_is_capped() {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = config(out.path(), 2);
+    c.max_seq_len = 1 << 20;
+    c.eval_every = 0;
+    let events = run(c, None);
+    assert!(
+        matches!(events.last(), Some(Event::Finished { .. })),
+        "{:?}",
+        events.last()
+    );
+    assert!(events.iter().any(|e| matches!(e,
+        Event::Log(l) if l.starts_with("max sequence length lowered from 1048576"))));
+}
+
+#[test]
 fn stop_names_the_best_adapter_kept_so_far() {
     let mut c = config(Path::new(""), 8);
     c.eval_every = 1;

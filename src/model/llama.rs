@@ -245,6 +245,12 @@ impl Llama {
         let cfg = &self.cfg;
         let (b, t) = input.input_ids.dims2()?;
         let d = cfg.head_dim;
+        let positions = self.cos.dim(0)?;
+        if t > positions {
+            candle_core::bail!(
+                "a row of {t} tokens is longer than this model's context ({positions} positions); lower the max sequence length to {positions} or less"
+            );
+        }
         let mut x = self
             .embed
             .index_select(&input.input_ids.flatten_all()?, 0)?

@@ -124,7 +124,18 @@ fn evaluate(
 
 /// Runs one training session to its end, reporting through `reporter`. Never panics on bad input:
 /// every failure ends in `Event::Failed` with what to do next.
-pub fn run(config: TrainConfig, reporter: Reporter) {
+pub fn run(mut config: TrainConfig, reporter: Reporter) {
+    // Rows longer than the model's context cannot run: cap the max sequence length to it.
+    if let Ok(model) = crate::model::ModelConfig::from_dir(&config.model_dir) {
+        let context = model.max_position_embeddings;
+        if context > 0 && config.max_seq_len > context {
+            reporter.send(Event::Log(format!(
+                "max sequence length lowered from {} to {context} tokens, the model's context length",
+                config.max_seq_len
+            )));
+            config.max_seq_len = context;
+        }
+    }
     let end = match Trainer::prepare(&config, &reporter) {
         Ok(mut t) => t.train().unwrap_or_else(|e| Event::Failed {
             error: format!("{e:#}"),

@@ -73,7 +73,7 @@ pub fn compute_ui(
         .show(ui, |ui| {
             ui.heading("Compute");
             ui.end_row();
-            ui.label("Device");
+            let label = ui.label("Device");
             egui::ComboBox::from_id_salt("device")
                 .selected_text(device_label(s.device))
                 .show_ui(ui, |ui| {
@@ -85,14 +85,16 @@ pub fn compute_ui(
                     ] {
                         ui.selectable_value(&mut s.device, d, device_label(d));
                     }
-                });
+                })
+                .response
+                .labelled_by(label.id);
             match plan {
                 Some(Ok(p)) => ui.weak(format!("{} — {}", p.name, p.reason)),
                 Some(Err(e)) => ui.label(RichText::new(e).color(error_color(ui))),
                 None => ui.weak("checking…"),
             };
             ui.end_row();
-            ui.label("Precision");
+            let label = ui.label("Precision");
             egui::ComboBox::from_id_salt("dtype")
                 .selected_text(dtype_label(s.dtype))
                 .show_ui(ui, |ui| {
@@ -104,7 +106,9 @@ pub fn compute_ui(
                     ] {
                         ui.selectable_value(&mut s.dtype, d, dtype_label(d));
                     }
-                });
+                })
+                .response
+                .labelled_by(label.id);
             let now = match plan {
                 Some(Ok(p))
                     if p.kind == BackendKind::Cpu && p.dtype == candle_core::DType::BF16 =>
@@ -118,7 +122,7 @@ pub fn compute_ui(
                 "base model in {now}; LoRA weights and optimizer state stay f32"
             ));
             ui.end_row();
-            ui.label("Memory saver");
+            let label = ui.label("Memory saver");
             let mut saver = MemorySaver::of(s);
             egui::ComboBox::from_id_salt("memory-saver")
                 .selected_text(saver.label())
@@ -130,7 +134,9 @@ pub fn compute_ui(
                     ] {
                         ui.selectable_value(&mut saver, m, m.label());
                     }
-                });
+                })
+                .response
+                .labelled_by(label.id);
             saver.apply(s);
             ui.weak(saver.help());
             ui.end_row();
