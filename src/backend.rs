@@ -325,6 +325,16 @@ pub fn open(plan: Plan) -> Result<Backend, BackendError> {
         name: plan.kind.label(),
         reason: e.to_string(),
     })?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // Candle runs every op of a device on its one stream, but because it created that
+        // stream itself cudarc counts the context as multi-stream and records a CUDA event on
+        // every read and write of every buffer: host work per op that dominated small ops.
+        // SAFETY: the tensors of this device are only ever used on Candle's single stream, so
+        // stream order already serialises their uses, writes and frees; nothing here uses
+        // another stream. It is set before any tensor of the device exists.
+        unsafe { d.disable_event_tracking() };
+    }
     Ok(Backend {
         device,
         dtype: plan.dtype,
