@@ -583,3 +583,40 @@ impl egui::DroppedFile for Dropped {
         std::fs::read(&self.0).map_err(|e| e.to_string())
     }
 }
+
+#[test]
+fn settings_show_the_device_plan_and_the_memory_estimate() {
+    let out = tempfile::tempdir().unwrap();
+    let mut s = settings(out.path());
+    s.model_dir = Some(fixture("tiny-llama"));
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        s,
+        vec![],
+        fake_engine(1, Duration::ZERO, seen),
+    ));
+    h.run();
+    h.get_by_label("3. Settings").click();
+    wait_for(&mut h, "the device plan and the estimate", |_| true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(has_label(&h, "at most for the longest batch") && has_label(&h, "CPU (")) {
+        assert!(Instant::now() < deadline, "no estimate or device shown");
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.get_by_label("Memory saver");
+    // The tiny model fits easily: no warning (the warning itself: ui::compute's unit tests).
+    assert!(!has_label(&h, "⚠ needs about"));
+    // The estimate follows the form: checkpointing lowers it.
+    let before = estimate_text(&h);
+    h.state_mut().settings_mut().gradient_checkpointing = true;
+    h.run();
+    assert_ne!(estimate_text(&h), before);
+}
+
+fn estimate_text(h: &Harness<'_, FineTuneApp>) -> String {
+    h.query_all_by_label_contains("at most for the longest batch")
+        .next()
+        .map(|n| format!("{n:?}"))
+        .unwrap_or_default()
+}
