@@ -107,7 +107,17 @@ fn path_hash(path: &str) -> u64 {
 }
 
 /// Inverted dropout on `x` with a mask drawn from `seed`.
+/// On a GPU the mask is drawn there (the device's generator, seeded per module and pass), so
+/// no mask crosses the bus; on the CPU by our own seeded generator (Candle's CPU one cannot be
+/// seeded). Both replay exactly for the same seed on the same device.
 fn seeded_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        x.device().set_seed(seed)?;
+        let keep = 1.0 / (1.0 - p);
+        let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        let mask = (r.ge(p)?.to_dtype(DType::F32)? * keep)?;
+        return x * mask.to_dtype(x.dtype())?;
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let keep = (1.0 / (1.0 - p)) as f32;
     let mask: Vec<f32> = (0..x.elem_count())
