@@ -9,6 +9,7 @@ pub mod bf16;
 pub mod config;
 pub mod fused;
 pub mod gpt2;
+pub mod gpu;
 pub mod llama;
 pub mod lora;
 pub mod ops;

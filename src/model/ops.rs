@@ -33,6 +33,9 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
 
 /// RMSNorm over the last dim, differentiable (fused kernel on CPU f32).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() && weight.dtype() == x.dtype() {
+        return super::gpu::rms_norm(x, weight, eps);
+    }
     let (xf, dtype) = upcast(x)?;
     if dtype == DType::F32 {
         return super::fused::rms_norm(&xf, weight, eps);
@@ -131,6 +134,9 @@ pub fn rope_tables(
 /// Applies RoPE to `x` `(B, H, T, D)` with `cos`/`sin` already gathered for the positions,
 /// shaped `(B, 1, T, D)` (or broadcastable). `x·cos + rotate_half(x)·sin`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return super::gpu::rope(x, cos, sin);
+    }
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;

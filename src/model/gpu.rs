@@ -1,0 +1,179 @@
+//! GPU forms of RMSNorm and RoPE: the value from candle-nn's fused kernels (one launch each, but
+//! no backward), the gradient through a zero-valued op that carries what backward needs. On a GPU
+//! the composed forms cost 8–9 kernel launches per call and it is the per-op cost, not
+//! arithmetic, that bounds a LoRA step; these cost three (fused value, zeros, add). The CPU keeps
+//! its own fused kernels (`model::fused`).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+
+/// The input gradient of an op, given (input, upstream gradient).
+type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Forward: zeros shaped like the input. Backward: `grad` mapped by `bwd`. Added to a detached
+/// value, it gives that value the gradient `bwd` computes.
+struct GradVia {
+    bwd: InputGrad,
+}
+
+impl CustomOp1 for GradVia {
+    fn name(&self) -> &'static str {
+        "ft-grad-via"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        Ok((
+            s.device().zeros_impl(l.shape(), s.dtype())?,
+            l.shape().clone(),
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        Ok((
+            s.device().zeros_impl(l.shape(), s.dtype())?,
+            l.shape().clone(),
+        ))
+    }
+
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        Ok((
+            s.device().zeros_impl(l.shape(), s.dtype())?,
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(arg, grad)?))
+    }
+}
+
+/// `value` (computed from `x` detached) with the gradient `bwd` gives to `x`.
+fn with_grad(value: Tensor, x: &Tensor, bwd: InputGrad) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    value + x.apply_op1(GradVia { bwd })?
+}
+
+/// RMSNorm over the last dim with a frozen `weight` (same dtype as `x`).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let value = candle_nn::ops::rms_norm(&x.detach(), weight, eps as f32)?;
+    let w = weight.clone();
+    with_grad(
+        value,
+        &x,
+        Box::new(move |x, g| rms_norm_input_grad(x, &w, eps, g)),
+    )
+}
+
+/// d(x·r·w)/dx applied to `g`, r = 1/√(mean(x²)+eps):
+/// `dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x)`, in f32.
+fn rms_norm_input_grad(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let gw = g
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let dot = (&gw * &x)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
+    dx.to_dtype(dtype)
+}
+
+/// RoPE (rotate-half convention) on `x` `(B, H, T, D)` with `cos`/`sin` gathered for the
+/// positions as `(B or 1, 1, T, D)` (`cat(freqs, freqs)` halves). Backward is the inverse
+/// rotation: RoPE with `−sin`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let half = |t: &Tensor| -> Result<Tensor> {
+        let t = t.narrow(D::Minus1, 0, d / 2)?.squeeze(1)?;
+        let t = if t.dim(0)? == 1 { t.squeeze(0)? } else { t };
+        t.to_dtype(x.dtype())?.contiguous()
+    };
+    let (c, s) = (half(cos)?, half(sin)?);
+    let x = x.contiguous()?;
+    let value = candle_nn::rotary_emb::rope(&x.detach(), &c, &s)?;
+    let minus_s = s.neg()?;
+    with_grad(
+        value,
+        &x,
+        Box::new(move |_x, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &c, &minus_s)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The value and the input gradient match the composed ops (run here on the CPU, where the
+    /// candle-nn kernels also exist).
+    #[test]
+    fn rms_norm_and_rope_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 8, &dev).unwrap();
+        let up = Tensor::randn(0f32, 1., (2, 3, 5, 8), &dev).unwrap();
+        let check = |f: &dyn Fn(&Tensor) -> Tensor, reference: &dyn Fn(&Tensor) -> Tensor| {
+            let (a, b) = (f(x.as_tensor()), reference(x.as_tensor()));
+            assert!(max_diff(&a, &b) < 1e-5);
+            let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (b * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
+            assert!(d < 1e-5, "gradient differs by {d}");
+        };
+        check(&|x| rms_norm(x, &w, 1e-6).unwrap(), &|x| {
+            super::super::ops::rms_norm_composed(x, &w, 1e-6).unwrap()
+        });
+        let (cos, sin) = super::super::ops::rope_tables(
+            8,
+            10000.0,
+            &super::super::config::RopeScaling::Default,
+            16,
+            &dev,
+        )
+        .unwrap();
+        // Positions 3..8 for batch row 0 and 0..5 for row 1: (B, 1, T, D).
+        let pos = Tensor::new(&[3u32, 4, 5, 6, 7, 0, 1, 2, 3, 4], &dev).unwrap();
+        let gather = |t: &Tensor| {
+            t.index_select(&pos, 0)
+                .unwrap()
+                .reshape((2, 1, 5, 8))
+                .unwrap()
+        };
+        let (c, s) = (gather(&cos), gather(&sin));
+        check(&|x| rope(x, &c, &s).unwrap(), &|x| {
+            super::super::ops::apply_rope(x, &c, &s).unwrap()
+        });
+        // One row of positions for every batch row: (1, 1, T, D).
+        let c1 = cos.narrow(0, 0, 5).unwrap().reshape((1, 1, 5, 8)).unwrap();
+        let s1 = sin.narrow(0, 0, 5).unwrap().reshape((1, 1, 5, 8)).unwrap();
+        check(&|x| rope(x, &c1, &s1).unwrap(), &|x| {
+            super::super::ops::apply_rope(x, &c1, &s1).unwrap()
+        });
+    }
+}
