@@ -17,10 +17,13 @@ const STEPS: usize = 300;
 const EVAL_EVERY: usize = 100;
 
 /// Required fall of the validation loss from step 0 to the end. Measured on CPU, where runs are
-/// deterministic (identical in two runs): 6.2459 → 6.1046 (−0.141) on the WWDC25 data and
-/// 6.2556 → 6.1177 (−0.138) on the bundled demo data. The fixture is a random-weight model whose
-/// logits are bounded by its 0.02-std head, so the achievable fall is modest; 0.10 is a clear
-/// fall that sits well inside both.
+/// deterministic (identical in two runs). With f32 weights: 6.2459 → 6.1046 (−0.141) on the WWDC25
+/// data and 6.2556 → 6.1177 (−0.138) on the bundled demo data. With the bf16-weight default of
+/// CPUs that have AVX512-BF16: 6.2459 → 6.1233 (−0.123) on WWDC25 (what CI runs) but only
+/// 6.2556 → 6.1629 (−0.093) on the demo data, where this threshold would fail. The fixture is a
+/// random-weight model whose logits are bounded by its 0.02-std head, so the achievable fall is
+/// modest and bf16 rounding is a larger share of it; on SmolLM2-135M the two dtypes end 30 steps
+/// within 0.0004 of each other (BENCHMARKS.md).
 const MIN_VAL_LOSS_FALL: f64 = 0.10;
 
 /// `(train, valid)`: ../shared/data/wwdc25-{train,valid}.jsonl, else the bundled demo data.
