@@ -23,7 +23,7 @@ const EVAL_EVERY: usize = 100;
 /// 6.2556 → 6.1629 (−0.093) on the demo data, where this threshold would fail. The fixture is a
 /// random-weight model whose logits are bounded by its 0.02-std head, so the achievable fall is
 /// modest and bf16 rounding is a larger share of it; on SmolLM2-135M the two dtypes end 30 steps
-/// within 0.0004 of each other (BENCHMARKS.md).
+/// within 0.001 of each other (BENCHMARKS.md).
 const MIN_VAL_LOSS_FALL: f64 = 0.10;
 
 /// `(train, valid)`: ../shared/data/wwdc25-{train,valid}.jsonl, else the bundled demo data.
