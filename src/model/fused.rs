@@ -34,311 +34,11 @@ pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [
     }
 }
 
-fn last_dim(l: &Layout) -> Result<usize> {
+pub(crate) fn last_dim(l: &Layout) -> Result<usize> {
     l.dims()
         .last()
         .copied()
         .ok_or_else(|| candle_core::Error::Msg("scalar input".into()))
-}
-
-// ---------------------------------------------------------------- frozen linear
-
-/// The gradient path of `x · Wᵀ` for a frozen `W`: forward yields zeros (the value comes from a
-/// detached matmul), backward yields `g · W`. Candle's matmul backward would also compute
-/// `xᵀ · g` for `W` — as many flops as the forward — and keep that unused weight-sized gradient
-/// until backward ends; routing the value and the gradient separately skips both. Works on every
-/// backend (the forward only allocates zeros).
-struct FrozenLinearGrad {
-    /// (out, in)
-    weight: Tensor,
-}
-
-impl FrozenLinearGrad {
-    fn out_shape(&self, l: &Layout) -> Result<Shape> {
-        let mut dims = l.dims().to_vec();
-        match dims.last_mut() {
-            Some(d) => *d = self.weight.dim(0)?,
-            None => candle_core::bail!("frozen linear: scalar input"),
-        }
-        Ok(Shape::from_dims(&dims))
-    }
-}
-
-impl CustomOp1 for FrozenLinearGrad {
-    fn name(&self) -> &'static str {
-        "ft-frozen-linear-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = self.out_shape(l)?;
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = self.out_shape(l)?;
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn metal_fwd(
-        &self,
-        s: &candle_core::MetalStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = self.out_shape(l)?;
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
-    }
-}
-
-/// CPU kernel for `x · Wᵀ (+ u)`: one gemm straight into the output, so the graph keeps a single
-/// (N, out) tensor per projection instead of one per elementary op (and no zeros tensor).
-/// Backward: `g · W` to `x`, `g` to `u`, nothing to `W`.
-struct FrozenLinearCpu;
-
-impl FrozenLinearCpu {
-    /// out (n, o) = x (n, i) · wᵀ, accumulated onto `out`'s current contents when `accumulate`.
-    fn gemm(x: &[f32], w: &[f32], out: &mut [f32], n: usize, i: usize, o: usize, accumulate: bool) {
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: the slices hold exactly n·i, o·i and n·o f32 (checked by the callers), the
-        // strides describe row-major x and out and the transposed view of row-major w, and `out`
-        // does not alias the inputs.
-        unsafe {
-            gemm::gemm(
-                n,
-                o,
-                i,
-                out.as_mut_ptr(),
-                1,
-                o as isize,
-                accumulate,
-                x.as_ptr(),
-                1,
-                i as isize,
-                w.as_ptr(),
-                i as isize,
-                1,
-                if accumulate { 1.0 } else { 0.0 },
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
-    }
-
-    /// `w` is f32 (gemm) or bf16 (the mixed-precision kernel, [`super::bf16`]).
-    fn run(
-        x: &[f32],
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-        u: Option<&[f32]>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, i) = lx.shape().dims2()?;
-        let (o, wi) = lw.shape().dims2()?;
-        if wi != i || x.len() != n * i || u.is_some_and(|u| u.len() != n * o) {
-            candle_core::bail!(
-                "frozen linear: shapes {:?} · {:?}ᵀ do not fit",
-                lx.dims(),
-                lw.dims()
-            );
-        }
-        let mut out = match u {
-            Some(u) => u.to_vec(),
-            None => vec![0f32; n * o],
-        };
-        match w {
-            CpuStorage::BF16(_) => {
-                let w = bf16_slice(w, lw, "ft-frozen-linear")?;
-                // out (n, o) = x (n, i) · wᵀ: B = wᵀ is (i, o) with rows 1 apart, columns i apart.
-                super::bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, &mut out, o, u.is_some())
-                    .map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
-            }
-            _ => {
-                let w = slice(w, lw, "ft-frozen-linear")?;
-                if w.len() != o * i {
-                    candle_core::bail!("frozen linear: weight is not {o}×{i}");
-                }
-                Self::gemm(x, w, &mut out, n, i, o, u.is_some());
-            }
-        }
-        Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
-    }
-}
-
-/// The contiguous bf16 slice of a storage/layout pair, or an error.
-fn bf16_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [half::bf16]> {
-    let CpuStorage::BF16(data) = s else {
-        candle_core::bail!("{op}: expected bf16");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
-/// `g · W` for the gradient of a frozen linear's input: candle's matmul for f32 weights, the
-/// mixed-precision kernel for bf16 weights with an f32 gradient on the CPU.
-fn input_grad(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.dtype() == DType::BF16 && grad.dtype() == DType::F32 && grad.device().is_cpu() {
-        grad.contiguous()?.apply_op2(w, MixedGradX)
-    } else {
-        grad.matmul(w)
-    }
-}
-
-/// `g (n, o) · W (o, i)` with f32 `g` and bf16 `W`, f32 out.
-struct MixedGradX;
-
-impl CustomOp2 for MixedGradX {
-    fn name(&self) -> &'static str {
-        "ft-mixed-grad-x"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = slice(s1, l1, self.name())?;
-        let w = bf16_slice(s2, l2, self.name())?;
-        let (n, o) = l1.shape().dims2()?;
-        let (wo, i) = l2.shape().dims2()?;
-        if wo != o || g.len() != n * o {
-            candle_core::bail!(
-                "{}: shapes {:?} · {:?} do not fit",
-                self.name(),
-                l1.dims(),
-                l2.dims()
-            );
-        }
-        let mut out = vec![0f32; n * i];
-        // B = W is (o, i) row-major.
-        super::bf16::matmul_f32_bf16(n, i, o, g, o, 1, w, i, 1, &mut out, i, false)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name())))?;
-        Ok((CpuStorage::F32(out), Shape::from_dims(&[n, i])))
-    }
-}
-
-impl CustomOp2 for FrozenLinearCpu {
-    fn name(&self) -> &'static str {
-        "ft-frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::run(slice(s1, l1, "ft-frozen-linear")?, l1, s2, l2, None)
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(input_grad(grad, w)?), None))
-    }
-}
-
-impl CustomOp3 for FrozenLinearCpu {
-    fn name(&self) -> &'static str {
-        "ft-frozen-linear-plus"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let u = slice(s3, l3, "ft-frozen-linear-plus")?;
-        Self::run(slice(s1, l1, "ft-frozen-linear-plus")?, l1, s2, l2, Some(u))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _u: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(input_grad(grad, w)?), None, Some(grad.clone())))
-    }
-}
-
-/// `x · Wᵀ (+ update)` for a frozen `weight` (out, in), 2-D `x` (N, in) and an optional (N, out)
-/// `update` (the LoRA term): gradients flow to `x` and `update`, never to `weight`.
-pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
-    // Mixed precision (bf16 weights, f32 activations) has no composed fallback: the weight is
-    // widened for the reference path.
-    let widened;
-    let weight = if weight.dtype() != x.dtype() && (disabled() || !x.device().is_cpu()) {
-        widened = weight.to_dtype(x.dtype())?;
-        &widened
-    } else {
-        weight
-    };
-    if disabled() {
-        let y = x.matmul(&weight.t()?)?;
-        return match update {
-            Some(u) => y + u,
-            None => Ok(y),
-        };
-    }
-    let weight_ok = weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::BF16);
-    if fusable(x) && weight_ok {
-        let (x, w) = (x.contiguous()?, weight.contiguous()?);
-        return match update {
-            Some(u) => x.apply_op3(&w, &u.contiguous()?, FrozenLinearCpu),
-            None if x.track_op() || w.dtype() != x.dtype() => x.apply_op2(&w, FrozenLinearCpu),
-            None => x.matmul(&w.t()?),
-        };
-    }
-    let y = x.detach().matmul(&weight.t()?)?;
-    let y = if x.track_op() {
-        (y + x.apply_op1(FrozenLinearGrad {
-            weight: weight.clone(),
-        })?)?
-    } else {
-        y
-    };
-    match update {
-        Some(u) => y + u,
-        None => Ok(y),
-    }
-}
-
-/// `x · Wᵀ` for a frozen `weight` (out, in) and 2-D `x` (N, in): gradient to `x` only.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    frozen_linear_plus(x, weight, None)
 }
 
 // ---------------------------------------------------------------- softmax
@@ -625,16 +325,20 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn close(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn close(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
         d.max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
-    fn grad_of(f: impl Fn(&Tensor) -> Result<Tensor>, x: &Var, upstream: &Tensor) -> Tensor {
+    pub(crate) fn grad_of(
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+        x: &Var,
+        upstream: &Tensor,
+    ) -> Tensor {
         let y = f(x.as_tensor()).unwrap();
         let g = (y * upstream)
             .unwrap()
@@ -643,33 +347,6 @@ mod tests {
             .backward()
             .unwrap();
         g.get(x).unwrap().clone()
-    }
-
-    #[test]
-    fn frozen_linear_gives_the_input_gradient_only() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 8), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f32, 1., (3, 8), &dev).unwrap();
-        let up = Tensor::randn(0f32, 1., (5, 3), &dev).unwrap();
-        let a = frozen_linear(x.as_tensor(), &w).unwrap();
-        let b = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        assert_eq!(close(&a, &b), 0.0);
-        let ga = grad_of(|t| frozen_linear(t, &w), &x, &up);
-        let gb = grad_of(|t| t.matmul(&w.t()?), &x, &up);
-        assert!(close(&ga, &gb) < 1e-5);
-        let store = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(
-            store.get(&w).is_none(),
-            "no gradient is computed for the frozen weight"
-        );
-        // With an update term: value x·Wᵀ + u, gradient g to u.
-        let u = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 3), &dev).unwrap()).unwrap();
-        let c = frozen_linear_plus(x.as_tensor(), &w, Some(u.as_tensor())).unwrap();
-        let want = (b + u.as_tensor()).unwrap();
-        assert!(close(&c, &want) < 1e-5);
-        let store = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(close(store.get(&u).unwrap(), &up) < 1e-6);
-        assert!(close(store.get(&x).unwrap(), &gb) < 1e-5);
     }
 
     #[test]

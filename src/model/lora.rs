@@ -182,7 +182,7 @@ impl LoraLinear {
             }
             None => None,
         };
-        let mut y = super::fused::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
+        let mut y = super::linear::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

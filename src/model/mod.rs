@@ -10,6 +10,7 @@ pub mod config;
 pub mod fused;
 pub mod gpt2;
 pub mod gpu;
+pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod ops;
@@ -213,7 +214,7 @@ impl Model {
     pub fn logits(&self, input: &ModelInput) -> candle_core::Result<Tensor> {
         let h = self.hidden(input, false)?;
         let (b, t, c) = h.dims3()?;
-        let logits = fused::frozen_linear(&h.reshape((b * t, c))?, self.lm_head())?;
+        let logits = linear::frozen_linear(&h.reshape((b * t, c))?, self.lm_head())?;
         logits.reshape((b, t, ()))
     }
 
@@ -258,7 +259,7 @@ impl Model {
         let picked = h
             .reshape((b * t, c))?
             .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        let logits = fused::frozen_linear(&picked, self.lm_head())?;
+        let logits = linear::frozen_linear(&picked, self.lm_head())?;
         let loss = fused::cross_entropy(&logits, &targets)?;
         Ok((loss, n))
     }
