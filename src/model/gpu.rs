@@ -4,66 +4,9 @@
 //! arithmetic, that bounds a LoRA step; these cost three (fused value, zeros, add). The CPU keeps
 //! its own fused kernels (`model::fused`).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
-/// The input gradient of an op, given (input, upstream gradient).
-type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
-
-/// Forward: zeros shaped like the input. Backward: `grad` mapped by `bwd`. Added to a detached
-/// value, it gives that value the gradient `bwd` computes.
-struct GradVia {
-    bwd: InputGrad,
-}
-
-impl CustomOp1 for GradVia {
-    fn name(&self) -> &'static str {
-        "ft-grad-via"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((
-            s.device().zeros_impl(l.shape(), s.dtype())?,
-            l.shape().clone(),
-        ))
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((
-            s.device().zeros_impl(l.shape(), s.dtype())?,
-            l.shape().clone(),
-        ))
-    }
-
-    fn metal_fwd(
-        &self,
-        s: &candle_core::MetalStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((
-            s.device().zeros_impl(l.shape(), s.dtype())?,
-            l.shape().clone(),
-        ))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some((self.bwd)(arg, grad)?))
-    }
-}
-
-/// `value` (computed from `x` detached) with the gradient `bwd` gives to `x`.
-fn with_grad(value: Tensor, x: &Tensor, bwd: InputGrad) -> Result<Tensor> {
-    if !x.track_op() {
-        return Ok(value);
-    }
-    value + x.apply_op1(GradVia { bwd })?
-}
+use super::grad::with_grad;
 
 /// RMSNorm over the last dim with a frozen `weight` (same dtype as `x`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

@@ -4,68 +4,10 @@
 //! (`gemm`) or bf16 (the mixed-precision kernel, [`super::bf16`]); elsewhere the value comes from
 //! a detached matmul and the gradient from a zero-valued op.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::fused::{disabled, fusable, slice};
-
-/// The gradient path of `x · Wᵀ` for a frozen `W`: forward yields zeros (the value comes from a
-/// detached matmul), backward yields `g · W`. Candle's matmul backward would also compute
-/// `xᵀ · g` for `W` — as many flops as the forward — and keep that unused weight-sized gradient
-/// until backward ends; routing the value and the gradient separately skips both. Works on every
-/// backend (the forward only allocates zeros).
-struct FrozenLinearGrad {
-    /// (out, in)
-    weight: Tensor,
-}
-
-impl FrozenLinearGrad {
-    fn out_shape(&self, l: &Layout) -> Result<Shape> {
-        let mut dims = l.dims().to_vec();
-        match dims.last_mut() {
-            Some(d) => *d = self.weight.dim(0)?,
-            None => candle_core::bail!("frozen linear: scalar input"),
-        }
-        Ok(Shape::from_dims(&dims))
-    }
-}
-
-impl CustomOp1 for FrozenLinearGrad {
-    fn name(&self) -> &'static str {
-        "ft-frozen-linear-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = self.out_shape(l)?;
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = self.out_shape(l)?;
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn metal_fwd(
-        &self,
-        s: &candle_core::MetalStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = self.out_shape(l)?;
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
-    }
-}
+use super::grad::with_grad;
 
 /// CPU kernel for `x · Wᵀ (+ u)`: one gemm straight into the output, so the graph keeps a single
 /// (N, out) tensor per projection instead of one per elementary op (and no zeros tensor).
@@ -289,14 +231,12 @@ pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) 
             None => x.matmul(&w.t()?),
         };
     }
+    // Elsewhere: the value from a detached matmul, the gradient g · W to x alone. Candle's
+    // matmul backward would also compute xᵀ · g for W (as many flops as the forward) and keep
+    // that unused weight-sized gradient until backward ends.
     let y = x.detach().matmul(&weight.t()?)?;
-    let y = if x.track_op() {
-        (y + x.apply_op1(FrozenLinearGrad {
-            weight: weight.clone(),
-        })?)?
-    } else {
-        y
-    };
+    let w = weight.clone();
+    let y = with_grad(y, x, Box::new(move |_x, g| g.matmul(&w)))?;
     match update {
         Some(u) => y + u,
         None => Ok(y),
@@ -339,5 +279,33 @@ mod tests {
         let store = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(close(store.get(&u).unwrap(), &up) < 1e-6);
         assert!(close(store.get(&x).unwrap(), &gb) < 1e-5);
+    }
+
+    /// The path GPUs take (here f64, which the CPU kernels do not handle): same value and input
+    /// gradient as a plain matmul, no gradient for the weight.
+    #[test]
+    fn frozen_linear_off_the_cpu_kernels_routes_the_gradient_to_x_only() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (5, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1., (3, 8), &dev).unwrap();
+        let up = Tensor::randn(0f64, 1., (5, 3), &dev).unwrap();
+        let y = frozen_linear(x.as_tensor(), &w).unwrap();
+        let want = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(diff(&y, &want) < 1e-12);
+        let store = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(diff(store.get(&x).unwrap(), &up.matmul(&w).unwrap()) < 1e-12);
+        assert!(store.get(&w).is_none());
     }
 }

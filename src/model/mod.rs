@@ -10,6 +10,7 @@ pub mod config;
 pub mod fused;
 pub mod gpt2;
 pub mod gpu;
+mod grad;
 pub mod linear;
 pub mod llama;
 pub mod lora;
