@@ -314,6 +314,51 @@ fn cuda_info() -> Result<GpuInfo, Missing> {
     Err(Missing::NotBuilt)
 }
 
+/// Keeps Candle's cache of kernel layout parameters on for the calling thread while the value
+/// lives: without it every op on a strided or broadcast layout allocates and uploads its dims and
+/// strides, host work that dominates small ops on a GPU. The cache also keeps a device copy of
+/// every small (≤ 4 KB) host upload made meanwhile, so batch data is uploaded outside it.
+/// `None` off CUDA, or with `FINETUNE_CUDA_PARAM_CACHE=0` (for comparison).
+pub fn kernel_param_cache(device: &Device) -> Option<Box<dyn std::any::Any>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        if std::env::var_os("FINETUNE_CUDA_PARAM_CACHE").is_some_and(|v| v == "0") {
+            return None;
+        }
+        return Some(Box::new(d.enable_cuda_graph_htod_cache()));
+    }
+    let _ = device;
+    None
+}
+
+/// Stops the driver's stream-ordered pool from handing its free memory back to the system at
+/// every synchronisation (its default release threshold is 0): otherwise every step, which
+/// synchronises to read the loss, maps its activations afresh. PyTorch's caching allocator keeps
+/// its memory the same way. Opt out with `FINETUNE_CUDA_POOL_TRIM=1` (for comparison).
+#[cfg(feature = "cuda")]
+fn keep_pool_memory(d: &candle_core::CudaDevice) {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    if std::env::var_os("FINETUNE_CUDA_POOL_TRIM").is_some_and(|v| v == "1") {
+        return;
+    }
+    let dev = d.cuda_stream().context().cu_device();
+    let mut keep = u64::MAX;
+    // SAFETY: `dev` is the device of a live context; the release threshold attribute takes a
+    // pointer to a u64, which `keep` is.
+    let done = unsafe {
+        result::device::get_default_mem_pool(dev).and_then(|pool| {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+        })
+    };
+    if let Err(e) = done {
+        eprintln!("warning: could not keep the CUDA memory pool's free memory: {e}");
+    }
+}
+
 /// Opens the device a plan names.
 pub fn open(plan: Plan) -> Result<Backend, BackendError> {
     let device = match plan.kind {
@@ -334,6 +379,7 @@ pub fn open(plan: Plan) -> Result<Backend, BackendError> {
         // stream order already serialises their uses, writes and frees; nothing here uses
         // another stream. It is set before any tensor of the device exists.
         unsafe { d.disable_event_tracking() };
+        keep_pool_memory(d);
     }
     Ok(Backend {
         device,

@@ -90,6 +90,10 @@ pub struct BenchReport {
     pub forward_secs: f64,
     pub backward_secs: f64,
     pub optimizer_secs: f64,
+    /// Host time until the forward / backward call returned, before waiting for the device: near
+    /// the synced time when the host's op issue is the bottleneck (on the CPU, the same).
+    pub forward_host_secs: f64,
+    pub backward_host_secs: f64,
     pub peak_rss_bytes: Option<u64>,
     pub estimate: memory::Estimate,
     pub trainable_params: usize,
@@ -214,6 +218,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let (b, t) = (opts.batch, opts.seq_len);
     let batches = make_batches(opts, &model)?;
     let (mut fwd, mut bwd, mut upd, mut total) = (vec![], vec![], vec![], vec![]);
+    let (mut fwd_host, mut bwd_host) = (vec![], vec![]);
     let mut device_bytes: Option<u64> = None;
     let mut sample = |d: &Device| {
         if let Some(now) = backend::device_memory_used(d) {
@@ -224,8 +229,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     for step in 0..opts.warmup + opts.steps {
         let (ids, labels, n_tokens) = &batches[step % batches.len()];
         let input = ModelInput::causal(Tensor::from_vec(ids.clone(), (b, t), &backend.device)?);
+        let _param_cache = backend::kernel_param_cache(&backend.device);
         let t0 = Instant::now();
         let (loss, _) = model.loss(&input, labels, true)?;
+        let t1_host = Instant::now();
         loss.device().synchronize()?;
         let t1 = Instant::now();
         sample(loss.device());
@@ -233,6 +240,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         if let Some(sink) = &sink {
             opt.accumulate_sink(&mut grads, sink.take(), 1.0)?;
         }
+        let t2_host = Instant::now();
         loss.device().synchronize()?;
         let t2 = Instant::now();
         sample(loss.device());
@@ -243,6 +251,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             fwd.push((t1 - t0).as_secs_f64());
             bwd.push((t2 - t1).as_secs_f64());
             upd.push((t3 - t2).as_secs_f64());
+            fwd_host.push((t1_host - t0).as_secs_f64());
+            bwd_host.push((t2_host - t1).as_secs_f64());
             total.push((t3 - t0).as_secs_f64());
             tokens_per_step = *n_tokens;
         }
@@ -283,6 +293,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         forward_secs: median(&mut fwd),
         backward_secs: median(&mut bwd),
         optimizer_secs: median(&mut upd),
+        forward_host_secs: median(&mut fwd_host),
+        backward_host_secs: median(&mut bwd_host),
         peak_rss_bytes: memory::peak_rss_bytes(),
         estimate,
         trainable_params: lora.parameter_count(),
@@ -384,6 +396,13 @@ impl std::fmt::Display for BenchReport {
             self.backward_secs,
             self.optimizer_secs
         )?;
+        if !self.device.starts_with("CPU") {
+            writeln!(
+                f,
+                "host issue time: forward {:.3}s, backward {:.3}s",
+                self.forward_host_secs, self.backward_host_secs
+            )?;
+        }
         write!(
             f,
             "{:.2} GFLOP/token, {:.2} TFLOP/s achieved",
