@@ -314,23 +314,6 @@ fn cuda_info() -> Result<GpuInfo, Missing> {
     Err(Missing::NotBuilt)
 }
 
-/// Keeps Candle's cache of kernel layout parameters on for the calling thread while the value
-/// lives: without it every op on a strided or broadcast layout allocates and uploads its dims and
-/// strides, host work that dominates small ops on a GPU. The cache also keeps a device copy of
-/// every small (≤ 4 KB) host upload made meanwhile, so batch data is uploaded outside it.
-/// `None` off CUDA, or with `FINETUNE_CUDA_PARAM_CACHE=0` (for comparison).
-pub fn kernel_param_cache(device: &Device) -> Option<Box<dyn std::any::Any>> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
-        if std::env::var_os("FINETUNE_CUDA_PARAM_CACHE").is_some_and(|v| v == "0") {
-            return None;
-        }
-        return Some(Box::new(d.enable_cuda_graph_htod_cache()));
-    }
-    let _ = device;
-    None
-}
-
 /// Stops the driver's stream-ordered pool from handing its free memory back to the system at
 /// every synchronisation (its default release threshold is 0): otherwise every step, which
 /// synchronises to read the loss, maps its activations afresh. PyTorch's caching allocator keeps

@@ -229,7 +229,6 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     for step in 0..opts.warmup + opts.steps {
         let (ids, labels, n_tokens) = &batches[step % batches.len()];
         let input = ModelInput::causal(Tensor::from_vec(ids.clone(), (b, t), &backend.device)?);
-        let _param_cache = backend::kernel_param_cache(&backend.device);
         let t0 = Instant::now();
         let (loss, _) = model.loss(&input, labels, true)?;
         let t1_host = Instant::now();

@@ -62,6 +62,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
             let rep = h / kv;
             let k = ops::repeat_kv(k.clone(), rep)?.contiguous()?;
             let v = ops::repeat_kv(v.clone(), rep)?.contiguous()?;
+            #[cfg(feature = "cuda")]
+            if bias_rows.is_some() && super::cuda::applies(q) && bias.dtype() == q.dtype() {
+                // Scores from cuBLAS, then one kernel for scale, mask and softmax.
+                let s = q.contiguous()?.matmul(&k.t()?)?;
+                return super::cuda::attention_softmax(&s, bias, scale)?.matmul(&v);
+            }
             ops::attention(q, &k, &v, bias, scale)
         }
     }

@@ -321,6 +321,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
         return logits.contiguous()?.apply_op1(op)?.sum_all()? / n as f64;
     }
     let t = Tensor::from_vec(targets.to_vec(), n, logits.device())?;
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies(logits) {
+        return super::cuda::cross_entropy_rows(logits, &t)?.sum_all()? / n as f64;
+    }
     ops::cross_entropy_composed(logits, &t)
 }
 

@@ -7,6 +7,8 @@ pub mod adapter;
 pub mod attention;
 pub mod bf16;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fused;
 pub mod gpt2;
 pub mod gpu;

@@ -33,6 +33,10 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
 
 /// RMSNorm over the last dim, differentiable (fused kernel on CPU f32).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies(x) && weight.dtype() == x.dtype() {
+        return super::cuda::rms_norm(x, weight, eps);
+    }
     if !x.device().is_cpu() && weight.dtype() == x.dtype() {
         return super::gpu::rms_norm(x, weight, eps);
     }
@@ -134,6 +138,10 @@ pub fn rope_tables(
 /// Applies RoPE to `x` `(B, H, T, D)` with `cos`/`sin` already gathered for the positions,
 /// shaped `(B, 1, T, D)` (or broadcastable). `x·cos + rotate_half(x)·sin`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies(x) {
+        return super::cuda::rope(x, cos, sin);
+    }
     if !x.device().is_cpu() {
         return super::gpu::rope(x, cos, sin);
     }

@@ -1,0 +1,597 @@
+//! FineTune's own CUDA kernels (`cuda/kernels.cu`, compiled once per process with NVRTC) as
+//! differentiable ops: the attention softmax (scale and mask folded in), per-row cross-entropy,
+//! RMSNorm and RoPE, each one launch forward and one backward. Composed from Candle's ops these
+//! cost 8 to 25 launches each, with broadcast kernels that reach a third of the memory bandwidth;
+//! on a GPU the LoRA step is bound by that per-op cost (`bench/cuda_kernel_profile.py`).
+//! bf16 and f32 only; other dtypes and devices take the composed path (see [`applies`]).
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda::{CudaDType, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+const SOURCE: &str = include_str!("cuda/kernels.cu");
+const MODULE: &str = "finetune_kernels";
+
+/// True when these kernels apply to `t`: on a CUDA device, in bf16 or f32.
+pub fn applies(t: &Tensor) -> bool {
+    t.device().is_cuda() && matches!(t.dtype(), DType::BF16 | DType::F32) && !disabled()
+}
+
+/// `FINETUNE_NO_CUDA_KERNELS=1` takes the composed path (for comparison).
+fn disabled() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("FINETUNE_NO_CUDA_KERNELS").is_some_and(|v| v != "0"))
+}
+
+/// The PTX of `kernels.cu`, compiled on first use.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let compiled = PTX.get_or_init(|| {
+        let ptx = candle_core::cuda::cudarc::nvrtc::compile_ptx(SOURCE)
+            .map_err(|e| format!("compiling FineTune's CUDA kernels with NVRTC: {e}"))?;
+        let bytes = ptx
+            .as_bytes()
+            .ok_or_else(|| "NVRTC returned no PTX".to_string())?;
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("PTX is not text: {e}"))?;
+        Ok(text.trim_end_matches('\0').to_string())
+    });
+    match compiled {
+        Ok(p) => Ok(p),
+        Err(e) => candle_core::bail!("{e}"),
+    }
+}
+
+/// The contiguous data of a storage/layout pair.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_rows(rows: usize, op: &str) -> Result<()> {
+    if rows == 0 || rows > i32::MAX as usize {
+        candle_core::bail!("{op}: {rows} rows is out of range");
+    }
+    Ok(())
+}
+
+fn to_i32(v: usize, op: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} is out of range")))
+}
+
+fn cpu_only(op: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{op} runs on CUDA only")
+}
+
+/// An element type the kernels are built for.
+trait Elem: CudaDType + DeviceRepr {
+    const SUFFIX: &'static str;
+}
+
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+/// Runs `$body` with `$t` bound to the element type of `$dtype` (bf16 or f32).
+macro_rules! by_dtype {
+    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            d => candle_core::bail!("{}: no CUDA kernel for {d:?}", $op),
+        }
+    };
+}
+
+/// Uninitialised device memory for `n` elements, for a kernel to write in full.
+fn alloc<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller launches a kernel that writes all `n` elements before the storage is
+    // wrapped and read.
+    unsafe { dev.alloc::<T>(n) }
+}
+
+fn wrap<T: Elem>(out: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(out, dev.clone())
+}
+
+// ---------------------------------------------------------------- attention softmax
+
+/// `softmax(s·scale + bias)` over the last dim of `s` `(B, H, T, C)`, with `bias` `(R, 1, T, C)`
+/// (R = 1 or B) in the same dtype. Gradient to `s` only (the mask is a constant).
+pub fn attention_softmax(s: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, _, t, c) = s.dims4()?;
+    let (r, one, bt, bc) = bias.dims4()?;
+    if one != 1 || bt != t || bc != c || !(r == 1 || r == b) || bias.dtype() != s.dtype() {
+        candle_core::bail!(
+            "attention softmax: bias {:?} {:?} does not fit scores {:?} {:?}",
+            bias.dims(),
+            bias.dtype(),
+            s.dims(),
+            s.dtype()
+        );
+    }
+    s.contiguous()?.apply_op2(
+        &bias.contiguous()?,
+        Softmax {
+            scale: scale as f32,
+        },
+    )
+}
+
+struct Softmax {
+    scale: f32,
+}
+
+impl CustomOp2 for Softmax {
+    fn name(&self) -> &'static str {
+        "ft-cuda-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        ls: &Layout,
+        bias: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (_, h, t, c) = ls.shape().dims4()?;
+        let r = lb.shape().dims4()?.0;
+        let rows = ls.shape().elem_count() / c.max(1);
+        check_rows(rows, op)?;
+        let (cols, per_batch, t_len, r) = (
+            to_i32(c, op)?,
+            to_i32(h * t, op)?,
+            to_i32(t, op)?,
+            to_i32(r, op)?,
+        );
+        let dev = s.device();
+        let out = by_dtype!(s.dtype(), op, T => {
+            let (sv, bv) = (view::<T>(s, ls, op)?, view::<T>(bias, lb, op)?);
+            let out = alloc::<T>(dev, rows * c)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_softmax_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&sv).arg(&bv).arg(&out).arg(&cols).arg(&per_batch).arg(&t_len).arg(&r).arg(&self.scale);
+            // SAFETY: the arguments match `ft_softmax_fwd` in kernels.cu; one block per row.
+            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, ls.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _bias: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// `scale · p ⊙ (dp − Σ p⊙dp)`.
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "ft-cuda-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        lp: &Layout,
+        dp: &CudaStorage,
+        ldp: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        if lp.shape() != ldp.shape() || p.dtype() != dp.dtype() {
+            candle_core::bail!("{op}: probabilities and gradient differ in shape or dtype");
+        }
+        let c = lp.shape().dims().last().copied().unwrap_or(1);
+        let rows = lp.shape().elem_count() / c.max(1);
+        check_rows(rows, op)?;
+        let cols = to_i32(c, op)?;
+        let dev = p.device();
+        let out = by_dtype!(p.dtype(), op, T => {
+            let (pv, gv) = (view::<T>(p, lp, op)?, view::<T>(dp, ldp, op)?);
+            let out = alloc::<T>(dev, rows * c)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_softmax_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&pv).arg(&gv).arg(&out).arg(&cols).arg(&self.scale);
+            // SAFETY: the arguments match `ft_softmax_bwd`; one block per row.
+            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, lp.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+/// Per-row cross-entropy of `logits` `(N, V)` against `targets` `(N,)` u32 (each < V), f32 `(N,)`.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
+}
+
+struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "ft-cuda-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        tg: &CudaStorage,
+        lt: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (n, v) = lx.shape().dims2()?;
+        if lt.shape().dims1()? != n {
+            candle_core::bail!("{op}: {n} rows but {} targets", lt.shape().elem_count());
+        }
+        check_rows(n, op)?;
+        let cols = to_i32(v, op)?;
+        let dev = x.device();
+        let tv = view::<u32>(tg, lt, op)?;
+        let loss = alloc::<f32>(dev, n)?;
+        by_dtype!(x.dtype(), op, T => {
+            let xv = view::<T>(x, lx, op)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_ce_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&xv).arg(&tv).arg(&loss).arg(&cols);
+            // SAFETY: the arguments match `ft_ce_fwd`; one block per row, thread 0 writes it.
+            unsafe { b.launch(rows_cfg(n, 1024)) }.w()?;
+        });
+        Ok((wrap(loss, dev), Shape::from_dims(&[n])))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let dx = x.apply_op3_no_bwd(targets, &g, &CrossEntropyBwd)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `(softmax(x) − onehot(target)) · g[row]`.
+struct CrossEntropyBwd;
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "ft-cuda-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        tg: &CudaStorage,
+        lt: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (n, v) = lx.shape().dims2()?;
+        if lt.shape().elem_count() != n || lg.shape().elem_count() != n {
+            candle_core::bail!("{op}: targets or gradient do not have {n} rows");
+        }
+        check_rows(n, op)?;
+        let cols = to_i32(v, op)?;
+        let dev = x.device();
+        let (tv, gv) = (view::<u32>(tg, lt, op)?, view::<f32>(g, lg, op)?);
+        let out = by_dtype!(x.dtype(), op, T => {
+            let xv = view::<T>(x, lx, op)?;
+            let out = alloc::<T>(dev, n * v)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_ce_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&xv).arg(&tv).arg(&gv).arg(&out).arg(&cols);
+            // SAFETY: the arguments match `ft_ce_bwd`; one block per row.
+            unsafe { b.launch(rows_cfg(n, 1024)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// RMSNorm over the last dim with a frozen `weight` (same dtype); gradient to `x` only.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn rms_dims(lx: &Layout, lw: &Layout, op: &str) -> Result<(usize, usize)> {
+    let c = lx.shape().dims().last().copied().unwrap_or(0);
+    if c == 0 || lw.shape().elem_count() != c {
+        candle_core::bail!(
+            "{op}: weight {:?} does not fit input {:?}",
+            lw.dims(),
+            lx.dims()
+        );
+    }
+    let rows = lx.shape().elem_count() / c;
+    check_rows(rows, op)?;
+    Ok((rows, c))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ft-cuda-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (rows, c) = rms_dims(lx, lw, op)?;
+        let cols = to_i32(c, op)?;
+        let dev = x.device();
+        let out = by_dtype!(x.dtype(), op, T => {
+            let (xv, wv) = (view::<T>(x, lx, op)?, view::<T>(w, lw, op)?);
+            let out = alloc::<T>(dev, rows * c)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_rms_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&xv).arg(&wv).arg(&out).arg(&cols).arg(&self.eps);
+            // SAFETY: the arguments match `ft_rms_fwd`; one block per row.
+            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `r·(g⊙w) − x·r³·mean(g⊙w⊙x)`.
+struct RmsNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "ft-cuda-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (rows, c) = rms_dims(lx, lw, op)?;
+        if lg.shape() != lx.shape() || g.dtype() != x.dtype() {
+            candle_core::bail!("{op}: gradient does not match the input");
+        }
+        let cols = to_i32(c, op)?;
+        let dev = x.device();
+        let out = by_dtype!(x.dtype(), op, T => {
+            let (xv, wv, gv) = (view::<T>(x, lx, op)?, view::<T>(w, lw, op)?, view::<T>(g, lg, op)?);
+            let out = alloc::<T>(dev, rows * c)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_rms_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&xv).arg(&wv).arg(&gv).arg(&out).arg(&cols).arg(&self.eps);
+            // SAFETY: the arguments match `ft_rms_bwd`; one block per row.
+            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, lx.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- RoPE
+
+/// RoPE (rotate-half) on `x` `(B, H, T, D)` with `cos`/`sin` `(B or 1, 1, T, D)` in `x`'s dtype;
+/// gradient to `x` (the inverse rotation).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { sign: 1.0 })
+}
+
+struct Rope {
+    sign: f32,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "ft-cuda-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+        s: &CudaStorage,
+        ls: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (b, h, t, d) = lx.shape().dims4()?;
+        let (tb, one, tt, td) = lc.shape().dims4()?;
+        if one != 1
+            || tt != t
+            || td != d
+            || !(tb == 1 || tb == b)
+            || ls.shape() != lc.shape()
+            || d % 2 != 0
+        {
+            candle_core::bail!("{op}: tables {:?} do not fit {:?}", lc.dims(), lx.dims());
+        }
+        let n = lx.shape().elem_count();
+        let pairs = (n / 2) as i64;
+        let (di, hi, ti, tbi) = (
+            to_i32(d, op)?,
+            to_i32(h, op)?,
+            to_i32(t, op)?,
+            to_i32(tb, op)?,
+        );
+        let blocks = n / 2 / 256 + 1;
+        check_rows(blocks, op)?;
+        let dev = x.device();
+        let out = by_dtype!(x.dtype(), op, T => {
+            let (xv, cv, sv) = (view::<T>(x, lx, op)?, view::<T>(c, lc, op)?, view::<T>(s, ls, op)?);
+            let out = alloc::<T>(dev, n)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_rope_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut bl = f.builder();
+            bl.arg(&xv).arg(&cv).arg(&sv).arg(&out).arg(&pairs).arg(&di).arg(&hi).arg(&ti).arg(&tbi).arg(&self.sign);
+            // SAFETY: the arguments match `ft_rope`; one thread per (row, i < D/2) pair.
+            unsafe { bl.launch(rows_cfg(blocks, 256)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = g
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &Rope { sign: -self.sign })?;
+        Ok((Some(dx), None, None))
+    }
+}

@@ -1,0 +1,237 @@
+//! FineTune's CUDA kernels (`model::cuda`) against Candle's composed ops in float64 on the CPU:
+//! values and every input gradient, in f32 and bf16, on shapes that exercise the row loops (long rows, GQA, per-batch masks and RoPE
+//! tables, a 151,936-entry vocabulary). Built only with `--features cuda`; run on a machine with
+//! a GPU: `cargo test --release --features cuda --test cuda_ops`.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use finetune::model::{attention, fused, ops};
+
+/// ‖a − b‖ / ‖b‖, in f64 on the CPU.
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap();
+    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt() as f32
+}
+
+/// Runs `f` on the CPU in f64 (the composed ops) and on CUDA in `dtype` over the same `inputs` (all differentiable)
+/// and `consts`, with the same upstream gradient; returns the worst relative error of the value
+/// and of each input gradient.
+fn compare(
+    what: &str,
+    inputs: &[Tensor],
+    consts: &[Tensor],
+    dtype: DType,
+    f: impl Fn(&[Tensor], &[Tensor]) -> Result<Tensor>,
+) -> f32 {
+    let gpu = Device::new_cuda(0).unwrap();
+    let run = |dev: &Device, dt: DType| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(dev).unwrap().to_dtype(dt).unwrap()).unwrap())
+            .collect();
+        let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let cs: Vec<Tensor> = consts
+            .iter()
+            .map(|t| {
+                let t = t.to_device(dev).unwrap();
+                if t.dtype().is_float() {
+                    t.to_dtype(dt).unwrap()
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let y = f(&xs, &cs).unwrap();
+        let up = Tensor::ones(y.shape(), DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let up = (up
+            * Tensor::arange(0f32, y.elem_count() as f32, dev)
+                .unwrap()
+                .reshape(y.shape())
+                .unwrap()
+                .affine(0.37, 0.5)
+                .unwrap()
+                .sin()
+                .unwrap())
+        .unwrap();
+        let loss = (y.to_dtype(DType::F32).unwrap() * up)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let gs: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
+        (y, gs)
+    };
+    let (y_ref, g_ref) = run(&Device::Cpu, DType::F64);
+    let (y, g) = run(&gpu, dtype);
+    let mut worst = rel(&y, &y_ref);
+    print!("{what:<40} {dtype:?}: value {worst:.1e}");
+    for (i, (a, b)) in g.iter().zip(&g_ref).enumerate() {
+        let e = rel(a, b);
+        print!(", grad {i} {e:.1e}");
+        worst = worst.max(e);
+    }
+    println!();
+    worst
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // Deterministic inputs that differ per call (Candle's CPU generator cannot be seeded).
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = ((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+                >> 11;
+            let u = (x as f64) / (1u64 << 53) as f64;
+            ((u * 2.0 - 1.0) * 1.7320508) as f32 // unit variance
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+const TOL_F32: f32 = 2e-5;
+/// bf16 keeps 8 bits of mantissa: one rounding is 2⁻⁹ ≈ 2e-3 relative; ops chain a few.
+const TOL_BF16: f32 = 2e-2;
+
+fn tol(dtype: DType) -> f32 {
+    if dtype == DType::F32 {
+        TOL_F32
+    } else {
+        TOL_BF16
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        for (shape, seed) in [(vec![4, 37, 896], 1), (vec![3, 5000], 2)] {
+            let w = (randn(&[*shape.last().unwrap()], seed + 10).affine(0.1, 1.0)).unwrap();
+            let e = compare(
+                &format!("rms_norm {shape:?}"),
+                &[randn(&shape, seed)],
+                &[w],
+                dtype,
+                |x, c| ops::rms_norm(&x[0], &c[0], 1e-6),
+            );
+            assert!(e <= tol(dtype), "rms_norm {shape:?} {dtype:?}: {e}");
+        }
+    }
+}
+
+/// (B or 1, 1, T, D) cos/sin tables for `positions` (B·T entries, or T for one shared row).
+fn rope_tables(positions: &[u32], rows: usize, t: usize, d: usize) -> (Tensor, Tensor) {
+    let (c, s) = ops::rope_tables(
+        d,
+        10000.0,
+        &finetune::model::config::RopeScaling::Default,
+        4096,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let idx = Tensor::from_vec(positions.to_vec(), positions.len(), &Device::Cpu).unwrap();
+    let pick = |x: &Tensor| {
+        x.index_select(&idx, 0)
+            .unwrap()
+            .reshape((rows, 1, t, d))
+            .unwrap()
+    };
+    (pick(&c), pick(&s))
+}
+
+#[test]
+fn rope_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        let (b, h, t, d) = (2, 3, 17, 64);
+        let shared: Vec<u32> = (0..t as u32).collect();
+        let per_batch: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % 300).collect();
+        for (what, pos, rows) in [
+            ("shared positions", shared, 1),
+            ("per-row positions", per_batch, b),
+        ] {
+            let (cos, sin) = rope_tables(&pos, rows, t, d);
+            let e = compare(
+                &format!("rope {what}"),
+                &[randn(&[b, h, t, d], 3)],
+                &[cos, sin],
+                dtype,
+                |x, c| ops::apply_rope(&x[0], &c[0], &c[1]),
+            );
+            assert!(e <= tol(dtype), "rope {what} {dtype:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn attention_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        // (B, H, KV, T, D, packed segments)
+        for (b, h, kv, t, d, packed) in [
+            (2, 4, 2, 50, 32, false),
+            (2, 4, 1, 40, 64, true),
+            (1, 2, 1, 1500, 64, false),
+        ] {
+            let bias = if packed {
+                let seg: Vec<u32> = (0..b * t)
+                    .map(|i| {
+                        if i % t < t / 3 {
+                            1
+                        } else if i % t < t - 5 {
+                            2
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                ops::attention_bias(b, t, Some(&seg), DType::F32, &Device::Cpu).unwrap()
+            } else {
+                ops::attention_bias(b, t, None, DType::F32, &Device::Cpu).unwrap()
+            };
+            let inputs = [
+                randn(&[b, h, t, d], 4),
+                randn(&[b, kv, t, d], 5),
+                randn(&[b, kv, t, d], 6),
+            ];
+            let scale = 1.0 / (d as f64).sqrt();
+            let what = format!(
+                "attention B{b} H{h} KV{kv} T{t} D{d}{}",
+                if packed { " packed" } else { "" }
+            );
+            let e = compare(&what, &inputs, &[bias], dtype, |x, c| {
+                attention::attention(&x[0], &x[1], &x[2], &c[0], scale)
+            });
+            assert!(e <= tol(dtype), "{what} {dtype:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        for (n, v) in [(37, 1000), (6, 151_936)] {
+            let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % v as u32).collect();
+            let logits = randn(&[n, v], 7).affine(3.0, 0.0).unwrap();
+            let e = compare(
+                &format!("cross_entropy {n}x{v}"),
+                &[logits],
+                &[],
+                dtype,
+                |x, _| fused::cross_entropy(&x[0], &targets),
+            );
+            assert!(e <= tol(dtype), "cross_entropy {n}x{v} {dtype:?}: {e}");
+        }
+    }
+}
