@@ -15,7 +15,7 @@ out=$(mktemp)
 for r in $(seq 1 "$rounds"); do
   "$bin" bench --model "$model" --random-dir "$rand" --device cuda --batch "$batch" --seq-len "$seq" \
     --rank "$rank" --steps "$steps" --warmup 3 --peak-tflops "$peak" --json \
-    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"impl":"finetune","tokens_per_sec":d["tokens_per_sec"],"step_secs":d["step_secs"],"forward_secs":d["forward_secs"],"backward_secs":d["backward_secs"],"optimizer_secs":d["optimizer_secs"],"mfu":d["mfu"],"flops_per_token":d["flops_per_token"],"device_bytes":d["device_bytes"],"peak_rss_bytes":d["peak_rss_bytes"]}))' | tee -a "$out"
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"impl":"finetune","tokens_per_sec":d["tokens_per_sec"],"step_secs":d["step_secs"],"forward_secs":d["forward_secs"],"backward_secs":d["backward_secs"],"optimizer_secs":d["optimizer_secs"],"mfu":d["mfu"],"flops_per_token":d["flops_per_token"],"device_bytes":d["device_bytes"],"device_peak_allocated":d["device_peak_allocated"],"estimate_bytes":d["estimate"]["total"],"peak_rss_bytes":d["peak_rss_bytes"]}))' | tee -a "$out"
   python3 bench/peft_bench.py --model "$model" --device cuda --dtype bf16 --batch "$batch" --seq-len "$seq" \
     --rank "$rank" --steps "$steps" --warmup 3 | tee -a "$out"
 done
@@ -30,6 +30,7 @@ f, p = med(ft, "tokens_per_sec"), med(pt, "tokens_per_sec")
 print(f"median tokens/s: FineTune {f:.0f} (MFU {100*f*fpt/1e12/peak:.1f}%), PEFT {p:.0f} "
       f"(MFU {100*p*fpt/1e12/peak:.1f}%), ratio {f/p:.2f}x  [{fpt/1e9:.2f} GFLOP/token, peak {peak} TFLOP/s]")
 print(f"FineTune step split (median s): forward {med(ft,'forward_secs'):.4f}, backward {med(ft,'backward_secs'):.4f}, "
-      f"optimizer {med(ft,'optimizer_secs'):.4f}; device memory in use up to {med(ft,'device_bytes')/1e9:.2f} GB; "
-      f"PEFT peak allocated {med(pt,'peak_device_bytes')/1e9:.2f} GB")
+      f"optimizer {med(ft,'optimizer_secs'):.4f}; device memory in use up to {med(ft,'device_bytes')/1e9:.2f} GB")
+print(f"peak allocated: FineTune {med(ft,'device_peak_allocated')/1e9:.2f} GB (estimate {med(ft,'estimate_bytes')/1e9:.2f} GB), "
+      f"PEFT {med(pt,'peak_device_bytes')/1e9:.2f} GB, ratio {med(ft,'device_peak_allocated')/med(pt,'peak_device_bytes'):.2f}x")
 PY

@@ -409,6 +409,35 @@ pub fn device_memory_used(device: &Device) -> Option<u64> {
     }
 }
 
+/// The most memory Candle's tensors held at once since the device was opened (CUDA: the
+/// high-water mark of the stream-ordered pool's used bytes, which excludes its cached free
+/// memory, like PyTorch's `max_memory_allocated`). `None` where the backend does not tell.
+pub fn device_peak_allocated(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            use candle_core::cuda::cudarc::driver::{result, sys};
+            let dev = d.cuda_stream().context().cu_device();
+            let mut high = 0u64;
+            // SAFETY: `dev` is the device of a live context; the attribute writes one u64.
+            unsafe {
+                let pool = result::device::get_default_mem_pool(dev).ok()?;
+                result::mem_pool::get_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut high as *mut u64).cast(),
+                )
+                .ok()?;
+            }
+            Some(high)
+        }
+        _ => {
+            let _ = device;
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,6 +108,8 @@ pub struct BenchReport {
     pub mfu: Option<f64>,
     /// Largest device memory in use seen after a forward or backward (CUDA).
     pub device_bytes: Option<u64>,
+    /// Peak bytes held by tensors on the device (CUDA), see [`backend::device_peak_allocated`].
+    pub device_peak_allocated: Option<u64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -304,6 +306,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         achieved_tflops,
         mfu: opts.peak_tflops.map(|p| achieved_tflops / p),
         device_bytes,
+        device_peak_allocated: backend::device_peak_allocated(&backend.device),
     })
 }
 
@@ -413,7 +416,11 @@ impl std::fmt::Display for BenchReport {
         }
         writeln!(f)?;
         if let Some(d) = self.device_bytes {
-            writeln!(f, "device memory in use: up to {:.0} MB", mb(d))?;
+            write!(f, "device memory in use: up to {:.0} MB", mb(d))?;
+            match self.device_peak_allocated {
+                Some(p) => writeln!(f, " (tensors at most {:.0} MB at once)", mb(p))?,
+                None => writeln!(f)?,
+            }
         }
         write!(
             f,
