@@ -9,23 +9,20 @@ use finetune::model::{attention, fused, ops};
 
 /// ‖a − b‖ / ‖b‖, in f64 on the CPU.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
+    let f64_cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let (a, b) = (f64_cpu(a), f64_cpu(b));
     let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
     let den = b.sqr().unwrap().sum_all().unwrap();
     (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap().max(1e-300)).sqrt() as f32
 }
 
-/// Runs `f` on the CPU in f64 (the composed ops) and on CUDA in `dtype` over the same `inputs` (all differentiable)
-/// and `consts`, with the same upstream gradient; returns the worst relative error of the value
+/// Runs `f` on the CPU in f64 (the composed ops) and on CUDA in `dtype` over the same `inputs`
+/// (all differentiable) and `consts`, with the same upstream gradient; returns the worst relative error of the value
 /// and of each input gradient.
 fn compare(
     what: &str,
@@ -53,20 +50,18 @@ fn compare(
             })
             .collect();
         let y = f(&xs, &cs).unwrap();
-        let up = Tensor::ones(y.shape(), DType::F32, &Device::Cpu)
+        // A varying, non-zero upstream gradient (also for a scalar output), the same on both
+        // devices: made on the CPU.
+        let up = Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)
+            .unwrap()
+            .reshape(y.shape())
+            .unwrap()
+            .affine(0.37, 0.5)
+            .unwrap()
+            .sin()
             .unwrap()
             .to_device(dev)
             .unwrap();
-        let up = (up
-            * Tensor::arange(0f32, y.elem_count() as f32, dev)
-                .unwrap()
-                .reshape(y.shape())
-                .unwrap()
-                .affine(0.37, 0.5)
-                .unwrap()
-                .sin()
-                .unwrap())
-        .unwrap();
         let loss = (y.to_dtype(DType::F32).unwrap() * up)
             .unwrap()
             .sum_all()
@@ -233,5 +228,21 @@ fn cross_entropy_matches_the_cpu() {
             );
             assert!(e <= tol(dtype), "cross_entropy {n}x{v} {dtype:?}: {e}");
         }
+    }
+}
+
+#[test]
+fn swiglu_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        let shape = [3, 41, 4864];
+        let inputs = [randn(&shape, 8).affine(2.0, 0.0).unwrap(), randn(&shape, 9)];
+        let e = compare("swiglu [3, 41, 4864]", &inputs, &[], dtype, |x, _| {
+            if x[0].device().is_cuda() {
+                finetune::model::cuda::swiglu(&x[0], &x[1])
+            } else {
+                x[0].silu()? * &x[1]
+            }
+        });
+        assert!(e <= tol(dtype), "swiglu {dtype:?}: {e}");
     }
 }

@@ -595,3 +595,131 @@ impl CustomOp3 for Rope {
         Ok((Some(dx), None, None))
     }
 }
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// `silu(gate) · up` (same shape and dtype); gradients to both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() || gate.dtype() != up.dtype() {
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+fn elem_blocks(n: usize, op: &str) -> Result<usize> {
+    let blocks = n / 256 + 1;
+    check_rows(blocks, op)?;
+    Ok(blocks)
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "ft-cuda-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        lg: &Layout,
+        u: &CudaStorage,
+        lu: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let n = lg.shape().elem_count();
+        let blocks = elem_blocks(n, op)?;
+        let len = n as i64;
+        let dev = g.device();
+        let out = by_dtype!(g.dtype(), op, T => {
+            let (gv, uv) = (view::<T>(g, lg, op)?, view::<T>(u, lu, op)?);
+            let out = alloc::<T>(dev, n)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_swiglu_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&gv).arg(&uv).arg(&out).arg(&len);
+            // SAFETY: the arguments match `ft_swiglu_fwd`; one thread per element.
+            unsafe { b.launch(rows_cfg(blocks, 256)) }.w()?;
+            wrap(out, dev)
+        });
+        Ok((out, lg.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        da: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op3_no_bwd(u, &da.contiguous()?, &SwiGluBwd)?;
+        let (dg, du) = (both.get(0)?, both.get(1)?);
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// Both SwiGLU gradients in one launch, stacked `(2, ...)`.
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "ft-cuda-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        lg: &Layout,
+        u: &CudaStorage,
+        lu: &Layout,
+        da: &CudaStorage,
+        lda: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        if lu.shape() != lg.shape() || lda.shape() != lg.shape() || da.dtype() != g.dtype() {
+            candle_core::bail!("{op}: inputs differ in shape or dtype");
+        }
+        let n = lg.shape().elem_count();
+        let blocks = elem_blocks(n, op)?;
+        let len = n as i64;
+        let dev = g.device();
+        let out = by_dtype!(g.dtype(), op, T => {
+            let (gv, uv, dv) = (view::<T>(g, lg, op)?, view::<T>(u, lu, op)?, view::<T>(da, lda, op)?);
+            let out = alloc::<T>(dev, 2 * n)?;
+            let f = dev.get_or_load_custom_func(&format!("ft_swiglu_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let mut b = f.builder();
+            b.arg(&gv).arg(&uv).arg(&dv).arg(&out).arg(&len);
+            // SAFETY: the arguments match `ft_swiglu_bwd`; one thread per element, writing i and n + i.
+            unsafe { b.launch(rows_cfg(blocks, 256)) }.w()?;
+            wrap(out, dev)
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(lg.dims());
+        Ok((out, Shape::from_dims(&dims)))
+    }
+}

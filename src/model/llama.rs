@@ -127,13 +127,17 @@ impl Layer {
         let x = (x + lin(&self.o_proj, &att)?)?;
         let h = ops::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
         let gate = lin(&self.gate_proj, &h)?;
+        let up = lin(&self.up_proj, &h)?;
+        #[cfg(feature = "cuda")]
+        if cfg.activation == Activation::Silu && super::cuda::applies(&gate) {
+            return x + lin(&self.down_proj, &super::cuda::swiglu(&gate, &up)?)?;
+        }
         let gate = match cfg.activation {
             Activation::Silu => gate.silu()?,
             Activation::GeluTanh => gate.gelu()?,
             Activation::Gelu => gate.gelu_erf()?,
             Activation::Relu => gate.relu()?,
         };
-        let up = lin(&self.up_proj, &h)?;
         x + lin(&self.down_proj, &(gate * up)?)?
     }
 }

@@ -181,6 +181,27 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, long long pai
     st(y, row * d + i + half, x2 * c + x1 * s);
 }
 
+// SwiGLU: a = silu(g) · u, silu(g) = g·σ(g). One thread per element.
+template <typename T>
+__device__ void swiglu_fwd(const T* g, const T* u, T* a, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float x = ld(g, i);
+    st(a, i, x / (1.f + __expf(-x)) * ld(u, i));
+}
+
+// Its gradients, written as [dg; du] into `d` (2·n): dg = da·u·σ(g)·(1 + g·(1 − σ(g))),
+// du = da·silu(g).
+template <typename T>
+__device__ void swiglu_bwd(const T* g, const T* u, const T* da, T* d, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float x = ld(g, i), up = ld(u, i), gr = ld(da, i);
+    const float sg = 1.f / (1.f + __expf(-x));
+    st(d, i, gr * up * sg * (1.f + x * (1.f - sg)));
+    st(d, n + i, gr * x * sg);
+}
+
 #define FOR_TYPES(M) M(bf16, bf16_t) M(f32, float)
 
 #define SOFTMAX(N, T)                                                                          \
@@ -213,6 +234,13 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, long long pai
                                            long long pairs, int d, int heads, int t_len,      \
                                            int table_batches, float sign) {                   \
         rope<T>(x, cos, sin, y, pairs, d, heads, t_len, table_batches, sign);                 \
+    }                                                                                          \
+    extern "C" __global__ void ft_swiglu_fwd_##N(const T* g, const T* u, T* a, long long n) {  \
+        swiglu_fwd<T>(g, u, a, n);                                                             \
+    }                                                                                          \
+    extern "C" __global__ void ft_swiglu_bwd_##N(const T* g, const T* u, const T* da, T* d,    \
+                                                 long long n) {                               \
+        swiglu_bwd<T>(g, u, da, d, n);                                                         \
     }
 
 FOR_TYPES(SOFTMAX)
