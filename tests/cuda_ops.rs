@@ -246,3 +246,19 @@ fn swiglu_matches_the_cpu() {
         assert!(e <= tol(dtype), "swiglu {dtype:?}: {e}");
     }
 }
+
+#[test]
+fn frozen_linear_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        let (n, i, o) = (300, 896, 4864);
+        let w = randn(&[o, i], 11).affine(0.03, 0.0).unwrap();
+        let e = compare(
+            "frozen linear 300x896 · 4864x896ᵀ",
+            &[randn(&[n, i], 10)],
+            &[w],
+            dtype,
+            |x, c| finetune::model::linear::frozen_linear(&x[0], &c[0]),
+        );
+        assert!(e <= tol(dtype), "frozen linear {dtype:?}: {e}");
+    }
+}

@@ -723,3 +723,66 @@ impl CustomOp3 for SwiGluBwd {
         Ok((out, Shape::from_dims(&dims)))
     }
 }
+
+// ---------------------------------------------------------------- frozen linear
+
+/// `x · Wᵀ` for a frozen `weight` (out, in) and 2-D `x` (N, in) of the same dtype: one cuBLAS
+/// call (Candle's own matmul on the storages), with the gradient `g · W` to `x` alone. The
+/// zero-valued route of other GPUs (`model::grad`) costs a zeros tensor, kept until backward,
+/// and an add per projection.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, FrozenLinear)
+}
+
+struct FrozenLinear;
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "ft-cuda-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, i) = lx.shape().dims2()?;
+        let (o, wi) = lw.shape().dims2()?;
+        if wi != i || x.dtype() != w.dtype() {
+            candle_core::bail!(
+                "{}: {:?} {:?} · {:?} {:?}ᵀ do not fit",
+                self.name(),
+                lx.dims(),
+                x.dtype(),
+                lw.dims(),
+                w.dtype()
+            );
+        }
+        let wt = lw.transpose(0, 1)?;
+        let out = x.matmul(w, (1, n, o, i), lx, &wt)?;
+        Ok((out, Shape::from_dims(&[n, o])))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.matmul(w)?), None))
+    }
+}

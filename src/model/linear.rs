@@ -231,6 +231,14 @@ pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) 
             None => x.matmul(&w.t()?),
         };
     }
+    #[cfg(feature = "cuda")]
+    if super::cuda::applies(x) && weight.dtype() == x.dtype() && x.rank() == 2 {
+        let y = super::cuda::frozen_linear(x, weight)?;
+        return match update {
+            Some(u) => y + u,
+            None => Ok(y),
+        };
+    }
     // Elsewhere: the value from a detached matmul, the gradient g · W to x alone. Candle's
     // matmul backward would also compute xᵀ · g for W (as many flops as the forward) and keep
     // that unused weight-sized gradient until backward ends.

@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 
 use super::attention;
 use super::config::{Activation, ModelConfig};
-use super::lora::LoraLinear;
+use super::lora::{lora_input_f32, LoraLinear};
 use super::ops;
 use super::recompute;
 use super::weights::Weights;
@@ -104,7 +104,12 @@ impl Layer {
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let train = ctx.train;
         let lin = |l: &LoraLinear, h: &Tensor| l.forward_opts(h, train, detach_lora);
+        // q/k/v and gate/up read one input each: its f32 LoRA input is cast once.
+        let lin_shared = |l: &LoraLinear, h: &Tensor, h32: &Option<Tensor>| -> Result<Tensor> {
+            l.forward_shared(h, h32.as_ref(), train, detach_lora)
+        };
         let h = ops::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
+        let h32 = lora_input_f32(&h, &[&self.q_proj, &self.k_proj, &self.v_proj])?;
         // (B, T, heads·D) → (B, heads, T, D)
         let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
             let y = y.reshape((b, t, n, d))?;
@@ -114,9 +119,9 @@ impl Layer {
             };
             y.transpose(1, 2)?.contiguous()
         };
-        let q = heads(lin(&self.q_proj, &h)?, nh, &self.q_norm)?;
-        let k = heads(lin(&self.k_proj, &h)?, nkv, &self.k_norm)?;
-        let v = heads(lin(&self.v_proj, &h)?, nkv, &None)?;
+        let q = heads(lin_shared(&self.q_proj, &h, &h32)?, nh, &self.q_norm)?;
+        let k = heads(lin_shared(&self.k_proj, &h, &h32)?, nkv, &self.k_norm)?;
+        let v = heads(lin_shared(&self.v_proj, &h, &h32)?, nkv, &None)?;
         let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
         let scale = 1.0 / (d as f64).sqrt();
@@ -126,8 +131,9 @@ impl Layer {
             .reshape((b, t, nh * d))?;
         let x = (x + lin(&self.o_proj, &att)?)?;
         let h = ops::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
-        let gate = lin(&self.gate_proj, &h)?;
-        let up = lin(&self.up_proj, &h)?;
+        let h32 = lora_input_f32(&h, &[&self.gate_proj, &self.up_proj])?;
+        let gate = lin_shared(&self.gate_proj, &h, &h32)?;
+        let up = lin_shared(&self.up_proj, &h, &h32)?;
         #[cfg(feature = "cuda")]
         if cfg.activation == Activation::Silu && super::cuda::applies(&gate) {
             return x + lin(&self.down_proj, &super::cuda::swiglu(&gate, &up)?)?;

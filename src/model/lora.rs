@@ -126,6 +126,17 @@ fn seeded_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
 }
 
+/// `x` `(..., in)` as the f32 `(N, in)` LoRA input, cast once for the projections in `linears`
+/// that read it, when more than one of them has LoRA and `x` is not f32 already (`None`: each
+/// casts for itself, or nothing to share).
+pub fn lora_input_f32(x: &Tensor, linears: &[&LoraLinear]) -> Result<Option<Tensor>> {
+    if x.dtype() == DType::F32 || linears.iter().filter(|l| l.lora.is_some()).count() < 2 {
+        return Ok(None);
+    }
+    let in_f = x.dim(D::Minus1)?;
+    Ok(Some(x.reshape(((), in_f))?.to_dtype(DType::F32)?))
+}
+
 /// A frozen linear projection with an optional LoRA update. Weights are held (out, in) whatever
 /// the checkpoint layout (GPT-2's Conv1D (in, out) is transposed on load).
 #[derive(Debug, Clone)]
@@ -161,6 +172,18 @@ impl LoraLinear {
 
     /// As [`LoraLinear::forward`]; `detach_lora` uses A and B as constants (no graph).
     pub fn forward_opts(&self, x: &Tensor, train: bool, detach_lora: bool) -> Result<Tensor> {
+        self.forward_shared(x, None, train, detach_lora)
+    }
+
+    /// As [`LoraLinear::forward_opts`], with the LoRA input `x` already in f32 as `(N, in)`
+    /// when several projections of the same input share that cast ([`lora_input_f32`]).
+    pub fn forward_shared(
+        &self,
+        x: &Tensor,
+        x_f32: Option<&Tensor>,
+        train: bool,
+        detach_lora: bool,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_f = self.in_features();
         let x2 = x.reshape(((), in_f))?;
@@ -168,7 +191,10 @@ impl LoraLinear {
         // (N, out) intermediate is kept besides the update itself.
         let update = match &self.lora {
             Some(l) => {
-                let mut h = x2.to_dtype(DType::F32)?;
+                let mut h = match x_f32 {
+                    Some(h) => h.clone(),
+                    None => x2.to_dtype(DType::F32)?,
+                };
                 if train && l.dropout > 0.0 {
                     h = seeded_dropout(&h, l.dropout, mix(l.seed.get(), path_hash(&self.path)))?;
                 }
