@@ -75,10 +75,6 @@ fn to_i32(v: usize, op: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} is out of range")))
 }
 
-fn cpu_only(op: &str) -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("{op} runs on CUDA only")
-}
-
 /// An element type the kernels are built for.
 trait Elem: CudaDType + DeviceRepr {
     const SUFFIX: &'static str;
@@ -116,8 +112,72 @@ fn alloc<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     unsafe { dev.alloc::<T>(n) }
 }
 
-fn wrap<T: Elem>(out: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
-    CudaStorage::wrap_cuda_slice(out, dev.clone())
+/// Launches kernel `$name` (suffixed `_bf16`/`_f32` by `$dtype`) over `$blocks` blocks of
+/// `$threads` with the arguments in kernels.cu's order: the `(storage, layout)` inputs (all of
+/// `$dtype`, contiguous), a fresh output of `$n` elements, then the scalar locals. Evaluates to
+/// the output storage.
+macro_rules! launch {
+    ($op:expr, $dev:expr, $dtype:expr, $name:literal, [$(($s:expr, $l:expr)),+], $n:expr,
+     [$($arg:ident),*], $blocks:expr, $threads:expr) => {
+        by_dtype!($dtype, $op, T => {
+            let views = [$(view::<T>($s, $l, $op)?),+];
+            let out = alloc::<T>($dev, $n)?;
+            let f = $dev.get_or_load_custom_func(
+                &format!("{}_{}", $name, T::SUFFIX),
+                MODULE,
+                ptx()?,
+            )?;
+            let mut b = f.builder();
+            for v in &views {
+                b.arg(v);
+            }
+            b.arg(&out);
+            $(b.arg(&$arg);)*
+            // SAFETY: the arguments are those of `$name` in kernels.cu, in its order and types;
+            // the launch shape is the one its comment gives.
+            unsafe { b.launch(rows_cfg($blocks, $threads)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, $dev.clone())
+        })
+    };
+}
+
+/// The `cpu_fwd` of an op that runs on CUDA only, for 2 or 3 inputs.
+macro_rules! cuda_only {
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+}
+
+/// Rows of a contiguous layout's last dim: (rows, cols as i32), checked for a launch.
+fn rows_cols(l: &Layout, op: &str) -> Result<(usize, i32)> {
+    let c = l.dims().last().copied().unwrap_or(0);
+    if c == 0 {
+        candle_core::bail!("{op}: empty rows in {:?}", l.dims());
+    }
+    let rows = l.shape().elem_count() / c;
+    check_rows(rows, op)?;
+    Ok((rows, to_i32(c, op)?))
 }
 
 // ---------------------------------------------------------------- attention softmax
@@ -136,12 +196,10 @@ pub fn attention_softmax(s: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor
             s.dtype()
         );
     }
-    s.contiguous()?.apply_op2(
-        &bias.contiguous()?,
-        Softmax {
-            scale: scale as f32,
-        },
-    )
+    let op = Softmax {
+        scale: scale as f32,
+    };
+    s.contiguous()?.apply_op2(&bias.contiguous()?, op)
 }
 
 struct Softmax {
@@ -153,15 +211,7 @@ impl CustomOp2 for Softmax {
         "ft-cuda-softmax"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -171,27 +221,24 @@ impl CustomOp2 for Softmax {
         lb: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (_, h, t, c) = ls.shape().dims4()?;
-        let r = lb.shape().dims4()?.0;
-        let rows = ls.shape().elem_count() / c.max(1);
-        check_rows(rows, op)?;
-        let (cols, per_batch, t_len, r) = (
-            to_i32(c, op)?,
-            to_i32(h * t, op)?,
-            to_i32(t, op)?,
-            to_i32(r, op)?,
-        );
+        let (_, h, t, _) = ls.shape().dims4()?;
+        let (rows, cols) = rows_cols(ls, op)?;
+        let (per_batch, t_len) = (to_i32(h * t, op)?, to_i32(t, op)?);
+        let bias_batches = to_i32(lb.shape().dims4()?.0, op)?;
+        let scale = self.scale;
+        let n = ls.shape().elem_count();
         let dev = s.device();
-        let out = by_dtype!(s.dtype(), op, T => {
-            let (sv, bv) = (view::<T>(s, ls, op)?, view::<T>(bias, lb, op)?);
-            let out = alloc::<T>(dev, rows * c)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_softmax_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&sv).arg(&bv).arg(&out).arg(&cols).arg(&per_batch).arg(&t_len).arg(&r).arg(&self.scale);
-            // SAFETY: the arguments match `ft_softmax_fwd` in kernels.cu; one block per row.
-            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
-            wrap(out, dev)
-        });
+        let out = launch!(
+            op,
+            dev,
+            s.dtype(),
+            "ft_softmax_fwd",
+            [(s, ls), (bias, lb)],
+            n,
+            [cols, per_batch, t_len, bias_batches, scale],
+            rows,
+            256
+        );
         Ok((out, ls.shape().clone()))
     }
 
@@ -202,7 +249,8 @@ impl CustomOp2 for Softmax {
         p: &Tensor,
         dp: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        let op = SoftmaxBwd { scale: self.scale };
+        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &op)?;
         Ok((Some(ds), None))
     }
 }
@@ -217,15 +265,7 @@ impl CustomOp2 for SoftmaxBwd {
         "ft-cuda-softmax-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -238,21 +278,20 @@ impl CustomOp2 for SoftmaxBwd {
         if lp.shape() != ldp.shape() || p.dtype() != dp.dtype() {
             candle_core::bail!("{op}: probabilities and gradient differ in shape or dtype");
         }
-        let c = lp.shape().dims().last().copied().unwrap_or(1);
-        let rows = lp.shape().elem_count() / c.max(1);
-        check_rows(rows, op)?;
-        let cols = to_i32(c, op)?;
+        let (rows, cols) = rows_cols(lp, op)?;
+        let scale = self.scale;
         let dev = p.device();
-        let out = by_dtype!(p.dtype(), op, T => {
-            let (pv, gv) = (view::<T>(p, lp, op)?, view::<T>(dp, ldp, op)?);
-            let out = alloc::<T>(dev, rows * c)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_softmax_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&pv).arg(&gv).arg(&out).arg(&cols).arg(&self.scale);
-            // SAFETY: the arguments match `ft_softmax_bwd`; one block per row.
-            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
-            wrap(out, dev)
-        });
+        let out = launch!(
+            op,
+            dev,
+            p.dtype(),
+            "ft_softmax_bwd",
+            [(p, lp), (dp, ldp)],
+            lp.shape().elem_count(),
+            [cols, scale],
+            rows,
+            256
+        );
         Ok((out, lp.shape().clone()))
     }
 }
@@ -261,9 +300,8 @@ impl CustomOp2 for SoftmaxBwd {
 
 /// Per-row cross-entropy of `logits` `(N, V)` against `targets` `(N,)` u32 (each < V), f32 `(N,)`.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits
-        .contiguous()?
-        .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, CrossEntropy)
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    logits.contiguous()?.apply_op2(&targets, CrossEntropy)
 }
 
 struct CrossEntropy;
@@ -273,15 +311,7 @@ impl CustomOp2 for CrossEntropy {
         "ft-cuda-cross-entropy"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -291,24 +321,30 @@ impl CustomOp2 for CrossEntropy {
         lt: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (n, v) = lx.shape().dims2()?;
-        if lt.shape().dims1()? != n {
-            candle_core::bail!("{op}: {n} rows but {} targets", lt.shape().elem_count());
+        let (n, cols) = rows_cols(lx, op)?;
+        if lx.dims().len() != 2 || lt.shape().elem_count() != n {
+            candle_core::bail!(
+                "{op}: logits {:?} and targets {:?} do not fit",
+                lx.dims(),
+                lt.dims()
+            );
         }
-        check_rows(n, op)?;
-        let cols = to_i32(v, op)?;
         let dev = x.device();
         let tv = view::<u32>(tg, lt, op)?;
         let loss = alloc::<f32>(dev, n)?;
         by_dtype!(x.dtype(), op, T => {
             let xv = view::<T>(x, lx, op)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_ce_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let name = format!("ft_ce_fwd_{}", T::SUFFIX);
+            let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
             let mut b = f.builder();
             b.arg(&xv).arg(&tv).arg(&loss).arg(&cols);
             // SAFETY: the arguments match `ft_ce_fwd`; one block per row, thread 0 writes it.
             unsafe { b.launch(rows_cfg(n, 1024)) }.w()?;
         });
-        Ok((wrap(loss, dev), Shape::from_dims(&[n])))
+        Ok((
+            CudaStorage::wrap_cuda_slice(loss, dev.clone()),
+            Shape::from_dims(&[n]),
+        ))
     }
 
     fn bwd(
@@ -332,17 +368,7 @@ impl CustomOp3 for CrossEntropyBwd {
         "ft-cuda-cross-entropy-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -354,23 +380,22 @@ impl CustomOp3 for CrossEntropyBwd {
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (n, v) = lx.shape().dims2()?;
+        let (n, cols) = rows_cols(lx, op)?;
         if lt.shape().elem_count() != n || lg.shape().elem_count() != n {
             candle_core::bail!("{op}: targets or gradient do not have {n} rows");
         }
-        check_rows(n, op)?;
-        let cols = to_i32(v, op)?;
         let dev = x.device();
         let (tv, gv) = (view::<u32>(tg, lt, op)?, view::<f32>(g, lg, op)?);
         let out = by_dtype!(x.dtype(), op, T => {
             let xv = view::<T>(x, lx, op)?;
-            let out = alloc::<T>(dev, n * v)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_ce_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
+            let out = alloc::<T>(dev, lx.shape().elem_count())?;
+            let name = format!("ft_ce_bwd_{}", T::SUFFIX);
+            let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
             let mut b = f.builder();
             b.arg(&xv).arg(&tv).arg(&gv).arg(&out).arg(&cols);
             // SAFETY: the arguments match `ft_ce_bwd`; one block per row.
             unsafe { b.launch(rows_cfg(n, 1024)) }.w()?;
-            wrap(out, dev)
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((out, lx.shape().clone()))
     }
@@ -380,26 +405,25 @@ impl CustomOp3 for CrossEntropyBwd {
 
 /// RMSNorm over the last dim with a frozen `weight` (same dtype); gradient to `x` only.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+    let op = RmsNorm { eps: eps as f32 };
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 struct RmsNorm {
     eps: f32,
 }
 
-fn rms_dims(lx: &Layout, lw: &Layout, op: &str) -> Result<(usize, usize)> {
-    let c = lx.shape().dims().last().copied().unwrap_or(0);
-    if c == 0 || lw.shape().elem_count() != c {
+/// (rows, cols) of an RMSNorm input whose weight has one entry per column.
+fn rms_dims(lx: &Layout, lw: &Layout, op: &str) -> Result<(usize, i32)> {
+    let (rows, cols) = rows_cols(lx, op)?;
+    if lw.shape().elem_count() != cols as usize {
         candle_core::bail!(
             "{op}: weight {:?} does not fit input {:?}",
             lw.dims(),
             lx.dims()
         );
     }
-    let rows = lx.shape().elem_count() / c;
-    check_rows(rows, op)?;
-    Ok((rows, c))
+    Ok((rows, cols))
 }
 
 impl CustomOp2 for RmsNorm {
@@ -407,15 +431,7 @@ impl CustomOp2 for RmsNorm {
         "ft-cuda-rms-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -425,19 +441,20 @@ impl CustomOp2 for RmsNorm {
         lw: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (rows, c) = rms_dims(lx, lw, op)?;
-        let cols = to_i32(c, op)?;
+        let (rows, cols) = rms_dims(lx, lw, op)?;
+        let eps = self.eps;
         let dev = x.device();
-        let out = by_dtype!(x.dtype(), op, T => {
-            let (xv, wv) = (view::<T>(x, lx, op)?, view::<T>(w, lw, op)?);
-            let out = alloc::<T>(dev, rows * c)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_rms_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&xv).arg(&wv).arg(&out).arg(&cols).arg(&self.eps);
-            // SAFETY: the arguments match `ft_rms_fwd`; one block per row.
-            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
-            wrap(out, dev)
-        });
+        let out = launch!(
+            op,
+            dev,
+            x.dtype(),
+            "ft_rms_fwd",
+            [(x, lx), (w, lw)],
+            lx.shape().elem_count(),
+            [cols, eps],
+            rows,
+            256
+        );
         Ok((out, lx.shape().clone()))
     }
 
@@ -448,7 +465,8 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let op = RmsNormBwd { eps: self.eps };
+        let dx = x.apply_op3_no_bwd(w, &g.contiguous()?, &op)?;
         Ok((Some(dx), None))
     }
 }
@@ -463,17 +481,7 @@ impl CustomOp3 for RmsNormBwd {
         "ft-cuda-rms-norm-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -485,22 +493,23 @@ impl CustomOp3 for RmsNormBwd {
         lg: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (rows, c) = rms_dims(lx, lw, op)?;
+        let (rows, cols) = rms_dims(lx, lw, op)?;
         if lg.shape() != lx.shape() || g.dtype() != x.dtype() {
             candle_core::bail!("{op}: gradient does not match the input");
         }
-        let cols = to_i32(c, op)?;
+        let eps = self.eps;
         let dev = x.device();
-        let out = by_dtype!(x.dtype(), op, T => {
-            let (xv, wv, gv) = (view::<T>(x, lx, op)?, view::<T>(w, lw, op)?, view::<T>(g, lg, op)?);
-            let out = alloc::<T>(dev, rows * c)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_rms_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&xv).arg(&wv).arg(&gv).arg(&out).arg(&cols).arg(&self.eps);
-            // SAFETY: the arguments match `ft_rms_bwd`; one block per row.
-            unsafe { b.launch(rows_cfg(rows, 256)) }.w()?;
-            wrap(out, dev)
-        });
+        let out = launch!(
+            op,
+            dev,
+            x.dtype(),
+            "ft_rms_bwd",
+            [(x, lx), (w, lw), (g, lg)],
+            lx.shape().elem_count(),
+            [cols, eps],
+            rows,
+            256
+        );
         Ok((out, lx.shape().clone()))
     }
 }
@@ -519,22 +528,19 @@ struct Rope {
     sign: f32,
 }
 
+/// Blocks of 256 threads for one thread per element (or pair) of `n`.
+fn elem_blocks(n: usize, op: &str) -> Result<usize> {
+    let blocks = n / 256 + 1;
+    check_rows(blocks, op)?;
+    Ok(blocks)
+}
+
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "ft-cuda-rope"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -548,36 +554,31 @@ impl CustomOp3 for Rope {
         let op = self.name();
         let (b, h, t, d) = lx.shape().dims4()?;
         let (tb, one, tt, td) = lc.shape().dims4()?;
-        if one != 1
-            || tt != t
-            || td != d
-            || !(tb == 1 || tb == b)
-            || ls.shape() != lc.shape()
-            || d % 2 != 0
-        {
+        let fits = one == 1 && tt == t && td == d && (tb == 1 || tb == b) && d % 2 == 0;
+        if !fits || ls.shape() != lc.shape() {
             candle_core::bail!("{op}: tables {:?} do not fit {:?}", lc.dims(), lx.dims());
         }
         let n = lx.shape().elem_count();
         let pairs = (n / 2) as i64;
-        let (di, hi, ti, tbi) = (
+        let (d, h, t, tb) = (
             to_i32(d, op)?,
             to_i32(h, op)?,
             to_i32(t, op)?,
             to_i32(tb, op)?,
         );
-        let blocks = n / 2 / 256 + 1;
-        check_rows(blocks, op)?;
+        let sign = self.sign;
         let dev = x.device();
-        let out = by_dtype!(x.dtype(), op, T => {
-            let (xv, cv, sv) = (view::<T>(x, lx, op)?, view::<T>(c, lc, op)?, view::<T>(s, ls, op)?);
-            let out = alloc::<T>(dev, n)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_rope_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut bl = f.builder();
-            bl.arg(&xv).arg(&cv).arg(&sv).arg(&out).arg(&pairs).arg(&di).arg(&hi).arg(&ti).arg(&tbi).arg(&self.sign);
-            // SAFETY: the arguments match `ft_rope`; one thread per (row, i < D/2) pair.
-            unsafe { bl.launch(rows_cfg(blocks, 256)) }.w()?;
-            wrap(out, dev)
-        });
+        let out = launch!(
+            op,
+            dev,
+            x.dtype(),
+            "ft_rope",
+            [(x, lx), (c, lc), (s, ls)],
+            n,
+            [pairs, d, h, t, tb, sign],
+            elem_blocks(n / 2, op)?,
+            256
+        );
         Ok((out, lx.shape().clone()))
     }
 
@@ -589,9 +590,8 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = g
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { sign: -self.sign })?;
+        let op = Rope { sign: -self.sign };
+        let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &op)?;
         Ok((Some(dx), None, None))
     }
 }
@@ -610,12 +610,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
-fn elem_blocks(n: usize, op: &str) -> Result<usize> {
-    let blocks = n / 256 + 1;
-    check_rows(blocks, op)?;
-    Ok(blocks)
-}
-
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -623,15 +617,7 @@ impl CustomOp2 for SwiGlu {
         "ft-cuda-swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
@@ -642,19 +628,19 @@ impl CustomOp2 for SwiGlu {
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let n = lg.shape().elem_count();
-        let blocks = elem_blocks(n, op)?;
         let len = n as i64;
         let dev = g.device();
-        let out = by_dtype!(g.dtype(), op, T => {
-            let (gv, uv) = (view::<T>(g, lg, op)?, view::<T>(u, lu, op)?);
-            let out = alloc::<T>(dev, n)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_swiglu_fwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&gv).arg(&uv).arg(&out).arg(&len);
-            // SAFETY: the arguments match `ft_swiglu_fwd`; one thread per element.
-            unsafe { b.launch(rows_cfg(blocks, 256)) }.w()?;
-            wrap(out, dev)
-        });
+        let out = launch!(
+            op,
+            dev,
+            g.dtype(),
+            "ft_swiglu_fwd",
+            [(g, lg), (u, lu)],
+            n,
+            [len],
+            elem_blocks(n, op)?,
+            256
+        );
         Ok((out, lg.shape().clone()))
     }
 
@@ -666,8 +652,7 @@ impl CustomOp2 for SwiGlu {
         da: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let both = g.apply_op3_no_bwd(u, &da.contiguous()?, &SwiGluBwd)?;
-        let (dg, du) = (both.get(0)?, both.get(1)?);
-        Ok((Some(dg), Some(du)))
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
@@ -679,17 +664,7 @@ impl CustomOp3 for SwiGluBwd {
         "ft-cuda-swiglu-bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
@@ -705,19 +680,19 @@ impl CustomOp3 for SwiGluBwd {
             candle_core::bail!("{op}: inputs differ in shape or dtype");
         }
         let n = lg.shape().elem_count();
-        let blocks = elem_blocks(n, op)?;
         let len = n as i64;
         let dev = g.device();
-        let out = by_dtype!(g.dtype(), op, T => {
-            let (gv, uv, dv) = (view::<T>(g, lg, op)?, view::<T>(u, lu, op)?, view::<T>(da, lda, op)?);
-            let out = alloc::<T>(dev, 2 * n)?;
-            let f = dev.get_or_load_custom_func(&format!("ft_swiglu_bwd_{}", T::SUFFIX), MODULE, ptx()?)?;
-            let mut b = f.builder();
-            b.arg(&gv).arg(&uv).arg(&dv).arg(&out).arg(&len);
-            // SAFETY: the arguments match `ft_swiglu_bwd`; one thread per element, writing i and n + i.
-            unsafe { b.launch(rows_cfg(blocks, 256)) }.w()?;
-            wrap(out, dev)
-        });
+        let out = launch!(
+            op,
+            dev,
+            g.dtype(),
+            "ft_swiglu_bwd",
+            [(g, lg), (u, lu), (da, lda)],
+            2 * n,
+            [len],
+            elem_blocks(n, op)?,
+            256
+        );
         let mut dims = vec![2];
         dims.extend_from_slice(lg.dims());
         Ok((out, Shape::from_dims(&dims)))
@@ -742,15 +717,7 @@ impl CustomOp2 for FrozenLinear {
         "ft-cuda-frozen-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.name())
-    }
+    cuda_only!(2);
 
     fn cuda_fwd(
         &self,
