@@ -261,3 +261,32 @@ fn frozen_linear_matches_the_cpu() {
         assert!(e <= tol(dtype), "frozen linear {dtype:?}: {e}");
     }
 }
+
+#[test]
+fn lora_linear_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        let (n, i, o, r) = (300, 896, 4864, 16);
+        let w = randn(&[o, i], 12).affine(0.03, 0.0).unwrap();
+        let inputs = [
+            randn(&[n, i], 13),
+            randn(&[r, i], 14).affine(0.05, 0.0).unwrap(),
+            randn(&[o, r], 15).affine(0.05, 0.0).unwrap(),
+        ];
+        let e = compare(
+            "LoRA linear 300x896 → 4864, r16",
+            &inputs,
+            &[w],
+            dtype,
+            |x, c| {
+                if x[0].device().is_cuda() {
+                    // The op takes f32 LoRA factors whatever the activation dtype.
+                    let (a, b) = (x[1].to_dtype(DType::F32)?, x[2].to_dtype(DType::F32)?);
+                    finetune::model::cuda::lora_linear(&x[0], &c[0], &a, &b, 2.0)
+                } else {
+                    x[0].matmul(&c[0].t()?)? + (x[0].matmul(&x[1].t()?)?.matmul(&x[2].t()?)? * 2.0)?
+                }
+            },
+        );
+        assert!(e <= tol(dtype), "LoRA linear {dtype:?}: {e}");
+    }
+}

@@ -109,7 +109,7 @@ impl Layer {
             l.forward_shared(h, h32.as_ref(), train, detach_lora)
         };
         let h = ops::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
-        let h32 = lora_input_f32(&h, &[&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let h32 = lora_input_f32(&h, &[&self.q_proj, &self.k_proj, &self.v_proj], train)?;
         // (B, T, heads·D) → (B, heads, T, D)
         let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
             let y = y.reshape((b, t, n, d))?;
@@ -131,7 +131,7 @@ impl Layer {
             .reshape((b, t, nh * d))?;
         let x = (x + lin(&self.o_proj, &att)?)?;
         let h = ops::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
-        let h32 = lora_input_f32(&h, &[&self.gate_proj, &self.up_proj])?;
+        let h32 = lora_input_f32(&h, &[&self.gate_proj, &self.up_proj], train)?;
         let gate = lin_shared(&self.gate_proj, &h, &h32)?;
         let up = lin_shared(&self.up_proj, &h, &h32)?;
         #[cfg(feature = "cuda")]

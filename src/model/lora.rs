@@ -127,10 +127,14 @@ fn seeded_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 }
 
 /// `x` `(..., in)` as the f32 `(N, in)` LoRA input, cast once for the projections in `linears`
-/// that read it, when more than one of them has LoRA and `x` is not f32 already (`None`: each
-/// casts for itself, or nothing to share).
-pub fn lora_input_f32(x: &Tensor, linears: &[&LoraLinear]) -> Result<Option<Tensor>> {
-    if x.dtype() == DType::F32 || linears.iter().filter(|l| l.lora.is_some()).count() < 2 {
+/// that read it (LoRA attached, not fused on CUDA), when more than one does and `x` is not f32
+/// already (`None`: each casts for itself, or nothing to share).
+pub fn lora_input_f32(x: &Tensor, linears: &[&LoraLinear], train: bool) -> Result<Option<Tensor>> {
+    let readers = linears
+        .iter()
+        .filter(|l| l.lora.is_some() && !l.fused_on_cuda(x, train))
+        .count();
+    if x.dtype() == DType::F32 || readers < 2 {
         return Ok(None);
     }
     let in_f = x.dim(D::Minus1)?;
@@ -187,6 +191,18 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_f = self.in_features();
         let x2 = x.reshape(((), in_f))?;
+        #[cfg(feature = "cuda")]
+        if let Some(l) = &self.lora {
+            if self.fused_on_cuda(&x2, train) {
+                let (a, b) = if detach_lora {
+                    (l.a.as_tensor().detach(), l.b.as_tensor().detach())
+                } else {
+                    (l.a.as_tensor().clone(), l.b.as_tensor().clone())
+                };
+                let y = super::cuda::lora_linear(&x2, &self.weight, &a, &b, l.scale)?;
+                return self.finish(y, dims);
+            }
+        }
         // The LoRA term s·(dropout(x)·Aᵀ)·Bᵀ in f32, with s folded into the (r, out) factor so no
         // (N, out) intermediate is kept besides the update itself.
         let update = match &self.lora {
@@ -208,7 +224,26 @@ impl LoraLinear {
             }
             None => None,
         };
-        let mut y = super::linear::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
+        let y = super::linear::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
+        self.finish(y, dims)
+    }
+
+    /// Whether [`LoraLinear::forward_shared`] runs this projection with its LoRA term as one CUDA
+    /// op (`model::cuda::lora_linear`): LoRA attached, no dropout in this pass, CUDA kernels
+    /// applicable to `x` and the weight in `x`'s dtype.
+    pub fn fused_on_cuda(&self, x: &Tensor, train: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(l) = &self.lora {
+            return (!train || l.dropout == 0.0)
+                && super::cuda::applies(x)
+                && self.weight.dtype() == x.dtype();
+        }
+        let _ = (x, train);
+        false
+    }
+
+    /// The bias added to `y` `(N, out)`, reshaped to the input's leading `dims`.
+    fn finish(&self, mut y: Tensor, dims: Vec<usize>) -> Result<Tensor> {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

@@ -81,7 +81,9 @@ impl AdamW {
     pub fn collect(&self, store: &GradStore) -> Vec<Option<Tensor>> {
         self.params
             .iter()
-            .map(|(_, p)| store.get(p).cloned())
+            // Detached: a gradient that still carries a graph would keep that step's activations
+            // alive through the optimizer state.
+            .map(|(_, p)| store.get(p).map(Tensor::detach))
             .collect()
     }
 
@@ -94,7 +96,7 @@ impl AdamW {
     ) -> Result<()> {
         for (slot, (_, p)) in acc.iter_mut().zip(&self.params) {
             if let Some(g) = store.get(p) {
-                let g = (g * scale)?;
+                let g = (g.detach() * scale)?;
                 *slot = Some(match slot.take() {
                     Some(prev) => (prev + g)?,
                     None => g,
@@ -115,7 +117,7 @@ impl AdamW {
             let Some(i) = self.params.iter().position(|(_, p)| p.id() == var.id()) else {
                 continue;
             };
-            let g = (g * scale)?;
+            let g = (g.detach() * scale)?;
             acc[i] = Some(match acc[i].take() {
                 Some(prev) => (prev + g)?,
                 None => g,
@@ -254,6 +256,25 @@ impl AdamW {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn collected_gradients_carry_no_graph() {
+        // d(a·w)/da = w: Candle stores that product for the leaf `a` with `w`'s graph attached.
+        // Kept in the AdamW moments, it would keep every step's graph alive on the device.
+        let a = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let w = Var::new(&[3f32, 4.0], &Device::Cpu).unwrap();
+        let loss = (a.as_tensor() * w.as_tensor()).unwrap().sum_all().unwrap();
+        let store = loss.backward().unwrap();
+        assert!(store.get(&a).unwrap().track_op(), "the premise: Candle's gradient has a graph");
+        let opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
+        let grads = opt.collect(&store);
+        let g = grads[0].as_ref().unwrap();
+        assert!(!g.track_op());
+        assert_eq!(g.to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
+        let mut acc = vec![None];
+        opt.accumulate(&mut acc, &store, 0.5).unwrap();
+        assert!(!acc[0].as_ref().unwrap().track_op());
+    }
 
     #[test]
     fn matches_pytorch_adamw_by_hand() {

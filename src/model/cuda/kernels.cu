@@ -202,6 +202,14 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* da, T* d, long long 
     st(d, n + i, gr * x * sg);
 }
 
+// The frozen output plus the scaled f32 LoRA update, rounded once: out = y + s·u.
+template <typename T>
+__device__ void add_scaled(const T* y, const float* u, T* out, long long n, float s) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    st(out, i, ld(y, i) + s * u[i]);
+}
+
 #define FOR_TYPES(M) M(bf16, bf16_t) M(f32, float)
 
 #define SOFTMAX(N, T)                                                                          \
@@ -241,6 +249,10 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* da, T* d, long long 
     extern "C" __global__ void ft_swiglu_bwd_##N(const T* g, const T* u, const T* da, T* d,    \
                                                  long long n) {                               \
         swiglu_bwd<T>(g, u, da, d, n);                                                         \
+    }                                                                                          \
+    extern "C" __global__ void ft_add_scaled_##N(const T* y, const float* u, T* out,           \
+                                                 long long n, float s) {                      \
+        add_scaled<T>(y, u, out, n, s);                                                        \
     }
 
 FOR_TYPES(SOFTMAX)
