@@ -278,6 +278,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             checkpoint_keep_every: opts.keep_every,
             lora_modules_per_layer: None,
             fused_attention: backend.device.is_cpu(),
+            // bench trains without dropout, so the LoRA op runs wherever the kernels do.
+            cuda_kernels: backend.device.is_cuda()
+                && matches!(
+                    backend.dtype,
+                    candle_core::DType::BF16 | candle_core::DType::F32
+                ),
         },
     );
     Ok(BenchReport {

@@ -265,7 +265,10 @@ mod tests {
         let w = Var::new(&[3f32, 4.0], &Device::Cpu).unwrap();
         let loss = (a.as_tensor() * w.as_tensor()).unwrap().sum_all().unwrap();
         let store = loss.backward().unwrap();
-        assert!(store.get(&a).unwrap().track_op(), "the premise: Candle's gradient has a graph");
+        assert!(
+            store.get(&a).unwrap().track_op(),
+            "the premise: Candle's gradient has a graph"
+        );
         let opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
         let grads = opt.collect(&store);
         let g = grads[0].as_ref().unwrap();

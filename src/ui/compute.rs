@@ -32,6 +32,12 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             checkpoint_keep_every: s.checkpoint_keep_every,
             lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
             fused_attention: plan.is_none_or(|p| p.kind == BackendKind::Cpu),
+            // A CUDA build runs its own kernels and LoRA op for bf16/f32 without LoRA dropout.
+            cuda_kernels: cfg!(feature = "cuda")
+                && plan.is_some_and(|p| {
+                    p.kind == BackendKind::Cuda && p.dtype != candle_core::DType::F16
+                })
+                && s.lora_dropout == 0.0,
         },
     )
 }
