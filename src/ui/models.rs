@@ -451,4 +451,7 @@ fn fact(ui: &mut Ui, name: &str, value: &str) {
 
 /// The Hub part of the model step (none of it persisted).
 mod hub;
+mod hub_view;
+mod hub_widgets;
 use hub::*;
+use hub_widgets::*;
