@@ -1,0 +1,186 @@
+//! Linear projections on CUDA as single ops: the frozen linear and the frozen linear plus its
+//! LoRA term.
+
+use super::*;
+
+// ---------------------------------------------------------------- frozen linear
+
+/// `x · Wᵀ` for a frozen `weight` (out, in) and 2-D `x` (N, in) of the same dtype: one cuBLAS
+/// call (Candle's own matmul on the storages), with the gradient `g · W` to `x` alone. The
+/// zero-valued route of other GPUs (`model::grad`) costs a zeros tensor, kept until backward,
+/// and an add per projection.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, FrozenLinear)
+}
+
+struct FrozenLinear;
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "ft-cuda-frozen-linear"
+    }
+
+    cuda_only!(2);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, i) = lx.shape().dims2()?;
+        let (o, wi) = lw.shape().dims2()?;
+        if wi != i || x.dtype() != w.dtype() {
+            candle_core::bail!(
+                "{}: {:?} {:?} · {:?} {:?}ᵀ do not fit",
+                self.name(),
+                lx.dims(),
+                x.dtype(),
+                lw.dims(),
+                w.dtype()
+            );
+        }
+        let wt = lw.transpose(0, 1)?;
+        let out = x.matmul(w, (1, n, o, i), lx, &wt)?;
+        Ok((out, Shape::from_dims(&[n, o])))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.matmul(w)?), None))
+    }
+}
+
+// ---------------------------------------------------------------- LoRA linear
+
+/// `x · Wᵀ + s · (x · Aᵀ) · Bᵀ` for 2-D `x` (N, in) and a frozen `weight` (out, in) of `x`'s
+/// dtype, with f32 LoRA factors `a` (r, in) and `b` (out, r): the LoRA product in f32 as PEFT
+/// computes it, added to the frozen output with one rounding. As one op, Candle keeps only `x`,
+/// A and B for backward; composed, it kept the f32 update, its cast and the frozen output of
+/// every projection (about half of the activation memory). Backward recomputes the (N, r)
+/// product. Gradients go to `x`, A and B; no dropout (the composed path applies it).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = LoraLinearOp {
+        w: weight.contiguous()?,
+        scale: scale as f32,
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LoraLinearOp {
+    /// (out, in), frozen.
+    w: Tensor,
+    scale: f32,
+}
+
+impl CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "ft-cuda-lora-linear"
+    }
+
+    cuda_only!(3);
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        a: &CudaStorage,
+        la: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (n, i) = lx.shape().dims2()?;
+        let (r, ai) = la.shape().dims2()?;
+        let (o, br) = lb.shape().dims2()?;
+        let (w_ref, lw) = self.w.storage_and_layout();
+        let candle_core::Storage::Cuda(w) = &*w_ref else {
+            candle_core::bail!("{op}: the weight is not on the GPU");
+        };
+        if ai != i || br != r || lw.dims() != [o, i] || w.dtype() != x.dtype() {
+            candle_core::bail!(
+                "{op}: x {:?} {:?}, W {:?} {:?}, A {:?}, B {:?} do not fit",
+                lx.dims(),
+                x.dtype(),
+                lw.dims(),
+                w.dtype(),
+                la.dims(),
+                lb.dims()
+            );
+        }
+        if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+            candle_core::bail!("{op}: LoRA factors must be f32");
+        }
+        let y = x.matmul(w, (1, n, o, i), lx, &lw.transpose(0, 1)?)?;
+        let x32 = if x.dtype() == DType::F32 {
+            None
+        } else {
+            Some(x.to_dtype(lx, DType::F32)?)
+        };
+        let (x32, lx32) = match &x32 {
+            Some(s) => (s, Layout::contiguous((n, i))),
+            None => (x, lx.clone()),
+        };
+        let mid = x32.matmul(a, (1, n, r, i), &lx32, &la.transpose(0, 1)?)?;
+        let u = mid.matmul(
+            b,
+            (1, n, o, r),
+            &Layout::contiguous((n, r)),
+            &lb.transpose(0, 1)?,
+        )?;
+        let len = (n * o) as i64;
+        let scale = self.scale;
+        let dev = x.device();
+        let lyu = Layout::contiguous((n, o));
+        let uv = view::<f32>(&u, &lyu, op)?;
+        let out = by_dtype!(x.dtype(), op, T => {
+            let yv = view::<T>(&y, &lyu, op)?;
+            let out = alloc::<T>(dev, n * o)?;
+            let name = format!("ft_add_scaled_{}", T::SUFFIX);
+            let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+            let mut bl = f.builder();
+            bl.arg(&yv).arg(&uv).arg(&out).arg(&len).arg(&scale);
+            // SAFETY: the arguments match `ft_add_scaled`; one thread per element.
+            unsafe { bl.launch(rows_cfg(elem_blocks(n * o, op)?, 256)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, Shape::from_dims(&[n, o])))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: A and B are leaves, so Candle stores these gradients as they are; computed from
+        // tracked inputs they would carry (and keep alive) the whole step's graph.
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let s = self.scale as f64;
+        let g = g.detach().contiguous()?;
+        let g32 = g.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        let mid = x32.matmul(&a.t()?)?;
+        let gb = (g32.matmul(&b)? * s)?;
+        let da = gb.t()?.matmul(&x32)?;
+        let db = (g32.t()?.matmul(&mid)? * s)?;
+        let dx = (g.matmul(&self.w)? + gb.matmul(&a)?.to_dtype(x.dtype())?)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
