@@ -179,17 +179,24 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let tokens = b * t;
     let scores = b * heads * t * t;
     // (per-token elements of one layer's graph, per-token elements of its stored gradients)
+    // The GQA-expanded k and v (composed attention and the CUDA path; not the CPU's fused op).
+    let gqa_copies = if heads != cfg.num_kv_heads as u64 {
+        2 * q
+    } else {
+        0
+    };
+    let cuda = input.cuda_kernels && matches!(cfg.family, Family::Llama);
+    // (per-token elements of one layer's graph, per-token elements of its stored gradients)
     let (per_token, leaked_per_token) = match cfg.family {
+        Family::Llama if cuda => {
+            let bias = if cfg.qkv_bias { q + 2 * kv } else { 0 };
+            (6 * h + 5 * q + 5 * kv + 3 * i + bias + gqa_copies, 0)
+        }
         Family::Llama => {
             let outputs = q + 2 * kv + 2 * h + 2 * i;
             let lora = (share * (outputs + modules as u64 * r) as f64) as u64;
-            let expand = if heads != cfg.num_kv_heads as u64 {
-                2 * q
-            } else {
-                0
-            };
             let rope2 = 9 * (q + kv); // 4.5·(Q+KV), doubled
-            let expand = if input.fused_attention { 0 } else { expand };
+            let expand = if input.fused_attention { 0 } else { gqa_copies };
             let rest = 2 * h + (q + 2 * kv) + rope2 / 2 + expand + 2 * q + 2 * h + 2 * i;
             (outputs + lora + rest, 2 * (q + kv))
         }
@@ -202,25 +209,15 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
         }
     };
     // Composed attention keeps 4 score-sized tensors (scores, scaled, biased, probabilities) and
-    // leaves the bias gradient; the fused op keeps only its per-row log-sum-exp.
-    let (kept_scores, leaked_scores) = if input.fused_attention {
+    // leaves the bias gradient; the CUDA softmax kernel keeps its input and output; the CPU's
+    // fused op keeps only its per-row log-sum-exp.
+    let (kept_scores, leaked_scores) = if cuda {
+        (2 * scores, 0)
+    } else if input.fused_attention {
         (b * heads * t * 4 / ae.max(1), 0)
     } else {
         (4 * scores, scores)
     };
-    let (per_token, leaked_per_token, kept_scores, leaked_scores) =
-        if input.cuda_kernels && matches!(cfg.family, Family::Llama) {
-            let expand = if heads != cfg.num_kv_heads as u64 {
-                2 * q
-            } else {
-                0
-            };
-            let bias = if cfg.qkv_bias { q + 2 * kv } else { 0 };
-            let kept = 6 * h + 5 * q + 5 * kv + 3 * i + bias + expand;
-            (kept, 0, 2 * scores, 0)
-        } else {
-            (per_token, leaked_per_token, kept_scores, leaked_scores)
-        };
     let layer_graph = tokens * per_token * ae + kept_scores * ae;
     let layer_leaked = tokens * leaked_per_token * ae + leaked_scores * ae;
     let checkpointing = input.checkpointing && matches!(cfg.family, Family::Llama);
