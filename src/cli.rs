@@ -207,8 +207,12 @@ fn open_app(paths: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn info(dir: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = crate::model::ModelConfig::from_dir(dir)?;
+fn info(model: &Path) -> anyhow::Result<ExitCode> {
+    let prepared = crate::model::source::prepare(model)?;
+    if let Some(message) = &prepared.message {
+        eprintln!("{message}");
+    }
+    let cfg = prepared.config;
     println!("architecture   {}", cfg.architecture);
     println!("parameters     {}", cfg.parameter_count());
     println!("layers         {}", cfg.num_layers);
@@ -317,7 +321,8 @@ pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
 }
 
 fn inspect_data(args: &InspectDataArgs) -> anyhow::Result<ExitCode> {
-    let tokenizer = crate::data::ModelTokenizer::from_dir(&args.model)?;
+    let prepared = crate::model::source::prepare(&args.model)?;
+    let tokenizer = crate::data::ModelTokenizer::from_dir(&prepared.dir)?;
     let options = crate::data::DataOptions {
         max_seq_len: args.max_seq_len,
         mask_prompt: !args.no_mask_prompt,

@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::model::{weights, ModelConfig, ModelError};
+use crate::model::{weights, ModelConfig, ModelError, ModelFormat, PreparedModel};
 
 /// Largest safetensors header accepted (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
@@ -42,7 +42,10 @@ pub struct CachedModel {
 /// What a model folder holds, from config.json and the safetensors headers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSummary {
+    /// The loadable safetensors folder (a converted copy for a `.bin` folder or GGUF file).
     pub dir: PathBuf,
+    /// What the person chose: the folder, the `.gguf` file, or the Hub id.
+    pub source: PathBuf,
     /// Folder name, or `org/name` for a cache snapshot.
     pub name: String,
     pub architecture: String,
@@ -172,6 +175,7 @@ pub fn summarize(dir: &Path) -> Result<ModelSummary, InspectError> {
     dtypes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     Ok(ModelSummary {
         dir: dir.to_path_buf(),
+        source: dir.to_path_buf(),
         name: display_name(dir),
         architecture: cfg.architecture.clone(),
         model_type: cfg.model_type.clone(),
@@ -190,6 +194,16 @@ pub fn summarize(dir: &Path) -> Result<ModelSummary, InspectError> {
         has_chat_template: has_chat_template(dir),
         config: cfg,
     })
+}
+
+/// [`summarize`] for a prepared model: its folder's facts under the name the person knows it by.
+pub fn summarize_prepared(prepared: &PreparedModel) -> Result<ModelSummary, InspectError> {
+    let mut summary = summarize(&prepared.dir)?;
+    summary.source = prepared.source.given.clone();
+    if prepared.source.format != ModelFormat::Safetensors || prepared.source.hub_id.is_some() {
+        summary.name = prepared.source.name();
+    }
+    Ok(summary)
 }
 
 /// `org/name` for a cache snapshot (`…/models--org--name/snapshots/<rev>`), else the folder name.

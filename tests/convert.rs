@@ -12,9 +12,7 @@ mod helpers;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use finetune::convert::{
-    convert, detect, parse_dtype, prepare_model_dir, ConvertError, ConvertOptions, SourceKind,
-};
+use finetune::convert::{convert, detect, parse_dtype, ConvertError, ConvertOptions, SourceKind};
 use finetune::data::tokenizer::ModelTokenizer;
 use finetune::model::{Model, ModelInput};
 use helpers::{cosine, fixture, logits, max_abs, max_diff, tensors_of};
@@ -219,6 +217,14 @@ fn gguf_default_dtype_is_f16_and_permutation_matters() {
     let have = &got["model.layers.0.self_attn.q_proj.weight"];
     let want16 = want.to_dtype(DType::F16).unwrap();
     assert_eq!(max_diff(have, &want16), 0.0);
+}
+
+/// Opens and prepares `path` as training does, with the conversion cache `cache`.
+fn prepare_model_dir(
+    path: &std::path::Path,
+    cache: &std::path::Path,
+) -> Result<finetune::model::PreparedModel, finetune::model::SourceError> {
+    finetune::model::ModelSource::open(path)?.prepare(cache)
 }
 
 #[test]

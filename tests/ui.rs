@@ -620,3 +620,68 @@ fn estimate_text(h: &Harness<'_, FineTuneApp>) -> String {
         .map(|n| format!("{n:?}"))
         .unwrap_or_default()
 }
+
+/// Drops `model` (a `.gguf` file or a `.bin`-only folder) on the window, waits for the model step
+/// to convert and describe it, then trains two steps on the real engine.
+fn drop_model_and_train(model: &Path, name: &str) {
+    let out = tempfile::tempdir().unwrap();
+    let mut s = settings(out.path());
+    s.train_data = Some(root().join("assets/demo/train.jsonl"));
+    Preset::QuickTest.apply(&mut s);
+    s.steps = 2;
+    let mut h = harness(FineTuneApp::with_engine(
+        s,
+        vec![],
+        finetune::ui::real_engine(),
+    ));
+    h.run();
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(model.to_path_buf())));
+    wait_for(&mut h, "the converted model and the dataset", demo_loaded);
+    let summary = h.state().model_summary().unwrap().clone();
+    assert_eq!(summary.name, name);
+    assert_eq!(summary.source, model);
+    assert_ne!(summary.dir, model, "trains on the converted copy");
+    assert_eq!(h.state().settings().model_dir.as_deref(), Some(model));
+    assert!(has_label(&h, name));
+    h.state_mut().set_step(Step::Train);
+    h.run();
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the run to end", |a| {
+        let s = a.run_view().state;
+        s != RunState::Idle && !s.is_active()
+    });
+    let v = h.state().run_view();
+    assert_eq!(v.state, RunState::Finished, "{:?}", v.log);
+    let adapter = v.final_adapter.clone().unwrap();
+    let mut tuned = finetune::model::Model::load(
+        &summary.dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    finetune::model::adapter::load(&adapter, &mut tuned).unwrap();
+    // The conversion went to the person's cache: take back what this test put there.
+    std::fs::remove_dir_all(&summary.dir).unwrap();
+}
+
+#[test]
+fn a_dropped_gguf_file_converts_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny-llama.Q8_0.gguf");
+    std::fs::copy(fixture("convert/tiny-llama.Q8_0.gguf"), &gguf).unwrap();
+    drop_model_and_train(&gguf, "tiny-llama.Q8_0");
+}
+
+#[test]
+fn a_dropped_pytorch_bin_folder_converts_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("tiny-llama-bin");
+    std::fs::create_dir(&bin).unwrap();
+    for e in std::fs::read_dir(fixture("convert/tiny-llama-bin")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, bin.join(p.file_name().unwrap())).unwrap();
+    }
+    drop_model_and_train(&bin, "tiny-llama-bin");
+}

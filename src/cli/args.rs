@@ -69,9 +69,9 @@ pub enum Command {
     },
     /// Check a dataset: its summary and every problem (exit 1 when there are problems).
     InspectData(InspectDataArgs),
-    /// Describe a local Hugging Face model folder (architecture, sizes, LoRA targets).
+    /// Describe a model (architecture, sizes, LoRA targets).
     Info {
-        /// Model folder (config.json + safetensors).
+        /// A Hugging Face model folder (safetensors or .bin), a .gguf file, or a Hub id in the cache.
         model: PathBuf,
     },
 }
@@ -169,7 +169,8 @@ pub struct TrainArgs {
     /// flags given here override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Hugging Face model folder (or a .gguf file).
+    /// The base model: a Hugging Face folder (safetensors or PyTorch .bin), a .gguf file, or a
+    /// Hub id already in the cache (`finetune download`). .bin and GGUF are converted once.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Training JSONL.
@@ -389,7 +390,7 @@ impl TrainArgs {
 pub struct InspectDataArgs {
     /// The JSONL file to check.
     pub file: PathBuf,
-    /// Model folder whose tokenizer and chat template are used.
+    /// The model whose tokenizer and chat template are used (folder, .gguf or Hub id).
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long, default_value_t = 1024)]

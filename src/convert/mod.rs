@@ -3,8 +3,9 @@
 //! code, and llama-family GGUF files (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K
 //! quants) dequantized, with llama.cpp's Q/K row permutation undone, config.json rebuilt from the
 //! GGUF metadata and tokenizer.json from its vocabulary. Outputs can change dtype and are sharded
-//! past a size limit. [`prepare_model_dir`] does this once per input into a cache folder so a
-//! `.bin`-only folder or a `.gguf` loads like any model, and says that it did.
+//! past a size limit. [`prepare_source`] does this once per input into a cache folder so a
+//! `.bin`-only folder or a `.gguf` loads like any model, and says that it did; the way in for a
+//! model is [`crate::model::source::ModelSource`].
 //!
 //! Name maps where layouts differ (documented where applied):
 //! - PyTorch: keys are kept as stored, except non-parameter buffers (`*.attn.bias`,
@@ -27,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
-pub use prepare::{converted_cache_dir, prepare_model_dir, Prepared};
+pub use prepare::{cached_conversion, converted_cache_dir, prepare_source, Prepared};
 
 /// Outputs larger than this are split into `model-0000k-of-0000n.safetensors` shards
 /// (transformers' default `max_shard_size`).

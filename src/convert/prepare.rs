@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use super::{convert, detect, io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
+use super::{convert, io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
 
 /// Marker written last into a finished conversion folder.
 const MARKER: &str = ".finetune-converted.json";
@@ -64,31 +64,42 @@ fn key_of(files: &[PathBuf]) -> String {
     format!("{:016x}", fnv1a(text.as_bytes()))
 }
 
-/// Returns a loadable folder for `input`: itself if it has safetensors, else a converted copy
-/// under `cache_root` (made now, or reused from an earlier load).
-pub fn prepare_model_dir(input: &Path, cache_root: &Path) -> Result<Prepared, ConvertError> {
-    if input.is_dir() && crate::model::weights::checkpoint_files(input).is_ok() {
-        return Ok(Prepared {
-            dir: input.to_path_buf(),
-            converted: None,
-            message: None,
-        });
-    }
-    let source = detect(input)?;
-    let (files, what) = match &source {
+/// The files a conversion reads, and how the person calls them.
+fn files_of(source: &SourceKind) -> (Vec<PathBuf>, &'static str) {
+    match source {
         SourceKind::PytorchBin(f) => (f.clone(), "PyTorch .bin weights"),
         SourceKind::Gguf(f) => (vec![f.clone()], "the GGUF file"),
-    };
+    }
+}
+
+/// The cache folder a conversion of `source` goes to (finished or not).
+fn target_of(source: &SourceKind, cache_root: &Path) -> PathBuf {
     // Named after the source (the .gguf file, or the folder of the .bin files) so the same
     // source reached through its folder or its file finds the same copy.
-    let named = match &source {
+    let named = match source {
         SourceKind::Gguf(f) => f.file_stem(),
         SourceKind::PytorchBin(f) => f.first().and_then(|f| f.parent()).and_then(Path::file_name),
     };
     let stem = named
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let target = cache_root.join(format!("{stem}-{}", key_of(&files)));
+    cache_root.join(format!("{stem}-{}", key_of(&files_of(source).0)))
+}
+
+/// The finished conversion of `source` in `cache_root`, if one was made earlier.
+pub fn cached_conversion(source: &SourceKind, cache_root: &Path) -> Option<PathBuf> {
+    let target = target_of(source, cache_root);
+    target.join(MARKER).is_file().then_some(target)
+}
+
+/// Converts `source` (detected from `input`) into `cache_root` once; later calls reuse it.
+pub fn prepare_source(
+    input: &Path,
+    source: &SourceKind,
+    cache_root: &Path,
+) -> Result<Prepared, ConvertError> {
+    let (files, what) = files_of(source);
+    let target = target_of(source, cache_root);
     if target.join(MARKER).is_file() {
         return Ok(Prepared {
             message: Some(format!(
@@ -100,6 +111,10 @@ pub fn prepare_model_dir(input: &Path, cache_root: &Path) -> Result<Prepared, Co
             converted: None,
         });
     }
+    let stem = target
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
     let tmp = cache_root.join(format!(".{stem}-{}.partial", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;

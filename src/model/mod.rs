@@ -18,6 +18,7 @@ pub mod llama;
 pub mod lora;
 pub mod ops;
 pub mod recompute;
+pub mod source;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::{Family, ModelConfig, SUPPORTED_ARCHITECTURES};
 pub use lora::{LoraConfig, LoraError, LoraLinear, LoraState};
+pub use source::{ModelFormat, ModelSource, PreparedModel, SourceError};
 
 /// Errors while loading a model folder.
 #[derive(Debug, thiserror::Error)]

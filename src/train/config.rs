@@ -60,7 +60,8 @@ pub enum DtypeChoice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
-    /// Hugging Face model folder (config.json, tokenizer.json, safetensors).
+    /// The base model as [`crate::model::ModelSource::open`] takes it: a Hugging Face folder
+    /// (safetensors or PyTorch .bin), a `.gguf` file, or a Hub id in the cache.
     pub model_dir: PathBuf,
     /// Training JSONL.
     pub train_data: PathBuf,
@@ -179,19 +180,8 @@ impl TrainConfig {
         let mut bad = |field: &'static str, message: String| p.push(FieldError { field, message });
         if self.model_dir.as_os_str().is_empty() {
             bad("model_dir", "choose a model folder".into());
-        } else if !self.model_dir.join("config.json").is_file()
-            && !self
-                .model_dir
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
-            bad(
-                "model_dir",
-                format!(
-                    "no config.json here; choose a Hugging Face model folder or a .gguf file: {}",
-                    self.model_dir.display()
-                ),
-            );
+        } else if let Err(e) = crate::model::ModelSource::open(&self.model_dir) {
+            bad("model_dir", e.to_string());
         }
         if self.train_data.as_os_str().is_empty() {
             bad("train_data", "choose a training JSONL file".into());

@@ -125,18 +125,7 @@ fn evaluate(
 /// Runs one training session to its end, reporting through `reporter`. Never panics on bad input:
 /// every failure ends in `Event::Failed` with what to do next.
 pub fn run(mut config: TrainConfig, reporter: Reporter) {
-    // Rows longer than the model's context cannot run: cap the max sequence length to it.
-    if let Ok(model) = crate::model::ModelConfig::from_dir(&config.model_dir) {
-        let context = model.max_position_embeddings;
-        if context > 0 && config.max_seq_len > context {
-            reporter.send(Event::Log(format!(
-                "max sequence length lowered from {} to {context} tokens, the model's context length",
-                config.max_seq_len
-            )));
-            config.max_seq_len = context;
-        }
-    }
-    let end = match Trainer::prepare(&config, &reporter) {
+    let end = match Trainer::prepare(&mut config, &reporter) {
         Ok(mut t) => t.train().unwrap_or_else(|e| Event::Failed {
             error: format!("{e:#}"),
         }),
@@ -163,7 +152,7 @@ struct Trainer<'c> {
 }
 
 impl<'c> Trainer<'c> {
-    fn prepare(config: &'c TrainConfig, reporter: &'c Reporter) -> anyhow::Result<Self> {
+    fn prepare(config: &'c mut TrainConfig, reporter: &'c Reporter) -> anyhow::Result<Self> {
         let config_ok = config.clone().validate().map_err(|problems| {
             let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
             anyhow::anyhow!("settings need attention:\n{}", lines.join("\n"))
@@ -178,14 +167,22 @@ impl<'c> Trainer<'c> {
             "device: {} — {}",
             backend.name, backend.reason
         )));
-        // A folder with only PyTorch .bin files, or a GGUF file, is converted once (cached).
-        let prepared = crate::convert::prepare_model_dir(
-            &config.model_dir,
-            &crate::convert::converted_cache_dir(),
-        )?;
+        // A folder with only PyTorch .bin files, or a GGUF file, is converted once (cached); from
+        // here on everything reads the prepared folder.
+        let prepared = crate::model::source::prepare(&config.model_dir)?;
         if let Some(message) = &prepared.message {
             reporter.send(Event::Log(message.clone()));
         }
+        // Rows longer than the model's context cannot run: cap the max sequence length to it.
+        let context = prepared.config.max_position_embeddings;
+        if context > 0 && config.max_seq_len > context {
+            reporter.send(Event::Log(format!(
+                "max sequence length lowered from {} to {context} tokens, the model's context length",
+                config.max_seq_len
+            )));
+            config.max_seq_len = context;
+        }
+        let config: &'c TrainConfig = config;
         let model_dir = prepared.dir;
         let tokenizer = ModelTokenizer::from_dir(&model_dir)?;
         reporter.send(Event::Log(format!(
@@ -206,7 +203,7 @@ impl<'c> Trainer<'c> {
             "loading {}",
             config.model_dir.display()
         )));
-        let mut model = Model::load(&config.model_dir, backend.dtype, &backend.device)?;
+        let mut model = Model::load(&model_dir, backend.dtype, &backend.device)?;
         let (lora, resumed) = match &config.resume_from {
             Some(dir) => {
                 let state = checkpoint::load_state(dir)?;
@@ -255,11 +252,7 @@ impl<'c> Trainer<'c> {
                 finetune_version: env!("CARGO_PKG_VERSION").to_owned(),
             },
         };
-        let base_name = config
-            .model_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let base_name = prepared.source.name();
         reporter.send(Event::Started {
             model: base_name.clone(),
             architecture: model.config.architecture.clone(),

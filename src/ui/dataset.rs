@@ -94,7 +94,13 @@ impl DatasetReport {
 
 /// Reads the datasets of `key` (runs on a worker thread).
 pub fn read_dataset(key: &DataKey) -> Outcome {
-    let tokenizer = match ModelTokenizer::from_dir(&key.model_dir) {
+    // The model's prepared folder (a .bin folder or GGUF file is converted once; this waits for
+    // a conversion the model step started).
+    let prepared = match crate::model::source::prepare(&key.model_dir) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(format!("cannot read the model: {e}")),
+    };
+    let tokenizer = match ModelTokenizer::from_dir(&prepared.dir) {
         Ok(t) => t,
         Err(e) => return Outcome::Failed(format!("cannot read the model's tokenizer: {e}")),
     };

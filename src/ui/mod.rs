@@ -31,8 +31,8 @@ pub use settings::{Preset, Settings};
 /// The app's name for window titles and eframe's storage folder.
 pub const APP_NAME: &str = "FineTune";
 
-/// Opens the window. `paths` (from the command line or a Dock drop) are loaded: a folder with a
-/// config.json is a model, a `.jsonl` file a dataset (see [`classify_paths`]).
+/// Opens the window. `paths` (from the command line or a Dock drop) are loaded: a `.jsonl` file is
+/// a dataset, a model folder or `.gguf` file the model (see [`classify_paths`]).
 pub fn run_app(paths: Vec<PathBuf>) -> anyhow::Result<()> {
     run_app_with(paths, real_engine())
 }
@@ -86,7 +86,7 @@ fn app_icon() -> egui::IconData {
 /// What a path given to the app is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Opened {
-    /// A Hugging Face model folder (has config.json).
+    /// A model: a Hugging Face folder (safetensors or PyTorch .bin) or a .gguf file.
     Model(PathBuf),
     /// A training dataset.
     Train(PathBuf),
@@ -104,16 +104,7 @@ pub fn classify_paths(paths: &[PathBuf]) -> Vec<Opened> {
     paths
         .iter()
         .map(|p| {
-            if p.is_dir() {
-                if p.join("config.json").is_file() {
-                    Opened::Model(p.clone())
-                } else {
-                    Opened::Unknown(
-                        p.clone(),
-                        "this folder has no config.json; choose a Hugging Face model folder".into(),
-                    )
-                }
-            } else if is_jsonl(p) {
+            if is_jsonl(p) && !p.is_dir() {
                 if (jsonl > 1 && looks_like_validation(p)) || have_train {
                     Opened::Valid(p.clone())
                 } else {
@@ -121,10 +112,14 @@ pub fn classify_paths(paths: &[PathBuf]) -> Vec<Opened> {
                     Opened::Train(p.clone())
                 }
             } else {
-                Opened::Unknown(
-                    p.clone(),
-                    "not a .jsonl dataset or a model folder; datasets are JSON Lines files".into(),
-                )
+                // Folders, .gguf files and anything else: the model source decides (and says
+                // what to do when it is not a model either).
+                // A folder meant as a model whose files are incomplete is still chosen, so the
+                // Models step shows what is missing.
+                match crate::model::ModelSource::open(p) {
+                    Ok(_) | Err(crate::model::SourceError::Model(_)) => Opened::Model(p.clone()),
+                    Err(e) => Opened::Unknown(p.clone(), e.to_string()),
+                }
             }
         })
         .collect()
@@ -254,6 +249,8 @@ pub fn take_ready<T: Send + 'static>(slot: &mut Option<Job<T>>) -> Option<Result
 pub enum Pick {
     Folder,
     Jsonl,
+    /// A model file: `.gguf` (PyTorch `.bin` files are chosen by their folder).
+    Gguf,
 }
 
 /// Opens a native file dialog on a worker thread (rfd's blocking dialog; on macOS rfd runs it on
@@ -267,6 +264,7 @@ pub fn pick_path(ctx: &egui::Context, what: Pick, title: &str) -> Job<Option<Pat
             Pick::Jsonl => dialog
                 .add_filter("JSON Lines", &["jsonl", "json"])
                 .pick_file(),
+            Pick::Gguf => dialog.add_filter("GGUF model", &["gguf"]).pick_file(),
         }
     })
 }

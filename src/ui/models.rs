@@ -45,6 +45,9 @@ pub struct ModelsPanel {
     pub summary: Option<ModelSummary>,
     /// Why the chosen folder cannot be used.
     pub error: Option<String>,
+    /// The model being converted to safetensors (first load of a .bin folder or GGUF file) and
+    /// since when.
+    converting: Option<(String, Instant)>,
     browse: Option<Job<Option<PathBuf>>>,
     hub: HubPanel,
 }
@@ -59,6 +62,7 @@ impl Default for ModelsPanel {
             summary_job: None,
             summary: None,
             error: None,
+            converting: None,
             browse: None,
             hub: HubPanel::default(),
         }
@@ -75,13 +79,22 @@ impl ModelsPanel {
         }
     }
 
-    /// Starts reading `dir`'s config and headers; the result replaces the summary.
-    pub fn inspect(&mut self, ctx: &egui::Context, dir: &Path) {
-        self.path_text = dir.display().to_string();
+    /// Starts preparing the model `path` names (converting a `.bin` folder or a GGUF file once)
+    /// and reading its config and headers; the result replaces the summary.
+    pub fn inspect(&mut self, ctx: &egui::Context, path: &Path) {
+        self.path_text = path.display().to_string();
         self.error = None;
-        let owned = dir.to_path_buf();
+        let cache = crate::convert::converted_cache_dir();
+        self.converting = crate::model::ModelSource::open(path)
+            .ok()
+            .filter(|s| s.needs_conversion(&cache))
+            .map(|s| (s.name(), Instant::now()));
+        let owned = path.to_path_buf();
         let job = Job::spawn(ctx, "inspect", move || {
-            inspect::summarize(&owned).map_err(|e| e.to_string())
+            let prepared = crate::model::ModelSource::open(&owned)
+                .and_then(|s| s.prepare(&cache))
+                .map_err(|e| e.to_string())?;
+            inspect::summarize_prepared(&prepared).map_err(|e| e.to_string())
         });
         self.summary_job = Some(job);
     }
@@ -156,6 +169,7 @@ impl ModelsPanel {
             self.cache = r.unwrap_or_default();
         }
         if let Some(r) = take_ready(&mut self.summary_job) {
+            self.converting = None;
             match r.and_then(|r| r) {
                 Ok(s) => {
                     self.summary = Some(s);
@@ -267,7 +281,7 @@ impl ModelsPanel {
         let mut action = None;
         ui.heading("1. Choose a model");
         ui.label(
-            "A Hugging Face model folder with config.json, tokenizer.json and safetensors weights.",
+            "A Hugging Face model folder (safetensors or PyTorch .bin weights), a .gguf file, or a model from the Hub. .bin and GGUF models are converted to safetensors once, the first time.",
         );
         ui.add_space(6.0);
 
@@ -286,11 +300,11 @@ impl ModelsPanel {
         ui.add_space(6.0);
 
         ui.horizontal(|ui| {
-            let l = ui.label("Folder:");
+            let l = ui.label("Model:");
             let edit = ui
                 .add(
                     egui::TextEdit::singleline(&mut self.path_text)
-                        .hint_text("/path/to/model (config.json + *.safetensors)")
+                        .hint_text("/path/to/model folder, model.gguf, or org/name")
                         .desired_width(440.0),
                 )
                 .labelled_by(l.id);
@@ -302,10 +316,18 @@ impl ModelsPanel {
                 }
             }
             if ui
-                .add_enabled(self.browse.is_none(), egui::Button::new("Browse…"))
+                .add_enabled(self.browse.is_none(), egui::Button::new("Folder…"))
+                .on_hover_text("Choose a Hugging Face model folder (safetensors or .bin)")
                 .clicked()
             {
                 self.browse = Some(pick_path(ui.ctx(), Pick::Folder, "Choose a model folder"));
+            }
+            if ui
+                .add_enabled(self.browse.is_none(), egui::Button::new("GGUF file…"))
+                .on_hover_text("Choose a .gguf file, e.g. the one you run in Ollama or LM Studio")
+                .clicked()
+            {
+                self.browse = Some(pick_path(ui.ctx(), Pick::Gguf, "Choose a GGUF model file"));
             }
         });
         ui.add_space(8.0);
@@ -330,7 +352,21 @@ impl ModelsPanel {
         egui::Frame::group(ui.style()).show(ui, |ui| {
             ui.set_width(ui.available_width());
             if reading {
-                ui.label("Reading the model's config and file headers…");
+                match &self.converting {
+                    Some((name, since)) => {
+                        ui.horizontal(|ui| {
+                            ui.spinner();
+                            ui.label(format!(
+                                "Converting {name} to safetensors… {} (first time only: later loads reuse the copy)",
+                                format_duration(since.elapsed().as_secs_f64())
+                            ));
+                        });
+                        ui.ctx().request_repaint_after(std::time::Duration::from_millis(250));
+                    }
+                    None => {
+                        ui.label("Reading the model's config and file headers…");
+                    }
+                }
                 return;
             }
             if let Some(err) = &self.error {
@@ -346,7 +382,10 @@ impl ModelsPanel {
             };
             ui.horizontal(|ui| {
                 ui.strong(RichText::new(&s.name).size(16.0));
-                ui.weak(s.dir.display().to_string());
+                ui.weak(s.source.display().to_string());
+                if s.source != s.dir {
+                    ui.weak(format!("(converted copy: {})", s.dir.display()));
+                }
             });
             egui::Grid::new("model-facts")
                 .num_columns(4)
