@@ -383,10 +383,13 @@ impl ModelsPanel {
             ui.horizontal(|ui| {
                 ui.strong(RichText::new(&s.name).size(16.0));
                 ui.weak(s.source.display().to_string());
-                if s.source != s.dir {
-                    ui.weak(format!("(converted copy: {})", s.dir.display()));
-                }
             });
+            if s.source != s.dir {
+                ui.weak(format!(
+                    "Trained from its safetensors copy, converted once: {}",
+                    s.dir.display()
+                ));
+            }
             egui::Grid::new("model-facts")
                 .num_columns(4)
                 .spacing([24.0, 4.0])
