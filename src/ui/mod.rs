@@ -116,8 +116,15 @@ pub fn classify_paths(paths: &[PathBuf]) -> Vec<Opened> {
                 // what to do when it is not a model either).
                 // A folder meant as a model whose files are incomplete is still chosen, so the
                 // Models step shows what is missing.
+                use crate::model::SourceError;
                 match crate::model::ModelSource::open(p) {
-                    Ok(_) | Err(crate::model::SourceError::Model(_)) => Opened::Model(p.clone()),
+                    Ok(_) | Err(SourceError::Model(_)) => Opened::Model(p.clone()),
+                    Err(SourceError::NotAModelFile(_) | SourceError::NotFound { .. }) => {
+                        Opened::Unknown(
+                            p.clone(),
+                            "not a .jsonl dataset or a model (a folder or a .gguf file); datasets are JSON Lines files".into(),
+                        )
+                    }
                     Err(e) => Opened::Unknown(p.clone(), e.to_string()),
                 }
             }
