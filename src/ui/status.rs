@@ -18,7 +18,7 @@ use crate::train::{DeviceChoice, DtypeChoice};
 /// Frames kept for the frame-time figures.
 const FRAME_WINDOW: usize = 600;
 
-/// The last [`FRAME_WINDOW`] frame times in ms.
+/// The last `FRAME_WINDOW` (600) frame times in ms.
 #[derive(Debug, Default)]
 pub struct Window(VecDeque<f32>);
 
