@@ -13,20 +13,34 @@ use crate::train::{Duration, TrainConfig};
 /// Why an export failed. The text says what to do next; the path comes last.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
+    /// The adapter folder lacks one of the PEFT files.
     #[error("the adapter folder has no {file}; export a folder reported by a save (latest or best): {dir}")]
-    MissingFile { file: &'static str, dir: PathBuf },
+    MissingFile {
+        /// The missing file's name (`adapter_model.safetensors` or `adapter_config.json`).
+        file: &'static str,
+        /// The adapter folder.
+        dir: PathBuf,
+    },
+    /// The destination is the adapter folder being exported.
     #[error("the destination is the adapter folder itself; choose another folder: {0}")]
     SameFolder(PathBuf),
+    /// The destination exists and is a file.
     #[error("the destination exists and is not a folder; choose a folder: {0}")]
     NotAFolder(PathBuf),
+    /// An adapter file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// The destination folder or a file in it could not be created or written.
     #[error("cannot write {path} ({source}); check the folder is writable and the disk has space")]
     Write {
+        /// The file or folder.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
 }
@@ -40,12 +54,17 @@ pub struct CardInfo {
     pub dataset: String,
     /// Validation file name, when there was one.
     pub valid_dataset: Option<String>,
+    /// The run's settings, listed in the card.
     pub config: TrainConfig,
     /// Optimizer steps done when the adapter was saved.
     pub steps_done: usize,
+    /// Optimizer steps the run was set to do.
     pub total_steps: usize,
+    /// The last training loss reported, if any step ran.
     pub final_loss: Option<f64>,
+    /// The last validation loss, if the run evaluated.
     pub final_val_loss: Option<f64>,
+    /// The lowest validation loss of the run, if it evaluated.
     pub best_val_loss: Option<f64>,
     /// `YYYY-MM-DD` (UTC), see [`today`].
     pub date: String,
@@ -54,6 +73,7 @@ pub struct CardInfo {
 /// Where an export went.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exported {
+    /// The destination folder.
     pub dir: PathBuf,
     /// Every file written, adapter files first.
     pub files: Vec<PathBuf>,

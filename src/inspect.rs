@@ -16,10 +16,17 @@ const MAX_HEADER_BYTES: u64 = 100 << 20;
 /// Why a folder could not be summarized. The text says what to do next; the path comes last.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
+    /// config.json is missing or unreadable, or the folder has no weights.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A safetensors header is truncated, too large or not valid JSON.
     #[error("cannot read the safetensors header ({reason}); the file may be incomplete, download it again: {path}")]
-    Header { path: PathBuf, reason: String },
+    Header {
+        /// The weight file.
+        path: PathBuf,
+        /// What is wrong with the header.
+        reason: String,
+    },
 }
 
 /// A model folder in the Hugging Face cache.
@@ -48,14 +55,19 @@ pub struct ModelSummary {
     pub source: PathBuf,
     /// Folder name, or `org/name` for a cache snapshot.
     pub name: String,
+    /// `architectures[0]` of config.json, e.g. `LlamaForCausalLM`.
     pub architecture: String,
+    /// `model_type` of config.json, e.g. `llama`.
     pub model_type: String,
     /// Parameters implied by config.json.
     pub parameters: usize,
     /// Parameters counted from the safetensors headers.
     pub stored_parameters: usize,
+    /// Transformer blocks (`num_hidden_layers`).
     pub layers: usize,
+    /// Width of the residual stream (`hidden_size`).
     pub hidden_size: usize,
+    /// Tokens in the vocabulary (`vocab_size`).
     pub vocab_size: usize,
     /// `max_position_embeddings`.
     pub context_length: usize,
@@ -65,10 +77,14 @@ pub struct ModelSummary {
     pub weights_bytes: u64,
     /// Bytes of every file directly in the folder.
     pub size_bytes: u64,
+    /// Number of weight files (shards).
     pub weight_files: usize,
     /// LoRA target candidates (`q_proj`, ...).
     pub linear_names: Vec<String>,
+    /// Whether the folder has `tokenizer.json`.
     pub has_tokenizer: bool,
+    /// Whether the tokenizer files carry a chat template (`chat_template.jinja` or
+    /// `tokenizer_config.json`).
     pub has_chat_template: bool,
     /// The parsed config.json (for the memory estimate).
     pub config: ModelConfig,

@@ -24,6 +24,7 @@ pub struct OpenedPaths {
 }
 
 impl OpenedPaths {
+    /// An empty queue without a waker (a `const fn`, for the process-wide static).
     pub const fn new() -> Self {
         Self {
             paths: Mutex::new(Vec::new()),

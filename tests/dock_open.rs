@@ -1,5 +1,8 @@
 //! Files that macOS opens with FineTune (Dock icon, "Open With") load like a drop on the window.
 //! Its own test binary: the queue is process-wide, and other app tests would drain it.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use egui_kittest::Harness;

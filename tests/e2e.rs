@@ -2,6 +2,8 @@
 //! (the WWDC25 set from mlx-examples in ../shared/data) with the tiny-llama fixture lowers the
 //! validation loss by a clear margin, writes the adapter in PEFT layout, and the adapter loads back
 //! onto the base model.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! Clear errors for bad model and adapter folders: each names the file and says what to do.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

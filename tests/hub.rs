@@ -4,6 +4,8 @@
 //! 401/403 for a gated repo, 404s, and a connection dropped mid-file. Each test passes its
 //! endpoint and cache explicitly; one test checks that `HF_ENDPOINT` and `HF_HOME` alone point
 //! the app at it.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "hub/fake.rs"]
 mod fake;

@@ -2,6 +2,8 @@
 //! Cargo.toml), the icon files, `packaging/macos/build-app.sh --dry-run` (the exact FineTune.app
 //! tree around the built binary) and `packaging/linux/install.sh` (desktop entry, icons, MIME type).
 #![cfg(unix)]
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -11,6 +11,8 @@
 //! `startswith`/`split`/`rstrip`/`lstrip`/`strip`, `namespace()`, `messages[::-1]`,
 //! `raise_exception`), plus templates/tojson-options, FineTune's own probe of tojson's keyword
 //! arguments (`sort_keys`, `ensure_ascii` with surrogate pairs, `indent`, `separators`).
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

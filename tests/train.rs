@@ -2,6 +2,8 @@
 //! arrive in order, checkpoints are complete, Stop saves and Resume continues exactly, a non-finite
 //! loss stops with the last good adapter, early stopping keeps the best, bad data never starts.
 //! These train for real on CPU (a few seconds each with the dev profile's optimized deps).
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! scripted fake engine behind `session::start_with`, plus one run on the real engine: the steps
 //! are visible, the demo fills model and dataset, Start feeds the run view and charts, Stop saves
 //! and says where, export writes a loadable PEFT adapter, and bad data shows its problems.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

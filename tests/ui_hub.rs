@@ -5,6 +5,8 @@
 //! license (and a token in the Settings field opens it), and offline the cached models stay
 //! usable. The app is pointed at the fake with `FineTuneApp::with_hub`, keychain off, so nothing
 //! here reads the process environment or the person's keychain.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "hub/fake.rs"]
 #[allow(dead_code)] // tests/hub.rs uses the rest of it

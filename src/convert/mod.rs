@@ -37,33 +37,73 @@ pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 /// Why a conversion failed. The text says what to do next; the path comes last.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
+    /// The input is neither a `pytorch_model.bin` (or its index) nor a `.gguf` file, nor a folder
+    /// holding one (a folder with several `.gguf` files is ambiguous and lands here too).
     #[error(
         "nothing to convert: expected pytorch_model.bin (or its shard index) or a .gguf file: {0}"
     )]
     UnknownInput(PathBuf),
+    /// The input folder already loads as it is (config.json beside safetensors weights).
     #[error("the folder already holds safetensors weights; load it directly: {0}")]
     AlreadySafetensors(PathBuf),
+    /// A `.bin` file or its shard index cannot be read (not a torch.save zip, truncated, a shard
+    /// the index names is missing, no tensors in the pickle).
     #[error("cannot read the PyTorch checkpoint ({reason}); it may be truncated or not a torch.save zip file (legacy tar/pickle-only .bin files are not read): {path}")]
-    Pytorch { path: PathBuf, reason: String },
-    #[error("cannot read the GGUF file ({reason}): {path}")]
-    Gguf { path: PathBuf, reason: String },
-    #[error("GGUF architecture {arch:?} is not supported (supported: llama, mistral, qwen2, qwen3); convert the original Hugging Face model instead: {path}")]
-    GgufArchitecture { arch: String, path: PathBuf },
-    #[error("the GGUF tokenizer cannot be rebuilt ({reason}); copy tokenizer.json from the original model into the output folder: {path}")]
-    Tokenizer { path: PathBuf, reason: String },
-    #[error("unknown dtype {0:?}; use f32, f16 or bf16")]
-    Dtype(String),
-    #[error("the output folder is not empty; pick a new folder or empty it: {0}")]
-    OutputNotEmpty(PathBuf),
-    #[error("tensor {name}: {reason}: {path}")]
-    Tensor {
-        name: String,
+    Pytorch {
+        /// The `.bin` file or index.
+        path: PathBuf,
+        /// What the reader found wrong.
         reason: String,
+    },
+    /// The GGUF file cannot be read (bad magic or version, truncated, metadata missing, an
+    /// unsupported tensor type).
+    #[error("cannot read the GGUF file ({reason}): {path}")]
+    Gguf {
+        /// The `.gguf` file.
+        path: PathBuf,
+        /// What the reader found wrong.
+        reason: String,
+    },
+    /// The GGUF file holds an architecture the converter cannot map to Hugging Face names.
+    #[error("GGUF architecture {arch:?} is not supported (supported: llama, mistral, qwen2, qwen3); convert the original Hugging Face model instead: {path}")]
+    GgufArchitecture {
+        /// `general.architecture` from the metadata.
+        arch: String,
+        /// The `.gguf` file.
         path: PathBuf,
     },
+    /// The GGUF vocabulary cannot be turned into a `tokenizer.json` (a tokenizer model it does
+    /// not know, missing or inconsistent token lists).
+    #[error("the GGUF tokenizer cannot be rebuilt ({reason}); copy tokenizer.json from the original model into the output folder: {path}")]
+    Tokenizer {
+        /// The `.gguf` file.
+        path: PathBuf,
+        /// What is missing or not understood.
+        reason: String,
+    },
+    /// `--dtype` names no dtype the converter writes; holds the text given.
+    #[error("unknown dtype {0:?}; use f32, f16 or bf16")]
+    Dtype(String),
+    /// The output folder exists and is not empty.
+    #[error("the output folder is not empty; pick a new folder or empty it: {0}")]
+    OutputNotEmpty(PathBuf),
+    /// One tensor cannot be read, converted or placed (no data, listed in two shards, a dtype
+    /// conversion failing).
+    #[error("tensor {name}: {reason}: {path}")]
+    Tensor {
+        /// The tensor's name.
+        name: String,
+        /// What went wrong.
+        reason: String,
+        /// The file it was read from, or the output folder.
+        path: PathBuf,
+    },
+    /// Reading the input or writing the output failed.
     #[error("{source}: {path}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
 }
@@ -116,11 +156,15 @@ pub fn parse_dtype(text: &str) -> Result<DType, ConvertError> {
 /// What a conversion wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvertReport {
+    /// What was converted.
     pub source: SourceKind,
+    /// The Hugging Face folder written.
     pub out: PathBuf,
+    /// Tensors written.
     pub tensors: usize,
     /// Weight files written (1 = `model.safetensors`).
     pub shards: usize,
+    /// Bytes of the weight files written.
     pub weight_bytes: u64,
     /// Things the person should know (dropped buffers, tokenizer guesses, …).
     pub notes: Vec<String>,

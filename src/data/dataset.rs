@@ -68,9 +68,11 @@ impl Default for DataOptions {
 pub struct Dataset {
     /// The file the records came from.
     pub path: PathBuf,
+    /// The encoded records, in file order (after the length policy and any hold-out).
     pub samples: Vec<Sample>,
     /// Padding id for batches (the tokenizer's pad token, else EOS, else 0).
     pub pad_id: u32,
+    /// Counts, lengths and what loading did, for the CLI and the UI.
     pub summary: DatasetSummary,
 }
 
@@ -80,7 +82,13 @@ pub enum ValidSource {
     /// A validation file.
     File(PathBuf),
     /// Held out of the training file.
-    HeldOut { fraction: f64, seed: u64 },
+    /// Held out of the training file.
+    HeldOut {
+        /// Share of the training records held out, 0..1 (`DataOptions::valid_fraction`).
+        fraction: f64,
+        /// Seed of the split (`DataOptions::seed`).
+        seed: u64,
+    },
     /// No validation (a one-record training file or `valid_fraction` 0).
     None,
 }
@@ -88,8 +96,11 @@ pub enum ValidSource {
 /// Training and validation data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadedData {
+    /// The training set (without any held-out records).
     pub train: Dataset,
+    /// The validation set: the validation file's records, the held-out ones, or none.
     pub valid: Option<Dataset>,
+    /// Where `valid` came from.
     pub valid_source: ValidSource,
     /// Problems skipped because of `skip_bad_lines` (empty otherwise).
     pub skipped: Vec<DataError>,
@@ -98,14 +109,18 @@ pub struct LoadedData {
 /// A piece of a previewed record: masked (prompt) or trained text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviewSegment {
+    /// The decoded text of this piece.
     pub text: String,
+    /// Whether its tokens are training targets (false: masked prompt).
     pub trained: bool,
 }
 
 /// A record as the model sees it, in masked/trained pieces, for the UI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviewRecord {
+    /// 1-based line in the file.
     pub line: usize,
+    /// The record's text in order, split where masking starts or stops.
     pub segments: Vec<PreviewSegment>,
 }
 
@@ -242,14 +257,17 @@ pub fn preview(
 }
 
 impl Dataset {
+    /// Number of records.
     pub fn len(&self) -> usize {
         self.samples.len()
     }
 
+    /// Whether there are no records.
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
 
+    /// The format of the file's records (from the first record).
     pub fn format(&self) -> Format {
         self.summary.format
     }

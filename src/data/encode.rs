@@ -43,6 +43,7 @@ pub enum PromptCompletionStyle {
 pub struct Sample {
     /// 1-based line in the file it came from.
     pub line: usize,
+    /// Token ids, BOS/EOS included as the model sees them.
     pub tokens: Vec<u32>,
     /// Same length as `tokens`; true where the token is a training target.
     pub loss_mask: Vec<bool>,
@@ -53,10 +54,12 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// Length in tokens.
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
 
+    /// Whether the record has no tokens.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
@@ -131,6 +134,8 @@ impl<'a> Encoder<'a> {
         })
     }
 
+    /// Whether prompt/completion records go through the chat template (a user turn and an assistant
+    /// turn) rather than being concatenated as plain text.
     pub fn prompt_completion_as_chat(&self) -> bool {
         self.prompt_completion_as_chat
     }

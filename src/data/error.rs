@@ -11,63 +11,127 @@ use super::format::Format;
 /// the end (house style).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Problem {
+    /// The file could not be opened or read (missing, a folder, no permission); holds the OS
+    /// message.
     #[error("could not read the file ({0}); check that it exists and is readable")]
     Io(String),
+    /// The file has no non-blank line.
     #[error("the file has no records; put one JSON object per line (see README#datasets)")]
     EmptyFile,
+    /// A line is longer than the reader's line size limit (it is not parsed).
     #[error("the line is {bytes} bytes, over the {limit}-byte limit; shorten the record or raise the line size limit")]
-    LineTooLong { bytes: usize, limit: usize },
+    LineTooLong {
+        /// Length of the line in bytes.
+        bytes: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A line is not valid UTF-8.
     #[error("invalid UTF-8 at byte {offset} of the line; save the file as UTF-8")]
-    InvalidUtf8 { offset: usize },
+    InvalidUtf8 {
+        /// Byte offset in the line where the invalid sequence starts (the valid prefix's length).
+        offset: usize,
+    },
+    /// A line is not one complete JSON value.
     #[error(
         "invalid JSON at column {column} ({reason}); each line must hold one complete JSON object"
     )]
-    InvalidJson { column: usize, reason: String },
-    #[error("expected a JSON object such as {{\"text\": \"...\"}}, found {found}")]
-    NotAnObject { found: &'static str },
-    #[error("expected a \"text\" string, \"prompt\"/\"completion\" keys, a \"messages\" array, \"instruction\"/\"output\" keys or a \"conversations\" array (see README#datasets)")]
-    UnknownFormat,
-    #[error("expected {} like the first record on line {first_line} (see README#datasets)", .expected.expected_keys())]
-    MissingKeys { expected: Format, first_line: usize },
-    #[error("this record is in the {found} format but line {first_line} started a {first} dataset; use one format per file (see README#datasets)")]
-    MixedFormats {
-        found: Format,
-        first: Format,
-        first_line: usize,
+    InvalidJson {
+        /// 1-based column where serde_json gave up.
+        column: usize,
+        /// serde_json's description, without its position.
+        reason: String,
     },
-    #[error("missing \"{key}\"; {hint}")]
-    MissingField { key: String, hint: &'static str },
-    #[error("\"{key}\" should be {expected}, found {found}")]
-    WrongType {
-        key: String,
-        expected: &'static str,
+    /// A line holds valid JSON that is not an object (an array, a string, ...).
+    #[error("expected a JSON object such as {{\"text\": \"...\"}}, found {found}")]
+    NotAnObject {
+        /// The kind found, as a phrase ("an array").
         found: &'static str,
     },
+    /// The first records match none of the supported formats (text, prompt/completion, messages,
+    /// instruction/output, conversations).
+    #[error("expected a \"text\" string, \"prompt\"/\"completion\" keys, a \"messages\" array, \"instruction\"/\"output\" keys or a \"conversations\" array (see README#datasets)")]
+    UnknownFormat,
+    /// A record lacks the keys of the format the first record set.
+    #[error("expected {} like the first record on line {first_line} (see README#datasets)", .expected.expected_keys())]
+    MissingKeys {
+        /// The file's format, set by its first record.
+        expected: Format,
+        /// The line of that first record.
+        first_line: usize,
+    },
+    /// A record is in another supported format than the first record's.
+    #[error("this record is in the {found} format but line {first_line} started a {first} dataset; use one format per file (see README#datasets)")]
+    MixedFormats {
+        /// This record's format.
+        found: Format,
+        /// The file's format, set by its first record.
+        first: Format,
+        /// The line of that first record.
+        first_line: usize,
+    },
+    /// A key the record's format needs is absent.
+    #[error("missing \"{key}\"; {hint}")]
+    MissingField {
+        /// The key, with its path inside the record (`messages[2].role`).
+        key: String,
+        /// What the record should hold instead.
+        hint: &'static str,
+    },
+    /// A key holds the wrong JSON type (a number where a string belongs, ...).
+    #[error("\"{key}\" should be {expected}, found {found}")]
+    WrongType {
+        /// The key, with its path inside the record.
+        key: String,
+        /// The type it should have, as a phrase ("a string").
+        expected: &'static str,
+        /// The type it has, as a phrase.
+        found: &'static str,
+    },
+    /// A text the record trains on (a prompt, a completion, a user or assistant turn) is blank.
     #[error("\"{key}\" is empty; fill it in or remove the record")]
-    EmptyText { key: String },
+    EmptyText {
+        /// The key, with its path inside the record.
+        key: String,
+    },
+    /// A message's role is not one the format knows.
     #[error("unknown role \"{role}\" in \"{key}\"; use one of {allowed}")]
     UnknownRole {
+        /// The role found.
         role: String,
+        /// The key, with its path inside the record (`messages[0].role`).
         key: String,
+        /// The roles allowed, as text for the message.
         allowed: &'static str,
     },
+    /// With prompt masking on, a conversation has no assistant turn, so no token would be trained
+    /// on.
     #[error(
         "the conversation has no assistant turn to train on; add one or turn off prompt masking"
     )]
     NoAssistantTurn,
+    /// The model's chat template raised an error while rendering this record; holds its message.
     #[error(
         "the chat template failed on this record ({0}); check the turn order the model expects"
     )]
     Template(String),
+    /// The model's chat template does not compile; holds the parser's message. Stops the whole
+    /// dataset, not one record.
     #[error("could not compile the model's chat template ({0}); fix chat_template in the model's tokenizer files or update FineTune")]
     TemplateSyntax(String),
+    /// The tokenizer failed on the rendered text; holds its message.
     #[error("could not tokenize the record ({0})")]
     Tokenize(String),
+    /// Every record was dropped, unusable or skipped, so nothing is left to train on.
     #[error("no records left to train on ({dropped} longer than max_seq_len {max_seq_len} were dropped, {untrainable} had no token to train on, {skipped} bad lines skipped); raise max_seq_len, truncate over-long records or fix the file")]
     NoRecords {
+        /// The length limit records were checked against, in tokens.
         max_seq_len: usize,
+        /// Records dropped for being longer than `max_seq_len`.
         dropped: usize,
+        /// Records with no token left to train on (everything masked).
         untrainable: usize,
+        /// Bad lines skipped by `skip_bad_lines`.
         skipped: usize,
     },
 }
@@ -104,10 +168,12 @@ pub struct DataError {
     pub path: PathBuf,
     /// 1-based line number; `None` for problems of the whole file (unreadable, empty) or the model.
     pub line: Option<usize>,
+    /// What is wrong.
     pub problem: Problem,
 }
 
 impl DataError {
+    /// A problem at `path`, on 1-based `line` if it belongs to one.
     pub fn new(path: impl Into<PathBuf>, line: Option<usize>, problem: Problem) -> Self {
         Self {
             path: path.into(),
@@ -132,20 +198,25 @@ impl std::error::Error for DataError {}
 /// `skip_bad_lines` skipped the per-record ones). `Display` lists all of them, one per line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataErrors {
+    /// The problems, in file order (train file first, then validation).
     pub errors: Vec<DataError>,
 }
 
 impl DataErrors {
+    /// A list of one problem (a chat template that does not compile, a preview record that does not
+    /// tokenize).
     pub fn single(error: DataError) -> Self {
         Self {
             errors: vec![error],
         }
     }
 
+    /// How many problems.
     pub fn len(&self) -> usize {
         self.errors.len()
     }
 
+    /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.errors.is_empty()
     }

@@ -25,10 +25,15 @@ const SHAREGPT_FROM_TEXT: &str =
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
+    /// `{"text": ...}`: plain text, every token trained.
     Text,
+    /// `{"prompt", "completion"}`: trained on the completion when masking.
     PromptCompletion,
+    /// `{"messages": [{"role", "content"}, ...]}`: a chat, trained on assistant turns when masking.
     Messages,
+    /// Alpaca `{"instruction", "input", "output"}`: a two-turn chat.
     Alpaca,
+    /// ShareGPT `{"conversations": [{"from", "value"}, ...]}`: a chat.
     ShareGpt,
 }
 
@@ -83,14 +88,18 @@ impl std::fmt::Display for Format {
 /// `{"text": "..."}`: trained on every token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextRecord {
+    /// The text, not empty.
     pub text: String,
 }
 
 /// `{"prompt": "...", "completion": "..."}`: trained on the completion when masking.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRecord {
+    /// The prompt, as written (may be empty).
     pub prompt: String,
+    /// The completion, not empty.
     pub completion: String,
+    /// Tool definitions (`tools`, JSON as written) for the chat template, if any.
     pub tools: Option<Value>,
 }
 
@@ -98,22 +107,29 @@ pub struct CompletionRecord {
 /// template sees every field (`tool_calls`, `name`, ...).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRecord {
+    /// The messages as written, each an object with a known `role`.
     pub messages: Vec<Value>,
+    /// Tool definitions (`tools`, JSON as written) for the chat template, if any.
     pub tools: Option<Value>,
 }
 
 /// Alpaca `{"instruction", "input", "output"}`, rendered as a two-turn chat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlpacaRecord {
+    /// The optional system prompt (`system`), a leading system turn.
     pub system: Option<String>,
+    /// The instruction, not empty.
     pub instruction: String,
+    /// The input, appended to the instruction after a blank line; empty when absent or null.
     pub input: String,
+    /// The answer, the assistant turn; not empty.
     pub output: String,
 }
 
 /// ShareGPT `{"conversations": [{"from", "value"}]}`, rendered as a chat.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShareGptRecord {
+    /// The optional system prompt (`system`), a leading system turn.
     pub system: Option<String>,
     /// (role after mapping, text)
     pub turns: Vec<(&'static str, String)>,
@@ -122,10 +138,15 @@ pub struct ShareGptRecord {
 /// A parsed record of any format.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
+    /// A `text` record.
     Text(TextRecord),
+    /// A `prompt`/`completion` record.
     Completion(CompletionRecord),
+    /// A `messages` record.
     Chat(ChatRecord),
+    /// An Alpaca record.
     Alpaca(AlpacaRecord),
+    /// A ShareGPT record.
     ShareGpt(ShareGptRecord),
 }
 
@@ -141,6 +162,7 @@ impl Record {
         })
     }
 
+    /// Tokens and loss mask of this record; `line` is its 1-based line in the file.
     pub fn encode(&self, enc: &Encoder<'_>, line: usize) -> Result<Sample, Problem> {
         match self {
             Record::Text(r) => r.encode(enc, line),
@@ -153,18 +175,23 @@ impl Record {
 }
 
 impl TextRecord {
+    /// Parses and checks `object` as this format; a problem names the key (with its path inside the
+    /// record).
     pub fn parse(object: &Map<String, Value>) -> Result<Self, Problem> {
         Ok(Self {
             text: non_empty_string(object, "text")?,
         })
     }
 
+    /// Tokens and loss mask of this record; `line` is its 1-based line in the file.
     pub fn encode(&self, enc: &Encoder<'_>, line: usize) -> Result<Sample, Problem> {
         enc.text(&self.text, line)
     }
 }
 
 impl CompletionRecord {
+    /// Parses and checks `object` as this format; a problem names the key (with its path inside the
+    /// record).
     pub fn parse(object: &Map<String, Value>) -> Result<Self, Problem> {
         Ok(Self {
             prompt: string(object, "prompt")?,
@@ -173,6 +200,7 @@ impl CompletionRecord {
         })
     }
 
+    /// Tokens and loss mask of this record; `line` is its 1-based line in the file.
     pub fn encode(&self, enc: &Encoder<'_>, line: usize) -> Result<Sample, Problem> {
         if enc.prompt_completion_as_chat() {
             let messages = [
@@ -187,6 +215,8 @@ impl CompletionRecord {
 }
 
 impl ChatRecord {
+    /// Parses and checks `object` as this format; a problem names the key (with its path inside the
+    /// record).
     pub fn parse(object: &Map<String, Value>) -> Result<Self, Problem> {
         let list = array(object, "messages")?;
         let mut messages = Vec::with_capacity(list.len());
@@ -256,12 +286,15 @@ impl ChatRecord {
         })
     }
 
+    /// Tokens and loss mask of this record; `line` is its 1-based line in the file.
     pub fn encode(&self, enc: &Encoder<'_>, line: usize) -> Result<Sample, Problem> {
         enc.chat(&self.messages, self.tools.as_ref(), line)
     }
 }
 
 impl AlpacaRecord {
+    /// Parses and checks `object` as this format; a problem names the key (with its path inside the
+    /// record).
     pub fn parse(object: &Map<String, Value>) -> Result<Self, Problem> {
         let input = match object.get("input") {
             None | Some(Value::Null) => String::new(),
@@ -291,12 +324,15 @@ impl AlpacaRecord {
         messages
     }
 
+    /// Tokens and loss mask of this record; `line` is its 1-based line in the file.
     pub fn encode(&self, enc: &Encoder<'_>, line: usize) -> Result<Sample, Problem> {
         enc.chat(&self.to_messages(), None, line)
     }
 }
 
 impl ShareGptRecord {
+    /// Parses and checks `object` as this format; a problem names the key (with its path inside the
+    /// record).
     pub fn parse(object: &Map<String, Value>) -> Result<Self, Problem> {
         let list = array(object, "conversations")?;
         let mut turns = Vec::with_capacity(list.len());
@@ -350,6 +386,7 @@ impl ShareGptRecord {
         system.chain(turns).collect()
     }
 
+    /// Tokens and loss mask of this record; `line` is its 1-based line in the file.
     pub fn encode(&self, enc: &Encoder<'_>, line: usize) -> Result<Sample, Problem> {
         enc.chat(&self.to_messages(), None, line)
     }

@@ -22,11 +22,15 @@ pub enum TemplateUse {
 /// Numbers about one dataset (train or validation).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetSummary {
+    /// The records' format.
     pub format: Format,
+    /// Which chat template rendered the records, if any.
     pub template: TemplateUse,
     /// Loss only on completions / assistant turns.
     pub prompt_masked: bool,
+    /// Records kept (after dropping and skipping).
     pub records: usize,
+    /// Tokens over all kept records, padding not counted.
     pub total_tokens: usize,
     /// Tokens that are training targets (not masked).
     pub trained_tokens: usize,
@@ -34,8 +38,11 @@ pub struct DatasetSummary {
     pub masked_fraction: f64,
     /// Record length percentiles, in tokens (nearest rank).
     pub length_p50: usize,
+    /// 90th percentile of record length, in tokens.
     pub length_p90: usize,
+    /// 99th percentile of record length, in tokens.
     pub length_p99: usize,
+    /// Longest record, in tokens.
     pub length_max: usize,
     /// (bucket start in tokens, records) for buckets of equal width (a power of two) from 0.
     pub histogram: Vec<(usize, usize)>,

@@ -24,8 +24,11 @@ pub const FALLBACK_TEMPLATE: &str =
 /// Errors of a chat template.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TemplateError {
+    /// The template does not compile (minijinja's message, with the line).
     #[error("{0}")]
     Syntax(String),
+    /// Rendering failed: the template called `raise_exception` or hit an undefined value or a type
+    /// error; holds the message.
     #[error("{0}")]
     Render(String),
 }
@@ -86,6 +89,7 @@ impl ChatTemplate {
         Ok(t)
     }
 
+    /// Whether this is the ChatML fallback rather than the model's own template.
     pub fn is_fallback(&self) -> bool {
         self.is_fallback
     }

@@ -8,12 +8,20 @@ use std::path::{Path, PathBuf};
 /// Errors while reading a model's tokenizer files.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// The model folder has no `tokenizer.json`; holds the path looked for.
     #[error("no tokenizer.json in the model folder; FineTune needs the fast-tokenizer file that Hub models ship (convert with transformers' AutoTokenizer.save_pretrained if you only have a slow tokenizer): {0}")]
     Missing(PathBuf),
+    /// `tokenizer.json` or `tokenizer_config.json` could not be read or parsed.
     #[error(
         "could not read tokenizer ({reason}); re-download the model's tokenizer files: {path}"
     )]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong, from the reader or parser.
+        reason: String,
+    },
+    /// The tokenizer failed to encode or decode text; holds its message.
     #[error("could not tokenize text: {0}")]
     Encode(String),
 }
@@ -24,8 +32,11 @@ pub struct ModelTokenizer {
     inner: tokenizers::Tokenizer,
     /// Jinja source of the chat template, if the model ships one.
     pub chat_template: Option<String>,
+    /// Text of the BOS token (`bos_token` in `tokenizer_config.json`), if declared.
     pub bos_token: Option<String>,
+    /// Text of the EOS token, if declared; appended to records so the model learns to stop.
     pub eos_token: Option<String>,
+    /// Text of the padding token, if declared.
     pub pad_token: Option<String>,
 }
 
@@ -122,18 +133,22 @@ impl ModelTokenizer {
             .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// Id of the token whose text is `token` (specials included), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// Vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
 
+    /// Id of the EOS token, if declared and in the vocabulary.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
+    /// Id of the BOS token, if declared and in the vocabulary.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_token.as_deref().and_then(|t| self.token_to_id(t))
     }

@@ -35,33 +35,97 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Why a Hub operation failed. Each message says what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// The model is gated and no token was sent.
     #[error("{repo} is gated: accept its license at {url} while logged in, then set a Hugging Face token (HF_TOKEN, `huggingface-cli login`, or Settings → Hugging Face token)")]
-    GatedNoToken { repo: String, url: String },
+    GatedNoToken {
+        /// The model id, `org/name`.
+        repo: String,
+        /// The model's page, where its license is accepted.
+        url: String,
+    },
+    /// The model is gated and the token sent has not been granted access.
     #[error("{repo} is gated and your token has no access yet: accept its license at {url} with the account that owns the token (approval can take a while for manually reviewed models)")]
-    GatedNoAccess { repo: String, url: String },
+    GatedNoAccess {
+        /// The model id, `org/name`.
+        repo: String,
+        /// The model's page, where its license is accepted.
+        url: String,
+    },
+    /// The Hub answered 401/403 to a token for a model that is not gated (expired, revoked or
+    /// mistyped token).
     #[error("the Hub rejected the token ({reason}); create a new read token at {endpoint}/settings/tokens and set it in Settings or HF_TOKEN")]
-    BadToken { endpoint: String, reason: String },
+    BadToken {
+        /// The Hub's base URL, for the token settings link.
+        endpoint: String,
+        /// The Hub's message, or the HTTP status.
+        reason: String,
+    },
+    /// No such model, or a private one the request may not see.
     #[error("no model {repo} on the Hub; check the spelling (org/name), or set a token if it is private")]
-    RepoNotFound { repo: String },
+    RepoNotFound {
+        /// The model id, `org/name`.
+        repo: String,
+    },
+    /// The model exists but the branch, tag or commit asked for does not.
     #[error("{repo} has no revision {revision}; use a branch, tag or commit that exists (default: main)")]
-    RevisionNotFound { repo: String, revision: String },
+    RevisionNotFound {
+        /// The model id, `org/name`.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+    },
+    /// A file listed for download is not in the repository at that revision (404).
     #[error("{repo} has no file {file} at this revision")]
-    FileNotFound { repo: String, file: String },
+    FileNotFound {
+        /// The model id, `org/name`.
+        repo: String,
+        /// The file's path inside the repository.
+        file: String,
+    },
+    /// The repository has no weights FineTune can load (e.g. GGUF only, or another framework's).
     #[error("{repo} has no safetensors or PyTorch .bin weights{hint}")]
-    NoWeights { repo: String, hint: String },
+    NoWeights {
+        /// The model id, `org/name`.
+        repo: String,
+        /// What to do instead, starting with "; " (empty when there is nothing to add).
+        hint: String,
+    },
+    /// The Hub could not be reached (DNS, connection, TLS, timeout).
     #[error("cannot reach the Hub ({reason}); check the connection or HF_ENDPOINT — models already in the cache still work offline")]
-    Network { reason: String },
+    Network {
+        /// The error chain from the HTTP client.
+        reason: String,
+    },
+    /// The Hub answered, but not as expected (an unknown status, a malformed body, a missing header).
     #[error("the Hub answered unexpectedly ({reason}); try again later")]
-    Protocol { reason: String },
+    Protocol {
+        /// What was unexpected.
+        reason: String,
+    },
+    /// The download was stopped through its [`Cancel`].
     #[error("download cancelled; what arrived is kept and the next download resumes from it")]
     Cancelled,
+    /// The connection dropped mid-file more times than the retries allow.
     #[error("the Hub keeps dropping the connection while sending {file} ({reason}); try again later — the next download resumes where this one stopped")]
-    Dropped { file: String, reason: String },
+    Dropped {
+        /// The file being sent, its path inside the repository.
+        file: String,
+        /// The last drop's error.
+        reason: String,
+    },
+    /// The OS keychain could not read, store or delete the token.
     #[error("the OS keychain refused ({reason}); set the token with HF_TOKEN instead")]
-    Keychain { reason: String },
+    Keychain {
+        /// The keychain's message.
+        reason: String,
+    },
+    /// Writing into the cache failed (no space, no permission), or the async runtime could not
+    /// start.
     #[error("cannot write to the Hugging Face cache ({source}); check free space and permissions: {path}")]
     Io {
+        /// The file or folder written.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
 }
@@ -124,6 +188,7 @@ impl HubOptions {
 pub struct Cancel(Arc<AtomicBool>);
 
 impl Cancel {
+    /// A flag that is not set.
     pub fn new() -> Self {
         Self::default()
     }
@@ -133,6 +198,7 @@ impl Cancel {
         self.0.store(true, Ordering::Relaxed);
     }
 
+    /// Whether [`Cancel::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
@@ -208,10 +274,12 @@ impl Hub {
         Self::new(HubOptions::from_env(settings_token))
     }
 
+    /// The Hub's base URL, without trailing slash.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
+    /// The hub cache folder (`models--org--name/...` live here).
     pub fn cache_dir(&self) -> &Path {
         &self.cache_dir
     }

@@ -14,9 +14,12 @@ use crate::model::SUPPORTED_ARCHITECTURES;
 /// How search results are ordered (always descending).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SearchSort {
+    /// Most downloaded (last 30 days) first; the default.
     #[default]
     Downloads,
+    /// Highest trending score first.
     Trending,
+    /// Most liked first.
     Likes,
     /// Most recently updated first.
     Updated,
@@ -56,6 +59,7 @@ impl std::str::FromStr for SearchSort {
 pub struct SearchQuery {
     /// Free text matched against model ids (empty = everything).
     pub text: String,
+    /// Order of the results.
     pub sort: SearchSort,
     /// Only models of this user or organization.
     pub author: Option<String>,
@@ -88,6 +92,7 @@ pub struct SearchRow {
     pub parameters: Option<u64>,
     /// Downloads over the last 30 days.
     pub downloads: u64,
+    /// Likes on the Hub.
     pub likes: u64,
     /// `Some("auto" | "manual")` when a license must be accepted first.
     pub gated: Option<String>,
@@ -98,10 +103,13 @@ pub struct SearchRow {
 /// Everything the details pane shows about one model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelDetails {
+    /// The model id, `org/name`.
     pub repo: String,
     /// The commit the requested revision points at.
     pub commit: Option<String>,
+    /// `architectures[0]` of its config.json, e.g. `LlamaForCausalLM`.
     pub architecture: Option<String>,
+    /// `model_type` of its config.json, e.g. `llama`.
     pub model_type: Option<String>,
     /// Total parameters from the Hub's safetensors metadata.
     pub parameters: Option<u64>,
@@ -109,9 +117,13 @@ pub struct ModelDetails {
     pub parameters_by_dtype: Vec<(String, u64)>,
     /// `Some("auto" | "manual")` when gated.
     pub gated: Option<String>,
+    /// The license tag, e.g. `apache-2.0`.
     pub license: Option<String>,
+    /// Downloads over the last 30 days.
     pub downloads: u64,
+    /// Likes on the Hub.
     pub likes: u64,
+    /// The Hub's task tag, e.g. `text-generation`.
     pub pipeline_tag: Option<String>,
     /// The files a download fetches, with sizes.
     pub files: Vec<PlannedFile>,
@@ -119,6 +131,7 @@ pub struct ModelDetails {
     pub download_bytes: u64,
     /// Whether the repo holds safetensors, only .bin, or neither (GGUF-only repos).
     pub weights: Result<&'static str, String>,
+    /// `Ok(())` when FineTune can train it, else why not.
     pub supported: Result<(), String>,
     /// The model's page (where a gated license is accepted).
     pub url: String,

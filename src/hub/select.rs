@@ -23,6 +23,7 @@ pub(crate) const SUPPORT_FILES: &[&str] = &[
 pub struct PlannedFile {
     /// Path inside the repo, e.g. `model-00001-of-00002.safetensors`.
     pub path: String,
+    /// Size in bytes, from the repo's file tree.
     pub bytes: u64,
 }
 

@@ -13,38 +13,78 @@ use super::config::Family;
 use super::lora::{self, Lora, LoraConfig, LoraState};
 use super::Model;
 
+/// File name of the LoRA weights in an adapter folder (PEFT's name).
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// File name of the LoRA settings in an adapter folder (PEFT's name).
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 
 /// Errors while reading or writing adapter folders.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
+    /// The adapter folder has no `adapter_config.json`; holds the path looked for.
     #[error("no adapter_config.json in the adapter folder; pick a folder saved by PEFT or FineTune: {0}")]
     MissingConfig(PathBuf),
+    /// `adapter_config.json` cannot be read, is not JSON, or lacks `r`; also a config that fails to
+    /// serialize on save.
     #[error("adapter_config.json cannot be used: {reason}: {path}")]
-    InvalidConfig { path: PathBuf, reason: String },
+    InvalidConfig {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The adapter folder has no `adapter_model.safetensors`; holds the path looked for.
     #[error("no adapter_model.safetensors in the adapter folder (PEFT's older adapter_model.bin is not read; re-save it with a current PEFT): {0}")]
     MissingWeights(PathBuf),
+    /// The weights file is not readable safetensors, or a module has only one of `lora_A` /
+    /// `lora_B`; also weights that fail to serialize on save.
     #[error("adapter weights cannot be read: {reason}: {path}")]
-    InvalidWeights { path: PathBuf, reason: String },
+    InvalidWeights {
+        /// The weights file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The adapter has weights for a module path this model does not have (another architecture).
     #[error("the adapter has weights for module {module}, which this model does not have; the adapter was trained for another architecture: {path}")]
-    UnknownModule { module: String, path: PathBuf },
+    UnknownModule {
+        /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
+        module: String,
+        /// The weights file.
+        path: PathBuf,
+    },
+    /// A LoRA tensor's shape does not fit the module it belongs to (another model size).
     #[error(
         "adapter tensor {key} has shape {found:?}, expected {expected:?} for this model: {path}"
     )]
     WrongShape {
+        /// The PEFT tensor key.
         key: String,
+        /// The shape this model needs: `(r, in)` for `lora_A`, `(out, r)` for `lora_B`.
         expected: Vec<usize>,
+        /// The shape stored.
         found: Vec<usize>,
+        /// The weights file.
         path: PathBuf,
     },
+    /// The adapter uses a PEFT feature FineTune does not implement (DoRA, another `peft_type`, a
+    /// per-module `alpha_pattern`, tensors other than `lora_A`/`lora_B`).
     #[error("{what} is not supported: {path}")]
-    Unsupported { what: String, path: PathBuf },
+    Unsupported {
+        /// The feature, as a phrase.
+        what: String,
+        /// The config or weights file.
+        path: PathBuf,
+    },
+    /// Creating the adapter folder or writing a file into it failed.
     #[error("cannot write {path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// A tensor operation failed while placing the weights (dtype conversion, device copy).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

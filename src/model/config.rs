@@ -31,16 +31,23 @@ pub enum Family {
 /// How RoPE frequencies are rescaled for long context.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
+    /// No rescaling (also what GPT-2's learned positions use).
     Default,
     /// Positions divided by `factor`.
     Linear {
+        /// Divisor of the positions.
         factor: f64,
     },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
+        /// Overall context extension factor (`factor`).
         factor: f64,
+        /// Wavelengths longer than `original / low_freq_factor` are divided by `factor`.
         low_freq_factor: f64,
+        /// Wavelengths shorter than `original / high_freq_factor` are kept; between the two,
+        /// interpolated.
         high_freq_factor: f64,
+        /// The context length the model was pretrained with.
         original_max_position_embeddings: f64,
     },
 }
@@ -48,11 +55,13 @@ pub enum RopeScaling {
 /// The activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// SiLU / swish (`silu`), the gate of SwiGLU.
     Silu,
     /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
     /// exact erf gelu (`gelu`).
     Gelu,
+    /// `relu`.
     Relu,
 }
 
@@ -61,33 +70,54 @@ pub enum Activation {
 pub struct ModelConfig {
     /// `architectures[0]`, e.g. `LlamaForCausalLM`.
     pub architecture: String,
+    /// `model_type`, e.g. `llama`, `qwen2`, `gpt2` (empty when absent).
     pub model_type: String,
+    /// Which forward pass runs.
     pub family: Family,
+    /// Tokens in the vocabulary: rows of the embedding and of `lm_head`.
     pub vocab_size: usize,
+    /// Width of the residual stream (`hidden_size`, GPT-2 `n_embd`).
     pub hidden_size: usize,
+    /// Width of the MLP's inner layer (`intermediate_size`; GPT-2 `n_inner`, default 4 × hidden).
     pub intermediate_size: usize,
+    /// Transformer blocks (`num_hidden_layers`, GPT-2 `n_layer`).
     pub num_layers: usize,
+    /// Query heads (`num_attention_heads`, GPT-2 `n_head`).
     pub num_heads: usize,
+    /// Key/value heads (`num_key_value_heads`, default `num_heads`); fewer than `num_heads` is GQA.
     pub num_kv_heads: usize,
+    /// Width of one head (`head_dim`, default hidden / heads).
     pub head_dim: usize,
+    /// Longest context the model was trained for, in tokens (`max_position_embeddings`, default
+    /// 2048; GPT-2 `n_positions`).
     pub max_position_embeddings: usize,
+    /// Epsilon of the norms (`rms_norm_eps`, default 1e-6; GPT-2 `layer_norm_epsilon`, default
+    /// 1e-5).
     pub norm_eps: f64,
+    /// RoPE base frequency (`rope_theta` or `rope_parameters.rope_theta`); 0 for GPT-2.
     pub rope_theta: f64,
+    /// How RoPE frequencies are rescaled for long context.
     pub rope_scaling: RopeScaling,
+    /// Whether `lm_head` reuses the embedding matrix (`tie_word_embeddings`; default off, on for
+    /// GPT-2).
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections.
     pub qkv_bias: bool,
     /// Bias on the attention output projection.
     pub o_bias: bool,
+    /// Bias on the MLP projections (`mlp_bias`; always on for GPT-2).
     pub mlp_bias: bool,
     /// Qwen3: RMSNorm on each head of q and k before RoPE.
     pub qk_norm: bool,
+    /// The MLP's activation (`hidden_act`, GPT-2 `activation_function`).
     pub activation: Activation,
     /// GPT-2: divide attention scores by (layer index + 1) as well.
     pub scale_attn_by_inverse_layer_idx: bool,
     /// Stored dtype as the config declares it (`dtype` or `torch_dtype`), if any.
     pub stored_dtype: Option<String>,
+    /// `bos_token_id` (the first one when config.json gives a list).
     pub bos_token_id: Option<u32>,
+    /// `eos_token_id` (the first one when config.json gives a list).
     pub eos_token_id: Option<u32>,
 }
 

@@ -15,16 +15,28 @@ use crate::convert::{self, ConvertError, ConvertReport, SourceKind};
 /// Why a named model cannot be used. The text says what to do next; the path comes last.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// Nothing was named (an empty path).
     #[error("choose a model: a Hugging Face model folder, a .gguf file, or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")]
     Empty,
+    /// The path does not exist and is not a Hub id found in the Hugging Face cache.
     #[error("no such file or folder, and no Hub model of that name in the Hugging Face cache ({cache}); download it first (`finetune download ID` or the Models step) or choose a folder: {given}")]
-    NotFound { given: PathBuf, cache: String },
+    NotFound {
+        /// What was given.
+        given: PathBuf,
+        /// The cache folder searched, or "none found", for the message.
+        cache: String,
+    },
+    /// A folder with neither a safetensors or `.bin` checkpoint beside a config.json nor a `.gguf`
+    /// file.
     #[error("this folder holds no model: no config.json with safetensors or PyTorch .bin weights, and no .gguf file; choose a Hugging Face model folder or a .gguf file: {0}")]
     NoModel(PathBuf),
+    /// A file that is not a `.gguf` (a dataset dropped in the model slot, say).
     #[error("not a model file: models are Hugging Face folders or .gguf files (datasets are .jsonl files): {0}")]
     NotAModelFile(PathBuf),
+    /// The model folder is unusable (config.json missing or unreadable, weights missing).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Converting a `.bin` checkpoint or a GGUF file failed.
     #[error(transparent)]
     Convert(#[from] ConvertError),
 }
@@ -47,6 +59,7 @@ pub struct ModelSource {
     pub given: PathBuf,
     /// The local folder or file it names (a cache snapshot for a Hub id).
     pub path: PathBuf,
+    /// How the weights are stored, which decides whether `prepare` converts.
     pub format: ModelFormat,
     /// `org/name` when it came from the Hugging Face cache.
     pub hub_id: Option<String>,
@@ -55,6 +68,7 @@ pub struct ModelSource {
 /// A model ready to load: the safetensors folder everything downstream reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreparedModel {
+    /// The model as it was named and classified.
     pub source: ModelSource,
     /// The loadable folder: the source itself, or its converted copy.
     pub dir: PathBuf,

@@ -131,6 +131,7 @@ impl Weights {
         self.get_as(name, shape, self.matrix_dtype)
     }
 
+    /// Whether the checkpoint has a tensor called `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
@@ -140,10 +141,12 @@ impl Weights {
         self.index.keys().map(String::as_str)
     }
 
+    /// The compute dtype tensors are converted to on load ([`Weights::get`]).
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The device tensors are loaded onto.
     pub fn device(&self) -> &Device {
         &self.device
     }

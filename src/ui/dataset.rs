@@ -27,9 +27,14 @@ const MAX_PROBLEMS_SHOWN: usize = 200;
 /// What a dataset read depends on; a change means reading again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataKey {
+    /// The model as chosen (folder, `.gguf` file or Hub id); its tokenizer and chat template encode
+    /// the records.
     pub model_dir: PathBuf,
+    /// The training file.
     pub train: PathBuf,
+    /// The validation file, if one is chosen.
     pub valid: Option<PathBuf>,
+    /// How records are read and encoded (from the settings).
     pub options: DataOptions,
 }
 
@@ -52,6 +57,7 @@ impl DataKey {
 pub struct ProblemLine {
     /// File name.
     pub file: String,
+    /// 1-based line number; `None` for problems of the whole file.
     pub line: Option<usize>,
     /// What is wrong and what to do.
     pub message: String,
@@ -60,16 +66,20 @@ pub struct ProblemLine {
 /// A dataset that read cleanly.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadedReport {
+    /// Numbers about the training set.
     pub train: DatasetSummary,
+    /// Numbers about the validation set, when there is one.
     pub valid: Option<DatasetSummary>,
     /// Where the validation records come from, in words.
     pub valid_note: String,
+    /// The first records of the training file as masked/trained pieces.
     pub preview: Vec<PreviewRecord>,
 }
 
 /// What reading the dataset found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
+    /// Both files read cleanly (or with skipped lines only).
     Loaded(Box<LoadedReport>),
     /// The files have problems; training cannot start until they are fixed.
     Problems(Vec<ProblemLine>),
@@ -77,13 +87,17 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// The outcome of reading the dataset, with the key it was read for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetReport {
+    /// What was read; the report is stale when the settings' key differs.
     pub key: DataKey,
+    /// What reading found.
     pub outcome: Outcome,
 }
 
 impl DatasetReport {
+    /// The problems found, or none when the read did not end in problems.
     pub fn problems(&self) -> &[ProblemLine] {
         match &self.outcome {
             Outcome::Problems(p) => p,
@@ -148,7 +162,9 @@ fn file_name(p: &Path) -> String {
 /// What the dataset panel asks the app to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DatasetAction {
+    /// Use this training file.
     SetTrain(PathBuf),
+    /// Use this validation file (`None`: hold out part of the training file).
     SetValid(Option<PathBuf>),
 }
 
@@ -157,6 +173,7 @@ pub enum DatasetAction {
 pub struct DatasetPanel {
     job: Option<Job<Outcome>>,
     job_key: Option<DataKey>,
+    /// The last finished read, if any.
     pub report: Option<DatasetReport>,
     browse_train: Option<Job<Option<PathBuf>>>,
     browse_valid: Option<Job<Option<PathBuf>>>,
@@ -180,6 +197,7 @@ impl DatasetPanel {
         self.job_key = Some(key);
     }
 
+    /// Whether a read is running.
     pub fn is_busy(&self) -> bool {
         self.job.is_some()
     }

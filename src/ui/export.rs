@@ -27,9 +27,12 @@ pub enum Which {
 pub enum ExportAction {
     /// Export `adapter` into `dest` (the app adds the model card).
     Export {
+        /// The adapter folder (the run's latest or best save).
         adapter: PathBuf,
+        /// The destination folder.
         dest: PathBuf,
     },
+    /// Open this folder in the system's file manager.
     OpenFolder(PathBuf),
 }
 
@@ -38,6 +41,7 @@ pub enum ExportAction {
 pub struct ExportPanel {
     /// The destination text field.
     pub dest_text: String,
+    /// Which adapter of the run to export.
     pub which: Which,
     job: Option<Job<Result<Exported, String>>>,
     /// The last export's outcome.
@@ -54,6 +58,7 @@ impl ExportPanel {
         }));
     }
 
+    /// Whether an export is running.
     pub fn is_busy(&self) -> bool {
         self.job.is_some()
     }

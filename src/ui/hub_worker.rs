@@ -93,7 +93,9 @@ impl HfToken {
 /// next) and what kind of trouble it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
+    /// The message, which says what to do next (arrows replaced by characters the font draws).
     pub text: String,
+    /// How the panel treats it.
     pub kind: ProblemKind,
 }
 
@@ -102,6 +104,7 @@ pub struct Problem {
 pub enum ProblemKind {
     /// A license must be accepted on this page (and a token set) first.
     Gated {
+        /// The model's page, where its license is accepted.
         url: String,
     },
     /// The Hub could not be reached; cached models still work.
@@ -110,6 +113,7 @@ pub enum ProblemKind {
     BadToken,
     /// The person cancelled a download; nothing is wrong.
     Cancelled,
+    /// Anything else: the message is shown as it is.
     Other,
 }
 
@@ -158,7 +162,12 @@ pub enum HubCommand {
     /// Download `repo`'s training files into the cache on a thread of its own; reports
     /// [`HubEvent::Download`]s, then [`HubEvent::Downloaded`] or [`HubEvent::DownloadFailed`].
     /// `cancel` stops it.
-    Download { repo: String, cancel: Cancel },
+    Download {
+        /// The model id, `org/name`.
+        repo: String,
+        /// Stops the download when set.
+        cancel: Cancel,
+    },
     /// Use this token from now on (empty = none: `HF_TOKEN` or the token file, if any) and, when
     /// the keychain is on, store it there; answered by [`HubEvent::TokenSaved`] and
     /// [`HubEvent::Connected`].
@@ -170,7 +179,9 @@ pub enum HubCommand {
 pub enum HubEvent {
     /// A client is ready: where it points, and where its token came from (never the token).
     Connected {
+        /// The Hub's base URL.
         endpoint: String,
+        /// Where the token came from, or `None` when anonymous.
         token_source: Option<TokenSource>,
     },
     /// No client could be built; Hub calls fail with this until the token changes.
@@ -180,20 +191,39 @@ pub enum HubEvent {
     KeychainToken(Result<Option<HfToken>, String>),
     /// A search finished.
     Searched {
+        /// The query it answers (stale answers are recognised by it).
         query: SearchQuery,
+        /// The rows found, or why the search failed.
         result: Result<Vec<SearchRow>, Problem>,
     },
     /// One model's details (asked for, or prefetched after a search).
     Details {
+        /// The model id, `org/name`.
         repo: String,
+        /// The details, or why they could not be read.
         result: Result<Box<ModelDetails>, Problem>,
     },
     /// Progress of the download of `repo` (its final `Done` comes as [`HubEvent::Downloaded`]).
-    Download { repo: String, event: DownloadEvent },
+    Download {
+        /// The model id, `org/name`.
+        repo: String,
+        /// The download's progress event.
+        event: DownloadEvent,
+    },
     /// `repo` is in the cache; `snapshot` is the loadable model folder.
-    Downloaded { repo: String, snapshot: PathBuf },
+    Downloaded {
+        /// The model id, `org/name`.
+        repo: String,
+        /// The cache snapshot folder (`snapshots/<commit>`).
+        snapshot: PathBuf,
+    },
     /// The download of `repo` stopped (cancelled included).
-    DownloadFailed { repo: String, problem: Problem },
+    DownloadFailed {
+        /// The model id, `org/name`.
+        repo: String,
+        /// Why it stopped.
+        problem: Problem,
+    },
     /// The token was taken into use: `Ok(true)` when stored in the keychain, `Ok(false)` when
     /// the keychain is off, else why the keychain refused (the token is used anyway).
     TokenSaved(Result<bool, String>),

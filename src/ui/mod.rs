@@ -186,7 +186,9 @@ pub struct Job<T> {
 /// What [`Job::poll`] found.
 #[derive(Debug)]
 pub enum Poll<T> {
+    /// Still running.
     Pending,
+    /// Finished with this result.
     Ready(T),
     /// The worker crashed or could not start; the text says what happened.
     Failed(String),
@@ -254,7 +256,9 @@ pub fn take_ready<T: Send + 'static>(slot: &mut Option<Job<T>>) -> Option<Result
 /// What a file dialog should pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {
+    /// A folder (a model folder, or an export destination).
     Folder,
+    /// A `.jsonl` dataset file.
     Jsonl,
     /// A model file: `.gguf` (PyTorch `.bin` files are chosen by their folder).
     Gguf,

@@ -26,8 +26,10 @@ pub enum Preset {
 }
 
 impl Preset {
+    /// Every preset, in the order the form lists them.
     pub const ALL: [Preset; 3] = [Preset::QuickTest, Preset::Balanced, Preset::Quality];
 
+    /// The name on the preset's button.
     pub fn label(self) -> &'static str {
         match self {
             Preset::QuickTest => "Quick test",
@@ -36,6 +38,7 @@ impl Preset {
         }
     }
 
+    /// One line on what the preset is for, shown beside it.
     pub fn description(self) -> &'static str {
         match self {
             Preset::QuickTest => "60 steps, rank 8: see the whole flow work in about a minute",
@@ -112,7 +115,9 @@ impl Preset {
 /// Train for steps or for epochs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DurationKind {
+    /// Train for `Settings::steps` optimizer steps.
     Steps,
+    /// Train for `Settings::epochs` passes over the training set (the default).
     #[default]
     Epochs,
 }
@@ -121,33 +126,53 @@ pub enum DurationKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settings {
+    /// The base model as chosen: a model folder, a `.gguf` file or a Hub id in the cache.
     pub model_dir: Option<PathBuf>,
+    /// The training JSONL file.
     pub train_data: Option<PathBuf>,
+    /// The validation JSONL file; `None` holds out part of the training file.
     pub valid_data: Option<PathBuf>,
     /// Runs are written to `output_root/<model>-<date>-<time>/`.
     pub output_root: PathBuf,
     /// Where the last export went.
     pub export_dir: Option<PathBuf>,
+    /// LoRA rank r. Default 16 (Balanced).
     pub lora_rank: usize,
+    /// LoRA alpha; the scale is alpha / r. Default 32 (presets set 2 × rank).
     pub lora_alpha: f64,
+    /// Dropout on the LoRA input, 0..1. Default 0.05.
     pub lora_dropout: f64,
     /// Modules to adapt; `None` = every linear projection.
     pub lora_targets: Option<Vec<String>>,
     /// Layers to adapt: empty or "all", or indices and ranges like "0-3, 6".
     pub lora_layers: String,
+    /// Peak learning rate. Default 2e-4.
     pub lr: f64,
+    /// Learning-rate schedule after warmup. Default cosine.
     pub schedule: Schedule,
+    /// Linear warmup steps from 0 to `lr`. Default 20.
     pub warmup_steps: usize,
+    /// Whether `steps` or `epochs` sets the length of the run. Default epochs.
     pub duration: DurationKind,
+    /// Optimizer steps when training for steps. Default 200.
     pub steps: usize,
+    /// Passes over the training set when training for epochs. Default 2.
     pub epochs: usize,
+    /// Records per batch. Default 4.
     pub batch_size: usize,
+    /// Batches per optimizer step (gradient accumulation). Default 2.
     pub grad_accum: usize,
+    /// Longest record in tokens (capped at the model's context length). Default 1024.
     pub max_seq_len: usize,
+    /// Loss only on completions / assistant turns. Default on.
     pub mask_prompt: bool,
+    /// Pack short records into rows of `max_seq_len`. Default off.
     pub packing: bool,
+    /// Evaluate every N steps (and at start and end); 0 = only start and end. Default 50.
     pub eval_every: usize,
+    /// Save a checkpoint every N steps (and at the end); 0 = only at the end. Default 100.
     pub save_every: usize,
+    /// Seed for LoRA init, dropout, shuffling and the hold-out split. Default 0.
     pub seed: u64,
     /// Compute device: Auto picks Metal, then CUDA, then the CPU.
     pub device: DeviceChoice,

@@ -18,11 +18,12 @@ use crate::train::{DeviceChoice, DtypeChoice};
 /// Frames kept for the frame-time figures.
 const FRAME_WINDOW: usize = 600;
 
-/// The last [`FRAME_WINDOW`] frame times in ms.
+/// The last `FRAME_WINDOW` (600) frame times in ms.
 #[derive(Debug, Default)]
 pub struct Window(VecDeque<f32>);
 
 impl Window {
+    /// Adds one frame time in ms, dropping the oldest past the window.
     pub fn push(&mut self, ms: f32) {
         if self.0.len() >= FRAME_WINDOW {
             self.0.pop_front();
@@ -30,10 +31,12 @@ impl Window {
         self.0.push_back(ms);
     }
 
+    /// Frames held.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether no frame was recorded yet.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -54,7 +57,9 @@ impl Window {
 /// (adds tessellation and OpenGL painting; with a software renderer that is most of it).
 #[derive(Debug, Default)]
 pub struct FrameTimes {
+    /// The app's own time per frame (`logic` + `ui`).
     pub app: Window,
+    /// eframe's CPU time for the whole frame.
     pub frame: Window,
     started: Option<Instant>,
     logged: Option<Instant>,
@@ -121,6 +126,7 @@ impl FrameTimes {
 /// What the status bar shows that the run view does not.
 #[derive(Default)]
 pub struct Status {
+    /// The frame-time figures.
     pub frames: FrameTimes,
     rss_bytes: Option<u64>,
     refreshed: Option<Instant>,

@@ -7,14 +7,20 @@ use egui::{RichText, Ui};
 /// The steps of the flow, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    /// 1: choose the base model.
     Model,
+    /// 2: choose and check the dataset.
     Dataset,
+    /// 3: the training settings.
     Settings,
+    /// 4: run the training and watch it.
     Train,
+    /// 5: export the adapter.
     Export,
 }
 
 impl Step {
+    /// Every step, in the order of the flow.
     pub const ALL: [Step; 5] = [
         Step::Model,
         Step::Dataset,

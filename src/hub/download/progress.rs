@@ -17,6 +17,7 @@ pub struct DownloadProgress {
     pub file: String,
     /// Bytes in the cache so far, all files together (resumed bytes included).
     pub done_bytes: u64,
+    /// Bytes of all planned files together.
     pub total_bytes: u64,
     /// Transfer rate over the last few seconds; 0 until measurable.
     pub bytes_per_sec: f64,
@@ -30,30 +31,43 @@ pub struct DownloadProgress {
 pub enum DownloadEvent {
     /// The revision resolved to `commit`; these files will be fetched.
     Planned {
+        /// The commit the revision resolved to; the snapshot folder's name.
         commit: String,
+        /// The files to fetch, with sizes.
         files: Vec<PlannedFile>,
+        /// Sum of their sizes in bytes (cached files included).
         total_bytes: u64,
     },
     /// Starting `file`; `resumed_bytes` were already in the cache from an earlier attempt.
     FileStarted {
+        /// Path inside the repo.
         file: String,
+        /// The file's full size in bytes.
         bytes: u64,
+        /// Bytes already in the cache's `.incomplete` file, not fetched again.
         resumed_bytes: u64,
     },
+    /// Overall progress, at most every 100 ms while bytes arrive.
     Progress(DownloadProgress),
     /// The connection dropped; trying again from the bytes already written.
     Retrying {
+        /// Path inside the repo.
         file: String,
+        /// 1-based retry number.
         attempt: u32,
+        /// Why the connection dropped.
         reason: String,
     },
     /// `file` is complete; `cached` when it was already in the cache.
     FileDone {
+        /// Path inside the repo.
         file: String,
+        /// Whether the file was already complete in the cache (nothing fetched).
         cached: bool,
     },
     /// Everything is in place; `snapshot` is the loadable model folder.
     Done {
+        /// `snapshots/<commit>` in the cache.
         snapshot: PathBuf,
     },
 }

@@ -15,13 +15,33 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
     /// Slice `a` is too short for the given shape and strides.
-    ATooShort { needed: usize, len: usize },
+    ATooShort {
+        /// Elements the shape and strides need.
+        needed: usize,
+        /// Elements the slice has.
+        len: usize,
+    },
     /// Slice `b` is too short for the given shape and strides.
-    BTooShort { needed: usize, len: usize },
+    BTooShort {
+        /// Elements the shape and strides need.
+        needed: usize,
+        /// Elements the slice has.
+        len: usize,
+    },
     /// Slice `c` is too short for the given shape and `ldc`.
-    CTooShort { needed: usize, len: usize },
+    CTooShort {
+        /// Elements the shape and `ldc` need.
+        needed: usize,
+        /// Elements the slice has.
+        len: usize,
+    },
     /// `ldc < n` while `m > 1`: rows of C would overlap.
-    LdcTooSmall { ldc: usize, n: usize },
+    LdcTooSmall {
+        /// Row stride of C, in elements.
+        ldc: usize,
+        /// Columns of C.
+        n: usize,
+    },
     /// Index arithmetic overflowed `usize`.
     Overflow,
 }
