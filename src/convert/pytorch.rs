@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use candle_core::pickle::PthTensors;
 use candle_core::DType;
 
+use crate::model::weights::shard_index_names;
+
 use super::write::{write_json, write_model, PlannedTensor};
 use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
 
@@ -17,29 +19,16 @@ const BUFFER_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", ".rotary_e
 
 /// The `.bin` files a shard index names, in order.
 pub(crate) fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>, ConvertError> {
-    let bad = |reason: String| ConvertError::Pytorch {
-        path: index.to_path_buf(),
-        reason,
-    };
     let text = std::fs::read_to_string(index).map_err(io_err(index))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("the index is not JSON ({e})")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("the index has no \"weight_map\"".into()))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = Vec::new();
-    for f in map.values() {
-        let name = f
-            .as_str()
-            .ok_or_else(|| bad("a weight_map entry is not a file name".into()))?;
-        let path = dir.join(name);
-        if !files.contains(&path) {
-            files.push(path);
-        }
-    }
-    files.sort();
+    let files: Vec<PathBuf> = shard_index_names(&text)
+        .map_err(|reason| ConvertError::Pytorch {
+            path: index.to_path_buf(),
+            reason,
+        })?
+        .iter()
+        .map(|name| dir.join(name))
+        .collect();
     for f in &files {
         if !f.is_file() {
             return Err(ConvertError::Pytorch {

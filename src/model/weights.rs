@@ -24,6 +24,26 @@ pub struct Weights {
     device: Device,
 }
 
+/// The file names a shard index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`)
+/// maps tensors to in its `weight_map`, sorted, each once. The error is why `text` is not a shard
+/// index, for the caller's own error type.
+pub(crate) fn shard_index_names(text: &str) -> Result<Vec<String>, String> {
+    let index: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("the shard index is not valid JSON ({e})"))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or("the shard index has no \"weight_map\" object")?;
+    let mut names = map
+        .values()
+        .map(|file| file.as_str().map(str::to_owned))
+        .collect::<Option<Vec<String>>>()
+        .ok_or("a \"weight_map\" entry is not a file name")?;
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 /// The safetensors files that make up the checkpoint in `dir`.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index_path = dir.join("model.safetensors.index.json");
@@ -32,30 +52,14 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
             path: index_path.clone(),
             source: e,
         })?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::InvalidWeights {
+        let files: Vec<PathBuf> = shard_index_names(&text)
+            .map_err(|reason| ModelError::InvalidWeights {
                 path: index_path.clone(),
-                reason: format!("the shard index is not valid JSON ({e})"),
-            })?;
-        let map = index
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::InvalidWeights {
-                path: index_path.clone(),
-                reason: "the shard index has no \"weight_map\" object".into(),
-            })?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        for file in map.values() {
-            let name = file.as_str().ok_or_else(|| ModelError::InvalidWeights {
-                path: index_path.clone(),
-                reason: "a \"weight_map\" entry is not a file name".into(),
-            })?;
-            let path = dir.join(name);
-            if !files.contains(&path) {
-                files.push(path);
-            }
-        }
-        files.sort();
+                reason,
+            })?
+            .iter()
+            .map(|name| dir.join(name))
+            .collect();
         for f in &files {
             if !f.is_file() {
                 return Err(ModelError::MissingWeights(f.clone()));
