@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hf_hub::repository::RepoTreeEntry;
 
 use super::cache::{is_commit_hash, RepoCache};
 use super::select::{select_files, shard_names, PlannedFile};
@@ -55,29 +54,8 @@ impl Hub {
         repo: &str,
         revision: Option<&str>,
     ) -> Result<(String, Vec<PlannedFile>), HubError> {
-        let handle = self.repo(repo);
-        let result = self.runtime.block_on(async {
-            let info = handle
-                .info()
-                .maybe_revision(revision.map(str::to_owned))
-                .send()
-                .await?;
-            let commit = info.sha.clone();
-            let stream = handle
-                .list_tree()
-                .maybe_revision(commit.clone().or_else(|| revision.map(str::to_owned)))
-                .send()?;
-            let mut stream = Box::pin(stream);
-            let mut files = Vec::new();
-            while let Some(entry) = stream.next().await {
-                if let RepoTreeEntry::File { path, size, .. } = entry? {
-                    files.push((path, size));
-                }
-            }
-            Ok::<_, hf_hub::HFError>((commit, files))
-        });
-        let (commit, tree) = result.map_err(|e| self.map_error(repo, revision, e))?;
-        let commit = commit.ok_or_else(|| HubError::Protocol {
+        let (info, tree) = self.info_and_tree(repo, revision)?;
+        let commit = info.sha.ok_or_else(|| HubError::Protocol {
             reason: format!("the model info of {repo} has no commit sha"),
         })?;
         let (files, _) = select_files(repo, &tree)?;
