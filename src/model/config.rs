@@ -364,6 +364,15 @@ impl ModelConfig {
         }
     }
 
+    /// Linear modules in one layer: one per [`ModelConfig::linear_names`] name, except GPT-2's
+    /// `c_proj`, which stands in both attention and MLP.
+    pub fn linears_per_layer(&self) -> usize {
+        match self.family {
+            Family::Llama => self.linear_names().len(),
+            Family::Gpt2 => self.linear_names().len() + 1,
+        }
+    }
+
     /// Number of parameters implied by the config (weights, biases, norms; tied head counted once).
     pub fn parameter_count(&self) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
