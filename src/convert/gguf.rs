@@ -16,7 +16,7 @@ use serde_json::json;
 use super::gguf_meta::{hf_architecture, hf_config, Meta, TensorFacts};
 use super::gguf_tokenizer::{self, TokenizerFiles};
 use super::pytorch::natural_key;
-use super::write::{write_json, write_model, PlannedTensor};
+use super::write::{dtype_name, write_json, write_model, PlannedTensor};
 use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
 
 /// GGUF tensor name → transformers name; `None` for tensors with no HF counterpart.
@@ -61,14 +61,6 @@ fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)
-}
-
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
-    }
 }
 
 pub(crate) fn convert(
