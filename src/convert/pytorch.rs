@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::pickle::PthTensors;
 use candle_core::DType;
 
-use crate::model::weights::shard_index_names;
+use crate::model::weights::{read_shard_index, ShardIndexError};
 
 use super::write::{dtype_name, write_json, write_model, PlannedTensor};
 use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
@@ -19,25 +19,17 @@ const BUFFER_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", ".rotary_e
 
 /// The `.bin` files a shard index names, in order.
 pub(crate) fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>, ConvertError> {
-    let text = std::fs::read_to_string(index).map_err(io_err(index))?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let files: Vec<PathBuf> = shard_index_names(&text)
-        .map_err(|reason| ConvertError::Pytorch {
+    read_shard_index(index).map_err(|e| match e {
+        ShardIndexError::Read(source) => io_err(index)(source),
+        ShardIndexError::Invalid(reason) => ConvertError::Pytorch {
             path: index.to_path_buf(),
             reason,
-        })?
-        .iter()
-        .map(|name| dir.join(name))
-        .collect();
-    for f in &files {
-        if !f.is_file() {
-            return Err(ConvertError::Pytorch {
-                path: f.clone(),
-                reason: "a shard named by the index is missing; download it again".into(),
-            });
-        }
-    }
-    Ok(files)
+        },
+        ShardIndexError::Missing(path) => ConvertError::Pytorch {
+            path,
+            reason: "a shard named by the index is missing; download it again".into(),
+        },
+    })
 }
 
 /// Sort key that orders `layers.2` before `layers.10`.

@@ -44,27 +44,45 @@ pub(crate) fn shard_index_names(text: &str) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
+/// Why a shard index on disk cannot be used.
+pub(crate) enum ShardIndexError {
+    Read(std::io::Error),
+    /// Not a shard index; the reason.
+    Invalid(String),
+    /// A shard it names is not beside it.
+    Missing(PathBuf),
+}
+
+/// The shard files the index at `index` names, beside it, sorted, each once; each must exist.
+pub(crate) fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>, ShardIndexError> {
+    let text = std::fs::read_to_string(index).map_err(ShardIndexError::Read)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files: Vec<PathBuf> = shard_index_names(&text)
+        .map_err(ShardIndexError::Invalid)?
+        .iter()
+        .map(|name| dir.join(name))
+        .collect();
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        return Err(ShardIndexError::Missing(missing.clone()));
+    }
+    Ok(files)
+}
+
 /// The safetensors files that make up the checkpoint in `dir`.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::Io {
-            path: index_path.clone(),
-            source: e,
-        })?;
-        let files: Vec<PathBuf> = shard_index_names(&text)
-            .map_err(|reason| ModelError::InvalidWeights {
+        let files = read_shard_index(&index_path).map_err(|e| match e {
+            ShardIndexError::Read(source) => ModelError::Io {
+                path: index_path.clone(),
+                source,
+            },
+            ShardIndexError::Invalid(reason) => ModelError::InvalidWeights {
                 path: index_path.clone(),
                 reason,
-            })?
-            .iter()
-            .map(|name| dir.join(name))
-            .collect();
-        for f in &files {
-            if !f.is_file() {
-                return Err(ModelError::MissingWeights(f.clone()));
-            }
-        }
+            },
+            ShardIndexError::Missing(file) => ModelError::MissingWeights(file),
+        })?;
         return Ok(files);
     }
     let single = dir.join("model.safetensors");
