@@ -173,21 +173,7 @@ impl<'a> GroupBwd<'a> {
         let Scratch { s, dp } = scratch;
         s.resize(nb * nk, 0.0);
         dp.resize(nb * nk, 0.0);
-        // P, recomputed from S = scale · Q_blk · K_rangeᵀ and the saved log-sum-exp.
-        mm(
-            (nb, nk, d),
-            s,
-            nk,
-            false,
-            (&q[i0 * d..], d, 1),
-            (&k[klo * d..], 1, d),
-            self.scale,
-        )?;
-        for (r, row) in s.chunks_mut(nk).enumerate() {
-            let i = i0 + r;
-            let l = qh.lse.map(|l| l[i]);
-            probs(row, &kv.bias[i * t..(i + 1) * t], klo, kv.ranges[i], l);
-        }
+        self.probs_block(kv, qh, (i0, i1), (klo, nk), s)?;
         // dV_range += Pᵀ · dO_blk
         mm(
             (nk, d, nb),
@@ -237,5 +223,33 @@ impl<'a> GroupBwd<'a> {
             (&q[i0 * d..], d, 1),
             self.scale,
         )
+    }
+
+    /// P of query rows `i0..i1` over keys `klo..klo + nk` into `s` (nb × nk), recomputed from
+    /// S = scale · Q_blk · K_rangeᵀ and the saved log-sum-exp.
+    fn probs_block(
+        &self,
+        kv: &KvGroup<'_>,
+        qh: &QueryHead<'_>,
+        (i0, i1): (usize, usize),
+        (klo, nk): (usize, usize),
+        s: &mut [f32],
+    ) -> Result<()> {
+        let (t, d) = (self.dm.t, self.dm.d);
+        mm(
+            (i1 - i0, nk, d),
+            s,
+            nk,
+            false,
+            (&qh.q[i0 * d..], d, 1),
+            (&kv.k[klo * d..], 1, d),
+            self.scale,
+        )?;
+        for (r, row) in s.chunks_mut(nk).enumerate() {
+            let i = i0 + r;
+            let l = qh.lse.map(|l| l[i]);
+            probs(row, &kv.bias[i * t..(i + 1) * t], klo, kv.ranges[i], l);
+        }
+        Ok(())
     }
 }
