@@ -137,9 +137,27 @@ pub fn export_adapter(
 /// The README.md model card: Hub front matter (so the Hub links the adapter to its base model),
 /// then what was trained on what, with which settings, and how it ended.
 pub fn model_card(card: &CardInfo) -> String {
-    let c = &card.config;
     let mut s = String::new();
-    // `writeln!` into a String cannot fail; the results are ignored on purpose.
+    front_matter(&mut s, card);
+    let _ = writeln!(s);
+    let _ = writeln!(s, "# LoRA adapter for {}", card.base_model);
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Trained with FineTune on {} ({} of {} steps) on {}.",
+        card.dataset, card.steps_done, card.total_steps, card.date
+    );
+    results_section(&mut s, card);
+    data_section(&mut s, card);
+    settings_section(&mut s, &card.config);
+    use_section(&mut s, card);
+    s
+}
+
+// `writeln!` into a String cannot fail; the results below are ignored on purpose.
+
+/// The Hub's YAML front matter: base model, library, pipeline and tags.
+fn front_matter(s: &mut String, card: &CardInfo) {
     let _ = writeln!(s, "---");
     let _ = writeln!(s, "base_model: {}", yaml_str(&card.base_model));
     let _ = writeln!(s, "library_name: peft");
@@ -153,14 +171,10 @@ pub fn model_card(card: &CardInfo) -> String {
     let _ = writeln!(s, "- lora");
     let _ = writeln!(s, "- finetune");
     let _ = writeln!(s, "---");
-    let _ = writeln!(s);
-    let _ = writeln!(s, "# LoRA adapter for {}", card.base_model);
-    let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "Trained with FineTune on {} ({} of {} steps) on {}.",
-        card.dataset, card.steps_done, card.total_steps, card.date
-    );
+}
+
+/// `## Results`: the final and best losses.
+fn results_section(s: &mut String, card: &CardInfo) {
     let _ = writeln!(s);
     let _ = writeln!(s, "## Results");
     let _ = writeln!(s);
@@ -173,6 +187,10 @@ pub fn model_card(card: &CardInfo) -> String {
         loss(card.final_val_loss)
     );
     let _ = writeln!(s, "| best validation loss | {} |", loss(card.best_val_loss));
+}
+
+/// `## Data`: the training file and where validation came from.
+fn data_section(s: &mut String, card: &CardInfo) {
     let _ = writeln!(s);
     let _ = writeln!(s, "## Data");
     let _ = writeln!(s);
@@ -185,10 +203,14 @@ pub fn model_card(card: &CardInfo) -> String {
             let _ = writeln!(
                 s,
                 "- validation: {:.0}% held out of the training file",
-                c.valid_fraction * 100.0
+                card.config.valid_fraction * 100.0
             );
         }
     }
+}
+
+/// `## Settings`: one table row per training setting.
+fn settings_section(s: &mut String, c: &TrainConfig) {
     let _ = writeln!(s);
     let _ = writeln!(s, "## Settings");
     let _ = writeln!(s);
@@ -232,6 +254,10 @@ pub fn model_card(card: &CardInfo) -> String {
     for (k, v) in rows {
         let _ = writeln!(s, "| {k} | {v} |");
     }
+}
+
+/// `## Use`: loading the adapter with PEFT.
+fn use_section(s: &mut String, card: &CardInfo) {
     let _ = writeln!(s);
     let _ = writeln!(s, "## Use");
     let _ = writeln!(s);
@@ -249,7 +275,6 @@ pub fn model_card(card: &CardInfo) -> String {
         "model = PeftModel.from_pretrained(base, \"path/to/this/folder\")"
     );
     let _ = writeln!(s, "```");
-    s
 }
 
 /// Today's date in UTC as `YYYY-MM-DD`.

@@ -166,10 +166,7 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
         Family::Llama => r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)),
         Family::Gpt2 => r * ((h + 3 * h) + 2 * h + (h + i) + (i + h)),
     };
-    let modules = match cfg.family {
-        Family::Llama => 7,
-        Family::Gpt2 => 4,
-    };
+    let modules = cfg.linears_per_layer();
     let share = input
         .lora_modules_per_layer
         .map_or(1.0, |m| m.min(modules) as f64 / modules as f64);

@@ -8,16 +8,18 @@
 // Tests panic on purpose: unwrap/expect are how they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 #[path = "convert/helpers.rs"]
 mod helpers;
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use common::fixture;
 use finetune::convert::{convert, detect, parse_dtype, ConvertError, ConvertOptions, SourceKind};
 use finetune::data::tokenizer::ModelTokenizer;
 use finetune::model::{Model, ModelInput};
-use helpers::{cosine, fixture, logits, max_abs, max_diff, tensors_of};
+use helpers::{cosine, logits, max_abs, max_diff, tensors_of};
 
 #[test]
 fn pytorch_bin_converts_to_the_fixture_tensors() {

@@ -14,9 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use super::gguf_meta::{hf_architecture, hf_config, Meta, TensorFacts};
-use super::gguf_tokenizer;
+use super::gguf_tokenizer::{self, TokenizerFiles};
 use super::pytorch::natural_key;
-use super::write::{write_json, write_model, PlannedTensor};
+use super::write::{dtype_name, write_json, write_model, PlannedTensor};
 use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
 
 /// GGUF tensor name → transformers name; `None` for tensors with no HF counterpart.
@@ -63,27 +63,18 @@ fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
-    }
-}
-
 pub(crate) fn convert(
     path: &Path,
     out: &Path,
     options: &ConvertOptions,
     source: SourceKind,
 ) -> Result<ConvertReport, ConvertError> {
-    let bad = |reason: String| ConvertError::Gguf {
-        path: path.to_path_buf(),
-        reason,
-    };
     let file = File::open(path).map_err(io_err(path))?;
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
+    let content = Content::read(&mut reader).map_err(|e| ConvertError::Gguf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let meta = Meta::new(&content.metadata, path);
     if hf_architecture(&meta.arch).is_none() {
         return Err(ConvertError::GgufArchitecture {
@@ -98,68 +89,9 @@ pub(crate) fn convert(
         .map(|v| v as usize)
         .unwrap_or(heads);
     let mut notes = Vec::new();
-
-    let dtype = options.dtype.unwrap_or_else(|| {
-        let types: Vec<GgmlDType> = content
-            .tensor_infos
-            .values()
-            .map(|t| t.ggml_dtype)
-            .collect();
-        if types.contains(&GgmlDType::BF16) {
-            DType::BF16
-        } else if types.iter().all(|t| *t == GgmlDType::F32) {
-            DType::F32
-        } else {
-            DType::F16
-        }
-    });
-
-    let mut plan: Vec<(String, String)> = Vec::new(); // (hf name, gguf name)
-    let mut skipped = Vec::new();
-    for name in content.tensor_infos.keys() {
-        match hf_name(name) {
-            Some(hf) => plan.push((hf, name.clone())),
-            None if name == "rope_freqs.weight" => {}
-            None => skipped.push(name.clone()),
-        }
-    }
-    if !skipped.is_empty() {
-        skipped.sort();
-        notes.push(format!(
-            "skipped tensors with no transformers counterpart: {}",
-            skipped.join(", ")
-        ));
-    }
-    plan.sort_by_key(|p| natural_key(&p.0));
-
-    let mut read = |name: &str| -> Result<Tensor, ConvertError> {
-        let bad_t = |e: candle_core::Error| ConvertError::Tensor {
-            name: name.to_owned(),
-            reason: e.to_string(),
-            path: path.to_path_buf(),
-        };
-        content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
-            .map_err(bad_t)
-    };
-    let facts = TensorFacts {
-        has_output: content.tensor_infos.contains_key("output.weight"),
-        has_q_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        embed_rows: content
-            .tensor_infos
-            .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0]),
-        rope_freqs: match content.tensor_infos.contains_key("rope_freqs.weight") {
-            true => Some(
-                read("rope_freqs.weight")?
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| bad(e.to_string()))?,
-            ),
-            false => None,
-        },
-    };
+    let dtype = options.dtype.unwrap_or_else(|| default_dtype(&content));
+    let plan = tensor_plan(&content, &mut notes);
+    let facts = tensor_facts(&content, &mut reader, path)?;
 
     let context = meta.arch_u64("context_length").unwrap_or(4096);
     let tok = gguf_tokenizer::build(&meta, context, &mut notes)?;
@@ -182,7 +114,7 @@ pub(crate) fn convert(
             .find(|(h, _)| h == hf)
             .map(|(_, g)| g.clone())
             .unwrap_or_default();
-        let mut t = read(&gguf)?;
+        let mut t = dequantize(&content, &mut reader, path, &gguf)?;
         let bad_t = |e: candle_core::Error| ConvertError::Tensor {
             name: gguf.clone(),
             reason: e.to_string(),
@@ -198,6 +130,105 @@ pub(crate) fn convert(
     let (shards, weight_bytes) = write_model(out, &planned, options.max_shard_bytes, &mut load)?;
 
     write_json(&out.join("config.json"), &config)?;
+    write_tokenizer_files(out, &tok)?;
+    Ok(ConvertReport {
+        source,
+        out: out.to_path_buf(),
+        tensors: planned.len(),
+        shards,
+        weight_bytes,
+        notes,
+    })
+}
+
+/// The dtype to store when the caller names none: bf16 if any tensor is, f32 if all are, else f16.
+fn default_dtype(content: &Content) -> DType {
+    let types: Vec<GgmlDType> = content
+        .tensor_infos
+        .values()
+        .map(|t| t.ggml_dtype)
+        .collect();
+    if types.contains(&GgmlDType::BF16) {
+        DType::BF16
+    } else if types.iter().all(|t| *t == GgmlDType::F32) {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
+/// (hf name, gguf name) of every tensor with a transformers counterpart, in natural order; the
+/// others are named in a note (`rope_freqs` silently: it goes into config.json).
+fn tensor_plan(content: &Content, notes: &mut Vec<String>) -> Vec<(String, String)> {
+    let mut plan: Vec<(String, String)> = Vec::new();
+    let mut skipped = Vec::new();
+    for name in content.tensor_infos.keys() {
+        match hf_name(name) {
+            Some(hf) => plan.push((hf, name.clone())),
+            None if name == "rope_freqs.weight" => {}
+            None => skipped.push(name.clone()),
+        }
+    }
+    if !skipped.is_empty() {
+        skipped.sort();
+        notes.push(format!(
+            "skipped tensors with no transformers counterpart: {}",
+            skipped.join(", ")
+        ));
+    }
+    plan.sort_by_key(|p| natural_key(&p.0));
+    plan
+}
+
+/// Reads and dequantizes the GGUF tensor `name` (f32 on the CPU).
+fn dequantize(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    path: &Path,
+    name: &str,
+) -> Result<Tensor, ConvertError> {
+    content
+        .tensor(reader, name, &Device::Cpu)
+        .and_then(|q| q.dequantize(&Device::Cpu))
+        .map_err(|e| ConvertError::Tensor {
+            name: name.to_owned(),
+            reason: e.to_string(),
+            path: path.to_path_buf(),
+        })
+}
+
+/// What config.json needs from the tensors rather than the metadata.
+fn tensor_facts(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    path: &Path,
+) -> Result<TensorFacts, ConvertError> {
+    let rope_freqs = match content.tensor_infos.contains_key("rope_freqs.weight") {
+        true => Some(
+            dequantize(content, reader, path, "rope_freqs.weight")?
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| ConvertError::Gguf {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?,
+        ),
+        false => None,
+    };
+    Ok(TensorFacts {
+        has_output: content.tensor_infos.contains_key("output.weight"),
+        has_q_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        embed_rows: content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0]),
+        rope_freqs,
+    })
+}
+
+/// generation_config.json (BOS, the stop ids as EOS, pad), tokenizer.json,
+/// tokenizer_config.json and chat_template.jinja.
+fn write_tokenizer_files(out: &Path, tok: &TokenizerFiles) -> Result<(), ConvertError> {
     let mut generation = json!({"_from_model_config": true});
     if let Some(obj) = generation.as_object_mut() {
         if let Some(b) = tok.special.bos {
@@ -223,14 +254,7 @@ pub(crate) fn convert(
         let p = out.join("chat_template.jinja");
         std::fs::write(&p, t).map_err(io_err(&p))?;
     }
-    Ok(ConvertReport {
-        source,
-        out: out.to_path_buf(),
-        tensors: planned.len(),
-        shards,
-        weight_bytes,
-        notes,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -221,32 +221,42 @@ pub(crate) fn hf_config(
                 obj.insert(key.into(), json!(id));
             }
         }
-        let scaling = meta.str(&format!("{}.rope.scaling.type", meta.arch));
-        match scaling {
-            None | Some("none") => {}
-            Some("linear") => {
-                let factor = meta.arch_f64("rope.scaling.factor").unwrap_or(1.0);
-                obj.insert(
-                    "rope_scaling".into(),
-                    json!({"rope_type": "linear", "type": "linear", "factor": factor}),
-                );
-            }
-            Some(other) => {
-                notes.push(format!("RoPE scaling {other:?} is not carried over; long contexts will differ from the original"));
-            }
-        }
-        if let Some(freqs) = &facts.rope_freqs {
-            match llama3_scaling(freqs, theta, head_dim as usize) {
-                Some(s) => {
-                    obj.insert("rope_scaling".into(), s);
-                }
-                None => notes.push(
-                    "rope_freqs does not match Llama 3 scaling; it was ignored, so contexts past 8k will differ".into(),
-                ),
-            }
+        if let Some(scaling) = rope_scaling(meta, facts, theta, head_dim as usize, notes) {
+            obj.insert("rope_scaling".into(), scaling);
         }
     }
     Ok(cfg)
+}
+
+/// config.json's `rope_scaling`: linear as the metadata says, or Llama 3's when the file's
+/// `rope_freqs` match it; a scaling that cannot be carried over is said in `notes`.
+fn rope_scaling(
+    meta: &Meta<'_>,
+    facts: &TensorFacts,
+    theta: f64,
+    head_dim: usize,
+    notes: &mut Vec<String>,
+) -> Option<serde_json::Value> {
+    let mut scaling = None;
+    match meta.str(&format!("{}.rope.scaling.type", meta.arch)) {
+        None | Some("none") => {}
+        Some("linear") => {
+            let factor = meta.arch_f64("rope.scaling.factor").unwrap_or(1.0);
+            scaling = Some(json!({"rope_type": "linear", "type": "linear", "factor": factor}));
+        }
+        Some(other) => {
+            notes.push(format!("RoPE scaling {other:?} is not carried over; long contexts will differ from the original"));
+        }
+    }
+    if let Some(freqs) = &facts.rope_freqs {
+        match llama3_scaling(freqs, theta, head_dim) {
+            Some(s) => scaling = Some(s),
+            None => notes.push(
+                "rope_freqs does not match Llama 3 scaling; it was ignored, so contexts past 8k will differ".into(),
+            ),
+        }
+    }
+    scaling
 }
 
 /// Special token ids as the HF files should name them.

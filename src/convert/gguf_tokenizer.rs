@@ -110,77 +110,35 @@ fn bos_template(bos: &str, bos_id: u32) -> Value {
     })
 }
 
+/// A tokenizer error about the GGUF file `meta` reads.
+fn bad(meta: &Meta<'_>, reason: String) -> ConvertError {
+    ConvertError::Tokenizer {
+        path: meta.path.clone(),
+        reason,
+    }
+}
+
+/// The piece of token `id`, if any.
+fn piece(tokens: &[String], id: Option<u32>) -> Option<String> {
+    id.map(|i| tokens[i as usize].clone())
+}
+
 /// Builds tokenizer.json, tokenizer_config.json and the special ids from the GGUF metadata.
 pub(crate) fn build(
     meta: &Meta<'_>,
     context_length: u64,
     notes: &mut Vec<String>,
 ) -> Result<TokenizerFiles, ConvertError> {
-    let bad = |reason: String| ConvertError::Tokenizer {
-        path: meta.path.clone(),
-        reason,
-    };
     let model = meta
         .str("tokenizer.ggml.model")
-        .ok_or_else(|| bad("no tokenizer.ggml.model".into()))?
+        .ok_or_else(|| bad(meta, "no tokenizer.ggml.model".into()))?
         .to_owned();
     let tokens = meta
         .strings("tokenizer.ggml.tokens")
-        .ok_or_else(|| bad("no tokenizer.ggml.tokens".into()))?;
-    let types: Vec<i64> = meta
-        .numbers("tokenizer.ggml.token_type")
-        .map(|t| t.into_iter().map(|x| x as i64).collect())
-        .unwrap_or_else(|| vec![1; tokens.len()]);
-    let id = |key: &str| {
-        meta.u64(key)
-            .and_then(|v| u32::try_from(v).ok())
-            .filter(|&v| (v as usize) < tokens.len())
-    };
-    let token = |i: Option<u32>| i.map(|i| tokens[i as usize].clone());
-    let find = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+        .ok_or_else(|| bad(meta, "no tokenizer.ggml.tokens".into()))?;
     let chat_template = meta.str("tokenizer.chat_template").map(str::to_owned);
-
-    let mut special = SpecialIds {
-        bos: id("tokenizer.ggml.bos_token_id"),
-        eos: id("tokenizer.ggml.eos_token_id"),
-        pad: id("tokenizer.ggml.padding_token_id"),
-        unk: id("tokenizer.ggml.unknown_token_id"),
-        stop: Vec::new(),
-    };
-    // A ChatML template ends turns with <|im_end|>: generation stops there too.
-    let im_end = find("<|im_end|>").filter(|_| {
-        chat_template
-            .as_deref()
-            .is_some_and(|t| t.contains("<|im_end|>"))
-    });
-    for s in [
-        special.eos,
-        id("tokenizer.ggml.eot_token_id"),
-        id("tokenizer.ggml.eom_token_id"),
-        im_end,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if !special.stop.contains(&s) {
-            special.stop.push(s);
-        }
-    }
-
-    let mut added = Vec::new();
-    for (i, (t, ty)) in tokens
-        .iter()
-        .zip(types.iter().chain(std::iter::repeat(&1)))
-        .enumerate()
-    {
-        let is_special = *ty == TYPE_CONTROL || *ty == TYPE_UNKNOWN;
-        if is_special || *ty == TYPE_USER_DEFINED {
-            added.push(
-                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": !is_special, "special": is_special}),
-            );
-        }
-    }
+    let special = special_ids(meta, &tokens, chat_template.as_deref());
+    let added = added_tokens(meta, &tokens);
     let mut vocab = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
         vocab.entry(t.clone()).or_insert(json!(i));
@@ -196,79 +154,52 @@ pub(crate) fn build(
     };
 
     let tokenizer_json = match model.as_str() {
-        "gpt2" => {
-            let merges: Vec<Value> = meta
-                .strings("tokenizer.ggml.merges")
-                .ok_or_else(|| bad("a byte-level BPE vocabulary without merges".into()))?
-                .iter()
-                .map(|m| match m.split_once(' ') {
-                    Some((a, b)) => json!([a, b]),
-                    None => json!([m, ""]),
-                })
-                .collect();
-            let pre = meta.str("tokenizer.ggml.pre").unwrap_or("default");
-            let (normalizer, pre_tokenizer, ignore_merges) = byte_level_pre(pre)
-                .unwrap_or_else(|| {
-                    notes.push(format!("pre-tokenizer {pre:?} is not known to FineTune; used GPT-2's, so some texts may split differently than in llama.cpp"));
-                    (Value::Null, byte_level(true), false)
-                });
-            json!({
-                "version": "1.0", "truncation": null, "padding": null,
-                "added_tokens": added,
-                "normalizer": normalizer,
-                "pre_tokenizer": pre_tokenizer,
-                "post_processor": bos_post.unwrap_or_else(|| json!({"type": "ByteLevel",
-                    "add_prefix_space": true, "trim_offsets": false, "use_regex": true})),
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                    "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
-                    "vocab": vocab, "merges": merges},
-            })
-        }
+        "gpt2" => byte_level_json(meta, added, vocab, bos_post, notes)?,
         "llama" => {
-            let scores = meta
-                .numbers("tokenizer.ggml.scores")
-                .ok_or_else(|| bad("a SentencePiece vocabulary without scores".into()))?;
-            let merges: Vec<Value> = match meta.strings("tokenizer.ggml.merges") {
-                Some(m) if !m.is_empty() => m
-                    .iter()
-                    .filter_map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])))
-                    .collect(),
-                _ => merges_from_scores(&tokens, &scores)
-                    .into_iter()
-                    .map(|(a, b)| json!([a, b]))
-                    .collect(),
-            };
-            let unk = token(special.unk).unwrap_or_else(|| "<unk>".into());
-            json!({
-                "version": "1.0", "truncation": null, "padding": null,
-                "added_tokens": added,
-                "normalizer": {"type": "Sequence", "normalizers": [
-                    {"type": "Prepend", "prepend": "\u{2581}"},
-                    {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
-                "pre_tokenizer": null,
-                "post_processor": bos_post,
-                "decoder": {"type": "Sequence", "decoders": [
-                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                    {"type": "ByteFallback"}, {"type": "Fuse"},
-                    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-                "model": {"type": "BPE", "dropout": null, "unk_token": unk,
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                    "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                    "vocab": vocab, "merges": merges},
-            })
+            let unk = piece(&tokens, special.unk).unwrap_or_else(|| "<unk>".into());
+            sentencepiece_json(meta, &tokens, added, vocab, bos_post, unk)?
         }
         other => {
-            return Err(bad(format!(
-                "tokenizer model {other:?} is not supported (supported: gpt2, llama)"
-            )))
+            return Err(bad(
+                meta,
+                format!("tokenizer model {other:?} is not supported (supported: gpt2, llama)"),
+            ))
         }
     };
-    let text = serde_json::to_string(&tokenizer_json).map_err(|e| bad(e.to_string()))?;
-    text.parse::<tokenizers::Tokenizer>()
-        .map_err(|e| bad(format!("the rebuilt tokenizer.json does not load ({e})")))?;
+    let text = serde_json::to_string(&tokenizer_json).map_err(|e| bad(meta, e.to_string()))?;
+    text.parse::<tokenizers::Tokenizer>().map_err(|e| {
+        bad(
+            meta,
+            format!("the rebuilt tokenizer.json does not load ({e})"),
+        )
+    })?;
 
+    let config = tokenizer_config(
+        &tokens,
+        &special,
+        &model,
+        add_bos,
+        context_length,
+        chat_template.as_deref(),
+    );
+    Ok(TokenizerFiles {
+        tokenizer_json,
+        tokenizer_config: config,
+        special,
+        chat_template,
+    })
+}
+
+/// tokenizer_config.json: BOS/EOS handling, the context length, the tokenizer class, the special
+/// tokens and the chat template.
+fn tokenizer_config(
+    tokens: &[String],
+    special: &SpecialIds,
+    model: &str,
+    add_bos: bool,
+    context_length: u64,
+    chat_template: Option<&str>,
+) -> Value {
     let mut config = json!({
         "add_bos_token": add_bos,
         "add_eos_token": false,
@@ -278,23 +209,157 @@ pub(crate) fn build(
     });
     if let Some(obj) = config.as_object_mut() {
         for (key, value) in [
-            ("bos_token", token(special.bos)),
-            ("eos_token", token(special.eos)),
-            ("pad_token", token(special.pad)),
-            ("unk_token", token(special.unk)),
-            ("chat_template", chat_template.clone()),
+            ("bos_token", piece(tokens, special.bos)),
+            ("eos_token", piece(tokens, special.eos)),
+            ("pad_token", piece(tokens, special.pad)),
+            ("unk_token", piece(tokens, special.unk)),
+            ("chat_template", chat_template.map(str::to_owned)),
         ] {
             if let Some(v) = value {
                 obj.insert(key.into(), json!(v));
             }
         }
     }
-    Ok(TokenizerFiles {
-        tokenizer_json,
-        tokenizer_config: config,
-        special,
-        chat_template,
-    })
+    config
+}
+
+/// BOS, EOS, pad and unknown ids (those inside the vocabulary), and the ids generation stops at.
+fn special_ids(meta: &Meta<'_>, tokens: &[String], chat_template: Option<&str>) -> SpecialIds {
+    let id = |key: &str| {
+        meta.u64(key)
+            .and_then(|v| u32::try_from(v).ok())
+            .filter(|&v| (v as usize) < tokens.len())
+    };
+    let mut special = SpecialIds {
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id"),
+        pad: id("tokenizer.ggml.padding_token_id"),
+        unk: id("tokenizer.ggml.unknown_token_id"),
+        stop: Vec::new(),
+    };
+    // A ChatML template ends turns with <|im_end|>: generation stops there too.
+    let im_end = tokens
+        .iter()
+        .position(|t| t == "<|im_end|>")
+        .map(|i| i as u32)
+        .filter(|_| chat_template.is_some_and(|t| t.contains("<|im_end|>")));
+    for s in [
+        special.eos,
+        id("tokenizer.ggml.eot_token_id"),
+        id("tokenizer.ggml.eom_token_id"),
+        im_end,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !special.stop.contains(&s) {
+            special.stop.push(s);
+        }
+    }
+    special
+}
+
+/// Control, unknown and user-defined tokens as tokenizer.json's `added_tokens`.
+fn added_tokens(meta: &Meta<'_>, tokens: &[String]) -> Vec<Value> {
+    let types: Vec<i64> = meta
+        .numbers("tokenizer.ggml.token_type")
+        .map(|t| t.into_iter().map(|x| x as i64).collect())
+        .unwrap_or_else(|| vec![1; tokens.len()]);
+    let mut added = Vec::new();
+    for (i, (t, ty)) in tokens
+        .iter()
+        .zip(types.iter().chain(std::iter::repeat(&1)))
+        .enumerate()
+    {
+        let is_special = *ty == TYPE_CONTROL || *ty == TYPE_UNKNOWN;
+        if is_special || *ty == TYPE_USER_DEFINED {
+            added.push(
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": !is_special, "special": is_special}),
+            );
+        }
+    }
+    added
+}
+
+/// tokenizer.json of a byte-level BPE (`gpt2`), with the pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_json(
+    meta: &Meta<'_>,
+    added: Vec<Value>,
+    vocab: serde_json::Map<String, Value>,
+    bos_post: Option<Value>,
+    notes: &mut Vec<String>,
+) -> Result<Value, ConvertError> {
+    let merges: Vec<Value> = meta
+        .strings("tokenizer.ggml.merges")
+        .ok_or_else(|| bad(meta, "a byte-level BPE vocabulary without merges".into()))?
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => json!([a, b]),
+            None => json!([m, ""]),
+        })
+        .collect();
+    let pre = meta.str("tokenizer.ggml.pre").unwrap_or("default");
+    let (normalizer, pre_tokenizer, ignore_merges) = byte_level_pre(pre)
+        .unwrap_or_else(|| {
+            notes.push(format!("pre-tokenizer {pre:?} is not known to FineTune; used GPT-2's, so some texts may split differently than in llama.cpp"));
+            (Value::Null, byte_level(true), false)
+        });
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": bos_post.unwrap_or_else(|| json!({"type": "ByteLevel",
+            "add_prefix_space": true, "trim_offsets": false, "use_regex": true})),
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+            "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// tokenizer.json of a SentencePiece vocabulary (`llama`): a byte-fallback BPE with the `▁`
+/// normalizer and decoder; merges from the file, else derived from the piece scores.
+fn sentencepiece_json(
+    meta: &Meta<'_>,
+    tokens: &[String],
+    added: Vec<Value>,
+    vocab: serde_json::Map<String, Value>,
+    bos_post: Option<Value>,
+    unk: String,
+) -> Result<Value, ConvertError> {
+    let scores = meta
+        .numbers("tokenizer.ggml.scores")
+        .ok_or_else(|| bad(meta, "a SentencePiece vocabulary without scores".into()))?;
+    let merges: Vec<Value> = match meta.strings("tokenizer.ggml.merges") {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .filter_map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])))
+            .collect(),
+        _ => merges_from_scores(tokens, &scores)
+            .into_iter()
+            .map(|(a, b)| json!([a, b]))
+            .collect(),
+    };
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+        "pre_tokenizer": null,
+        "post_processor": bos_post,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges},
+    }))
 }
 
 #[cfg(test)]

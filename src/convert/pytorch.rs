@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use candle_core::pickle::PthTensors;
 use candle_core::DType;
 
-use super::write::{write_json, write_model, PlannedTensor};
+use crate::model::weights::{read_shard_index, ShardIndexError};
+
+use super::write::{dtype_name, write_json, write_model, PlannedTensor};
 use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
 
 /// Non-parameter buffers some transformers versions saved into `.bin` files.
@@ -17,38 +19,17 @@ const BUFFER_SUFFIXES: &[&str] = &[".attn.bias", ".attn.masked_bias", ".rotary_e
 
 /// The `.bin` files a shard index names, in order.
 pub(crate) fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>, ConvertError> {
-    let bad = |reason: String| ConvertError::Pytorch {
-        path: index.to_path_buf(),
-        reason,
-    };
-    let text = std::fs::read_to_string(index).map_err(io_err(index))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("the index is not JSON ({e})")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("the index has no \"weight_map\"".into()))?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = Vec::new();
-    for f in map.values() {
-        let name = f
-            .as_str()
-            .ok_or_else(|| bad("a weight_map entry is not a file name".into()))?;
-        let path = dir.join(name);
-        if !files.contains(&path) {
-            files.push(path);
-        }
-    }
-    files.sort();
-    for f in &files {
-        if !f.is_file() {
-            return Err(ConvertError::Pytorch {
-                path: f.clone(),
-                reason: "a shard named by the index is missing; download it again".into(),
-            });
-        }
-    }
-    Ok(files)
+    read_shard_index(index).map_err(|e| match e {
+        ShardIndexError::Read(source) => io_err(index)(source),
+        ShardIndexError::Invalid(reason) => ConvertError::Pytorch {
+            path: index.to_path_buf(),
+            reason,
+        },
+        ShardIndexError::Missing(path) => ConvertError::Pytorch {
+            path,
+            reason: "a shard named by the index is missing; download it again".into(),
+        },
+    })
 }
 
 /// Sort key that orders `layers.2` before `layers.10`.
@@ -117,6 +98,20 @@ pub(crate) fn copy_support_files(dir: &Path, out: &Path) -> Result<(), ConvertEr
     Ok(())
 }
 
+/// One tensor of the checkpoint as it will be written.
+struct Entry {
+    /// Output (Hugging Face) name.
+    name: String,
+    /// Index of the `.bin` file that holds it.
+    file: usize,
+    /// Name inside that file.
+    stored: String,
+    /// Output dtype.
+    dtype: DType,
+    /// Bytes in the output dtype.
+    bytes: u64,
+}
+
 pub(crate) fn convert(
     files: &[PathBuf],
     out: &Path,
@@ -129,19 +124,78 @@ pub(crate) fn convert(
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let config = read_config(&dir);
+    let mut notes = Vec::new();
+    let (pths, entries) = plan_tensors(files, config.as_ref(), options.dtype, &mut notes)?;
+    if let Some(w) = entries.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(ConvertError::Tensor {
+            name: w[0].name.clone(),
+            reason: "appears in two shards".into(),
+            path: dir.clone(),
+        });
+    }
+    let plan: Vec<PlannedTensor> = entries
+        .iter()
+        .map(|e| PlannedTensor {
+            name: e.name.clone(),
+            bytes: e.bytes,
+        })
+        .collect();
+    let mut load = |name: &str| {
+        let e = entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| ConvertError::Tensor {
+                name: name.to_owned(),
+                reason: "planned but not found".into(),
+                path: dir.clone(),
+            })?;
+        let bad = |err: candle_core::Error| ConvertError::Tensor {
+            name: e.stored.clone(),
+            reason: err.to_string(),
+            path: files[e.file].clone(),
+        };
+        let t = pths[e.file]
+            .get(&e.stored)
+            .map_err(bad)?
+            .ok_or_else(|| ConvertError::Tensor {
+                name: e.stored.clone(),
+                reason: "listed in the pickle but has no data".into(),
+                path: files[e.file].clone(),
+            })?;
+        t.to_dtype(e.dtype).map_err(bad)
+    };
+    let (shards, weight_bytes) = write_model(out, &plan, options.max_shard_bytes, &mut load)?;
+    copy_support_files(&dir, out)?;
+    if let (Some(d), Some(cfg)) = (options.dtype, config) {
+        write_config_dtype(out, cfg, d)?;
+    }
+    Ok(ConvertReport {
+        source,
+        out: out.to_path_buf(),
+        tensors: plan.len(),
+        shards,
+        weight_bytes,
+        notes,
+    })
+}
+
+/// Opens every `.bin` file and lists the tensors to write, in natural order: GPT-2 names get
+/// their `transformer.` prefix, non-parameter buffers and a tied `lm_head.weight` are dropped
+/// (each said in `notes`), floats take `dtype` when given.
+fn plan_tensors(
+    files: &[PathBuf],
+    config: Option<&serde_json::Value>,
+    dtype: Option<DType>,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<PthTensors>, Vec<Entry>), ConvertError> {
     let arch = config
-        .as_ref()
         .and_then(|c| c.get("architectures")?.get(0)?.as_str().map(str::to_owned))
         .unwrap_or_default();
     let tied = config
-        .as_ref()
         .and_then(|c| c.get("tie_word_embeddings")?.as_bool())
         .unwrap_or(true);
-    let mut notes = Vec::new();
-
-    // output name → (file index, stored name, output dtype, bytes)
     let mut pths = Vec::with_capacity(files.len());
-    let mut entries: Vec<(String, usize, String, DType, u64)> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
     let mut dropped = Vec::new();
     for (i, file) in files.iter().enumerate() {
         let pth = open(file)?;
@@ -157,19 +211,25 @@ pub(crate) fn convert(
             {
                 out_name = format!("transformer.{out_name}");
             }
-            let dtype = match options.dtype {
+            let dtype = match dtype {
                 Some(d) if info.dtype.is_float() => d,
                 _ => info.dtype,
             };
             let bytes = (info.layout.shape().elem_count() * dtype.size_in_bytes()) as u64;
-            entries.push((out_name, i, name.clone(), dtype, bytes));
+            entries.push(Entry {
+                name: out_name,
+                file: i,
+                stored: name.clone(),
+                dtype,
+                bytes,
+            });
         }
         pths.push(pth);
     }
-    let has = |n: &str| entries.iter().any(|e| e.0 == n);
+    let has = |n: &str| entries.iter().any(|e| e.name == n);
     let embed_present = has("model.embed_tokens.weight") || has("transformer.wte.weight");
     if tied && embed_present && has("lm_head.weight") {
-        entries.retain(|e| e.0 != "lm_head.weight");
+        entries.retain(|e| e.name != "lm_head.weight");
         notes.push("dropped lm_head.weight: config.json ties it to the input embedding".to_owned());
     }
     if !dropped.is_empty() {
@@ -178,73 +238,29 @@ pub(crate) fn convert(
             dropped.len()
         ));
     }
-    entries.sort_by_key(|e| natural_key(&e.0));
-    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(ConvertError::Tensor {
-            name: w[0].0.clone(),
-            reason: "appears in two shards".into(),
-            path: dir.clone(),
-        });
-    }
-    let plan: Vec<PlannedTensor> = entries
-        .iter()
-        .map(|e| PlannedTensor {
-            name: e.0.clone(),
-            bytes: e.4,
-        })
-        .collect();
-    let mut load = |name: &str| {
-        let (_, i, stored, dtype, _) =
-            entries
-                .iter()
-                .find(|e| e.0 == name)
-                .ok_or_else(|| ConvertError::Tensor {
-                    name: name.to_owned(),
-                    reason: "planned but not found".into(),
-                    path: dir.clone(),
-                })?;
-        let bad = |e: candle_core::Error| ConvertError::Tensor {
-            name: stored.clone(),
-            reason: e.to_string(),
-            path: files[*i].clone(),
+    entries.sort_by_key(|e| natural_key(&e.name));
+    Ok((pths, entries))
+}
+
+/// Writes `config` into `out` saying the weights are now `dtype`, under whichever spelling
+/// (`dtype` or `torch_dtype`) it already uses.
+fn write_config_dtype(
+    out: &Path,
+    mut config: serde_json::Value,
+    dtype: DType,
+) -> Result<(), ConvertError> {
+    if let Some(obj) = config.as_object_mut() {
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
         };
-        let t = pths[*i]
-            .get(stored)
-            .map_err(bad)?
-            .ok_or_else(|| ConvertError::Tensor {
-                name: stored.clone(),
-                reason: "listed in the pickle but has no data".into(),
-                path: files[*i].clone(),
-            })?;
-        t.to_dtype(*dtype).map_err(bad)
-    };
-    let (shards, weight_bytes) = write_model(out, &plan, options.max_shard_bytes, &mut load)?;
-    copy_support_files(&dir, out)?;
-    if let (Some(d), Some(mut cfg)) = (options.dtype, config) {
-        // Say what the weights now are, under both spellings transformers reads.
-        let name = match d {
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            _ => "float32",
-        };
-        if let Some(obj) = cfg.as_object_mut() {
-            let key = if obj.contains_key("dtype") {
-                "dtype"
-            } else {
-                "torch_dtype"
-            };
-            obj.insert(key.into(), serde_json::Value::String(name.into()));
-        }
-        write_json(&out.join("config.json"), &cfg)?;
+        obj.insert(
+            key.into(),
+            serde_json::Value::String(dtype_name(dtype).into()),
+        );
     }
-    Ok(ConvertReport {
-        source,
-        out: out.to_path_buf(),
-        tensors: plan.len(),
-        shards,
-        weight_bytes,
-        notes,
-    })
+    write_json(&out.join("config.json"), &config)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::{io_err, ConvertError};
 
@@ -17,6 +17,15 @@ pub(crate) struct PlannedTensor {
     pub name: String,
     /// Bytes it takes in the output dtype.
     pub bytes: u64,
+}
+
+/// transformers' name of a dtype as config.json spells it (`torch_dtype` / `dtype`).
+pub(crate) fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
 }
 
 /// Splits `plan` into shards of at most `max_bytes` (a larger single tensor gets its own shard).

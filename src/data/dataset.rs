@@ -150,69 +150,18 @@ pub fn load(
         Some(Some(file)) => Some(file),
         None => None,
     };
-    let pad_id = tokenizer.pad_id();
-    let template = |format: Format| {
-        if format.is_chat()
-            || format == Format::PromptCompletion && encoder.prompt_completion_as_chat()
-        {
-            if encoder.uses_fallback_template() {
-                TemplateUse::Fallback
-            } else {
-                TemplateUse::Model
-            }
-        } else {
-            TemplateUse::None
-        }
+    let summarizer = Summarizer {
+        encoder: &encoder,
+        mask_prompt: options.mask_prompt,
+        pad_id: tokenizer.pad_id(),
     };
-    let dataset = |path: &Path, format: Format, samples: Vec<Sample>, counts: LoadCounts| Dataset {
-        path: path.to_owned(),
-        summary: DatasetSummary::compute(
-            &samples,
-            format,
-            template(format),
-            options.mask_prompt,
-            counts,
-        ),
-        samples,
-        pad_id,
-    };
-
     let (train_set, valid_set, valid_source) = match (valid, valid_file) {
         (Some(path), Some(v)) => (
-            dataset(
-                train,
-                train_file.format,
-                train_file.samples,
-                train_file.counts,
-            ),
-            Some(dataset(path, v.format, v.samples, v.counts)),
+            summarizer.dataset(train, train_file),
+            Some(summarizer.dataset(path, v)),
             ValidSource::File(path.to_owned()),
         ),
-        _ => {
-            let held = hold_out(
-                train_file.samples.len(),
-                options.valid_fraction,
-                options.seed,
-            );
-            let format = train_file.format;
-            if held.is_empty() {
-                (
-                    dataset(train, format, train_file.samples, train_file.counts),
-                    None,
-                    ValidSource::None,
-                )
-            } else {
-                let (valid_samples, train_samples) = take_indices(train_file.samples, &held);
-                (
-                    dataset(train, format, train_samples, train_file.counts),
-                    Some(dataset(train, format, valid_samples, LoadCounts::default())),
-                    ValidSource::HeldOut {
-                        fraction: options.valid_fraction,
-                        seed: options.seed,
-                    },
-                )
-            }
-        }
+        _ => held_out(&summarizer, train, train_file, options),
     };
     Ok(LoadedData {
         train: train_set,
@@ -220,6 +169,79 @@ pub fn load(
         valid_source,
         skipped: errors,
     })
+}
+
+/// Turns one file's samples into a [`Dataset`] with its summary.
+struct Summarizer<'a, 'e> {
+    encoder: &'a Encoder<'e>,
+    mask_prompt: bool,
+    pad_id: u32,
+}
+
+impl Summarizer<'_, '_> {
+    /// Whether records of `format` went through the model's chat template, the fallback, or none.
+    fn template(&self, format: Format) -> TemplateUse {
+        if format.is_chat()
+            || format == Format::PromptCompletion && self.encoder.prompt_completion_as_chat()
+        {
+            if self.encoder.uses_fallback_template() {
+                TemplateUse::Fallback
+            } else {
+                TemplateUse::Model
+            }
+        } else {
+            TemplateUse::None
+        }
+    }
+
+    fn dataset(&self, path: &Path, file: FileData) -> Dataset {
+        Dataset {
+            path: path.to_owned(),
+            summary: DatasetSummary::compute(
+                &file.samples,
+                file.format,
+                self.template(file.format),
+                self.mask_prompt,
+                file.counts,
+            ),
+            samples: file.samples,
+            pad_id: self.pad_id,
+        }
+    }
+}
+
+/// The training set and the validation records held out of it (`options.valid_fraction`, seeded),
+/// or no validation when the file is too small to spare any.
+fn held_out(
+    summarizer: &Summarizer<'_, '_>,
+    train: &Path,
+    file: FileData,
+    options: &DataOptions,
+) -> (Dataset, Option<Dataset>, ValidSource) {
+    let held = hold_out(file.samples.len(), options.valid_fraction, options.seed);
+    if held.is_empty() {
+        return (summarizer.dataset(train, file), None, ValidSource::None);
+    }
+    let format = file.format;
+    let (valid_samples, train_samples) = take_indices(file.samples, &held);
+    let train_file = FileData {
+        format,
+        samples: train_samples,
+        counts: file.counts,
+    };
+    let valid_file = FileData {
+        format,
+        samples: valid_samples,
+        counts: LoadCounts::default(),
+    };
+    (
+        summarizer.dataset(train, train_file),
+        Some(summarizer.dataset(train, valid_file)),
+        ValidSource::HeldOut {
+            fraction: options.valid_fraction,
+            seed: options.seed,
+        },
+    )
 }
 
 /// The first `n` good records of `path` as masked/trained pieces, for a quick look before loading

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hf_hub::repository::RepoTreeEntry;
 
 use super::cache::{is_commit_hash, RepoCache};
 use super::select::{select_files, shard_names, PlannedFile};
@@ -55,29 +54,8 @@ impl Hub {
         repo: &str,
         revision: Option<&str>,
     ) -> Result<(String, Vec<PlannedFile>), HubError> {
-        let handle = self.repo(repo);
-        let result = self.runtime.block_on(async {
-            let info = handle
-                .info()
-                .maybe_revision(revision.map(str::to_owned))
-                .send()
-                .await?;
-            let commit = info.sha.clone();
-            let stream = handle
-                .list_tree()
-                .maybe_revision(commit.clone().or_else(|| revision.map(str::to_owned)))
-                .send()?;
-            let mut stream = Box::pin(stream);
-            let mut files = Vec::new();
-            while let Some(entry) = stream.next().await {
-                if let RepoTreeEntry::File { path, size, .. } = entry? {
-                    files.push((path, size));
-                }
-            }
-            Ok::<_, hf_hub::HFError>((commit, files))
-        });
-        let (commit, tree) = result.map_err(|e| self.map_error(repo, revision, e))?;
-        let commit = commit.ok_or_else(|| HubError::Protocol {
+        let (info, tree) = self.info_and_tree(repo, revision)?;
+        let commit = info.sha.ok_or_else(|| HubError::Protocol {
             reason: format!("the model info of {repo} has no commit sha"),
         })?;
         let (files, _) = select_files(repo, &tree)?;
@@ -264,18 +242,7 @@ impl Hub {
                 Ok(s) => s,
                 Err(e) => return Err(self.attempt_error(repo, e)),
             };
-            let mut out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(part)
-                .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
-            let mut written = have;
-            if have > 0 && length == Some(bytes) {
-                // The server ignored the Range and sent the whole file: start over.
-                out.set_len(0)
-                    .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
-                written = 0;
-            }
+            let (mut out, mut written) = open_part(part, have, bytes, length)?;
             let mut idle = Duration::ZERO;
             loop {
                 if cancel.is_cancelled() {
@@ -369,8 +336,21 @@ impl Hub {
         let resp = resp.map_err(|e| HubError::Network {
             reason: error_chain(&e),
         })?;
+        self.check_head_status(&resp, repo, commit, file)?;
+        file_meta(&resp, commit, file)
+    }
+
+    /// The error a HEAD's status means: no access, no such repo/revision/file, or a server answer
+    /// that is neither success nor redirect.
+    fn check_head_status(
+        &self,
+        resp: &reqwest::Response,
+        repo: &str,
+        commit: &str,
+        file: &str,
+    ) -> Result<(), HubError> {
         let status = resp.status();
-        let code = header(&resp, "x-error-code");
+        let code = header(resp, "x-error-code");
         if status.as_u16() == 401 || status.as_u16() == 403 {
             return Err(match code.as_deref() {
                 Some("RepoNotFound") => HubError::RepoNotFound {
@@ -379,7 +359,7 @@ impl Hub {
                 Some("GatedRepo") => self.gated_error(repo),
                 _ if self.has_token => HubError::BadToken {
                     endpoint: self.endpoint.clone(),
-                    reason: header(&resp, "x-error-message").unwrap_or_else(|| status.to_string()),
+                    reason: header(resp, "x-error-message").unwrap_or_else(|| status.to_string()),
                 },
                 _ => self.gated_error(repo),
             });
@@ -404,26 +384,55 @@ impl Hub {
                 reason: format!("HEAD {file} answered {status}"),
             });
         }
-        let etag = header(&resp, "x-linked-etag")
-            .or_else(|| header(&resp, "etag"))
-            .map(|e| e.trim_start_matches("W/").trim_matches('"').to_owned())
-            .filter(|e| !e.is_empty() && !e.contains('/') && !e.contains(".."))
-            .ok_or_else(|| HubError::Protocol {
-                reason: format!("HEAD {file} has no usable ETag"),
-            })?;
-        let bytes = header(&resp, "x-linked-size")
-            .or_else(|| header(&resp, "content-length"))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| HubError::Protocol {
-                reason: format!("HEAD {file} has no size"),
-            })?;
-        if let Some(c) = header(&resp, "x-repo-commit") {
-            if is_commit_hash(commit) && c != commit {
-                return Err(HubError::Protocol {
-                    reason: format!("asked for commit {commit}, got {c}"),
-                });
-            }
-        }
-        Ok(FileMeta { etag, bytes })
+        Ok(())
     }
+}
+
+/// The ETag and size a successful HEAD names (the linked ones of an LFS file first); its commit
+/// must be the one asked for.
+fn file_meta(resp: &reqwest::Response, commit: &str, file: &str) -> Result<FileMeta, HubError> {
+    let etag = header(resp, "x-linked-etag")
+        .or_else(|| header(resp, "etag"))
+        .map(|e| e.trim_start_matches("W/").trim_matches('"').to_owned())
+        .filter(|e| !e.is_empty() && !e.contains('/') && !e.contains(".."))
+        .ok_or_else(|| HubError::Protocol {
+            reason: format!("HEAD {file} has no usable ETag"),
+        })?;
+    let bytes = header(resp, "x-linked-size")
+        .or_else(|| header(resp, "content-length"))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| HubError::Protocol {
+            reason: format!("HEAD {file} has no size"),
+        })?;
+    if let Some(c) = header(resp, "x-repo-commit") {
+        if is_commit_hash(commit) && c != commit {
+            return Err(HubError::Protocol {
+                reason: format!("asked for commit {commit}, got {c}"),
+            });
+        }
+    }
+    Ok(FileMeta { etag, bytes })
+}
+
+/// Opens `part` for appending the bytes from `have` on; when the server ignored the Range and
+/// sends the whole file (`length` is all `bytes`), empties it first. Returns the file and the
+/// bytes it holds.
+fn open_part(
+    part: &std::path::Path,
+    have: u64,
+    bytes: u64,
+    length: Option<u64>,
+) -> Result<(std::fs::File, u64), Attempt> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(part)
+        .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+    if have > 0 && length == Some(bytes) {
+        // The server ignored the Range and sent the whole file: start over.
+        out.set_len(0)
+            .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+        return Ok((out, 0));
+    }
+    Ok((out, have))
 }

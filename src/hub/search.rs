@@ -232,8 +232,13 @@ impl Hub {
         rows.map_err(|e| self.map_error("", None, e))
     }
 
-    /// Details of `repo` at `revision` (default `main`): one model-info call and one tree listing.
-    pub fn details(&self, repo: &str, revision: Option<&str>) -> Result<ModelDetails, HubError> {
+    /// The model info of `repo` at `revision` (default `main`) and its file tree (path, bytes) at
+    /// the commit the info names: one model-info call and one tree listing.
+    pub(super) fn info_and_tree(
+        &self,
+        repo: &str,
+        revision: Option<&str>,
+    ) -> Result<(ModelInfo, Vec<(String, u64)>), HubError> {
         let handle = self.repo(repo);
         let result = self.runtime.block_on(async {
             let info = handle
@@ -252,7 +257,12 @@ impl Hub {
             }
             Ok::<_, hf_hub::HFError>((info, files))
         });
-        let (info, tree) = result.map_err(|e| self.map_error(repo, revision, e))?;
+        result.map_err(|e| self.map_error(repo, revision, e))
+    }
+
+    /// Details of `repo` at `revision` (default `main`): one model-info call and one tree listing.
+    pub fn details(&self, repo: &str, revision: Option<&str>) -> Result<ModelDetails, HubError> {
+        let (info, tree) = self.info_and_tree(repo, revision)?;
         let architecture = architecture_of(&info);
         let (files, weights) = match select_files(repo, &tree) {
             Ok((files, kind)) => (files, Ok(kind)),

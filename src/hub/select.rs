@@ -101,27 +101,13 @@ pub(crate) fn select_files(
     Ok((files, kind))
 }
 
-/// File names in a shard index's `weight_map`.
+/// File names in a shard index's `weight_map`, sorted, each once.
 pub(crate) fn shard_names(index: &std::path::Path) -> Result<Vec<String>, HubError> {
     let text = std::fs::read_to_string(index).map_err(|source| HubError::Io {
         path: index.to_path_buf(),
         source,
     })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| HubError::Protocol {
-        reason: format!("the shard index is not JSON ({e})"),
-    })?;
-    let mut names: Vec<String> = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .map(|m| {
-            m.values()
-                .filter_map(|f| f.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names.dedup();
-    Ok(names)
+    crate::model::weights::shard_index_names(&text).map_err(|reason| HubError::Protocol { reason })
 }
 
 #[cfg(test)]

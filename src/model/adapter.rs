@@ -6,11 +6,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
 use super::config::Family;
-use super::lora::{self, Lora, LoraConfig, LoraState};
+use super::lora::{self, Lora, LoraConfig, LoraLinear, LoraState};
 use super::Model;
 
 /// File name of the LoRA weights in an adapter folder (PEFT's name).
@@ -249,6 +249,9 @@ fn read_config(path: &Path) -> Result<LoraConfig, AdapterError> {
     })
 }
 
+/// Each module's (lora_A, lora_B) tensors, by module path.
+type Pairs = HashMap<String, (Option<Tensor>, Option<Tensor>)>;
+
 /// Loads a PEFT adapter from `dir` onto `model` (replacing any adapter) and returns its state,
 /// ready to train further or to run.
 pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
@@ -261,27 +264,7 @@ pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
     if !weights_path.is_file() {
         return Err(AdapterError::MissingWeights(weights_path));
     }
-    let bad_weights = |reason: String| AdapterError::InvalidWeights {
-        path: weights_path.clone(),
-        reason,
-    };
-    let device = model.device().clone();
-    let tensors = candle_core::safetensors::load(&weights_path, &device)
-        .map_err(|e| bad_weights(format!("not a readable safetensors file ({e})")))?;
-    // module path → (A, B)
-    let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
-    for (key, t) in tensors {
-        let (path, which) = parse_key(&key).ok_or_else(|| AdapterError::Unsupported {
-            what: format!("adapter tensor {key} (only lora_A/lora_B of linear layers)"),
-            path: weights_path.clone(),
-        })?;
-        let entry = pairs.entry(path.to_owned()).or_default();
-        if which == "lora_A" {
-            entry.0 = Some(t);
-        } else {
-            entry.1 = Some(t);
-        }
-    }
+    let mut pairs = read_pairs(&weights_path, model.device())?;
     let known: BTreeSet<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     if let Some(unknown) = pairs.keys().find(|p| !known.contains(*p)) {
         return Err(AdapterError::UnknownModule {
@@ -291,52 +274,22 @@ pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
     }
     model.detach_lora();
     let varmap = VarMap::new();
-    let scale = config.scale();
     let dropout_seed = lora::DropoutSeed::default();
     let mut targets = BTreeSet::new();
     for lin in model.linears_mut() {
-        let Some((a, b)) = pairs.remove(&lin.path) else {
+        let Some(pair) = pairs.remove(&lin.path) else {
             continue;
         };
-        let (a, b) = match (a, b) {
-            (Some(a), Some(b)) => (a, b),
-            _ => {
-                return Err(bad_weights(format!(
-                    "module {} has only one of lora_A / lora_B",
-                    lin.path
-                )))
-            }
-        };
+        let (a, b) = checked_pair(lin, pair, &weights_path)?;
         // Rank per module comes from the tensors, which also covers PEFT's rank_pattern.
         let r = a.dim(0)?;
-        let check = |t: &Tensor, which: &str, expected: Vec<usize>| {
-            if t.dims() != expected.as_slice() {
-                Err(AdapterError::WrongShape {
-                    key: lora::peft_key(&lin.path, which),
-                    expected,
-                    found: t.dims().to_vec(),
-                    path: weights_path.clone(),
-                })
-            } else {
-                Ok(())
-            }
-        };
-        check(&a, "lora_A", vec![r, lin.in_features()])?;
-        check(&b, "lora_B", vec![lin.out_features(), r])?;
         let a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
         let b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
         lora::insert(&varmap, &lin.path, &a, &b);
-        let module_scale = if r == config.rank {
-            scale
-        } else if config.use_rslora {
-            config.alpha / (r as f64).sqrt()
-        } else {
-            config.alpha / r as f64
-        };
         lin.lora = Some(Lora {
             a,
             b,
-            scale: module_scale,
+            scale: module_scale(&config, r),
             dropout: config.dropout,
             seed: dropout_seed.clone(),
         });
@@ -348,4 +301,70 @@ pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
         varmap,
         dropout_seed,
     })
+}
+
+/// Reads the adapter weights and pairs each module's lora_A with its lora_B.
+fn read_pairs(weights_path: &Path, device: &Device) -> Result<Pairs, AdapterError> {
+    let tensors = candle_core::safetensors::load(weights_path, device).map_err(|e| {
+        AdapterError::InvalidWeights {
+            path: weights_path.to_path_buf(),
+            reason: format!("not a readable safetensors file ({e})"),
+        }
+    })?;
+    let mut pairs = Pairs::new();
+    for (key, t) in tensors {
+        let (path, which) = parse_key(&key).ok_or_else(|| AdapterError::Unsupported {
+            what: format!("adapter tensor {key} (only lora_A/lora_B of linear layers)"),
+            path: weights_path.to_path_buf(),
+        })?;
+        let entry = pairs.entry(path.to_owned()).or_default();
+        if which == "lora_A" {
+            entry.0 = Some(t);
+        } else {
+            entry.1 = Some(t);
+        }
+    }
+    Ok(pairs)
+}
+
+/// Both tensors of `lin`'s pair, with the shapes `lin` implies: A `(r, in)`, B `(out, r)`.
+fn checked_pair(
+    lin: &LoraLinear,
+    pair: (Option<Tensor>, Option<Tensor>),
+    weights_path: &Path,
+) -> Result<(Tensor, Tensor), AdapterError> {
+    let (Some(a), Some(b)) = pair else {
+        return Err(AdapterError::InvalidWeights {
+            path: weights_path.to_path_buf(),
+            reason: format!("module {} has only one of lora_A / lora_B", lin.path),
+        });
+    };
+    let r = a.dim(0)?;
+    let check = |t: &Tensor, which: &str, expected: Vec<usize>| {
+        if t.dims() != expected.as_slice() {
+            Err(AdapterError::WrongShape {
+                key: lora::peft_key(&lin.path, which),
+                expected,
+                found: t.dims().to_vec(),
+                path: weights_path.to_path_buf(),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    check(&a, "lora_A", vec![r, lin.in_features()])?;
+    check(&b, "lora_B", vec![lin.out_features(), r])?;
+    Ok((a, b))
+}
+
+/// The scale of a module of rank `r`: the config's when `r` is its rank, else alpha over `r`
+/// (or over √r with rsLoRA), as PEFT computes it for a rank_pattern entry.
+fn module_scale(config: &LoraConfig, r: usize) -> f64 {
+    if r == config.rank {
+        config.scale()
+    } else if config.use_rslora {
+        config.alpha / (r as f64).sqrt()
+    } else {
+        config.alpha / r as f64
+    }
 }

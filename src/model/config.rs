@@ -229,6 +229,137 @@ fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling), String> {
     Ok((theta, scaling))
 }
 
+/// `architectures[0]`, else the one `model_type` implies; an error unless FineTune trains it.
+fn architecture_of(raw: &RawConfig) -> Result<String, String> {
+    let architecture = raw
+        .architectures
+        .as_ref()
+        .and_then(|a| a.first().cloned())
+        .or_else(|| {
+            // Fall back to model_type when `architectures` is missing.
+            Some(
+                match raw.model_type.as_deref()? {
+                    "llama" => "LlamaForCausalLM",
+                    "mistral" => "MistralForCausalLM",
+                    "qwen2" => "Qwen2ForCausalLM",
+                    "qwen3" => "Qwen3ForCausalLM",
+                    "gpt2" => "GPT2LMHeadModel",
+                    _ => return None,
+                }
+                .to_owned(),
+            )
+        })
+        .ok_or_else(|| {
+            format!(
+                "no `architectures` entry and an unknown model_type {:?}; supported: {}",
+                raw.model_type.as_deref().unwrap_or(""),
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )
+        })?;
+    if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+        return Err(format!(
+            "architecture {architecture} is not supported; supported: {}",
+            SUPPORTED_ARCHITECTURES.join(", ")
+        ));
+    }
+    Ok(architecture)
+}
+
+/// `v`, or an error naming the missing `key`.
+fn need(v: Option<usize>, key: &str) -> Result<usize, String> {
+    v.ok_or_else(|| format!("missing {key:?}"))
+}
+
+/// A GPT-2 config.json (`n_embd`, `n_head`, ...; the llama names are accepted too).
+fn gpt2_config(raw: &RawConfig, architecture: String) -> Result<ModelConfig, String> {
+    let vocab_size = need(raw.vocab_size, "vocab_size")?;
+    let hidden_size = need(raw.n_embd.or(raw.hidden_size), "n_embd")?;
+    let num_heads = need(raw.n_head.or(raw.num_attention_heads), "n_head")?;
+    if num_heads == 0 || hidden_size % num_heads != 0 {
+        return Err(format!(
+            "n_embd {hidden_size} is not divisible by n_head {num_heads}"
+        ));
+    }
+    if raw.scale_attn_weights == Some(false) {
+        return Err("scale_attn_weights=false is not supported".into());
+    }
+    Ok(ModelConfig {
+        architecture,
+        model_type: raw.model_type.clone().unwrap_or_else(|| "gpt2".into()),
+        family: Family::Gpt2,
+        vocab_size,
+        hidden_size,
+        intermediate_size: raw.n_inner.unwrap_or(4 * hidden_size),
+        num_layers: need(raw.n_layer.or(raw.num_hidden_layers), "n_layer")?,
+        num_heads,
+        num_kv_heads: num_heads,
+        head_dim: hidden_size / num_heads,
+        max_position_embeddings: need(raw.n_positions, "n_positions")?,
+        norm_eps: raw.layer_norm_epsilon.unwrap_or(1e-5),
+        rope_theta: 0.0,
+        rope_scaling: RopeScaling::Default,
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+        qkv_bias: true,
+        o_bias: true,
+        mlp_bias: true,
+        qk_norm: false,
+        activation: activation(raw.activation_function.as_deref().unwrap_or("gelu_new"))?,
+        scale_attn_by_inverse_layer_idx: raw.scale_attn_by_inverse_layer_idx.unwrap_or(false),
+        stored_dtype: raw.dtype.clone().or(raw.torch_dtype.clone()),
+        bos_token_id: first_id(&raw.bos_token_id),
+        eos_token_id: first_id(&raw.eos_token_id),
+    })
+}
+
+/// A llama-family config.json (Llama, Mistral, Qwen2, Qwen3).
+fn llama_config(raw: &RawConfig, architecture: String) -> Result<ModelConfig, String> {
+    let vocab_size = need(raw.vocab_size, "vocab_size")?;
+    let hidden_size = need(raw.hidden_size, "hidden_size")?;
+    let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+    let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(format!(
+            "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+        ));
+    }
+    let head_dim = match raw.head_dim {
+        Some(d) => d,
+        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        None => return Err(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and no head_dim is given")),
+    };
+    let (rope_theta, rope_scaling) = rope(raw)?;
+    let attention_bias = raw.attention_bias.unwrap_or(false);
+    let is_qwen2 = architecture == "Qwen2ForCausalLM";
+    Ok(ModelConfig {
+        model_type: raw.model_type.clone().unwrap_or_default(),
+        family: Family::Llama,
+        vocab_size,
+        hidden_size,
+        intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+        num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+        norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+        rope_theta,
+        rope_scaling,
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+        // Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral/Qwen3 follow
+        // `attention_bias` for all four projections.
+        qkv_bias: is_qwen2 || attention_bias,
+        o_bias: !is_qwen2 && attention_bias,
+        mlp_bias: raw.mlp_bias.unwrap_or(false),
+        qk_norm: architecture == "Qwen3ForCausalLM",
+        activation: activation(raw.hidden_act.as_deref().unwrap_or("silu"))?,
+        scale_attn_by_inverse_layer_idx: false,
+        stored_dtype: raw.dtype.clone().or(raw.torch_dtype.clone()),
+        bos_token_id: first_id(&raw.bos_token_id),
+        eos_token_id: first_id(&raw.eos_token_id),
+        architecture,
+    })
+}
+
 impl ModelConfig {
     /// Reads and normalizes `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
@@ -256,126 +387,12 @@ impl ModelConfig {
                 "quantized checkpoints ({method}) cannot be trained directly; pick the unquantized model"
             ));
         }
-        let architecture = raw
-            .architectures
-            .as_ref()
-            .and_then(|a| a.first().cloned())
-            .or_else(|| {
-                // Fall back to model_type when `architectures` is missing.
-                Some(
-                    match raw.model_type.as_deref()? {
-                        "llama" => "LlamaForCausalLM",
-                        "mistral" => "MistralForCausalLM",
-                        "qwen2" => "Qwen2ForCausalLM",
-                        "qwen3" => "Qwen3ForCausalLM",
-                        "gpt2" => "GPT2LMHeadModel",
-                        _ => return None,
-                    }
-                    .to_owned(),
-                )
-            })
-            .ok_or_else(|| {
-                format!(
-                    "no `architectures` entry and an unknown model_type {:?}; supported: {}",
-                    raw.model_type.as_deref().unwrap_or(""),
-                    SUPPORTED_ARCHITECTURES.join(", ")
-                )
-            })?;
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(format!(
-                "architecture {architecture} is not supported; supported: {}",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            ));
-        }
-        let need = |v: Option<usize>, key: &str| v.ok_or_else(|| format!("missing {key:?}"));
-        let stored_dtype = raw.dtype.clone().or(raw.torch_dtype.clone());
-        let bos_token_id = first_id(&raw.bos_token_id);
-        let eos_token_id = first_id(&raw.eos_token_id);
-        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        let architecture = architecture_of(&raw)?;
         if architecture == "GPT2LMHeadModel" {
-            let hidden_size = need(raw.n_embd.or(raw.hidden_size), "n_embd")?;
-            let num_heads = need(raw.n_head.or(raw.num_attention_heads), "n_head")?;
-            if num_heads == 0 || hidden_size % num_heads != 0 {
-                return Err(format!(
-                    "n_embd {hidden_size} is not divisible by n_head {num_heads}"
-                ));
-            }
-            if raw.scale_attn_weights == Some(false) {
-                return Err("scale_attn_weights=false is not supported".into());
-            }
-            return Ok(Self {
-                architecture,
-                model_type: raw.model_type.unwrap_or_else(|| "gpt2".into()),
-                family: Family::Gpt2,
-                vocab_size,
-                hidden_size,
-                intermediate_size: raw.n_inner.unwrap_or(4 * hidden_size),
-                num_layers: need(raw.n_layer.or(raw.num_hidden_layers), "n_layer")?,
-                num_heads,
-                num_kv_heads: num_heads,
-                head_dim: hidden_size / num_heads,
-                max_position_embeddings: need(raw.n_positions, "n_positions")?,
-                norm_eps: raw.layer_norm_epsilon.unwrap_or(1e-5),
-                rope_theta: 0.0,
-                rope_scaling: RopeScaling::Default,
-                tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
-                qkv_bias: true,
-                o_bias: true,
-                mlp_bias: true,
-                qk_norm: false,
-                activation: activation(raw.activation_function.as_deref().unwrap_or("gelu_new"))?,
-                scale_attn_by_inverse_layer_idx: raw
-                    .scale_attn_by_inverse_layer_idx
-                    .unwrap_or(false),
-                stored_dtype,
-                bos_token_id,
-                eos_token_id,
-            });
+            gpt2_config(&raw, architecture)
+        } else {
+            llama_config(&raw, architecture)
         }
-        let hidden_size = need(raw.hidden_size, "hidden_size")?;
-        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
-        let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
-        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(format!(
-                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
-            ));
-        }
-        let head_dim = match raw.head_dim {
-            Some(d) => d,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => return Err(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and no head_dim is given")),
-        };
-        let (rope_theta, rope_scaling) = rope(&raw)?;
-        let attention_bias = raw.attention_bias.unwrap_or(false);
-        let is_qwen2 = architecture == "Qwen2ForCausalLM";
-        Ok(Self {
-            model_type: raw.model_type.clone().unwrap_or_default(),
-            family: Family::Llama,
-            vocab_size,
-            hidden_size,
-            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
-            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
-            norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta,
-            rope_scaling,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            // Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral/Qwen3 follow
-            // `attention_bias` for all four projections.
-            qkv_bias: is_qwen2 || attention_bias,
-            o_bias: !is_qwen2 && attention_bias,
-            mlp_bias: raw.mlp_bias.unwrap_or(false),
-            qk_norm: architecture == "Qwen3ForCausalLM",
-            activation: activation(raw.hidden_act.as_deref().unwrap_or("silu"))?,
-            scale_attn_by_inverse_layer_idx: false,
-            stored_dtype,
-            bos_token_id,
-            eos_token_id,
-            architecture,
-        })
     }
 
     /// Every linear projection name in one layer, in checkpoint order (the default LoRA targets).
@@ -391,6 +408,15 @@ impl ModelConfig {
                 "down_proj",
             ],
             Family::Gpt2 => &["c_attn", "c_proj", "c_fc"],
+        }
+    }
+
+    /// Linear modules in one layer: one per [`ModelConfig::linear_names`] name, except GPT-2's
+    /// `c_proj`, which stands in both attention and MLP.
+    pub fn linears_per_layer(&self) -> usize {
+        match self.family {
+            Family::Llama => self.linear_names().len(),
+            Family::Gpt2 => self.linear_names().len() + 1,
         }
     }
 

@@ -24,43 +24,65 @@ pub struct Weights {
     device: Device,
 }
 
+/// The file names a shard index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`)
+/// maps tensors to in its `weight_map`, sorted, each once. The error is why `text` is not a shard
+/// index, for the caller's own error type.
+pub(crate) fn shard_index_names(text: &str) -> Result<Vec<String>, String> {
+    let index: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format!("the shard index is not valid JSON ({e})"))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or("the shard index has no \"weight_map\" object")?;
+    let mut names = map
+        .values()
+        .map(|file| file.as_str().map(str::to_owned))
+        .collect::<Option<Vec<String>>>()
+        .ok_or("a \"weight_map\" entry is not a file name")?;
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Why a shard index on disk cannot be used.
+pub(crate) enum ShardIndexError {
+    Read(std::io::Error),
+    /// Not a shard index; the reason.
+    Invalid(String),
+    /// A shard it names is not beside it.
+    Missing(PathBuf),
+}
+
+/// The shard files the index at `index` names, beside it, sorted, each once; each must exist.
+pub(crate) fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>, ShardIndexError> {
+    let text = std::fs::read_to_string(index).map_err(ShardIndexError::Read)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let files: Vec<PathBuf> = shard_index_names(&text)
+        .map_err(ShardIndexError::Invalid)?
+        .iter()
+        .map(|name| dir.join(name))
+        .collect();
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        return Err(ShardIndexError::Missing(missing.clone()));
+    }
+    Ok(files)
+}
+
 /// The safetensors files that make up the checkpoint in `dir`.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::Io {
-            path: index_path.clone(),
-            source: e,
+        let files = read_shard_index(&index_path).map_err(|e| match e {
+            ShardIndexError::Read(source) => ModelError::Io {
+                path: index_path.clone(),
+                source,
+            },
+            ShardIndexError::Invalid(reason) => ModelError::InvalidWeights {
+                path: index_path.clone(),
+                reason,
+            },
+            ShardIndexError::Missing(file) => ModelError::MissingWeights(file),
         })?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::InvalidWeights {
-                path: index_path.clone(),
-                reason: format!("the shard index is not valid JSON ({e})"),
-            })?;
-        let map = index
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::InvalidWeights {
-                path: index_path.clone(),
-                reason: "the shard index has no \"weight_map\" object".into(),
-            })?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        for file in map.values() {
-            let name = file.as_str().ok_or_else(|| ModelError::InvalidWeights {
-                path: index_path.clone(),
-                reason: "a \"weight_map\" entry is not a file name".into(),
-            })?;
-            let path = dir.join(name);
-            if !files.contains(&path) {
-                files.push(path);
-            }
-        }
-        files.sort();
-        for f in &files {
-            if !f.is_file() {
-                return Err(ModelError::MissingWeights(f.clone()));
-            }
-        }
         return Ok(files);
     }
     let single = dir.join("model.safetensors");

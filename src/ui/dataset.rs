@@ -237,6 +237,21 @@ impl DatasetPanel {
         ui.heading("2. Add a dataset");
         ui.label("JSON Lines: one record per line, as {\"text\"}, {\"prompt\", \"completion\"}, {\"messages\"}, alpaca or sharegpt. Drop .jsonl files anywhere on the window.");
         ui.add_space(6.0);
+        self.sync_path_texts(ui, s);
+        egui::Grid::new("data-files")
+            .num_columns(3)
+            .spacing([8.0, 6.0])
+            .show(ui, |ui| {
+                self.train_row_ui(ui, &mut actions);
+                self.valid_row_ui(ui, s, &mut actions);
+            });
+        ui.add_space(8.0);
+        self.report_ui(ui, s);
+        actions
+    }
+
+    /// Shows the chosen paths in the path fields, except in one being edited.
+    fn sync_path_texts(&mut self, ui: &Ui, s: &Settings) {
         if !ui.memory(|m| m.has_focus(egui::Id::unique("train-path"))) {
             self.train_text = s
                 .train_data
@@ -251,89 +266,88 @@ impl DatasetPanel {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default();
         }
-        egui::Grid::new("data-files")
-            .num_columns(3)
-            .spacing([8.0, 6.0])
-            .show(ui, |ui| {
-                let l = ui.label("Training file");
-                let r = ui
-                    .add_sized(
-                        [460.0, 22.0],
-                        egui::TextEdit::singleline(&mut self.train_text)
-                            .id(egui::Id::unique("train-path"))
-                            .hint_text("train.jsonl")
-                            .desired_width(420.0),
-                    )
-                    .labelled_by(l.id);
-                if r.lost_focus() && !self.train_text.trim().is_empty() {
-                    actions.push(DatasetAction::SetTrain(PathBuf::from(
-                        self.train_text.trim(),
-                    )));
-                }
-                ui.horizontal(|ui| {
-                    if ui
-                        .add_enabled(
-                            self.browse_train.is_none(),
-                            egui::Button::new("Choose training file…"),
-                        )
-                        .on_hover_text("Cmd/Ctrl+O")
-                        .clicked()
-                    {
-                        self.browse_train(ui.ctx());
-                    }
-                });
-                ui.end_row();
-                let l = ui.label("Validation file");
-                let r = ui
-                    .add_sized(
-                        [460.0, 22.0],
-                        egui::TextEdit::singleline(&mut self.valid_text)
-                            .id(egui::Id::unique("valid-path"))
-                            .hint_text("optional: valid.jsonl")
-                            .desired_width(420.0),
-                    )
-                    .labelled_by(l.id);
-                if r.lost_focus() {
-                    let t = self.valid_text.trim();
-                    actions.push(DatasetAction::SetValid(
-                        (!t.is_empty()).then(|| PathBuf::from(t)),
-                    ));
-                }
-                ui.horizontal(|ui| {
-                    if ui
-                        .add_enabled(
-                            self.browse_valid.is_none(),
-                            egui::Button::new("Choose validation file…"),
-                        )
-                        .on_hover_text("Choose a validation file")
-                        .clicked()
-                    {
-                        self.browse_valid = Some(pick_path(
-                            ui.ctx(),
-                            Pick::Jsonl,
-                            "Choose a validation dataset (.jsonl)",
-                        ));
-                    }
-                    if s.valid_data.is_some()
-                        && ui
-                            .button("Clear")
-                            .on_hover_text("Hold out part of the training file instead")
-                            .clicked()
-                    {
-                        actions.push(DatasetAction::SetValid(None));
-                    }
-                });
-                ui.end_row();
-            });
-        ui.add_space(8.0);
+    }
 
+    /// The training file row: path field and dialog button.
+    fn train_row_ui(&mut self, ui: &mut Ui, actions: &mut Vec<DatasetAction>) {
+        let r = path_edit_ui(
+            ui,
+            "Training file",
+            &mut self.train_text,
+            "train-path",
+            "train.jsonl",
+        );
+        if r.lost_focus() && !self.train_text.trim().is_empty() {
+            actions.push(DatasetAction::SetTrain(PathBuf::from(
+                self.train_text.trim(),
+            )));
+        }
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(
+                    self.browse_train.is_none(),
+                    egui::Button::new("Choose training file…"),
+                )
+                .on_hover_text("Cmd/Ctrl+O")
+                .clicked()
+            {
+                self.browse_train(ui.ctx());
+            }
+        });
+        ui.end_row();
+    }
+
+    /// The validation file row: path field, dialog button and Clear.
+    fn valid_row_ui(&mut self, ui: &mut Ui, s: &Settings, actions: &mut Vec<DatasetAction>) {
+        let r = path_edit_ui(
+            ui,
+            "Validation file",
+            &mut self.valid_text,
+            "valid-path",
+            "optional: valid.jsonl",
+        );
+        if r.lost_focus() {
+            let t = self.valid_text.trim();
+            actions.push(DatasetAction::SetValid(
+                (!t.is_empty()).then(|| PathBuf::from(t)),
+            ));
+        }
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(
+                    self.browse_valid.is_none(),
+                    egui::Button::new("Choose validation file…"),
+                )
+                .on_hover_text("Choose a validation file")
+                .clicked()
+            {
+                self.browse_valid = Some(pick_path(
+                    ui.ctx(),
+                    Pick::Jsonl,
+                    "Choose a validation dataset (.jsonl)",
+                ));
+            }
+            if s.valid_data.is_some()
+                && ui
+                    .button("Clear")
+                    .on_hover_text("Hold out part of the training file instead")
+                    .clicked()
+            {
+                actions.push(DatasetAction::SetValid(None));
+            }
+        });
+        ui.end_row();
+    }
+
+    /// Below the files: the drop zone, what is missing, the reading spinner, or what was read.
+    fn report_ui(&mut self, ui: &mut Ui, s: &Settings) {
         if s.train_data.is_none() {
             drop_zone_ui(ui);
-            return actions;
+            return;
         }
         if s.model_dir.is_none() {
             ui.label("Choose a model first (step 1): the preview shows the records through its tokenizer and chat template.");
-            return actions;
+            return;
         }
         if self.job.is_none()
             && self.report.is_some()
@@ -351,10 +365,10 @@ impl DatasetPanel {
                 .request_repaint_after(std::time::Duration::from_millis(200));
         }
         let Some(report) = &self.report else {
-            return actions;
+            return;
         };
         if self.job.is_some() && report.key.train != s.train_data.clone().unwrap_or_default() {
-            return actions;
+            return;
         }
         match &report.outcome {
             Outcome::Failed(e) => {
@@ -363,8 +377,27 @@ impl DatasetPanel {
             Outcome::Problems(p) => problems_ui(ui, p),
             Outcome::Loaded(l) => loaded_ui(ui, l, s.max_seq_len),
         }
-        actions
     }
+}
+
+/// A path field of the files grid: its label, then a text edit with a stable `id` (so focus
+/// survives frames).
+fn path_edit_ui(
+    ui: &mut Ui,
+    label: &str,
+    text: &mut String,
+    id: &str,
+    hint: &str,
+) -> egui::Response {
+    let l = ui.label(label);
+    ui.add_sized(
+        [460.0, 22.0],
+        egui::TextEdit::singleline(text)
+            .id(egui::Id::unique(id))
+            .hint_text(hint)
+            .desired_width(420.0),
+    )
+    .labelled_by(l.id)
 }
 
 fn drop_zone_ui(ui: &mut Ui) {
@@ -417,74 +450,12 @@ fn problems_ui(ui: &mut Ui, problems: &[ProblemLine]) {
 }
 
 fn loaded_ui(ui: &mut Ui, l: &LoadedReport, max_seq_len: usize) {
-    let t = &l.train;
-    let template = match t.template {
-        TemplateUse::None => "none (not a chat)",
-        TemplateUse::Model => "the model's chat template",
-        TemplateUse::Fallback => "ChatML fallback (the model has none)",
-    };
     ui.columns(2, |cols| {
-        let ui = &mut cols[0];
-        egui::Grid::new("data-facts")
-            .num_columns(2)
-            .spacing([16.0, 4.0])
-            .show(ui, |ui| {
-                ui.weak("Format");
-                ui.strong(t.format.to_string());
-                ui.end_row();
-                ui.weak("Template");
-                ui.label(template);
-                ui.end_row();
-                ui.weak("Training records");
-                ui.strong(t.records.to_string());
-                ui.end_row();
-                ui.weak("Validation");
-                ui.label(match &l.valid {
-                    Some(v) => format!("{} records ({})", v.records, l.valid_note),
-                    None => l.valid_note.clone(),
-                });
-                ui.end_row();
-                ui.weak("Tokens");
-                ui.label(format!(
-                    "{} total, {} trained ({:.0}% masked)",
-                    t.total_tokens,
-                    t.trained_tokens,
-                    t.masked_fraction * 100.0
-                ));
-                ui.end_row();
-                ui.weak("Length (tokens)");
-                ui.label(format!(
-                    "p50 {}, p90 {}, max {}",
-                    t.length_p50, t.length_p90, t.length_max
-                ));
-                ui.end_row();
-            });
-        let mut notes = Vec::new();
-        if t.truncated > 0 {
-            notes.push(format!(
-                "{} records truncated to {max_seq_len} tokens",
-                t.truncated
-            ));
+        facts_ui(&mut cols[0], l);
+        for n in length_notes(&l.train, max_seq_len) {
+            cols[0].weak(n);
         }
-        if t.dropped > 0 {
-            notes.push(format!("{} dropped as too long", t.dropped));
-        }
-        if t.untrainable > 0 {
-            notes.push(format!(
-                "{} dropped with nothing to train on",
-                t.untrainable
-            ));
-        }
-        if t.approximate_masks > 0 {
-            notes.push(format!(
-                "{} with approximate assistant masks",
-                t.approximate_masks
-            ));
-        }
-        for n in notes {
-            ui.weak(n);
-        }
-        histogram_ui(&mut cols[1], "length-histogram", t, max_seq_len);
+        histogram_ui(&mut cols[1], "length-histogram", &l.train, max_seq_len);
     });
     ui.add_space(8.0);
     ui.horizontal(|ui| {
@@ -499,51 +470,129 @@ fn loaded_ui(ui: &mut Ui, l: &LoadedReport, max_seq_len: usize) {
                 egui::Frame::group(ui.style()).show(ui, |ui| {
                     ui.set_width(ui.available_width());
                     ui.weak(format!("line {}", r.line));
-                    let mut job = LayoutJob::default();
-                    job.wrap.max_width = ui.available_width();
-                    let font = FontId::monospace(12.0);
-                    let masked = TextFormat {
-                        font_id: font.clone(),
-                        color: ui.visuals().weak_text_color(),
-                        ..Default::default()
-                    };
-                    let trained = TextFormat {
-                        font_id: font,
-                        color: ui.visuals().strong_text_color(),
-                        background: ui.visuals().extreme_bg_color,
-                        ..Default::default()
-                    };
-                    let mut left = PREVIEW_CHARS;
-                    for seg in &r.segments {
-                        if left == 0 {
-                            break;
-                        }
-                        let text: String = seg.text.chars().take(left).collect();
-                        left -= text.chars().count();
-                        job.append(
-                            &text,
-                            0.0,
-                            if seg.trained {
-                                trained.clone()
-                            } else {
-                                masked.clone()
-                            },
-                        );
-                    }
-                    if left == 0 {
-                        job.append(
-                            " …",
-                            0.0,
-                            TextFormat {
-                                color: Color32::GRAY,
-                                ..Default::default()
-                            },
-                        );
-                    }
+                    let job = preview_job(ui, r);
                     ui.label(job);
                 });
             }
         });
+}
+
+/// Format, template, record and token counts, and lengths of a dataset that read cleanly.
+fn facts_ui(ui: &mut Ui, l: &LoadedReport) {
+    let t = &l.train;
+    let template = match t.template {
+        TemplateUse::None => "none (not a chat)",
+        TemplateUse::Model => "the model's chat template",
+        TemplateUse::Fallback => "ChatML fallback (the model has none)",
+    };
+    egui::Grid::new("data-facts")
+        .num_columns(2)
+        .spacing([16.0, 4.0])
+        .show(ui, |ui| {
+            ui.weak("Format");
+            ui.strong(t.format.to_string());
+            ui.end_row();
+            ui.weak("Template");
+            ui.label(template);
+            ui.end_row();
+            ui.weak("Training records");
+            ui.strong(t.records.to_string());
+            ui.end_row();
+            ui.weak("Validation");
+            ui.label(match &l.valid {
+                Some(v) => format!("{} records ({})", v.records, l.valid_note),
+                None => l.valid_note.clone(),
+            });
+            ui.end_row();
+            ui.weak("Tokens");
+            ui.label(format!(
+                "{} total, {} trained ({:.0}% masked)",
+                t.total_tokens,
+                t.trained_tokens,
+                t.masked_fraction * 100.0
+            ));
+            ui.end_row();
+            ui.weak("Length (tokens)");
+            ui.label(format!(
+                "p50 {}, p90 {}, max {}",
+                t.length_p50, t.length_p90, t.length_max
+            ));
+            ui.end_row();
+        });
+}
+
+/// Records truncated, dropped, or masked only approximately, in words (none when all is well).
+fn length_notes(t: &DatasetSummary, max_seq_len: usize) -> Vec<String> {
+    let mut notes = Vec::new();
+    if t.truncated > 0 {
+        notes.push(format!(
+            "{} records truncated to {max_seq_len} tokens",
+            t.truncated
+        ));
+    }
+    if t.dropped > 0 {
+        notes.push(format!("{} dropped as too long", t.dropped));
+    }
+    if t.untrainable > 0 {
+        notes.push(format!(
+            "{} dropped with nothing to train on",
+            t.untrainable
+        ));
+    }
+    if t.approximate_masks > 0 {
+        notes.push(format!(
+            "{} with approximate assistant masks",
+            t.approximate_masks
+        ));
+    }
+    notes
+}
+
+/// One previewed record as monospace text: the masked prompt grey, what trains bright, cut at
+/// [`PREVIEW_CHARS`] characters.
+fn preview_job(ui: &Ui, r: &PreviewRecord) -> LayoutJob {
+    let mut job = LayoutJob::default();
+    job.wrap.max_width = ui.available_width();
+    let font = FontId::monospace(12.0);
+    let masked = TextFormat {
+        font_id: font.clone(),
+        color: ui.visuals().weak_text_color(),
+        ..Default::default()
+    };
+    let trained = TextFormat {
+        font_id: font,
+        color: ui.visuals().strong_text_color(),
+        background: ui.visuals().extreme_bg_color,
+        ..Default::default()
+    };
+    let mut left = PREVIEW_CHARS;
+    for seg in &r.segments {
+        if left == 0 {
+            break;
+        }
+        let text: String = seg.text.chars().take(left).collect();
+        left -= text.chars().count();
+        job.append(
+            &text,
+            0.0,
+            if seg.trained {
+                trained.clone()
+            } else {
+                masked.clone()
+            },
+        );
+    }
+    if left == 0 {
+        job.append(
+            " …",
+            0.0,
+            TextFormat {
+                color: Color32::GRAY,
+                ..Default::default()
+            },
+        );
+    }
+    job
 }
 
 /// While files are dragged over the window: a veil saying what a drop does.

@@ -109,42 +109,9 @@ impl ExportPanel {
             ui.label("Nothing to export yet: train first (step 4). An adapter is saved at every checkpoint, when you press Stop and at the end.");
             return None;
         }
-        ui.horizontal(|ui| {
-            ui.label("Adapter:");
-            ui.radio_value(&mut self.which, Which::Latest, "Latest");
-            ui.add_enabled_ui(view.best.is_some(), |ui| {
-                ui.radio_value(&mut self.which, Which::Best, "Best validation loss")
-                    .on_disabled_hover_text("The run names its best adapter when it finishes");
-            });
-        });
-        let chosen = self.chosen(view);
-        match &chosen {
-            Some((p, what)) => {
-                ui.horizontal(|ui| {
-                    ui.weak(what);
-                    ui.monospace(p.display().to_string());
-                });
-            }
-            None => {
-                ui.weak("That adapter is not available for this run.");
-            }
-        }
+        let chosen = self.choice_ui(ui, view);
         ui.add_space(6.0);
-        ui.horizontal(|ui| {
-            let l = ui.label("Destination folder:");
-            ui.add(
-                egui::TextEdit::singleline(&mut self.dest_text)
-                    .hint_text("/path/to/my-adapter")
-                    .desired_width(420.0),
-            )
-            .labelled_by(l.id);
-            if ui
-                .add_enabled(self.browse.is_none(), egui::Button::new("Choose…"))
-                .clicked()
-            {
-                self.browse = Some(pick_path(ui.ctx(), Pick::Folder, "Export the adapter to…"));
-            }
-        });
+        self.destination_ui(ui);
         ui.add_space(6.0);
         let dest = self.dest_text.trim();
         let ready = chosen.is_some() && !dest.is_empty() && self.job.is_none();
@@ -168,6 +135,56 @@ impl ExportPanel {
         if self.job.is_some() {
             ui.label("Exporting…");
         }
+        self.result_ui(ui).or(action)
+    }
+
+    /// Latest or best, then the chosen adapter's folder (or why there is none).
+    fn choice_ui(&mut self, ui: &mut Ui, view: &RunView) -> Option<(PathBuf, String)> {
+        ui.horizontal(|ui| {
+            ui.label("Adapter:");
+            ui.radio_value(&mut self.which, Which::Latest, "Latest");
+            ui.add_enabled_ui(view.best.is_some(), |ui| {
+                ui.radio_value(&mut self.which, Which::Best, "Best validation loss")
+                    .on_disabled_hover_text("The run names its best adapter when it finishes");
+            });
+        });
+        let chosen = self.chosen(view);
+        match &chosen {
+            Some((p, what)) => {
+                ui.horizontal(|ui| {
+                    ui.weak(what);
+                    ui.monospace(p.display().to_string());
+                });
+            }
+            None => {
+                ui.weak("That adapter is not available for this run.");
+            }
+        }
+        chosen
+    }
+
+    /// The destination field and its folder dialog.
+    fn destination_ui(&mut self, ui: &mut Ui) {
+        ui.horizontal(|ui| {
+            let l = ui.label("Destination folder:");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.dest_text)
+                    .hint_text("/path/to/my-adapter")
+                    .desired_width(420.0),
+            )
+            .labelled_by(l.id);
+            if ui
+                .add_enabled(self.browse.is_none(), egui::Button::new("Choose…"))
+                .clicked()
+            {
+                self.browse = Some(pick_path(ui.ctx(), Pick::Folder, "Export the adapter to…"));
+            }
+        });
+    }
+
+    /// The last export: the files written and "Open folder", or why it failed.
+    fn result_ui(&self, ui: &mut Ui) -> Option<ExportAction> {
+        let mut action = None;
         match &self.result {
             Some(Ok(done)) => {
                 egui::Frame::group(ui.style()).show(ui, |ui| {

@@ -1,17 +1,13 @@
-//! Helpers shared by tests/convert.rs: fixture paths, whole-folder tensor reads, error measures,
-//! and logits of a model folder on the tiny-llama reference input.
+//! Helpers of tests/convert.rs (fixture paths come from tests/common): whole-folder tensor reads,
+//! error measures, and logits of a model folder on the tiny-llama reference input.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use finetune::model::{Model, ModelInput};
 
-pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use crate::common::fixture;
 
 /// Every tensor of a (possibly sharded) safetensors folder, as f32.
 pub fn tensors_of(dir: &Path) -> HashMap<String, Tensor> {
@@ -54,23 +50,15 @@ pub fn cosine(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.flatten_all().unwrap();
     let b = b.flatten_all().unwrap();
     let dot: f32 = (&a * &b).unwrap().sum_all().unwrap().to_scalar().unwrap();
-    let na: f32 = a
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let nb: f32 = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    dot / (na * nb)
+    let norm = |t: &Tensor| -> f32 {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    dot / (norm(&a) * norm(&b))
 }

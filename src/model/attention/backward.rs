@@ -95,99 +95,160 @@ struct GroupBwd<'a> {
     ranges: &'a [(usize, usize)],
 }
 
+/// The key/value side of one (batch, kv head) group: its K and V (T×D each) and the bias rows
+/// and key ranges of its batch.
+struct KvGroup<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    bias: &'a [f32],
+    ranges: &'a [(usize, usize)],
+}
+
+/// One query head's Q, output O and output gradient dO (T×D each), and its saved log-sum-exp.
+struct QueryHead<'a> {
+    q: &'a [f32],
+    o: &'a [f32],
+    g: &'a [f32],
+    lse: Option<&'a [f32]>,
+}
+
+/// Per-block buffers reused across blocks: the probabilities P and dP (then dS), nb × nk each.
+#[derive(Default)]
+struct Scratch {
+    s: Vec<f32>,
+    dp: Vec<f32>,
+}
+
 impl<'a> GroupBwd<'a> {
     fn run(&self, group: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) -> Result<()> {
         let dm = &self.dm;
         let (t, d, rep) = (dm.t, dm.d, dm.rep());
         let (b, kvh) = (group / dm.kv, group % dm.kv);
         let hd = t * d;
-        let k = &self.k[group * hd..(group + 1) * hd];
-        let v = &self.v[group * hd..(group + 1) * hd];
         let br = if dm.bias_rows == 1 { 0 } else { b };
-        let bias = &self.bias[br * t * t..(br + 1) * t * t];
-        let ranges = &self.ranges[br * t..(br + 1) * t];
-        let (mut s, mut dp) = (Vec::new(), Vec::new());
+        let kv = KvGroup {
+            k: &self.k[group * hd..(group + 1) * hd],
+            v: &self.v[group * hd..(group + 1) * hd],
+            bias: &self.bias[br * t * t..(br + 1) * t * t],
+            ranges: &self.ranges[br * t..(br + 1) * t],
+        };
+        let mut scratch = Scratch::default();
         for (j, dq) in dq.chunks_mut(hd).enumerate() {
             let head = b * dm.h + kvh * rep + j;
             let at = |x: &'a [f32]| &x[head * hd..(head + 1) * hd];
-            let (q, o, g) = (at(self.q), at(self.o), at(self.g));
-            let lse = self.lse.map(|l| &l[head * t..(head + 1) * t]);
+            let qh = QueryHead {
+                q: at(self.q),
+                o: at(self.o),
+                g: at(self.g),
+                lse: self.lse.map(|l| &l[head * t..(head + 1) * t]),
+            };
             for i0 in (0..t).step_by(BLOCK) {
-                let i1 = (i0 + BLOCK).min(t);
-                let nb = i1 - i0;
-                let (klo, khi) = block_range(&ranges[i0..i1]);
-                if klo >= khi {
-                    dq[i0 * d..i1 * d].fill(0.0);
-                    continue;
-                }
-                let nk = khi - klo;
-                s.resize(nb * nk, 0.0);
-                dp.resize(nb * nk, 0.0);
-                // P, recomputed from S = scale · Q_blk · K_rangeᵀ and the saved log-sum-exp.
-                mm(
-                    (nb, nk, d),
-                    &mut s,
-                    nk,
-                    false,
-                    (&q[i0 * d..], d, 1),
-                    (&k[klo * d..], 1, d),
-                    self.scale,
-                )?;
-                for (r, row) in s.chunks_mut(nk).enumerate() {
-                    let i = i0 + r;
-                    let l = lse.map(|l| l[i]);
-                    probs(row, &bias[i * t..(i + 1) * t], klo, ranges[i], l);
-                }
-                // dV_range += Pᵀ · dO_blk
-                mm(
-                    (nk, d, nb),
-                    &mut dv[klo * d..],
-                    d,
-                    true,
-                    (&s, 1, nk),
-                    (&g[i0 * d..], d, 1),
-                    1.0,
-                )?;
-                // dP = dO_blk · V_rangeᵀ
-                mm(
-                    (nb, nk, d),
-                    &mut dp,
-                    nk,
-                    false,
-                    (&g[i0 * d..], d, 1),
-                    (&v[klo * d..], 1, d),
-                    1.0,
-                )?;
-                // dS = P ∘ (dP − Σ_d dO·O), into dp.
-                for (r, (dpr, pr)) in dp.chunks_mut(nk).zip(s.chunks(nk)).enumerate() {
-                    let i = i0 + r;
-                    let row = i * d..(i + 1) * d;
-                    let di: f32 = g[row.clone()].iter().zip(&o[row]).map(|(a, b)| a * b).sum();
-                    for (x, &p) in dpr.iter_mut().zip(pr) {
-                        *x = p * (*x - di);
-                    }
-                }
-                // dQ_blk = scale · dS · K_range
-                mm(
-                    (nb, d, nk),
-                    &mut dq[i0 * d..i1 * d],
-                    d,
-                    false,
-                    (&dp, nk, 1),
-                    (&k[klo * d..], d, 1),
-                    self.scale,
-                )?;
-                // dK_range += scale · dSᵀ · Q_blk
-                mm(
-                    (nk, d, nb),
-                    &mut dk[klo * d..],
-                    d,
-                    true,
-                    (&dp, 1, nk),
-                    (&q[i0 * d..], d, 1),
-                    self.scale,
-                )?;
+                self.query_block(&kv, &qh, i0, &mut scratch, dq, (&mut *dk, &mut *dv))?;
             }
+        }
+        Ok(())
+    }
+
+    /// The query rows `i0..i0 + BLOCK` of one head against the keys they see: writes those rows
+    /// of `dq`, adds into the key range of `dk`/`dv`.
+    fn query_block(
+        &self,
+        kv: &KvGroup<'_>,
+        qh: &QueryHead<'_>,
+        i0: usize,
+        scratch: &mut Scratch,
+        dq: &mut [f32],
+        (dk, dv): (&mut [f32], &mut [f32]),
+    ) -> Result<()> {
+        let (t, d) = (self.dm.t, self.dm.d);
+        let (q, o, g, k, v) = (qh.q, qh.o, qh.g, kv.k, kv.v);
+        let i1 = (i0 + BLOCK).min(t);
+        let nb = i1 - i0;
+        let (klo, khi) = block_range(&kv.ranges[i0..i1]);
+        if klo >= khi {
+            dq[i0 * d..i1 * d].fill(0.0);
+            return Ok(());
+        }
+        let nk = khi - klo;
+        let Scratch { s, dp } = scratch;
+        s.resize(nb * nk, 0.0);
+        dp.resize(nb * nk, 0.0);
+        self.probs_block(kv, qh, (i0, i1), (klo, nk), s)?;
+        // dV_range += Pᵀ · dO_blk
+        mm(
+            (nk, d, nb),
+            &mut dv[klo * d..],
+            d,
+            true,
+            (s, 1, nk),
+            (&g[i0 * d..], d, 1),
+            1.0,
+        )?;
+        // dP = dO_blk · V_rangeᵀ
+        mm(
+            (nb, nk, d),
+            dp,
+            nk,
+            false,
+            (&g[i0 * d..], d, 1),
+            (&v[klo * d..], 1, d),
+            1.0,
+        )?;
+        // dS = P ∘ (dP − Σ_d dO·O), into dp.
+        for (r, (dpr, pr)) in dp.chunks_mut(nk).zip(s.chunks(nk)).enumerate() {
+            let i = i0 + r;
+            let row = i * d..(i + 1) * d;
+            let di: f32 = g[row.clone()].iter().zip(&o[row]).map(|(a, b)| a * b).sum();
+            for (x, &p) in dpr.iter_mut().zip(pr.iter()) {
+                *x = p * (*x - di);
+            }
+        }
+        // dQ_blk = scale · dS · K_range
+        mm(
+            (nb, d, nk),
+            &mut dq[i0 * d..i1 * d],
+            d,
+            false,
+            (dp, nk, 1),
+            (&k[klo * d..], d, 1),
+            self.scale,
+        )?;
+        // dK_range += scale · dSᵀ · Q_blk
+        mm(
+            (nk, d, nb),
+            &mut dk[klo * d..],
+            d,
+            true,
+            (dp, 1, nk),
+            (&q[i0 * d..], d, 1),
+            self.scale,
+        )
+    }
+
+    /// P of query rows `i0..i1` over keys `klo..klo + nk` into `s` (nb × nk), recomputed from
+    /// S = scale · Q_blk · K_rangeᵀ and the saved log-sum-exp.
+    fn probs_block(
+        &self,
+        kv: &KvGroup<'_>,
+        qh: &QueryHead<'_>,
+        (i0, i1): (usize, usize),
+        (klo, nk): (usize, usize),
+        s: &mut [f32],
+    ) -> Result<()> {
+        let (t, d) = (self.dm.t, self.dm.d);
+        mm(
+            (i1 - i0, nk, d),
+            s,
+            nk,
+            false,
+            (&qh.q[i0 * d..], d, 1),
+            (&kv.k[klo * d..], 1, d),
+            self.scale,
+        )?;
+        for (r, row) in s.chunks_mut(nk).enumerate() {
+            let i = i0 + r;
+            let l = qh.lse.map(|l| l[i]);
+            probs(row, &kv.bias[i * t..(i + 1) * t], klo, kv.ranges[i], l);
         }
         Ok(())
     }

@@ -291,6 +291,25 @@ mod tests {
         accumulate: bool,
     }
 
+    impl Case {
+        /// A and C row-major; B as the forward pass reads it (`fwd`: Wᵀ, contiguous in k) or as
+        /// the backward does (row-major).
+        fn dense(m: usize, n: usize, k: usize, fwd: bool, accumulate: bool) -> Self {
+            let (b_rs, b_cs) = if fwd { (1, k) } else { (n, 1) };
+            Self {
+                m,
+                n,
+                k,
+                a_rs: k,
+                a_cs: 1,
+                b_rs,
+                b_cs,
+                ldc: n,
+                accumulate,
+            }
+        }
+    }
+
     /// Returns (rel err vs bf16-rounded-input f64 ref, rel err vs unrounded f64 ref).
     fn run_case(f: MatFn, cs: &Case, rng: &mut Rng) -> (f64, f64) {
         let Case {
@@ -444,18 +463,7 @@ mod tests {
         ] {
             for fwd in [true, false] {
                 for accumulate in [false, true] {
-                    let (b_rs, b_cs) = if fwd { (1, k) } else { (n, 1) };
-                    let cs = Case {
-                        m,
-                        n,
-                        k,
-                        a_rs: k,
-                        a_cs: 1,
-                        b_rs,
-                        b_cs,
-                        ldc: n,
-                        accumulate,
-                    };
+                    let cs = Case::dense(m, n, k, fwd, accumulate);
                     let (er, eu) = run_case(matmul_f32_bf16, &cs, &mut rng);
                     println!(
                         "m={m} n={n} k={k} fwd={fwd} acc={accumulate}: rel {er:.2e} unrounded {eu:.2e}"
@@ -480,18 +488,7 @@ mod tests {
             (8, 49152, 576),
         ] {
             for fwd in [true, false] {
-                let (b_rs, b_cs) = if fwd { (1, k) } else { (n, 1) };
-                let cs = Case {
-                    m,
-                    n,
-                    k,
-                    a_rs: k,
-                    a_cs: 1,
-                    b_rs,
-                    b_cs,
-                    ldc: n,
-                    accumulate: !fwd,
-                };
+                let cs = Case::dense(m, n, k, fwd, !fwd);
                 let (er, eu) = run_case(matmul_f32_bf16, &cs, &mut rng);
                 println!(
                     "real m={m} k={k} n={n} fwd={fwd}: rel err vs rounded ref {er:.2e}, vs unrounded f32 ref {eu:.2e}"

@@ -246,77 +246,14 @@ impl ModelsPanel {
         let cached = self.cached(&d.repo).map(Path::to_path_buf);
         let hub = &mut self.hub;
         match &mut hub.download {
-            Some(dl) if dl.repo == d.repo => {
-                let frac = match (&dl.progress, dl.total_bytes) {
-                    (Some(p), t) if t > 0 => (p.done_bytes as f64 / t as f64) as f32,
-                    _ => 0.0,
-                };
-                ui.add(
-                    egui::ProgressBar::new(frac.clamp(0.0, 1.0))
-                        .text(dl.progress_text())
-                        .animate(!dl.cancelling),
-                );
-                if let Some(f) = &dl.file {
-                    ui.weak(format!(
-                        "File {} of {}: {f}",
-                        (dl.files_done + 1).min(dl.files_total.max(1)),
-                        dl.files_total
-                    ));
-                }
-                if let Some(r) = &dl.retry {
-                    ui.weak(r);
-                }
-                ui.horizontal(|ui| {
-                    if dl.cancelling {
-                        ui.spinner();
-                        ui.label("Cancelling…");
-                    } else if ui
-                        .button("Cancel")
-                        .on_hover_text("Stop; what arrived is kept and the next download resumes")
-                        .clicked()
-                    {
-                        dl.cancel.cancel();
-                        dl.cancelling = true;
-                    }
-                });
-            }
+            Some(dl) if dl.repo == d.repo => download_progress_ui(ui, dl),
             Some(other) => {
                 ui.weak(format!(
                     "Downloading {}; one download at a time.",
                     other.repo
                 ));
             }
-            None => {
-                ui.horizontal(|ui| {
-                    let why_not = match (&d.weights, &d.supported) {
-                        (Err(e), _) | (_, Err(e)) => Some(e.clone()),
-                        _ => None,
-                    };
-                    let label = format!("Download ({})", format_bytes(d.download_bytes));
-                    let r = ui
-                        .add_enabled(why_not.is_none(), egui::Button::new(label))
-                        .on_hover_text(format!(
-                            "Fetches config, tokenizer and weights ({} files) into the shared Hugging Face cache, then chooses the model",
-                            d.files.len()
-                        ));
-                    let r = match &why_not {
-                        Some(w) => r.on_disabled_hover_text(format!("FineTune cannot train it: {w}")),
-                        None => r,
-                    };
-                    if r.clicked() {
-                        hub.start_download(d);
-                    }
-                    if let Some(path) = &cached {
-                        if ui
-                            .button("Use the downloaded copy")
-                            .on_hover_text(path.display().to_string())
-                            .clicked()
-                        {
-                            action = Some(ModelAction::Choose(path.clone()));
-                        }
-                    }
-                });
-            }
+            None => action = download_button_ui(ui, hub, d, cached.as_deref()),
         }
         if let Some((repo, outcome)) = &self.hub.outcome {
             if *repo == d.repo {
@@ -398,4 +335,81 @@ impl ModelsPanel {
             .find(|m| m.repo_id == repo && m.is_main)
             .map(|m| m.path.as_path())
     }
+}
+
+/// A running download: progress bar, the current file, a retry note, and Cancel.
+fn download_progress_ui(ui: &mut Ui, dl: &mut Download) {
+    let frac = match (&dl.progress, dl.total_bytes) {
+        (Some(p), t) if t > 0 => (p.done_bytes as f64 / t as f64) as f32,
+        _ => 0.0,
+    };
+    ui.add(
+        egui::ProgressBar::new(frac.clamp(0.0, 1.0))
+            .text(dl.progress_text())
+            .animate(!dl.cancelling),
+    );
+    if let Some(f) = &dl.file {
+        ui.weak(format!(
+            "File {} of {}: {f}",
+            (dl.files_done + 1).min(dl.files_total.max(1)),
+            dl.files_total
+        ));
+    }
+    if let Some(r) = &dl.retry {
+        ui.weak(r);
+    }
+    ui.horizontal(|ui| {
+        if dl.cancelling {
+            ui.spinner();
+            ui.label("Cancelling…");
+        } else if ui
+            .button("Cancel")
+            .on_hover_text("Stop; what arrived is kept and the next download resumes")
+            .clicked()
+        {
+            dl.cancel.cancel();
+            dl.cancelling = true;
+        }
+    });
+}
+
+/// The Download button (disabled, with the reason, for a model FineTune cannot train), and "Use
+/// the downloaded copy" when the cache already has it.
+fn download_button_ui(
+    ui: &mut Ui,
+    hub: &mut HubPanel,
+    d: &ModelDetails,
+    cached: Option<&Path>,
+) -> Option<ModelAction> {
+    let mut action = None;
+    ui.horizontal(|ui| {
+        let why_not = match (&d.weights, &d.supported) {
+            (Err(e), _) | (_, Err(e)) => Some(e.clone()),
+            _ => None,
+        };
+        let label = format!("Download ({})", format_bytes(d.download_bytes));
+        let r = ui
+            .add_enabled(why_not.is_none(), egui::Button::new(label))
+            .on_hover_text(format!(
+                "Fetches config, tokenizer and weights ({} files) into the shared Hugging Face cache, then chooses the model",
+                d.files.len()
+            ));
+        let r = match &why_not {
+            Some(w) => r.on_disabled_hover_text(format!("FineTune cannot train it: {w}")),
+            None => r,
+        };
+        if r.clicked() {
+            hub.start_download(d);
+        }
+        if let Some(path) = cached {
+            if ui
+                .button("Use the downloaded copy")
+                .on_hover_text(path.display().to_string())
+                .clicked()
+            {
+                action = Some(ModelAction::Choose(path.to_path_buf()));
+            }
+        }
+    });
+    action
 }

@@ -79,76 +79,7 @@ pub(super) fn facts_ui(ui: &mut Ui, d: &ModelDetails) {
     egui::Grid::new("hub-details-grid")
         .num_columns(2)
         .spacing([16.0, 4.0])
-        .show(ui, |ui| {
-            let arch = match (&d.architecture, &d.model_type) {
-                (Some(a), Some(t)) => format!("{a} ({t})"),
-                (Some(a), None) => a.clone(),
-                (None, _) => "unknown".into(),
-            };
-            fact(ui, "Architecture", &arch);
-            ui.end_row();
-            let params = match d.parameters {
-                Some(p) => {
-                    let dtypes: Vec<&str> = d
-                        .parameters_by_dtype
-                        .iter()
-                        .map(|(t, _)| t.as_str())
-                        .collect();
-                    if dtypes.is_empty() {
-                        format_count(p as usize)
-                    } else {
-                        format!("{} ({})", format_count(p as usize), dtypes.join(", "))
-                    }
-                }
-                None => "unknown".into(),
-            };
-            fact(ui, "Parameters", &params);
-            ui.end_row();
-            fact(
-                ui,
-                "Download",
-                &format!(
-                    "{} in {} file{}",
-                    format_bytes(d.download_bytes),
-                    d.files.len(),
-                    if d.files.len() == 1 { "" } else { "s" }
-                ),
-            );
-            ui.end_row();
-            fact(
-                ui,
-                "Gated",
-                &match &d.gated {
-                    Some(mode) => format!("yes ({mode}): accept the license first"),
-                    None => "no".into(),
-                },
-            );
-            ui.end_row();
-            fact(ui, "License", d.license.as_deref().unwrap_or("unknown"));
-            ui.end_row();
-            fact(
-                ui,
-                "Popularity",
-                &format!(
-                    "{} downloads, {} likes",
-                    format_count(d.downloads as usize),
-                    d.likes
-                ),
-            );
-            ui.end_row();
-            ui.weak("Trainable");
-            ui.horizontal_wrapped(|ui| match (&d.supported, &d.weights) {
-                (Ok(()), Ok(kind)) => {
-                    mark_ui(ui, true);
-                    ui.label(RichText::new(format!("yes ({kind} weights)")).color(ok_color()));
-                }
-                (Err(why), _) | (_, Err(why)) => {
-                    mark_ui(ui, false);
-                    ui.label(RichText::new(format!("no: {why}")).color(error_color(ui)));
-                }
-            });
-            ui.end_row();
-        });
+        .show(ui, |ui| facts_grid_ui(ui, d));
     if d.gated.is_some() {
         ui.horizontal_wrapped(|ui| {
             ui.hyperlink_to("Accept the license", &d.url);
@@ -168,6 +99,82 @@ pub(super) fn facts_ui(ui: &mut Ui, d: &ModelDetails) {
                 ui.ctx().copy_text(d.summary());
             }
         });
+}
+
+/// The rows of the facts grid, one fact each, "Trainable" last.
+fn facts_grid_ui(ui: &mut Ui, d: &ModelDetails) {
+    let arch = match (&d.architecture, &d.model_type) {
+        (Some(a), Some(t)) => format!("{a} ({t})"),
+        (Some(a), None) => a.clone(),
+        (None, _) => "unknown".into(),
+    };
+    fact(ui, "Architecture", &arch);
+    ui.end_row();
+    fact(ui, "Parameters", &parameters_text(d));
+    ui.end_row();
+    fact(
+        ui,
+        "Download",
+        &format!(
+            "{} in {} file{}",
+            format_bytes(d.download_bytes),
+            d.files.len(),
+            if d.files.len() == 1 { "" } else { "s" }
+        ),
+    );
+    ui.end_row();
+    fact(
+        ui,
+        "Gated",
+        &match &d.gated {
+            Some(mode) => format!("yes ({mode}): accept the license first"),
+            None => "no".into(),
+        },
+    );
+    ui.end_row();
+    fact(ui, "License", d.license.as_deref().unwrap_or("unknown"));
+    ui.end_row();
+    fact(
+        ui,
+        "Popularity",
+        &format!(
+            "{} downloads, {} likes",
+            format_count(d.downloads as usize),
+            d.likes
+        ),
+    );
+    ui.end_row();
+    ui.weak("Trainable");
+    ui.horizontal_wrapped(|ui| match (&d.supported, &d.weights) {
+        (Ok(()), Ok(kind)) => {
+            mark_ui(ui, true);
+            ui.label(RichText::new(format!("yes ({kind} weights)")).color(ok_color()));
+        }
+        (Err(why), _) | (_, Err(why)) => {
+            mark_ui(ui, false);
+            ui.label(RichText::new(format!("no: {why}")).color(error_color(ui)));
+        }
+    });
+    ui.end_row();
+}
+
+/// The parameter count with the dtypes it is stored in, e.g. `494M (BF16)`.
+fn parameters_text(d: &ModelDetails) -> String {
+    match d.parameters {
+        Some(p) => {
+            let dtypes: Vec<&str> = d
+                .parameters_by_dtype
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .collect();
+            if dtypes.is_empty() {
+                format_count(p as usize)
+            } else {
+                format!("{} ({})", format_count(p as usize), dtypes.join(", "))
+            }
+        }
+        None => "unknown".into(),
+    }
 }
 
 /// A Hub problem: its message (which says what to do next) and, for a gated model, the link to
