@@ -407,6 +407,59 @@ fn cli_trains_headless() {
     assert_eq!(cfg["fan_in_fan_out"], true);
 }
 
+/// A GGUF file and a PyTorch `.bin` folder are converted once, and everything (tokenizer, config,
+/// context cap, weights) comes from the converted folder; the adapter names the user's model.
+#[test]
+fn cli_trains_on_a_gguf_file_and_a_bin_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, model) in [
+        fixture("convert/tiny-llama.Q8_0.gguf"),
+        fixture("convert/tiny-llama-bin"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("out-{i}"));
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_finetune"))
+            // The converted copy goes to a cache under this test's folder.
+            .env("HOME", dir.path())
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .args(["train", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(demo("train.jsonl"))
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--steps",
+                "2",
+                "--max-seq-len",
+                "1000000",
+                "--eval-every",
+                "0",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{}: {stdout}\n{}",
+            model.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("max sequence length lowered from 1000000"),
+            "{stdout}"
+        );
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let name = model.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(cfg["base_model_name_or_path"], name.as_str());
+    }
+}
+
 #[test]
 fn cli_reads_a_settings_file_flags_override_and_json_events() {
     let dir = tempfile::tempdir().unwrap();
