@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use finetune::session::{self, Reporter};
-use finetune::train::{Event, StepStats, TrainConfig};
+use finetune::session;
+use finetune::train::{Event, Reporter, StepStats, StopReason, ValidConfig};
 
 const STEPS: usize = 300;
 
@@ -23,7 +23,7 @@ fn save(dir: &Path) {
     }
 }
 
-fn scripted(cfg: TrainConfig, r: Reporter) {
+fn scripted(cfg: ValidConfig, r: &dyn Reporter) {
     let t0 = Instant::now();
     r.send(Event::Log(format!(
         "scripted engine: {STEPS} steps, nothing is trained"
@@ -87,7 +87,7 @@ fn scripted(cfg: TrainConfig, r: Reporter) {
                 adapter: dir,
                 best: None,
                 step: step - 1,
-                reason: "stop requested".into(),
+                reason: StopReason::StoppedByUser { step: step - 1 },
             });
             return;
         }

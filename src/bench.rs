@@ -215,7 +215,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         },
         0,
     )?;
-    let sink = model.set_gradient_checkpointing_keep(opts.checkpointing, opts.keep_every);
+    model.set_gradient_checkpointing(opts.checkpointing, opts.keep_every);
     let mut opt = AdamW::new(lora.named_vars(), AdamWConfig::default())?;
     let (b, t) = (opts.batch, opts.seq_len);
     let batches = make_batches(opts, &model)?;
@@ -237,10 +237,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         loss.device().synchronize()?;
         let t1 = Instant::now();
         sample(loss.device());
-        let mut grads = opt.collect(&loss.backward()?);
-        if let Some(sink) = &sink {
-            opt.accumulate_sink(&mut grads, sink.take(), 1.0)?;
-        }
+        let grads = opt.collect(&model.backward(&loss)?)?;
         let t2_host = Instant::now();
         loss.device().synchronize()?;
         let t2 = Instant::now();

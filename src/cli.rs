@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::train::{Event, TrainConfig};
+use crate::train::{format_duration, Event, TrainConfig};
 
 mod args;
 pub use args::*;
@@ -223,54 +223,14 @@ fn info(model: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn fmt_secs(s: f64) -> String {
-    let s = s.max(0.0) as u64;
-    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-}
-
-/// Prints one event the way a terminal user wants it; returns the exit code for terminal events.
-pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
+/// Prints one event the way a terminal user wants it.
+pub fn print_event(event: &Event, log_every: usize) {
     match event {
-        Event::Started {
-            model,
-            architecture,
-            device,
-            base_params,
-            trainable_params,
-            total_steps,
-            start_step,
-            train,
-            valid,
-        } => {
-            println!("model      {model} ({architecture}, {base_params} parameters) on {device}");
-            println!(
-                "LoRA       {trainable_params} trainable parameters ({:.3}%)",
-                100.0 * *trainable_params as f64 / (*base_params).max(1) as f64
-            );
-            println!("training data\n{train}");
-            if let Some(v) = valid {
-                println!("validation data\n{v}");
-            }
-            println!("steps      {start_step} → {total_steps}");
-        }
+        Event::Started { .. } => print_started(event),
         Event::Log(line) => println!("{line}"),
         Event::Step(s) => {
             if s.step % log_every == 0 || s.step == s.total_steps {
-                println!(
-                    "step {:>5}/{} | epoch {:.2} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | {} elapsed, {} left{}",
-                    s.step,
-                    s.total_steps,
-                    s.epoch,
-                    s.loss,
-                    s.lr,
-                    s.grad_norm,
-                    s.tokens_per_sec,
-                    fmt_secs(s.elapsed_secs),
-                    fmt_secs(s.eta_secs),
-                    s.rss_bytes
-                        .map(|b| format!(" | RSS {:.0} MB", b as f64 / 1e6))
-                        .unwrap_or_default()
-                );
+                print_step(s);
             }
         }
         Event::Eval {
@@ -294,10 +254,7 @@ pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
                 final_val_loss.map_or("-".into(), |l| format!("{l:.4}"))
             );
             println!("adapter: {}", adapter.display());
-            if let Some(b) = best {
-                println!("best adapter (lowest val loss): {}", b.display());
-            }
-            return Some(ExitCode::SUCCESS);
+            print_best(best.as_deref());
         }
         Event::Stopped {
             adapter,
@@ -307,17 +264,61 @@ pub fn print_event(event: &Event, log_every: usize) -> Option<ExitCode> {
         } => {
             println!("{reason}");
             println!("adapter of step {step} saved: {}", adapter.display());
-            if let Some(b) = best {
-                println!("best adapter (lowest val loss): {}", b.display());
-            }
-            return Some(ExitCode::SUCCESS);
+            print_best(best.as_deref());
         }
-        Event::Failed { error } => {
-            eprintln!("error: {error}");
-            return Some(ExitCode::FAILURE);
-        }
+        Event::Failed { error } => eprintln!("error: {error}"),
     }
-    None
+}
+
+fn print_started(event: &Event) {
+    let Event::Started {
+        model,
+        architecture,
+        device,
+        base_params,
+        trainable_params,
+        total_steps,
+        start_step,
+        train,
+        valid,
+    } = event
+    else {
+        return;
+    };
+    println!("model      {model} ({architecture}, {base_params} parameters) on {device}");
+    println!(
+        "LoRA       {trainable_params} trainable parameters ({:.3}%)",
+        100.0 * *trainable_params as f64 / (*base_params).max(1) as f64
+    );
+    println!("training data\n{train}");
+    if let Some(v) = valid {
+        println!("validation data\n{v}");
+    }
+    println!("steps      {start_step} → {total_steps}");
+}
+
+fn print_step(s: &crate::train::StepStats) {
+    println!(
+        "step {:>5}/{} | epoch {:.2} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tok/s | {} elapsed, {} left{}",
+        s.step,
+        s.total_steps,
+        s.epoch,
+        s.loss,
+        s.lr,
+        s.grad_norm,
+        s.tokens_per_sec,
+        format_duration(s.elapsed_secs),
+        format_duration(s.eta_secs),
+        s.rss_bytes
+            .map(|b| format!(" | RSS {:.0} MB", b as f64 / 1e6))
+            .unwrap_or_default()
+    );
+}
+
+fn print_best(best: Option<&Path>) {
+    if let Some(b) = best {
+        println!("best adapter (lowest val loss): {}", b.display());
+    }
 }
 
 fn inspect_data(args: &InspectDataArgs) -> anyhow::Result<ExitCode> {
@@ -341,42 +342,45 @@ fn inspect_data(args: &InspectDataArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `finetune train`: one more consumer of a session's events (progress lines, or one JSON object
+/// per event). Ctrl-C stops the session cleanly; the exit code is the last event's
+/// ([`Event::exit_code`]).
 fn train(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let config = args.to_config()?;
-    let json = args.json;
-    let (reporter, events, stop) = crate::session::Reporter::channel();
+    let log_every = config.log_every;
+    let show = |event: &Event| -> anyhow::Result<()> {
+        if args.json {
+            println!("{}", serde_json::to_string(event)?);
+        } else {
+            print_event(event, log_every);
+        }
+        Ok(())
+    };
+    let config = match config.validate() {
+        Ok(config) => config,
+        Err(problems) => {
+            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            let failed = Event::Failed {
+                error: format!("settings need attention:\n{}", lines.join("\n")),
+            };
+            show(&failed)?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut session = crate::session::start(config, None);
     // Ctrl-C asks for a clean stop: the current step finishes and everything is saved.
-    let flag = stop.clone();
+    let stop = session.stop_handle();
     if let Err(e) = ctrlc::set_handler(move || {
-        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        stop.stop();
         eprintln!("\nstopping after this step (Ctrl-C again to kill)…");
     }) {
         eprintln!("note: Ctrl-C will kill without saving ({e})");
     }
-    let log_every = config.log_every;
-    let worker = std::thread::spawn(move || crate::train::run(config, reporter));
-    let mut code = ExitCode::FAILURE;
-    for event in events.iter() {
-        let end = if json {
-            println!("{}", serde_json::to_string(&event)?);
-            match &event {
-                Event::Finished { .. } | Event::Stopped { .. } => Some(ExitCode::SUCCESS),
-                Event::Failed { .. } => Some(ExitCode::FAILURE),
-                _ => None,
-            }
-        } else {
-            print_event(&event, log_every)
-        };
-        if let Some(c) = end {
-            code = c;
-        }
-        // A stop the person asked for (Ctrl-C) is a success; a NaN stop is not.
-        if let Event::Stopped { .. } = &event {
-            if !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                code = ExitCode::from(3);
-            }
-        }
+    let mut code = 1;
+    while let Some(event) = session.recv() {
+        show(&event)?;
+        code = event.exit_code().unwrap_or(code);
     }
-    let _ = worker.join();
-    Ok(code)
+    session.join();
+    Ok(ExitCode::from(code))
 }

@@ -1,44 +1,87 @@
-//! The boundary between the UI (or CLI) and the engine: [`start`] spawns the training thread and
-//! returns a [`Session`] handle with a command sender, an event receiver and a stop flag. Nothing
-//! above this module touches tensors; nothing below it touches egui.
+//! The one way to start a run: [`start`] takes a [`ValidConfig`], spawns the training thread and
+//! returns a [`Session`] to read its events from and to stop it. The app and the CLI are two
+//! consumers of the same events; how a run stops, and what its end means (see
+//! [`Event::exit_code`]), is decided here and in [`crate::train`], not by them. Nothing above
+//! this module touches tensors; nothing below it touches egui.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvError, Sender, TryRecvError};
 
-use crate::train::config::TrainConfig;
-use crate::train::events::Event;
+use crate::train::{Event, Reporter, ValidConfig};
 
 /// Capacity of the event channel. The trainer blocks when the UI falls this far behind, which
 /// bounds memory; steps are far slower than the UI drains, so this never stalls in practice.
 pub const EVENT_CAPACITY: usize = 1024;
 
-/// Requests from the UI to the running session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// Finish the current step, save adapter + optimizer state, and end with `Event::Stopped`.
-    Stop,
-}
-
 /// Called by the training thread after each event so the UI wakes up (egui's `request_repaint`).
 pub type Repaint = Arc<dyn Fn() + Send + Sync>;
 
+/// Asks a run to stop after its current step; cheap to clone into a Ctrl-C handler.
+#[derive(Debug, Clone, Default)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Finish the current step, save adapter + optimizer state, and end with `Event::Stopped`.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// True once [`StopHandle::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// A running (or finished) training session.
 pub struct Session {
-    pub commands: Sender<Command>,
-    pub events: Receiver<Event>,
-    stop: Arc<AtomicBool>,
+    events: Receiver<Event>,
+    stop: StopHandle,
     thread: Option<JoinHandle<()>>,
+    /// The terminal event was handed out.
+    ended: bool,
 }
 
 impl Session {
     /// Asks the run to stop after the current step.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // The flag alone suffices; the command is for symmetry with future commands.
-        let _ = self.commands.try_send(Command::Stop);
+        self.stop.stop();
+    }
+
+    /// A handle that stops this run from elsewhere (a signal handler).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// The next event if one is waiting. A training thread that ended without a last event
+    /// yields one `Failed`; after the last event: `Disconnected`.
+    pub fn try_recv(&mut self) -> Result<Event, TryRecvError> {
+        if self.ended {
+            return Err(TryRecvError::Disconnected);
+        }
+        match self.events.try_recv() {
+            Ok(event) => Ok(self.note(event)),
+            Err(TryRecvError::Empty) => Err(TryRecvError::Empty),
+            Err(TryRecvError::Disconnected) => Ok(self.note(vanished())),
+        }
+    }
+
+    /// Waits for the next event; `None` after the last one (see [`Session::try_recv`]).
+    pub fn recv(&mut self) -> Option<Event> {
+        if self.ended {
+            return None;
+        }
+        Some(match self.events.recv() {
+            Ok(event) => self.note(event),
+            Err(RecvError) => self.note(vanished()),
+        })
+    }
+
+    fn note(&mut self, event: Event) -> Event {
+        self.ended = event.is_terminal();
+        event
     }
 
     /// True once the training thread has exited.
@@ -54,121 +97,79 @@ impl Session {
     }
 }
 
-/// Observer called on the training thread with each event before it is sent (tests use it to
-/// act at an exact point of a run, e.g. stop right after step N).
-pub type Hook = Arc<dyn Fn(&Event) + Send + Sync>;
-
-/// Sink the engine reports through: the channel plus the repaint callback and stop flag.
-#[derive(Clone)]
-pub struct Reporter {
-    events: Sender<Event>,
-    repaint: Option<Repaint>,
-    hook: Option<Hook>,
-    stop: Arc<AtomicBool>,
-    commands: Receiver<Command>,
+/// What a run that ended without a last event reports.
+fn vanished() -> Event {
+    Event::Failed {
+        error: "the training thread ended without reporting; see the log and try again".into(),
+    }
 }
 
-impl Reporter {
+/// The session's side of the engine's [`Reporter`]: the channel, the repaint callback and the stop
+/// flag.
+struct ChannelReporter {
+    events: Sender<Event>,
+    repaint: Option<Repaint>,
+    stop: StopHandle,
+}
+
+impl Reporter for ChannelReporter {
     /// Sends an event (blocking if the receiver is far behind; dropped if it has gone away).
-    pub fn send(&self, event: Event) {
-        if let Some(h) = &self.hook {
-            h(&event);
-        }
+    fn send(&self, event: Event) {
         let _ = self.events.send(event);
         if let Some(r) = &self.repaint {
             r();
         }
     }
 
-    /// Asks the run to stop after the current step (same as [`Session::stop`]).
-    pub fn request_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-
-    /// True when a stop was requested.
-    pub fn stop_requested(&self) -> bool {
-        while let Ok(cmd) = self.commands.try_recv() {
-            match cmd {
-                Command::Stop => self.stop.store(true, Ordering::SeqCst),
-            }
-        }
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    /// A reporter whose events go to the returned receiver (for the CLI and tests).
-    pub fn channel() -> (Self, Receiver<Event>, Arc<AtomicBool>) {
-        let (tx, rx) = bounded(EVENT_CAPACITY);
-        let (_ctx, crx) = bounded(1);
-        let stop = Arc::new(AtomicBool::new(false));
-        (
-            Self {
-                events: tx,
-                repaint: None,
-                hook: None,
-                stop: stop.clone(),
-                commands: crx,
-            },
-            rx,
-            stop,
-        )
+    fn stop_requested(&self) -> bool {
+        self.stop.is_stopping()
     }
 }
 
-impl Reporter {
-    /// The same reporter with `hook` called on every event.
-    pub fn with_hook(mut self, hook: Hook) -> Self {
-        self.hook = Some(hook);
-        self
-    }
-}
-
-/// Spawns the training thread for `config` (already validated). `run` is the engine entry point
-/// (normally [`crate::train::run`]); tests pass a scripted fake.
-pub fn start_with<F>(config: TrainConfig, repaint: Option<Repaint>, run: F) -> Session
+/// Spawns the training thread running `run` (normally [`crate::train::run`], as [`start`] does);
+/// the test seam: tests pass a scripted fake engine, or wrap the real one.
+pub fn start_with<F>(config: ValidConfig, repaint: Option<Repaint>, run: F) -> Session
 where
-    F: FnOnce(TrainConfig, Reporter) + Send + 'static,
+    F: FnOnce(ValidConfig, &dyn Reporter) + Send + 'static,
 {
-    let (etx, erx) = bounded(EVENT_CAPACITY);
-    let (ctx, crx) = bounded(16);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reporter = Reporter {
-        events: etx,
+    let (tx, rx) = bounded(EVENT_CAPACITY);
+    let stop = StopHandle::default();
+    let reporter = ChannelReporter {
+        events: tx,
         repaint,
-        hook: None,
         stop: stop.clone(),
-        commands: crx,
     };
     let thread = std::thread::Builder::new()
         .name("finetune-train".into())
-        .spawn(move || run(config, reporter));
-    let thread = match thread {
-        Ok(t) => Some(t),
+        .spawn(move || run(config, &reporter));
+    let (events, thread) = match thread {
+        Ok(t) => (rx, Some(t)),
         Err(e) => {
-            // No thread: report the failure on the channel so the UI shows it.
+            // No thread: report the failure on the channel so the UI or CLI shows it.
             let (tx, rx) = bounded(1);
             let _ = tx.send(Event::Failed {
                 error: format!("could not start the training thread: {e}"),
             });
-            return Session {
-                commands: ctx,
-                events: rx,
-                stop,
-                thread: None,
-            };
+            (rx, None)
         }
     };
     Session {
-        commands: ctx,
-        events: erx,
+        events,
         stop,
         thread,
+        ended: false,
     }
 }
 
-/// Spawns a real training run. Its compute threads (a rayon pool of its own) run at a lower
-/// priority than the window, so the UI keeps its frame rate while training takes every core.
-pub fn start(config: TrainConfig, repaint: Option<Repaint>) -> Session {
-    start_with(config, repaint, |config, reporter| {
+/// Starts a real training run. With a window to repaint, its compute threads (a rayon pool of
+/// its own) run at a lower priority than the window, so the UI keeps its frame rate while
+/// training takes every core; headless (the CLI) they run at normal priority.
+pub fn start(config: ValidConfig, repaint: Option<Repaint>) -> Session {
+    let behind_a_window = repaint.is_some();
+    start_with(config, repaint, move |config, reporter| {
+        if !behind_a_window {
+            return crate::train::run(config, reporter);
+        }
         lower_priority();
         let pool = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("finetune-compute-{i}"))

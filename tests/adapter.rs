@@ -107,7 +107,7 @@ fn short_adamw_run_learns_through_lora_only() {
         for _ in 0..60 {
             let (loss, _) = model.loss(&input, &r.labels, true).unwrap();
             losses.push(loss.to_scalar::<f32>().unwrap());
-            let grads = opt.collect(&loss.backward().unwrap());
+            let grads = opt.collect(&model.backward(&loss).unwrap()).unwrap();
             opt.step(&grads, 2e-2, 1.0).unwrap();
         }
         let (first, last) = (losses[0], *losses.last().unwrap());

@@ -373,10 +373,9 @@ fn smollm2_gguf_converts_loads_and_answers() {
         device: finetune::train::DeviceChoice::Cpu,
         ..Default::default()
     };
-    let (reporter, events, _stop) = finetune::session::Reporter::channel();
-    let t = std::thread::spawn(move || finetune::train::run(config, reporter));
-    let events: Vec<finetune::train::Event> = events.iter().collect();
-    t.join().unwrap();
+    let mut session = finetune::session::start(config.validate().unwrap(), None);
+    let events: Vec<finetune::train::Event> = std::iter::from_fn(|| session.recv()).collect();
+    session.join();
     let losses: Vec<f64> = events
         .iter()
         .filter_map(|e| match e {

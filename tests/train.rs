@@ -8,13 +8,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
 use common::*;
 use finetune::model::{adapter, Model};
-use finetune::session::Reporter;
-use finetune::train::{self, Duration, Event, Schedule, TrainConfig};
+use finetune::session;
+use finetune::train::{self, Duration, Event, Reporter, Schedule, StopReason, TrainConfig};
 
 fn demo(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -39,21 +39,42 @@ fn config(out: &Path, steps: usize) -> TrainConfig {
     }
 }
 
-type TestHook = Arc<dyn Fn(&Event, &Reporter) + Send + Sync>;
+/// The session's reporter, asking for a stop right after step `after` (on the training thread,
+/// so exactly there, as a person pressing Stop at that moment would).
+struct StopAfter<'a> {
+    inner: &'a dyn Reporter,
+    after: Option<usize>,
+    stop: AtomicBool,
+}
 
-/// Runs to the end on this thread; `hook` sees every event as it happens.
-fn run(config: TrainConfig, hook: Option<TestHook>) -> Vec<Event> {
-    let (reporter, events, _stop) = Reporter::channel();
-    let reporter = match hook {
-        Some(h) => {
-            let inner = reporter.clone();
-            reporter.with_hook(Arc::new(move |e| h(e, &inner)))
+impl Reporter for StopAfter<'_> {
+    fn send(&self, event: Event) {
+        if let Event::Step(s) = &event {
+            if Some(s.step) == self.after {
+                self.stop.store(true, Ordering::SeqCst);
+            }
         }
-        None => reporter,
-    };
-    let t = std::thread::spawn(move || train::run(config, reporter));
-    let all: Vec<Event> = events.iter().collect();
-    t.join().unwrap();
+        self.inner.send(event);
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || self.inner.stop_requested()
+    }
+}
+
+/// Runs to the end through a session; with `stop_after`, stops right after that step.
+fn run(config: TrainConfig, stop_after: Option<usize>) -> Vec<Event> {
+    let config = config.validate().unwrap();
+    let mut session = session::start_with(config, None, move |config, reporter| {
+        let reporter = StopAfter {
+            inner: reporter,
+            after: stop_after,
+            stop: AtomicBool::new(false),
+        };
+        train::run(config, &reporter)
+    });
+    let all: Vec<Event> = std::iter::from_fn(|| session.recv()).collect();
+    session.join();
     all
 }
 
@@ -173,16 +194,7 @@ fn stop_names_the_best_adapter_kept_so_far() {
     c.eval_every = 1;
     let out = tempfile::tempdir().unwrap();
     c.out_dir = out.path().to_path_buf();
-    let events = run(
-        c,
-        Some(Arc::new(|e: &Event, r: &Reporter| {
-            if let Event::Step(s) = e {
-                if s.step == 3 {
-                    r.request_stop();
-                }
-            }
-        })),
-    );
+    let events = run(c, Some(3));
     let Some(Event::Stopped { best, .. }) = events.last() else {
         panic!("expected Stopped, got {:?}", events.last());
     };
@@ -212,16 +224,7 @@ fn stop_saves_and_resume_continues_exactly() {
 
     let stopped = tempfile::tempdir().unwrap();
     c.out_dir = stopped.path().to_path_buf();
-    let b = run(
-        c.clone(),
-        Some(Arc::new(|e: &Event, r: &Reporter| {
-            if let Event::Step(s) = e {
-                if s.step == 3 {
-                    r.request_stop();
-                }
-            }
-        })),
-    );
+    let b = run(c.clone(), Some(3));
     let Some(Event::Stopped { adapter, step, .. }) = b.last() else {
         panic!("expected Stopped, got {:?}", b.last());
     };
@@ -290,6 +293,7 @@ fn a_non_finite_loss_stops_and_keeps_the_last_good_adapter() {
         panic!("expected Stopped, got {:?}", events.last());
     };
     assert_eq!(*step, 0);
+    let reason = reason.to_string();
     assert!(
         reason.contains("NaN") && reason.contains("learning rate"),
         "{reason}"
@@ -310,13 +314,13 @@ fn early_stop_keeps_the_best_adapter() {
     c.save_every = 0;
     c.early_stop_patience = 2;
     let events = run(c, None);
-    let Some(Event::Finished { best, .. }) = events.last() else {
-        panic!("expected Finished, got {:?}", events.last());
+    // An early stop ends as Stopped (it used to end as Finished, although the docs said Stopped).
+    let Some(Event::Stopped { best, reason, .. }) = events.last() else {
+        panic!("expected Stopped, got {:?}", events.last());
     };
     assert!(steps(&events).len() < 60, "early stop did not trigger");
-    assert!(events
-        .iter()
-        .any(|e| matches!(e, Event::Log(l) if l.contains("early stop"))));
+    assert_eq!(*reason, StopReason::EarlyStopped { patience: 2 });
+    assert!(reason.to_string().contains("early stop"));
     let evals: Vec<(usize, f64, bool)> = events
         .iter()
         .filter_map(|e| match e {

@@ -15,8 +15,8 @@ use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 
 use finetune::data::{DatasetSummary, Format, TemplateUse};
-use finetune::session::{self, Reporter};
-use finetune::train::{self, Event, StepStats, TrainConfig};
+use finetune::session;
+use finetune::train::{self, Event, Reporter, StepStats, StopReason, TrainConfig, ValidConfig};
 use finetune::ui::dataset::Outcome;
 use finetune::ui::hub_worker::HubSetup;
 use finetune::ui::{Engine, FineTuneApp, Preset, RunState, Settings, Step};
@@ -116,60 +116,64 @@ fn save_adapter(dir: &Path) {
 /// A scripted engine: `steps` steps (an eval every 4), stopping early on request. `delay` paces
 /// the steps so a test can press Stop mid-run. Records the config it was started with.
 fn fake_engine(steps: usize, delay: Duration, seen: Arc<Mutex<Option<TrainConfig>>>) -> Engine {
-    Arc::new(move |config: TrainConfig, repaint| {
-        *seen.lock().unwrap() = Some(config.clone());
-        session::start_with(config, repaint, move |cfg: TrainConfig, r: Reporter| {
-            r.send(Event::Started {
-                model: "demo-model".into(),
-                architecture: "LlamaForCausalLM".into(),
-                device: "Fake CPU".into(),
-                base_params: 150_000,
-                trainable_params: 9_000,
-                total_steps: steps,
-                start_step: 0,
-                train: Box::new(summary()),
-                valid: None,
-            });
-            r.send(Event::Eval {
-                step: 0,
-                val_loss: 4.2,
-                best: true,
-            });
-            for step in 1..=steps {
-                if r.stop_requested() {
-                    let adapter = cfg.out_dir.join("latest");
-                    save_adapter(&adapter);
-                    r.send(Event::Saved {
-                        step: step - 1,
-                        path: adapter.clone(),
-                    });
-                    r.send(Event::Stopped {
-                        adapter,
-                        best: None,
-                        step: step - 1,
-                        reason: "stop requested".into(),
-                    });
-                    return;
+    Arc::new(move |config: ValidConfig, repaint| {
+        *seen.lock().unwrap() = Some(TrainConfig::clone(&config));
+        session::start_with(
+            config,
+            repaint,
+            move |cfg: ValidConfig, r: &dyn Reporter| {
+                r.send(Event::Started {
+                    model: "demo-model".into(),
+                    architecture: "LlamaForCausalLM".into(),
+                    device: "Fake CPU".into(),
+                    base_params: 150_000,
+                    trainable_params: 9_000,
+                    total_steps: steps,
+                    start_step: 0,
+                    train: Box::new(summary()),
+                    valid: None,
+                });
+                r.send(Event::Eval {
+                    step: 0,
+                    val_loss: 4.2,
+                    best: true,
+                });
+                for step in 1..=steps {
+                    if r.stop_requested() {
+                        let adapter = cfg.out_dir.join("latest");
+                        save_adapter(&adapter);
+                        r.send(Event::Saved {
+                            step: step - 1,
+                            path: adapter.clone(),
+                        });
+                        r.send(Event::Stopped {
+                            adapter,
+                            best: None,
+                            step: step - 1,
+                            reason: StopReason::StoppedByUser { step: step - 1 },
+                        });
+                        return;
+                    }
+                    r.send(Event::Step(stats(step, steps)));
+                    if step % 4 == 0 {
+                        r.send(Event::Eval {
+                            step,
+                            val_loss: 4.0 / (1.0 + step as f64 * 0.15),
+                            best: true,
+                        });
+                    }
+                    std::thread::sleep(delay);
                 }
-                r.send(Event::Step(stats(step, steps)));
-                if step % 4 == 0 {
-                    r.send(Event::Eval {
-                        step,
-                        val_loss: 4.0 / (1.0 + step as f64 * 0.15),
-                        best: true,
-                    });
-                }
-                std::thread::sleep(delay);
-            }
-            let adapter = cfg.out_dir.join("final");
-            save_adapter(&adapter);
-            r.send(Event::Finished {
-                adapter,
-                best: Some(cfg.out_dir.join("best")),
-                final_loss: None,
-                final_val_loss: None,
-            });
-        })
+                let adapter = cfg.out_dir.join("final");
+                save_adapter(&adapter);
+                r.send(Event::Finished {
+                    adapter,
+                    best: Some(cfg.out_dir.join("best")),
+                    final_loss: None,
+                    final_val_loss: None,
+                });
+            },
+        )
     })
 }
 

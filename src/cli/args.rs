@@ -286,33 +286,54 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
+/// Puts a flag's value, when given, into its slot.
+fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
+    if let Some(v) = v {
+        *slot = v.clone();
+    }
+}
+
 impl TrainArgs {
-    /// The run's settings: `--config` (or the defaults), then every flag given.
+    /// The run's settings: `--config` (or the defaults), then every flag given. Not yet checked:
+    /// [`TrainConfig::validate`] is the way to a run.
     pub fn to_config(&self) -> anyhow::Result<TrainConfig> {
-        let mut c = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the settings file {}", path.display()))?;
-                toml::from_str::<TrainConfig>(&text).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{e}settings file fields are TrainConfig's (see README#command-line): {}",
-                        path.display()
-                    )
-                })?
-            }
-            None => TrainConfig::default(),
+        let mut c = self.settings_file()?;
+        self.set_paths(&mut c);
+        self.set_lora(&mut c);
+        self.set_schedule(&mut c);
+        self.set_data(&mut c);
+        self.set_run(&mut c);
+        Ok(c)
+    }
+
+    /// `--config`'s settings, or the defaults.
+    fn settings_file(&self) -> anyhow::Result<TrainConfig> {
+        let Some(path) = &self.config else {
+            return Ok(TrainConfig::default());
         };
-        fn set<T: Clone>(slot: &mut T, v: &Option<T>) {
-            if let Some(v) = v {
-                *slot = v.clone();
-            }
-        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the settings file {}", path.display()))?;
+        toml::from_str::<TrainConfig>(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}settings file fields are TrainConfig's (see README#command-line): {}",
+                path.display()
+            )
+        })
+    }
+
+    fn set_paths(&self, c: &mut TrainConfig) {
         set(&mut c.model_dir, &self.model);
         set(&mut c.train_data, &self.data);
         if self.valid.is_some() {
             c.valid_data = self.valid.clone();
         }
         set(&mut c.out_dir, &self.out);
+        if self.resume.is_some() {
+            c.resume_from = self.resume.clone();
+        }
+    }
+
+    fn set_lora(&self, c: &mut TrainConfig) {
         set(&mut c.lora.rank, &self.rank);
         set(&mut c.lora.alpha, &self.alpha);
         set(&mut c.lora.dropout, &self.dropout);
@@ -321,6 +342,10 @@ impl TrainArgs {
             c.lora.layers = (!l.is_empty()).then(|| l.clone());
         }
         set(&mut c.lora.use_rslora, &self.rslora);
+    }
+
+    /// Learning rate, schedule, length and the optimizer.
+    fn set_schedule(&self, c: &mut TrainConfig) {
         set(&mut c.lr, &self.lr);
         if let Some(s) = self.schedule {
             c.schedule = match s {
@@ -337,6 +362,14 @@ impl TrainArgs {
         if let Some(e) = self.epochs {
             c.duration = Duration::Epochs(e);
         }
+        set(&mut c.max_grad_norm, &self.max_grad_norm);
+        set(&mut c.adamw.weight_decay, &self.weight_decay);
+        set(&mut c.adamw.beta1, &self.beta1);
+        set(&mut c.adamw.beta2, &self.beta2);
+    }
+
+    /// Batches and how records become rows.
+    fn set_data(&self, c: &mut TrainConfig) {
         set(&mut c.batch_size, &self.batch_size);
         set(&mut c.grad_accum, &self.grad_accum);
         set(&mut c.max_seq_len, &self.max_seq_len);
@@ -358,13 +391,13 @@ impl TrainArgs {
         }
         set(&mut c.skip_bad_lines, &self.skip_bad_lines);
         set(&mut c.valid_fraction, &self.valid_fraction);
+    }
+
+    /// Evaluation, saving, stopping, seed, device and logging.
+    fn set_run(&self, c: &mut TrainConfig) {
         set(&mut c.eval_every, &self.eval_every);
         set(&mut c.eval_batches, &self.eval_batches);
         set(&mut c.save_every, &self.save_every);
-        set(&mut c.max_grad_norm, &self.max_grad_norm);
-        set(&mut c.adamw.weight_decay, &self.weight_decay);
-        set(&mut c.adamw.beta1, &self.beta1);
-        set(&mut c.adamw.beta2, &self.beta2);
         set(&mut c.early_stop_patience, &self.early_stop);
         set(&mut c.seed, &self.seed);
         set(&mut c.gradient_checkpointing, &self.gradient_checkpointing);
@@ -375,13 +408,9 @@ impl TrainArgs {
         if let Some(d) = self.dtype {
             c.dtype = d.into();
         }
-        if self.resume.is_some() {
-            c.resume_from = self.resume.clone();
-        }
         if let Some(n) = self.log_every {
             c.log_every = n.max(1);
         }
-        Ok(c)
     }
 }
 

@@ -1,18 +1,36 @@
 //! A gradient route for values computed off the graph: a kernel without a backward (candle-nn's
-//! fused ops) or a detached matmul whose frozen operand must get no gradient. The value is
-//! computed from the input detached; a zero-valued op added to it carries the input gradient.
-//! Works on every backend (its forward only allocates zeros).
+//! fused ops), a detached matmul whose frozen operand must get no gradient, or a layer that
+//! gradient checkpointing recomputes in backward. The value is computed from the input detached;
+//! a zero-valued op added to it carries the input gradient. Works on every backend (its forward
+//! only allocates zeros).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The input gradient of an op, given (input, upstream gradient).
 pub(crate) type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// Forward: zeros shaped like the value it is added to. Backward: `grad` mapped by `bwd` to the
-/// input. Added to a detached value, it gives that value the gradient `bwd` computes.
+/// input. Added to a detached value, it gives that value the gradient `bwd` computes. As a
+/// two-input op the second input is an anchor that only keeps the op on the graph (it gets no
+/// gradient).
 struct GradVia {
     shape: Shape,
     bwd: InputGrad,
+}
+
+impl GradVia {
+    /// The forward of every backend: zeros of the value's shape, in the input's dtype.
+    fn zeros<S>(&self, s: &S) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        Ok((
+            s.device().zeros_impl(&self.shape, s.dtype())?,
+            self.shape.clone(),
+        ))
+    }
 }
 
 impl CustomOp1 for GradVia {
@@ -21,11 +39,7 @@ impl CustomOp1 for GradVia {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((
-            s.device().zeros_impl(&self.shape, s.dtype())?,
-            self.shape.clone(),
-        ))
+        self.zeros(s)
     }
 
     fn cuda_fwd(
@@ -33,11 +47,7 @@ impl CustomOp1 for GradVia {
         s: &candle_core::CudaStorage,
         _l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((
-            s.device().zeros_impl(&self.shape, s.dtype())?,
-            self.shape.clone(),
-        ))
+        self.zeros(s)
     }
 
     fn metal_fwd(
@@ -45,15 +55,57 @@ impl CustomOp1 for GradVia {
         s: &candle_core::MetalStorage,
         _l: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((
-            s.device().zeros_impl(&self.shape, s.dtype())?,
-            self.shape.clone(),
-        ))
+        self.zeros(s)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.bwd)(arg, grad)?))
+    }
+}
+
+impl CustomOp2 for GradVia {
+    fn name(&self) -> &'static str {
+        "ft-grad-via-anchored"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        _l: &Layout,
+        _anchor: &CpuStorage,
+        _la: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.zeros(s)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+        _anchor: &candle_core::CudaStorage,
+        _la: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.zeros(s)
+    }
+
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        _l: &Layout,
+        _anchor: &candle_core::MetalStorage,
+        _la: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.zeros(s)
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.bwd)(arg, grad)?), None))
     }
 }
 
@@ -64,4 +116,17 @@ pub(crate) fn with_grad(value: Tensor, x: &Tensor, bwd: InputGrad) -> Result<Ten
     }
     let shape = value.shape().clone();
     value + x.apply_op1(GradVia { shape, bwd })?
+}
+
+/// As [`with_grad`], on the graph even when `x` is a constant: the op also hangs on `anchor`
+/// (a trainable tensor), so backward reaches it and runs `bwd` for what it does beside the
+/// input gradient (gradient checkpointing collects the LoRA gradients of a recomputed layer).
+pub(crate) fn with_grad_anchored(
+    value: Tensor,
+    x: &Tensor,
+    anchor: &Tensor,
+    bwd: InputGrad,
+) -> Result<Tensor> {
+    let shape = value.shape().clone();
+    value + x.apply_op2(anchor, GradVia { shape, bwd })?
 }

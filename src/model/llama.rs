@@ -149,11 +149,19 @@ impl Layer {
 }
 
 impl Llama {
-    /// Turns gradient checkpointing on (`Some(sink)`: layers are recomputed in backward and their
-    /// LoRA gradients land in `sink`) or off.
-    pub fn set_recompute(&mut self, sink: Option<recompute::GradSink>, keep_every: usize) {
-        self.recompute = sink;
+    /// Turns gradient checkpointing on (layers are recomputed in backward and their LoRA
+    /// gradients collected for [`Llama::take_recomputed`]) or off.
+    pub fn set_recompute(&mut self, on: bool, keep_every: usize) {
+        self.recompute = on.then(recompute::GradSink::default);
         self.keep_every = keep_every;
+    }
+
+    /// The LoRA gradients recomputed layers produced in the last backward (then forgotten).
+    pub fn take_recomputed(&self) -> Vec<(candle_core::Var, Tensor)> {
+        self.recompute
+            .as_ref()
+            .map(recompute::GradSink::take)
+            .unwrap_or_default()
     }
 
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {

@@ -425,17 +425,3 @@ pub fn insert(varmap: &VarMap, path: &str, a: &Var, b: &Var) {
     data.insert(peft_key(path, "lora_A"), a.clone());
     data.insert(peft_key(path, "lora_B"), b.clone());
 }
-
-/// Sum of squares of every element of `t` as f32 (helper for norms in tests and clipping).
-pub fn sum_sq(t: &Tensor) -> Result<f32> {
-    t.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()
-}
-
-/// Max |x| over `t` (f32).
-pub fn max_abs(t: &Tensor) -> Result<f32> {
-    t.to_dtype(DType::F32)?
-        .abs()?
-        .flatten_all()?
-        .max(D::Minus1)?
-        .to_scalar::<f32>()
-}

@@ -21,9 +21,11 @@ pub mod recompute;
 pub mod source;
 pub mod weights;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 
 pub use config::{Family, ModelConfig, SUPPORTED_ARCHITECTURES};
 pub use lora::{LoraConfig, LoraError, LoraLinear, LoraState};
@@ -87,6 +89,37 @@ impl ModelInput {
                 let (b, t) = self.input_ids.dims2()?;
                 ops::attention_bias(b, t, None, dtype, self.input_ids.device())
             }
+        }
+    }
+}
+
+/// The gradients of one backward pass: Candle's store, plus the LoRA gradients of layers that
+/// gradient checkpointing recomputed beside the graph (their LoRA weights are constants on the
+/// outer graph, so a weight's gradient comes from one of the two, never both).
+pub struct Grads {
+    store: GradStore,
+    recomputed: HashMap<TensorId, Tensor>,
+}
+
+impl Grads {
+    /// The gradient of `var`, detached (a gradient that still carries a graph would keep that
+    /// step's activations alive), if it got one.
+    pub fn get(&self, var: &Var) -> candle_core::Result<Option<Tensor>> {
+        let graph = self.store.get(var).map(Tensor::detach);
+        let recomputed = self.recomputed.get(&var.id()).map(Tensor::detach);
+        Ok(match (graph, recomputed) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or(b),
+        })
+    }
+}
+
+impl From<GradStore> for Grads {
+    /// The gradients of a plain `loss.backward()`.
+    fn from(store: GradStore) -> Self {
+        Self {
+            store,
+            recomputed: HashMap::new(),
         }
     }
 }
@@ -168,29 +201,35 @@ impl Model {
         lora::attach(self.linears_mut(), config, n, seed)
     }
 
-    /// Turns gradient checkpointing on or off (llama family; GPT-2 runs without). When on, the
-    /// returned sink receives the LoRA gradients of recomputed layers during `backward`, which
-    /// must be added to the step's gradients ([`crate::train::optim::AdamW::accumulate_sink`]).
-    pub fn set_gradient_checkpointing(&mut self, on: bool) -> Option<recompute::GradSink> {
-        self.set_gradient_checkpointing_keep(on, 0)
-    }
-
-    /// As [`Model::set_gradient_checkpointing`], keeping the activations of every `keep_every`-th
-    /// layer (layers 0, k, 2k, … run normally; 0 = recompute every layer): less recompute for
-    /// somewhat more memory (k = 3 recomputes two layers in three).
-    pub fn set_gradient_checkpointing_keep(
-        &mut self,
-        on: bool,
-        keep_every: usize,
-    ) -> Option<recompute::GradSink> {
+    /// Turns gradient checkpointing on or off (llama family; GPT-2 runs without: returns false).
+    /// Every `keep_every`-th layer keeps its activations (layers 0, k, 2k, … run normally; 0 =
+    /// recompute every layer): less recompute for somewhat more memory (k = 3 recomputes two
+    /// layers in three). [`Model::backward`] gathers the recomputed layers' gradients.
+    pub fn set_gradient_checkpointing(&mut self, on: bool, keep_every: usize) -> bool {
         match &mut self.arch {
             Arch::Llama(m) => {
-                let sink = on.then(recompute::GradSink::default);
-                m.set_recompute(sink.clone(), keep_every);
-                sink
+                m.set_recompute(on, keep_every);
+                true
             }
-            Arch::Gpt2(_) => None,
+            Arch::Gpt2(_) => false,
         }
+    }
+
+    /// The LoRA gradients of `loss` (from [`Model::loss`] with `train`): the graph's, plus those
+    /// that gradient checkpointing computed while recomputing layers.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<Grads> {
+        let store = loss.backward()?;
+        let recomputed = match &self.arch {
+            Arch::Llama(m) => m.take_recomputed(),
+            Arch::Gpt2(_) => Vec::new(),
+        };
+        Ok(Grads {
+            store,
+            recomputed: recomputed
+                .into_iter()
+                .map(|(var, g)| (var.id(), g))
+                .collect(),
+        })
     }
 
     /// Removes every adapter.

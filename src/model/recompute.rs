@@ -2,13 +2,15 @@
 //! its activations (LoRA detached, no graph), and a custom op on the layer input recomputes the
 //! layer with a graph during backward. The outer graph then holds one (B, T, H) tensor per layer
 //! instead of every intermediate. The recomputed layer's LoRA gradients cannot travel through the
-//! op (they are not its inputs), so they are collected in a [`GradSink`] that the trainer adds to
-//! the step's gradients. Dropout replays the same masks: the seed is set once per micro-batch.
+//! op (they are not its inputs), so they are collected in a [`GradSink`] that
+//! [`crate::model::Model::backward`] adds to the graph's. Dropout replays the same masks: the
+//! seed is set once per micro-batch.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
+use super::grad::with_grad_anchored;
 use super::llama::{Layer, LayerCtx};
 
 /// LoRA gradients produced while recomputing layers in backward.
@@ -34,85 +36,9 @@ impl GradSink {
     }
 }
 
-/// The gradient path of a checkpointed layer: forward yields zeros (the value comes from the
-/// detached pass), backward recomputes the layer.
-struct Recompute {
-    layer: Layer,
-    ctx: LayerCtx,
-    sink: GradSink,
-}
-
-impl Recompute {
-    fn zeros_like_input(l: &Layout) -> Shape {
-        l.shape().clone()
-    }
-}
-
-impl CustomOp2 for Recompute {
-    fn name(&self) -> &'static str {
-        "ft-recompute-layer"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = Self::zeros_like_input(l);
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-        _s2: &candle_core::CudaStorage,
-        _l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = Self::zeros_like_input(l);
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn metal_fwd(
-        &self,
-        s: &candle_core::MetalStorage,
-        l: &Layout,
-        _s2: &candle_core::MetalStorage,
-        _l2: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = Self::zeros_like_input(l);
-        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _anchor: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let input = Var::from_tensor(&x.detach())?;
-        let y = self.layer.forward(input.as_tensor(), &self.ctx, false)?;
-        let store = (y * grad.detach())?.sum_all()?.backward()?;
-        for lin in self.layer.linears() {
-            if let Some(l) = &lin.lora {
-                for var in [&l.a, &l.b] {
-                    if let Some(g) = store.get(var) {
-                        self.sink.push(var, g.clone());
-                    }
-                }
-            }
-        }
-        Ok((store.get(&input).cloned(), None))
-    }
-}
-
-/// Runs `layer` on `x` keeping only `x` for backward.
+/// Runs `layer` on `x` keeping only `x` for backward: the value comes from a pass without a
+/// graph; a zero-valued op added to it recomputes the layer with a graph in backward, gives `x`
+/// its gradient and puts the layer's LoRA gradients in `sink`.
 pub fn checkpointed(layer: &Layer, x: &Tensor, ctx: &LayerCtx, sink: &GradSink) -> Result<Tensor> {
     let y = layer.forward(&x.detach(), ctx, true)?;
     // Anchor the op on one LoRA tensor of the layer so it is part of the graph even when `x` is
@@ -128,12 +54,24 @@ pub fn checkpointed(layer: &Layer, x: &Tensor, ctx: &LayerCtx, sink: &GradSink) 
             Ok(y)
         };
     };
-    y + x.apply_op2(
-        &anchor,
-        Recompute {
-            layer: layer.clone(),
-            ctx: ctx.clone(),
-            sink: sink.clone(),
-        },
-    )?
+    let (layer, ctx, sink) = (layer.clone(), ctx.clone(), sink.clone());
+    let recompute = move |x: &Tensor, grad: &Tensor| -> Result<Tensor> {
+        let input = Var::from_tensor(&x.detach())?;
+        let y = layer.forward(input.as_tensor(), &ctx, false)?;
+        let store = (y * grad.detach())?.sum_all()?.backward()?;
+        for lin in layer.linears() {
+            if let Some(l) = &lin.lora {
+                for var in [&l.a, &l.b] {
+                    if let Some(g) = store.get(var) {
+                        sink.push(var, g.clone());
+                    }
+                }
+            }
+        }
+        match store.get(&input) {
+            Some(g) => Ok(g.clone()),
+            None => x.zeros_like(),
+        }
+    };
+    with_grad_anchored(y, x, &anchor, Box::new(recompute))
 }

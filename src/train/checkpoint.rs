@@ -34,6 +34,23 @@ pub struct TrainerState {
     pub finetune_version: String,
 }
 
+impl TrainerState {
+    /// The state of a run that starts at step 0.
+    pub fn start(config: &TrainConfig, total_steps: usize) -> Self {
+        Self {
+            step: 0,
+            total_steps,
+            epoch: 0,
+            batch_in_epoch: 0,
+            best_val_loss: None,
+            evals_since_best: 0,
+            last_loss: None,
+            config: config.clone(),
+            finetune_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
 /// Errors writing or reading checkpoints.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -66,8 +83,9 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
     adapter::save(&tmp, lora, model, base_model).map_err(|e| err(e.to_string()))?;
-    let opt_bytes = safetensors::tensor::serialize(opt.state_tensors(), None)
-        .map_err(|e| err(e.to_string()))?;
+    let moments = opt.state_tensors().map_err(|e| err(e.to_string()))?;
+    let opt_bytes =
+        safetensors::tensor::serialize(moments, None).map_err(|e| err(e.to_string()))?;
     std::fs::write(tmp.join(OPTIMIZER_FILE), opt_bytes).map_err(|e| err(e.to_string()))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| err(e.to_string()))?;
     std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| err(e.to_string()))?;

@@ -1,5 +1,6 @@
 //! [`TrainConfig`]: every setting of a training run, validated before any work starts. The UI form
-//! and the CLI flags both produce a `TrainConfig` only through [`TrainConfig::validate`].
+//! and the CLI flags both start a run only with the [`ValidConfig`] that [`TrainConfig::validate`]
+//! returns. [`capped_seq_len`] is the one place the model's context caps the sequence length.
 
 use std::path::PathBuf;
 
@@ -173,107 +174,167 @@ pub struct FieldError {
     pub message: String,
 }
 
+/// A [`TrainConfig`] every check of [`TrainConfig::validate`] passed: the only thing
+/// [`crate::session::start`] takes, so an unchecked config cannot start a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidConfig(TrainConfig);
+
+impl ValidConfig {
+    /// The settings themselves.
+    pub fn into_inner(self) -> TrainConfig {
+        self.0
+    }
+}
+
+impl std::ops::Deref for ValidConfig {
+    type Target = TrainConfig;
+
+    fn deref(&self) -> &TrainConfig {
+        &self.0
+    }
+}
+
+impl From<ValidConfig> for TrainConfig {
+    fn from(c: ValidConfig) -> Self {
+        c.0
+    }
+}
+
+/// The sequence length a model with `context_tokens` of context can train on: `max_seq_len`,
+/// lowered to the context when above it (a context of 0, unknown, lowers nothing). The trainer,
+/// the app's model choice and its presets all cap through this.
+pub fn capped_seq_len(max_seq_len: usize, context_tokens: usize) -> usize {
+    if context_tokens > 0 {
+        max_seq_len.min(context_tokens)
+    } else {
+        max_seq_len
+    }
+}
+
+/// Collects [`FieldError`]s.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn bad(&mut self, field: &'static str, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field,
+            message: message.into(),
+        });
+    }
+}
+
 impl TrainConfig {
     /// Checks every field; returns all problems at once (empty = fine).
     pub fn problems(&self) -> Vec<FieldError> {
-        let mut p = Vec::new();
-        let mut bad = |field: &'static str, message: String| p.push(FieldError { field, message });
+        let mut p = Problems::default();
+        self.check_paths(&mut p);
+        self.check_lora(&mut p);
+        self.check_schedule(&mut p);
+        self.check_batches(&mut p);
+        self.check_optimizer(&mut p);
+        if let Some(r) = &self.resume_from {
+            if !r.is_dir() {
+                p.bad(
+                    "resume_from",
+                    format!("no checkpoint folder: {}", r.display()),
+                );
+            }
+        }
+        p.0
+    }
+
+    fn check_paths(&self, p: &mut Problems) {
         if self.model_dir.as_os_str().is_empty() {
-            bad("model_dir", "choose a model folder".into());
+            p.bad("model_dir", "choose a model folder");
         } else if let Err(e) = crate::model::ModelSource::open(&self.model_dir) {
-            bad("model_dir", e.to_string());
+            p.bad("model_dir", e.to_string());
         }
         if self.train_data.as_os_str().is_empty() {
-            bad("train_data", "choose a training JSONL file".into());
+            p.bad("train_data", "choose a training JSONL file");
         } else if !self.train_data.is_file() {
-            bad(
+            p.bad(
                 "train_data",
                 format!("file not found: {}", self.train_data.display()),
             );
         }
         if let Some(v) = &self.valid_data {
             if !v.is_file() {
-                bad("valid_data", format!("file not found: {}", v.display()));
+                p.bad("valid_data", format!("file not found: {}", v.display()));
             }
         }
         if self.out_dir.as_os_str().is_empty() {
-            bad("out_dir", "choose an output folder".into());
+            p.bad("out_dir", "choose an output folder");
         }
+    }
+
+    fn check_lora(&self, p: &mut Problems) {
         if self.lora.rank == 0 || self.lora.rank > 1024 {
-            bad(
+            p.bad(
                 "lora.rank",
-                "rank must be between 1 and 1024 (8–64 is typical)".into(),
+                "rank must be between 1 and 1024 (8–64 is typical)",
             );
         }
         if self.lora.alpha.is_nan() || self.lora.alpha <= 0.0 {
-            bad(
-                "lora.alpha",
-                "alpha must be positive (often 2 × rank)".into(),
-            );
+            p.bad("lora.alpha", "alpha must be positive (often 2 × rank)");
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
-            bad("lora.dropout", "dropout must be in [0, 1)".into());
+            p.bad("lora.dropout", "dropout must be in [0, 1)");
         }
+    }
+
+    fn check_schedule(&self, p: &mut Problems) {
         if !(self.lr > 0.0 && self.lr < 1.0) {
-            bad(
+            p.bad(
                 "lr",
-                "learning rate must be in (0, 1); 1e-4 to 3e-4 suits LoRA".into(),
+                "learning rate must be in (0, 1); 1e-4 to 3e-4 suits LoRA",
             );
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            bad("min_lr_ratio", "must be between 0 and 1".into());
+            p.bad("min_lr_ratio", "must be between 0 and 1");
         }
         match self.duration {
-            Duration::Steps(0) => bad("duration", "train for at least 1 step".into()),
-            Duration::Epochs(0) => bad("duration", "train for at least 1 epoch".into()),
+            Duration::Steps(0) => p.bad("duration", "train for at least 1 step"),
+            Duration::Epochs(0) => p.bad("duration", "train for at least 1 epoch"),
             _ => {}
         }
+    }
+
+    fn check_batches(&self, p: &mut Problems) {
         if self.batch_size == 0 {
-            bad("batch_size", "batch size must be at least 1".into());
+            p.bad("batch_size", "batch size must be at least 1");
         }
         if self.grad_accum == 0 {
-            bad(
-                "grad_accum",
-                "gradient accumulation must be at least 1".into(),
-            );
+            p.bad("grad_accum", "gradient accumulation must be at least 1");
         }
         if self.max_seq_len < 8 {
-            bad(
+            p.bad(
                 "max_seq_len",
-                "max sequence length must be at least 8 tokens".into(),
+                "max sequence length must be at least 8 tokens",
             );
         }
         if !(0.0..0.9).contains(&self.valid_fraction) {
-            bad(
-                "valid_fraction",
-                "hold-out share must be in [0, 0.9)".into(),
-            );
+            p.bad("valid_fraction", "hold-out share must be in [0, 0.9)");
         }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
-            bad("max_grad_norm", "must be 0 (off) or positive".into());
-        }
-        if self.adamw.weight_decay.is_nan() || self.adamw.weight_decay < 0.0 {
-            bad("adamw.weight_decay", "must be 0 or positive".into());
-        }
-        if !(0.0..1.0).contains(&self.adamw.beta1) || !(0.0..1.0).contains(&self.adamw.beta2) {
-            bad("adamw.betas", "betas must be in [0, 1)".into());
-        }
-        if let Some(r) = &self.resume_from {
-            if !r.is_dir() {
-                bad(
-                    "resume_from",
-                    format!("no checkpoint folder: {}", r.display()),
-                );
-            }
-        }
-        p
     }
 
-    /// The config, if every field is usable.
-    pub fn validate(self) -> Result<Self, Vec<FieldError>> {
+    fn check_optimizer(&self, p: &mut Problems) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
+            p.bad("max_grad_norm", "must be 0 (off) or positive");
+        }
+        if self.adamw.weight_decay.is_nan() || self.adamw.weight_decay < 0.0 {
+            p.bad("adamw.weight_decay", "must be 0 or positive");
+        }
+        if !(0.0..1.0).contains(&self.adamw.beta1) || !(0.0..1.0).contains(&self.adamw.beta2) {
+            p.bad("adamw.betas", "betas must be in [0, 1)");
+        }
+    }
+
+    /// The checked config, if every field is usable; else every problem at once.
+    pub fn validate(self) -> Result<ValidConfig, Vec<FieldError>> {
         let p = self.problems();
         if p.is_empty() {
-            Ok(self)
+            Ok(ValidConfig(self))
         } else {
             Err(p)
         }
@@ -349,5 +410,12 @@ mod tests {
         for f in ["model_dir", "train_data", "lr", "batch_size"] {
             assert!(fields.contains(&f), "{fields:?}");
         }
+    }
+
+    #[test]
+    fn the_context_caps_the_sequence_length_when_known() {
+        assert_eq!(capped_seq_len(2048, 512), 512);
+        assert_eq!(capped_seq_len(256, 512), 256);
+        assert_eq!(capped_seq_len(2048, 0), 2048);
     }
 }

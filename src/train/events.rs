@@ -1,5 +1,5 @@
-//! What the training thread reports. Sent over a bounded crossbeam channel; the UI drains them into
-//! its run view and the CLI prints them.
+//! What the training thread reports, and the [`Reporter`] it reports through. The session sends
+//! the events over a bounded channel; the UI drains them into its run view and the CLI prints them.
 
 use std::path::PathBuf;
 
@@ -73,13 +73,15 @@ pub enum Event {
         final_loss: Option<f64>,
         final_val_loss: Option<f64>,
     },
-    /// Stopped on request (or early stop / NaN); the adapter of the last finished step is saved.
+    /// Stopped before the end (on request, early stop, a non-finite loss or gradient norm); the
+    /// adapter of the last finished step is saved.
     Stopped {
         adapter: PathBuf,
         /// The best-validation adapter, if one was kept before the stop.
         best: Option<PathBuf>,
         step: usize,
-        reason: String,
+        /// Never [`StopReason::Finished`] (that run ends with `Finished`). JSON: its text.
+        reason: StopReason,
     },
     /// Could not run; nothing half-written is left.
     Failed {
@@ -90,9 +92,141 @@ pub enum Event {
 impl Event {
     /// True for the last event of a run.
     pub fn is_terminal(&self) -> bool {
+        self.exit_code().is_some()
+    }
+
+    /// The process exit code of a run that ended with this event (`None` before the end): 0 when
+    /// it finished or stopped for a good reason (the person asked, early stopping), 3 when a
+    /// non-finite loss or gradient norm stopped it, 1 when it failed.
+    pub fn exit_code(&self) -> Option<u8> {
+        match self {
+            Event::Finished { .. } => Some(0),
+            Event::Stopped { reason, .. } => Some(if reason.is_numeric_failure() { 3 } else { 0 }),
+            Event::Failed { .. } => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// Why a run's step loop ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StopReason {
+    /// Every step ran.
+    Finished,
+    /// The person asked (Stop, Ctrl-C, quitting the app); `step` is the last finished step.
+    StoppedByUser { step: usize },
+    /// Validation loss did not improve for `patience` evaluations in a row.
+    EarlyStopped { patience: usize },
+    /// The loss of (1-based) step `step` was `value` (NaN or infinite); nothing of it was applied.
+    NonFiniteLoss { step: usize, value: f64 },
+    /// The gradient norm of step `step` was `value` (NaN or infinite); nothing of it was applied.
+    NonFiniteGradNorm { step: usize, value: f64 },
+}
+
+impl StopReason {
+    /// True when the numbers went bad (NaN/inf), as opposed to a stop someone or something chose.
+    pub fn is_numeric_failure(&self) -> bool {
         matches!(
             self,
-            Event::Finished { .. } | Event::Stopped { .. } | Event::Failed { .. }
+            StopReason::NonFiniteLoss { .. } | StopReason::NonFiniteGradNorm { .. }
         )
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let non_finite = |f: &mut std::fmt::Formatter<'_>, what: &str, step: usize, value: f64| {
+            write!(
+                f,
+                "the {what} became {value} at step {step}; nothing of that step was applied and the adapter of step {} is kept. Lower the learning rate",
+                step.saturating_sub(1)
+            )
+        };
+        match *self {
+            StopReason::Finished => write!(f, "finished"),
+            StopReason::StoppedByUser { step } => write!(f, "stopped at step {step}"),
+            StopReason::EarlyStopped { patience } => write!(
+                f,
+                "early stop: validation loss has not improved for {patience} evaluations"
+            ),
+            StopReason::NonFiniteLoss { step, value } => {
+                non_finite(f, "loss", step, value)?;
+                write!(f, " or check the data")
+            }
+            StopReason::NonFiniteGradNorm { step, value } => {
+                non_finite(f, "gradient norm", step, value)
+            }
+        }
+    }
+}
+
+/// `--json` keeps printing the reason as the sentence it always was.
+impl serde::Serialize for StopReason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Where the training loop reports (a two-method callback, as in mlx-lm's trainer): the session's
+/// channel for the app and the CLI, or a test's own.
+pub trait Reporter: Send + Sync {
+    /// Hands one event on (the run's last one is terminal, see [`Event::is_terminal`]).
+    fn send(&self, event: Event);
+    /// True once a stop was asked for; the loop checks it between steps.
+    fn stop_requested(&self) -> bool;
+}
+
+/// "1:05" / "1:02:03" for a number of seconds ("--:--" when unknown); the CLI's progress lines
+/// and the app show durations the same way.
+pub fn format_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "--:--".into();
+    }
+    let s = secs.round() as u64;
+    let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m}:{s:02}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_clock_times() {
+        assert_eq!(format_duration(65.0), "1:05");
+        assert_eq!(format_duration(3723.0), "1:02:03");
+        assert_eq!(format_duration(f64::NAN), "--:--");
+    }
+
+    #[test]
+    fn stop_reasons_keep_their_sentences_and_exit_codes() {
+        let stopped = |reason| Event::Stopped {
+            adapter: "out/adapter".into(),
+            best: None,
+            step: 3,
+            reason,
+        };
+        let user = StopReason::StoppedByUser { step: 3 };
+        assert_eq!(user.to_string(), "stopped at step 3");
+        assert_eq!(stopped(user).exit_code(), Some(0));
+        let early = StopReason::EarlyStopped { patience: 2 };
+        assert_eq!(stopped(early).exit_code(), Some(0));
+        let nan = StopReason::NonFiniteLoss {
+            step: 1,
+            value: f64::NAN,
+        };
+        assert_eq!(
+            nan.to_string(),
+            "the loss became NaN at step 1; nothing of that step was applied and the adapter of step 0 is kept. Lower the learning rate or check the data"
+        );
+        assert_eq!(stopped(nan).exit_code(), Some(3));
+        let json = serde_json::to_value(stopped(early)).unwrap_or_default();
+        assert_eq!(json["data"]["reason"], early.to_string());
+        assert_eq!(Event::Log("x".into()).exit_code(), None);
+        assert_eq!(Event::Failed { error: "x".into() }.exit_code(), Some(1));
     }
 }

@@ -1,4 +1,5 @@
 //! Training: the optimizer and learning-rate schedule, the run loop, checkpoints and events.
+//! [`run`] is the engine entry [`crate::session`] starts; it reports through a [`Reporter`].
 
 pub mod checkpoint;
 pub mod config;
@@ -6,7 +7,10 @@ pub mod events;
 pub mod optim;
 pub mod run;
 
-pub use config::{DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig};
-pub use events::{Event, StepStats};
+pub use config::{
+    capped_seq_len, DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig,
+    ValidConfig,
+};
+pub use events::{format_duration, Event, Reporter, StepStats, StopReason};
 
 pub use run::run;

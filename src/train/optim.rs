@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::model::Grads;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -77,51 +78,21 @@ impl AdamW {
         &self.params
     }
 
-    /// The gradients of this optimizer's parameters in `store`, in parameter order.
-    pub fn collect(&self, store: &GradStore) -> Vec<Option<Tensor>> {
-        self.params
-            .iter()
-            // Detached: a gradient that still carries a graph would keep that step's activations
-            // alive through the optimizer state.
-            .map(|(_, p)| store.get(p).map(Tensor::detach))
-            .collect()
+    /// The gradients of this optimizer's parameters in `grads` (detached), in parameter order.
+    pub fn collect(&self, grads: &Grads) -> Result<Vec<Option<Tensor>>> {
+        self.params.iter().map(|(_, p)| grads.get(p)).collect()
     }
 
-    /// Adds `scale · store`'s gradients into `acc` (gradient accumulation over micro-batches).
-    pub fn accumulate(
-        &self,
-        acc: &mut [Option<Tensor>],
-        store: &GradStore,
-        scale: f64,
-    ) -> Result<()> {
+    /// Adds `scale · grads` into `acc` (gradient accumulation over micro-batches).
+    pub fn accumulate(&self, acc: &mut [Option<Tensor>], grads: &Grads, scale: f64) -> Result<()> {
         for (slot, (_, p)) in acc.iter_mut().zip(&self.params) {
-            if let Some(g) = store.get(p) {
-                let g = (g.detach() * scale)?;
+            if let Some(g) = grads.get(p)? {
+                let g = (g * scale)?;
                 *slot = Some(match slot.take() {
                     Some(prev) => (prev + g)?,
                     None => g,
                 });
             }
-        }
-        Ok(())
-    }
-
-    /// Adds `scale ·` the gradients collected by gradient checkpointing into `acc`.
-    pub fn accumulate_sink(
-        &self,
-        acc: &mut [Option<Tensor>],
-        pairs: Vec<(Var, Tensor)>,
-        scale: f64,
-    ) -> Result<()> {
-        for (var, g) in pairs {
-            let Some(i) = self.params.iter().position(|(_, p)| p.id() == var.id()) else {
-                continue;
-            };
-            let g = (g.detach() * scale)?;
-            acc[i] = Some(match acc[i].take() {
-                Some(prev) => (prev + g)?,
-                None => g,
-            });
         }
         Ok(())
     }
@@ -210,17 +181,20 @@ impl AdamW {
         Ok(())
     }
 
-    /// Moments as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) for checkpoints.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    /// Moments as named host tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) for checkpoints.
+    /// Each flat buffer comes to the host once and is sliced there: a slice of a GPU buffer
+    /// would copy the whole buffer to the host each time it is written.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let (m, v) = (
+            self.m.to_device(&Device::Cpu)?,
+            self.v.to_device(&Device::Cpu)?,
+        );
         let mut out = HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
-            // The flat buffers are built by this type; their parts always fit.
-            if let (Ok(m), Ok(v)) = (self.part(&self.m, i), self.part(&self.v, i)) {
-                out.insert(format!("{name}.exp_avg"), m);
-                out.insert(format!("{name}.exp_avg_sq"), v);
-            }
+            out.insert(format!("{name}.exp_avg"), self.part(&m, i)?);
+            out.insert(format!("{name}.exp_avg_sq"), self.part(&v, i)?);
         }
-        out
+        Ok(out)
     }
 
     /// Restores moments saved by [`AdamW::state_tensors`] and the step count.
@@ -270,7 +244,8 @@ mod tests {
             "the premise: Candle's gradient has a graph"
         );
         let opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
-        let grads = opt.collect(&store);
+        let store = Grads::from(store);
+        let grads = opt.collect(&store).unwrap();
         let g = grads[0].as_ref().unwrap();
         assert!(!g.track_op());
         assert_eq!(g.to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
@@ -293,12 +268,14 @@ mod tests {
         )
         .unwrap();
         let store = x.as_tensor().sqr().unwrap().sum_all().unwrap();
-        let grads = opt.collect(&store.backward().unwrap());
+        let grads = opt
+            .collect(&Grads::from(store.backward().unwrap()))
+            .unwrap();
         assert!((AdamW::grad_norm(&grads).unwrap() - 2.0).abs() < 1e-6);
         opt.step(&grads, 0.1, 1.0).unwrap();
         let v = x.as_tensor().to_vec1::<f32>().unwrap()[0];
         assert!((v - 0.899).abs() < 1e-6, "{v}");
-        let saved = opt.state_tensors();
+        let saved = opt.state_tensors().unwrap();
         assert_eq!(saved.len(), 2);
         let mut other = AdamW::new(vec![("x".into(), x.clone())], opt.config).unwrap();
         other.load_state(&saved, 1).unwrap();
@@ -349,13 +326,40 @@ mod tests {
             assert_eq!(bits(b.as_tensor()), bits(b1.as_tensor()), "step {step}");
             assert_eq!(bits(c.as_tensor()), bits(c1.as_tensor()), "c must not move");
         }
-        let state = all.state_tensors();
+        let state = all.state_tensors().unwrap();
         let zeros = state["c.exp_avg"].abs().unwrap().sum_all().unwrap();
         assert_eq!(zeros.to_scalar::<f32>().unwrap(), 0.0);
-        let a_state = alone_a.state_tensors();
+        let a_state = alone_a.state_tensors().unwrap();
         assert_eq!(
             state["a.exp_avg_sq"].to_vec2::<f32>().unwrap(),
             a_state["a.exp_avg_sq"].to_vec2::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn saved_moments_are_the_bytes_the_per_parameter_slices_gave() {
+        // Checkpoints used to serialise `narrow` views of the flat buffers on their device; the
+        // host copy sliced once must write the very same file.
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 4), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 5, &dev).unwrap()).unwrap();
+        let mut opt = AdamW::new(
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let ga = Tensor::randn(0f32, 1., (3, 4), &dev).unwrap();
+        let gb = Tensor::randn(0f32, 1., 5, &dev).unwrap();
+        opt.step(&[Some(ga), Some(gb)], 1e-2, 1.0).unwrap();
+        let mut before = HashMap::new();
+        for (i, (name, _)) in opt.params.iter().enumerate() {
+            before.insert(format!("{name}.exp_avg"), opt.part(&opt.m, i).unwrap());
+            before.insert(format!("{name}.exp_avg_sq"), opt.part(&opt.v, i).unwrap());
+        }
+        let now = opt.state_tensors().unwrap();
+        assert_eq!(
+            safetensors::tensor::serialize(before, None).unwrap(),
+            safetensors::tensor::serialize(now, None).unwrap()
         );
     }
 }

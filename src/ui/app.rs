@@ -1,7 +1,7 @@
 //! [`FineTuneApp`], the [`eframe::App`]: `logic()` does the non-UI work (dropped files, shortcuts,
 //! queued actions, worker results, draining session events with a time cap, memory figures);
-//! `ui()` draws the steps side panel, the status bar and the current step's panel. Panels never act
-//! directly: they return actions that the next `logic()` carries out.
+//! `ui()` draws the steps side panel, the status bar and the current step's panel (app/central.rs).
+//! Panels never act directly: they return actions that the next `logic()` carries out.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,31 +9,71 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::TryRecvError;
 use eframe::egui;
-use egui::{Color32, RichText, Ui};
+use egui::Ui;
 
-use super::compute::compute_ui;
 use super::dataset::{drop_overlay_ui, DataKey, DatasetAction, DatasetPanel, Outcome};
-use super::export::{ExportAction, ExportPanel};
+use super::export::ExportPanel;
 use super::hub_worker::HubSetup;
-use super::models::{ModelAction, ModelsPanel};
+use super::models::ModelsPanel;
 use super::run_view::RunView;
-use super::settings::{run_dir, settings_ui, Preset, Settings};
+use super::settings::{run_dir, Preset, Settings};
 use super::status::Status;
 use super::steps::steps_ui;
 pub use super::steps::Step;
-use super::train::{train_ui, TrainAction};
 use super::{classify_paths, find_assets, open_folder, Opened};
 use crate::inspect::ModelSummary;
 use crate::session::{Repaint, Session};
-use crate::train::TrainConfig;
+use crate::train::{capped_seq_len, TrainConfig, ValidConfig};
 
+mod central;
 mod derived;
 
 /// Longest time `logic()` spends draining engine events per frame.
 pub const EVENT_BUDGET: Duration = Duration::from_millis(10);
 
+/// Why [`drain`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// Nothing (more) is waiting, or there is no source.
+    Empty,
+    /// The budget ran out with more perhaps waiting; another frame is asked for.
+    OutOfTime,
+    /// `apply` said the stream has ended.
+    Stopped,
+    /// The sender has gone.
+    Disconnected,
+}
+
+/// Takes what `next` yields from a worker's channel (`None`: no worker) and folds each item into
+/// `state` with `apply` (false: that was the last one), for at most [`EVENT_BUDGET`]; asks for
+/// another frame when time runs out. Training events and Hub events drain this way.
+pub(crate) fn drain<S, T>(
+    ctx: &egui::Context,
+    state: &mut S,
+    mut next: impl FnMut(&mut S) -> Option<Result<T, TryRecvError>>,
+    mut apply: impl FnMut(&mut S, T) -> bool,
+) -> Drained {
+    let deadline = Instant::now() + EVENT_BUDGET;
+    loop {
+        match next(state) {
+            None | Some(Err(TryRecvError::Empty)) => return Drained::Empty,
+            Some(Err(TryRecvError::Disconnected)) => return Drained::Disconnected,
+            Some(Ok(item)) => {
+                if !apply(state, item) {
+                    return Drained::Stopped;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            // More may be waiting: come back next frame.
+            ctx.request_repaint();
+            return Drained::OutOfTime;
+        }
+    }
+}
+
 /// Starts a training session; the real engine or a scripted fake in tests.
-pub type Engine = Arc<dyn Fn(TrainConfig, Option<Repaint>) -> Session + Send + Sync>;
+pub type Engine = Arc<dyn Fn(ValidConfig, Option<Repaint>) -> Session + Send + Sync>;
 
 /// The real engine: [`crate::session::start`].
 pub fn real_engine() -> Engine {
@@ -297,58 +337,70 @@ impl FineTuneApp {
         self.status.frames.reset();
         self.export.result = None;
         self.notices.clear();
-        self.session = Some((self.engine)(config.clone(), Some(repaint)));
-        self.run_config = Some(config);
+        self.run_config = Some(TrainConfig::clone(&config));
+        self.session = Some((self.engine)(config, Some(repaint)));
     }
 
     /// Folds queued engine events into the run view, for at most [`EVENT_BUDGET`].
     fn drain_events(&mut self, ctx: &egui::Context) {
-        let deadline = Instant::now() + EVENT_BUDGET;
-        loop {
-            let Some(session) = &self.session else { return };
-            match session.events.try_recv() {
-                Ok(event) => {
-                    let end = event.is_terminal();
-                    self.run.apply(event);
-                    if end {
-                        self.session = None;
-                        return;
-                    }
-                }
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Disconnected) => {
-                    self.session = None;
-                    if self.run.state.is_active() {
-                        self.run.apply(crate::train::Event::Failed {
-                            error: "the training thread ended without reporting; see the log and try again".into(),
-                        });
-                    }
-                    return;
-                }
-            }
-            if Instant::now() >= deadline {
-                // More are waiting: come back next frame.
-                ctx.request_repaint();
-                return;
-            }
+        let end = drain(
+            ctx,
+            self,
+            |app| app.session.as_mut().map(Session::try_recv),
+            |app, event| {
+                let terminal = event.is_terminal();
+                app.run.apply(event);
+                !terminal
+            },
+        );
+        if matches!(end, Drained::Stopped | Drained::Disconnected) {
+            self.session = None;
         }
     }
 
     fn logic_inner(&mut self, ctx: &egui::Context) {
         if !self.first_frame_done {
             self.first_frame_done = true;
-            self.models.rescan(ctx);
-            self.models.start_hub(ctx);
-            if let Some(d) = self.settings.model_dir.clone() {
-                if !self
-                    .actions
-                    .iter()
-                    .any(|a| matches!(a, Action::ChooseModel(_)))
-                {
-                    self.models.inspect(ctx, &d);
-                }
+            self.first_frame(ctx);
+        }
+        self.open_dropped(ctx);
+        self.shortcuts(ctx);
+        self.poll_workers(ctx);
+        for a in std::mem::take(&mut self.actions) {
+            self.do_action(ctx, a);
+        }
+        // Targets the chosen model does not have (after switching models) fall back to all.
+        if let (Some(m), Some(t)) = (&self.models.summary, &self.settings.lora_targets) {
+            if t.iter().any(|n| !m.linear_names.contains(n)) {
+                self.settings.lora_targets = None;
             }
         }
+        self.dataset
+            .want(ctx, DataKey::from_settings(&self.settings));
+        self.drain_events(ctx);
+        self.status
+            .refresh(ctx, (self.settings.device, self.settings.dtype));
+        ctx.request_repaint_after(Duration::from_secs(1));
+    }
+
+    /// Scans the cache, starts the Hub client and reads the remembered model.
+    fn first_frame(&mut self, ctx: &egui::Context) {
+        self.models.rescan(ctx);
+        self.models.start_hub(ctx);
+        if let Some(d) = self.settings.model_dir.clone() {
+            if !self
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::ChooseModel(_)))
+            {
+                self.models.inspect(ctx, &d);
+            }
+        }
+    }
+
+    /// Opens files dropped on the window, or on the Dock icon / from Finder (macOS; always empty
+    /// elsewhere).
+    fn open_dropped(&mut self, ctx: &egui::Context) {
         let dropped: Vec<PathBuf> = ctx.input(|i| {
             i.raw
                 .dropped_files
@@ -359,11 +411,14 @@ impl FineTuneApp {
         if !dropped.is_empty() {
             self.open_paths(&dropped);
         }
-        // Dropped on the Dock icon or opened from Finder (macOS; always empty elsewhere).
         let opened = crate::macos::take_opened_paths();
         if !opened.is_empty() {
             self.open_paths(&opened);
         }
+    }
+
+    /// Cmd/Ctrl+O browse, +Enter start, +. stop, +1…5 go to a step.
+    fn shortcuts(&mut self, ctx: &egui::Context) {
         let (open, start, stop, goto) = ctx.input_mut(|i| {
             let open = i.consume_key(egui::Modifiers::COMMAND, egui::Key::O);
             let start = i.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter);
@@ -392,7 +447,11 @@ impl FineTuneApp {
         if let Some(i) = goto {
             self.step = Step::ALL[i];
         }
+    }
 
+    /// Collects what the panels' workers finished: model summaries and Hub events, datasets,
+    /// exports.
+    fn poll_workers(&mut self, ctx: &egui::Context) {
         let had = self.models.summary.as_ref().map(|m| m.dir.clone());
         for dir in self.models.poll(ctx) {
             self.actions.push(Action::ChooseModel(dir));
@@ -401,11 +460,11 @@ impl FineTuneApp {
             self.settings.hf_token = token;
         }
         if let Some(m) = &self.models.summary {
-            if had.as_ref() != Some(&m.dir) && self.settings.max_seq_len > m.context_length {
-                let c = m.context_length;
-                self.settings.max_seq_len = c;
+            let capped = capped_seq_len(self.settings.max_seq_len, m.context_length);
+            if had.as_ref() != Some(&m.dir) && capped < self.settings.max_seq_len {
+                self.settings.max_seq_len = capped;
                 self.info(format!(
-                    "Max sequence length lowered to {c} tokens, the most {} reads.",
+                    "Max sequence length lowered to {capped} tokens, the most {} reads.",
                     m.name
                 ));
             }
@@ -415,128 +474,6 @@ impl FineTuneApp {
         }
         if let Some(dir) = self.export.poll() {
             self.info(format!("Exported the adapter to {}", dir.display()));
-        }
-        for a in std::mem::take(&mut self.actions) {
-            self.do_action(ctx, a);
-        }
-        // Targets the chosen model does not have (after switching models) fall back to all.
-        if let (Some(m), Some(t)) = (&self.models.summary, &self.settings.lora_targets) {
-            if t.iter().any(|n| !m.linear_names.contains(n)) {
-                self.settings.lora_targets = None;
-            }
-        }
-        self.dataset
-            .want(ctx, DataKey::from_settings(&self.settings));
-        self.drain_events(ctx);
-        self.status
-            .refresh(ctx, (self.settings.device, self.settings.dtype));
-        ctx.request_repaint_after(Duration::from_secs(1));
-    }
-
-    fn central_ui(&mut self, ui: &mut Ui) {
-        let mut dismissed = None;
-        for (i, n) in self.notices.iter().enumerate() {
-            let color = if n.error {
-                ui.visuals().error_fg_color
-            } else {
-                Color32::from_rgb(40, 150, 70)
-            };
-            egui::Frame::group(ui.style()).show(ui, |ui| {
-                ui.set_width(ui.available_width());
-                ui.horizontal_wrapped(|ui| {
-                    ui.label(RichText::new(&n.text).color(color));
-                    if ui.small_button("Dismiss").clicked() {
-                        dismissed = Some(i);
-                    }
-                });
-            });
-        }
-        if let Some(i) = dismissed {
-            self.notices.remove(i);
-        }
-        if !self.notices.is_empty() {
-            ui.add_space(6.0);
-        }
-        match self.step {
-            Step::Model => {
-                let chosen = self.settings.model_dir.clone();
-                egui::ScrollArea::vertical()
-                    .id_salt("model-step")
-                    .show(ui, |ui| {
-                        let token = &mut self.settings.hf_token;
-                        match self.models.models_ui(ui, chosen.as_deref(), token) {
-                            Some(ModelAction::Choose(p)) => {
-                                self.actions.push(Action::ChooseModel(p))
-                            }
-                            Some(ModelAction::TryDemo) => self.actions.push(Action::TryDemo),
-                            None => {}
-                        }
-                    });
-            }
-            Step::Dataset => {
-                let acts = self.dataset.dataset_ui(ui, &self.settings);
-                self.actions.extend(acts.into_iter().map(Action::Data));
-            }
-            Step::Settings => {
-                let problems = self.settings.problems(self.models.summary.as_ref());
-                egui::ScrollArea::vertical()
-                    .id_salt("settings-step")
-                    .show(ui, |ui| {
-                        ui.heading("3. Training settings");
-                        settings_ui(
-                            ui,
-                            &mut self.settings,
-                            self.models.summary.as_ref(),
-                            &problems,
-                        );
-                        ui.add_space(12.0);
-                        compute_ui(
-                            ui,
-                            &mut self.settings,
-                            self.models.summary.as_ref(),
-                            self.status.plan(),
-                        );
-                        ui.add_space(12.0);
-                        ui.heading("Hugging Face");
-                        self.models.hub_token_ui(ui, &mut self.settings.hf_token);
-                    });
-            }
-            Step::Train => {
-                let blockers = self.blockers();
-                let summary = self.run_summary();
-                match train_ui(ui, &self.run, &blockers, &summary) {
-                    Some(TrainAction::Start) => self.actions.push(Action::Start),
-                    Some(TrainAction::Stop) => self.actions.push(Action::Stop),
-                    Some(TrainAction::GoTo(s)) => self.actions.push(Action::GoTo(s)),
-                    Some(TrainAction::OpenFolder(p)) => self.actions.push(Action::OpenFolder(p)),
-                    None => {}
-                }
-            }
-            Step::Export => {
-                if self.export.dest_text.is_empty() {
-                    let dir = self.settings.export_dir.clone().unwrap_or_else(|| {
-                        self.settings
-                            .output_root
-                            .join("exports")
-                            .join(format!("{}-lora", self.model_name().replace('/', "-")))
-                    });
-                    self.export.dest_text = dir.display().to_string();
-                }
-                egui::ScrollArea::vertical()
-                    .id_salt("export-step")
-                    .show(ui, |ui| match self.export.export_ui(ui, &self.run) {
-                        Some(ExportAction::Export { adapter, dest }) => {
-                            self.actions.push(Action::Export { adapter, dest })
-                        }
-                        Some(ExportAction::OpenFolder(p)) => {
-                            self.actions.push(Action::OpenFolder(p))
-                        }
-                        None => {}
-                    });
-            }
-        }
-        if !self.actions.is_empty() {
-            ui.ctx().request_repaint();
         }
     }
 }

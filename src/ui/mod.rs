@@ -301,19 +301,7 @@ pub fn open_folder(dir: &Path) -> Result<(), String> {
         })
 }
 
-/// "1:05" / "1:02:03" for a number of seconds.
-pub fn format_duration(secs: f64) -> String {
-    if !secs.is_finite() || secs < 0.0 {
-        return "--:--".into();
-    }
-    let s = secs.round() as u64;
-    let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
-    if h > 0 {
-        format!("{h}:{m:02}:{s:02}")
-    } else {
-        format!("{m}:{s:02}")
-    }
-}
+pub use crate::train::format_duration;
 
 #[cfg(test)]
 mod tests {
@@ -371,12 +359,5 @@ mod tests {
         let err = b.unwrap().unwrap_err();
         assert!(err.contains("boom"), "{err}");
         assert!(ok.is_none() && bad.is_none());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(format_duration(65.0), "1:05");
-        assert_eq!(format_duration(3723.0), "1:02:03");
-        assert_eq!(format_duration(f64::NAN), "--:--");
     }
 }

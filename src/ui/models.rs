@@ -7,11 +7,10 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crossbeam_channel::TryRecvError;
 use eframe::egui;
 use egui::{Color32, RichText, Ui};
 
-use super::app::EVENT_BUDGET;
+use super::app::{drain, Drained};
 use super::hub_worker::{HfToken, HubCommand, HubEvent, HubSetup, HubWorker, Problem, ProblemKind};
 use super::settings::error_color;
 use super::{format_duration, pick_path, take_ready, Job, Pick};
@@ -141,29 +140,21 @@ impl ModelsPanel {
             || self.hub.download.is_some()
     }
 
-    /// Collects finished work and Hub events (for at most [`EVENT_BUDGET`]); returns the folders
-    /// to choose: one picked in the dialog, or a finished download's snapshot.
+    /// Collects finished work and Hub events (for at most [`super::app::EVENT_BUDGET`]); returns
+    /// the folders to choose: one picked in the dialog, or a finished download's snapshot.
     pub fn poll(&mut self, ctx: &egui::Context) -> Vec<PathBuf> {
         let mut chosen = Vec::new();
-        let deadline = Instant::now() + EVENT_BUDGET;
-        while let Some(worker) = &self.hub.worker {
-            match worker.try_recv() {
-                Ok(event) => {
-                    if let Some(dir) = self.apply_hub(ctx, event) {
-                        chosen.push(dir);
-                    }
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    self.hub.worker_stopped();
-                    break;
-                }
-            }
-            if Instant::now() >= deadline {
-                // More may be waiting: come back next frame.
-                ctx.request_repaint();
-                break;
-            }
+        let end = drain(
+            ctx,
+            self,
+            |panel| panel.hub.worker.as_ref().map(|w| w.try_recv()),
+            |panel, event| {
+                chosen.extend(panel.apply_hub(ctx, event));
+                true
+            },
+        );
+        if end == Drained::Disconnected {
+            self.hub.worker_stopped();
         }
         if let Some(r) = take_ready(&mut self.cache_job) {
             self.cache = r.unwrap_or_default();

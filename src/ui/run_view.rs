@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::data::DatasetSummary;
-use crate::train::{Event, StepStats};
+use crate::train::{Event, StepStats, StopReason};
 
 /// Weight of the newest loss in the smoothed curve (TensorBoard-style EMA with bias correction).
 pub const EMA_ALPHA: f64 = 0.1;
@@ -109,7 +109,7 @@ pub struct RunView {
     pub final_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
     /// Why the run stopped (stop request, early stop, NaN…).
-    pub stop_reason: Option<String>,
+    pub stop_reason: Option<StopReason>,
     pub error: Option<String>,
     pub log: Vec<LogLine>,
     ema: Option<Ema>,
@@ -186,20 +186,9 @@ impl RunView {
                 train,
                 valid,
             } => {
-                if self.state != RunState::Stopping {
-                    self.state = RunState::Running;
-                }
                 self.total_steps = total_steps;
                 self.step = start_step;
-                self.push_log(
-                    LogKind::Info,
-                    format!(
-                        "training {model} ({architecture}) on {device}: {trainable_params} trainable of \
-                         {base_params} parameters, {total_steps} steps, {} training records",
-                        train.records
-                    ),
-                );
-                self.info = Some(RunInfo {
+                self.started(RunInfo {
                     model,
                     architecture,
                     device,
@@ -215,18 +204,7 @@ impl RunView {
                 step,
                 val_loss,
                 best,
-            } => {
-                let x = step as f64;
-                self.val_loss.push([x, val_loss]);
-                if best || self.best_val.is_none_or(|(_, b)| val_loss < b) {
-                    self.best_val = Some((step, val_loss));
-                }
-                let mark = if best { " (best so far)" } else { "" };
-                self.push_log(
-                    LogKind::Eval,
-                    format!("step {step}: validation loss {val_loss:.4}{mark}"),
-                );
-            }
+            } => self.eval(step, val_loss, best),
             Event::Saved { step, path } => {
                 self.push_log(
                     LogKind::Saved,
@@ -256,24 +234,7 @@ impl RunView {
                 best,
                 step,
                 reason,
-            } => {
-                self.state = RunState::Stopped;
-                self.best = best;
-                self.step = step;
-                self.final_loss = self.last_loss();
-                self.final_val_loss = self.last_val_loss();
-                self.push_log(
-                    LogKind::Saved,
-                    if reason.starts_with("stopped") {
-                        format!("{reason}: adapter saved to {}", adapter.display())
-                    } else {
-                        format!("stopped ({reason}): adapter saved to {}", adapter.display())
-                    },
-                );
-                self.final_adapter = Some(adapter);
-                self.stop_reason = Some(reason);
-                self.eta_secs = None;
-            }
+            } => self.stopped(adapter, best, step, reason),
             Event::Failed { error } => {
                 self.state = RunState::Failed;
                 self.push_log(LogKind::Error, format!("failed: {error}"));
@@ -281,6 +242,64 @@ impl RunView {
                 self.eta_secs = None;
             }
         }
+    }
+
+    fn started(&mut self, info: RunInfo) {
+        if self.state != RunState::Stopping {
+            self.state = RunState::Running;
+        }
+        self.push_log(
+            LogKind::Info,
+            format!(
+                "training {} ({}) on {}: {} trainable of {} parameters, {} steps, {} training records",
+                info.model,
+                info.architecture,
+                info.device,
+                info.trainable_params,
+                info.base_params,
+                self.total_steps,
+                info.train.records
+            ),
+        );
+        self.info = Some(info);
+    }
+
+    fn eval(&mut self, step: usize, val_loss: f64, best: bool) {
+        self.val_loss.push([step as f64, val_loss]);
+        if best || self.best_val.is_none_or(|(_, b)| val_loss < b) {
+            self.best_val = Some((step, val_loss));
+        }
+        let mark = if best { " (best so far)" } else { "" };
+        self.push_log(
+            LogKind::Eval,
+            format!("step {step}: validation loss {val_loss:.4}{mark}"),
+        );
+    }
+
+    fn stopped(
+        &mut self,
+        adapter: PathBuf,
+        best: Option<PathBuf>,
+        step: usize,
+        reason: StopReason,
+    ) {
+        self.state = RunState::Stopped;
+        self.best = best;
+        self.step = step;
+        self.final_loss = self.last_loss();
+        self.final_val_loss = self.last_val_loss();
+        let saved = format!("adapter saved to {}", adapter.display());
+        self.push_log(
+            LogKind::Saved,
+            match reason {
+                // "stopped at step N" says it all.
+                StopReason::StoppedByUser { .. } => format!("{reason}: {saved}"),
+                _ => format!("stopped ({reason}): {saved}"),
+            },
+        );
+        self.final_adapter = Some(adapter);
+        self.stop_reason = Some(reason);
+        self.eta_secs = None;
     }
 
     fn step_stats(&mut self, s: &StepStats) {
@@ -447,7 +466,7 @@ mod tests {
             adapter: "out/latest".into(),
             best: None,
             step: 1,
-            reason: "stop requested".into(),
+            reason: StopReason::StoppedByUser { step: 1 },
         });
         assert_eq!(v.state, RunState::Stopped);
         assert!(!v.state.is_active());

@@ -12,7 +12,9 @@ pub use form::{error_color, settings_ui};
 use super::hub_worker::HfToken;
 use crate::inspect::ModelSummary;
 use crate::model::LoraConfig;
-use crate::train::{DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig};
+use crate::train::{
+    capped_seq_len, DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig,
+};
 
 /// Starting points for the form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,7 +53,7 @@ impl Preset {
     pub fn apply_for(self, s: &mut Settings, context_length: Option<usize>) {
         self.apply(s);
         if let Some(c) = context_length {
-            s.max_seq_len = s.max_seq_len.min(c);
+            s.max_seq_len = capped_seq_len(s.max_seq_len, c);
         }
     }
 
@@ -363,7 +365,7 @@ impl Settings {
             }
         }
         if let Some(m) = model {
-            if self.max_seq_len > m.context_length {
+            if capped_seq_len(self.max_seq_len, m.context_length) < self.max_seq_len {
                 p.push(FieldError {
                     field: "max_seq_len",
                     message: format!(

@@ -9,6 +9,7 @@ use super::charts::run_charts_ui;
 use super::format_duration;
 use super::run_view::{LogKind, RunState, RunView};
 use super::settings::error_color;
+use crate::train::StopReason;
 
 /// What the train panel asks the app to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,59 +34,19 @@ pub fn train_ui(
     blockers: &[Blocker],
     summary: &str,
 ) -> Option<TrainAction> {
-    let mut action = None;
     ui.heading("4. Train the adapter");
     ui.weak(summary);
     ui.add_space(4.0);
 
     let active = view.state.is_active();
+    let mut action = None;
     if !active && !blockers.is_empty() {
-        egui::Frame::group(ui.style()).show(ui, |ui| {
-            ui.set_width(ui.available_width());
-            ui.strong("Before you start:");
-            for b in blockers {
-                ui.horizontal(|ui| {
-                    if ui
-                        .small_button(format!("Go to {}", b.step.title()))
-                        .clicked()
-                    {
-                        action = Some(TrainAction::GoTo(b.step));
-                    }
-                    ui.label(RichText::new(&b.message).color(error_color(ui)));
-                });
-            }
-        });
+        action = blockers_ui(ui, blockers);
         ui.add_space(4.0);
     }
-
-    ui.horizontal(|ui| {
-        let can_start = !active && blockers.is_empty();
-        let start =
-            egui::Button::new(RichText::new("Start training").strong()).fill(if can_start {
-                Color32::from_rgb(30, 110, 60)
-            } else {
-                ui.visuals().widgets.inactive.bg_fill
-            });
-        if ui
-            .add_enabled(can_start, start)
-            .on_hover_text("Cmd/Ctrl+Enter")
-            .clicked()
-        {
-            action = Some(TrainAction::Start);
-        }
-        let can_stop = matches!(view.state, RunState::Starting | RunState::Running);
-        if ui
-            .add_enabled(can_stop, egui::Button::new("Stop"))
-            .on_hover_text(
-                "Finishes the current step, saves the adapter and says where (Cmd/Ctrl+.)",
-            )
-            .clicked()
-        {
-            action = Some(TrainAction::Stop);
-        }
-        ui.label(format!("State: {}", view.state.label()));
-    });
-
+    if let Some(a) = buttons_ui(ui, view, !active && blockers.is_empty()) {
+        action = Some(a);
+    }
     if view.state != RunState::Idle {
         progress_ui(ui, view);
     }
@@ -110,6 +71,59 @@ pub fn train_ui(
         egui::ScrollArea::vertical()
             .id_salt("charts")
             .show(ui, |ui| run_charts_ui(ui, view));
+    });
+    action
+}
+
+/// "Before you start:" with a Go-to button per blocker.
+fn blockers_ui(ui: &mut Ui, blockers: &[Blocker]) -> Option<TrainAction> {
+    let mut action = None;
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.set_width(ui.available_width());
+        ui.strong("Before you start:");
+        for b in blockers {
+            ui.horizontal(|ui| {
+                if ui
+                    .small_button(format!("Go to {}", b.step.title()))
+                    .clicked()
+                {
+                    action = Some(TrainAction::GoTo(b.step));
+                }
+                ui.label(RichText::new(&b.message).color(error_color(ui)));
+            });
+        }
+    });
+    action
+}
+
+/// Start and Stop, and the run state.
+fn buttons_ui(ui: &mut Ui, view: &RunView, can_start: bool) -> Option<TrainAction> {
+    let mut action = None;
+    ui.horizontal(|ui| {
+        let start =
+            egui::Button::new(RichText::new("Start training").strong()).fill(if can_start {
+                Color32::from_rgb(30, 110, 60)
+            } else {
+                ui.visuals().widgets.inactive.bg_fill
+            });
+        if ui
+            .add_enabled(can_start, start)
+            .on_hover_text("Cmd/Ctrl+Enter")
+            .clicked()
+        {
+            action = Some(TrainAction::Start);
+        }
+        let can_stop = matches!(view.state, RunState::Starting | RunState::Running);
+        if ui
+            .add_enabled(can_stop, egui::Button::new("Stop"))
+            .on_hover_text(
+                "Finishes the current step, saves the adapter and says where (Cmd/Ctrl+.)",
+            )
+            .clicked()
+        {
+            action = Some(TrainAction::Stop);
+        }
+        ui.label(format!("State: {}", view.state.label()));
     });
     action
 }
@@ -158,11 +172,11 @@ fn outcome_ui(ui: &mut Ui, view: &RunView) -> Option<TrainAction> {
     let mut action = None;
     let (headline, color) = match view.state {
         RunState::Stopped => {
-            let reason = view.stop_reason.as_deref().unwrap_or("stop requested");
-            let why = if reason.starts_with("stopped at step") {
-                String::new()
-            } else {
-                format!(": {reason}")
+            let why = match &view.stop_reason {
+                // The headline already says it.
+                Some(StopReason::StoppedByUser { .. }) => String::new(),
+                Some(reason) => format!(": {reason}"),
+                None => ": stop requested".to_owned(),
             };
             (
                 format!("Stopped at step {}{why}. The adapter is saved:", view.step),
