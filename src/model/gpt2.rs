@@ -7,10 +7,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::attention;
-use super::config::{Activation, ModelConfig};
+use super::config::ModelConfig;
+use super::kernels;
 use super::lora::LoraLinear;
-use super::ops;
 use super::weights::Weights;
 use super::{ModelError, ModelInput};
 
@@ -152,7 +151,7 @@ impl Gpt2 {
         let bias = input.bias(x.dtype())?;
         let eps = cfg.norm_eps;
         for (l, blk) in self.blocks.iter().enumerate() {
-            let a = ops::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
+            let a = kernels::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
             let qkv = blk.c_attn.forward(&a, train)?; // (B, T, 3H)
             let split = |i: usize| -> Result<Tensor> {
                 qkv.narrow(2, i * h, h)?
@@ -165,20 +164,15 @@ impl Gpt2 {
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (l + 1) as f64;
             }
-            let att = attention::attention(&q, &k, &v, &bias, scale)?
+            let att = kernels::attention(&q, &k, &v, &bias, scale)?
                 .transpose(1, 2)?
                 .reshape((b, t, h))?;
             x = (x + blk.attn_c_proj.forward(&att, train)?)?;
-            let m = ops::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
+            let m = kernels::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
             let m = blk.c_fc.forward(&m, train)?;
-            let m = match cfg.activation {
-                Activation::GeluTanh => ops::gelu_tanh(&m)?,
-                Activation::Gelu => m.gelu_erf()?,
-                Activation::Relu => m.relu()?,
-                Activation::Silu => m.silu()?,
-            };
+            let m = kernels::activation(&m, cfg.activation)?;
             x = (x + blk.mlp_c_proj.forward(&m, train)?)?;
         }
-        ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
+        kernels::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
     }
 }

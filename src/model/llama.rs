@@ -1,12 +1,12 @@
 //! The llama family: Llama 2/3.x, Mistral, SmolLM, Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head
 //! q/k RMSNorm, explicit head_dim). Follows transformers' `modeling_llama.py`, `modeling_qwen2.py`
 //! and `modeling_qwen3.py`; tensor names mirror the checkpoint keys (`model.layers.N.self_attn.q_proj`).
-//! Every projection is a [`LoraLinear`] and every op is differentiable (see `model::ops`).
+//! Every projection is a [`LoraLinear`] and every op is differentiable, run by `model::kernels`.
 
 use candle_core::{Result, Tensor};
 
-use super::attention;
-use super::config::{Activation, ModelConfig};
+use super::config::ModelConfig;
+use super::kernels;
 use super::lora::{lora_input_f32, LoraLinear};
 use super::ops;
 use super::recompute;
@@ -108,13 +108,13 @@ impl Layer {
         let lin_shared = |l: &LoraLinear, h: &Tensor, h32: &Option<Tensor>| -> Result<Tensor> {
             l.forward_shared(h, h32.as_ref(), train, detach_lora)
         };
-        let h = ops::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
+        let h = kernels::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
         let h32 = lora_input_f32(&h, &[&self.q_proj, &self.k_proj, &self.v_proj], train)?;
         // (B, T, heads·D) → (B, heads, T, D)
         let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
             let y = y.reshape((b, t, n, d))?;
             let y = match norm {
-                Some(w) => ops::rms_norm(&y, w, cfg.norm_eps)?,
+                Some(w) => kernels::rms_norm(&y, w, cfg.norm_eps)?,
                 None => y,
             };
             y.transpose(1, 2)?.contiguous()
@@ -122,29 +122,20 @@ impl Layer {
         let q = heads(lin_shared(&self.q_proj, &h, &h32)?, nh, &self.q_norm)?;
         let k = heads(lin_shared(&self.k_proj, &h, &h32)?, nkv, &self.k_norm)?;
         let v = heads(lin_shared(&self.v_proj, &h, &h32)?, nkv, &None)?;
-        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = kernels::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = kernels::rope(&k, &ctx.cos, &ctx.sin)?;
         let scale = 1.0 / (d as f64).sqrt();
         // k, v stay at KV heads: the fused op reads them per group (the fallback repeats them).
-        let att = attention::attention(&q, &k, &v, &ctx.bias, scale)?
+        let att = kernels::attention(&q, &k, &v, &ctx.bias, scale)?
             .transpose(1, 2)?
             .reshape((b, t, nh * d))?;
         let x = (x + lin(&self.o_proj, &att)?)?;
-        let h = ops::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
+        let h = kernels::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
         let h32 = lora_input_f32(&h, &[&self.gate_proj, &self.up_proj], train)?;
         let gate = lin_shared(&self.gate_proj, &h, &h32)?;
         let up = lin_shared(&self.up_proj, &h, &h32)?;
-        #[cfg(feature = "cuda")]
-        if cfg.activation == Activation::Silu && super::cuda::applies(&gate) {
-            return x + lin(&self.down_proj, &super::cuda::swiglu(&gate, &up)?)?;
-        }
-        let gate = match cfg.activation {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::Gelu => gate.gelu_erf()?,
-            Activation::Relu => gate.relu()?,
-        };
-        x + lin(&self.down_proj, &(gate * up)?)?
+        let mlp = kernels::gated(&gate, &up, cfg.activation)?;
+        x + lin(&self.down_proj, &mlp)?
     }
 }
 
@@ -294,6 +285,6 @@ impl Llama {
                 _ => layer.forward(&x, &ctx, false)?,
             };
         }
-        ops::rms_norm(&x, &self.norm, cfg.norm_eps)
+        kernels::rms_norm(&x, &self.norm, cfg.norm_eps)
     }
 }

@@ -7,13 +7,9 @@ pub mod adapter;
 pub mod attention;
 pub mod bf16;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod fused;
 pub mod gpt2;
-pub mod gpu;
 mod grad;
-pub mod linear;
+pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod ops;
@@ -111,7 +107,7 @@ impl Model {
     /// bf16 and multiplied by the bf16 kernel ([`bf16`]), everything else runs in f32.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let mixed = device.is_cpu() && dtype == DType::BF16;
+        let mixed = kernels::plan_for_device(device, dtype).mixed_bf16();
         let (dtype, w) = if mixed {
             let w = weights::Weights::open(dir, DType::F32, device)?;
             (DType::F32, w.with_matrix_dtype(DType::BF16))
@@ -217,7 +213,7 @@ impl Model {
     pub fn logits(&self, input: &ModelInput) -> candle_core::Result<Tensor> {
         let h = self.hidden(input, false)?;
         let (b, t, c) = h.dims3()?;
-        let logits = linear::frozen_linear(&h.reshape((b * t, c))?, self.lm_head())?;
+        let logits = kernels::frozen_linear(&h.reshape((b * t, c))?, self.lm_head())?;
         logits.reshape((b, t, ()))
     }
 
@@ -262,8 +258,8 @@ impl Model {
         let picked = h
             .reshape((b * t, c))?
             .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        let logits = linear::frozen_linear(&picked, self.lm_head())?;
-        let loss = fused::cross_entropy(&logits, &targets)?;
+        let logits = kernels::frozen_linear(&picked, self.lm_head())?;
+        let loss = kernels::cross_entropy(&logits, &targets)?;
         Ok((loss, n))
     }
 }
