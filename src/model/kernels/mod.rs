@@ -278,7 +278,7 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
     let cpu_kernels = auto && on_cpu && activations == DType::F32;
     // candle-nn's forward + our backward: a GPU without FineTune's kernels (Metal, CUDA f16), and
     // every device in composed mode.
-    let common = !cuda && !(auto && on_cpu);
+    let common = if auto { !on_cpu && !cuda } else { true };
     let pick = |cuda_impl: Impl, cpu_impl: Impl, other: Impl| {
         if cuda {
             cuda_impl
