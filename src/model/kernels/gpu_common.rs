@@ -126,7 +126,7 @@ mod tests {
             &dev,
         )
         .unwrap();
-        // Positions 3..8 for batch row 0 and 0..5 for row 1: (B, 1, T, D).
+        // Positions 3..8 for batch row 0 and 0..5 for row 1: (B, 1, T, Dh).
         let pos = Tensor::new(&[3u32, 4, 5, 6, 7, 0, 1, 2, 3, 4], &dev).unwrap();
         let gather = |t: &Tensor| {
             t.index_select(&pos, 0)
@@ -138,7 +138,7 @@ mod tests {
         check(&|x| rope(x, &c, &s).unwrap(), &|x| {
             super::super::composed::rope(x, &c, &s).unwrap()
         });
-        // One row of positions for every batch row: (1, 1, T, D).
+        // One row of positions for every batch row: (1, 1, T, Dh).
         let c1 = cos.narrow(0, 0, 5).unwrap().reshape((1, 1, 5, 8)).unwrap();
         let s1 = sin.narrow(0, 0, 5).unwrap().reshape((1, 1, 5, 8)).unwrap();
         check(&|x| rope(x, &c1, &s1).unwrap(), &|x| {
