@@ -21,11 +21,6 @@ use candle_core::{
 const SOURCE: &str = include_str!("cuda/kernels.cu");
 const MODULE: &str = "finetune_kernels";
 
-/// The dtypes these kernels are built for.
-pub(crate) fn takes(dtype: DType) -> bool {
-    matches!(dtype, DType::BF16 | DType::F32)
-}
-
 /// The PTX of `kernels.cu`, compiled on first use.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
