@@ -105,6 +105,7 @@ impl Mode {
         })
     }
 
+    /// The name `FINETUNE_KERNELS` takes.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Auto => "auto",
@@ -116,6 +117,7 @@ impl Mode {
 /// Errors of the kernel switch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KernelsError {
+    /// `FINETUNE_KERNELS` holds something else than a mode.
     #[error("FINETUNE_KERNELS={0:?} is not a mode; use auto (the default) or composed")]
     BadMode(String),
 }
@@ -123,12 +125,16 @@ pub enum KernelsError {
 /// Which kind of device a tensor lives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The CPU.
     Cpu,
+    /// An NVIDIA GPU (feature `cuda`).
     Cuda,
+    /// An Apple GPU (feature `metal`).
     Metal,
 }
 
 impl DeviceKind {
+    /// The kind of `device`.
     pub fn of(device: &Device) -> Self {
         match device {
             Device::Cpu => Self::Cpu,
@@ -175,6 +181,7 @@ pub enum Impl {
 }
 
 impl Impl {
+    /// The name reports use (`cpu-fused`, `cuda`, `gpu-common`, `composed`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::CpuFused => "cpu-fused",
@@ -204,6 +211,7 @@ impl serde::Serialize for Impl {
 /// --json`) as `{"mode":"auto","rms_norm":"cpu-fused",…}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct KernelPlan {
+    /// The mode it was decided in.
     pub mode: Mode,
     /// Dtype of activations: the model's dtype, except f32 in the CPU's bf16 mode (bf16 frozen
     /// matrices × f32 activations).
@@ -525,6 +533,16 @@ mod tests {
             Mode::Auto,
         );
         assert_eq!(portable.frozen_linear, Impl::CpuBf16Portable);
+        let f16 = p(DeviceKind::Cpu, DType::F16, Mode::Auto);
+        assert_eq!(
+            (f16.rms_norm, f16.attention, f16.softmax, f16.frozen_linear),
+            (
+                Impl::Composed,
+                Impl::Composed,
+                Impl::CpuFused,
+                Impl::GpuCommon
+            )
+        );
         let cuda = p(DeviceKind::Cuda, DType::BF16, Mode::Auto);
         assert_eq!(cuda.activations, DType::BF16);
         for i in [
