@@ -43,7 +43,8 @@
 //!
 //! The plan says what runs for tensors of the model's dtype. An entry point also checks that a
 //! call's tensors fit the chosen kernel (e.g. RMSNorm's weight in `x`'s dtype, a bias of shape
-//! `(1 or B, 1, T, T)`) and takes the composed twin when they do not.
+//! `(1 or B, 1, T, T)`) and takes the general form when they do not: the composed twin, or for
+//! the frozen linear `gpu_common`'s.
 
 use candle_core::{DType, Device, Result, Tensor};
 
