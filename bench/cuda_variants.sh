@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One FineTune `bench` per environment variant on the lent GPU, same job, for A/B checks of
-# switches that only matter there (FINETUNE_CUDA_POOL_TRIM=1, FINETUNE_NO_CUDA_KERNELS=1, ...).
+# switches that only matter there (FINETUNE_CUDA_POOL_TRIM=1, FINETUNE_KERNELS=composed, ...).
 #
 #   bash bench/cuda_variants.sh BIN MODEL_DIR BATCH SEQ_LEN RANK STEPS 'ENV=1 ...' ['ENV=...' ...]
 # An empty string is the default build. Prints one line per variant: tokens/s and the step split

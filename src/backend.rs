@@ -1,14 +1,16 @@
 //! Compute backend choice: Metal (macOS, feature `metal`) → CUDA (feature `cuda`) → CPU, or a user
 //! override, with the reason in words for the status bar and the CLI, and the compute dtype that
-//! suits it (bf16 frozen base weights on GPUs; on the CPU bf16 weights with f32 activations where
-//! it has bf16 dot products (AVX512-BF16), else f32; LoRA and optimizer state always f32).
+//! suits it (bf16 frozen base weights on GPUs; on the CPU bf16 where the kernel plan multiplies
+//! bf16 weights in hardware, else f32; LoRA and optimizer state always f32). Which kernels then
+//! run is `model::kernels`' decision ([`Plan::kernels`]).
 //!
 //! The decision ([`plan`]) is separate from the hardware: it reads what a [`Probe`] reports, so
-//! tests drive it with a fake probe; [`pick`] asks the real one ([`SystemProbe`]) and opens the
-//! device.
+//! tests drive it with a fake probe; [`pick_with`] asks the real one ([`SystemProbe`]) and opens
+//! the device.
 
 use candle_core::{DType, Device};
 
+use crate::model::kernels::{self, CpuFeatures, DeviceKind, Impl, KernelPlan, Mode};
 use crate::train::{DeviceChoice, DtypeChoice};
 
 /// Which kind of device.
@@ -37,6 +39,16 @@ impl BackendKind {
     }
 }
 
+impl From<BackendKind> for DeviceKind {
+    fn from(kind: BackendKind) -> Self {
+        match kind {
+            BackendKind::Metal => Self::Metal,
+            BackendKind::Cuda => Self::Cuda,
+            BackendKind::Cpu => Self::Cpu,
+        }
+    }
+}
+
 /// A GPU as the probe found it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuInfo {
@@ -53,8 +65,8 @@ pub struct CpuInfo {
     pub cores: usize,
     /// The widest vector extension the engine's kernels can use, e.g. "AVX-512 + BF16", "NEON".
     pub simd: String,
-    /// Hardware bf16 dot products (AVX512-BF16): frozen weights then default to bf16, multiplied
-    /// by the mixed-precision kernel with f32 activations.
+    /// Hardware bf16 dot products (AVX512-BF16): where the kernel plan then multiplies bf16
+    /// weights by f32 activations in hardware, frozen weights default to bf16.
     pub bf16: bool,
     pub memory_bytes: Option<u64>,
 }
@@ -87,6 +99,18 @@ pub struct Plan {
     pub reason: String,
     /// Memory the device has, when known (RAM for the CPU).
     pub memory_bytes: Option<u64>,
+}
+
+impl Plan {
+    /// Which kernels run for this device and dtype on this machine, in this process's mode.
+    pub fn kernels(&self) -> KernelPlan {
+        kernels::plan(
+            self.kind.into(),
+            self.dtype,
+            CpuFeatures::detect(),
+            Mode::current(),
+        )
+    }
 }
 
 /// The chosen, opened device and why.
@@ -132,9 +156,16 @@ fn gpu_name(kind: BackendKind, info: &GpuInfo) -> String {
 }
 
 fn cpu_plan(cpu: &CpuInfo, reason: String) -> Plan {
+    // bf16 where its frozen matrices are multiplied in hardware (AVX512-BF16, `auto` kernels).
+    let features = CpuFeatures { bf16_dot: cpu.bf16 };
+    let bf16 = kernels::plan(DeviceKind::Cpu, DType::BF16, features, Mode::current());
     Plan {
         kind: BackendKind::Cpu,
-        dtype: if cpu.bf16 { DType::BF16 } else { DType::F32 },
+        dtype: if bf16.frozen_linear == Impl::CpuBf16Avx512 {
+            DType::BF16
+        } else {
+            DType::F32
+        },
         name: format!("CPU ({} cores, {})", cpu.cores, cpu.simd),
         reason,
         memory_bytes: cpu.memory_bytes,
@@ -246,7 +277,7 @@ impl Probe for SystemProbe {
                 .map(|n| n.get())
                 .unwrap_or(1),
             simd: simd_level().to_string(),
-            bf16: crate::model::bf16::has_bf16_hw(),
+            bf16: CpuFeatures::detect().bf16_dot,
             memory_bytes: crate::memory::total_memory_bytes(),
         }
     }
@@ -371,11 +402,6 @@ pub fn open(plan: Plan) -> Result<Backend, BackendError> {
         reason: plan.reason,
         memory_bytes: plan.memory_bytes,
     })
-}
-
-/// Picks and opens the device for `choice` with the automatic dtype.
-pub fn pick(choice: DeviceChoice) -> Result<Backend, BackendError> {
-    pick_with(choice, DtypeChoice::Auto)
 }
 
 /// Picks and opens the device for `choice` and `dtype`.

@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::backend;
 use crate::memory;
+use crate::model::kernels::{plan_for_device, KernelPlan};
 use crate::model::{LoraConfig, Model, ModelConfig, ModelInput};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::{DeviceChoice, DtypeChoice};
@@ -80,6 +81,8 @@ pub struct BenchReport {
     pub model: String,
     pub device: String,
     pub dtype: String,
+    /// Which implementation of each op ran (`FINETUNE_KERNELS` and the device decide).
+    pub kernels: KernelPlan,
     pub batch: usize,
     pub seq_len: usize,
     pub rank: usize,
@@ -259,6 +262,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let tokens_per_sec = tokens_per_step as f64 / step_secs.max(1e-9);
     let flops_per_token = training_flops_per_token(&model.config, t, opts.rank);
     let achieved_tflops = flops_per_token * tokens_per_sec / 1e12;
+    let kernels = plan_for_device(&backend.device, backend.dtype);
     let estimate = memory::estimate(
         &model.config,
         &memory::EstimateInput {
@@ -266,27 +270,20 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             seq_len: t,
             rank: opts.rank,
             weight_bytes: backend.dtype.size_in_bytes(),
-            activation_bytes: if backend.device.is_cpu() {
-                4
-            } else {
-                backend.dtype.size_in_bytes()
-            },
+            activation_bytes: kernels.activations.size_in_bytes(),
             checkpointing: opts.checkpointing,
             checkpoint_keep_every: opts.keep_every,
             lora_modules_per_layer: None,
-            fused_attention: backend.device.is_cpu(),
-            // bench trains without dropout, so the LoRA op runs wherever the kernels do.
-            cuda_kernels: backend.device.is_cuda()
-                && matches!(
-                    backend.dtype,
-                    candle_core::DType::BF16 | candle_core::DType::F32
-                ),
+            kernels,
+            // bench trains without dropout.
+            lora_dropout: false,
         },
     );
     Ok(BenchReport {
         model: opts.model.display().to_string(),
         device: backend.name,
         dtype: format!("{:?}", backend.dtype),
+        kernels,
         batch: b,
         seq_len: t,
         rank: opts.rank,
@@ -392,6 +389,7 @@ impl std::fmt::Display for BenchReport {
                 (true, k) => format!(", gradient checkpointing (every {k}th layer kept)"),
             }
         )?;
+        writeln!(f, "kernels {}", self.kernels)?;
         writeln!(
             f,
             "tokens/s {:.1} | step {:.3}s = forward {:.3}s + backward {:.3}s + optimizer {:.3}s",

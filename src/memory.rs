@@ -2,6 +2,7 @@
 //! without gradient checkpointing, logits) to warn when it exceeds the device, and figures while it
 //! runs (process RSS now and at peak) for the charts and `finetune bench`.
 
+use crate::model::kernels::{Impl, KernelPlan};
 use crate::model::{Family, ModelConfig};
 
 /// Keeps freed tensor buffers inside the process for reuse (glibc). Training frees and reallocates
@@ -83,8 +84,8 @@ pub struct EstimateInput {
     /// Bytes per element of the frozen base weights: 4 = f32, 2 = bf16/f16 (also the CPU's mixed
     /// mode, which keeps the large matrices in bf16).
     pub weight_bytes: usize,
-    /// Bytes per element of activations and their gradients: 4 on the CPU (in its bf16 mixed mode
-    /// too), 2 for bf16/f16 on a GPU.
+    /// Bytes per element of activations and their gradients: those of the kernel plan's
+    /// `activations` (4 on the CPU in its bf16 mixed mode too, 2 for bf16/f16 on a GPU).
     pub activation_bytes: usize,
     /// Recompute each layer's activations in backward (keeps only layer inputs).
     pub checkpointing: bool,
@@ -92,12 +93,14 @@ pub struct EstimateInput {
     pub checkpoint_keep_every: usize,
     /// Modules per layer carrying LoRA (default all).
     pub lora_modules_per_layer: Option<usize>,
-    /// The CPU's fused attention runs (f32 activations on the CPU): it keeps no T² tensors and no
-    /// GQA copies (see `model::attention`). GPUs use the composed ops.
-    pub fused_attention: bool,
-    /// FineTune's CUDA kernels and LoRA op run (`model::cuda`: a CUDA build on an NVIDIA GPU, bf16
-    /// or f32, no LoRA dropout); the graph keeps far less per layer (see [`estimate`]).
-    pub cuda_kernels: bool,
+    /// Which kernels run (`model::kernels::plan`). The counts follow its attention (the CPU's
+    /// fused attention keeps no T² tensors and no GQA copies, see `model::attention`) and its LoRA
+    /// linear (FineTune's CUDA kernels and LoRA op: the graph keeps far less per layer, see
+    /// [`estimate`]); other choices are counted as the composed ops.
+    pub kernels: KernelPlan,
+    /// LoRA dropout during training: the CUDA LoRA op then gives way to the composed LoRA term,
+    /// and the estimate counts the composed graph.
+    pub lora_dropout: bool,
 }
 
 /// Resident memory of the process besides tensors (binary, libraries, thread stacks, allocator
@@ -119,8 +122,8 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 ///   attention output and its (B, T, Q) merge (2Q); the two residual sums (2H); the activation
 ///   and gate·up products (2I). That is 8H + 11.5Q + 10.5KV + 6I + 7r elements (22 520 for
 ///   SmolLM2-135M), plus 4·S for scores, scaled scores, biased scores and probabilities. The
-///   CPU's fused attention (`fused_attention`) keeps neither the 4·S nor the GQA copies (2Q), only
-///   a log-sum-exp per row, and leaves no bias gradient.
+///   CPU's fused attention (the plan's attention `cpu-fused`) keeps neither the 4·S nor the GQA
+///   copies (2Q), only a log-sum-exp per row, and leaves no bias gradient.
 /// * gradients left in Candle's `GradStore` until backward ends: `or_insert` stores a full-size
 ///   gradient even for inputs that need none — the broadcast cos/sin of RoPE (2·(Q+KV) per token)
 ///   and, with composed attention, the broadcast attention bias (S) — in every layer.
@@ -137,7 +140,7 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 ///
 /// The peak is the larger of that and the load peak (weights + mmapped 16-bit checkpoint).
 ///
-/// With FineTune's CUDA kernels (`cuda_kernels`, llama family) the graph keeps, per layer and
+/// With FineTune's CUDA kernels (the plan's LoRA linear `cuda`, no dropout; llama family) the graph keeps, per layer and
 /// token: the layer input and both RMSNorm outputs (3H); each LoRA projection's output only
 /// (Q+2KV+H+2I, plus Q+2KV again after a q/k/v bias); the head-major copies and RoPE outputs of
 /// q and k and the copy of v (2Q+3KV); the GQA-expanded k and v (2Q); the attention output and
@@ -182,7 +185,9 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     } else {
         0
     };
-    let cuda = input.cuda_kernels && matches!(cfg.family, Family::Llama);
+    let fused_attention = input.kernels.attention == Impl::CpuFused;
+    let cuda_kernels = input.kernels.lora_linear == Impl::Cuda && !input.lora_dropout;
+    let cuda = cuda_kernels && matches!(cfg.family, Family::Llama);
     // (per-token elements of one layer's graph, per-token elements of its stored gradients)
     let (per_token, leaked_per_token) = match cfg.family {
         Family::Llama if cuda => {
@@ -193,7 +198,7 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
             let outputs = q + 2 * kv + 2 * h + 2 * i;
             let lora = (share * (outputs + modules as u64 * r) as f64) as u64;
             let rope2 = 9 * (q + kv); // 4.5·(Q+KV), doubled
-            let expand = if input.fused_attention { 0 } else { gqa_copies };
+            let expand = if fused_attention { 0 } else { gqa_copies };
             let rest = 2 * h + (q + 2 * kv) + rope2 / 2 + expand + 2 * q + 2 * h + 2 * i;
             (outputs + lora + rest, 2 * (q + kv))
         }
@@ -210,7 +215,7 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     // fused op keeps only its per-row log-sum-exp.
     let (kept_scores, leaked_scores) = if cuda {
         (2 * scores, 0)
-    } else if input.fused_attention {
+    } else if fused_attention {
         (b * heads * t * 4 / ae.max(1), 0)
     } else {
         (4 * scores, scores)
@@ -231,7 +236,7 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
         layers * (layer_graph + layer_leaked)
     };
     let loss_rows = b * t.saturating_sub(1).max(1);
-    let logits = if input.cuda_kernels {
+    let logits = if cuda_kernels {
         loss_rows * v * ae * 2
     } else {
         loss_rows * v * 4 * 4
@@ -252,6 +257,13 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::{plan, CpuFeatures, DeviceKind, Mode};
+    use candle_core::DType;
+
+    /// The kernels of a device in `mode`.
+    fn kernels(device: DeviceKind, mode: Mode) -> KernelPlan {
+        plan(device, DType::F32, CpuFeatures::default(), mode)
+    }
 
     #[test]
     fn rss_is_known_and_plausible() {
@@ -285,8 +297,13 @@ mod tests {
                     checkpointing: false,
                     checkpoint_keep_every: 0,
                     lora_modules_per_layer: None,
-                    fused_attention: false,
-                    cuda_kernels: true,
+                    kernels: plan(
+                        DeviceKind::Cuda,
+                        DType::BF16,
+                        CpuFeatures::default(),
+                        Mode::Auto,
+                    ),
+                    lora_dropout: false,
                 },
             );
             let ratio = e.total as f64 / measured as f64;
@@ -322,8 +339,9 @@ mod tests {
             checkpointing,
             checkpoint_keep_every: 0,
             lora_modules_per_layer: None,
-            fused_attention: false,
-            cuda_kernels: false,
+            // The composed attention (measured before the CPU's fused op).
+            kernels: kernels(DeviceKind::Cpu, Mode::Composed),
+            lora_dropout: false,
         }
     }
 
@@ -408,7 +426,7 @@ mod tests {
         ];
         for (b, t, ck, keep, wb, peak) in measured {
             let mut i = input(b, t, ck, wb);
-            i.fused_attention = true;
+            i.kernels = kernels(DeviceKind::Cpu, Mode::Auto);
             i.checkpoint_keep_every = keep;
             let e = estimate(&cfg, &i).total as f64;
             let err = e / peak as f64 - 1.0;

@@ -1,4 +1,4 @@
-//! FineTune's CUDA kernels (`model::cuda`) against Candle's composed ops in float64 on the CPU:
+//! FineTune's CUDA kernels (`model::kernels::cuda`) against Candle's composed ops in float64 on the CPU:
 //! values and every input gradient, in f32 and bf16, on shapes that exercise the row loops (long rows, GQA, per-batch masks and RoPE
 //! tables, a 151,936-entry vocabulary). Built only with `--features cuda`; run on a machine with
 //! a GPU: `cargo test --release --features cuda --test cuda_ops`.
@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use finetune::model::{attention, fused, ops};
+use finetune::model::{kernels, ops};
 
 /// ‖a − b‖ / ‖b‖, in f64 on the CPU.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -121,7 +121,7 @@ fn rms_norm_matches_the_cpu() {
                 &[randn(&shape, seed)],
                 &[w],
                 dtype,
-                |x, c| ops::rms_norm(&x[0], &c[0], 1e-6),
+                |x, c| kernels::rms_norm(&x[0], &c[0], 1e-6),
             );
             assert!(e <= tol(dtype), "rms_norm {shape:?} {dtype:?}: {e}");
         }
@@ -164,7 +164,7 @@ fn rope_matches_the_cpu() {
                 &[randn(&[b, h, t, d], 3)],
                 &[cos, sin],
                 dtype,
-                |x, c| ops::apply_rope(&x[0], &c[0], &c[1]),
+                |x, c| kernels::rope(&x[0], &c[0], &c[1]),
             );
             assert!(e <= tol(dtype), "rope {what} {dtype:?}: {e}");
         }
@@ -207,7 +207,7 @@ fn attention_matches_the_cpu() {
                 if packed { " packed" } else { "" }
             );
             let e = compare(&what, &inputs, &[bias], dtype, |x, c| {
-                attention::attention(&x[0], &x[1], &x[2], &c[0], scale)
+                kernels::attention(&x[0], &x[1], &x[2], &c[0], scale)
             });
             assert!(e <= tol(dtype), "{what} {dtype:?}: {e}");
         }
@@ -225,7 +225,7 @@ fn cross_entropy_matches_the_cpu() {
                 &[logits],
                 &[],
                 dtype,
-                |x, _| fused::cross_entropy(&x[0], &targets),
+                |x, _| kernels::cross_entropy(&x[0], &targets),
             );
             assert!(e <= tol(dtype), "cross_entropy {n}x{v} {dtype:?}: {e}");
         }
@@ -239,7 +239,7 @@ fn swiglu_matches_the_cpu() {
         let inputs = [randn(&shape, 8).affine(2.0, 0.0).unwrap(), randn(&shape, 9)];
         let e = compare("swiglu [3, 41, 4864]", &inputs, &[], dtype, |x, _| {
             if x[0].device().is_cuda() {
-                finetune::model::cuda::swiglu(&x[0], &x[1])
+                kernels::cuda::swiglu(&x[0], &x[1])
             } else {
                 x[0].silu()? * &x[1]
             }
@@ -258,7 +258,7 @@ fn frozen_linear_matches_the_cpu() {
             &[randn(&[n, i], 10)],
             &[w],
             dtype,
-            |x, c| finetune::model::linear::frozen_linear(&x[0], &c[0]),
+            |x, c| kernels::frozen_linear(&x[0], &c[0]),
         );
         assert!(e <= tol(dtype), "frozen linear {dtype:?}: {e}");
     }
@@ -283,7 +283,7 @@ fn lora_linear_matches_the_cpu() {
                 if x[0].device().is_cuda() {
                     // The op takes f32 LoRA factors whatever the activation dtype.
                     let (a, b) = (x[1].to_dtype(DType::F32)?, x[2].to_dtype(DType::F32)?);
-                    finetune::model::cuda::lora_linear(&x[0], &c[0], &a, &b, 2.0)
+                    kernels::cuda::lora_linear(&x[0], &c[0], &a, &b, 2.0)
                 } else {
                     x[0].matmul(&c[0].t()?)? + (x[0].matmul(&x[1].t()?)?.matmul(&x[2].t()?)? * 2.0)?
                 }

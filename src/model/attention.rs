@@ -1,21 +1,22 @@
-//! Fused, memory-lean CPU attention with its own backward.
+//! Fused, memory-lean CPU attention with its own backward (one of the CPU kernels that
+//! `model::kernels` chooses from; it lives here beside its backward).
 //!
-//! `softmax(q·kᵀ·scale + bias)·v` over q `(B, H, T, D)` and k, v `(B, KV, T, D)` (GQA: query head
+//! `softmax(q·kᵀ·scale + bias)·v` over q `(B, H, T, Dh)` and k, v `(B, KV, T, Dh)` (GQA: query head
 //! `h` reads kv head `h / (H/KV)`), without expanding k/v to H heads. The composed path
-//! (`ops::repeat_kv` + `ops::attention`) keeps the repeated k/v copies and four `(B, H, T, T)`
+//! (`composed::repeat_kv` + `composed::attention`) keeps the repeated k/v copies and four `(B, H, T, T)`
 //! score/probability tensors alive until backward ends; this op keeps only its output and one
 //! log-sum-exp per query row `(B, H, T)`, and recomputes the probabilities in backward
 //! (flash-attention style). Keys whose bias is -inf at the edges of a row (the causal future, other
 //! segments of a packed row) are skipped in blocks of query rows.
 //!
-//! f32 on CPU only; other devices and dtypes (and `FINETUNE_NO_FUSED=1`) use the composed path.
+//! f32 on the CPU only; `model::kernels::plan` says when it runs.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{fused, ops};
+use super::kernels::cpu;
 
 mod backward;
 use backward::FlashAttnBwd;
@@ -23,54 +24,27 @@ use backward::FlashAttnBwd;
 /// Query rows per block: the keys a block needs are the union of its rows' visible ranges.
 const BLOCK: usize = 64;
 
-/// Scaled dot-product attention, `softmax(q·kᵀ·scale + bias)·v`. q `(B, H, T, D)`, k and v
-/// `(B, KV, T, D)` with `H` a multiple of `KV`, `bias` additive and broadcastable to
-/// `(B, H, T, T)`. Returns `(B, H, T, D)`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let (kb, kv, kt, kd) = k.dims4()?;
-    if (kb, kt, kd) != (b, t, d) || v.dims4()? != (b, kv, t, d) || kv == 0 || h % kv != 0 {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    let bias_rows = match bias.dims() {
-        [r, 1, bt, bt2] if (*r == 1 || *r == b) && *bt == t && *bt2 == t => Some(*r),
-        _ => None,
+/// Scaled dot-product attention, `softmax(q·kᵀ·scale + bias)·v`, on the CPU in f32. q
+/// `(B, H, T, Dh)`, k and v `(B, KV, T, Dh)` with `H` a multiple of `KV` (checked by the caller,
+/// `kernels::attention`), `bias` additive `(bias_rows, 1, T, T)` with `bias_rows` 1 or B.
+/// Returns `(B, H, T, Dh)`.
+pub fn flash(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    bias_rows: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+    let op = FlashAttn {
+        bias,
+        bias_rows,
+        scale: scale as f32,
+        lse: Mutex::new(None),
     };
-    match bias_rows {
-        Some(rows)
-            if fused::fusable(q)
-                && fused::fusable(k)
-                && fused::fusable(v)
-                && bias.device().is_cpu() =>
-        {
-            let bias = bias.to_dtype(DType::F32)?.contiguous()?;
-            let op = FlashAttn {
-                bias,
-                bias_rows: rows,
-                scale: scale as f32,
-                lse: Mutex::new(None),
-            };
-            q.contiguous()?
-                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
-        }
-        _ => {
-            let rep = h / kv;
-            let k = ops::repeat_kv(k.clone(), rep)?.contiguous()?;
-            let v = ops::repeat_kv(v.clone(), rep)?.contiguous()?;
-            #[cfg(feature = "cuda")]
-            if bias_rows.is_some() && super::cuda::applies(q) && bias.dtype() == q.dtype() {
-                // Scores from cuBLAS, then one kernel for scale, mask and softmax.
-                let s = q.contiguous()?.matmul(&k.t()?)?;
-                return super::cuda::attention_softmax(&s, bias, scale)?.matmul(&v);
-            }
-            ops::attention(q, &k, &v, bias, scale)
-        }
-    }
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// Sizes of one attention call.
@@ -112,7 +86,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let Storage::Cpu(s) = &*storage else {
         candle_core::bail!("attention: expected a CPU tensor");
     };
-    f(fused::slice(s, layout, "attention")?)
+    f(cpu::slice(s, layout, "attention")?)
 }
 
 /// For every bias row and query i, the half-open key range `lo..hi` between the first and the last
@@ -307,7 +281,7 @@ fn forward_head(
 }
 
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    fused::slice(s, l, "attention")
+    cpu::slice(s, l, "attention")
 }
 
 /// The forward op over (q, k, v); holds the bias and, after the forward, the log-sum-exp rows.

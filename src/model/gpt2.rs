@@ -7,10 +7,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::attention;
-use super::config::{Activation, ModelConfig};
+use super::config::ModelConfig;
+use super::kernels;
 use super::lora::LoraLinear;
-use super::ops;
 use super::weights::Weights;
 use super::{ModelError, ModelInput};
 
@@ -28,9 +27,9 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct Gpt2 {
     cfg: ModelConfig,
-    /// (V, H)
+    /// (V, D)
     wte: Tensor,
-    /// (P, H)
+    /// (P, D), P = max positions
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: (Tensor, Tensor),
@@ -57,42 +56,42 @@ fn conv1d(
     })
 }
 
-fn norm(w: &Weights, key: &str, h: usize) -> std::result::Result<(Tensor, Tensor), ModelError> {
+fn norm(w: &Weights, key: &str, d: usize) -> std::result::Result<(Tensor, Tensor), ModelError> {
     Ok((
-        w.get(&format!("{key}.weight"), &[h])?,
-        w.get(&format!("{key}.bias"), &[h])?,
+        w.get(&format!("{key}.weight"), &[d])?,
+        w.get(&format!("{key}.bias"), &[d])?,
     ))
 }
 
 impl Gpt2 {
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         let prefix = if w.contains("transformer.wte.weight") || !w.contains("wte.weight") {
             "transformer."
         } else {
             ""
         };
-        let wte = w.get_matrix(&format!("{prefix}wte.weight"), &[cfg.vocab_size, h])?;
+        let wte = w.get_matrix(&format!("{prefix}wte.weight"), &[cfg.vocab_size, d])?;
         let wpe = w.get(
             &format!("{prefix}wpe.weight"),
-            &[cfg.max_position_embeddings, h],
+            &[cfg.max_position_embeddings, d],
         )?;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("transformer.h.{l}");
             let key = format!("{prefix}h.{l}");
             blocks.push(Block {
-                ln_1: norm(w, &format!("{key}.ln_1"), h)?,
-                c_attn: conv1d(w, prefix, &format!("{p}.attn.c_attn"), l, h, 3 * h)?,
-                attn_c_proj: conv1d(w, prefix, &format!("{p}.attn.c_proj"), l, h, h)?,
-                ln_2: norm(w, &format!("{key}.ln_2"), h)?,
-                c_fc: conv1d(w, prefix, &format!("{p}.mlp.c_fc"), l, h, i)?,
-                mlp_c_proj: conv1d(w, prefix, &format!("{p}.mlp.c_proj"), l, i, h)?,
+                ln_1: norm(w, &format!("{key}.ln_1"), d)?,
+                c_attn: conv1d(w, prefix, &format!("{p}.attn.c_attn"), l, d, 3 * d)?,
+                attn_c_proj: conv1d(w, prefix, &format!("{p}.attn.c_proj"), l, d, d)?,
+                ln_2: norm(w, &format!("{key}.ln_2"), d)?,
+                c_fc: conv1d(w, prefix, &format!("{p}.mlp.c_fc"), l, d, i)?,
+                mlp_c_proj: conv1d(w, prefix, &format!("{p}.mlp.c_proj"), l, i, d)?,
             });
         }
-        let ln_f = norm(w, &format!("{prefix}ln_f"), h)?;
+        let ln_f = norm(w, &format!("{prefix}ln_f"), d)?;
         let lm_head = if w.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-            w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])?
+            w.get_matrix("lm_head.weight", &[cfg.vocab_size, d])?
         } else {
             wte.clone()
         };
@@ -131,54 +130,49 @@ impl Gpt2 {
         &self.lm_head
     }
 
-    /// Final hidden states `(B, T, H)` after `ln_f`.
+    /// Final hidden states `(B, T, D)` after `ln_f`.
     pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = input.input_ids.dims2()?;
-        let (nh, d, h) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+        let (h, dh, d) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
         let tok = self
             .wte
             .index_select(&input.input_ids.flatten_all()?, 0)?
             .to_dtype(self.wpe.dtype())?
-            .reshape((b, t, h))?;
+            .reshape((b, t, d))?;
         let pos = match &input.position_ids {
             Some(p) => self
                 .wpe
                 .index_select(&p.flatten_all()?, 0)?
-                .reshape((b, t, h))?,
+                .reshape((b, t, d))?,
             None => self.wpe.narrow(0, 0, t)?.unsqueeze(0)?,
         };
         let mut x = tok.broadcast_add(&pos)?;
         let bias = input.bias(x.dtype())?;
         let eps = cfg.norm_eps;
         for (l, blk) in self.blocks.iter().enumerate() {
-            let a = ops::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
-            let qkv = blk.c_attn.forward(&a, train)?; // (B, T, 3H)
+            let a = kernels::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
+            let qkv = blk.c_attn.forward(&a, train)?; // (B, T, 3D)
             let split = |i: usize| -> Result<Tensor> {
-                qkv.narrow(2, i * h, h)?
-                    .reshape((b, t, nh, d))?
+                qkv.narrow(2, i * d, d)?
+                    .reshape((b, t, h, dh))?
                     .transpose(1, 2)?
                     .contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let mut scale = 1.0 / (d as f64).sqrt();
+            let mut scale = 1.0 / (dh as f64).sqrt();
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (l + 1) as f64;
             }
-            let att = attention::attention(&q, &k, &v, &bias, scale)?
+            let att = kernels::attention(&q, &k, &v, &bias, scale)?
                 .transpose(1, 2)?
-                .reshape((b, t, h))?;
+                .reshape((b, t, d))?;
             x = (x + blk.attn_c_proj.forward(&att, train)?)?;
-            let m = ops::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
+            let m = kernels::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
             let m = blk.c_fc.forward(&m, train)?;
-            let m = match cfg.activation {
-                Activation::GeluTanh => ops::gelu_tanh(&m)?,
-                Activation::Gelu => m.gelu_erf()?,
-                Activation::Relu => m.relu()?,
-                Activation::Silu => m.silu()?,
-            };
+            let m = kernels::activation(&m, cfg.activation)?;
             x = (x + blk.mlp_c_proj.forward(&m, train)?)?;
         }
-        ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
+        kernels::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
     }
 }

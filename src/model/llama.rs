@@ -1,12 +1,12 @@
 //! The llama family: Llama 2/3.x, Mistral, SmolLM, Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head
 //! q/k RMSNorm, explicit head_dim). Follows transformers' `modeling_llama.py`, `modeling_qwen2.py`
 //! and `modeling_qwen3.py`; tensor names mirror the checkpoint keys (`model.layers.N.self_attn.q_proj`).
-//! Every projection is a [`LoraLinear`] and every op is differentiable (see `model::ops`).
+//! Every projection is a [`LoraLinear`] and every op is differentiable, run by `model::kernels`.
 
 use candle_core::{Result, Tensor};
 
-use super::attention;
-use super::config::{Activation, ModelConfig};
+use super::config::ModelConfig;
+use super::kernels;
 use super::lora::{lora_input_f32, LoraLinear};
 use super::ops;
 use super::recompute;
@@ -17,7 +17,7 @@ use super::{ModelError, ModelInput};
 #[derive(Debug, Clone)]
 pub struct LayerCtx {
     pub cfg: ModelConfig,
-    /// (B or 1, 1, T, D)
+    /// (B or 1, 1, T, Dh)
     pub cos: Tensor,
     pub sin: Tensor,
     /// Additive attention bias.
@@ -45,13 +45,13 @@ pub struct Layer {
 #[derive(Debug, Clone)]
 pub struct Llama {
     cfg: ModelConfig,
-    /// (V, H)
+    /// (V, D)
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    /// (V, H); the embedding when tied.
+    /// (V, D); the embedding when tied.
     lm_head: Tensor,
-    /// RoPE tables (max_positions, head_dim), compute dtype.
+    /// RoPE tables (max_positions, Dh), compute dtype.
     cos: Tensor,
     sin: Tensor,
     /// Gradient checkpointing: where recomputed layers put their LoRA gradients.
@@ -96,55 +96,46 @@ impl Layer {
         ]
     }
 
-    /// `x` (B, T, H) → (B, T, H). `detach_lora` runs without recording LoRA in the graph (the
+    /// `x` (B, T, D) → (B, T, D). `detach_lora` runs without recording LoRA in the graph (the
     /// value pass of gradient checkpointing).
     pub fn forward(&self, x: &Tensor, ctx: &LayerCtx, detach_lora: bool) -> Result<Tensor> {
         let cfg = &ctx.cfg;
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (h, kv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let train = ctx.train;
-        let lin = |l: &LoraLinear, h: &Tensor| l.forward_opts(h, train, detach_lora);
+        let lin = |l: &LoraLinear, x: &Tensor| l.forward_opts(x, train, detach_lora);
         // q/k/v and gate/up read one input each: its f32 LoRA input is cast once.
-        let lin_shared = |l: &LoraLinear, h: &Tensor, h32: &Option<Tensor>| -> Result<Tensor> {
-            l.forward_shared(h, h32.as_ref(), train, detach_lora)
+        let lin_shared = |l: &LoraLinear, x: &Tensor, x32: &Option<Tensor>| -> Result<Tensor> {
+            l.forward_shared(x, x32.as_ref(), train, detach_lora)
         };
-        let h = ops::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
-        let h32 = lora_input_f32(&h, &[&self.q_proj, &self.k_proj, &self.v_proj], train)?;
-        // (B, T, heads·D) → (B, heads, T, D)
+        let normed = kernels::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
+        let n32 = lora_input_f32(&normed, &[&self.q_proj, &self.k_proj, &self.v_proj], train)?;
+        // (B, T, heads·Dh) → (B, heads, T, Dh)
         let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            let y = y.reshape((b, t, n, d))?;
+            let y = y.reshape((b, t, n, dh))?;
             let y = match norm {
-                Some(w) => ops::rms_norm(&y, w, cfg.norm_eps)?,
+                Some(w) => kernels::rms_norm(&y, w, cfg.norm_eps)?,
                 None => y,
             };
             y.transpose(1, 2)?.contiguous()
         };
-        let q = heads(lin_shared(&self.q_proj, &h, &h32)?, nh, &self.q_norm)?;
-        let k = heads(lin_shared(&self.k_proj, &h, &h32)?, nkv, &self.k_norm)?;
-        let v = heads(lin_shared(&self.v_proj, &h, &h32)?, nkv, &None)?;
-        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
-        let scale = 1.0 / (d as f64).sqrt();
+        let q = heads(lin_shared(&self.q_proj, &normed, &n32)?, h, &self.q_norm)?;
+        let k = heads(lin_shared(&self.k_proj, &normed, &n32)?, kv, &self.k_norm)?;
+        let v = heads(lin_shared(&self.v_proj, &normed, &n32)?, kv, &None)?;
+        let q = kernels::rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = kernels::rope(&k, &ctx.cos, &ctx.sin)?;
+        let scale = 1.0 / (dh as f64).sqrt();
         // k, v stay at KV heads: the fused op reads them per group (the fallback repeats them).
-        let att = attention::attention(&q, &k, &v, &ctx.bias, scale)?
+        let att = kernels::attention(&q, &k, &v, &ctx.bias, scale)?
             .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
+            .reshape((b, t, h * dh))?;
         let x = (x + lin(&self.o_proj, &att)?)?;
-        let h = ops::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
-        let h32 = lora_input_f32(&h, &[&self.gate_proj, &self.up_proj], train)?;
-        let gate = lin_shared(&self.gate_proj, &h, &h32)?;
-        let up = lin_shared(&self.up_proj, &h, &h32)?;
-        #[cfg(feature = "cuda")]
-        if cfg.activation == Activation::Silu && super::cuda::applies(&gate) {
-            return x + lin(&self.down_proj, &super::cuda::swiglu(&gate, &up)?)?;
-        }
-        let gate = match cfg.activation {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::Gelu => gate.gelu_erf()?,
-            Activation::Relu => gate.relu()?,
-        };
-        x + lin(&self.down_proj, &(gate * up)?)?
+        let normed = kernels::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
+        let n32 = lora_input_f32(&normed, &[&self.gate_proj, &self.up_proj], train)?;
+        let gate = lin_shared(&self.gate_proj, &normed, &n32)?;
+        let up = lin_shared(&self.up_proj, &normed, &n32)?;
+        let mlp = kernels::gated(&gate, &up, cfg.activation)?;
+        x + lin(&self.down_proj, &mlp)?
     }
 }
 
@@ -165,9 +156,10 @@ impl Llama {
     }
 
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
-        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let (q, kv) = (cfg.num_heads * d, cfg.num_kv_heads * d);
-        let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let (d, i, dh) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        // Widths of the q and of the k/v projections: H·Dh and KV·Dh.
+        let (q, kv) = (cfg.num_heads * dh, cfg.num_kv_heads * dh);
+        let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -175,33 +167,33 @@ impl Llama {
             let mlp = format!("{p}.mlp");
             let qk_norm = |name: &str| -> std::result::Result<Option<Tensor>, ModelError> {
                 if cfg.qk_norm {
-                    Ok(Some(w.get(&format!("{at}.{name}.weight"), &[d])?))
+                    Ok(Some(w.get(&format!("{at}.{name}.weight"), &[dh])?))
                 } else {
                     Ok(None)
                 }
             };
             layers.push(Layer {
-                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q_proj: linear(w, &format!("{at}.q_proj"), l, q, h, cfg.qkv_bias)?,
-                k_proj: linear(w, &format!("{at}.k_proj"), l, kv, h, cfg.qkv_bias)?,
-                v_proj: linear(w, &format!("{at}.v_proj"), l, kv, h, cfg.qkv_bias)?,
-                o_proj: linear(w, &format!("{at}.o_proj"), l, h, q, cfg.o_bias)?,
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                q_proj: linear(w, &format!("{at}.q_proj"), l, q, d, cfg.qkv_bias)?,
+                k_proj: linear(w, &format!("{at}.k_proj"), l, kv, d, cfg.qkv_bias)?,
+                v_proj: linear(w, &format!("{at}.v_proj"), l, kv, d, cfg.qkv_bias)?,
+                o_proj: linear(w, &format!("{at}.o_proj"), l, d, q, cfg.o_bias)?,
                 q_norm: qk_norm("q_norm")?,
                 k_norm: qk_norm("k_norm")?,
-                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_proj: linear(w, &format!("{mlp}.gate_proj"), l, i, h, cfg.mlp_bias)?,
-                up_proj: linear(w, &format!("{mlp}.up_proj"), l, i, h, cfg.mlp_bias)?,
-                down_proj: linear(w, &format!("{mlp}.down_proj"), l, h, i, cfg.mlp_bias)?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                gate_proj: linear(w, &format!("{mlp}.gate_proj"), l, i, d, cfg.mlp_bias)?,
+                up_proj: linear(w, &format!("{mlp}.up_proj"), l, i, d, cfg.mlp_bias)?,
+                down_proj: linear(w, &format!("{mlp}.down_proj"), l, d, i, cfg.mlp_bias)?,
             });
         }
-        let norm = w.get("model.norm.weight", &[h])?;
+        let norm = w.get("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed.clone()
         } else {
-            w.get_matrix("lm_head.weight", &[cfg.vocab_size, h])?
+            w.get_matrix("lm_head.weight", &[cfg.vocab_size, d])?
         };
         let (cos, sin) = ops::rope_tables(
-            d,
+            dh,
             cfg.rope_theta,
             &cfg.rope_scaling,
             cfg.max_position_embeddings,
@@ -258,11 +250,11 @@ impl Llama {
         &self.lm_head
     }
 
-    /// Final hidden states `(B, T, H)` after the last norm.
+    /// Final hidden states `(B, T, D)` after the last norm.
     pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = input.input_ids.dims2()?;
-        let d = cfg.head_dim;
+        let dh = cfg.head_dim;
         let positions = self.cos.dim(0)?;
         if t > positions {
             candle_core::bail!(
@@ -274,18 +266,18 @@ impl Llama {
             .index_select(&input.input_ids.flatten_all()?, 0)?
             .to_dtype(self.cos.dtype())?
             .reshape((b, t, cfg.hidden_size))?;
-        // cos/sin for each position: (B or 1, 1, T, D)
+        // cos/sin for each position: (B or 1, 1, T, Dh)
         let (cos, sin) = match &input.position_ids {
             Some(pos) => {
                 let flat = pos.flatten_all()?;
                 (
-                    self.cos.index_select(&flat, 0)?.reshape((b, 1, t, d))?,
-                    self.sin.index_select(&flat, 0)?.reshape((b, 1, t, d))?,
+                    self.cos.index_select(&flat, 0)?.reshape((b, 1, t, dh))?,
+                    self.sin.index_select(&flat, 0)?.reshape((b, 1, t, dh))?,
                 )
             }
             None => (
-                self.cos.narrow(0, 0, t)?.reshape((1, 1, t, d))?,
-                self.sin.narrow(0, 0, t)?.reshape((1, 1, t, d))?,
+                self.cos.narrow(0, 0, t)?.reshape((1, 1, t, dh))?,
+                self.sin.narrow(0, 0, t)?.reshape((1, 1, t, dh))?,
             ),
         };
         let ctx = LayerCtx {
@@ -302,6 +294,6 @@ impl Llama {
                 _ => layer.forward(&x, &ctx, false)?,
             };
         }
-        ops::rms_norm(&x, &self.norm, cfg.norm_eps)
+        kernels::rms_norm(&x, &self.norm, cfg.norm_eps)
     }
 }

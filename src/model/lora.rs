@@ -10,6 +10,8 @@ use candle_core::{DType, Module, Result, Tensor, Var, D};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 
+use super::kernels;
+
 /// What to adapt and how.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
@@ -191,7 +193,6 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_f = self.in_features();
         let x2 = x.reshape(((), in_f))?;
-        #[cfg(feature = "cuda")]
         if let Some(l) = &self.lora {
             if self.fused_on_cuda(&x2, train) {
                 let (a, b) = if detach_lora {
@@ -199,7 +200,7 @@ impl LoraLinear {
                 } else {
                     (l.a.as_tensor().clone(), l.b.as_tensor().clone())
                 };
-                let y = super::cuda::lora_linear(&x2, &self.weight, &a, &b, l.scale)?;
+                let y = kernels::lora_linear(&x2, &self.weight, &a, &b, l.scale)?;
                 return self.finish(y, dims);
             }
         }
@@ -224,22 +225,18 @@ impl LoraLinear {
             }
             None => None,
         };
-        let y = super::linear::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
+        let y = kernels::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
         self.finish(y, dims)
     }
 
-    /// Whether [`LoraLinear::forward_shared`] runs this projection with its LoRA term as one CUDA
-    /// op (`model::cuda::lora_linear`): LoRA attached, no dropout in this pass, CUDA kernels
-    /// applicable to `x` and the weight in `x`'s dtype.
+    /// Whether [`LoraLinear::forward_shared`] runs this projection with its LoRA term as one op
+    /// (`kernels::lora_linear`, CUDA): LoRA attached, no dropout in this pass, and the kernel plan
+    /// choosing it for `x` ([`kernels::lora_linear_fused`]).
     pub fn fused_on_cuda(&self, x: &Tensor, train: bool) -> bool {
-        #[cfg(feature = "cuda")]
-        if let Some(l) = &self.lora {
-            return (!train || l.dropout == 0.0)
-                && super::cuda::applies(x)
-                && self.weight.dtype() == x.dtype();
+        match &self.lora {
+            Some(l) => kernels::lora_linear_fused(x, &self.weight, train && l.dropout > 0.0),
+            None => false,
         }
-        let _ = (x, train);
-        false
     }
 
     /// The bias added to `y` `(N, out)`, reshaped to the input's leading `dims`.

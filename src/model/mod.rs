@@ -2,18 +2,33 @@
 //! LoRA, differentiable ops and PEFT adapter files. Candle-transformers models cannot take LoRA
 //! (private Linear, fused no-backward ops), so the model files are written here, keeping checkpoint
 //! key names.
+//!
+//! Shape legend, for comments and variable names throughout `model/`:
+//!
+//! | name | meaning                                             | config field               |
+//! |------|-----------------------------------------------------|----------------------------|
+//! | B    | batch rows                                          |                            |
+//! | T    | sequence length (tokens per row)                    |                            |
+//! | N    | rows of a flattened batch, B·T (or those with loss) |                            |
+//! | D    | hidden size                                         | `hidden_size`              |
+//! | H    | query (attention) heads                             | `num_heads`                |
+//! | KV   | key/value heads (GQA: H is a multiple of KV)        | `num_kv_heads`             |
+//! | Dh   | head dim (D = H·Dh for most models, not Qwen3)      | `head_dim`                 |
+//! | Q    | query width H·Dh                                    |                            |
+//! | I    | intermediate (MLP) size                             | `intermediate_size`        |
+//! | V    | vocabulary size                                     | `vocab_size`               |
+//! | r    | LoRA rank                                           | `LoraConfig::rank`         |
+//!
+//! E.g. hidden states are `(B, T, D)`, q is `(B, H, T, Dh)` after the head split, k and v
+//! `(B, KV, T, Dh)`, attention scores `(B, H, T, T)`, logits `(N, V)`, LoRA A `(r, in)`.
 
 pub mod adapter;
 pub mod attention;
 pub mod bf16;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod fused;
 pub mod gpt2;
-pub mod gpu;
 mod grad;
-pub mod linear;
+pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod ops;
@@ -67,7 +82,8 @@ pub struct ModelInput {
     pub input_ids: Tensor,
     /// (B, T) u32 positions; `None` = 0..T for every row.
     pub position_ids: Option<Tensor>,
-    /// Additive attention bias broadcastable to (B, H, T, T); `None` = causal.
+    /// Additive attention bias broadcastable to (B, H, T, T), usually (B or 1, 1, T, T); `None` =
+    /// causal.
     pub attn_bias: Option<Tensor>,
 }
 
@@ -146,7 +162,7 @@ impl Model {
     /// bf16 and multiplied by the bf16 kernel ([`bf16`]), everything else runs in f32.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let mixed = device.is_cpu() && dtype == DType::BF16;
+        let mixed = kernels::plan_for_device(device, dtype).mixed_bf16();
         let (dtype, w) = if mixed {
             let w = weights::Weights::open(dir, DType::F32, device)?;
             (DType::F32, w.with_matrix_dtype(DType::BF16))
@@ -246,7 +262,7 @@ impl Model {
         }
     }
 
-    /// Final hidden states `(B, T, H)`.
+    /// Final hidden states `(B, T, D)`.
     pub fn hidden(&self, input: &ModelInput, train: bool) -> candle_core::Result<Tensor> {
         match &self.arch {
             Arch::Llama(m) => m.hidden(input, train),
@@ -256,9 +272,9 @@ impl Model {
 
     /// Logits `(B, T, V)` (inference mode, no dropout).
     pub fn logits(&self, input: &ModelInput) -> candle_core::Result<Tensor> {
-        let h = self.hidden(input, false)?;
-        let (b, t, c) = h.dims3()?;
-        let logits = linear::frozen_linear(&h.reshape((b * t, c))?, self.lm_head())?;
+        let x = self.hidden(input, false)?;
+        let (b, t, d) = x.dims3()?;
+        let logits = kernels::frozen_linear(&x.reshape((b * t, d))?, self.lm_head())?;
         logits.reshape((b, t, ()))
     }
 
@@ -298,13 +314,13 @@ impl Model {
             candle_core::bail!("no position in the batch has a label to learn from");
         }
         let dev = self.device();
-        let h = self.hidden(input, train)?;
-        let c = h.dim(2)?;
-        let picked = h
-            .reshape((b * t, c))?
+        let x = self.hidden(input, train)?;
+        let d = x.dim(2)?;
+        let picked = x
+            .reshape((b * t, d))?
             .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        let logits = linear::frozen_linear(&picked, self.lm_head())?;
-        let loss = fused::cross_entropy(&logits, &targets)?;
+        let logits = kernels::frozen_linear(&picked, self.lm_head())?;
+        let loss = kernels::cross_entropy(&logits, &targets)?;
         Ok((loss, n))
     }
 }

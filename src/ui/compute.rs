@@ -9,16 +9,16 @@ use super::settings::{error_color, Settings};
 use crate::backend::{BackendKind, Plan};
 use crate::inspect::{format_bytes, ModelSummary};
 use crate::memory::{estimate, Estimate, EstimateInput};
+use crate::model::kernels;
 use crate::train::{DeviceChoice, DtypeChoice};
 
 /// The estimate for the form's worst case (every row at the max sequence length), in the dtype
-/// the plan will use.
+/// and with the kernels the plan will use (before the device is known: the CPU in f32).
 pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) -> Estimate {
     let weight_bytes = plan.map_or(4, |p| p.dtype.size_in_bytes());
-    // The CPU keeps activations in f32 (its bf16 mode is bf16 weights × f32 activations).
-    let activation_bytes = match plan {
-        Some(p) if p.kind != BackendKind::Cpu => weight_bytes,
-        _ => 4,
+    let kernels = match plan {
+        Some(p) => p.kernels(),
+        None => kernels::plan_for_device(&candle_core::Device::Cpu, candle_core::DType::F32),
     };
     estimate(
         &model.config,
@@ -27,17 +27,12 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             seq_len: s.max_seq_len.max(1),
             rank: s.lora_rank,
             weight_bytes,
-            activation_bytes,
+            activation_bytes: kernels.activations.size_in_bytes(),
             checkpointing: s.gradient_checkpointing,
             checkpoint_keep_every: s.checkpoint_keep_every,
             lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
-            fused_attention: plan.is_none_or(|p| p.kind == BackendKind::Cpu),
-            // A CUDA build runs its own kernels and LoRA op for bf16/f32 without LoRA dropout.
-            cuda_kernels: cfg!(feature = "cuda")
-                && plan.is_some_and(|p| {
-                    p.kind == BackendKind::Cuda && p.dtype != candle_core::DType::F16
-                })
-                && s.lora_dropout == 0.0,
+            kernels,
+            lora_dropout: s.lora_dropout > 0.0,
         },
     )
 }
@@ -116,9 +111,7 @@ pub fn compute_ui(
                 .response
                 .labelled_by(label.id);
             let now = match plan {
-                Some(Ok(p))
-                    if p.kind == BackendKind::Cpu && p.dtype == candle_core::DType::BF16 =>
-                {
+                Some(Ok(p)) if p.kernels().mixed_bf16() => {
                     "bf16 weights × f32 activations".to_string()
                 }
                 Some(Ok(p)) => format!("{:?}", p.dtype).to_lowercase(),

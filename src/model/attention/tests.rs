@@ -1,4 +1,6 @@
 use super::*;
+use crate::model::kernels::{self, composed};
+use crate::model::ops;
 use candle_core::{Device, Var};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
@@ -57,15 +59,15 @@ fn check(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool) {
     };
     let scale = 1.0 / (d as f64).sqrt();
     let rep = h / kv;
-    let kr = ops::repeat_kv(k.as_tensor().clone(), rep)
+    let kr = composed::repeat_kv(k.as_tensor().clone(), rep)
         .unwrap()
         .contiguous()
         .unwrap();
-    let vr = ops::repeat_kv(v.as_tensor().clone(), rep)
+    let vr = composed::repeat_kv(v.as_tensor().clone(), rep)
         .unwrap()
         .contiguous()
         .unwrap();
-    let want = ops::attention(q.as_tensor(), &kr, &vr, &bias, scale).unwrap();
+    let want = composed::attention(q.as_tensor(), &kr, &vr, &bias, scale).unwrap();
     let op = FlashAttn {
         bias: bias.clone(),
         bias_rows: bias.dim(0).unwrap(),
@@ -117,10 +119,10 @@ fn public_attention_matches_composed_path() {
     let k = Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap();
     let v = Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap();
     let bias = ops::attention_bias(b, t, None, DType::F32, &dev).unwrap();
-    let got = attention(&q, &k, &v, &bias, 0.3).unwrap();
-    let kr = ops::repeat_kv(k, 2).unwrap().contiguous().unwrap();
-    let vr = ops::repeat_kv(v, 2).unwrap().contiguous().unwrap();
-    let want = ops::attention(&q, &kr, &vr, &bias, 0.3).unwrap();
+    let got = kernels::attention(&q, &k, &v, &bias, 0.3).unwrap();
+    let kr = composed::repeat_kv(k, 2).unwrap().contiguous().unwrap();
+    let vr = composed::repeat_kv(v, 2).unwrap().contiguous().unwrap();
+    let want = composed::attention(&q, &kr, &vr, &bias, 0.3).unwrap();
     assert!(max_abs(&got, &want) < 1e-5);
 }
 
@@ -137,15 +139,15 @@ fn attention_timing() {
     let bias = ops::attention_bias(b, t, None, DType::F32, &dev).unwrap();
     let scale = 0.125;
     let composed = || {
-        let kr = ops::repeat_kv(k.as_tensor().clone(), h / kv)
+        let kr = composed::repeat_kv(k.as_tensor().clone(), h / kv)
             .unwrap()
             .contiguous()
             .unwrap();
-        let vr = ops::repeat_kv(v.as_tensor().clone(), h / kv)
+        let vr = composed::repeat_kv(v.as_tensor().clone(), h / kv)
             .unwrap()
             .contiguous()
             .unwrap();
-        ops::attention(q.as_tensor(), &kr, &vr, &bias, scale).unwrap()
+        composed::attention(q.as_tensor(), &kr, &vr, &bias, scale).unwrap()
     };
     let fused = || {
         let op = FlashAttn {

@@ -117,7 +117,7 @@ impl CustomOp3 for RmsNormBwd {
 
 // ---------------------------------------------------------------- RoPE
 
-/// RoPE (rotate-half) on `x` `(B, H, T, D)` with `cos`/`sin` `(B or 1, 1, T, D)` in `x`'s dtype;
+/// RoPE (rotate-half) on `x` `(B, H, T, Dh)` with `cos`/`sin` `(B or 1, 1, T, Dh)` in `x`'s dtype;
 /// gradient to `x` (the inverse rotation).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);

@@ -1,12 +1,14 @@
-//! GPU forms of RMSNorm and RoPE: the value from candle-nn's fused kernels (one launch each, but
-//! no backward), the gradient through a zero-valued op that carries what backward needs. On a GPU
-//! the composed forms cost 8–9 kernel launches per call and it is the per-op cost, not
-//! arithmetic, that bounds a LoRA step; these cost three (fused value, zeros, add). The CPU keeps
-//! its own fused kernels (`model::fused`).
+//! What every GPU can run, and so what Metal runs: RMSNorm and RoPE with the value from
+//! candle-nn's fused kernels (one launch each, but no backward) and the gradient through a
+//! zero-valued op that carries what backward needs (`model::grad`); the frozen linear projection
+//! as a detached matmul with the input gradient routed the same way. On a GPU the composed forms
+//! cost 8–9 kernel launches per call and it is the per-op cost, not arithmetic, that bounds a LoRA
+//! step; these cost three (fused value, zeros, add). candle-nn's kernels exist on the CPU too, so
+//! `FINETUNE_KERNELS=composed` runs this graph there (its RMSNorm takes f32, bf16 and f16 only).
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::grad::with_grad;
+use crate::model::grad::with_grad;
 
 /// RMSNorm over the last dim with a frozen `weight` (same dtype as `x`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -34,13 +36,18 @@ fn rms_norm_input_grad(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<T
     dx.to_dtype(dtype)
 }
 
-/// RoPE (rotate-half convention) on `x` `(B, H, T, D)` with `cos`/`sin` gathered for the
-/// positions as `(B or 1, 1, T, D)` (`cat(freqs, freqs)` halves). Backward is the inverse
+/// True when candle-nn's RMSNorm kernel takes `dtype` (f32, bf16, f16; no f64).
+pub(crate) fn rms_norm_takes(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// RoPE (rotate-half convention) on `x` `(B, H, T, Dh)` with `cos`/`sin` gathered for the
+/// positions as `(B or 1, 1, T, Dh)` (`cat(freqs, freqs)` halves). Backward is the inverse
 /// rotation: RoPE with `−sin`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
+    let dh = x.dim(D::Minus1)?;
     let half = |t: &Tensor| -> Result<Tensor> {
-        let t = t.narrow(D::Minus1, 0, d / 2)?.squeeze(1)?;
+        let t = t.narrow(D::Minus1, 0, dh / 2)?.squeeze(1)?;
         let t = if t.dim(0)? == 1 { t.squeeze(0)? } else { t };
         t.to_dtype(x.dtype())?.contiguous()
     };
@@ -53,6 +60,25 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         &x,
         Box::new(move |_x, g| candle_nn::rotary_emb::rope(&g.contiguous()?, &c, &minus_s)),
     )
+}
+
+/// `x · Wᵀ (+ update)` for a frozen `weight` (out, in), 2-D `x` (N, in) and an optional (N, out)
+/// `update` (the LoRA term): the value from a detached matmul, the gradient `g · W` to `x` alone
+/// and `g` to `update`. Candle's matmul backward would also compute `xᵀ · g` for `W` (as many
+/// flops as the forward) and keep that unused weight-sized gradient until backward ends. A
+/// weight in another dtype than `x` is widened first.
+pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
+    let weight = if weight.dtype() != x.dtype() {
+        weight.to_dtype(x.dtype())?
+    } else {
+        weight.clone()
+    };
+    let y = x.detach().matmul(&weight.t()?)?;
+    let y = with_grad(y, x, Box::new(move |_x, g| g.matmul(&weight)))?;
+    match update {
+        Some(u) => y + u,
+        None => Ok(y),
+    }
 }
 
 #[cfg(test)]
@@ -90,17 +116,17 @@ mod tests {
             assert!(d < 1e-5, "gradient differs by {d}");
         };
         check(&|x| rms_norm(x, &w, 1e-6).unwrap(), &|x| {
-            super::super::ops::rms_norm_composed(x, &w, 1e-6).unwrap()
+            super::super::composed::rms_norm(x, &w, 1e-6).unwrap()
         });
-        let (cos, sin) = super::super::ops::rope_tables(
+        let (cos, sin) = crate::model::ops::rope_tables(
             8,
             10000.0,
-            &super::super::config::RopeScaling::Default,
+            &crate::model::config::RopeScaling::Default,
             16,
             &dev,
         )
         .unwrap();
-        // Positions 3..8 for batch row 0 and 0..5 for row 1: (B, 1, T, D).
+        // Positions 3..8 for batch row 0 and 0..5 for row 1: (B, 1, T, Dh).
         let pos = Tensor::new(&[3u32, 4, 5, 6, 7, 0, 1, 2, 3, 4], &dev).unwrap();
         let gather = |t: &Tensor| {
             t.index_select(&pos, 0)
@@ -110,13 +136,41 @@ mod tests {
         };
         let (c, s) = (gather(&cos), gather(&sin));
         check(&|x| rope(x, &c, &s).unwrap(), &|x| {
-            super::super::ops::apply_rope(x, &c, &s).unwrap()
+            super::super::composed::rope(x, &c, &s).unwrap()
         });
-        // One row of positions for every batch row: (1, 1, T, D).
+        // One row of positions for every batch row: (1, 1, T, Dh).
         let c1 = cos.narrow(0, 0, 5).unwrap().reshape((1, 1, 5, 8)).unwrap();
         let s1 = sin.narrow(0, 0, 5).unwrap().reshape((1, 1, 5, 8)).unwrap();
         check(&|x| rope(x, &c1, &s1).unwrap(), &|x| {
-            super::super::ops::apply_rope(x, &c1, &s1).unwrap()
+            super::super::composed::rope(x, &c1, &s1).unwrap()
         });
+    }
+
+    /// Here in f64 on the CPU: same value and input gradient as a plain matmul, no gradient for
+    /// the weight.
+    #[test]
+    fn frozen_linear_routes_the_gradient_to_x_only() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (5, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1., (3, 8), &dev).unwrap();
+        let up = Tensor::randn(0f64, 1., (5, 3), &dev).unwrap();
+        let y = frozen_linear_plus(x.as_tensor(), &w, None).unwrap();
+        let want = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(diff(&y, &want) < 1e-12);
+        let store = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(diff(store.get(&x).unwrap(), &up.matmul(&w).unwrap()) < 1e-12);
+        assert!(store.get(&w).is_none());
     }
 }

@@ -1,13 +1,12 @@
-//! Frozen linear projections `x · Wᵀ (+ u)` for training: gradients go to `x` and the LoRA term
+//! The frozen linear projection `x · Wᵀ (+ u)` on the CPU: gradients go to `x` and the LoRA term
 //! `u`, never to the frozen `W` (Candle's matmul backward would compute and keep a weight-sized
-//! gradient nobody uses). On the CPU one gemm writes straight into the output, with `W` in f32
-//! (`gemm`) or bf16 (the mixed-precision kernel, [`super::bf16`]); elsewhere the value comes from
-//! a detached matmul and the gradient from a zero-valued op.
+//! gradient nobody uses). One gemm writes straight into the output, with `W` in f32 (`gemm`) or
+//! bf16 (the mixed-precision kernel, [`crate::model::bf16`], AVX512-BF16 or portable).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::fused::{disabled, fusable, slice};
-use super::grad::with_grad;
+use super::slice;
+use crate::model::bf16;
 
 /// CPU kernel for `x · Wᵀ (+ u)`: one gemm straight into the output, so the graph keeps a single
 /// (N, out) tensor per projection instead of one per elementary op (and no zeros tensor).
@@ -51,7 +50,7 @@ impl FrozenLinearCpu {
         }
     }
 
-    /// `w` is f32 (gemm) or bf16 (the mixed-precision kernel, [`super::bf16`]).
+    /// `w` is f32 (gemm) or bf16 (the mixed-precision kernel, [`crate::model::bf16`]).
     fn run(
         x: &[f32],
         lx: &Layout,
@@ -76,7 +75,7 @@ impl FrozenLinearCpu {
             CpuStorage::BF16(_) => {
                 let w = bf16_slice(w, lw, "ft-frozen-linear")?;
                 // out (n, o) = x (n, i) · wᵀ: B = wᵀ is (i, o) with rows 1 apart, columns i apart.
-                super::bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, &mut out, o, u.is_some())
+                bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, &mut out, o, u.is_some())
                     .map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
             }
             _ => {
@@ -141,7 +140,7 @@ impl CustomOp2 for MixedGradX {
         }
         let mut out = vec![0f32; n * i];
         // B = W is (o, i) row-major.
-        super::bf16::matmul_f32_bf16(n, i, o, g, o, 1, w, i, 1, &mut out, i, false)
+        bf16::matmul_f32_bf16(n, i, o, g, o, 1, w, i, 1, &mut out, i, false)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name())))?;
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, i])))
     }
@@ -203,63 +202,27 @@ impl CustomOp3 for FrozenLinearCpu {
     }
 }
 
-/// `x · Wᵀ (+ update)` for a frozen `weight` (out, in), 2-D `x` (N, in) and an optional (N, out)
-/// `update` (the LoRA term): gradients flow to `x` and `update`, never to `weight`.
+/// `x · Wᵀ (+ update)` for a frozen `weight` (out, in) in f32 or bf16, a CPU f32 2-D `x` (N, in)
+/// and an optional (N, out) `update` (the LoRA term): gradients flow to `x` and `update`, never
+/// to `weight`.
 pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
-    // Mixed precision (bf16 weights, f32 activations) has no composed fallback: the weight is
-    // widened for the reference path.
-    let widened;
-    let weight = if weight.dtype() != x.dtype() && (disabled() || !x.device().is_cpu()) {
-        widened = weight.to_dtype(x.dtype())?;
-        &widened
-    } else {
-        weight
-    };
-    if disabled() {
-        let y = x.matmul(&weight.t()?)?;
-        return match update {
-            Some(u) => y + u,
-            None => Ok(y),
-        };
-    }
-    let weight_ok = weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::BF16);
-    if fusable(x) && weight_ok {
-        let (x, w) = (x.contiguous()?, weight.contiguous()?);
-        return match update {
-            Some(u) => x.apply_op3(&w, &u.contiguous()?, FrozenLinearCpu),
-            None if x.track_op() || w.dtype() != x.dtype() => x.apply_op2(&w, FrozenLinearCpu),
-            None => x.matmul(&w.t()?),
-        };
-    }
-    #[cfg(feature = "cuda")]
-    if super::cuda::applies(x) && weight.dtype() == x.dtype() && x.rank() == 2 {
-        let y = super::cuda::frozen_linear(x, weight)?;
-        return match update {
-            Some(u) => y + u,
-            None => Ok(y),
-        };
-    }
-    // Elsewhere: the value from a detached matmul, the gradient g · W to x alone. Candle's
-    // matmul backward would also compute xᵀ · g for W (as many flops as the forward) and keep
-    // that unused weight-sized gradient until backward ends.
-    let y = x.detach().matmul(&weight.t()?)?;
-    let w = weight.clone();
-    let y = with_grad(y, x, Box::new(move |_x, g| g.matmul(&w)))?;
+    let (x, w) = (x.contiguous()?, weight.contiguous()?);
     match update {
-        Some(u) => y + u,
-        None => Ok(y),
+        Some(u) => x.apply_op3(&w, &u.contiguous()?, FrozenLinearCpu),
+        None if x.track_op() || w.dtype() != x.dtype() => x.apply_op2(&w, FrozenLinearCpu),
+        None => x.matmul(&w.t()?),
     }
 }
 
-/// `x · Wᵀ` for a frozen `weight` (out, in) and 2-D `x` (N, in): gradient to `x` only.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    frozen_linear_plus(x, weight, None)
+/// True when the kernel takes `weight` (on the CPU, f32 or bf16).
+pub(crate) fn weight_fits(weight: &Tensor) -> bool {
+    weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::BF16)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fused::tests::{close, grad_of};
+    use crate::model::kernels::cpu::tests::{close, grad_of};
     use candle_core::{Device, Var};
 
     #[test]
@@ -268,6 +231,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 8), &dev).unwrap()).unwrap();
         let w = Tensor::randn(0f32, 1., (3, 8), &dev).unwrap();
         let up = Tensor::randn(0f32, 1., (5, 3), &dev).unwrap();
+        let frozen_linear = |x: &Tensor, w: &Tensor| frozen_linear_plus(x, w, None);
         let a = frozen_linear(x.as_tensor(), &w).unwrap();
         let b = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
         assert_eq!(close(&a, &b), 0.0);
@@ -287,33 +251,5 @@ mod tests {
         let store = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(close(store.get(&u).unwrap(), &up) < 1e-6);
         assert!(close(store.get(&x).unwrap(), &gb) < 1e-5);
-    }
-
-    /// The path GPUs take (here f64, which the CPU kernels do not handle): same value and input
-    /// gradient as a plain matmul, no gradient for the weight.
-    #[test]
-    fn frozen_linear_off_the_cpu_kernels_routes_the_gradient_to_x_only() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (5, 8), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f64, 1., (3, 8), &dev).unwrap();
-        let up = Tensor::randn(0f64, 1., (5, 3), &dev).unwrap();
-        let y = frozen_linear(x.as_tensor(), &w).unwrap();
-        let want = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(diff(&y, &want) < 1e-12);
-        let store = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(diff(store.get(&x).unwrap(), &up.matmul(&w).unwrap()) < 1e-12);
-        assert!(store.get(&w).is_none());
     }
 }

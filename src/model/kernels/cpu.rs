@@ -1,26 +1,26 @@
-//! Fused CPU kernels with a backward pass for the hottest ops of training: softmax over the last
-//! dim (attention), RMSNorm, and the cross-entropy of the loss. Candle's own fused versions record
-//! no backward op; the composed versions in `model::ops` are differentiable but allocate a full
-//! tensor per elementary op. These are `CustomOp`s: a forward kernel and a `bwd` that is itself a
-//! fused kernel, proven against the composed ops by the tests below and the parity fixtures.
-//! f32 on CPU only; other devices and dtypes use the composed ops (GPUs have bandwidth to spare).
+//! FineTune's CPU kernels with a backward pass for the hottest ops of training: softmax over the
+//! last dim (attention), RMSNorm, the cross-entropy of the loss, and the frozen linear projection
+//! ([`linear`]: f32 weights through `gemm`, bf16 weights through the mixed-precision kernel of
+//! `model::bf16`, AVX512-BF16 or portable). The flash attention kernel with its backward lives
+//! beside its backward in `model::attention`. Candle's own fused versions record no backward op;
+//! the composed versions (`kernels::composed`) are differentiable but allocate a full tensor per
+//! elementary op. These are `CustomOp`s: a forward kernel and a `bwd` that is itself a fused
+//! kernel, proven against the composed ops by the tests below and the parity fixtures.
+//! f32 activations on the CPU only: [`super::plan`] says when they run.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 use rayon::prelude::*;
 
-use super::ops;
+mod linear;
 
-/// `FINETUNE_NO_FUSED=1` turns the kernels off (for measuring what they buy with `bench`).
-pub(crate) fn disabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var_os("FINETUNE_NO_FUSED").is_some_and(|v| v != "0"))
-}
+pub use linear::frozen_linear_plus;
+pub(crate) use linear::weight_fits as linear_weight_fits;
 
-/// True when the fused CPU kernels apply to `t`.
-pub(crate) fn fusable(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32 && !disabled()
+/// True when `t` is what these kernels take: an f32 tensor on the CPU.
+pub(crate) fn fits(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// The contiguous f32 slice of a storage/layout pair, or an error.
@@ -107,13 +107,9 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
-/// Softmax over the last dim, differentiable.
+/// Softmax over the last dim of a CPU f32 `x`, differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if fusable(x) {
-        x.contiguous()?.apply_op1(Softmax)
-    } else {
-        ops::softmax_last_dim_composed(x)
-    }
+    x.contiguous()?.apply_op1(Softmax)
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -217,14 +213,10 @@ impl CustomOp3 for RmsNormBwdX {
     }
 }
 
-/// RMSNorm over the last dim, differentiable.
+/// RMSNorm over the last dim of a CPU f32 `x` with an f32 `w`, differentiable.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if fusable(x) && fusable(w) {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
-    } else {
-        ops::rms_norm_composed(x, w, eps)
-    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
 }
 
 // ---------------------------------------------------------------- cross-entropy
@@ -311,25 +303,17 @@ impl CustomOp2 for CrossEntropyBwd {
     }
 }
 
-/// Mean cross-entropy of (N, V) `logits` against `targets` (N), as a scalar.
+/// Mean cross-entropy of CPU f32 (N, V) `logits` against `targets` (N), as a scalar.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let n = targets.len();
-    if fusable(logits) {
-        let op = CrossEntropy {
-            targets: std::sync::Arc::new(targets.to_vec()),
-        };
-        return logits.contiguous()?.apply_op1(op)?.sum_all()? / n as f64;
-    }
-    let t = Tensor::from_vec(targets.to_vec(), n, logits.device())?;
-    #[cfg(feature = "cuda")]
-    if super::cuda::applies(logits) {
-        return super::cuda::cross_entropy_rows(logits, &t)?.sum_all()? / n as f64;
-    }
-    ops::cross_entropy_composed(logits, &t)
+    let op = CrossEntropy {
+        targets: std::sync::Arc::new(targets.to_vec()),
+    };
+    logits.contiguous()?.apply_op1(op)?.sum_all()? / targets.len() as f64
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::super::composed;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -359,10 +343,10 @@ pub(crate) mod tests {
             Var::from_tensor(&Tensor::randn(0f32, 2., (3, 5, 17), &Device::Cpu).unwrap()).unwrap();
         let up = Tensor::randn(0f32, 1., (3, 5, 17), &Device::Cpu).unwrap();
         let a = softmax_last_dim(x.as_tensor()).unwrap();
-        let b = ops::softmax_last_dim_composed(x.as_tensor()).unwrap();
+        let b = composed::softmax_last_dim(x.as_tensor()).unwrap();
         assert!(close(&a, &b) < 1e-6);
         let ga = grad_of(softmax_last_dim, &x, &up);
-        let gb = grad_of(ops::softmax_last_dim_composed, &x, &up);
+        let gb = grad_of(composed::softmax_last_dim, &x, &up);
         assert!(close(&ga, &gb) < 1e-5);
     }
 
@@ -373,7 +357,7 @@ pub(crate) mod tests {
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 24, &dev).unwrap()).unwrap();
         let up = Tensor::randn(0f32, 1., (2, 3, 24), &dev).unwrap();
         let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
-        let composed = ops::rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let composed = composed::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
         assert!(close(&fused, &composed) < 1e-5);
         let ga = (fused * &up)
             .unwrap()
@@ -398,7 +382,7 @@ pub(crate) mod tests {
         let targets = [3u32, 0, 49, 7, 7, 12];
         let t = Tensor::new(&targets, &dev).unwrap();
         let a = cross_entropy(x.as_tensor(), &targets).unwrap();
-        let b = ops::cross_entropy_composed(x.as_tensor(), &t).unwrap();
+        let b = composed::cross_entropy(x.as_tensor(), &t).unwrap();
         let (a_val, b_val) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
         assert!((a_val - b_val).abs() < 1e-5);
         let ga = a.backward().unwrap();

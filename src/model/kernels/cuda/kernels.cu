@@ -161,9 +161,9 @@ __device__ void rms_bwd(const T* x, const T* w, const T* g, T* dx, int cols, flo
         st(dx, off + j, r * ld(g, off + j) * ld(w, j) - ld(x, off + j) * k);
 }
 
-// RoPE, rotate-half convention, on x (B, H, T, D) with cos/sin tables (Bc, T, D) (Bc = 1 or B,
+// RoPE, rotate-half convention, on x (B, H, T, Dh) with cos/sin tables (Bc, T, Dh) (Bc = 1 or B,
 // halves repeated as transformers builds them). `sign` = −1 applies the inverse rotation
-// (the backward). One thread per (row, i < D/2) pair.
+// (the backward). One thread per (row, i < Dh/2) pair.
 template <typename T>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, long long pairs, int d,
                      int heads, int t_len, int table_batches, float sign) {

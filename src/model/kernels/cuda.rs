@@ -5,7 +5,7 @@
 //! what they share: the compiled module, launch helpers and macros. Composed from Candle's ops these
 //! cost 8 to 25 launches each, with broadcast kernels that reach a third of the memory bandwidth;
 //! on a GPU the LoRA step is bound by that per-op cost (`bench/cuda_kernel_profile.py`).
-//! bf16 and f32 only; other dtypes and devices take the composed path (see [`applies`]).
+//! bf16 and f32 only; [`super::plan`] says when they run (`FINETUNE_KERNELS=auto` on a CUDA device).
 
 use std::sync::OnceLock;
 
@@ -20,17 +20,6 @@ use candle_core::{
 
 const SOURCE: &str = include_str!("cuda/kernels.cu");
 const MODULE: &str = "finetune_kernels";
-
-/// True when these kernels apply to `t`: on a CUDA device, in bf16 or f32.
-pub fn applies(t: &Tensor) -> bool {
-    t.device().is_cuda() && matches!(t.dtype(), DType::BF16 | DType::F32) && !disabled()
-}
-
-/// `FINETUNE_NO_CUDA_KERNELS=1` takes the composed path (for comparison).
-fn disabled() -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    *OFF.get_or_init(|| std::env::var_os("FINETUNE_NO_CUDA_KERNELS").is_some_and(|v| v != "0"))
-}
 
 /// The PTX of `kernels.cu`, compiled on first use.
 fn ptx() -> Result<&'static str> {
@@ -196,3 +185,11 @@ mod softmax;
 pub use layer::{rms_norm, rope, swiglu};
 pub use linear::{frozen_linear, lora_linear};
 pub use softmax::{attention_softmax, cross_entropy_rows};
+
+/// Scaled dot-product attention over `(B, H, T, Dh)` q, k, v (k and v already repeated to H
+/// heads) with a bias `(B or 1, 1, T, T)` in q's dtype: scores from cuBLAS, then one kernel for
+/// scale, mask and softmax, then cuBLAS again.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let s = q.contiguous()?.matmul(&k.t()?)?;
+    attention_softmax(&s, bias, scale)?.matmul(v)
+}
