@@ -167,6 +167,8 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `finetune` binary: parses the arguments and runs the command, or opens the app when
+/// there is none. Errors print as `error: …` with their causes and exit 1.
 pub fn main() -> ExitCode {
     crate::memory::tune_allocator();
     crate::backend::tune_cpu_threads();

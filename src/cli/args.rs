@@ -13,12 +13,14 @@ use crate::train::{DeviceChoice, DtypeChoice, Duration, Schedule, TrainConfig};
 #[derive(Debug, Parser)]
 #[command(name = "finetune", version, about)]
 pub struct Cli {
+    /// The command to run; without one, the app opens.
     #[command(subcommand)]
     pub command: Option<Command>,
     /// Open the app with these loaded: a model folder and/or a .jsonl dataset.
     pub paths: Vec<PathBuf>,
 }
 
+/// The `finetune` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a LoRA adapter headless.
@@ -35,6 +37,7 @@ pub enum Command {
         /// Only models of this organization or user.
         #[arg(long)]
         author: Option<String>,
+        /// Most models to list.
         #[arg(long, default_value_t = 20)]
         limit: usize,
         /// Also list architectures FineTune cannot train.
@@ -45,6 +48,7 @@ pub enum Command {
     Download {
         /// `org/name` on the Hub.
         repo: String,
+        /// Branch, tag or commit [default: main].
         #[arg(long)]
         revision: Option<String>,
     },
@@ -57,6 +61,7 @@ pub enum Command {
         /// f32 | f16 | bf16 (default: keep the stored dtype; GGUF is dequantized to f16).
         #[arg(long)]
         dtype: Option<String>,
+        /// Largest output shard, in GB.
         #[arg(long, default_value_t = 5.0)]
         max_shard_gb: f64,
     },
@@ -82,19 +87,25 @@ pub struct BenchArgs {
     /// Model folder (a config.json alone benchmarks random weights).
     #[arg(long)]
     pub model: PathBuf,
+    /// Records per batch.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Tokens per record (--data records are cut or padded to it).
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
+    /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
+    /// Timed steps.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Untimed steps before the timed ones.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// JSONL whose records fill the batches (default random tokens).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
     /// Compute dtype of the base model (auto: bf16 on GPUs, f32 on the CPU).
@@ -117,18 +128,27 @@ pub struct BenchArgs {
     pub peak_tflops: Option<f64>,
 }
 
+/// `--schedule` values: the learning-rate shape after warmup.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ScheduleArg {
+    /// Cosine decay from --lr to --min-lr-ratio × --lr
     Cosine,
+    /// Linear decay from --lr to --min-lr-ratio × --lr
     Linear,
+    /// --lr throughout
     Constant,
 }
 
+/// `--dtype` values: the compute dtype of the base model.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DtypeArg {
+    /// bf16 on GPUs, f32 on the CPU
     Auto,
+    /// 32-bit float: full precision, twice the memory
     F32,
+    /// bfloat16: half the memory, f32's range
     Bf16,
+    /// IEEE half: half the memory, a narrower range than bf16
     F16,
 }
 
@@ -143,14 +163,20 @@ impl From<DtypeArg> for DtypeChoice {
     }
 }
 
+/// `--device` values: where the run computes.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
+    /// Metal, then CUDA, then the CPU: the first one present
     Auto,
+    /// The CPU
     Cpu,
+    /// The first CUDA GPU (a build with the cuda feature)
     Cuda,
+    /// The Apple GPU (a build with the metal feature)
     Metal,
 }
 
+/// `--prompt-style` values: how prompt/completion records are rendered.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PromptStyleArg {
     /// The chat template when the model has one, else plain concatenation.
@@ -203,6 +229,7 @@ pub struct TrainArgs {
     /// Peak learning rate [default 2e-4].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Learning-rate shape after warmup [default cosine].
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleArg>,
     /// Final lr as a fraction of --lr (cosine/linear) [default 0].
@@ -217,16 +244,21 @@ pub struct TrainArgs {
     /// Passes over the data [default 1].
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Records per batch [default 4].
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Batches per optimizer step [default 1].
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Longest record in tokens, capped at the model's context; longer records are truncated
+    /// (or dropped, --drop-long) [default 1024].
     #[arg(long)]
     pub max_seq_len: Option<usize>,
     /// Loss on completions / assistant turns only [default true]; `--mask-prompt false` trains on
     /// prompts too.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub mask_prompt: Option<bool>,
+    /// How prompt/completion records are rendered [default auto].
     #[arg(long, value_enum)]
     pub prompt_style: Option<PromptStyleArg>,
     /// Pack short records into full rows.
@@ -238,6 +270,7 @@ pub struct TrainArgs {
     /// Skip bad JSONL lines (reported) instead of refusing to start.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub skip_bad_lines: Option<bool>,
+    /// Share of the training records held out for validation without --valid [default 0.1].
     #[arg(long)]
     pub valid_fraction: Option<f64>,
     /// Evaluate every N steps (0 = only at start and end) [default 50].
@@ -252,17 +285,22 @@ pub struct TrainArgs {
     /// Clip the global gradient norm (0 = off) [default 1].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// AdamW decoupled weight decay [default 0].
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// AdamW first-moment decay [default 0.9].
     #[arg(long)]
     pub beta1: Option<f64>,
+    /// AdamW second-moment decay [default 0.999].
     #[arg(long)]
     pub beta2: Option<f64>,
     /// Stop after N evaluations without val-loss improvement (0 = off).
     #[arg(long)]
     pub early_stop: Option<usize>,
+    /// Seed for LoRA init, dropout, shuffling and the hold-out split [default 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Compute device [default auto].
     #[arg(long, value_enum)]
     pub device: Option<DeviceArg>,
     /// Compute dtype of the base model (auto: bf16 on GPUs, f32 on the CPU).
@@ -422,6 +460,7 @@ pub struct InspectDataArgs {
     /// The model whose tokenizer and chat template are used (folder, .gguf or Hub id).
     #[arg(long)]
     pub model: PathBuf,
+    /// Longest record in tokens; the summary counts longer ones as truncated.
     #[arg(long, default_value_t = 1024)]
     pub max_seq_len: usize,
     /// Train on prompts too (affects the masked-fraction figures).

@@ -13,7 +13,9 @@ use crate::model::{adapter, LoraState, Model};
 use crate::train::config::TrainConfig;
 use crate::train::optim::AdamW;
 
+/// File in a checkpoint folder holding the AdamW moments and step (safetensors).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// File in a checkpoint folder holding the [`TrainerState`] (JSON).
 pub const STATE_FILE: &str = "trainer_state.json";
 
 /// Where training stands, saved with every checkpoint.
@@ -21,16 +23,21 @@ pub const STATE_FILE: &str = "trainer_state.json";
 pub struct TrainerState {
     /// Optimizer steps done.
     pub step: usize,
+    /// Optimizer steps the whole run takes.
     pub total_steps: usize,
-    /// Epoch of the next batch (0-based) and how many of its batches were consumed.
+    /// Epoch of the next batch (0-based).
     pub epoch: u64,
+    /// Batches of that epoch already consumed (resume skips them).
     pub batch_in_epoch: usize,
-    /// Best validation loss so far and evaluations since it improved (early stopping).
+    /// Best validation loss so far (None before the first evaluation).
     pub best_val_loss: Option<f64>,
+    /// Evaluations since the best one improved (early stopping counts these).
     pub evals_since_best: usize,
     /// Training loss of the last step.
     pub last_loss: Option<f64>,
+    /// The run's full config; resume continues with it.
     pub config: TrainConfig,
+    /// FineTune version that wrote the checkpoint (`CARGO_PKG_VERSION`).
     pub finetune_version: String,
 }
 
@@ -54,10 +61,22 @@ impl TrainerState {
 /// Errors writing or reading checkpoints.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
+    /// Creating, writing or renaming a checkpoint file or folder failed.
     #[error("cannot write checkpoint ({reason}); check free disk space and permissions: {path}")]
-    Write { path: PathBuf, reason: String },
+    Write {
+        /// The file or folder being written.
+        path: PathBuf,
+        /// The underlying error, as text.
+        reason: String,
+    },
+    /// A checkpoint file is missing or cannot be parsed.
     #[error("cannot read checkpoint ({reason}); pick a folder under <out>/checkpoints: {path}")]
-    Read { path: PathBuf, reason: String },
+    Read {
+        /// The file or folder being read.
+        path: PathBuf,
+        /// The underlying error, as text.
+        reason: String,
+    },
 }
 
 fn write_err(path: &Path) -> impl Fn(String) -> CheckpointError + '_ {

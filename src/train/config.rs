@@ -40,8 +40,11 @@ pub enum DeviceChoice {
     /// Metal, then CUDA, then CPU: the first one present.
     #[default]
     Auto,
+    /// The CPU (always present).
     Cpu,
+    /// The first CUDA GPU (needs the `cuda` feature).
     Cuda,
+    /// The Apple GPU (needs the `metal` feature).
     Metal,
 }
 
@@ -52,8 +55,11 @@ pub enum DtypeChoice {
     /// bf16 on GPUs, f32 on the CPU.
     #[default]
     Auto,
+    /// 32-bit float: full precision, twice the memory of the 16-bit types.
     F32,
+    /// bfloat16: f32's range at half the memory.
     Bf16,
+    /// IEEE half precision: half the memory, a narrower range than bf16.
     F16,
 }
 
@@ -74,6 +80,7 @@ pub struct TrainConfig {
     pub lora: LoraConfig,
     /// Peak learning rate. Default 2e-4.
     pub lr: f64,
+    /// Learning-rate shape after warmup. Default cosine.
     pub schedule: Schedule,
     /// Final lr as a fraction of `lr` for cosine/linear. Default 0.
     pub min_lr_ratio: f64,
@@ -93,6 +100,7 @@ pub struct TrainConfig {
     pub prompt_completion: PromptCompletionStyle,
     /// Pack short records into rows of `max_seq_len` (attention stays inside each record).
     pub packing: bool,
+    /// What to do with records longer than `max_seq_len`. Default truncate.
     pub over_long: OverLong,
     /// Skip bad JSONL lines (reported) instead of refusing to start.
     pub skip_bad_lines: bool,
@@ -106,11 +114,13 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Clip the global gradient norm to this; 0 = off. Default 1.0.
     pub max_grad_norm: f64,
+    /// AdamW betas, epsilon and weight decay.
     pub adamw: AdamWConfig,
     /// Stop when val loss has not improved for this many evaluations; 0 = off.
     pub early_stop_patience: usize,
     /// Seed for LoRA init, dropout, shuffling and the hold-out split. Default 0.
     pub seed: u64,
+    /// Compute device. Default auto.
     pub device: DeviceChoice,
     /// Compute dtype of the base model; `Auto` suits the device.
     pub dtype: DtypeChoice,
@@ -171,6 +181,7 @@ impl Default for TrainConfig {
 pub struct FieldError {
     /// The `TrainConfig` field (e.g. `lr`, `lora.rank`).
     pub field: &'static str,
+    /// What is wrong and what would be accepted, e.g. "must be above 0".
     pub message: String,
 }
 

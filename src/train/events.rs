@@ -10,11 +10,13 @@ use crate::data::DatasetSummary;
 pub struct StepStats {
     /// 1-based optimizer step.
     pub step: usize,
+    /// Optimizer steps the whole run takes.
     pub total_steps: usize,
     /// Fractional epoch (e.g. 1.25 = a quarter into the second epoch).
     pub epoch: f64,
     /// Mean training loss over the step's batches.
     pub loss: f64,
+    /// Learning rate this step applied.
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -24,6 +26,7 @@ pub struct StepStats {
     pub input_tokens: usize,
     /// Input tokens per second over this step.
     pub tokens_per_sec: f64,
+    /// Seconds since the step loop began (a resumed run counts from the resume).
     pub elapsed_secs: f64,
     /// Estimated seconds to the end.
     pub eta_secs: f64,
@@ -41,50 +44,69 @@ pub enum Event {
     Started {
         /// Model folder name.
         model: String,
+        /// `architectures[0]` of config.json, e.g. `LlamaForCausalLM`.
         architecture: String,
         /// Device in words, e.g. "CPU (2 cores, AVX-512)".
         device: String,
+        /// Parameters of the frozen base model.
         base_params: usize,
+        /// Parameters of the LoRA adapter (the only ones trained).
         trainable_params: usize,
+        /// Optimizer steps the whole run takes.
         total_steps: usize,
         /// Steps already done when resuming (0 otherwise).
         start_step: usize,
+        /// What was read from the training set.
         train: Box<DatasetSummary>,
+        /// What was read from the validation set, if there is one.
         valid: Option<Box<DatasetSummary>>,
     },
     /// A human-readable progress note (loading, skipped lines, ...).
     Log(String),
+    /// An optimizer step was taken.
     Step(StepStats),
     /// Validation loss at `step` (0 = before training).
     Eval {
+        /// Optimizer steps done when evaluated.
         step: usize,
+        /// Mean loss over the validation tokens.
         val_loss: f64,
+        /// The lowest so far (its adapter was saved to `out/best` unless at step 0).
         best: bool,
     },
     /// A checkpoint (adapter + optimizer state + trainer state) was written.
     Saved {
+        /// Optimizer steps the checkpoint holds.
         step: usize,
+        /// The checkpoint folder, `out/checkpoints/step-NNNNNN`.
         path: PathBuf,
     },
     /// Training ran to the end. `adapter` is the final adapter, `best` the best-val one if kept.
     Finished {
+        /// The final adapter folder (`out/adapter`).
         adapter: PathBuf,
+        /// The best-validation adapter folder (`out/best`), if one was kept.
         best: Option<PathBuf>,
+        /// Training loss of the last step.
         final_loss: Option<f64>,
+        /// Validation loss of the last evaluation, if there is a validation set.
         final_val_loss: Option<f64>,
     },
     /// Stopped before the end (on request, early stop, a non-finite loss or gradient norm); the
     /// adapter of the last finished step is saved.
     Stopped {
+        /// The adapter of the last finished step (`out/adapter`).
         adapter: PathBuf,
         /// The best-validation adapter, if one was kept before the stop.
         best: Option<PathBuf>,
+        /// The last finished optimizer step.
         step: usize,
         /// Never [`StopReason::Finished`] (that run ends with `Finished`). JSON: its text.
         reason: StopReason,
     },
     /// Could not run; nothing half-written is left.
     Failed {
+        /// The error and its causes, in words.
         error: String,
     },
 }
@@ -114,13 +136,29 @@ pub enum StopReason {
     /// Every step ran.
     Finished,
     /// The person asked (Stop, Ctrl-C, quitting the app); `step` is the last finished step.
-    StoppedByUser { step: usize },
+    StoppedByUser {
+        /// The last finished optimizer step.
+        step: usize,
+    },
     /// Validation loss did not improve for `patience` evaluations in a row.
-    EarlyStopped { patience: usize },
+    EarlyStopped {
+        /// `early_stop_patience` of the config.
+        patience: usize,
+    },
     /// The loss of (1-based) step `step` was `value` (NaN or infinite); nothing of it was applied.
-    NonFiniteLoss { step: usize, value: f64 },
+    NonFiniteLoss {
+        /// The (1-based) step whose loss went bad.
+        step: usize,
+        /// The loss: NaN or ±infinity.
+        value: f64,
+    },
     /// The gradient norm of step `step` was `value` (NaN or infinite); nothing of it was applied.
-    NonFiniteGradNorm { step: usize, value: f64 },
+    NonFiniteGradNorm {
+        /// The (1-based) step whose gradient norm went bad.
+        step: usize,
+        /// The norm: NaN or ±infinity.
+        value: f64,
+    },
 }
 
 impl StopReason {

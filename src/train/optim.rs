@@ -12,9 +12,13 @@ use crate::model::Grads;
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct AdamWConfig {
+    /// Decay rate of the first moment (the gradient's running mean). Default 0.9.
     pub beta1: f64,
+    /// Decay rate of the second moment (the squared gradient's running mean). Default 0.999.
     pub beta2: f64,
+    /// Added to the root of the second moment in the denominator, for stability. Default 1e-8.
     pub eps: f64,
+    /// Decoupled weight decay: each step scales parameters by `1 - lr·weight_decay`. Default 0.
     pub weight_decay: f64,
 }
 
@@ -41,10 +45,12 @@ pub struct AdamW {
     v: Tensor,
     /// Number of steps taken.
     pub step: usize,
+    /// The hyper-parameters every step uses.
     pub config: AdamWConfig,
 }
 
 impl AdamW {
+    /// An optimizer at step 0 with zeroed moments, on the device of the first parameter.
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         let mut spans = Vec::with_capacity(params.len());
         let mut total = 0;
@@ -74,6 +80,7 @@ impl AdamW {
             .reshape(self.params[i].1.shape())
     }
 
+    /// The named parameters it updates, in the order of its buffers and gradient lists.
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
     }

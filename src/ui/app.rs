@@ -159,30 +159,37 @@ impl FineTuneApp {
         self
     }
 
+    /// The training settings the form holds (saved between launches).
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
 
+    /// The training settings, to change as the form would.
     pub fn settings_mut(&mut self) -> &mut Settings {
         &mut self.settings
     }
 
+    /// The current or last training run as the Train step shows it.
     pub fn run_view(&self) -> &RunView {
         &self.run
     }
 
+    /// The step of the flow on screen.
     pub fn step(&self) -> Step {
         self.step
     }
 
+    /// Shows `step`, as clicking it in the step bar does.
     pub fn set_step(&mut self, step: Step) {
         self.step = step;
     }
 
+    /// The chosen model's facts, once read.
     pub fn model_summary(&self) -> Option<&ModelSummary> {
         self.models.summary.as_ref()
     }
 
+    /// What reading the dataset found, once read.
     pub fn dataset_outcome(&self) -> Option<&Outcome> {
         self.dataset.report.as_ref().map(|r| &r.outcome)
     }

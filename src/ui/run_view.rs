@@ -21,11 +21,15 @@ pub enum RunState {
     Idle,
     /// Start pressed; loading model and data.
     Starting,
+    /// Steps are being taken.
     Running,
     /// Stop pressed; finishing the current step and saving.
     Stopping,
+    /// Every step ran; the final adapter is saved.
     Finished,
+    /// Ended early (stop request, early stop, NaN); the last step's adapter is saved.
     Stopped,
+    /// Could not run; `RunView::error` says why.
     Failed,
 }
 
@@ -35,6 +39,7 @@ impl RunState {
         matches!(self, Self::Starting | Self::Running | Self::Stopping)
     }
 
+    /// One lowercase word for the status line, e.g. "training".
     pub fn label(self) -> &'static str {
         match self {
             Self::Idle => "idle",
@@ -51,48 +56,74 @@ impl RunState {
 /// Kind of a log line, for its colour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogKind {
+    /// Progress notes: loading, skipped lines, the run's start.
     Info,
+    /// A validation loss.
     Eval,
+    /// A checkpoint or adapter written.
     Saved,
+    /// A failure or a loss that is not a number.
     Error,
 }
 
+/// One line of the run's log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogLine {
+    /// What it reports, for its colour.
     pub kind: LogKind,
+    /// The line as shown.
     pub text: String,
 }
 
 /// What the engine said when training began.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunInfo {
+    /// Model folder name.
     pub model: String,
+    /// `architectures[0]` of config.json, e.g. `LlamaForCausalLM`.
     pub architecture: String,
+    /// Device in words, e.g. "CPU (2 cores, AVX-512)".
     pub device: String,
+    /// Parameters of the frozen base model.
     pub base_params: usize,
+    /// Parameters of the LoRA adapter (the only ones trained).
     pub trainable_params: usize,
+    /// What was read from the training set.
     pub train: DatasetSummary,
+    /// What was read from the validation set, if there is one.
     pub valid: Option<DatasetSummary>,
 }
 
 /// A run, as the UI sees it. Series are `[step, value]` points for egui_plot.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunView {
+    /// Where the run is.
     pub state: RunState,
+    /// Model, device and data, once the engine reports `Started`.
     pub info: Option<RunInfo>,
+    /// Optimizer steps the whole run takes.
     pub total_steps: usize,
     /// Last finished optimizer step.
     pub step: usize,
+    /// Fractional epoch of the last step (1.25 = a quarter into the second).
     pub epoch: f64,
+    /// Estimated seconds to the end; `Some(0.0)` once finished, `None` when unknown or stopped.
     pub eta_secs: Option<f64>,
+    /// Seconds since the step loop began.
     pub elapsed_secs: f64,
+    /// Input tokens per second of the last step.
     pub tokens_per_sec: Option<f64>,
     /// Trained tokens so far.
     pub trained_tokens: usize,
+    /// Training loss of each step (non-finite losses are left out).
     pub loss: Vec<[f64; 2]>,
+    /// `loss` smoothed by a bias-corrected EMA ([`EMA_ALPHA`]).
     pub loss_smooth: Vec<[f64; 2]>,
+    /// Validation loss of each evaluation (step 0 = before training).
     pub val_loss: Vec<[f64; 2]>,
+    /// Learning rate of each step.
     pub lr: Vec<[f64; 2]>,
+    /// Input tokens per second of each step.
     pub throughput: Vec<[f64; 2]>,
     /// Process resident memory in MB.
     pub rss_mb: Vec<[f64; 2]>,
@@ -106,11 +137,15 @@ pub struct RunView {
     pub best: Option<PathBuf>,
     /// The adapter written at the end (finished or stopped).
     pub final_adapter: Option<PathBuf>,
+    /// Training loss of the last step, once the run ended.
     pub final_loss: Option<f64>,
+    /// Validation loss of the last evaluation, once the run ended.
     pub final_val_loss: Option<f64>,
     /// Why the run stopped (stop request, early stop, NaN…).
     pub stop_reason: Option<StopReason>,
+    /// Why the run failed, in words.
     pub error: Option<String>,
+    /// The run's log, oldest first, at most [`MAX_LOG_LINES`].
     pub log: Vec<LogLine>,
     ema: Option<Ema>,
 }
@@ -156,10 +191,12 @@ impl RunView {
         }
     }
 
+    /// Training loss of the latest step on the chart.
     pub fn last_loss(&self) -> Option<f64> {
         self.loss.last().map(|p| p[1])
     }
 
+    /// The latest validation loss.
     pub fn last_val_loss(&self) -> Option<f64> {
         self.val_loss.last().map(|p| p[1])
     }

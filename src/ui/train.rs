@@ -14,16 +14,22 @@ use crate::train::StopReason;
 /// What the train panel asks the app to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainAction {
+    /// Start a run with the current settings.
     Start,
+    /// Stop the run after the current step, saving its adapter.
     Stop,
+    /// Show this step (a blocker's fix, or Export after a run).
     GoTo(Step),
+    /// Open this folder (the saved adapter) in the file manager.
     OpenFolder(std::path::PathBuf),
 }
 
 /// A reason training cannot start, and the step that fixes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Blocker {
+    /// The step whose panel fixes it.
     pub step: Step,
+    /// What is missing, as listed under "Before you start:".
     pub message: String,
 }
 
