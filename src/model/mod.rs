@@ -200,17 +200,6 @@ impl Model {
         }
     }
 
-    /// Distinct short names of the linear modules (`q_proj`, ...), in model order.
-    pub fn linear_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for l in self.linears() {
-            if !names.iter().any(|n| n == l.name()) {
-                names.push(l.name().to_owned());
-            }
-        }
-        names
-    }
-
     /// Attaches fresh LoRA weights (A seeded kaiming-uniform, B zero), replacing any adapter.
     pub fn attach_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<LoraState, LoraError> {
         let n = self.config.num_layers;
