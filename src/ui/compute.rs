@@ -74,97 +74,12 @@ pub fn compute_ui(
         .show(ui, |ui| {
             ui.heading("Compute");
             ui.end_row();
-            let label = ui.label("Device");
-            egui::ComboBox::from_id_salt("device")
-                .selected_text(device_label(s.device))
-                .show_ui(ui, |ui| {
-                    for d in [
-                        DeviceChoice::Auto,
-                        DeviceChoice::Metal,
-                        DeviceChoice::Cuda,
-                        DeviceChoice::Cpu,
-                    ] {
-                        ui.selectable_value(&mut s.device, d, device_label(d));
-                    }
-                })
-                .response
-                .labelled_by(label.id);
-            match plan {
-                Some(Ok(p)) => ui.weak(format!("{} — {}", p.name, p.reason)),
-                Some(Err(e)) => ui.label(RichText::new(e).color(error_color(ui))),
-                None => ui.weak("checking…"),
-            };
-            ui.end_row();
-            let label = ui.label("Precision");
-            egui::ComboBox::from_id_salt("dtype")
-                .selected_text(dtype_label(s.dtype))
-                .show_ui(ui, |ui| {
-                    for d in [
-                        DtypeChoice::Auto,
-                        DtypeChoice::F32,
-                        DtypeChoice::Bf16,
-                        DtypeChoice::F16,
-                    ] {
-                        ui.selectable_value(&mut s.dtype, d, dtype_label(d));
-                    }
-                })
-                .response
-                .labelled_by(label.id);
-            let now = match plan {
-                Some(Ok(p)) if p.kernels().mixed_bf16() => {
-                    "bf16 weights × f32 activations".to_string()
-                }
-                Some(Ok(p)) => format!("{:?}", p.dtype).to_lowercase(),
-                _ => "…".to_string(),
-            };
-            ui.weak(format!(
-                "base model in {now}; LoRA weights and optimizer state stay f32"
-            ));
-            ui.end_row();
-            let label = ui.label("Memory saver");
-            let mut saver = MemorySaver::of(s);
-            egui::ComboBox::from_id_salt("memory-saver")
-                .selected_text(saver.label())
-                .show_ui(ui, |ui| {
-                    for m in [
-                        MemorySaver::Off,
-                        MemorySaver::Balanced,
-                        MemorySaver::Maximum,
-                    ] {
-                        ui.selectable_value(&mut saver, m, m.label());
-                    }
-                })
-                .response
-                .labelled_by(label.id);
-            saver.apply(s);
-            ui.weak(saver.help());
-            ui.end_row();
+            device_row(ui, s, plan);
+            precision_row(ui, s, plan);
+            memory_saver_row(ui, s);
             ui.end_row();
         });
-    ui.horizontal_wrapped(|ui| {
-        ui.label("Memory:");
-        match model {
-            Some(m) => {
-                let p = plan.and_then(|p| p.as_ref().ok());
-                let e = form_estimate(s, m, p);
-                let detail = format!(
-                    "about {} at most for the longest batch: weights {}, activations {}, logits {}, LoRA + optimizer {}",
-                    format_bytes(e.total),
-                    format_bytes(e.base_weights),
-                    format_bytes(e.activations),
-                    format_bytes(e.logits),
-                    format_bytes(e.lora_and_optimizer)
-                );
-                match p.and_then(|p| memory_warning(e.total, p)) {
-                    Some(w) => ui.label(RichText::new(format!("⚠ {w}")).color(error_color(ui))),
-                    None => ui.weak(detail),
-                };
-            }
-            None => {
-                ui.weak("choose a model to see the estimate");
-            }
-        }
-    });
+    estimate_line(ui, s, model, plan);
     before
         != (
             s.device,
@@ -172,6 +87,111 @@ pub fn compute_ui(
             s.gradient_checkpointing,
             s.checkpoint_keep_every,
         )
+}
+
+/// Device picker, with the plan it leads to and why.
+fn device_row(ui: &mut Ui, s: &mut Settings, plan: Option<&Result<Plan, String>>) {
+    let label = ui.label("Device");
+    egui::ComboBox::from_id_salt("device")
+        .selected_text(device_label(s.device))
+        .show_ui(ui, |ui| {
+            for d in [
+                DeviceChoice::Auto,
+                DeviceChoice::Metal,
+                DeviceChoice::Cuda,
+                DeviceChoice::Cpu,
+            ] {
+                ui.selectable_value(&mut s.device, d, device_label(d));
+            }
+        })
+        .response
+        .labelled_by(label.id);
+    match plan {
+        Some(Ok(p)) => ui.weak(format!("{} — {}", p.name, p.reason)),
+        Some(Err(e)) => ui.label(RichText::new(e).color(error_color(ui))),
+        None => ui.weak("checking…"),
+    };
+    ui.end_row();
+}
+
+/// Precision picker, with what the base model then runs in.
+fn precision_row(ui: &mut Ui, s: &mut Settings, plan: Option<&Result<Plan, String>>) {
+    let label = ui.label("Precision");
+    egui::ComboBox::from_id_salt("dtype")
+        .selected_text(dtype_label(s.dtype))
+        .show_ui(ui, |ui| {
+            for d in [
+                DtypeChoice::Auto,
+                DtypeChoice::F32,
+                DtypeChoice::Bf16,
+                DtypeChoice::F16,
+            ] {
+                ui.selectable_value(&mut s.dtype, d, dtype_label(d));
+            }
+        })
+        .response
+        .labelled_by(label.id);
+    let now = match plan {
+        Some(Ok(p)) if p.kernels().mixed_bf16() => "bf16 weights × f32 activations".to_string(),
+        Some(Ok(p)) => format!("{:?}", p.dtype).to_lowercase(),
+        _ => "…".to_string(),
+    };
+    ui.weak(format!(
+        "base model in {now}; LoRA weights and optimizer state stay f32"
+    ));
+    ui.end_row();
+}
+
+/// Memory saver (gradient checkpointing) picker, with what it trades.
+fn memory_saver_row(ui: &mut Ui, s: &mut Settings) {
+    let label = ui.label("Memory saver");
+    let mut saver = MemorySaver::of(s);
+    egui::ComboBox::from_id_salt("memory-saver")
+        .selected_text(saver.label())
+        .show_ui(ui, |ui| {
+            for m in [
+                MemorySaver::Off,
+                MemorySaver::Balanced,
+                MemorySaver::Maximum,
+            ] {
+                ui.selectable_value(&mut saver, m, m.label());
+            }
+        })
+        .response
+        .labelled_by(label.id);
+    saver.apply(s);
+    ui.weak(saver.help());
+    ui.end_row();
+}
+
+/// The memory estimate for the chosen model, or a warning when it will not fit.
+fn estimate_line(
+    ui: &mut Ui,
+    s: &Settings,
+    model: Option<&ModelSummary>,
+    plan: Option<&Result<Plan, String>>,
+) {
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Memory:");
+        let Some(m) = model else {
+            ui.weak("choose a model to see the estimate");
+            return;
+        };
+        let p = plan.and_then(|p| p.as_ref().ok());
+        let e = form_estimate(s, m, p);
+        let detail = format!(
+            "about {} at most for the longest batch: weights {}, activations {}, logits {}, LoRA + optimizer {}",
+            format_bytes(e.total),
+            format_bytes(e.base_weights),
+            format_bytes(e.activations),
+            format_bytes(e.logits),
+            format_bytes(e.lora_and_optimizer)
+        );
+        match p.and_then(|p| memory_warning(e.total, p)) {
+            Some(w) => ui.label(RichText::new(format!("⚠ {w}")).color(error_color(ui))),
+            None => ui.weak(detail),
+        };
+    });
 }
 
 /// Gradient checkpointing as the form offers it.

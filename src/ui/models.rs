@@ -193,28 +193,7 @@ impl ModelsPanel {
             HubEvent::Unavailable(p) => hub.worker_problem = Some(p),
             HubEvent::KeychainToken(Ok(t)) => hub.keychain_token = t,
             HubEvent::KeychainToken(Err(e)) => hub.token_note = Some(Err(e)),
-            HubEvent::Searched { query, result } => {
-                // Answers to older searches are superseded by the last one sent.
-                if hub.last_query.as_ref() != Some(&query) {
-                    return None;
-                }
-                hub.searching = false;
-                hub.searched = Some(query);
-                match result {
-                    Ok(rows) => {
-                        hub.search_problem = None;
-                        if !rows.iter().any(|r| Some(&r.repo) == hub.selected.as_ref()) {
-                            hub.selected = None;
-                        }
-                        hub.rows = rows;
-                    }
-                    Err(p) => {
-                        hub.search_problem = Some(p);
-                        hub.rows.clear();
-                        hub.selected = None;
-                    }
-                }
-            }
+            HubEvent::Searched { query, result } => hub.searched(query, result),
             HubEvent::Details { repo, result } => {
                 hub.asked.remove(&repo);
                 // A prefetched answer is not replaced by a later failure.
@@ -244,19 +223,7 @@ impl ModelsPanel {
                 }
                 hub.outcome = Some((repo, Err(problem)));
             }
-            HubEvent::TokenSaved(r) => {
-                hub.token_note = Some(match r {
-                    Ok(true) if hub.saving_empty => Ok("Removed from the OS keychain.".into()),
-                    Ok(true) => Ok("Saved in the OS keychain.".into()),
-                    Ok(false) => Ok("Used until FineTune quits (the keychain is off).".into()),
-                    Err(e) => Err(format!("{e}; the token is used until FineTune quits")),
-                });
-                // A new token may open gated or private models: forget what failed.
-                hub.details.retain(|_, d| d.is_ok());
-                if hub.outcome.as_ref().is_some_and(|(_, o)| o.is_err()) {
-                    hub.outcome = None;
-                }
-            }
+            HubEvent::TokenSaved(r) => hub.token_saved(r),
         }
         None
     }
@@ -343,21 +310,7 @@ impl ModelsPanel {
         egui::Frame::group(ui.style()).show(ui, |ui| {
             ui.set_width(ui.available_width());
             if reading {
-                match &self.converting {
-                    Some((name, since)) => {
-                        ui.horizontal(|ui| {
-                            ui.spinner();
-                            ui.label(format!(
-                                "Converting {name} to safetensors… {} (first time only: later loads reuse the copy)",
-                                format_duration(since.elapsed().as_secs_f64())
-                            ));
-                        });
-                        ui.ctx().request_repaint_after(std::time::Duration::from_millis(250));
-                    }
-                    None => {
-                        ui.label("Reading the model's config and file headers…");
-                    }
-                }
+                self.reading_ui(ui);
                 return;
             }
             if let Some(err) = &self.error {
@@ -420,6 +373,26 @@ impl ModelsPanel {
         None
     }
 
+    /// What the model step is doing while the chosen model is prepared and read.
+    fn reading_ui(&self, ui: &mut Ui) {
+        match &self.converting {
+            Some((name, since)) => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label(format!(
+                        "Converting {name} to safetensors… {} (first time only: later loads reuse the copy)",
+                        format_duration(since.elapsed().as_secs_f64())
+                    ));
+                });
+                ui.ctx()
+                    .request_repaint_after(std::time::Duration::from_millis(250));
+            }
+            None => {
+                ui.label("Reading the model's config and file headers…");
+            }
+        }
+    }
+
     /// The models already downloaded.
     fn cache_ui(&mut self, ui: &mut Ui) -> Option<ModelAction> {
         let mut action = None;
@@ -480,6 +453,46 @@ impl ModelsPanel {
 fn fact(ui: &mut Ui, name: &str, value: &str) {
     ui.weak(name);
     ui.strong(value);
+}
+
+impl HubPanel {
+    /// Takes a search's answer, unless a later search superseded it.
+    fn searched(&mut self, query: SearchQuery, result: Result<Vec<SearchRow>, Problem>) {
+        if self.last_query.as_ref() != Some(&query) {
+            return;
+        }
+        self.searching = false;
+        self.searched = Some(query);
+        match result {
+            Ok(rows) => {
+                self.search_problem = None;
+                if !rows.iter().any(|r| Some(&r.repo) == self.selected.as_ref()) {
+                    self.selected = None;
+                }
+                self.rows = rows;
+            }
+            Err(p) => {
+                self.search_problem = Some(p);
+                self.rows.clear();
+                self.selected = None;
+            }
+        }
+    }
+
+    /// Says where a new token went; a new token may open gated or private models, so what
+    /// failed before is forgotten.
+    fn token_saved(&mut self, r: Result<bool, String>) {
+        self.token_note = Some(match r {
+            Ok(true) if self.saving_empty => Ok("Removed from the OS keychain.".into()),
+            Ok(true) => Ok("Saved in the OS keychain.".into()),
+            Ok(false) => Ok("Used until FineTune quits (the keychain is off).".into()),
+            Err(e) => Err(format!("{e}; the token is used until FineTune quits")),
+        });
+        self.details.retain(|_, d| d.is_ok());
+        if self.outcome.as_ref().is_some_and(|(_, o)| o.is_err()) {
+            self.outcome = None;
+        }
+    }
 }
 
 /// The Hub part of the model step (none of it persisted).
