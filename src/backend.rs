@@ -16,8 +16,11 @@ use crate::train::{DeviceChoice, DtypeChoice};
 /// Which kind of device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// An Apple GPU through Metal (macOS, feature `metal`).
     Metal,
+    /// An NVIDIA GPU through CUDA (feature `cuda`).
     Cuda,
+    /// The CPU, always available.
     Cpu,
 }
 
@@ -54,6 +57,7 @@ impl From<BackendKind> for DeviceKind {
 pub struct GpuInfo {
     /// How many devices of this kind (device 0 is used).
     pub count: usize,
+    /// The device's name as the driver reports it, e.g. "NVIDIA H100 80GB HBM3".
     pub name: String,
     /// Total device memory (Metal: the recommended working set), when known.
     pub memory_bytes: Option<u64>,
@@ -62,12 +66,14 @@ pub struct GpuInfo {
 /// The CPU as the probe found it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuInfo {
+    /// Cores this process may use (`available_parallelism`: logical, within its affinity).
     pub cores: usize,
     /// The widest vector extension the engine's kernels can use, e.g. "AVX-512 + BF16", "NEON".
     pub simd: String,
     /// Hardware bf16 dot products (AVX512-BF16): where the kernel plan then multiplies bf16
     /// weights by f32 activations in hardware, frozen weights default to bf16.
     pub bf16: bool,
+    /// Total RAM, when known.
     pub memory_bytes: Option<u64>,
 }
 
@@ -82,14 +88,18 @@ pub enum Missing {
 
 /// What the machine offers. The real one is [`SystemProbe`]; tests pass fakes.
 pub trait Probe {
+    /// The Metal GPU, or why there is none usable.
     fn metal(&self) -> Result<GpuInfo, Missing>;
+    /// The CUDA GPU, or why there is none usable.
     fn cuda(&self) -> Result<GpuInfo, Missing>;
+    /// The CPU (always there).
     fn cpu(&self) -> CpuInfo;
 }
 
 /// The decision: which device, in which dtype, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Which kind of device.
     pub kind: BackendKind,
     /// Dtype of the frozen base weights and activations.
     pub dtype: DType,
@@ -116,6 +126,7 @@ impl Plan {
 /// The chosen, opened device and why.
 #[derive(Debug, Clone)]
 pub struct Backend {
+    /// The opened device (device 0 of its kind).
     pub device: Device,
     /// Dtype of the frozen base weights and activations.
     pub dtype: DType,
@@ -130,14 +141,28 @@ pub struct Backend {
 /// Errors choosing a device.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// A GPU kind was chosen explicitly but this build lacks its feature; holds the kind's name
+    /// ("CUDA") and the Cargo feature that adds it ("cuda").
     #[error("{0} was requested but this build has no {0} support; rebuild with `--features {1}` or choose CPU")]
     NotBuilt(&'static str, &'static str),
+    /// A GPU kind was chosen explicitly and is built in, but the probe found no usable device.
     #[error(
         "{name} is not available ({reason}); choose another device in Settings or with --device"
     )]
-    Unavailable { name: &'static str, reason: String },
+    Unavailable {
+        /// The kind's name, e.g. "CUDA".
+        name: &'static str,
+        /// The probe's reason, e.g. the driver's error.
+        reason: String,
+    },
+    /// Opening the planned device failed (the probe saw it, Candle could not open it).
     #[error("opening {name} failed: {reason}")]
-    Open { name: &'static str, reason: String },
+    Open {
+        /// The kind's name, e.g. "CUDA".
+        name: &'static str,
+        /// Candle's error.
+        reason: String,
+    },
 }
 
 fn gb(bytes: u64) -> String {

@@ -21,9 +21,13 @@ use crate::train::{DeviceChoice, DtypeChoice};
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// The model folder (config.json, with or without weights; without, random weights are used).
     pub model: PathBuf,
+    /// Rows per step (B).
     pub batch: usize,
+    /// Tokens per row (T); real records are cut or padded to it.
     pub seq_len: usize,
+    /// LoRA rank r on every linear projection (alpha = 2r).
     pub rank: usize,
     /// Timed steps.
     pub steps: usize,
@@ -31,7 +35,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Optional JSONL: real batches instead of random tokens.
     pub data: Option<PathBuf>,
+    /// Device to run on, as in training's settings.
     pub device: DeviceChoice,
+    /// Compute dtype of the frozen weights, as in training's settings.
     pub dtype: DtypeChoice,
     /// Where to keep random weights between runs (so a run's peak memory is not inflated by
     /// writing them); default a temp folder.
@@ -78,30 +84,51 @@ pub fn training_flops_per_token(
 /// Measured figures (medians over the timed steps).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
+    /// The model folder as given.
     pub model: String,
+    /// The device's name in words, e.g. "CUDA 0: NVIDIA H100 80GB HBM3 (80 GB)".
     pub device: String,
+    /// Compute dtype of the frozen weights, e.g. "BF16".
     pub dtype: String,
     /// Which implementation of each op ran (`FINETUNE_KERNELS` and the device decide).
     pub kernels: KernelPlan,
+    /// Rows per step (B).
     pub batch: usize,
+    /// Tokens per row (T).
     pub seq_len: usize,
+    /// LoRA rank r.
     pub rank: usize,
+    /// Timed steps (warm-up not counted).
     pub steps: usize,
+    /// Tokens a step trains on: B·T with random tokens; with `--data` the records' tokens up to T,
+    /// padding excluded.
     pub tokens_per_step: usize,
+    /// tokens_per_step / step_secs.
     pub tokens_per_sec: f64,
+    /// Whole step (forward + backward + optimizer), device synced, in seconds.
     pub step_secs: f64,
+    /// Forward and loss, device synced, in seconds.
     pub forward_secs: f64,
+    /// Backward and gradient collection, device synced, in seconds.
     pub backward_secs: f64,
+    /// AdamW update, device synced, in seconds.
     pub optimizer_secs: f64,
     /// Host time until the forward / backward call returned, before waiting for the device: near
     /// the synced time when the host's op issue is the bottleneck (on the CPU, the same).
     pub forward_host_secs: f64,
+    /// As `forward_host_secs`, for the backward.
     pub backward_host_secs: f64,
+    /// Peak resident set size of the process at the end, when the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// What [`memory::estimate`] predicted for this job, to compare with the peaks measured.
     pub estimate: memory::Estimate,
+    /// LoRA parameters trained (every A and B).
     pub trainable_params: usize,
+    /// The folder had no weights, so random ones (std 0.02) were used.
     pub random_weights: bool,
+    /// Gradient checkpointing was on.
     pub checkpointing: bool,
+    /// With checkpointing, every k-th layer kept its activations (0 = all recomputed).
     pub keep_every: usize,
     /// See [`training_flops_per_token`].
     pub flops_per_token: f64,

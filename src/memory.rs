@@ -61,6 +61,7 @@ pub fn total_memory_bytes() -> Option<u64> {
 /// What a training run will need, by part, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Estimate {
+    /// The frozen base weights in their dtype on the device.
     pub base_weights: u64,
     /// LoRA A/B (f32) + their gradients + AdamW's two moments.
     pub lora_and_optimizer: u64,
@@ -78,8 +79,11 @@ pub struct Estimate {
 /// Inputs of [`estimate`].
 #[derive(Debug, Clone, Copy)]
 pub struct EstimateInput {
+    /// Rows per micro-batch (B).
     pub batch: usize,
+    /// Tokens per row (T).
     pub seq_len: usize,
+    /// LoRA rank r.
     pub rank: usize,
     /// Bytes per element of the frozen base weights: 4 = f32, 2 = bf16/f16 (also the CPU's mixed
     /// mode, which keeps the large matrices in bf16).

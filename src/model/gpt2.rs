@@ -64,6 +64,8 @@ fn norm(w: &Weights, key: &str, d: usize) -> std::result::Result<(Tensor, Tensor
 }
 
 impl Gpt2 {
+    /// Builds the model from checkpoint `w` as `cfg` describes it (no LoRA attached); keys with or
+    /// without the `transformer.` prefix, Conv1D weights transposed to (out, in).
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         let prefix = if w.contains("transformer.wte.weight") || !w.contains("wte.weight") {
@@ -105,6 +107,7 @@ impl Gpt2 {
         })
     }
 
+    /// Every linear projection, block by block (c_attn, attn.c_proj, c_fc, mlp.c_proj).
     pub fn linears(&self) -> Vec<&LoraLinear> {
         self.blocks
             .iter()
@@ -112,6 +115,7 @@ impl Gpt2 {
             .collect()
     }
 
+    /// As [`Gpt2::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         self.blocks
             .iter_mut()
@@ -126,6 +130,7 @@ impl Gpt2 {
             .collect()
     }
 
+    /// The LM head weight `(V, D)` (`wte` when tied or absent).
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
     }

@@ -16,12 +16,15 @@ use super::{ModelError, ModelInput};
 /// What every layer of one forward pass shares.
 #[derive(Debug, Clone)]
 pub struct LayerCtx {
+    /// The model's config.
     pub cfg: ModelConfig,
-    /// (B or 1, 1, T, Dh)
+    /// RoPE cosines for this pass's positions: (B or 1, 1, T, Dh)
     pub cos: Tensor,
+    /// RoPE sines, shaped as `cos`.
     pub sin: Tensor,
     /// Additive attention bias.
     pub bias: Tensor,
+    /// Training pass: LoRA dropout on.
     pub train: bool,
 }
 
@@ -155,6 +158,8 @@ impl Llama {
             .unwrap_or_default()
     }
 
+    /// Builds the model from checkpoint `w` as `cfg` describes it (no LoRA attached); the LM head
+    /// is the embedding when tied and the checkpoint has no `lm_head.weight`.
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
         let (d, i, dh) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         // Widths of the q and of the k/v projections: H·Dh and KV·Dh.
@@ -212,6 +217,7 @@ impl Llama {
         })
     }
 
+    /// Every linear projection, layer by layer (q, k, v, o, gate, up, down).
     pub fn linears(&self) -> Vec<&LoraLinear> {
         self.layers
             .iter()
@@ -229,6 +235,7 @@ impl Llama {
             .collect()
     }
 
+    /// As [`Llama::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         self.layers
             .iter_mut()
@@ -246,6 +253,7 @@ impl Llama {
             .collect()
     }
 
+    /// The LM head weight `(V, D)` (the embedding when tied).
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
     }

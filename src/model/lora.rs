@@ -45,6 +45,7 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// The factor s on the LoRA term: alpha / r, or alpha / √r with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
             self.alpha / (self.rank as f64).sqrt()
@@ -72,7 +73,9 @@ pub struct Lora {
     pub a: Var,
     /// (out, r), f32
     pub b: Var,
+    /// s = alpha / r (or alpha / √r), see [`LoraConfig::scale`].
     pub scale: f64,
+    /// Dropout probability on the LoRA input during training, 0..1.
     pub dropout: f64,
     /// Seed of the current forward pass's dropout masks, shared by every module of a model and set
     /// by the trainer before each micro-batch ([`DropoutSeed::set`]), so dropout is deterministic
@@ -85,10 +88,12 @@ pub struct Lora {
 pub struct DropoutSeed(std::sync::Arc<std::sync::atomic::AtomicU64>);
 
 impl DropoutSeed {
+    /// Sets the seed every module sharing this handle uses from its next forward pass.
     pub fn set(&self, seed: u64) {
         self.0.store(seed, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The current seed.
     pub fn get(&self) -> u64 {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -153,15 +158,19 @@ pub struct LoraLinear {
     pub layer: usize,
     /// (out, in), compute dtype, frozen.
     pub weight: Tensor,
+    /// (out), compute dtype, frozen; `None` for projections without bias.
     pub bias: Option<Tensor>,
+    /// The attached LoRA update, if any.
     pub lora: Option<Lora>,
 }
 
 impl LoraLinear {
+    /// Input width (`in`).
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }
 
+    /// Output width (`out`).
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -261,22 +270,31 @@ impl Module for LoraLinear {
 /// Errors while attaching or loading adapters.
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
+    /// A name in [`LoraConfig::targets`] matches no linear module of the model.
     #[error("LoRA target(s) {missing:?} match no module of this model; its linear modules are {available:?}")]
     UnknownTargets {
+        /// The target names that matched nothing.
         missing: Vec<String>,
+        /// The model's linear module names (`q_proj`, `c_attn`, ...), to choose from.
         available: Vec<String>,
     },
+    /// A layer index in [`LoraConfig::layers`] is not below the model's layer count.
     #[error(
         "layer(s) {missing:?} do not exist: the model has {num_layers} layers (0..{num_layers})"
     )]
     UnknownLayers {
+        /// The indices out of range.
         missing: Vec<usize>,
+        /// The model's layer count.
         num_layers: usize,
     },
+    /// [`LoraConfig::rank`] is 0.
     #[error("LoRA rank must be at least 1")]
     ZeroRank,
+    /// [`LoraConfig::dropout`] is outside [0, 1) (or NaN); holds the value given.
     #[error("LoRA dropout must be in [0, 1), got {0}")]
     BadDropout(f64),
+    /// Candle failed while creating or loading the A and B tensors.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -284,7 +302,9 @@ pub enum LoraError {
 /// The trainable side of a model: LoRA settings and the VarMap holding every A and B.
 #[derive(Clone)]
 pub struct LoraState {
+    /// The settings the adapter was attached with.
     pub config: LoraConfig,
+    /// Every A and B, keyed by its PEFT name ([`peft_key`]).
     pub varmap: VarMap,
     /// Seed of the dropout masks of the next forward pass.
     pub dropout_seed: DropoutSeed,

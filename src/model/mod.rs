@@ -49,28 +49,57 @@ pub use source::{ModelFormat, ModelSource, PreparedModel, SourceError};
 /// Errors while loading a model folder.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The model folder has no `config.json`; holds the path looked for.
     #[error("no config.json in the model folder; pick a Hugging Face model folder (it holds config.json and *.safetensors): {0}")]
     MissingConfig(PathBuf),
+    /// `config.json` is not JSON, lacks a needed field, or names an unsupported architecture.
     #[error("config.json cannot be used: {reason}: {path}")]
-    InvalidConfig { path: PathBuf, reason: String },
+    InvalidConfig {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Neither `model.safetensors` nor a shard the index lists exists; holds the path looked for.
     #[error("no safetensors weights found (expected model.safetensors or the shards listed in model.safetensors.index.json); download the model again or convert .bin/GGUF with `finetune convert`: {0}")]
     MissingWeights(PathBuf),
+    /// A weights file or the shard index is not readable, or a tensor in it cannot be loaded.
     #[error("weights cannot be read: {reason}: {path}")]
-    InvalidWeights { path: PathBuf, reason: String },
+    InvalidWeights {
+        /// The weights or index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor the architecture needs is in none of the checkpoint's files.
     #[error("tensor {name} is missing from the checkpoint; the files do not match config.json (wrong or partial download?): {dir}")]
-    MissingTensor { name: String, dir: PathBuf },
+    MissingTensor {
+        /// The checkpoint key, e.g. `model.layers.0.self_attn.q_proj.weight`.
+        name: String,
+        /// The model folder.
+        dir: PathBuf,
+    },
+    /// A tensor's shape differs from what `config.json` implies (weights of another model size).
     #[error("tensor {name} has shape {found:?} but config.json implies {expected:?}; the weights and config.json do not belong together: {path}")]
     WrongShape {
+        /// The checkpoint key.
         name: String,
+        /// The shape config.json implies, as stored (`(out, in)`; GPT-2's Conv1D `(in, out)`).
         expected: Vec<usize>,
+        /// The shape stored.
         found: Vec<usize>,
+        /// The file holding the tensor.
         path: PathBuf,
     },
+    /// A file of the model folder cannot be read.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The OS error.
         source: std::io::Error,
     },
+    /// Candle failed while building the model's tensors (e.g. out of device memory).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -149,9 +178,12 @@ enum Arch {
 /// A loaded causal LM with frozen base weights and (optionally) LoRA attached.
 #[derive(Debug, Clone)]
 pub struct Model {
+    /// The normalized config.json.
     pub config: ModelConfig,
     /// The folder it was loaded from.
     pub dir: PathBuf,
+    /// Compute dtype of activations and frozen weights; f32 in the CPU's bf16 mixed mode (whose
+    /// large matrices are still bf16).
     pub dtype: DType,
     arch: Arch,
 }
@@ -181,6 +213,7 @@ impl Model {
         })
     }
 
+    /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.lm_head().device()
     }
@@ -193,6 +226,7 @@ impl Model {
         }
     }
 
+    /// As [`Model::linears`], mutable (to attach or replace LoRA).
     pub fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         match &mut self.arch {
             Arch::Llama(m) => m.linears_mut(),
