@@ -213,14 +213,15 @@ pub fn write_random_checkpoint(src: &Path, dst: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the benchmark.
-pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
-    let backend = backend::pick_with(opts.device, opts.dtype)?;
-    let has_weights = crate::model::weights::checkpoint_files(&opts.model).is_ok();
-    let tmp;
-    let model_dir = if has_weights {
-        opts.model.clone()
-    } else if let Some(dir) = &opts.random_dir {
+/// The folder to load: the model's own, or random weights from its config.json (kept in
+/// `random_dir`, else in the returned temporary folder). True when the weights are the model's.
+fn bench_model_dir(
+    opts: &BenchOptions,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>, bool)> {
+    if crate::model::weights::checkpoint_files(&opts.model).is_ok() {
+        return Ok((opts.model.clone(), None, true));
+    }
+    if let Some(dir) = &opts.random_dir {
         if crate::model::weights::checkpoint_files(dir).is_err() {
             write_random_checkpoint(&opts.model, dir)
                 .context("writing random weights for the benchmark")?;
@@ -229,13 +230,80 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 dir.display()
             );
         }
-        dir.clone()
-    } else {
-        tmp = tempfile::tempdir()?;
-        write_random_checkpoint(&opts.model, tmp.path())
-            .context("writing random weights for the benchmark")?;
-        tmp.path().to_path_buf()
-    };
+        return Ok((dir.clone(), None, false));
+    }
+    let tmp = tempfile::tempdir()?;
+    write_random_checkpoint(&opts.model, tmp.path())
+        .context("writing random weights for the benchmark")?;
+    Ok((tmp.path().to_path_buf(), Some(tmp), false))
+}
+
+/// Seconds of each timed step, by phase (device-synchronised, and host issue time), with the
+/// largest device memory seen and the tokens of the last timed step.
+#[derive(Default)]
+struct Timings {
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+    optimizer: Vec<f64>,
+    forward_host: Vec<f64>,
+    backward_host: Vec<f64>,
+    total: Vec<f64>,
+    device_bytes: Option<u64>,
+    tokens_per_step: usize,
+}
+
+impl Timings {
+    fn sample(&mut self, d: &Device) {
+        if let Some(now) = backend::device_memory_used(d) {
+            self.device_bytes = Some(self.device_bytes.map_or(now, |m| m.max(now)));
+        }
+    }
+}
+
+/// Runs `warmup + steps` training steps (forward, backward, AdamW) and times the last `steps`.
+fn time_steps(
+    opts: &BenchOptions,
+    model: &Model,
+    opt: &mut AdamW,
+    batches: &[HostBatch],
+    device: &Device,
+) -> anyhow::Result<Timings> {
+    let mut t = Timings::default();
+    for step in 0..opts.warmup + opts.steps {
+        let (ids, labels, n_tokens) = &batches[step % batches.len()];
+        let ids = Tensor::from_vec(ids.clone(), (opts.batch, opts.seq_len), device)?;
+        let input = ModelInput::causal(ids);
+        let t0 = Instant::now();
+        let (loss, _) = model.loss(&input, labels, true)?;
+        let t1_host = Instant::now();
+        loss.device().synchronize()?;
+        let t1 = Instant::now();
+        t.sample(loss.device());
+        let grads = opt.collect(&model.backward(&loss)?)?;
+        let t2_host = Instant::now();
+        loss.device().synchronize()?;
+        let t2 = Instant::now();
+        t.sample(loss.device());
+        opt.step(&grads, 1e-4, 1.0)?;
+        loss.device().synchronize()?;
+        let t3 = Instant::now();
+        if step >= opts.warmup {
+            t.forward.push((t1 - t0).as_secs_f64());
+            t.backward.push((t2 - t1).as_secs_f64());
+            t.optimizer.push((t3 - t2).as_secs_f64());
+            t.forward_host.push((t1_host - t0).as_secs_f64());
+            t.backward_host.push((t2_host - t1).as_secs_f64());
+            t.total.push((t3 - t0).as_secs_f64());
+            t.tokens_per_step = *n_tokens;
+        }
+    }
+    Ok(t)
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let backend = backend::pick_with(opts.device, opts.dtype)?;
+    let (model_dir, _tmp, has_weights) = bench_model_dir(opts)?;
     let mut model = Model::load(&model_dir, backend.dtype, &backend.device)?;
     let lora = model.attach_lora(
         &LoraConfig {
@@ -249,44 +317,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let mut opt = AdamW::new(lora.named_vars(), AdamWConfig::default())?;
     let (b, t) = (opts.batch, opts.seq_len);
     let batches = make_batches(opts, &model)?;
-    let (mut fwd, mut bwd, mut upd, mut total) = (vec![], vec![], vec![], vec![]);
-    let (mut fwd_host, mut bwd_host) = (vec![], vec![]);
-    let mut device_bytes: Option<u64> = None;
-    let mut sample = |d: &Device| {
-        if let Some(now) = backend::device_memory_used(d) {
-            device_bytes = Some(device_bytes.map_or(now, |m| m.max(now)));
-        }
-    };
-    let mut tokens_per_step = 0;
-    for step in 0..opts.warmup + opts.steps {
-        let (ids, labels, n_tokens) = &batches[step % batches.len()];
-        let input = ModelInput::causal(Tensor::from_vec(ids.clone(), (b, t), &backend.device)?);
-        let t0 = Instant::now();
-        let (loss, _) = model.loss(&input, labels, true)?;
-        let t1_host = Instant::now();
-        loss.device().synchronize()?;
-        let t1 = Instant::now();
-        sample(loss.device());
-        let grads = opt.collect(&model.backward(&loss)?)?;
-        let t2_host = Instant::now();
-        loss.device().synchronize()?;
-        let t2 = Instant::now();
-        sample(loss.device());
-        opt.step(&grads, 1e-4, 1.0)?;
-        loss.device().synchronize()?;
-        let t3 = Instant::now();
-        if step >= opts.warmup {
-            fwd.push((t1 - t0).as_secs_f64());
-            bwd.push((t2 - t1).as_secs_f64());
-            upd.push((t3 - t2).as_secs_f64());
-            fwd_host.push((t1_host - t0).as_secs_f64());
-            bwd_host.push((t2_host - t1).as_secs_f64());
-            total.push((t3 - t0).as_secs_f64());
-            tokens_per_step = *n_tokens;
-        }
-    }
-    let step_secs = median(&mut total);
-    let tokens_per_sec = tokens_per_step as f64 / step_secs.max(1e-9);
+    let mut timings = time_steps(opts, &model, &mut opt, &batches, &backend.device)?;
+    let step_secs = median(&mut timings.total);
+    let tokens_per_sec = timings.tokens_per_step as f64 / step_secs.max(1e-9);
     let flops_per_token = training_flops_per_token(&model.config, t, opts.rank);
     let achieved_tflops = flops_per_token * tokens_per_sec / 1e12;
     let kernels = plan_for_device(&backend.device, backend.dtype);
@@ -315,14 +348,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         seq_len: t,
         rank: opts.rank,
         steps: opts.steps,
-        tokens_per_step,
+        tokens_per_step: timings.tokens_per_step,
         tokens_per_sec,
         step_secs,
-        forward_secs: median(&mut fwd),
-        backward_secs: median(&mut bwd),
-        optimizer_secs: median(&mut upd),
-        forward_host_secs: median(&mut fwd_host),
-        backward_host_secs: median(&mut bwd_host),
+        forward_secs: median(&mut timings.forward),
+        backward_secs: median(&mut timings.backward),
+        optimizer_secs: median(&mut timings.optimizer),
+        forward_host_secs: median(&mut timings.forward_host),
+        backward_host_secs: median(&mut timings.backward_host),
         peak_rss_bytes: memory::peak_rss_bytes(),
         estimate,
         trainable_params: lora.parameter_count(),
@@ -332,7 +365,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         flops_per_token,
         achieved_tflops,
         mfu: opts.peak_tflops.map(|p| achieved_tflops / p),
-        device_bytes,
+        device_bytes: timings.device_bytes,
         device_peak_allocated: backend::device_peak_allocated(&backend.device),
     })
 }

@@ -155,95 +155,17 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// Qwen2.5-0.5B at 4×512 (this count: 6.53 GB) and 6.60 GB for SmolLM2-135M at 8×512 (6.58 GB).
 /// Other GPUs follow the composed counts above, unmeasured.
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
-    let (b, t) = (input.batch as u64, input.seq_len as u64);
-    let (h, i, v) = (
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-        cfg.vocab_size as u64,
-    );
-    let heads = cfg.num_heads as u64;
-    let d = cfg.head_dim as u64;
-    let layers = cfg.num_layers as u64;
+    let n = Counts::of(cfg, input);
     let params = cfg.parameter_count() as u64;
-    let (we, ae) = (input.weight_bytes as u64, input.activation_bytes as u64);
-    let base_weights = params * we;
-    let (q, kv) = (heads * d, cfg.num_kv_heads as u64 * d);
-    let r = input.rank as u64;
-    let per_layer_lora: u64 = match cfg.family {
-        Family::Llama => r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)),
-        Family::Gpt2 => r * ((h + 3 * h) + 2 * h + (h + i) + (i + h)),
-    };
-    let modules = cfg.linears_per_layer();
-    let share = input
-        .lora_modules_per_layer
-        .map_or(1.0, |m| m.min(modules) as f64 / modules as f64);
-    let lora_params = (per_layer_lora as f64 * share) as u64 * layers;
+    let base_weights = params * input.weight_bytes as u64;
     // parameter + gradient + exp_avg + exp_avg_sq, all f32
-    let lora_and_optimizer = lora_params * 4 * 4;
-    let tokens = b * t;
-    let scores = b * heads * t * t;
-    // (per-token elements of one layer's graph, per-token elements of its stored gradients)
-    // The GQA-expanded k and v (composed attention and the CUDA path; not the CPU's fused op).
-    let gqa_copies = if heads != cfg.num_kv_heads as u64 {
-        2 * q
+    let lora_and_optimizer = n.lora_params() * 4 * 4;
+    let activations = n.activations();
+    let loss_rows = n.b * n.t.saturating_sub(1).max(1);
+    let logits = if n.cuda_kernels {
+        loss_rows * n.v * n.ae * 2
     } else {
-        0
-    };
-    let fused_attention = input.kernels.attention == Impl::CpuFused;
-    let cuda_kernels = input.kernels.lora_linear == Impl::Cuda && !input.lora_dropout;
-    let cuda = cuda_kernels && matches!(cfg.family, Family::Llama);
-    // (per-token elements of one layer's graph, per-token elements of its stored gradients)
-    let (per_token, leaked_per_token) = match cfg.family {
-        Family::Llama if cuda => {
-            let bias = if cfg.qkv_bias { q + 2 * kv } else { 0 };
-            (6 * h + 5 * q + 5 * kv + 3 * i + bias + gqa_copies, 0)
-        }
-        Family::Llama => {
-            let outputs = q + 2 * kv + 2 * h + 2 * i;
-            let lora = (share * (outputs + modules as u64 * r) as f64) as u64;
-            let rope2 = 9 * (q + kv); // 4.5·(Q+KV), doubled
-            let expand = if fused_attention { 0 } else { gqa_copies };
-            let rest = 2 * h + (q + 2 * kv) + rope2 / 2 + expand + 2 * q + 2 * h + 2 * i;
-            (outputs + lora + rest, 2 * (q + kv))
-        }
-        Family::Gpt2 => {
-            // composed LayerNorms (~5H each), c_attn/c_proj/c_fc/c_proj outputs, the q/k/v
-            // head copies, attention output and merge, residuals, gelu.
-            let outputs = 5 * h + i;
-            let lora = (share * (outputs + modules as u64 * r) as f64) as u64;
-            (10 * h + outputs + lora + 3 * h + 2 * h + 2 * h + i, 0)
-        }
-    };
-    // Composed attention keeps 4 score-sized tensors (scores, scaled, biased, probabilities) and
-    // leaves the bias gradient; the CUDA softmax kernel keeps its input and output; the CPU's
-    // fused op keeps only its per-row log-sum-exp.
-    let (kept_scores, leaked_scores) = if cuda {
-        (2 * scores, 0)
-    } else if fused_attention {
-        (b * heads * t * 4 / ae.max(1), 0)
-    } else {
-        (4 * scores, scores)
-    };
-    let layer_graph = tokens * per_token * ae + kept_scores * ae;
-    let layer_leaked = tokens * leaked_per_token * ae + leaked_scores * ae;
-    let checkpointing = input.checkpointing && matches!(cfg.family, Family::Llama);
-    let kept = match input.checkpoint_keep_every {
-        0 => 0,
-        k => layers.div_ceil(k as u64),
-    };
-    let activations = if checkpointing {
-        (layers - kept) * 4 * tokens * h * ae
-            + kept * (layer_graph + layer_leaked)
-            + layer_graph
-            + layer_leaked
-    } else {
-        layers * (layer_graph + layer_leaked)
-    };
-    let loss_rows = b * t.saturating_sub(1).max(1);
-    let logits = if cuda_kernels {
-        loss_rows * v * ae * 2
-    } else {
-        loss_rows * v * 4 * 4
+        loss_rows * n.v * 4 * 4
     };
     let runtime = RUNTIME_BYTES;
     let training = runtime + base_weights + lora_and_optimizer + activations + logits;
@@ -255,6 +177,147 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
         logits,
         runtime,
         total: training.max(loading),
+    }
+}
+
+/// The sizes [`estimate`] counts with (shape legend of [`crate::model`]; `Q` = H·Dh, `KV` =
+/// KV·Dh as widths), and which kernels keep what.
+struct Counts<'a> {
+    cfg: &'a ModelConfig,
+    input: &'a EstimateInput,
+    b: u64,
+    t: u64,
+    /// Hidden size D.
+    d: u64,
+    i: u64,
+    v: u64,
+    heads: u64,
+    q: u64,
+    kv: u64,
+    r: u64,
+    layers: u64,
+    /// Bytes per activation element.
+    ae: u64,
+    /// LoRA modules per layer, and the share of them adapted.
+    modules: usize,
+    share: f64,
+    fused_attention: bool,
+    /// The CUDA LoRA op runs (no dropout), so the graph keeps the kernels' tensors only.
+    cuda_kernels: bool,
+    cuda: bool,
+}
+
+impl<'a> Counts<'a> {
+    fn of(cfg: &'a ModelConfig, input: &'a EstimateInput) -> Self {
+        let head_dim = cfg.head_dim as u64;
+        let modules = cfg.linears_per_layer();
+        let cuda_kernels = input.kernels.lora_linear == Impl::Cuda && !input.lora_dropout;
+        Self {
+            cfg,
+            input,
+            b: input.batch as u64,
+            t: input.seq_len as u64,
+            d: cfg.hidden_size as u64,
+            i: cfg.intermediate_size as u64,
+            v: cfg.vocab_size as u64,
+            heads: cfg.num_heads as u64,
+            q: cfg.num_heads as u64 * head_dim,
+            kv: cfg.num_kv_heads as u64 * head_dim,
+            r: input.rank as u64,
+            layers: cfg.num_layers as u64,
+            ae: input.activation_bytes as u64,
+            modules,
+            share: input
+                .lora_modules_per_layer
+                .map_or(1.0, |m| m.min(modules) as f64 / modules as f64),
+            fused_attention: input.kernels.attention == Impl::CpuFused,
+            cuda_kernels,
+            cuda: cuda_kernels && matches!(cfg.family, Family::Llama),
+        }
+    }
+
+    /// LoRA parameters of the whole model.
+    fn lora_params(&self) -> u64 {
+        let (h, q, kv, i, r) = (self.d, self.q, self.kv, self.i, self.r);
+        let per_layer: u64 = match self.cfg.family {
+            Family::Llama => r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)),
+            Family::Gpt2 => r * ((h + 3 * h) + 2 * h + (h + i) + (i + h)),
+        };
+        (per_layer as f64 * self.share) as u64 * self.layers
+    }
+
+    /// (per-token elements of one layer's graph, per-token elements of its stored gradients)
+    fn per_token(&self) -> (u64, u64) {
+        let (h, q, kv, i, r) = (self.d, self.q, self.kv, self.i, self.r);
+        // The GQA-expanded k and v (composed attention and the CUDA path; not the CPU's fused op).
+        let gqa_copies = if self.heads != self.cfg.num_kv_heads as u64 {
+            2 * q
+        } else {
+            0
+        };
+        let modules = self.modules as u64;
+        match self.cfg.family {
+            Family::Llama if self.cuda => {
+                let bias = if self.cfg.qkv_bias { q + 2 * kv } else { 0 };
+                (6 * h + 5 * q + 5 * kv + 3 * i + bias + gqa_copies, 0)
+            }
+            Family::Llama => {
+                let outputs = q + 2 * kv + 2 * h + 2 * i;
+                let lora = (self.share * (outputs + modules * r) as f64) as u64;
+                let rope2 = 9 * (q + kv); // 4.5·(Q+KV), doubled
+                let expand = if self.fused_attention { 0 } else { gqa_copies };
+                let rest = 2 * h + (q + 2 * kv) + rope2 / 2 + expand + 2 * q + 2 * h + 2 * i;
+                (outputs + lora + rest, 2 * (q + kv))
+            }
+            Family::Gpt2 => {
+                // composed LayerNorms (~5H each), c_attn/c_proj/c_fc/c_proj outputs, the q/k/v
+                // head copies, attention output and merge, residuals, gelu.
+                let outputs = 5 * h + i;
+                let lora = (self.share * (outputs + modules * r) as f64) as u64;
+                (10 * h + outputs + lora + 3 * h + 2 * h + 2 * h + i, 0)
+            }
+        }
+    }
+
+    /// Bytes of one layer's graph and of the gradients it leaves stored.
+    fn layer_bytes(&self) -> (u64, u64) {
+        let (b, t, ae) = (self.b, self.t, self.ae);
+        let tokens = b * t;
+        let scores = b * self.heads * t * t;
+        let (per_token, leaked_per_token) = self.per_token();
+        // Composed attention keeps 4 score-sized tensors (scores, scaled, biased, probabilities)
+        // and leaves the bias gradient; the CUDA softmax kernel keeps its input and output; the
+        // CPU's fused op keeps only its per-row log-sum-exp.
+        let (kept_scores, leaked_scores) = if self.cuda {
+            (2 * scores, 0)
+        } else if self.fused_attention {
+            (b * self.heads * t * 4 / ae.max(1), 0)
+        } else {
+            (4 * scores, scores)
+        };
+        (
+            tokens * per_token * ae + kept_scores * ae,
+            tokens * leaked_per_token * ae + leaked_scores * ae,
+        )
+    }
+
+    /// Bytes of every layer's graph, with gradient checkpointing's kept layers and boundaries.
+    fn activations(&self) -> u64 {
+        let (layer_graph, layer_leaked) = self.layer_bytes();
+        let layers = self.layers;
+        let checkpointing = self.input.checkpointing && matches!(self.cfg.family, Family::Llama);
+        let kept = match self.input.checkpoint_keep_every {
+            0 => 0,
+            k => layers.div_ceil(k as u64),
+        };
+        if checkpointing {
+            (layers - kept) * 4 * self.b * self.t * self.d * self.ae
+                + kept * (layer_graph + layer_leaked)
+                + layer_graph
+                + layer_leaked
+        } else {
+            layers * (layer_graph + layer_leaked)
+        }
     }
 }
 
