@@ -292,6 +292,7 @@ pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
             scale: module_scale(&config, r),
             dropout: config.dropout,
             seed: dropout_seed.clone(),
+            enabled: true,
         });
         targets.insert(lin.name().to_owned());
     }

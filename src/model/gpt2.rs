@@ -7,9 +7,11 @@
 
 use candle_core::{Result, Tensor};
 
+use super::cache::{KvCache, LayerKv};
 use super::config::ModelConfig;
 use super::kernels;
 use super::lora::LoraLinear;
+use super::ops;
 use super::weights::Weights;
 use super::{ModelError, ModelInput};
 
@@ -54,6 +56,60 @@ fn conv1d(
         bias: Some(w.get(&format!("{key}.bias"), &[out_f])?),
         lora: None,
     })
+}
+
+/// How one pass runs the blocks.
+struct Pass<'a> {
+    cfg: &'a ModelConfig,
+    /// Additive attention bias, `(B or 1, 1, T, S)`.
+    bias: Tensor,
+    /// Dropout on the LoRA input.
+    train: bool,
+    /// LoRA as constants (inference: no graph).
+    detach_lora: bool,
+}
+
+impl Block {
+    /// Block `l` on `x` `(B, T, D)`; with `cache`, the new keys and values are appended to it and
+    /// the queries attend to every cached key.
+    fn forward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        pass: &Pass<'_>,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
+        let cfg = pass.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (h, dh, d) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+        let eps = cfg.norm_eps;
+        let lin = |m: &LoraLinear, x: &Tensor| m.forward_opts(x, pass.train, pass.detach_lora);
+        let a = kernels::layer_norm(x, &self.ln_1.0, &self.ln_1.1, eps)?;
+        let qkv = lin(&self.c_attn, &a)?; // (B, T, 3D)
+        let split = |i: usize| -> Result<Tensor> {
+            qkv.narrow(2, i * d, d)?
+                .reshape((b, t, h, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?,
+            None => (k, v),
+        };
+        let mut scale = 1.0 / (dh as f64).sqrt();
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (l + 1) as f64;
+        }
+        let att = kernels::attention(&q, &k, &v, &pass.bias, scale)?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
+        let x = (x + lin(&self.attn_c_proj, &att)?)?;
+        let m = kernels::layer_norm(&x, &self.ln_2.0, &self.ln_2.1, eps)?;
+        let m = lin(&self.c_fc, &m)?;
+        let m = kernels::activation(&m, cfg.activation)?;
+        x + lin(&self.mlp_c_proj, &m)?
+    }
 }
 
 fn norm(w: &Weights, key: &str, d: usize) -> std::result::Result<(Tensor, Tensor), ModelError> {
@@ -135,49 +191,67 @@ impl Gpt2 {
         &self.lm_head
     }
 
-    /// Final hidden states `(B, T, D)` after `ln_f`.
-    pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (b, t) = input.input_ids.dims2()?;
-        let (h, dh, d) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+    /// Token plus position embeddings of `ids` `(B, T)` at positions `past..past+T`, or at
+    /// `position_ids` when given.
+    fn embed(&self, ids: &Tensor, past: usize, position_ids: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let d = self.cfg.hidden_size;
+        let positions = self.wpe.dim(0)?;
+        if past + t > positions {
+            candle_core::bail!(
+                "a row of {} tokens is longer than this model's context ({positions} positions)",
+                past + t
+            );
+        }
         let tok = self
             .wte
-            .index_select(&input.input_ids.flatten_all()?, 0)?
+            .index_select(&ids.flatten_all()?, 0)?
             .to_dtype(self.wpe.dtype())?
             .reshape((b, t, d))?;
-        let pos = match &input.position_ids {
+        let pos = match position_ids {
             Some(p) => self
                 .wpe
                 .index_select(&p.flatten_all()?, 0)?
                 .reshape((b, t, d))?,
-            None => self.wpe.narrow(0, 0, t)?.unsqueeze(0)?,
+            None => self.wpe.narrow(0, past, t)?.unsqueeze(0)?,
         };
-        let mut x = tok.broadcast_add(&pos)?;
-        let bias = input.bias(x.dtype())?;
-        let eps = cfg.norm_eps;
+        tok.broadcast_add(&pos)
+    }
+
+    /// Final hidden states `(B, T, D)` after `ln_f`.
+    pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
+        let mut x = self.embed(&input.input_ids, 0, input.position_ids.as_ref())?;
+        let pass = Pass {
+            cfg: &self.cfg,
+            bias: input.bias(x.dtype())?,
+            train,
+            detach_lora: false,
+        };
         for (l, blk) in self.blocks.iter().enumerate() {
-            let a = kernels::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, eps)?;
-            let qkv = blk.c_attn.forward(&a, train)?; // (B, T, 3D)
-            let split = |i: usize| -> Result<Tensor> {
-                qkv.narrow(2, i * d, d)?
-                    .reshape((b, t, h, dh))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let mut scale = 1.0 / (dh as f64).sqrt();
-            if cfg.scale_attn_by_inverse_layer_idx {
-                scale /= (l + 1) as f64;
-            }
-            let att = kernels::attention(&q, &k, &v, &bias, scale)?
-                .transpose(1, 2)?
-                .reshape((b, t, d))?;
-            x = (x + blk.attn_c_proj.forward(&att, train)?)?;
-            let m = kernels::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, eps)?;
-            let m = blk.c_fc.forward(&m, train)?;
-            let m = kernels::activation(&m, cfg.activation)?;
-            x = (x + blk.mlp_c_proj.forward(&m, train)?)?;
+            x = blk.forward(l, &x, &pass, None)?;
         }
-        kernels::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, eps)
+        kernels::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, self.cfg.norm_eps)
+    }
+
+    /// Final hidden states `(B, T, D)` of the new tokens `ids` `(B, T)`, continuing `cache` (at
+    /// positions `S..S+T`) and appending to it. Inference only: no dropout, LoRA as constants.
+    pub fn hidden_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let past = cache.len();
+        if cache.layers.len() != self.blocks.len() {
+            candle_core::bail!("the KV cache is for another model ({} layers)", cache.layers.len());
+        }
+        let mut x = self.embed(ids, past, None)?;
+        let pass = Pass {
+            cfg: &self.cfg,
+            bias: ops::causal_bias_after(past, t, x.dtype(), x.device())?,
+            train: false,
+            detach_lora: true,
+        };
+        for ((l, blk), kv) in self.blocks.iter().enumerate().zip(cache.layers.iter_mut()) {
+            x = blk.forward(l, &x, &pass, Some(kv))?;
+        }
+        cache.advance(t);
+        kernels::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, self.cfg.norm_eps)
     }
 }

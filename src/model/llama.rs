@@ -5,6 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::cache::{KvCache, LayerKv};
 use super::config::ModelConfig;
 use super::kernels;
 use super::lora::{lora_input_f32, LoraLinear};
@@ -102,6 +103,19 @@ impl Layer {
     /// `x` (B, T, D) → (B, T, D). `detach_lora` runs without recording LoRA in the graph (the
     /// value pass of gradient checkpointing).
     pub fn forward(&self, x: &Tensor, ctx: &LayerCtx, detach_lora: bool) -> Result<Tensor> {
+        self.forward_kv(x, ctx, detach_lora, None)
+    }
+
+    /// As [`Layer::forward`]; with `cache`, the T new tokens' keys and values are appended to it
+    /// and the queries attend to every cached key (`ctx` holds the new positions' RoPE rows and
+    /// the causal bias after the cache, `(1, 1, T, S+T)`).
+    pub fn forward_kv(
+        &self,
+        x: &Tensor,
+        ctx: &LayerCtx,
+        detach_lora: bool,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Tensor> {
         let cfg = &ctx.cfg;
         let (b, t, _) = x.dims3()?;
         let (h, kv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -127,6 +141,10 @@ impl Layer {
         let v = heads(lin_shared(&self.v_proj, &normed, &n32)?, kv, &None)?;
         let q = kernels::rope(&q, &ctx.cos, &ctx.sin)?;
         let k = kernels::rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?,
+            None => (k, v),
+        };
         let scale = 1.0 / (dh as f64).sqrt();
         // k, v stay at KV heads: the fused op reads them per group (the fallback repeats them).
         let att = kernels::attention(&q, &k, &v, &ctx.bias, scale)?
@@ -258,22 +276,28 @@ impl Llama {
         &self.lm_head
     }
 
+    /// The token embeddings of `ids` `(B, T)` in the compute dtype, `(B, T, D)`, after checking
+    /// that positions up to `end` exist.
+    fn embed(&self, ids: &Tensor, end: usize) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let positions = self.cos.dim(0)?;
+        if end > positions {
+            candle_core::bail!(
+                "a row of {end} tokens is longer than this model's context ({positions} positions); lower the max sequence length to {positions} or less"
+            );
+        }
+        self.embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.cos.dtype())?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
     /// Final hidden states `(B, T, D)` after the last norm.
     pub fn hidden(&self, input: &ModelInput, train: bool) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, t) = input.input_ids.dims2()?;
         let dh = cfg.head_dim;
-        let positions = self.cos.dim(0)?;
-        if t > positions {
-            candle_core::bail!(
-                "a row of {t} tokens is longer than this model's context ({positions} positions); lower the max sequence length to {positions} or less"
-            );
-        }
-        let mut x = self
-            .embed
-            .index_select(&input.input_ids.flatten_all()?, 0)?
-            .to_dtype(self.cos.dtype())?
-            .reshape((b, t, cfg.hidden_size))?;
+        let mut x = self.embed(&input.input_ids, t)?;
         // cos/sin for each position: (B or 1, 1, T, Dh)
         let (cos, sin) = match &input.position_ids {
             Some(pos) => {
@@ -302,6 +326,32 @@ impl Llama {
                 _ => layer.forward(&x, &ctx, false)?,
             };
         }
+        kernels::rms_norm(&x, &self.norm, cfg.norm_eps)
+    }
+
+    /// Final hidden states `(B, T, D)` of the new tokens `ids` `(B, T)`, continuing `cache` (at
+    /// positions `S..S+T`, S = `cache.len()`) and appending to it. Inference only: no dropout,
+    /// LoRA as constants, so no autograd graph is recorded.
+    pub fn hidden_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (_, t) = ids.dims2()?;
+        let past = cache.len();
+        if cache.layers.len() != self.layers.len() {
+            candle_core::bail!("the KV cache is for another model ({} layers)", cache.layers.len());
+        }
+        let dh = cfg.head_dim;
+        let mut x = self.embed(ids, past + t)?;
+        let ctx = LayerCtx {
+            cfg: cfg.clone(),
+            cos: self.cos.narrow(0, past, t)?.reshape((1, 1, t, dh))?,
+            sin: self.sin.narrow(0, past, t)?.reshape((1, 1, t, dh))?,
+            bias: ops::causal_bias_after(past, t, x.dtype(), x.device())?,
+            train: false,
+        };
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_kv(&x, &ctx, true, Some(kv))?;
+        }
+        cache.advance(t);
         kernels::rms_norm(&x, &self.norm, cfg.norm_eps)
     }
 }

@@ -81,6 +81,10 @@ pub struct Lora {
     /// by the trainer before each micro-batch ([`DropoutSeed::set`]), so dropout is deterministic
     /// and a resumed run draws the same masks (Candle's CPU RNG cannot be seeded).
     pub seed: DropoutSeed,
+    /// Whether the update is applied: off runs the base projection alone, keeping A and B (base
+    /// vs tuned from one copy of the weights, [`super::Model::set_lora_enabled`]). On when
+    /// attached or loaded.
+    pub enabled: bool,
 }
 
 /// Shared, settable seed for LoRA dropout masks.
@@ -139,7 +143,7 @@ fn seeded_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 pub fn lora_input_f32(x: &Tensor, linears: &[&LoraLinear], train: bool) -> Result<Option<Tensor>> {
     let readers = linears
         .iter()
-        .filter(|l| l.lora.is_some() && !l.fused_on_cuda(x, train))
+        .filter(|l| l.active().is_some() && !l.fused_on_cuda(x, train))
         .count();
     if x.dtype() == DType::F32 || readers < 2 {
         return Ok(None);
@@ -180,6 +184,11 @@ impl LoraLinear {
         self.path.rsplit('.').next().unwrap_or(&self.path)
     }
 
+    /// The attached LoRA update when it is switched on ([`Lora::enabled`]).
+    pub fn active(&self) -> Option<&Lora> {
+        self.lora.as_ref().filter(|l| l.enabled)
+    }
+
     /// `x` `(..., in)` → `(..., out)`. Dropout on the LoRA input only when `train`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_opts(x, train, false)
@@ -202,7 +211,7 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_f = self.in_features();
         let x2 = x.reshape(((), in_f))?;
-        if let Some(l) = &self.lora {
+        if let Some(l) = self.active() {
             if self.fused_on_cuda(&x2, train) {
                 let (a, b) = if detach_lora {
                     (l.a.as_tensor().detach(), l.b.as_tensor().detach())
@@ -215,7 +224,7 @@ impl LoraLinear {
         }
         // The LoRA term s·(dropout(x)·Aᵀ)·Bᵀ in f32, with s folded into the (r, out) factor so no
         // (N, out) intermediate is kept besides the update itself.
-        let update = match &self.lora {
+        let update = match self.active() {
             Some(l) => {
                 let mut h = match x_f32 {
                     Some(h) => h.clone(),
@@ -242,7 +251,7 @@ impl LoraLinear {
     /// (`kernels::lora_linear`, CUDA): LoRA attached, no dropout in this pass, and the kernel plan
     /// choosing it for `x` ([`kernels::lora_linear_fused`]).
     pub fn fused_on_cuda(&self, x: &Tensor, train: bool) -> bool {
-        match &self.lora {
+        match self.active() {
             Some(l) => kernels::lora_linear_fused(x, &self.weight, train && l.dropout > 0.0),
             None => false,
         }
@@ -424,6 +433,7 @@ pub fn attach(
             scale,
             dropout: config.dropout,
             seed: seed_cell.clone(),
+            enabled: true,
         });
     }
     Ok(LoraState {

@@ -25,6 +25,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod bf16;
+pub mod cache;
 pub mod config;
 pub mod gpt2;
 mod grad;
@@ -42,6 +43,7 @@ use std::path::{Path, PathBuf};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, TensorId, Var};
 
+pub use cache::KvCache;
 pub use config::{Family, ModelConfig, SUPPORTED_ARCHITECTURES};
 pub use lora::{LoraConfig, LoraError, LoraLinear, LoraState};
 pub use source::{ModelFormat, ModelSource, PreparedModel, SourceError};
@@ -276,6 +278,45 @@ impl Model {
         for l in self.linears_mut() {
             l.lora = None;
         }
+    }
+
+    /// Switches every attached LoRA update on or off without removing it: base and tuned
+    /// answers from one copy of the weights. Attaching or loading an adapter switches it on.
+    pub fn set_lora_enabled(&mut self, on: bool) {
+        for l in self.linears_mut() {
+            if let Some(lora) = &mut l.lora {
+                lora.enabled = on;
+            }
+        }
+    }
+
+    /// Whether an adapter is attached and switched on.
+    pub fn lora_enabled(&self) -> bool {
+        self.linears().iter().any(|l| l.active().is_some())
+    }
+
+    /// An empty KV cache for [`Model::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers)
+    }
+
+    /// The next-token logits `(V)`, f32, after the new tokens `ids` (batch 1), continuing
+    /// `cache` and appending their keys and values to it: the prefill is the prompt on an
+    /// empty cache, each decoding step one token. Inference only (no dropout, no graph); the LM
+    /// head runs on the last position alone.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        if ids.is_empty() {
+            candle_core::bail!("no tokens to run");
+        }
+        let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), self.device())?;
+        let x = match &self.arch {
+            Arch::Llama(m) => m.hidden_cached(&input, cache)?,
+            Arch::Gpt2(m) => m.hidden_cached(&input, cache)?,
+        };
+        let last = x.narrow(1, ids.len() - 1, 1)?.reshape((1, ()))?;
+        kernels::frozen_linear(&last, self.lm_head())?
+            .reshape(((),))?
+            .to_dtype(DType::F32)
     }
 
     fn lm_head(&self) -> &Tensor {

@@ -94,6 +94,17 @@ pub fn attention_bias(
     Tensor::from_vec(bias, (rows, 1, t, t), device)?.to_dtype(dtype)
 }
 
+/// Additive causal bias `(1, 1, T, past + T)` for `T` new queries after `past` cached keys: query
+/// i (at position past + i) sees keys 0..=past + i. With `past` = 0 it is [`attention_bias`]'s
+/// plain causal mask; one new query sees every key (all zeros).
+pub fn causal_bias_after(past: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let bias: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(bias, (1, 1, t, s), device)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +121,22 @@ mod tests {
         let visible = |i: usize, j: usize| bias[i * 5 + j] == 0.0;
         assert!(visible(1, 0) && visible(3, 2) && visible(4, 4));
         assert!(!visible(2, 1) && !visible(0, 1) && !visible(4, 3));
+    }
+
+    #[test]
+    fn causal_bias_after_a_cache_sees_the_past() {
+        let bias = causal_bias_after(2, 2, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(bias.dims(), &[1, 1, 2, 4]);
+        let rows = bias.reshape((2, 4)).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(rows[0][..3], [0.0; 3]);
+        assert_eq!(rows[0][3], f32::NEG_INFINITY);
+        assert_eq!(rows[1], [0.0; 4]);
+        let fresh = causal_bias_after(0, 3, DType::F32, &Device::Cpu).unwrap();
+        let plain = attention_bias(1, 3, None, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            fresh.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            plain.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]

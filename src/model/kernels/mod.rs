@@ -383,12 +383,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Scaled dot-product attention, `softmax(q·kᵀ·scale + bias)·v`. q `(B, H, T, Dh)`, k and v
-/// `(B, KV, T, Dh)` with `H` a multiple of `KV`, `bias` additive and broadcastable to
-/// `(B, H, T, T)`. Returns `(B, H, T, Dh)`.
+/// `(B, KV, S, Dh)` with `H` a multiple of `KV` and `S ≥ T` keys (`S > T`: decoding against a KV
+/// cache), `bias` additive and broadcastable to `(B, H, T, S)`. Returns `(B, H, T, Dh)`. The fused
+/// kernels take `S = T` (training, prefill); cached decoding runs the composed form.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let (kb, kv, kt, kd) = k.dims4()?;
-    if (kb, kt, kd) != (b, t, dh) || v.dims4()? != (b, kv, t, dh) || kv == 0 || h % kv != 0 {
+    if (kb, kd) != (b, dh) || kt < t || v.dims4()? != (b, kv, kt, dh) || kv == 0 || h % kv != 0 {
         candle_core::bail!(
             "attention: q {:?}, k {:?}, v {:?} do not fit",
             q.dims(),
@@ -396,9 +397,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
             v.dims()
         );
     }
-    // The kernels take a bias of (1 or B, 1, T, T).
+    // The kernels take a bias of (1 or B, 1, T, T) and as many keys as queries.
     let bias_rows = match bias.dims() {
-        [r, 1, bt, bt2] if (*r == 1 || *r == b) && *bt == t && *bt2 == t => Some(*r),
+        [r, 1, bt, bt2] if (*r == 1 || *r == b) && *bt == t && *bt2 == t && kt == t => Some(*r),
         _ => None,
     };
     let choice = plan_for(q).attention;
