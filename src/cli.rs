@@ -9,7 +9,9 @@ use clap::Parser;
 use crate::train::{format_duration, Event, TrainConfig};
 
 mod args;
+mod generate;
 pub use args::*;
+pub use generate::GenerateArgs;
 
 fn hub() -> anyhow::Result<crate::hub::Hub> {
     let token = crate::hub::keychain_token().ok().flatten();
@@ -177,6 +179,7 @@ pub fn main() -> ExitCode {
         Some(Command::Info { model }) => info(&model),
         Some(Command::Train(args)) => train(&args),
         Some(Command::Bench(args)) => bench(&args),
+        Some(Command::Generate(args)) => generate::run(&args),
         Some(Command::InspectData(args)) => inspect_data(&args),
         Some(Command::Search {
             query,

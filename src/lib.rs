@@ -7,6 +7,7 @@ pub mod cli;
 pub mod convert;
 pub mod data;
 pub mod export;
+pub mod generate;
 pub mod hub;
 pub mod inspect;
 pub mod macos;

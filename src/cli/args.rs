@@ -27,6 +27,8 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Measure training speed and memory: timed LoRA steps after a warm-up.
     Bench(BenchArgs),
+    /// Generate text from a model (and optionally an adapter): the answer on stdout.
+    Generate(Box<super::generate::GenerateArgs>),
     /// Search the Hugging Face Hub for text-generation models FineTune can train.
     Search {
         /// Words to search for.

@@ -103,6 +103,18 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
+        self.render_with(messages, tools, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// As [`ChatTemplate::render`], with more variables for the template (`apply_chat_template`'s
+    /// extra keyword arguments, e.g. Qwen3's `enable_thinking`).
+    pub fn render_with(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, TemplateError> {
         let template = self
             .env
             .get_template(NAME)
@@ -114,6 +126,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+            ..Value::from_serialize(extra)
         };
         template
             .render(ctx)
