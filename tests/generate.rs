@@ -1,0 +1,335 @@
+//! Generation: the KV-cached decode against full forwards on every fixture architecture (with and
+//! without the PEFT adapter, switched on and off on one loaded model), greedy generation with the
+//! cache against repeated full forwards, seeded sampling, and `finetune generate` end to end.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use finetune::generate::{self, GenerateOptions, SamplingParams};
+use finetune::model::{adapter, Model, ModelInput};
+
+const ARCHS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gpt2"];
+
+fn load(name: &str, with_adapter: bool) -> Model {
+    let dir = common::fixture(name);
+    let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    if with_adapter {
+        adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+    }
+    model
+}
+
+/// The last position's logits of a full forward over `ids`.
+fn full_last(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    let logits = model.logits(&ModelInput::causal(input)).unwrap();
+    logits
+        .get(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    generate::sample::argmax(v)
+}
+
+const PROMPT: [u32; 7] = [1, 17, 250, 3, 99, 42, 7];
+
+/// Prefill + `steps` greedy decode steps; every step's logits against a full forward.
+fn check_cached_equals_full(model: &Model, steps: usize) -> f32 {
+    let mut cache = model.new_cache();
+    let mut ids = PROMPT.to_vec();
+    let mut worst = 0f32;
+    let logits = model.forward_cached(&ids, &mut cache).unwrap();
+    assert!(!logits.track_op(), "inference recorded a graph");
+    let mut logits = logits.to_vec1::<f32>().unwrap();
+    for _ in 0..steps {
+        worst = worst.max(max_diff(&logits, &full_last(model, &ids)));
+        let next = argmax(&logits);
+        ids.push(next);
+        logits = model
+            .forward_cached(&[next], &mut cache)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(cache.len(), ids.len());
+    }
+    worst.max(max_diff(&logits, &full_last(model, &ids)))
+}
+
+#[test]
+fn cached_decode_steps_equal_full_forwards_with_and_without_the_adapter() {
+    for name in ARCHS {
+        let mut model = load(name, true);
+        assert!(model.lora_enabled());
+        let tuned = check_cached_equals_full(&model, 12);
+        model.set_lora_enabled(false);
+        assert!(!model.lora_enabled());
+        let base = check_cached_equals_full(&model, 12);
+        println!("{name}: max |cached - full| tuned {tuned:.2e}, base {base:.2e}");
+        assert!(tuned <= 1e-4 && base <= 1e-4, "{name}: {tuned} {base}");
+    }
+}
+
+#[test]
+fn switching_the_adapter_off_gives_the_base_model_and_on_again_the_tuned_one() {
+    for name in ARCHS {
+        let plain = load(name, false);
+        let mut model = load(name, true);
+        let run = |m: &Model| {
+            let mut cache = m.new_cache();
+            m.forward_cached(&PROMPT, &mut cache)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let tuned = run(&model);
+        model.set_lora_enabled(false);
+        let off = run(&model);
+        model.set_lora_enabled(true);
+        let on = run(&model);
+        assert_eq!(off, run(&plain), "{name}: adapter off is not the base model");
+        assert_eq!(on, tuned, "{name}");
+        assert!(max_diff(&tuned, &off) > 1e-4, "{name}: the adapter changes nothing");
+    }
+}
+
+fn greedy_options(n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        seed: 0,
+        stop_ids: Vec::new(),
+    }
+}
+
+fn generate_ids(model: &Model, options: &GenerateOptions) -> Vec<u32> {
+    generate::generate(model, &PROMPT, options, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+        .tokens
+}
+
+#[test]
+fn greedy_generation_with_the_cache_equals_repeated_full_forwards() {
+    for name in ARCHS {
+        for with_adapter in [false, true] {
+            let model = load(name, with_adapter);
+            let cached = generate_ids(&model, &greedy_options(32));
+            let mut ids = PROMPT.to_vec();
+            for _ in 0..32 {
+                ids.push(argmax(&full_last(&model, &ids)));
+            }
+            assert_eq!(cached, ids[PROMPT.len()..], "{name} adapter {with_adapter}");
+        }
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let model = load("tiny-llama", true);
+    let options = |seed| GenerateOptions {
+        sampling: SamplingParams {
+            do_sample: true,
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 0.95,
+            min_p: 0.01,
+            repetition_penalty: 1.1,
+        },
+        seed,
+        ..greedy_options(24)
+    };
+    let a = generate_ids(&model, &options(3));
+    assert_eq!(a.len(), 24);
+    assert_eq!(a, generate_ids(&model, &options(3)));
+    assert_ne!(a, generate_ids(&model, &options(4)));
+}
+
+#[test]
+fn generation_stops_at_a_stop_token_and_when_asked() {
+    let model = load("tiny-qwen2", false);
+    let all = generate_ids(&model, &greedy_options(16));
+    let stop = all[5];
+    let first = all.iter().position(|&t| t == stop).unwrap();
+    let options = GenerateOptions {
+        stop_ids: vec![stop],
+        ..greedy_options(16)
+    };
+    let g = generate::generate(&model, &PROMPT, &options, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(g.tokens, all[..first]);
+    assert_eq!(g.finish, generate::Finish::Stop(stop));
+    let mut seen = 0;
+    let g = generate::generate(&model, &PROMPT, &greedy_options(16), &mut |_| {
+        seen += 1;
+        if seen == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!((g.tokens.len(), g.finish), (3, generate::Finish::Cancelled));
+}
+
+#[test]
+fn defaults_and_stop_ids_come_from_the_model_folder() {
+    let dir = common::fixture("tiny-llama");
+    let d = generate::GenerationDefaults::from_dir(&dir);
+    assert_eq!(d.eos_ids, vec![2]);
+    assert_eq!(d.sampling, SamplingParams::default());
+    let tok = finetune::data::ModelTokenizer::from_dir(&dir).unwrap();
+    let stops = generate::stop_ids(&d.eos_ids, &tok);
+    let im_end = tok.token_to_id("<|im_end|>").unwrap();
+    assert!(stops.contains(&2) && stops.contains(&im_end), "{stops:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("generation_config.json"),
+        r#"{"eos_token_id": [5, 9], "do_sample": true, "temperature": 0.7, "top_p": 0.8,
+            "top_k": 20, "repetition_penalty": 1.05}"#,
+    )
+    .unwrap();
+    let d = generate::GenerationDefaults::from_dir(tmp.path());
+    assert_eq!(d.eos_ids, vec![5, 9]);
+    let s = d.sampling;
+    assert!(s.do_sample && s.temperature == 0.7 && s.top_p == 0.8 && s.top_k == 20);
+    assert_eq!(s.repetition_penalty, 1.05);
+}
+
+#[test]
+fn chat_prompts_use_the_template_with_a_generation_prompt() {
+    let dir = common::fixture("tiny-qwen3");
+    let tok = finetune::data::ModelTokenizer::from_dir(&dir).unwrap();
+    let prompt = generate::prompt::Prompt {
+        text: "Hi".into(),
+        chat: true,
+        system: Some("Be brief.".into()),
+        enable_thinking: Some(false),
+    };
+    let text = generate::prompt::render(&tok, &prompt).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = generate::prompt::ids(&tok, &prompt).unwrap();
+    assert_eq!(ids, tok.encode(&text, false).unwrap());
+    let template = finetune::data::ChatTemplate::new(
+        "{% if enable_thinking is defined and not enable_thinking %}no-think{% endif %}",
+        None,
+        None,
+    )
+    .unwrap();
+    let mut extra = serde_json::Map::new();
+    extra.insert("enable_thinking".into(), false.into());
+    assert_eq!(template.render_with(&[], None, true, &extra).unwrap(), "no-think");
+    assert_eq!(template.render(&[], None, true).unwrap(), "");
+}
+
+#[test]
+fn streamed_text_is_the_decoded_text_in_whole_characters() {
+    let dir = common::fixture("tiny-llama");
+    let tok = finetune::data::ModelTokenizer::from_dir(&dir).unwrap();
+    let text = "héllo wörld — ünïcode ✓ 日本";
+    let ids = tok.encode(text, false).unwrap();
+    let mut stream = generate::TextStream::new(&tok);
+    let mut out = String::new();
+    for &id in &ids {
+        if let Some(piece) = stream.push(id).unwrap() {
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            out.push_str(&piece);
+        }
+    }
+    out.extend(stream.finish().unwrap());
+    assert_eq!(out, tok.decode(&ids).unwrap());
+}
+
+// ------------------------------------------------------------------ the CLI
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run_cli(home: &Path, args: &[&str]) -> (String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .arg("generate")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+/// The text greedy generation gives in-process, for the CLI to match.
+fn expected_text(dir: &Path, with_adapter: bool, prompt: &str, n: usize) -> String {
+    let mut model = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
+    if with_adapter {
+        adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+    }
+    let tok = finetune::data::ModelTokenizer::from_dir(dir).unwrap();
+    let ids = tok.encode(prompt, true).unwrap();
+    let d = generate::GenerationDefaults::from_dir(dir);
+    let options = GenerateOptions {
+        stop_ids: generate::stop_ids(&d.eos_ids, &tok),
+        ..greedy_options(n)
+    };
+    let g = generate::generate(&model, &ids, &options, &mut |_| ControlFlow::Continue(())).unwrap();
+    tok.decode(&g.tokens).unwrap()
+}
+
+#[test]
+fn cli_generate_prints_only_the_text_on_a_folder_with_and_without_an_adapter() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = common::fixture("tiny-llama");
+    let model = dir.to_str().unwrap();
+    let adapter = dir.join("peft-adapter");
+    let base = ["--model", model, "--prompt", "Hello there", "--max-new-tokens", "12"];
+    let (out, err) = run_cli(home.path(), &[&base[..], &["--temperature", "0"]].concat());
+    assert_eq!(out, expected_text(&dir, false, "Hello there", 12));
+    assert!(err.contains("decode") && err.contains("tok/s"), "{err}");
+    let with = [&base[..], &["--adapter", adapter.to_str().unwrap()]].concat();
+    let (tuned, _) = run_cli(home.path(), &with);
+    assert_eq!(tuned, expected_text(&dir, true, "Hello there", 12));
+    assert_ne!(tuned, out);
+    // Chat mode and sampling flags run too; a seed repeats its answer.
+    let chat = [
+        &with[..],
+        &["--chat", "--system", "Be brief.", "--temperature", "0.8", "--top-k", "20"],
+        &["--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "5"],
+    ]
+    .concat();
+    let (a, _) = run_cli(home.path(), &chat);
+    let (b, _) = run_cli(home.path(), &chat);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn cli_generate_runs_a_gguf_file() {
+    let home = tempfile::tempdir().unwrap();
+    let gguf = root().join("tests/fixtures/convert/tiny-llama.Q8_0.gguf");
+    let args = ["--model", gguf.to_str().unwrap(), "--prompt", "Hi", "--max-new-tokens", "8"];
+    let (out, err) = run_cli(home.path(), &args);
+    assert!(err.contains("tok/s"), "{err}");
+    // The second run reuses the conversion and says the same.
+    let (again, _) = run_cli(home.path(), &args);
+    assert_eq!(out, again);
+}
