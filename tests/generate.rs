@@ -1,6 +1,8 @@
 //! Generation: the KV-cached decode against full forwards on every fixture architecture (with and
 //! without the PEFT adapter, switched on and off on one loaded model), greedy generation with the
 //! cache against repeated full forwards, seeded sampling, and `finetune generate` end to end.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -103,9 +105,16 @@ fn switching_the_adapter_off_gives_the_base_model_and_on_again_the_tuned_one() {
         let off = run(&model);
         model.set_lora_enabled(true);
         let on = run(&model);
-        assert_eq!(off, run(&plain), "{name}: adapter off is not the base model");
+        assert_eq!(
+            off,
+            run(&plain),
+            "{name}: adapter off is not the base model"
+        );
         assert_eq!(on, tuned, "{name}");
-        assert!(max_diff(&tuned, &off) > 1e-4, "{name}: the adapter changes nothing");
+        assert!(
+            max_diff(&tuned, &off) > 1e-4,
+            "{name}: the adapter changes nothing"
+        );
     }
 }
 
@@ -170,8 +179,13 @@ fn generation_stops_at_a_stop_token_and_when_asked() {
         stop_ids: vec![stop],
         ..greedy_options(16)
     };
-    let g = generate::generate(&model, &PROMPT, &options, &mut |_| ControlFlow::Continue(()))
-        .unwrap();
+    let g = generate::generate(
+        &model,
+        &PROMPT,
+        &options,
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
     assert_eq!(g.tokens, all[..first]);
     assert_eq!(g.finish, generate::Finish::Stop(stop));
     let mut seen = 0;
@@ -237,7 +251,10 @@ fn chat_prompts_use_the_template_with_a_generation_prompt() {
     .unwrap();
     let mut extra = serde_json::Map::new();
     extra.insert("enable_thinking".into(), false.into());
-    assert_eq!(template.render_with(&[], None, true, &extra).unwrap(), "no-think");
+    assert_eq!(
+        template.render_with(&[], None, true, &extra).unwrap(),
+        "no-think"
+    );
     assert_eq!(template.render(&[], None, true).unwrap(), "");
 }
 
@@ -302,7 +319,16 @@ fn cli_generate_prints_only_the_text_on_a_folder_with_and_without_an_adapter() {
     let dir = common::fixture("tiny-llama");
     let model = dir.to_str().unwrap();
     let adapter = dir.join("peft-adapter");
-    let base = ["--model", model, "--prompt", "Hello there", "--max-new-tokens", "12"];
+    let base = [
+        "--model",
+        model,
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "12",
+        "--dtype",
+        "f32",
+    ];
     let (out, err) = run_cli(home.path(), &[&base[..], &["--temperature", "0"]].concat());
     assert_eq!(out, expected_text(&dir, false, "Hello there", 12));
     assert!(err.contains("decode") && err.contains("tok/s"), "{err}");
@@ -313,8 +339,25 @@ fn cli_generate_prints_only_the_text_on_a_folder_with_and_without_an_adapter() {
     // Chat mode and sampling flags run too; a seed repeats its answer.
     let chat = [
         &with[..],
-        &["--chat", "--system", "Be brief.", "--temperature", "0.8", "--top-k", "20"],
-        &["--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "5"],
+        &[
+            "--chat",
+            "--system",
+            "Be brief.",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "20",
+        ],
+        &[
+            "--top-p",
+            "0.9",
+            "--min-p",
+            "0.05",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            "5",
+        ],
     ]
     .concat();
     let (a, _) = run_cli(home.path(), &chat);
@@ -326,10 +369,74 @@ fn cli_generate_prints_only_the_text_on_a_folder_with_and_without_an_adapter() {
 fn cli_generate_runs_a_gguf_file() {
     let home = tempfile::tempdir().unwrap();
     let gguf = root().join("tests/fixtures/convert/tiny-llama.Q8_0.gguf");
-    let args = ["--model", gguf.to_str().unwrap(), "--prompt", "Hi", "--max-new-tokens", "8"];
+    let args = [
+        "--model",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "8",
+    ];
     let (out, err) = run_cli(home.path(), &args);
     assert!(err.contains("tok/s"), "{err}");
     // The second run reuses the conversion and says the same.
     let (again, _) = run_cli(home.path(), &args);
     assert_eq!(out, again);
+}
+
+// ------------------------------------------------------- against transformers' generate
+
+/// Greedy ids against transformers' `generate(do_sample=False)`: `FINETUNE_HF_IDS` names a file
+/// of JSON lines written by `tools/hf_generate.py` (one per model / adapter / prompt); each line's
+/// prompt must tokenize to its `prompt_ids` and generate its `new_ids`, token for token, with
+/// the model folder's generation defaults (greedy) and no stop token (the script disables EOS).
+#[test]
+#[ignore = "needs FINETUNE_HF_IDS from tools/hf_generate.py (transformers)"]
+fn hf_greedy_ids_match() {
+    let path = std::env::var("FINETUNE_HF_IDS").expect("set FINETUNE_HF_IDS=file.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut checked = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let want: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ids = |k: &str| -> Vec<u32> {
+            let list = want[k].as_array().unwrap();
+            list.iter().map(|v| v.as_u64().unwrap() as u32).collect()
+        };
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_relative() && root().join(&p).exists() {
+                root().join(p)
+            } else {
+                p
+            }
+        };
+        let prepared =
+            finetune::model::source::prepare(&resolve(want["model"].as_str().unwrap())).unwrap();
+        let mut model = Model::load(&prepared.dir, DType::F32, &Device::Cpu).unwrap();
+        if let Some(a) = want["adapter"].as_str() {
+            adapter::load(&resolve(a), &mut model).unwrap();
+        }
+        let tok = finetune::data::ModelTokenizer::from_dir(&prepared.dir).unwrap();
+        let prompt = tok.encode(want["prompt"].as_str().unwrap(), true).unwrap();
+        assert_eq!(prompt, ids("prompt_ids"), "prompt tokens of {line}");
+        let expected = ids("new_ids");
+        let mut sampling = generate::GenerationDefaults::from_dir(&prepared.dir).sampling;
+        sampling.do_sample = false;
+        let options = GenerateOptions {
+            sampling,
+            ..greedy_options(expected.len())
+        };
+        let got = generate::generate(
+            &model,
+            &prompt,
+            &options,
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap()
+        .tokens;
+        assert_eq!(got, expected, "{line}");
+        checked += 1;
+    }
+    println!("{checked} generations match transformers token for token");
+    assert!(checked > 0, "no lines in {path}");
 }

@@ -114,13 +114,16 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut failed: Option<anyhow::Error> = None;
     let mut emit = |id: u32| -> ControlFlow<()> {
-        let written = stream.push(id).map_err(anyhow::Error::from).and_then(|piece| {
-            if let Some(piece) = piece {
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
-            }
-            Ok(())
-        });
+        let written = stream
+            .push(id)
+            .map_err(anyhow::Error::from)
+            .and_then(|piece| {
+                if let Some(piece) = piece {
+                    out.write_all(piece.as_bytes())?;
+                    out.flush()?;
+                }
+                Ok(())
+            });
         match written {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {

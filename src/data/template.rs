@@ -103,7 +103,12 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        self.render_with(messages, tools, add_generation_prompt, &serde_json::Map::new())
+        self.render_with(
+            messages,
+            tools,
+            add_generation_prompt,
+            &serde_json::Map::new(),
+        )
     }
 
     /// As [`ChatTemplate::render`], with more variables for the template (`apply_chat_template`'s

@@ -190,7 +190,9 @@ pub fn generate(
         if tokens.len() == options.max_new_tokens {
             break;
         }
-        logits = model.forward_cached(&[next], &mut cache)?.to_vec1::<f32>()?;
+        logits = model
+            .forward_cached(&[next], &mut cache)?
+            .to_vec1::<f32>()?;
     }
     Ok(Generation {
         tokens,
@@ -223,7 +225,7 @@ impl<'a> TextStream<'a> {
     }
 
     fn window(&self, end: usize) -> Result<String, TokenizerError> {
-        Ok(self.tokenizer.decode(&self.ids[self.prev..end])?)
+        self.tokenizer.decode(&self.ids[self.prev..end])
     }
 
     /// Adds `id`; returns the text it completes, if any.
@@ -247,6 +249,7 @@ impl<'a> TextStream<'a> {
         let text = self.window(self.ids.len())?;
         self.prev = self.current;
         self.current = self.ids.len();
-        Ok((text.len() > before.len()).then(|| text.get(before.len()..).unwrap_or_default().to_owned()))
+        Ok((text.len() > before.len())
+            .then(|| text.get(before.len()..).unwrap_or_default().to_owned()))
     }
 }

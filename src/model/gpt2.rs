@@ -239,7 +239,10 @@ impl Gpt2 {
         let (_, t) = ids.dims2()?;
         let past = cache.len();
         if cache.layers.len() != self.blocks.len() {
-            candle_core::bail!("the KV cache is for another model ({} layers)", cache.layers.len());
+            candle_core::bail!(
+                "the KV cache is for another model ({} layers)",
+                cache.layers.len()
+            );
         }
         let mut x = self.embed(ids, past, None)?;
         let pass = Pass {

@@ -337,7 +337,10 @@ impl Llama {
         let (_, t) = ids.dims2()?;
         let past = cache.len();
         if cache.layers.len() != self.layers.len() {
-            candle_core::bail!("the KV cache is for another model ({} layers)", cache.layers.len());
+            candle_core::bail!(
+                "the KV cache is for another model ({} layers)",
+                cache.layers.len()
+            );
         }
         let dh = cfg.head_dim;
         let mut x = self.embed(ids, past + t)?;

@@ -100,7 +100,15 @@ pub fn attention_bias(
 pub fn causal_bias_after(past: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let s = past + t;
     let bias: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(bias, (1, 1, t, s), device)?.to_dtype(dtype)
 }
