@@ -202,6 +202,23 @@ fn generation_stops_at_a_stop_token_and_when_asked() {
 }
 
 #[test]
+fn generation_ends_where_the_context_does() {
+    let model = load("tiny-gpt2", false);
+    let context = model.config.max_position_embeddings;
+    let prompt: Vec<u32> = (0..context as u32 - 3).map(|i| i % 50 + 1).collect();
+    let g = generate::generate(&model, &prompt, &greedy_options(10), &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!((g.tokens.len(), g.finish), (4, generate::Finish::Length));
+    let too_long: Vec<u32> = vec![1; context + 1];
+    let err = model
+        .forward_cached(&too_long, &mut model.new_cache())
+        .unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+}
+
+#[test]
 fn defaults_and_stop_ids_come_from_the_model_folder() {
     let dir = common::fixture("tiny-llama");
     let d = generate::GenerationDefaults::from_dir(&dir);

@@ -159,7 +159,8 @@ impl Generation {
 }
 
 /// Generates after `prompt` (token ids, not empty) with a fresh KV cache. `on_token` sees each
-/// new token (never a stop token) and may end generation with `ControlFlow::Break`.
+/// new token (never a stop token) and may end generation with `ControlFlow::Break`. Generation
+/// also ends ([`Finish::Length`]) where the model's context does.
 pub fn generate(
     model: &Model,
     prompt: &[u32],
@@ -187,7 +188,8 @@ pub fn generate(
             finish = Finish::Cancelled;
             break;
         }
-        if tokens.len() == options.max_new_tokens {
+        let context = model.config.max_position_embeddings;
+        if tokens.len() == options.max_new_tokens || cache.len() + 1 > context {
             break;
         }
         logits = model

@@ -308,6 +308,13 @@ impl Model {
         if ids.is_empty() {
             candle_core::bail!("no tokens to run");
         }
+        let context = self.config.max_position_embeddings;
+        if cache.len() + ids.len() > context {
+            candle_core::bail!(
+                "{} tokens do not fit this model's context of {context} positions; shorten the prompt",
+                cache.len() + ids.len()
+            );
+        }
         let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), self.device())?;
         let x = match &self.arch {
             Arch::Llama(m) => m.hidden_cached(&input, cache)?,
