@@ -89,6 +89,28 @@ fn cached_decode_steps_equal_full_forwards_with_and_without_the_adapter() {
 }
 
 #[test]
+fn cached_decode_runs_in_bf16_within_bf16_tolerance() {
+    for name in ARCHS {
+        let dir = common::fixture(name);
+        let mut model = Model::load(&dir, DType::BF16, &Device::Cpu).unwrap();
+        adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+        let mut cache = model.new_cache();
+        let mut ids = PROMPT.to_vec();
+        let mut logits = model.forward_cached(&ids, &mut cache).unwrap();
+        for _ in 0..6 {
+            let next = argmax(&logits.to_vec1::<f32>().unwrap());
+            ids.push(next);
+            logits = model.forward_cached(&[next], &mut cache).unwrap();
+        }
+        let cached = logits.to_vec1::<f32>().unwrap();
+        let full = full_last(&model, &ids);
+        let scale = full.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let rel = max_diff(&cached, &full) / scale;
+        assert!(rel <= 2e-2, "{name}: bf16 cached vs full relative {rel}");
+    }
+}
+
+#[test]
 fn switching_the_adapter_off_gives_the_base_model_and_on_again_the_tuned_one() {
     for name in ARCHS {
         let plain = load(name, false);

@@ -156,3 +156,44 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(flags: &[&str]) -> GenerateArgs {
+        let mut argv = vec!["finetune", "generate", "--model", "m", "--prompt", "p"];
+        argv.extend_from_slice(flags);
+        match crate::cli::Cli::parse_from(argv).command {
+            Some(crate::cli::Command::Generate(a)) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sampling_flags_override_the_model_defaults() {
+        let sampled = SamplingParams {
+            do_sample: true,
+            temperature: 0.7,
+            ..Default::default()
+        };
+        let greedy = SamplingParams::default();
+        assert_eq!(args(&[]).sampling(&sampled), sampled);
+        assert!(args(&["--temperature", "0"]).sampling(&sampled).is_greedy());
+        assert!(args(&[]).sampling(&greedy).is_greedy());
+        let s = args(&["--top-k", "5"]).sampling(&greedy);
+        assert!(!s.is_greedy() && s.top_k == 5 && s.temperature == 1.0);
+        let s = args(&[
+            "--temperature",
+            "0.5",
+            "--min-p",
+            "0.1",
+            "--repetition-penalty",
+            "1.2",
+        ])
+        .sampling(&greedy);
+        assert!(!s.is_greedy() && s.temperature == 0.5 && s.min_p == 0.1);
+        assert_eq!(s.repetition_penalty, 1.2);
+    }
+}
