@@ -89,6 +89,31 @@ fn cached_decode_steps_equal_full_forwards_with_and_without_the_adapter() {
 }
 
 #[test]
+fn chunks_after_a_cache_continue_positions_and_the_causal_mask() {
+    // Several new tokens at once after cached ones: RoPE / learned positions continue from the
+    // cache and the queries see the cache plus the new tokens up to themselves.
+    let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
+    for name in ARCHS {
+        let model = load(name, true);
+        let mut cache = model.new_cache();
+        let mut at = 0;
+        for chunk in [4, 3, 1, 4] {
+            let logits = model
+                .forward_cached(&ids[at..at + chunk], &mut cache)
+                .unwrap();
+            at += chunk;
+            let diff = max_diff(
+                &logits.to_vec1::<f32>().unwrap(),
+                &full_last(&model, &ids[..at]),
+            );
+            assert!(diff <= 1e-4, "{name}: after {at} tokens, {diff}");
+        }
+        cache.clear();
+        assert!(cache.is_empty());
+    }
+}
+
+#[test]
 fn cached_decode_runs_in_bf16_within_bf16_tolerance() {
     for name in ARCHS {
         let dir = common::fixture(name);
@@ -255,11 +280,12 @@ fn defaults_and_stop_ids_come_from_the_model_folder() {
     std::fs::write(
         tmp.path().join("generation_config.json"),
         r#"{"eos_token_id": [5, 9], "do_sample": true, "temperature": 0.7, "top_p": 0.8,
-            "top_k": 20, "repetition_penalty": 1.05}"#,
+            "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 64}"#,
     )
     .unwrap();
     let d = generate::GenerationDefaults::from_dir(tmp.path());
     assert_eq!(d.eos_ids, vec![5, 9]);
+    assert_eq!(d.max_new_tokens, Some(64));
     let s = d.sampling;
     assert!(s.do_sample && s.temperature == 0.7 && s.top_p == 0.8 && s.top_k == 20);
     assert_eq!(s.repetition_penalty, 1.05);

@@ -34,9 +34,9 @@ pub struct GenerateArgs {
     /// The chat template's `enable_thinking` (Qwen3), passed only when given.
     #[arg(long)]
     pub enable_thinking: Option<bool>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    /// Most tokens to generate [default: generation_config.json's max_new_tokens, else 256].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     /// Sampling temperature; 0 = greedy. Default: generation_config.json's (greedy unless it
     /// sets do_sample). Giving any sampling flag samples.
     #[arg(long)]
@@ -105,7 +105,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     let ids = generate::prompt::ids(&tokenizer, &prompt)?;
     let defaults = GenerationDefaults::from_dir(&prepared.dir);
     let options = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: args
+            .max_new_tokens
+            .or(defaults.max_new_tokens)
+            .unwrap_or(256),
         sampling: args.sampling(&defaults.sampling),
         seed: args.seed,
         stop_ids: generate::stop_ids(&defaults.eos_ids, &tokenizer),

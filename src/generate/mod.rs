@@ -26,6 +26,8 @@ pub struct GenerationDefaults {
     pub sampling: SamplingParams,
     /// `eos_token_id`: one id or a list.
     pub eos_ids: Vec<u32>,
+    /// `max_new_tokens`, when set.
+    pub max_new_tokens: Option<usize>,
 }
 
 fn read_json(path: &Path) -> Option<serde_json::Value> {
@@ -73,7 +75,15 @@ impl GenerationDefaults {
             let config = read_json(&dir.join("config.json")).unwrap_or_default();
             eos_ids = ids_of(config.get("eos_token_id"));
         }
-        Self { sampling, eos_ids }
+        let max_new_tokens = gen
+            .get("max_new_tokens")
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize);
+        Self {
+            sampling,
+            eos_ids,
+            max_new_tokens,
+        }
     }
 }
 
