@@ -5,11 +5,16 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Args;
 
 use super::{DeviceArg, DtypeArg};
+use crate::backend::Backend;
+use crate::data::ModelTokenizer;
 use crate::generate::{self, prompt::Prompt, GenerateOptions, GenerationDefaults, SamplingParams};
+use crate::model::{Model, PreparedModel};
 
 /// `finetune generate` flags.
 #[derive(Debug, Args)]
@@ -84,18 +89,34 @@ impl GenerateArgs {
     }
 }
 
-/// Runs `finetune generate`.
-pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
+/// The model (with the adapter), on the device the flags pick, and its tokenizer.
+fn load(args: &GenerateArgs) -> anyhow::Result<(PreparedModel, Backend, Model, ModelTokenizer)> {
     let prepared = crate::model::source::prepare(&args.model)?;
     if let Some(message) = &prepared.message {
         eprintln!("{message}");
     }
     let backend = crate::backend::pick_with(args.device.into(), args.dtype.into())?;
-    let mut model = crate::model::Model::load(&prepared.dir, backend.dtype, &backend.device)?;
+    let mut model = Model::load(&prepared.dir, backend.dtype, &backend.device)?;
     if let Some(adapter) = &args.adapter {
         crate::model::adapter::load(adapter, &mut model)?;
     }
-    let tokenizer = crate::data::ModelTokenizer::from_dir(&prepared.dir)?;
+    let tokenizer = ModelTokenizer::from_dir(&prepared.dir)?;
+    Ok((prepared, backend, model, tokenizer))
+}
+
+/// A flag Ctrl-C sets: the answer ends after the current token and the statistics still print.
+fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_ctrl_c = stop.clone();
+    if let Err(e) = ctrlc::set_handler(move || on_ctrl_c.store(true, Ordering::Relaxed)) {
+        eprintln!("note: Ctrl-C will kill without the statistics ({e})");
+    }
+    stop
+}
+
+/// Runs `finetune generate`.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
+    let (prepared, backend, model, tokenizer) = load(args)?;
     let prompt = Prompt {
         text: args.prompt.clone(),
         chat: args.chat,
@@ -113,6 +134,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         stop_ids: generate::stop_ids(&defaults.eos_ids, &tokenizer),
     };
+    let stop = ctrl_c_flag();
     let mut stream = generate::TextStream::new(&tokenizer);
     let mut out = std::io::stdout().lock();
     let mut failed: Option<anyhow::Error> = None;
@@ -128,6 +150,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
                 Ok(())
             });
         match written {
+            Ok(()) if stop.load(Ordering::Relaxed) => ControlFlow::Break(()),
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 failed = Some(e);
@@ -143,19 +166,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         out.write_all(rest.as_bytes())?;
     }
     out.flush()?;
+    let finish = match done.finish {
+        generate::Finish::Stop(id) => format!("stopped at token {id}"),
+        generate::Finish::Length => "reached the token limit".to_owned(),
+        generate::Finish::Cancelled => "cancelled".to_owned(),
+    };
     eprintln!(
-        "\n[{} on {}] prompt {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s; {}",
+        "\n[{} on {}] prompt {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s; {finish}",
         prepared.config.architecture,
         backend.name,
         done.prompt_tokens,
         done.prefill_tokens_per_sec(),
         done.tokens.len(),
         done.decode_tokens_per_sec(),
-        match done.finish {
-            generate::Finish::Stop(id) => format!("stopped at token {id}"),
-            generate::Finish::Length => "reached --max-new-tokens".to_owned(),
-            generate::Finish::Cancelled => "cancelled".to_owned(),
-        }
     );
     Ok(ExitCode::SUCCESS)
 }
