@@ -102,7 +102,11 @@ fn search_select_download_and_choose() {
     let out = tempfile::tempdir().unwrap();
     let mut h = app(&fake.url, cache.path(), out.path());
     assert!(has_label(&h, "Search the Hugging Face Hub"));
-    assert!(has_label(&h, "None found in the Hugging Face cache"));
+    // The cache scan runs on a worker ("Scanning…" until it answers); on a busy machine it can
+    // take longer than the first frames.
+    wait_until(&mut h, "the empty cache list", |h| {
+        has_label(h, "None found in the Hugging Face cache")
+    });
 
     search(&mut h, &fake, "tiny", "org/tiny-llama");
     for repo in [
