@@ -9,6 +9,7 @@ use clap::Parser;
 use crate::train::{format_duration, Event, TrainConfig};
 
 mod args;
+mod chat;
 mod generate;
 pub use args::*;
 pub use generate::GenerateArgs;
@@ -180,6 +181,7 @@ pub fn main() -> ExitCode {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Bench(args)) => bench(&args),
         Some(Command::Generate(args)) => generate::run(&args),
+        Some(Command::Chat(args)) => chat::run(&args),
         Some(Command::InspectData(args)) => inspect_data(&args),
         Some(Command::Search {
             query,

@@ -196,6 +196,50 @@ fn greedy_generation_with_the_cache_equals_repeated_full_forwards() {
 }
 
 #[test]
+fn base_and_tuned_decoders_interleave_on_one_model() {
+    let mut differ = 0;
+    for name in ARCHS {
+        let mut model = load(name, true);
+        let tuned_alone = generate_ids(&model, &greedy_options(16));
+        model.set_lora_enabled(false);
+        let base_alone = generate_ids(&model, &greedy_options(16));
+        differ += usize::from(base_alone != tuned_alone);
+        // One step each in turn, the adapter switched between them, as the app's Try step does.
+        let mut base = generate::Decoder::new(&model, &PROMPT, greedy_options(16)).unwrap();
+        model.set_lora_enabled(true);
+        let mut tuned = generate::Decoder::new(&model, &PROMPT, greedy_options(16)).unwrap();
+        let (mut b, mut t) = (Vec::new(), Vec::new());
+        loop {
+            model.set_lora_enabled(false);
+            let nb = base.step(&model).unwrap();
+            model.set_lora_enabled(true);
+            let nt = tuned.step(&model).unwrap();
+            b.extend(nb);
+            t.extend(nt);
+            if nb.is_none() && nt.is_none() {
+                break;
+            }
+        }
+        assert_eq!((b, t), (base_alone, tuned_alone), "{name}");
+        assert_eq!(base.finished(), Some(generate::Finish::Length));
+        assert_eq!(base.result().tokens.len(), 16);
+        // Cancelling ends it where it is.
+        let mut d = generate::Decoder::new(&model, &PROMPT, greedy_options(16)).unwrap();
+        d.step(&model).unwrap();
+        d.cancel();
+        assert_eq!(d.step(&model).unwrap(), None);
+        assert_eq!(d.result().finish, generate::Finish::Cancelled);
+        assert_eq!(d.tokens().len(), 1);
+    }
+    // Greedy answers of a tiny random model can coincide; most fixtures' must not.
+    assert!(
+        differ >= ARCHS.len() - 1,
+        "{differ} of {} differ",
+        ARCHS.len()
+    );
+}
+
+#[test]
 fn seeded_sampling_is_reproducible() {
     let model = load("tiny-llama", true);
     let options = |seed| GenerateOptions {
@@ -292,6 +336,42 @@ fn defaults_and_stop_ids_come_from_the_model_folder() {
 }
 
 #[test]
+fn chat_prompts_carry_the_conversation_so_far() {
+    let dir = common::fixture("tiny-qwen3");
+    let tok = finetune::data::ModelTokenizer::from_dir(&dir).unwrap();
+    let prompt = generate::prompt::Prompt {
+        text: "And you?".into(),
+        chat: true,
+        system: None,
+        enable_thinking: Some(false),
+        history: vec![generate::prompt::Turn {
+            user: "Hi".into(),
+            assistant: "Hello!".into(),
+        }],
+    };
+    let text = generate::prompt::render(&tok, &prompt).unwrap();
+    let template = finetune::data::ChatTemplate::new(
+        tok.chat_template.as_deref().unwrap(),
+        tok.bos_token.as_deref(),
+        tok.eos_token.as_deref(),
+    )
+    .unwrap();
+    let messages = [
+        serde_json::json!({"role": "user", "content": "Hi"}),
+        serde_json::json!({"role": "assistant", "content": "Hello!"}),
+        serde_json::json!({"role": "user", "content": "And you?"}),
+    ];
+    let mut extra = serde_json::Map::new();
+    extra.insert("enable_thinking".into(), false.into());
+    let want = template.render_with(&messages, None, true, &extra).unwrap();
+    assert_eq!(text, want);
+    assert!(
+        text.contains("Hello!") && text.ends_with("<|im_start|>assistant\n"),
+        "{text}"
+    );
+}
+
+#[test]
 fn chat_prompts_use_the_template_with_a_generation_prompt() {
     let dir = common::fixture("tiny-qwen3");
     let tok = finetune::data::ModelTokenizer::from_dir(&dir).unwrap();
@@ -300,6 +380,7 @@ fn chat_prompts_use_the_template_with_a_generation_prompt() {
         chat: true,
         system: Some("Be brief.".into()),
         enable_thinking: Some(false),
+        history: Vec::new(),
     };
     let text = generate::prompt::render(&tok, &prompt).unwrap();
     assert_eq!(
@@ -447,6 +528,66 @@ fn cli_generate_runs_a_gguf_file() {
     // The second run reuses the conversion and says the same.
     let (again, _) = run_cli(home.path(), &args);
     assert_eq!(out, again);
+}
+
+fn chat_cli(home: &Path, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .arg("chat")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
+#[test]
+fn cli_chat_answers_each_line_and_switches_the_adapter() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = common::fixture("tiny-llama");
+    let adapter = dir.join("peft-adapter");
+    let flags = [
+        "--model",
+        dir.to_str().unwrap(),
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0",
+        "--dtype",
+        "f32",
+    ];
+    let with = [&flags[..], &["--adapter", adapter.to_str().unwrap()]].concat();
+    let one = |args: &[&str]| {
+        let prompt = ["--chat", "--prompt", "Hello"];
+        run_cli(home.path(), &[args, &prompt[..]].concat()).0
+    };
+    let (tuned, base) = (one(&with), one(&flags));
+    assert_ne!(tuned, base);
+    // A fresh conversation per question: the same answers as `generate --chat`.
+    let out = chat_cli(
+        home.path(),
+        &with,
+        "Hello\n/reset\n/base\nHello\n/quit\nignored\n",
+    );
+    assert_eq!(out, format!("{tuned}\n{base}\n"));
+    // Without /reset the second answer sees the first turn, so it differs.
+    let out = chat_cli(home.path(), &flags, "Hello\n\nHello\n");
+    let second = out.strip_prefix(&format!("{base}\n")).unwrap();
+    assert_ne!(second, format!("{base}\n"));
 }
 
 // ------------------------------------------------------- against transformers' generate

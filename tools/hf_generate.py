@@ -37,6 +37,9 @@ def main(argv):
     n = int(n)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # transformers 5 fills every None field of the generation_config passed to generate() from
+    # model.generation_config, so EOS must be cleared on the model's own config as well.
+    model.generation_config.eos_token_id = None
     if adapter_dir:
         from peft import PeftModel
 

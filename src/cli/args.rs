@@ -29,6 +29,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Generate text from a model (and optionally an adapter): the answer on stdout.
     Generate(Box<super::generate::GenerateArgs>),
+    /// Chat with a model (and optionally an adapter) in the terminal; /base and /tuned compare.
+    Chat(Box<super::chat::ChatArgs>),
     /// Search the Hugging Face Hub for text-generation models FineTune can train.
     Search {
         /// Words to search for.

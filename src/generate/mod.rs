@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::data::{ModelTokenizer, TokenizerError};
-use crate::model::Model;
+use crate::model::{KvCache, Model};
 pub use sample::{Sampler, SamplingParams};
 
 /// What `generation_config.json` (or, for EOS, `config.json`) of a model folder says.
@@ -168,6 +168,117 @@ impl Generation {
     }
 }
 
+/// One generation in progress, a token at a time: [`Decoder::new`] runs the prefill, each
+/// [`Decoder::step`] feeds the previous token and picks the next. Several decoders can share one
+/// model (each has its own KV cache), e.g. base and tuned answers interleaved with the adapter
+/// switched between steps. Generation ends at a stop token, `max_new_tokens`, or the model's
+/// context ([`Finish::Length`]).
+pub struct Decoder {
+    options: GenerateOptions,
+    cache: KvCache,
+    sampler: Sampler,
+    seen: Vec<u32>,
+    logits: Option<Vec<f32>>,
+    pending: Option<u32>,
+    tokens: Vec<u32>,
+    finish: Option<Finish>,
+    prompt_tokens: usize,
+    prefill_secs: f64,
+    decode_secs: f64,
+}
+
+impl Decoder {
+    /// Runs the prefill of `prompt` (token ids, not empty) on a fresh KV cache.
+    pub fn new(
+        model: &Model,
+        prompt: &[u32],
+        options: GenerateOptions,
+    ) -> candle_core::Result<Self> {
+        let mut cache = model.new_cache();
+        let start = Instant::now();
+        let logits = model.forward_cached(prompt, &mut cache)?.to_vec1::<f32>()?;
+        let prefill_secs = start.elapsed().as_secs_f64();
+        let sampler = Sampler::new(options.sampling.clone(), options.seed);
+        Ok(Self {
+            finish: (options.max_new_tokens == 0).then_some(Finish::Length),
+            options,
+            cache,
+            sampler,
+            seen: prompt.to_vec(),
+            logits: Some(logits),
+            pending: None,
+            tokens: Vec::new(),
+            prompt_tokens: prompt.len(),
+            prefill_secs,
+            decode_secs: 0.0,
+        })
+    }
+
+    /// The next token, or `None` once generation has ended ([`Decoder::finished`] says why).
+    /// The model must be the one the prefill ran on (its adapter may be switched).
+    pub fn step(&mut self, model: &Model) -> candle_core::Result<Option<u32>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        let start = Instant::now();
+        if let Some(last) = self.pending.take() {
+            self.logits = Some(
+                model
+                    .forward_cached(&[last], &mut self.cache)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        let Some(logits) = self.logits.take() else {
+            self.finish = Some(Finish::Length);
+            return Ok(None);
+        };
+        let next = self.sampler.next(logits, &self.seen);
+        if !self.tokens.is_empty() {
+            self.decode_secs += start.elapsed().as_secs_f64();
+        }
+        if self.options.stop_ids.contains(&next) {
+            self.finish = Some(Finish::Stop(next));
+            return Ok(None);
+        }
+        self.tokens.push(next);
+        self.seen.push(next);
+        let context = model.config.max_position_embeddings;
+        if self.tokens.len() >= self.options.max_new_tokens || self.cache.len() + 1 > context {
+            self.finish = Some(Finish::Length);
+        } else {
+            self.pending = Some(next);
+        }
+        Ok(Some(next))
+    }
+
+    /// Ends generation as [`Finish::Cancelled`] (unless it already ended).
+    pub fn cancel(&mut self) {
+        self.finish.get_or_insert(Finish::Cancelled);
+        self.pending = None;
+    }
+
+    /// Why generation ended, once it has.
+    pub fn finished(&self) -> Option<Finish> {
+        self.finish
+    }
+
+    /// The tokens so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The generation so far (its `finish` is [`Finish::Cancelled`] while still running).
+    pub fn result(&self) -> Generation {
+        Generation {
+            tokens: self.tokens.clone(),
+            finish: self.finish.unwrap_or(Finish::Cancelled),
+            prompt_tokens: self.prompt_tokens,
+            prefill_secs: self.prefill_secs,
+            decode_secs: self.decode_secs,
+        }
+    }
+}
+
 /// Generates after `prompt` (token ids, not empty) with a fresh KV cache. `on_token` sees each
 /// new token (never a stop token) and may end generation with `ControlFlow::Break`. Generation
 /// also ends ([`Finish::Length`]) where the model's context does.
@@ -177,42 +288,13 @@ pub fn generate(
     options: &GenerateOptions,
     on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
 ) -> candle_core::Result<Generation> {
-    let mut cache = model.new_cache();
-    let mut sampler = Sampler::new(options.sampling.clone(), options.seed);
-    let mut seen = prompt.to_vec();
-    let start = Instant::now();
-    let mut logits = model.forward_cached(prompt, &mut cache)?.to_vec1::<f32>()?;
-    let prefill_secs = start.elapsed().as_secs_f64();
-    let decode_start = Instant::now();
-    let mut tokens = Vec::new();
-    let mut finish = Finish::Length;
-    while tokens.len() < options.max_new_tokens {
-        let next = sampler.next(logits, &seen);
-        if options.stop_ids.contains(&next) {
-            finish = Finish::Stop(next);
-            break;
+    let mut decoder = Decoder::new(model, prompt, options.clone())?;
+    while let Some(token) = decoder.step(model)? {
+        if on_token(token).is_break() {
+            decoder.cancel();
         }
-        tokens.push(next);
-        seen.push(next);
-        if on_token(next).is_break() {
-            finish = Finish::Cancelled;
-            break;
-        }
-        let context = model.config.max_position_embeddings;
-        if tokens.len() == options.max_new_tokens || cache.len() + 1 > context {
-            break;
-        }
-        logits = model
-            .forward_cached(&[next], &mut cache)?
-            .to_vec1::<f32>()?;
     }
-    Ok(Generation {
-        tokens,
-        finish,
-        prompt_tokens: prompt.len(),
-        prefill_secs,
-        decode_secs: decode_start.elapsed().as_secs_f64(),
-    })
+    Ok(decoder.result())
 }
 
 /// Text of a growing token sequence, released in pieces that are whole characters: a piece is

@@ -14,8 +14,19 @@ pub struct Prompt {
     pub chat: bool,
     /// A system message before it (`chat` only).
     pub system: Option<String>,
+    /// Earlier turns of the conversation, oldest first (`chat` only).
+    pub history: Vec<Turn>,
     /// The template variable `enable_thinking` (Qwen3), passed only when set.
     pub enable_thinking: Option<bool>,
+}
+
+/// One earlier exchange of a conversation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Turn {
+    /// What the user wrote.
+    pub user: String,
+    /// What the model answered.
+    pub assistant: String,
 }
 
 /// Errors making a prompt.
@@ -48,6 +59,10 @@ pub fn render(tokenizer: &ModelTokenizer, prompt: &Prompt) -> Result<String, Pro
     let mut messages = Vec::new();
     if let Some(system) = &prompt.system {
         messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    for turn in &prompt.history {
+        messages.push(serde_json::json!({"role": "user", "content": turn.user}));
+        messages.push(serde_json::json!({"role": "assistant", "content": turn.assistant}));
     }
     messages.push(serde_json::json!({"role": "user", "content": prompt.text}));
     let mut extra = serde_json::Map::new();
