@@ -248,6 +248,7 @@ pub fn print_event(event: &Event, log_every: usize) {
             "eval at step {step}: val loss {val_loss:.4}{}",
             if *best { " (best)" } else { "" }
         ),
+        Event::Samples { step, answers } => print_samples(*step, answers),
         Event::Saved { step, path } => println!("saved step {step}: {}", path.display()),
         Event::Finished {
             adapter,
@@ -274,6 +275,24 @@ pub fn print_event(event: &Event, log_every: usize) {
             print_best(best.as_deref());
         }
         Event::Failed { error } => eprintln!("error: {error}"),
+    }
+}
+
+/// One line of a sample's text: newlines shown as ⏎, cut at 160 characters.
+fn one_line(text: &str) -> String {
+    let flat = text.replace('\n', " ⏎ ");
+    match flat.char_indices().nth(160) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat,
+    }
+}
+
+fn print_samples(step: usize, answers: &[crate::train::SampleAnswer]) {
+    for a in answers {
+        println!("sample at step {step} (validation line {}):", a.line);
+        println!("  prompt    {}", one_line(&a.prompt));
+        println!("  expected  {}", one_line(&a.expected));
+        println!("  answer    {}", one_line(&a.answer));
     }
 }
 

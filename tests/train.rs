@@ -480,3 +480,95 @@ fn cli_inspect_data_lists_problems_and_fails() {
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("200 records"));
 }
+
+fn finetune_cli(args: &[&std::ffi::OsStr]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn each_evaluation_answers_distinct_validation_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo-model");
+    let out = dir.path().join("out");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let args: Vec<std::ffi::OsString> = vec![
+        os("train"),
+        os("--model"),
+        model.clone().into(),
+        os("--data"),
+        demo("train.jsonl").into(),
+        os("--valid"),
+        demo("valid.jsonl").into(),
+        os("--out"),
+        out.into(),
+        os("--steps"),
+        os("4"),
+        os("--eval-every"),
+        os("2"),
+        os("--eval-batches"),
+        os("1"),
+        os("--lr"),
+        os("1e-2"),
+        os("--samples"),
+        os("2"),
+        os("--sample-tokens"),
+        os("8"),
+        os("--json"),
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let stdout = finetune_cli(&args);
+    let samples: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "samples")
+        .collect();
+    let steps: Vec<u64> = samples
+        .iter()
+        .map(|e| e["data"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 2, 4]);
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(demo("valid.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = samples[0]["data"]["answers"].as_array().unwrap();
+    assert_eq!(first.len(), 2);
+    assert_ne!(first[0]["prompt"], first[1]["prompt"], "distinct prompts");
+    for a in first {
+        // The expected answer is the record's completion; the prompt holds its question.
+        let record = &records[a["line"].as_u64().unwrap() as usize - 1];
+        assert_eq!(a["expected"], record["completion"]);
+        let question = record["prompt"].as_str().unwrap();
+        assert!(a["prompt"].as_str().unwrap().contains(question), "{a}");
+        // Before training, the answer is the base model's greedy chat answer.
+        let base = finetune_cli(&[
+            "generate".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--chat".as_ref(),
+            "--prompt".as_ref(),
+            question.as_ref(),
+            "--max-new-tokens".as_ref(),
+            "8".as_ref(),
+            "--temperature".as_ref(),
+            "0".as_ref(),
+        ]);
+        assert_eq!(a["answer"].as_str().unwrap(), base.trim());
+    }
+    // The same prompts every time; training (lr 1e-2) changes what the model answers.
+    let last = samples[2]["data"]["answers"].as_array().unwrap();
+    let lines = |v: &[serde_json::Value]| v.iter().map(|a| a["line"].clone()).collect::<Vec<_>>();
+    assert_eq!(lines(first), lines(last));
+    assert_ne!(first[0]["answer"], last[0]["answer"]);
+}

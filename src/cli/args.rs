@@ -283,6 +283,13 @@ pub struct TrainArgs {
     /// Max validation batches per evaluation (0 = all).
     #[arg(long)]
     pub eval_batches: Option<usize>,
+    /// Validation prompts answered greedily at each evaluation, to watch the answers change
+    /// (0 = none) [default 3].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Most tokens of each sample answer [default 64].
+    #[arg(long)]
+    pub sample_tokens: Option<usize>,
     /// Save a checkpoint every N steps (0 = only at the end) [default 100].
     #[arg(long)]
     pub save_every: Option<usize>,
@@ -439,6 +446,8 @@ impl TrainArgs {
     fn set_run(&self, c: &mut TrainConfig) {
         set(&mut c.eval_every, &self.eval_every);
         set(&mut c.eval_batches, &self.eval_batches);
+        set(&mut c.samples, &self.samples);
+        set(&mut c.sample_tokens, &self.sample_tokens);
         set(&mut c.save_every, &self.save_every);
         set(&mut c.early_stop_patience, &self.early_stop);
         set(&mut c.seed, &self.seed);

@@ -133,6 +133,13 @@ impl ModelTokenizer {
             .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// Text of `ids` without the special tokens (what a person reads).
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
     /// Id of the token whose text is `token` (specials included), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

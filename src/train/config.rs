@@ -110,6 +110,10 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Cap on validation batches per evaluation; 0 = the whole validation set. Default 0.
     pub eval_batches: usize,
+    /// Validation prompts the model answers (greedily) at each evaluation; 0 = none. Default 3.
+    pub samples: usize,
+    /// Most tokens of each sample answer. Default 64.
+    pub sample_tokens: usize,
     /// Save a checkpoint every N steps (and always at the end); 0 = only at the end. Default 100.
     pub save_every: usize,
     /// Clip the global gradient norm to this; 0 = off. Default 1.0.
@@ -160,6 +164,8 @@ impl Default for TrainConfig {
             valid_fraction: 0.1,
             eval_every: 50,
             eval_batches: 0,
+            samples: 3,
+            sample_tokens: 64,
             save_every: 100,
             max_grad_norm: 1.0,
             adamw: AdamWConfig::default(),

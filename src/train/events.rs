@@ -74,6 +74,13 @@ pub enum Event {
         /// The lowest so far (its adapter was saved to `out/best` unless at step 0).
         best: bool,
     },
+    /// Greedy answers to fixed validation prompts, after the evaluation at `step`.
+    Samples {
+        /// Optimizer steps done when generated.
+        step: usize,
+        /// One answer per prompt, in the same order each time.
+        answers: Vec<crate::train::SampleAnswer>,
+    },
     /// A checkpoint (adapter + optimizer state + trainer state) was written.
     Saved {
         /// Optimizer steps the checkpoint holds.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod events;
 pub mod optim;
 pub mod run;
+pub mod samples;
 
 pub use config::{
     capped_seq_len, DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig,
@@ -14,3 +15,4 @@ pub use config::{
 pub use events::{format_duration, Event, Reporter, StepStats, StopReason};
 
 pub use run::run;
+pub use samples::SampleAnswer;

@@ -24,6 +24,7 @@ use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::{capped_seq_len, Duration, TrainConfig, ValidConfig};
 use crate::train::events::{Event, Reporter, StepStats, StopReason};
 use crate::train::optim::AdamW;
+use crate::train::samples;
 
 /// Batches of the training set across epochs, resumable at (epoch, batch index).
 struct BatchStream<'a> {
@@ -172,7 +173,7 @@ fn load_data(
     config: &TrainConfig,
     model_dir: &Path,
     reporter: &dyn Reporter,
-) -> anyhow::Result<LoadedData> {
+) -> anyhow::Result<(LoadedData, ModelTokenizer)> {
     let tokenizer = ModelTokenizer::from_dir(model_dir)?;
     reporter.send(Event::Log(format!(
         "reading {}",
@@ -188,7 +189,7 @@ fn load_data(
     for skipped in &loaded.skipped {
         reporter.send(Event::Log(format!("skipped: {skipped}")));
     }
-    Ok(loaded)
+    Ok((loaded, tokenizer))
 }
 
 /// Fresh LoRA weights, or the adapter and trainer state of the checkpoint to resume from.
@@ -249,6 +250,12 @@ struct Trainer<'r> {
     base_name: String,
     /// Validation loss of the latest evaluation.
     last_val: Option<f64>,
+    /// The validation prompts answered at each evaluation.
+    sample_prompts: Vec<samples::SamplePrompt>,
+    /// The model's tokenizer (for the sample answers).
+    tokenizer: ModelTokenizer,
+    /// Where sample answers end.
+    stop_ids: Vec<u32>,
 }
 
 impl<'r> Trainer<'r> {
@@ -261,7 +268,7 @@ impl<'r> Trainer<'r> {
         let prepared = prepare_model(&config, reporter)?;
         cap_to_context(&mut config, &prepared.config, reporter);
         let model_dir = prepared.dir.clone();
-        let loaded = load_data(&config, &model_dir, reporter)?;
+        let (loaded, tokenizer) = load_data(&config, &model_dir, reporter)?;
         reporter.send(Event::Log(format!(
             "loading {}",
             config.model_dir.display()
@@ -282,6 +289,21 @@ impl<'r> Trainer<'r> {
         let total_steps = total_steps(&config, &loaded.train, &options);
         let state = TrainerState::start(&config, total_steps);
         let base_name = prepared.source.name();
+        let sample_prompts = loaded.valid.as_ref().map_or_else(Vec::new, |valid| {
+            let room = prepared.config.max_position_embeddings;
+            let max_prompt = room
+                .saturating_sub(config.sample_tokens)
+                .min(config.max_seq_len);
+            samples::pick(
+                valid,
+                &tokenizer,
+                config.samples,
+                max_prompt,
+                config.sample_tokens,
+            )
+        });
+        let defaults = crate::generate::GenerationDefaults::from_dir(&model_dir);
+        let stop_ids = crate::generate::stop_ids(&defaults.eos_ids, &tokenizer);
         let mut trainer = Self {
             config,
             reporter,
@@ -294,6 +316,9 @@ impl<'r> Trainer<'r> {
             state,
             base_name,
             last_val: None,
+            sample_prompts,
+            tokenizer,
+            stop_ids,
         };
         if let Some(state) = resumed {
             trainer.resume(state)?;
@@ -522,7 +547,25 @@ impl<'r> Trainer<'r> {
             val_loss: val,
             best,
         });
+        self.report_samples();
         Ok(Some(val))
+    }
+
+    /// Answers the sample prompts and reports them; a failure is reported, not fatal.
+    fn report_samples(&self) {
+        if self.sample_prompts.is_empty() {
+            return;
+        }
+        let tok = &self.tokenizer;
+        match samples::answer(&self.model, tok, &self.sample_prompts, &self.stop_ids) {
+            Ok(answers) => self.reporter.send(Event::Samples {
+                step: self.state.step,
+                answers,
+            }),
+            Err(e) => self
+                .reporter
+                .send(Event::Log(format!("sample answers failed: {e:#}"))),
+        }
     }
 
     /// Early stopping: validation loss has not improved for `early_stop_patience` evaluations.

@@ -5,13 +5,16 @@
 use std::path::PathBuf;
 
 use crate::data::DatasetSummary;
-use crate::train::{Event, StepStats, StopReason};
+use crate::train::{Event, SampleAnswer, StepStats, StopReason};
 
 /// Weight of the newest loss in the smoothed curve (TensorBoard-style EMA with bias correction).
 pub const EMA_ALPHA: f64 = 0.1;
 
 /// Most log lines kept; older ones are dropped.
 pub const MAX_LOG_LINES: usize = 2000;
+
+/// Most evaluations whose sample answers are kept; older ones are dropped.
+pub const MAX_SAMPLE_EVALS: usize = 100;
 
 /// Where a run is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -145,6 +148,8 @@ pub struct RunView {
     pub stop_reason: Option<StopReason>,
     /// Why the run failed, in words.
     pub error: Option<String>,
+    /// Sample answers of each evaluation, oldest first: (step, answers).
+    pub samples: Vec<(usize, Vec<SampleAnswer>)>,
     /// The run's log, oldest first, at most [`MAX_LOG_LINES`].
     pub log: Vec<LogLine>,
     ema: Option<Ema>,
@@ -242,6 +247,12 @@ impl RunView {
                 val_loss,
                 best,
             } => self.eval(step, val_loss, best),
+            Event::Samples { step, answers } => {
+                self.samples.push((step, answers));
+                if self.samples.len() > MAX_SAMPLE_EVALS {
+                    self.samples.remove(0);
+                }
+            }
             Event::Saved { step, path } => {
                 self.push_log(
                     LogKind::Saved,
