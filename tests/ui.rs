@@ -353,7 +353,7 @@ fn stop_saves_says_where_and_the_export_loads() {
     assert!(has_label(&h, &adapter.display().to_string()));
 
     // Export it.
-    h.get_by_label("5. Export").click();
+    h.get_by_label("6. Export").click();
     h.run();
     let dest = out.path().join("exported");
     h.state_mut().set_export_dir(&dest);
@@ -558,7 +558,7 @@ fn the_real_engine_trains_the_demo_and_exports() {
     assert!(has_label(&h, "Step 6 of 6"));
     assert!(has_label(&h, "Finished. The adapter is saved:"));
 
-    h.get_by_label("5. Export").click();
+    h.get_by_label("6. Export").click();
     h.run();
     let dest = out.path().join("demo-export");
     h.state_mut().set_export_dir(&dest);

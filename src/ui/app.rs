@@ -15,6 +15,7 @@ use super::dataset::{drop_overlay_ui, DataKey, DatasetAction, DatasetPanel, Outc
 use super::export::ExportPanel;
 use super::hub_worker::HubSetup;
 use super::models::ModelsPanel;
+use super::playground::{TryContext, TryPanel};
 use super::run_view::RunView;
 use super::settings::{run_dir, Preset, Settings};
 use super::status::Status;
@@ -89,6 +90,7 @@ enum Action {
     BrowseTrain,
     Start,
     Stop,
+    TrySend,
     GoTo(Step),
     Export { adapter: PathBuf, dest: PathBuf },
     OpenFolder(PathBuf),
@@ -108,6 +110,7 @@ pub struct FineTuneApp {
     models: ModelsPanel,
     dataset: DatasetPanel,
     export: ExportPanel,
+    playground: TryPanel,
     run: RunView,
     session: Option<Session>,
     run_config: Option<TrainConfig>,
@@ -139,6 +142,7 @@ impl FineTuneApp {
             models: ModelsPanel::default(),
             dataset: DatasetPanel::default(),
             export: ExportPanel::default(),
+            playground: TryPanel::default(),
             run: RunView::default(),
             session: None,
             run_config: None,
@@ -197,6 +201,26 @@ impl FineTuneApp {
     /// The messages shown above the panel, oldest first.
     pub fn notices(&self) -> Vec<&str> {
         self.notices.iter().map(|n| n.text.as_str()).collect()
+    }
+
+    /// The Try step's state.
+    pub fn playground(&self) -> &TryPanel {
+        &self.playground
+    }
+
+    /// The Try step's state, to change as its form would.
+    pub fn playground_mut(&mut self) -> &mut TryPanel {
+        &mut self.playground
+    }
+
+    /// What the Try step needs from the rest of the app.
+    fn try_context(&self) -> TryContext {
+        TryContext {
+            model: self.settings.model_dir.clone(),
+            device: (self.settings.device, self.settings.dtype),
+            run_adapter: self.run.latest_adapter().map(|(_, p)| p),
+            training: self.run.state.is_active(),
+        }
     }
 
     /// The destination of the next export (the export step's text field).
@@ -287,6 +311,10 @@ impl FineTuneApp {
             Action::Data(DatasetAction::SetValid(p)) => self.settings.valid_data = p,
             Action::BrowseTrain => self.dataset.browse_train(ctx),
             Action::GoTo(step) => self.step = step,
+            Action::TrySend => {
+                let cx = self.try_context();
+                self.playground.send(ctx, &cx);
+            }
             Action::Start => self.start(ctx),
             Action::Stop => {
                 if let Some(s) = &self.session {
@@ -424,7 +452,7 @@ impl FineTuneApp {
         }
     }
 
-    /// Cmd/Ctrl+O browse, +Enter start, +. stop, +1…5 go to a step.
+    /// Cmd/Ctrl+O browse, +Enter start (send, in the Try step), +. stop, +1…6 go to a step.
     fn shortcuts(&mut self, ctx: &egui::Context) {
         let (open, start, stop, goto) = ctx.input_mut(|i| {
             let open = i.consume_key(egui::Modifiers::COMMAND, egui::Key::O);
@@ -436,6 +464,7 @@ impl FineTuneApp {
                 egui::Key::Num3,
                 egui::Key::Num4,
                 egui::Key::Num5,
+                egui::Key::Num6,
             ];
             let goto = keys
                 .iter()
@@ -445,7 +474,9 @@ impl FineTuneApp {
         if open {
             self.actions.push(Action::BrowseTrain);
         }
-        if start {
+        if start && self.step == Step::Try {
+            self.actions.push(Action::TrySend);
+        } else if start {
             self.actions.push(Action::Start);
         }
         if stop {
@@ -479,6 +510,7 @@ impl FineTuneApp {
         for a in self.dataset.poll() {
             self.actions.push(Action::Data(a));
         }
+        self.playground.poll();
         if let Some(dir) = self.export.poll() {
             self.info(format!("Exported the adapter to {}", dir.display()));
         }

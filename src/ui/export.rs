@@ -1,4 +1,4 @@
-//! Step 5, export: pick the latest or the best adapter of the run, a destination folder (dialog or
+//! Step 6, export: pick the latest or the best adapter of the run, a destination folder (dialog or
 //! typed), export it on a worker thread ([`crate::export`]: PEFT files + README.md model card),
 //! and offer to open the folder.
 
@@ -101,7 +101,7 @@ impl ExportPanel {
     /// The export step.
     pub fn export_ui(&mut self, ui: &mut Ui, view: &RunView) -> Option<ExportAction> {
         let mut action = None;
-        ui.heading("5. Export the adapter");
+        ui.heading("6. Export the adapter");
         ui.label("Writes the adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json) with a README.md model card. Load it with PEFT, or with FineTune later.");
         ui.add_space(6.0);
 

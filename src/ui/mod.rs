@@ -13,6 +13,7 @@ pub mod dataset;
 pub mod export;
 pub mod hub_worker;
 pub mod models;
+pub mod playground;
 pub mod run_view;
 pub mod settings;
 pub mod status;

@@ -1,4 +1,4 @@
-//! The steps of the flow (Model → Dataset → Settings → Train → Export) and the side panel that
+//! The steps of the flow (Model → Dataset → Settings → Train → Try → Export) and the side panel that
 //! lists them, each with a one-line status so the state of the whole flow shows at a glance.
 
 use eframe::egui;
@@ -15,17 +15,20 @@ pub enum Step {
     Settings,
     /// 4: run the training and watch it.
     Train,
-    /// 5: export the adapter.
+    /// 5: talk to the base and tuned models side by side.
+    Try,
+    /// 6: export the adapter.
     Export,
 }
 
 impl Step {
     /// Every step, in the order of the flow.
-    pub const ALL: [Step; 5] = [
+    pub const ALL: [Step; 6] = [
         Step::Model,
         Step::Dataset,
         Step::Settings,
         Step::Train,
+        Step::Try,
         Step::Export,
     ];
 
@@ -36,7 +39,8 @@ impl Step {
             Step::Dataset => "2. Dataset",
             Step::Settings => "3. Settings",
             Step::Train => "4. Train",
-            Step::Export => "5. Export",
+            Step::Try => "5. Try",
+            Step::Export => "6. Export",
         }
     }
 }

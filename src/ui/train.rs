@@ -76,7 +76,10 @@ pub fn train_ui(
         }
         egui::ScrollArea::vertical()
             .id_salt("charts")
-            .show(ui, |ui| run_charts_ui(ui, view));
+            .show(ui, |ui| {
+                run_charts_ui(ui, view);
+                samples_ui(ui, view);
+            });
     });
     action
 }
@@ -215,12 +218,55 @@ fn outcome_ui(ui: &mut Ui, view: &RunView) -> Option<TrainAction> {
             if ui.button("Open folder").clicked() {
                 action = Some(TrainAction::OpenFolder(path.clone()));
             }
+            if ui
+                .button("Try it…")
+                .on_hover_text("Ask the base and the tuned model side by side")
+                .clicked()
+            {
+                action = Some(TrainAction::GoTo(Step::Try));
+            }
             if ui.button("Export…").clicked() {
                 action = Some(TrainAction::GoTo(Step::Export));
             }
         });
     });
     action
+}
+
+/// The sample answers of each evaluation, newest first, each next to its expected answer.
+fn samples_ui(ui: &mut Ui, view: &RunView) {
+    if view.samples.is_empty() {
+        return;
+    }
+    ui.add_space(8.0);
+    ui.heading("Sample answers");
+    ui.weak("Greedy answers to validation prompts at each evaluation, newest first.");
+    for (i, (step, answers)) in view.samples.iter().rev().enumerate() {
+        let title = if *step == 0 {
+            "Before training (step 0)".to_owned()
+        } else {
+            format!("Step {step}")
+        };
+        egui::CollapsingHeader::new(RichText::new(title).strong())
+            .id_salt(("samples", step))
+            .default_open(i == 0)
+            .show(ui, |ui| {
+                ui.columns(3, |c| {
+                    c[0].strong("Prompt");
+                    c[1].strong("Expected");
+                    c[2].strong("Model's answer");
+                });
+                for a in answers {
+                    ui.separator();
+                    ui.columns(3, |c| {
+                        c[0].label(&a.prompt)
+                            .on_hover_text(format!("validation line {}", a.line));
+                        c[1].weak(&a.expected);
+                        c[2].label(&a.answer);
+                    });
+                }
+            });
+    }
 }
 
 fn log_ui(ui: &mut Ui, view: &RunView) {

@@ -32,6 +32,16 @@ impl FineTuneApp {
                     None => {}
                 }
             }
+            Step::Try => {
+                if !self.run.state.is_active() {
+                    let adapter = self.run.final_adapter.clone();
+                    self.playground.offer_run_adapter(adapter);
+                }
+                let cx = self.try_context();
+                if self.playground.try_ui(ui, &cx) {
+                    self.actions.push(Action::TrySend);
+                }
+            }
             Step::Export => self.export_step_ui(ui),
         }
         if !self.actions.is_empty() {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use super::{FineTuneApp, Step};
 use crate::export::{today, CardInfo};
 use crate::ui::dataset::{DataKey, Outcome};
+use crate::ui::playground::LoadState;
 use crate::ui::run_view::RunState;
 use crate::ui::settings::{DurationKind, Preset};
 use crate::ui::train::Blocker;
@@ -140,6 +141,19 @@ impl FineTuneApp {
                 RunState::Failed => ("failed".into(), false),
                 s => (s.label().into(), true),
             },
+            Step::Try => {
+                let p = &self.playground;
+                let text = if p.is_answering() {
+                    "answering…"
+                } else if p.load == LoadState::Loading {
+                    "loading…"
+                } else if p.adapter().is_some() || self.run.latest_adapter().is_some() {
+                    "base vs tuned"
+                } else {
+                    "base model"
+                };
+                (text.into(), true)
+            }
             Step::Export => match &self.export.result {
                 Some(Ok(_)) => ("exported".into(), true),
                 Some(Err(_)) => ("failed".into(), false),
