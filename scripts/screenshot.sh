@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Screenshots of every step of the app, in a virtual X display: opens the window with a fixture
-# model and the WWDC25 dataset, starts a short real training run, stops it, and saves one PNG per
-# step panel (plus the app's frame-time log) under the output folder.
+# model and the WWDC25 dataset, starts a short real training run, stops it, asks the base and the
+# tuned model one question in the Try step, and saves one PNG per step panel (plus the app's
+# frame-time log) under the output folder.
 #
 #   scripts/screenshot.sh [out-dir] [model-dir] [train.jsonl]
 #   FT_BIN=target/release/finetune FRAME_LOG=continuous TRAIN_SECS=60 scripts/screenshot.sh ...
@@ -58,7 +59,12 @@ key ctrl+2; shot 2-dataset
 key ctrl+3; shot 3-settings
 key ctrl+Return "$TRAIN_SECS"; shot 4-train-running
 key ctrl+period 3; shot 4-train-stopped
-key ctrl+5; shot 5-export
+# The sample answers under the charts: scroll the chart area down.
+xdotool mousemove --window "$WID" 700 400 click --repeat 15 --delay 30 5; sleep 1; shot 4-train-samples
+key ctrl+5
+xdotool type --window "$WID" --delay 20 "${TRY_PROMPT:-What is new in SwiftUI this year?}"
+key ctrl+Return "${TRY_SECS:-10}"; shot 5-try
+key ctrl+6; shot 6-export
 
 kill "$APP"
 wait "$APP" 2>/dev/null || true

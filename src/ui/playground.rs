@@ -106,6 +106,7 @@ pub struct TryPanel {
     /// The run adapter already filled in (so clearing the field sticks).
     filled_from_run: Option<PathBuf>,
     defaults_applied: bool,
+    focus_input: bool,
     worker: Option<TryWorker>,
     browse: Option<Job<Option<PathBuf>>>,
 }
@@ -124,6 +125,7 @@ impl Default for TryPanel {
             error: None,
             filled_from_run: None,
             defaults_applied: false,
+            focus_input: true,
             worker: None,
             browse: None,
         }
@@ -200,6 +202,7 @@ impl TryPanel {
             tuned: compare.then(Answer::default),
         });
         self.input.clear();
+        self.focus_input = true;
         self.error = None;
         if let Some(w) = &self.worker {
             w.ask(ask);
@@ -418,13 +421,17 @@ impl TryPanel {
 
     fn input_ui(&mut self, ui: &mut Ui, cx: &TryContext) -> bool {
         let mut send = false;
-        ui.add(
+        let input = ui.add(
             egui::TextEdit::multiline(&mut self.input)
                 .id_salt("try-input")
                 .desired_rows(3)
                 .desired_width(f32::INFINITY)
                 .hint_text("Your message… (Cmd/Ctrl+Enter sends)"),
         );
+        // The box has the keyboard when the step opens and after each send.
+        if std::mem::take(&mut self.focus_input) {
+            input.request_focus();
+        }
         ui.horizontal(|ui| {
             let answering = self.is_answering();
             let can_send =
@@ -464,10 +471,13 @@ impl TryPanel {
             .show(ui, |ui| {
                 ui.columns(sides.len(), |cols| {
                     for (col, (side, title)) in cols.iter_mut().zip(&sides) {
-                        col.strong(*title);
-                        for e in &self.exchanges {
-                            exchange_ui(col, e, *side);
-                        }
+                        // Columns justify their text; answers read better ragged.
+                        col.with_layout(egui::Layout::top_down(egui::Align::LEFT), |col| {
+                            col.strong(*title);
+                            for e in &self.exchanges {
+                                exchange_ui(col, e, *side);
+                            }
+                        });
                     }
                 });
             });

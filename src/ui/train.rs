@@ -259,10 +259,14 @@ fn samples_ui(ui: &mut Ui, view: &RunView) {
                 for a in answers {
                     ui.separator();
                     ui.columns(3, |c| {
-                        c[0].label(&a.prompt)
-                            .on_hover_text(format!("validation line {}", a.line));
-                        c[1].weak(&a.expected);
-                        c[2].label(&a.answer);
+                        // Columns justify their text; answers read better ragged.
+                        let left = egui::Layout::top_down(egui::Align::LEFT);
+                        c[0].with_layout(left, |ui| {
+                            ui.label(&a.prompt)
+                                .on_hover_text(format!("validation line {}", a.line))
+                        });
+                        c[1].with_layout(left, |ui| ui.weak(&a.expected));
+                        c[2].with_layout(left, |ui| ui.label(&a.answer));
                     });
                 }
             });
