@@ -200,6 +200,11 @@ def main():
         p.error("--engine llamacpp needs --gguf FILE")
 
     one_run, dtype = (bench_transformers if args.engine == "transformers" else bench_llamacpp)(args)
+    try:
+        with open("/proc/loadavg") as f:
+            load0 = f.read().split()[:3]
+    except OSError:
+        load0 = None
     one_run()  # warmup
     prefill, decode = [], []
     for _ in range(RUNS):
@@ -208,6 +213,11 @@ def main():
         decode.append(b)
     if args.print_ids:
         print(f"ids: {json.dumps(LAST_IDS)}", file=sys.stderr)
+    if load0:
+        # threads == all cores on a busy machine makes the spin-waiting thread pools of both engines
+        # collapse (10-50x): compare only numbers taken with nothing else running (the 1-minute
+        # load average lags, so it still counts a benchmark run just before this one).
+        print(f"loadavg at start: {' '.join(load0)}", file=sys.stderr)
     print(f"prefill s: {[round(x, 4) for x in prefill]}  decode s: {[round(x, 4) for x in decode]}", file=sys.stderr)
     print(json.dumps({
         "engine": args.engine,

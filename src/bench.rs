@@ -3,6 +3,8 @@
 //! config.json but no weights is benchmarked with random weights (std 0.02), so speed can be
 //! measured before a download.
 
+pub mod generate;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -142,7 +144,7 @@ pub struct BenchReport {
     pub device_peak_allocated: Option<u64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         0.0
@@ -215,7 +217,7 @@ pub fn write_random_checkpoint(src: &Path, dst: &Path) -> anyhow::Result<()> {
 
 /// The folder to load: the model's own, or random weights from its config.json (kept in
 /// `random_dir`, else in the returned temporary folder). True when the weights are the model's.
-fn bench_model_dir(
+pub(crate) fn bench_model_dir(
     opts: &BenchOptions,
 ) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>, bool)> {
     if crate::model::weights::checkpoint_files(&opts.model).is_ok() {

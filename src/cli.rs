@@ -147,7 +147,7 @@ fn export(adapter: &Path, output: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let report = crate::bench::run(&crate::bench::BenchOptions {
+    let options = crate::bench::BenchOptions {
         model: args.model.clone(),
         batch: args.batch,
         seq_len: args.seq_len,
@@ -161,7 +161,22 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         checkpointing: args.checkpointing,
         keep_every: args.checkpoint_keep_every,
         peak_tflops: args.peak_tflops,
-    })?;
+    };
+    if args.generate {
+        let params = crate::bench::generate::GenerateParams {
+            prompt_tokens: args.prompt_tokens,
+            new_tokens: args.new_tokens,
+            runs: args.steps,
+        };
+        let report = crate::bench::generate::run(&options, &params)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{report}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = crate::bench::run(&options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

