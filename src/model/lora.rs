@@ -238,8 +238,15 @@ impl LoraLinear {
                 } else {
                     (l.a.as_tensor().clone(), l.b.as_tensor().clone())
                 };
-                let bt = (b.t()? * l.scale)?;
-                Some(h.matmul(&a.t()?)?.matmul(&bt)?.to_dtype(x2.dtype())?)
+                if detach_lora && !train && h.device().is_cpu() && h.dim(0)? <= 4 {
+                    // Decoding: two small products through the frozen-linear kernel (no graph,
+                    // A and B read once), the scale on the (N, r) middle.
+                    let mid = (kernels::frozen_linear(&h, &a)? * l.scale)?;
+                    Some(kernels::frozen_linear(&mid, &b)?.to_dtype(x2.dtype())?)
+                } else {
+                    let bt = (b.t()? * l.scale)?;
+                    Some(h.matmul(&a.t()?)?.matmul(&bt)?.to_dtype(x2.dtype())?)
+                }
             }
             None => None,
         };

@@ -1,11 +1,12 @@
 //! The frozen linear projection `x · Wᵀ (+ u)` on the CPU: gradients go to `x` and the LoRA term
 //! `u`, never to the frozen `W` (Candle's matmul backward would compute and keep a weight-sized
 //! gradient nobody uses). One gemm writes straight into the output, with `W` in f32 (`gemm`) or
-//! bf16 (the mixed-precision kernel, [`crate::model::bf16`], AVX512-BF16 or portable).
+//! bf16 (the mixed-precision kernel, [`crate::model::bf16`], AVX512-BF16 or portable); a few rows
+//! (decoding) go through [`gemv`], which reads each weight once.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::slice;
+use super::{gemv, slice};
 use crate::model::bf16;
 
 /// CPU kernel for `x · Wᵀ (+ u)`: one gemm straight into the output, so the graph keeps a single
@@ -72,6 +73,10 @@ impl FrozenLinearCpu {
             None => vec![0f32; n * o],
         };
         match w {
+            CpuStorage::BF16(_) if n <= gemv::MAX_ROWS => {
+                let w = bf16_slice(w, lw, "ft-frozen-linear")?;
+                gemv::gemv(x, w, &mut out, n, i, o, u.is_some());
+            }
             CpuStorage::BF16(_) => {
                 let w = bf16_slice(w, lw, "ft-frozen-linear")?;
                 // out (n, o) = x (n, i) · wᵀ: B = wᵀ is (i, o) with rows 1 apart, columns i apart.
@@ -83,7 +88,11 @@ impl FrozenLinearCpu {
                 if w.len() != o * i {
                     candle_core::bail!("frozen linear: weight is not {o}×{i}");
                 }
-                Self::gemm(x, w, &mut out, n, i, o, u.is_some());
+                if n <= gemv::MAX_ROWS {
+                    gemv::gemv(x, w, &mut out, n, i, o, u.is_some());
+                } else {
+                    Self::gemm(x, w, &mut out, n, i, o, u.is_some());
+                }
             }
         }
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
@@ -209,7 +218,9 @@ pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) 
     let (x, w) = (x.contiguous()?, weight.contiguous()?);
     match update {
         Some(u) => x.apply_op3(&w, &u.contiguous()?, FrozenLinearCpu),
-        None if x.track_op() || w.dtype() != x.dtype() => x.apply_op2(&w, FrozenLinearCpu),
+        None if x.track_op() || w.dtype() != x.dtype() || x.dim(0)? <= gemv::MAX_ROWS => {
+            x.apply_op2(&w, FrozenLinearCpu)
+        }
         None => x.matmul(&w.t()?),
     }
 }
