@@ -148,10 +148,62 @@ mod x86 {
         j0: usize,
         out: &mut [f32],
     ) {
-        for (r, o) in out.iter_mut().enumerate() {
+        let mut r = 0;
+        // Four rows at a time: each x load serves four weight streams, and four independent
+        // streams keep more loads in flight.
+        while r + 4 <= out.len() && i >= 8 {
             let j = j0 + r;
+            let rows = [
+                &w[j * i..(j + 1) * i],
+                &w[(j + 1) * i..(j + 2) * i],
+                &w[(j + 2) * i..(j + 3) * i],
+                &w[(j + 3) * i..(j + 4) * i],
+            ];
+            out[r..r + 4].copy_from_slice(&dot4(x, rows));
+            r += 4;
+        }
+        for (k, o) in out.iter_mut().enumerate().skip(r) {
+            let j = j0 + k;
             *o = dot(x, &w[j * i..(j + 1) * i]);
         }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every row has `x`'s length.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot4<W: Load8 + super::Weight>(x: &[f32], rows: [&[W]; 4]) -> [f32; 4] {
+        let n = x.len();
+        let xp = x.as_ptr();
+        let wp = rows.map(|r| r.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut k = 0;
+        while k + 16 <= n {
+            let x0 = _mm256_loadu_ps(xp.add(k));
+            let x1 = _mm256_loadu_ps(xp.add(k + 8));
+            for (a, p) in acc.iter_mut().zip(wp) {
+                a[0] = _mm256_fmadd_ps(x0, W::load8(p.add(k)), a[0]);
+                a[1] = _mm256_fmadd_ps(x1, W::load8(p.add(k + 8)), a[1]);
+            }
+            k += 16;
+        }
+        while k + 8 <= n {
+            let x0 = _mm256_loadu_ps(xp.add(k));
+            for (a, p) in acc.iter_mut().zip(wp) {
+                a[0] = _mm256_fmadd_ps(x0, W::load8(p.add(k)), a[0]);
+            }
+            k += 8;
+        }
+        let mut out = [0f32; 4];
+        for ((o, a), row) in out.iter_mut().zip(acc).zip(rows) {
+            let sum = _mm256_add_ps(a[0], a[1]);
+            let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+            let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            *o = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
+            for j in k..n {
+                *o += x[j] * row[j].f32();
+            }
+        }
+        out
     }
 
     /// Whether the AVX2 kernels may run.
