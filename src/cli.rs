@@ -103,6 +103,48 @@ fn trainer_state_near(adapter: &Path) -> Option<crate::train::checkpoint::Traine
     crate::train::checkpoint::load_state(dirs.last()?).ok()
 }
 
+/// The base model of `adapter`: the run's model (trainer_state.json beside it), else the
+/// adapter's `base_model_name_or_path` when that opens as a model.
+fn adapter_base(adapter: &Path) -> Option<PathBuf> {
+    if let Some(s) = trainer_state_near(adapter) {
+        return Some(s.config.model_dir);
+    }
+    let text = std::fs::read_to_string(adapter.join("adapter_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let base = PathBuf::from(v.get("base_model_name_or_path")?.as_str()?);
+    crate::model::ModelSource::open(&base).ok().map(|_| base)
+}
+
+fn export_merged(
+    adapter: &Path,
+    output: &Path,
+    model: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let base = model.or_else(|| adapter_base(adapter)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot tell which base model {} was trained on; pass it with --model",
+            adapter.display()
+        )
+    })?;
+    let start = std::time::Instant::now();
+    let m = crate::export::merged::export_merged(
+        adapter,
+        &base,
+        output,
+        crate::export::merged::MAX_SHARD_BYTES,
+    )?;
+    println!(
+        "merged {} weights of {} into {} ({} file(s), {:.1} MB) in {:.1} s",
+        m.merged,
+        base.display(),
+        m.dir.display(),
+        m.shards,
+        m.bytes as f64 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn export(adapter: &Path, output: &Path) -> anyhow::Result<ExitCode> {
     let state = trainer_state_near(adapter);
     let name = |p: &Path| {
@@ -212,7 +254,15 @@ pub fn main() -> ExitCode {
             dtype,
             max_shard_gb,
         }) => convert(&input, &output, dtype.as_deref(), max_shard_gb),
-        Some(Command::Export { adapter, output }) => export(&adapter, &output),
+        Some(Command::Export {
+            adapter,
+            output,
+            format: ExportFormat::Merged,
+            model,
+        }) => export_merged(&adapter, &output, model),
+        Some(Command::Export {
+            adapter, output, ..
+        }) => export(&adapter, &output),
         None => open_app(cli.paths),
     };
     match result {

@@ -1,8 +1,10 @@
 //! Exporting a trained adapter: the PEFT files (`adapter_model.safetensors`,
 //! `adapter_config.json`) copied into a folder the person chose, plus a README.md model card
 //! (base model, dataset, settings, final losses, date). Every file is written atomically (temp
-//! file + rename), so an interrupted export never leaves a half-written adapter. Later: GGUF LoRA,
-//! MLX adapters, merged models.
+//! file + rename), so an interrupted export never leaves a half-written adapter. [`merged`]: the
+//! base model with the adapter folded in, as a Hugging Face folder.
+
+pub mod merged;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

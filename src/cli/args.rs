@@ -69,12 +69,20 @@ pub enum Command {
         #[arg(long, default_value_t = 5.0)]
         max_shard_gb: f64,
     },
-    /// Export a trained adapter (PEFT layout) with a README.md model card.
+    /// Export a trained adapter: the PEFT files with a README.md model card, or the base model
+    /// with the adapter merged in (a Hugging Face folder).
     Export {
         /// The adapter folder (e.g. out/adapter or out/best).
         adapter: PathBuf,
-        /// Destination folder.
+        /// Destination folder (new or empty for `merged`).
         output: PathBuf,
+        /// peft | merged
+        #[arg(long, value_enum, default_value_t = ExportFormat::Peft)]
+        format: ExportFormat,
+        /// The base model for `merged` [default: the run's model, from the checkpoint's
+        /// trainer_state.json, else the adapter's base_model_name_or_path].
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Check a dataset: its summary and every problem (exit 1 when there are problems).
     InspectData(InspectDataArgs),
@@ -140,6 +148,15 @@ pub struct BenchArgs {
     /// With --generate: decode steps per run.
     #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
+}
+
+/// `finetune export --format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// The PEFT adapter (adapter_model.safetensors + adapter_config.json) and a model card
+    Peft,
+    /// The base model with the adapter folded into its weights (Hugging Face folder)
+    Merged,
 }
 
 /// `--schedule` values: the learning-rate shape after warmup.

@@ -22,7 +22,7 @@ mod gguf_meta;
 mod gguf_tokenizer;
 mod prepare;
 mod pytorch;
-mod write;
+pub(crate) mod write;
 
 use std::path::{Path, PathBuf};
 

@@ -249,6 +249,64 @@ fn read_config(path: &Path) -> Result<LoraConfig, AdapterError> {
     })
 }
 
+/// One module's low-rank update, as a merge needs it: `ΔW = scale · B · A` (out, in).
+#[derive(Debug, Clone)]
+pub struct ModuleDelta {
+    /// `lora_A` (r, in), f32.
+    pub a: Tensor,
+    /// `lora_B` (out, r), f32.
+    pub b: Tensor,
+    /// alpha / r (alpha / √r with rsLoRA).
+    pub scale: f64,
+}
+
+/// An adapter's updates read without a model: by module path (e.g.
+/// `model.layers.0.self_attn.q_proj`), and whether the base stores those weights transposed
+/// (`fan_in_fan_out`, GPT-2's Conv1D).
+pub fn read_deltas(dir: &Path) -> Result<(HashMap<String, ModuleDelta>, bool), AdapterError> {
+    let config_path = dir.join(ADAPTER_CONFIG);
+    if !config_path.is_file() {
+        return Err(AdapterError::MissingConfig(config_path));
+    }
+    let config = read_config(&config_path)?;
+    let fan_in_fan_out = std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("fan_in_fan_out").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false);
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    if !weights_path.is_file() {
+        return Err(AdapterError::MissingWeights(weights_path));
+    }
+    let mut deltas = HashMap::new();
+    for (path, pair) in read_pairs(&weights_path, &Device::Cpu)? {
+        let (Some(a), Some(b)) = pair else {
+            return Err(AdapterError::InvalidWeights {
+                path: weights_path.clone(),
+                reason: format!("module {path} has only one of lora_A / lora_B"),
+            });
+        };
+        let r = a.dim(0)?;
+        if b.dims().len() != 2 || b.dim(1)? != r {
+            return Err(AdapterError::InvalidWeights {
+                path: weights_path.clone(),
+                reason: format!(
+                    "module {path}: lora_B is {:?}, lora_A {:?}",
+                    b.dims(),
+                    a.dims()
+                ),
+            });
+        }
+        let delta = ModuleDelta {
+            a: a.to_dtype(DType::F32)?,
+            b: b.to_dtype(DType::F32)?,
+            scale: module_scale(&config, r),
+        };
+        deltas.insert(path, delta);
+    }
+    Ok((deltas, fan_in_fan_out))
+}
+
 /// Each module's (lora_A, lora_B) tensors, by module path.
 type Pairs = HashMap<String, (Option<Tensor>, Option<Tensor>)>;
 

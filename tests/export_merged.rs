@@ -1,0 +1,171 @@
+//! The merged export: for every fixture architecture (GPT-2's transposed Conv1D included), the
+//! merged folder loads as a plain model whose logits equal the base model with the PEFT adapter
+//! applied; tokenizer and config files come along; small shard limits give an index that loads;
+//! a non-empty destination and an adapter of another model are refused with what to do. The
+//! transformers side (the merged folder in transformers vs PEFT on the base) is
+//! tools/merged_check.py.
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use finetune::export::merged::{export_merged, MAX_SHARD_BYTES};
+use finetune::model::{adapter, Model, ModelInput};
+
+const ARCHS: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gpt2"];
+
+fn logits(model: &Model) -> Vec<f32> {
+    let ids: Vec<u32> = vec![1, 5, 9, 42, 7, 3, 11, 2];
+    let input = ModelInput::causal(
+        Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+    );
+    model
+        .logits(&input)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn load(dir: &Path) -> Model {
+    Model::load(dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn merged_models_equal_base_plus_adapter_on_every_architecture() {
+    for name in ARCHS {
+        let dir = common::fixture(name);
+        let peft = dir.join("peft-adapter");
+        let mut tuned = load(&dir);
+        adapter::load(&peft, &mut tuned).unwrap();
+        let want = logits(&tuned);
+        let base = logits(&load(&dir));
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let m = export_merged(&peft, &dir, &out, MAX_SHARD_BYTES).unwrap();
+        assert!(m.merged > 0 && m.shards == 1, "{name}: {m:?}");
+        let got = logits(&load(&out));
+        let d = max_diff(&got, &want);
+        assert!(d < 1e-4, "{name}: merged vs base + adapter differ by {d}");
+        assert!(
+            max_diff(&got, &base) > 1e-3,
+            "{name}: the merge changed nothing"
+        );
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            assert!(out.join(f).is_file(), "{name}: {f} not copied");
+        }
+        assert!(!out.join("peft-adapter").exists());
+        // Tiny shards: an index, and the model loads the same.
+        let sharded = tmp.path().join("sharded");
+        let m = export_merged(&peft, &dir, &sharded, 20_000).unwrap();
+        assert!(m.shards > 1, "{name}: {m:?}");
+        assert!(sharded.join("model.safetensors.index.json").is_file());
+        assert!(
+            max_diff(&logits(&load(&sharded)), &got) == 0.0,
+            "{name}: sharded differs"
+        );
+    }
+}
+
+#[test]
+fn merging_refuses_a_used_destination_and_another_models_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = common::fixture("tiny-llama");
+    let used = tmp.path().join("used");
+    std::fs::create_dir_all(&used).unwrap();
+    std::fs::write(used.join("keep.txt"), "mine").unwrap();
+    let e = export_merged(&llama.join("peft-adapter"), &llama, &used, MAX_SHARD_BYTES)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not an empty folder"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(used.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    let gpt2_adapter = common::fixture("tiny-gpt2").join("peft-adapter");
+    let out = tmp.path().join("x");
+    let e = format!(
+        "{:#}",
+        export_merged(&gpt2_adapter, &llama, &out, MAX_SHARD_BYTES).unwrap_err()
+    );
+    assert!(e.contains("--model"), "{e}");
+    assert!(!out.exists(), "nothing is left behind");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".finetune-merge")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "temporary folders are removed");
+}
+
+#[test]
+fn cli_merges_a_trained_run_without_being_told_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("assets/demo-model");
+    let run = tmp.path().join("run");
+    let status = Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(root.join("assets/demo/train.jsonl"))
+        .arg("--out")
+        .arg(&run)
+        .args([
+            "--steps",
+            "3",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "0",
+            "--samples",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let merged = tmp.path().join("merged");
+    let out = Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .arg("export")
+        .arg(run.join("checkpoints/step-000003"))
+        .arg(&merged)
+        .args(["--format", "merged"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("merged") && text.contains("demo-model"),
+        "{text}"
+    );
+    let mut tuned = load(&model);
+    adapter::load(&run.join("checkpoints/step-000003"), &mut tuned).unwrap();
+    assert!(max_diff(&logits(&load(&merged)), &logits(&tuned)) < 1e-4);
+}
