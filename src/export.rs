@@ -156,6 +156,42 @@ pub fn model_card(card: &CardInfo) -> String {
     s
 }
 
+/// The README.md of a merged export: the same facts, front matter and usage of a full model
+/// (`base_model_relation: merge`, loaded with transformers alone).
+pub fn merged_model_card(card: &CardInfo) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "---");
+    let _ = writeln!(s, "base_model: {}", yaml_str(&card.base_model));
+    let _ = writeln!(s, "base_model_relation: merge");
+    let _ = writeln!(s, "library_name: transformers");
+    let _ = writeln!(s, "pipeline_tag: text-generation");
+    let _ = writeln!(s, "tags:\n- lora\n- merged\n- finetune");
+    let _ = writeln!(s, "---\n");
+    let _ = writeln!(s, "# {} with a LoRA adapter merged in", card.base_model);
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Trained with FineTune on {} ({} of {} steps) on {}; the adapter is folded into the weights.",
+        card.dataset, card.steps_done, card.total_steps, card.date
+    );
+    results_section(&mut s, card);
+    data_section(&mut s, card);
+    settings_section(&mut s, &card.config);
+    let _ = writeln!(
+        s,
+        "\n## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    );
+    let _ = writeln!(
+        s,
+        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")"
+    );
+    let _ = writeln!(
+        s,
+        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```"
+    );
+    s
+}
+
 // `writeln!` into a String cannot fail; the results below are ignored on purpose.
 
 /// The Hub's YAML front matter: base model, library, pipeline and tags.

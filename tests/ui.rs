@@ -48,6 +48,19 @@ fn harness(app: FineTuneApp) -> Harness<'static, FineTuneApp> {
         .build_eframe(|_cc| app)
 }
 
+/// As [`harness`], for runs on the real engine: the sample answers of tiny random models are
+/// arbitrary Unicode the test fonts lack, which the app draws as boxes.
+fn real_harness(app: FineTuneApp) -> Harness<'static, FineTuneApp> {
+    let app = app.with_hub(HubSetup {
+        keychain: false,
+        ..HubSetup::default()
+    });
+    Harness::builder()
+        .with_size([1280.0, 860.0])
+        .allow_missing_glyphs()
+        .build_eframe(|_cc| app)
+}
+
 /// Steps frames until `cond` holds (workers and the fake engine run on real threads).
 fn wait_for(h: &mut Harness<'_, FineTuneApp>, what: &str, cond: impl Fn(&FineTuneApp) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -517,7 +530,7 @@ fn settings_persist_through_eframe_storage() {
 #[test]
 fn the_real_engine_trains_the_demo_and_exports() {
     let out = tempfile::tempdir().unwrap();
-    let mut h = harness(FineTuneApp::with_engine(
+    let mut h = real_harness(FineTuneApp::with_engine(
         settings(out.path()),
         vec![],
         finetune::ui::real_engine(),
@@ -574,6 +587,35 @@ fn the_real_engine_trains_the_demo_and_exports() {
     let mut model = finetune::model::Model::load(&demo, candle_core::DType::F32, &dev).unwrap();
     let state = finetune::model::adapter::load(&dest, &mut model).unwrap();
     assert_eq!(state.config.rank, 8, "Quick test trains rank 8");
+
+    // The merged model: the run's base with the adapter folded in, loadable on its own.
+    h.get_by_label("Merged model").click();
+    h.run();
+    let merged = out.path().join("demo-merged");
+    h.state_mut().set_export_dir(&merged);
+    h.run();
+    h.get_by_label("Export").click();
+    wait_for(&mut h, "the merged export", |a| match a.export_result() {
+        Some(Ok(e)) => e.dir == merged,
+        Some(Err(_)) => true,
+        None => false,
+    });
+    let done = h.state().export_result().unwrap().clone().unwrap();
+    assert!(done.files.iter().any(|f| f.ends_with("model.safetensors")));
+    let readme = std::fs::read_to_string(merged.join("README.md")).unwrap();
+    assert!(readme.contains("base_model_relation: merge"), "{readme}");
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 42]], &dev).unwrap();
+    let input = finetune::model::ModelInput::causal(ids);
+    let folded = finetune::model::Model::load(&merged, candle_core::DType::F32, &dev).unwrap();
+    let d = (folded.logits(&input).unwrap() - model.logits(&input).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "merged vs base + adapter: {d}");
 }
 
 /// A file dropped on the window in a test.
@@ -635,7 +677,7 @@ fn drop_model_and_train(model: &Path, name: &str) {
     s.train_data = Some(root().join("assets/demo/train.jsonl"));
     Preset::QuickTest.apply(&mut s);
     s.steps = 2;
-    let mut h = harness(FineTuneApp::with_engine(
+    let mut h = real_harness(FineTuneApp::with_engine(
         s,
         vec![],
         finetune::ui::real_engine(),

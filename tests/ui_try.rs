@@ -36,8 +36,7 @@ fn harness(out: &Path) -> Harness<'static, FineTuneApp> {
             ..HubSetup::default()
         },
     );
-    // The tiny demo model answers in byte-level fragments (U+FFFD where a character is cut),
-    // which the test fonts cannot draw; the app draws such characters as boxes.
+    // The tiny demo model answers in arbitrary Unicode the test fonts lack (the app draws boxes).
     Harness::builder()
         .with_size([1280.0, 860.0])
         .allow_missing_glyphs()

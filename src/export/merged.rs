@@ -145,3 +145,22 @@ pub fn export_merged(
         merged,
     })
 }
+
+/// [`export_merged`] into `out` with the model card as `out/README.md`; the files written, for the
+/// app's export step.
+pub fn export_merged_with_card(
+    adapter: &Path,
+    base: &Path,
+    out: &Path,
+    card: &crate::export::CardInfo,
+) -> anyhow::Result<crate::export::Exported> {
+    let m = export_merged(adapter, base, out, MAX_SHARD_BYTES)?;
+    let readme = out.join("README.md");
+    crate::model::adapter::write_atomic(&readme, crate::export::merged_model_card(card).as_bytes())
+        .with_context(|| format!("writing {}", readme.display()))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&m.dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    Ok(crate::export::Exported { dir: m.dir, files })
+}

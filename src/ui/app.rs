@@ -324,7 +324,12 @@ impl FineTuneApp {
             }
             Action::Export { adapter, dest } => {
                 let card = self.card_info();
-                self.export.start(ctx, adapter, dest.clone(), card);
+                let base = self
+                    .run_config
+                    .as_ref()
+                    .map(|c| c.model_dir.clone())
+                    .or_else(|| self.settings.model_dir.clone());
+                self.export.start(ctx, adapter, dest.clone(), card, base);
                 self.settings.export_dir = Some(dest);
             }
             Action::OpenFolder(dir) => {

@@ -22,6 +22,37 @@ pub enum Which {
     Best,
 }
 
+/// What to write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Format {
+    /// The PEFT adapter files and a model card.
+    #[default]
+    Peft,
+    /// The base model with the adapter folded in (a Hugging Face folder).
+    Merged,
+}
+
+impl Format {
+    /// Every format, in the order the panel lists them.
+    pub const ALL: [Format; 2] = [Format::Peft, Format::Merged];
+
+    /// The radio button's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Format::Peft => "PEFT adapter",
+            Format::Merged => "Merged model",
+        }
+    }
+
+    /// Where the result runs, in one line.
+    pub fn runs_in(self) -> &'static str {
+        match self {
+            Format::Peft => "A few MB. transformers + PEFT, FineTune (Try, or keep training). Needs the base model beside it.",
+            Format::Merged => "The full model with the adapter folded in: transformers, vLLM, mlx_lm.convert, llama.cpp's convert_hf_to_gguf.py. As large as the base model.",
+        }
+    }
+}
+
 /// What the export panel asks the app to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExportAction {
@@ -43,6 +74,8 @@ pub struct ExportPanel {
     pub dest_text: String,
     /// Which adapter of the run to export.
     pub which: Which,
+    /// What to write.
+    pub format: Format,
     job: Option<Job<Result<Exported, String>>>,
     /// The last export's outcome.
     pub result: Option<Result<Exported, String>>,
@@ -50,11 +83,25 @@ pub struct ExportPanel {
 }
 
 impl ExportPanel {
-    /// Starts exporting on a worker thread.
-    pub fn start(&mut self, ctx: &egui::Context, adapter: PathBuf, dest: PathBuf, card: CardInfo) {
+    /// Starts exporting on a worker thread, in the chosen format; `base` is the run's model (for
+    /// a merged export).
+    pub fn start(
+        &mut self,
+        ctx: &egui::Context,
+        adapter: PathBuf,
+        dest: PathBuf,
+        card: CardInfo,
+        base: Option<PathBuf>,
+    ) {
         self.result = None;
-        self.job = Some(Job::spawn(ctx, "export", move || {
-            export_adapter(&adapter, &dest, &card).map_err(|e| e.to_string())
+        let format = self.format;
+        self.job = Some(Job::spawn(ctx, "export", move || match format {
+            Format::Peft => export_adapter(&adapter, &dest, &card).map_err(|e| e.to_string()),
+            Format::Merged => {
+                let base = base.ok_or("no base model: choose it in step 1")?;
+                crate::export::merged::export_merged_with_card(&adapter, &base, &dest, &card)
+                    .map_err(|e| format!("{e:#}"))
+            }
         }));
     }
 
@@ -102,7 +149,9 @@ impl ExportPanel {
     pub fn export_ui(&mut self, ui: &mut Ui, view: &RunView) -> Option<ExportAction> {
         let mut action = None;
         ui.heading("6. Export the adapter");
-        ui.label("Writes the adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json) with a README.md model card. Load it with PEFT, or with FineTune later.");
+        ui.label(
+            "Every export comes with a README.md model card (base model, data, settings, losses).",
+        );
         ui.add_space(6.0);
 
         if view.latest_adapter().is_none() && view.best.is_none() {
@@ -110,6 +159,8 @@ impl ExportPanel {
             return None;
         }
         let chosen = self.choice_ui(ui, view);
+        ui.add_space(6.0);
+        self.format_ui(ui);
         ui.add_space(6.0);
         self.destination_ui(ui);
         ui.add_space(6.0);
@@ -161,6 +212,20 @@ impl ExportPanel {
             }
         }
         chosen
+    }
+
+    /// The formats, each with where it runs.
+    fn format_ui(&mut self, ui: &mut Ui) {
+        ui.label("Format:");
+        for f in Format::ALL {
+            ui.horizontal(|ui| {
+                ui.radio_value(&mut self.format, f, f.label());
+                ui.weak(f.runs_in());
+            });
+        }
+        if self.format == Format::Merged {
+            ui.weak("The destination must be a new or empty folder.");
+        }
     }
 
     /// The destination field and its folder dialog.

@@ -97,6 +97,16 @@ pub enum Opened {
     Unknown(PathBuf, String),
 }
 
+/// Model text as the app draws it: a byte sequence the tokenizer could not decode (U+FFFD, e.g.
+/// a character cut at the token limit) shows as `?`, which every font has.
+pub fn model_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\u{FFFD}') {
+        text.replace('\u{FFFD}', "?").into()
+    } else {
+        text.into()
+    }
+}
+
 /// Sorts paths into a model folder and datasets. Of several `.jsonl` files, one whose name says
 /// valid/val/eval/dev/test is the validation set; the first other one trains.
 pub fn classify_paths(paths: &[PathBuf]) -> Vec<Opened> {

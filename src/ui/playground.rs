@@ -496,7 +496,7 @@ fn exchange_ui(ui: &mut Ui, e: &Exchange, side: Side) {
         if a.text.is_empty() && a.stats.is_none() {
             ui.spinner();
         } else {
-            ui.label(&a.text);
+            ui.label(super::model_text(&a.text));
         }
         if let Some(s) = &a.stats {
             let end = match s.finish {

@@ -6,9 +6,9 @@ use egui::{Color32, RichText, Ui};
 
 use super::app::Step;
 use super::charts::run_charts_ui;
-use super::format_duration;
 use super::run_view::{LogKind, RunState, RunView};
 use super::settings::error_color;
+use super::{format_duration, model_text};
 use crate::train::StopReason;
 
 /// What the train panel asks the app to do.
@@ -262,11 +262,11 @@ fn samples_ui(ui: &mut Ui, view: &RunView) {
                         // Columns justify their text; answers read better ragged.
                         let left = egui::Layout::top_down(egui::Align::LEFT);
                         c[0].with_layout(left, |ui| {
-                            ui.label(&a.prompt)
+                            ui.label(model_text(&a.prompt))
                                 .on_hover_text(format!("validation line {}", a.line))
                         });
-                        c[1].with_layout(left, |ui| ui.weak(&a.expected));
-                        c[2].with_layout(left, |ui| ui.label(&a.answer));
+                        c[1].with_layout(left, |ui| ui.weak(model_text(&a.expected)));
+                        c[2].with_layout(left, |ui| ui.label(model_text(&a.answer)));
                     });
                 }
             });
