@@ -115,17 +115,39 @@ fn adapter_base(adapter: &Path) -> Option<PathBuf> {
     crate::model::ModelSource::open(&base).ok().map(|_| base)
 }
 
+/// The base model for an export: `--model`, else [`adapter_base`].
+fn export_base(adapter: &Path, model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    model.or_else(|| adapter_base(adapter)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot tell which base model {} was trained on; pass it with --model",
+            adapter.display()
+        )
+    })
+}
+
+fn export_mlx(adapter: &Path, output: &Path, model: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let base = export_base(adapter, model)?;
+    let m = crate::export::mlx::export_mlx(adapter, &base, output)?;
+    println!(
+        "wrote an mlx-lm adapter ({} modules, last {} layers) to {}",
+        m.modules,
+        m.num_layers,
+        m.dir.display()
+    );
+    println!(
+        "run it: mlx_lm.generate --model <{}> --adapter-path {}",
+        base.display(),
+        m.dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn export_merged(
     adapter: &Path,
     output: &Path,
     model: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let base = model.or_else(|| adapter_base(adapter)).ok_or_else(|| {
-        anyhow::anyhow!(
-            "cannot tell which base model {} was trained on; pass it with --model",
-            adapter.display()
-        )
-    })?;
+    let base = export_base(adapter, model)?;
     let start = std::time::Instant::now();
     let m = crate::export::merged::export_merged(
         adapter,
@@ -260,6 +282,12 @@ pub fn main() -> ExitCode {
             format: ExportFormat::Merged,
             model,
         }) => export_merged(&adapter, &output, model),
+        Some(Command::Export {
+            adapter,
+            output,
+            format: ExportFormat::Mlx,
+            model,
+        }) => export_mlx(&adapter, &output, model),
         Some(Command::Export {
             adapter, output, ..
         }) => export(&adapter, &output),

@@ -5,6 +5,7 @@
 //! base model with the adapter folded in, as a Hugging Face folder.
 
 pub mod merged;
+pub mod mlx;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -189,6 +190,40 @@ pub fn merged_model_card(card: &CardInfo) -> String {
         s,
         "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```"
     );
+    s
+}
+
+/// The README.md of an MLX adapter export: the adapter's facts and how mlx-lm runs it.
+pub fn mlx_model_card(card: &CardInfo) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "---");
+    let _ = writeln!(s, "base_model: {}", yaml_str(&card.base_model));
+    let _ = writeln!(s, "library_name: mlx");
+    let _ = writeln!(s, "pipeline_tag: text-generation");
+    let _ = writeln!(s, "tags:\n- lora\n- mlx\n- finetune");
+    let _ = writeln!(s, "---\n");
+    let _ = writeln!(s, "# LoRA adapter for {} (mlx-lm layout)", card.base_model);
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Trained with FineTune on {} ({} of {} steps) on {}.",
+        card.dataset, card.steps_done, card.total_steps, card.date
+    );
+    results_section(&mut s, card);
+    data_section(&mut s, card);
+    settings_section(&mut s, &card.config);
+    let _ = writeln!(s, "\n## Use\n\n```sh");
+    let _ = writeln!(
+        s,
+        "mlx_lm.generate --model {} --adapter-path path/to/this/folder --prompt \"Hello\"",
+        card.base_model
+    );
+    let _ = writeln!(
+        s,
+        "mlx_lm.fuse --model {} --adapter-path path/to/this/folder",
+        card.base_model
+    );
+    let _ = writeln!(s, "```");
     s
 }
 

@@ -616,6 +616,23 @@ fn the_real_engine_trains_the_demo_and_exports() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(d < 1e-4, "merged vs base + adapter: {d}");
+
+    // The MLX adapter: mlx-lm's files and a card that says how to run it.
+    h.get_by_label("MLX adapter").click();
+    h.run();
+    let mlx = out.path().join("demo-mlx");
+    h.state_mut().set_export_dir(&mlx);
+    h.run();
+    h.get_by_label("Export").click();
+    wait_for(&mut h, "the MLX export", |a| match a.export_result() {
+        Some(Ok(e)) => e.dir == mlx,
+        Some(Err(_)) => true,
+        None => false,
+    });
+    assert!(h.state().export_result().unwrap().is_ok());
+    assert!(mlx.join("adapters.safetensors").is_file());
+    let readme = std::fs::read_to_string(mlx.join("README.md")).unwrap();
+    assert!(readme.contains("mlx_lm.generate"), "{readme}");
 }
 
 /// A file dropped on the window in a test.

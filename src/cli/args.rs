@@ -76,10 +76,10 @@ pub enum Command {
         adapter: PathBuf,
         /// Destination folder (new or empty for `merged`).
         output: PathBuf,
-        /// peft | merged
+        /// peft | merged | mlx
         #[arg(long, value_enum, default_value_t = ExportFormat::Peft)]
         format: ExportFormat,
-        /// The base model for `merged` [default: the run's model, from the checkpoint's
+        /// The base model for `merged` and `mlx` [default: the run's model, from the checkpoint's
         /// trainer_state.json, else the adapter's base_model_name_or_path].
         #[arg(long)]
         model: Option<PathBuf>,
@@ -157,6 +157,8 @@ pub enum ExportFormat {
     Peft,
     /// The base model with the adapter folded into its weights (Hugging Face folder)
     Merged,
+    /// mlx-lm's adapter layout (adapters.safetensors + adapter_config.json)
+    Mlx,
 }
 
 /// `--schedule` values: the learning-rate shape after warmup.

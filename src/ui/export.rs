@@ -30,17 +30,20 @@ pub enum Format {
     Peft,
     /// The base model with the adapter folded in (a Hugging Face folder).
     Merged,
+    /// mlx-lm's adapter layout.
+    Mlx,
 }
 
 impl Format {
     /// Every format, in the order the panel lists them.
-    pub const ALL: [Format; 2] = [Format::Peft, Format::Merged];
+    pub const ALL: [Format; 3] = [Format::Peft, Format::Merged, Format::Mlx];
 
     /// The radio button's label.
     pub fn label(self) -> &'static str {
         match self {
             Format::Peft => "PEFT adapter",
             Format::Merged => "Merged model",
+            Format::Mlx => "MLX adapter",
         }
     }
 
@@ -49,6 +52,7 @@ impl Format {
         match self {
             Format::Peft => "A few MB. transformers + PEFT, FineTune (Try, or keep training). Needs the base model beside it.",
             Format::Merged => "The full model with the adapter folded in: transformers, vLLM, mlx_lm.convert, llama.cpp's convert_hf_to_gguf.py. As large as the base model.",
+            Format::Mlx => "A few MB. mlx-lm on Apple silicon: mlx_lm.generate --adapter-path, mlx_lm.fuse. Needs the base model beside it.",
         }
     }
 }
@@ -100,6 +104,11 @@ impl ExportPanel {
             Format::Merged => {
                 let base = base.ok_or("no base model: choose it in step 1")?;
                 crate::export::merged::export_merged_with_card(&adapter, &base, &dest, &card)
+                    .map_err(|e| format!("{e:#}"))
+            }
+            Format::Mlx => {
+                let base = base.ok_or("no base model: choose it in step 1")?;
+                crate::export::mlx::export_mlx_with_card(&adapter, &base, &dest, &card)
                     .map_err(|e| format!("{e:#}"))
             }
         }));

@@ -1,9 +1,10 @@
-//! The merged export: for every fixture architecture (GPT-2's transposed Conv1D included), the
+//! The exports. Merged: for every fixture architecture (GPT-2's transposed Conv1D included), the
 //! merged folder loads as a plain model whose logits equal the base model with the PEFT adapter
 //! applied; tokenizer and config files come along; small shard limits give an index that loads;
 //! a non-empty destination and an adapter of another model are refused with what to do. The
 //! transformers side (the merged folder in transformers vs PEFT on the base) is
-//! tools/merged_check.py.
+//! tools/merged_check.py. MLX: the tensors are PEFT's transposed under mlx-lm's names, with its
+//! config; mlx-lm itself judges them in tools/mlx_check.py.
 // Tests panic on purpose: unwrap/expect are how they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -168,4 +169,76 @@ fn cli_merges_a_trained_run_without_being_told_the_base() {
     let mut tuned = load(&model);
     adapter::load(&run.join("checkpoints/step-000003"), &mut tuned).unwrap();
     assert!(max_diff(&logits(&load(&merged)), &logits(&tuned)) < 1e-4);
+}
+
+#[test]
+fn mlx_adapters_hold_the_transposed_factors_under_mlx_names() {
+    for (name, block) in [("tiny-llama", "model.layers"), ("tiny-gpt2", "model.h")] {
+        let dir = common::fixture(name);
+        let peft = dir.join("peft-adapter");
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("mlx");
+        let m = finetune::export::mlx::export_mlx(&peft, &dir, &out).unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let peft_config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(peft.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let r = peft_config["r"].as_f64().unwrap();
+        let alpha = peft_config["lora_alpha"].as_f64().unwrap();
+        assert_eq!(config["fine_tune_type"], "lora");
+        assert_eq!(config["num_layers"], m.num_layers);
+        assert_eq!(config["lora_parameters"]["rank"].as_f64().unwrap(), r);
+        assert!((config["lora_parameters"]["scale"].as_f64().unwrap() - alpha / r).abs() < 1e-12);
+        let theirs =
+            candle_core::safetensors::load(peft.join("adapter_model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let ours =
+            candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{name}");
+        let mut keys = std::collections::BTreeSet::new();
+        for (key, a) in theirs.iter().filter(|(k, _)| k.contains("lora_A")) {
+            let module = key
+                .trim_start_matches("base_model.model.")
+                .split(".lora_A")
+                .next()
+                .unwrap();
+            let (prefix, rest) = module
+                .split_once(".0.")
+                .or(module.split_once(".1."))
+                .unwrap();
+            let layer = &module[prefix.len() + 1..module.len() - rest.len() - 1];
+            let mlx = format!("{block}.{layer}.{rest}");
+            keys.insert(rest.to_owned());
+            let b = &theirs[&key.replace("lora_A", "lora_B")];
+            let diff = |x: &Tensor, y: &Tensor| {
+                (x - y)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(
+                diff(&ours[&format!("{mlx}.lora_a")], &a.t().unwrap()),
+                0.0,
+                "{mlx}"
+            );
+            assert_eq!(
+                diff(&ours[&format!("{mlx}.lora_b")], &b.t().unwrap()),
+                0.0,
+                "{mlx}"
+            );
+        }
+        let want: Vec<serde_json::Value> = keys.into_iter().map(Into::into).collect();
+        assert_eq!(
+            config["lora_parameters"]["keys"],
+            serde_json::Value::Array(want)
+        );
+    }
 }
