@@ -125,6 +125,27 @@ fn export_base(adapter: &Path, model: Option<PathBuf>) -> anyhow::Result<PathBuf
     })
 }
 
+fn export_gguf_lora(
+    adapter: &Path,
+    output: &Path,
+    model: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let base = export_base(adapter, model)?;
+    let g = crate::export::gguf_lora::export_gguf_lora(adapter, &base, output)?;
+    println!(
+        "wrote a GGUF LoRA ({} modules, {}) to {}",
+        g.modules,
+        g.architecture,
+        g.path.display()
+    );
+    println!(
+        "run it: llama-cli -m <{} as GGUF> --lora {}",
+        base.display(),
+        g.path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn export_mlx(adapter: &Path, output: &Path, model: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let base = export_base(adapter, model)?;
     let m = crate::export::mlx::export_mlx(adapter, &base, output)?;
@@ -288,6 +309,12 @@ pub fn main() -> ExitCode {
             format: ExportFormat::Mlx,
             model,
         }) => export_mlx(&adapter, &output, model),
+        Some(Command::Export {
+            adapter,
+            output,
+            format: ExportFormat::GgufLora,
+            model,
+        }) => export_gguf_lora(&adapter, &output, model),
         Some(Command::Export {
             adapter, output, ..
         }) => export(&adapter, &output),

@@ -4,6 +4,7 @@
 //! file + rename), so an interrupted export never leaves a half-written adapter. [`merged`]: the
 //! base model with the adapter folded in, as a Hugging Face folder.
 
+pub mod gguf_lora;
 pub mod merged;
 pub mod mlx;
 

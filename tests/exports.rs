@@ -242,3 +242,88 @@ fn mlx_adapters_hold_the_transposed_factors_under_mlx_names() {
         );
     }
 }
+
+#[test]
+fn gguf_loras_hold_the_factors_under_llama_cpp_names_with_q_and_k_permuted() {
+    use candle_core::quantized::gguf_file::{Content, Value};
+    let dir = common::fixture("tiny-llama");
+    let peft = dir.join("peft-adapter");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lora.gguf");
+    let g = finetune::export::gguf_lora::export_gguf_lora(&peft, &dir, &out).unwrap();
+    assert_eq!(g.architecture, "llama");
+    let mut file = std::fs::File::open(&out).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let text = |k: &str| match content.metadata.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(text("general.type"), "adapter");
+    assert_eq!(text("adapter.type"), "lora");
+    assert_eq!(text("general.architecture"), "llama");
+    let peft_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let Some(Value::F32(alpha)) = content.metadata.get("adapter.lora.alpha") else {
+        panic!("no alpha");
+    };
+    assert_eq!(
+        f64::from(*alpha),
+        peft_config["lora_alpha"].as_f64().unwrap()
+    );
+    let theirs =
+        candle_core::safetensors::load(peft.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut read = |name: &str| {
+        content
+            .tensor(&mut file, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+    };
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
+    let peft_key = |m: &str, w: &str| format!("base_model.model.model.layers.0.{m}.{w}.weight");
+    let same = |a: &Tensor, b: &Tensor| {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    };
+    // v: as PEFT has it; q: lora_b's rows permuted as convert_hf_to_gguf.py permutes q's weight.
+    same(
+        &read("blk.0.attn_v.weight.lora_a"),
+        &theirs[&peft_key("self_attn.v_proj", "lora_A")],
+    );
+    same(
+        &read("blk.0.attn_v.weight.lora_b"),
+        &theirs[&peft_key("self_attn.v_proj", "lora_B")],
+    );
+    same(
+        &read("blk.0.attn_q.weight.lora_a"),
+        &theirs[&peft_key("self_attn.q_proj", "lora_A")],
+    );
+    let qb = &theirs[&peft_key("self_attn.q_proj", "lora_B")];
+    let permuted = finetune::export::gguf_lora::permute(qb, heads).unwrap();
+    same(&read("blk.0.attn_q.weight.lora_b"), &permuted);
+    assert!(
+        (permuted - qb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0,
+        "the permutation moves rows"
+    );
+    assert_eq!(content.tensor_infos.len(), 2 * g.modules);
+}

@@ -633,6 +633,24 @@ fn the_real_engine_trains_the_demo_and_exports() {
     assert!(mlx.join("adapters.safetensors").is_file());
     let readme = std::fs::read_to_string(mlx.join("README.md")).unwrap();
     assert!(readme.contains("mlx_lm.generate"), "{readme}");
+
+    // The GGUF LoRA: one file named after the model, beside nothing else.
+    h.get_by_label("GGUF LoRA").click();
+    h.run();
+    let gguf = out.path().join("demo-gguf");
+    h.state_mut().set_export_dir(&gguf);
+    h.run();
+    h.get_by_label("Export").click();
+    wait_for(&mut h, "the GGUF LoRA export", |a| {
+        match a.export_result() {
+            Some(Ok(e)) => e.dir == gguf,
+            Some(Err(_)) => true,
+            None => false,
+        }
+    });
+    let done = h.state().export_result().unwrap().clone().unwrap();
+    assert_eq!(done.files, [gguf.join("demo-model-lora.gguf")]);
+    assert!(done.files[0].is_file());
 }
 
 /// A file dropped on the window in a test.

@@ -76,10 +76,10 @@ pub enum Command {
         adapter: PathBuf,
         /// Destination folder (new or empty for `merged`).
         output: PathBuf,
-        /// peft | merged | mlx
+        /// peft | merged | mlx | gguf-lora (OUTPUT is then the .gguf file)
         #[arg(long, value_enum, default_value_t = ExportFormat::Peft)]
         format: ExportFormat,
-        /// The base model for `merged` and `mlx` [default: the run's model, from the checkpoint's
+        /// The base model for `merged`, `mlx` and `gguf-lora` [default: the run's model, from the checkpoint's
         /// trainer_state.json, else the adapter's base_model_name_or_path].
         #[arg(long)]
         model: Option<PathBuf>,
@@ -159,6 +159,8 @@ pub enum ExportFormat {
     Merged,
     /// mlx-lm's adapter layout (adapters.safetensors + adapter_config.json)
     Mlx,
+    /// A GGUF LoRA for llama.cpp, Ollama and LM Studio, beside the base model's GGUF
+    GgufLora,
 }
 
 /// `--schedule` values: the learning-rate shape after warmup.

@@ -32,11 +32,13 @@ pub enum Format {
     Merged,
     /// mlx-lm's adapter layout.
     Mlx,
+    /// A GGUF LoRA for llama.cpp, Ollama and LM Studio.
+    GgufLora,
 }
 
 impl Format {
     /// Every format, in the order the panel lists them.
-    pub const ALL: [Format; 3] = [Format::Peft, Format::Merged, Format::Mlx];
+    pub const ALL: [Format; 4] = [Format::Peft, Format::Merged, Format::Mlx, Format::GgufLora];
 
     /// The radio button's label.
     pub fn label(self) -> &'static str {
@@ -44,6 +46,7 @@ impl Format {
             Format::Peft => "PEFT adapter",
             Format::Merged => "Merged model",
             Format::Mlx => "MLX adapter",
+            Format::GgufLora => "GGUF LoRA",
         }
     }
 
@@ -53,6 +56,7 @@ impl Format {
             Format::Peft => "A few MB. transformers + PEFT, FineTune (Try, or keep training). Needs the base model beside it.",
             Format::Merged => "The full model with the adapter folded in: transformers, vLLM, mlx_lm.convert, llama.cpp's convert_hf_to_gguf.py. As large as the base model.",
             Format::Mlx => "A few MB. mlx-lm on Apple silicon: mlx_lm.generate --adapter-path, mlx_lm.fuse. Needs the base model beside it.",
+            Format::GgufLora => "A few MB. llama.cpp (--lora), Ollama (ADAPTER), LM Studio, with the base model's GGUF.",
         }
     }
 }
@@ -104,6 +108,27 @@ impl ExportPanel {
             Format::Merged => {
                 let base = base.ok_or("no base model: choose it in step 1")?;
                 crate::export::merged::export_merged_with_card(&adapter, &base, &dest, &card)
+                    .map_err(|e| format!("{e:#}"))
+            }
+            Format::GgufLora => {
+                let base = base.ok_or("no base model: choose it in step 1")?;
+                let stem: String = card
+                    .base_model
+                    .chars()
+                    .map(|c| {
+                        if c.is_alphanumeric() || "-_.".contains(c) {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect();
+                let file = dest.join(format!("{stem}-lora.gguf"));
+                crate::export::gguf_lora::export_gguf_lora(&adapter, &base, &file)
+                    .map(|g| crate::export::Exported {
+                        dir: dest.clone(),
+                        files: vec![g.path],
+                    })
                     .map_err(|e| format!("{e:#}"))
             }
             Format::Mlx => {
@@ -159,7 +184,7 @@ impl ExportPanel {
         let mut action = None;
         ui.heading("6. Export the adapter");
         ui.label(
-            "Every export comes with a README.md model card (base model, data, settings, losses).",
+            "Adapter folders and merged models come with a README.md model card (base model, data, settings, losses).",
         );
         ui.add_space(6.0);
 
