@@ -50,6 +50,16 @@ impl Format {
         }
     }
 
+    /// The end of the suggested destination folder's name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Format::Peft => "-lora",
+            Format::Merged => "-merged",
+            Format::Mlx => "-mlx",
+            Format::GgufLora => "-gguf",
+        }
+    }
+
     /// Where the result runs, in one line.
     pub fn runs_in(self) -> &'static str {
         match self {
@@ -251,11 +261,18 @@ impl ExportPanel {
     /// The formats, each with where it runs.
     fn format_ui(&mut self, ui: &mut Ui) {
         ui.label("Format:");
+        let before = self.format;
         for f in Format::ALL {
             ui.horizontal(|ui| {
                 ui.radio_value(&mut self.format, f, f.label());
                 ui.weak(f.runs_in());
             });
+        }
+        // A suggested destination follows the format, so formats never land in one folder.
+        if self.format != before {
+            if let Some(stem) = self.dest_text.strip_suffix(before.suffix()) {
+                self.dest_text = format!("{stem}{}", self.format.suffix());
+            }
         }
         if self.format == Format::Merged {
             ui.weak("The destination must be a new or empty folder.");
