@@ -327,3 +327,36 @@ fn gguf_loras_hold_the_factors_under_llama_cpp_names_with_q_and_k_permuted() {
     );
     assert_eq!(content.tensor_infos.len(), 2 * g.modules);
 }
+
+#[test]
+fn mlx_and_gguf_loras_load_back_as_the_same_adapter() {
+    for name in ARCHS {
+        let dir = common::fixture(name);
+        let peft = dir.join("peft-adapter");
+        let mut tuned = load(&dir);
+        adapter::load(&peft, &mut tuned).unwrap();
+        let want = logits(&tuned);
+        let tmp = tempfile::tempdir().unwrap();
+        let mlx = tmp.path().join("mlx");
+        finetune::export::mlx::export_mlx(&peft, &dir, &mlx).unwrap();
+        let gguf = tmp.path().join("lora.gguf");
+        finetune::export::gguf_lora::export_gguf_lora(&peft, &dir, &gguf).unwrap();
+        for back in [&mlx, &gguf] {
+            let mut model = load(&dir);
+            let state = adapter::load(back, &mut model).unwrap();
+            assert!(state.parameter_count() > 0);
+            let d = max_diff(&logits(&model), &want);
+            assert!(d < 1e-5, "{name} from {}: {d}", back.display());
+        }
+    }
+    // A GGUF LoRA for another architecture is refused by name.
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("gpt2.gguf");
+    let gpt2 = common::fixture("tiny-gpt2");
+    finetune::export::gguf_lora::export_gguf_lora(&gpt2.join("peft-adapter"), &gpt2, &gguf)
+        .unwrap();
+    let e = adapter::load(&gguf, &mut load(&common::fixture("tiny-llama")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gpt2") && e.contains("llama"), "{e}");
+}

@@ -49,7 +49,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Undoes llama.cpp's `permute(w, n_head)`: rows grouped `(head, dim/2, 2)` back to
 /// `(head, 2, dim/2)`. Works for weights `(rows, cols)` and biases `(rows,)`.
-fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     if n_head == 0 || !rows.is_multiple_of(2 * n_head) {

@@ -17,7 +17,7 @@
 //!   `attn_{q,k}_norm` → `self_attn.{q,k}_norm`, `attn_norm` → `input_layernorm`, `ffn_norm` →
 //!   `post_attention_layernorm`, `ffn_{gate,up,down}` → `mlp.{gate,up,down}_proj`.
 
-mod gguf;
+pub(crate) mod gguf;
 mod gguf_meta;
 mod gguf_tokenizer;
 mod prepare;

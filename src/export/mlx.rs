@@ -34,7 +34,7 @@ pub struct MlxAdapter {
 }
 
 /// `model.layers.3.self_attn.q_proj` → (mlx-lm's `model.layers.3`, 3, `self_attn.q_proj`).
-fn split_module(path: &str) -> Option<(String, usize, String)> {
+pub(crate) fn split_module(path: &str) -> Option<(String, usize, String)> {
     let parts: Vec<&str> = path.split('.').collect();
     let at = parts
         .iter()

@@ -308,21 +308,51 @@ pub fn read_deltas(dir: &Path) -> Result<(HashMap<String, ModuleDelta>, bool), A
 }
 
 /// Each module's (lora_A, lora_B) tensors, by module path.
-type Pairs = HashMap<String, (Option<Tensor>, Option<Tensor>)>;
+pub(crate) type Pairs = HashMap<String, (Option<Tensor>, Option<Tensor>)>;
 
-/// Loads a PEFT adapter from `dir` onto `model` (replacing any adapter) and returns its state,
-/// ready to train further or to run.
-pub fn load(dir: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
+/// Loads an adapter onto `model` (replacing any adapter) and returns its state, ready to train
+/// further or to run: a PEFT adapter folder, an mlx-lm adapter folder (`adapters.safetensors`),
+/// or a llama.cpp GGUF LoRA file ([`super::import`]).
+pub fn load(path: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
+    let is_gguf = path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let (config, pairs, weights_path) = if is_gguf {
+        super::import::read_gguf_lora(path, model)?
+    } else if !path.join(ADAPTER_WEIGHTS).is_file()
+        && path.join(super::import::MLX_WEIGHTS).is_file()
+    {
+        super::import::read_mlx(path, model)?
+    } else {
+        read_peft(path, model.device())?
+    };
+    attach(config, pairs, &weights_path, model)
+}
+
+/// A PEFT adapter folder's settings and (A, B) pairs by module path, and its weights file.
+fn read_peft(dir: &Path, device: &Device) -> Result<(LoraConfig, Pairs, PathBuf), AdapterError> {
     let config_path = dir.join(ADAPTER_CONFIG);
     if !config_path.is_file() {
         return Err(AdapterError::MissingConfig(config_path));
     }
-    let mut config = read_config(&config_path)?;
+    let config = read_config(&config_path)?;
     let weights_path = dir.join(ADAPTER_WEIGHTS);
     if !weights_path.is_file() {
         return Err(AdapterError::MissingWeights(weights_path));
     }
-    let mut pairs = read_pairs(&weights_path, model.device())?;
+    let pairs = read_pairs(&weights_path, device)?;
+    Ok((config, pairs, weights_path))
+}
+
+/// Puts `pairs` (A (r, in), B (out, r) by module path) on `model`'s projections.
+fn attach(
+    mut config: LoraConfig,
+    mut pairs: Pairs,
+    weights_path: &Path,
+    model: &mut Model,
+) -> Result<LoraState, AdapterError> {
+    let weights_path = weights_path.to_path_buf();
     let known: BTreeSet<String> = model.linears().iter().map(|l| l.path.clone()).collect();
     if let Some(unknown) = pairs.keys().find(|p| !known.contains(*p)) {
         return Err(AdapterError::UnknownModule {
@@ -418,7 +448,7 @@ fn checked_pair(
 
 /// The scale of a module of rank `r`: the config's when `r` is its rank, else alpha over `r`
 /// (or over √r with rsLoRA), as PEFT computes it for a rank_pattern entry.
-fn module_scale(config: &LoraConfig, r: usize) -> f64 {
+pub(crate) fn module_scale(config: &LoraConfig, r: usize) -> f64 {
     if r == config.rank {
         config.scale()
     } else if config.use_rslora {

@@ -29,6 +29,7 @@ pub mod cache;
 pub mod config;
 pub mod gpt2;
 mod grad;
+pub mod import;
 pub mod kernels;
 pub mod llama;
 pub mod lora;
