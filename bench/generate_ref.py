@@ -92,9 +92,11 @@ def bench_transformers(args):
     except RuntimeError:
         pass
     ids = prompt_ids_hf(args.model, args.prompt_tokens)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
     model.eval()
-    prompt = torch.tensor([ids], dtype=torch.long)
+    prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     # Only the last position's logits in prefill (as llama.cpp with logits_all=False).
     keep = {}
@@ -117,6 +119,7 @@ def bench_transformers(args):
             t0 = time.perf_counter()
             out = model(input_ids=prompt, use_cache=True, **keep)
             nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            sync()
             t1 = time.perf_counter()
             past = getattr(out, cache_kw)
             got = []
@@ -126,11 +129,12 @@ def bench_transformers(args):
                 out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
                 past = getattr(out, cache_kw)
                 nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            sync()
             t2 = time.perf_counter()
         LAST_IDS[:] = got
         return t1 - t0, t2 - t1
 
-    return one_run, "f32"
+    return one_run, args.dtype
 
 
 def bench_llamacpp(args):
@@ -189,6 +193,8 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="transformers: cpu or cuda")
+    p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="transformers: weights dtype")
     p.add_argument("--flash-attn", action="store_true",
                    help="llamacpp: enable flash attention (llama-cpp-python's default is off)")
     p.add_argument("--print-ids", action="store_true",

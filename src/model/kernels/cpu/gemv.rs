@@ -14,8 +14,13 @@ use rayon::prelude::*;
 /// Most rows of `x` this kernel is used for (more go to gemm, whose packing then pays off).
 pub const MAX_ROWS: usize = 4;
 
-/// Output rows of `W` one task takes.
+/// Fewest output rows of `W` one task takes.
 const ROWS_PER_TASK: usize = 32;
+
+/// Fewest weights one task reads: waking a thread costs microseconds, so small products use
+/// fewer threads (on a 16-core machine, one task per 32 rows spent more time waking threads
+/// than multiplying).
+const WEIGHTS_PER_TASK: usize = 1 << 15;
 
 const LANES: usize = 16;
 
@@ -308,7 +313,11 @@ pub fn gemv<W: Simd>(
     accumulate: bool,
 ) {
     let mut fresh = vec![0f32; n * o];
-    let rows = ROWS_PER_TASK;
+    // About four tasks per thread for balance, fewer when the product is small.
+    let tasks = (rayon::current_num_threads() * 4)
+        .min(o * i / WEIGHTS_PER_TASK)
+        .max(1);
+    let rows = o.div_ceil(tasks).max(ROWS_PER_TASK);
     for r in 0..n {
         let xr = &x[r * i..(r + 1) * i];
         fresh[r * o..(r + 1) * o]
