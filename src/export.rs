@@ -158,74 +158,68 @@ pub fn model_card(card: &CardInfo) -> String {
     s
 }
 
-/// The README.md of a merged export: the same facts, front matter and usage of a full model
-/// (`base_model_relation: merge`, loaded with transformers alone).
-pub fn merged_model_card(card: &CardInfo) -> String {
+/// The front matter, heading and first line of a card for `library`, then the usual sections and
+/// `usage` (already formatted Markdown).
+fn card_with(
+    card: &CardInfo,
+    library: &str,
+    front: &str,
+    title: &str,
+    made: &str,
+    usage: &str,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "---");
     let _ = writeln!(s, "base_model: {}", yaml_str(&card.base_model));
-    let _ = writeln!(s, "base_model_relation: merge");
-    let _ = writeln!(s, "library_name: transformers");
+    let _ = write!(s, "{front}");
+    let _ = writeln!(s, "library_name: {library}");
     let _ = writeln!(s, "pipeline_tag: text-generation");
-    let _ = writeln!(s, "tags:\n- lora\n- merged\n- finetune");
+    let _ = writeln!(s, "tags:\n- lora\n- {library}\n- finetune");
     let _ = writeln!(s, "---\n");
-    let _ = writeln!(s, "# {} with a LoRA adapter merged in", card.base_model);
-    let _ = writeln!(s);
+    let _ = writeln!(s, "# {title}\n");
     let _ = writeln!(
         s,
-        "Trained with FineTune on {} ({} of {} steps) on {}; the adapter is folded into the weights.",
+        "Trained with FineTune on {} ({} of {} steps) on {}{made}.",
         card.dataset, card.steps_done, card.total_steps, card.date
     );
     results_section(&mut s, card);
     data_section(&mut s, card);
     settings_section(&mut s, &card.config);
-    let _ = writeln!(
-        s,
-        "\n## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-    );
-    let _ = writeln!(
-        s,
-        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")"
-    );
-    let _ = writeln!(
-        s,
-        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```"
-    );
+    let _ = write!(s, "\n## Use\n\n{usage}");
     s
+}
+
+/// The README.md of a merged export: the same facts, front matter and usage of a full model
+/// (`base_model_relation: merge`, loaded with transformers alone).
+pub fn merged_model_card(card: &CardInfo) -> String {
+    let usage = "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
+model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n\
+tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/folder\")\n```\n";
+    card_with(
+        card,
+        "transformers",
+        "base_model_relation: merge\n",
+        &format!("{} with a LoRA adapter merged in", card.base_model),
+        "; the adapter is folded into the weights",
+        usage,
+    )
 }
 
 /// The README.md of an MLX adapter export: the adapter's facts and how mlx-lm runs it.
 pub fn mlx_model_card(card: &CardInfo) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "---");
-    let _ = writeln!(s, "base_model: {}", yaml_str(&card.base_model));
-    let _ = writeln!(s, "library_name: mlx");
-    let _ = writeln!(s, "pipeline_tag: text-generation");
-    let _ = writeln!(s, "tags:\n- lora\n- mlx\n- finetune");
-    let _ = writeln!(s, "---\n");
-    let _ = writeln!(s, "# LoRA adapter for {} (mlx-lm layout)", card.base_model);
-    let _ = writeln!(s);
-    let _ = writeln!(
-        s,
-        "Trained with FineTune on {} ({} of {} steps) on {}.",
-        card.dataset, card.steps_done, card.total_steps, card.date
+    let base = &card.base_model;
+    let usage = format!(
+        "```sh\nmlx_lm.generate --model {base} --adapter-path path/to/this/folder --prompt \"Hello\"\n\
+mlx_lm.fuse --model {base} --adapter-path path/to/this/folder\n```\n"
     );
-    results_section(&mut s, card);
-    data_section(&mut s, card);
-    settings_section(&mut s, &card.config);
-    let _ = writeln!(s, "\n## Use\n\n```sh");
-    let _ = writeln!(
-        s,
-        "mlx_lm.generate --model {} --adapter-path path/to/this/folder --prompt \"Hello\"",
-        card.base_model
-    );
-    let _ = writeln!(
-        s,
-        "mlx_lm.fuse --model {} --adapter-path path/to/this/folder",
-        card.base_model
-    );
-    let _ = writeln!(s, "```");
-    s
+    card_with(
+        card,
+        "mlx",
+        "",
+        &format!("LoRA adapter for {base} (mlx-lm layout)"),
+        "",
+        &usage,
+    )
 }
 
 // `writeln!` into a String cannot fail; the results below are ignored on purpose.

@@ -41,6 +41,33 @@ fn is_weight_file(name: &str) -> bool {
         || name.ends_with(".pth")
 }
 
+/// Every tensor of the base, by name, with its stored size.
+fn tensor_plan(st: &MmapedSafetensors) -> Vec<PlannedTensor> {
+    let mut plan: Vec<PlannedTensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| PlannedTensor {
+            bytes: (view.data().len()) as u64,
+            name,
+        })
+        .collect();
+    plan.sort_by(|a, b| a.name.cmp(&b.name));
+    plan
+}
+
+/// Copies the base folder's files that are not weights (config, tokenizer, template, …).
+fn copy_side_files(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && !is_weight_file(&name) {
+            std::fs::copy(entry.path(), to.join(&name))
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// `W + scale · B · A` in f32, transposed for `fan_in_fan_out`, rounded to `dtype`.
 fn fold(w: &Tensor, d: &ModuleDelta, fan_in_fan_out: bool, name: &str) -> anyhow::Result<Tensor> {
     let delta = (d.b.matmul(&d.a)? * d.scale)?;
@@ -76,15 +103,7 @@ pub fn export_merged(
     // into a model folder it reads).
     let st = unsafe { MmapedSafetensors::multi(&files) }
         .with_context(|| format!("reading the weights of {}", prepared.dir.display()))?;
-    let mut plan: Vec<PlannedTensor> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| PlannedTensor {
-            bytes: (view.data().len()) as u64,
-            name,
-        })
-        .collect();
-    plan.sort_by(|a, b| a.name.cmp(&b.name));
+    let plan = tensor_plan(&st);
     let names: std::collections::HashSet<&str> = plan.iter().map(|t| t.name.as_str()).collect();
     if let Some(missing) = deltas
         .keys()
@@ -123,14 +142,7 @@ pub fn export_merged(
         }
     };
     let (shards, bytes) = write_model(tmp.path(), &plan, max_shard_bytes, &mut load)?;
-    for entry in std::fs::read_dir(&prepared.dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.file_type()?.is_file() && !is_weight_file(&name) {
-            std::fs::copy(entry.path(), tmp.path().join(&name))
-                .with_context(|| format!("copying {}", entry.path().display()))?;
-        }
-    }
+    copy_side_files(&prepared.dir, tmp.path())?;
     let tmp = tmp.keep();
     if out.exists() {
         std::fs::remove_dir(out)

@@ -115,34 +115,7 @@ pub fn read_gguf_lora(
         .map_err(|e| invalid(file, e.to_string()))?;
     let content =
         Content::read(&mut reader).map_err(|e| invalid(file, format!("not a GGUF file ({e})")))?;
-    let text = |k: &str| match content.metadata.get(k) {
-        Some(Value::String(s)) => Some(s.clone()),
-        _ => None,
-    };
-    if text("general.type").as_deref() != Some("adapter")
-        || text("adapter.type").as_deref() != Some("lora")
-    {
-        return Err(AdapterError::Unsupported {
-            what:
-                "a GGUF file that is not a LoRA adapter (general.type adapter, adapter.type lora)"
-                    .into(),
-            path: file.to_path_buf(),
-        });
-    }
-    let arch = crate::export::gguf_lora::gguf_architecture(&model.config.architecture);
-    if let (Some(want), Some(got)) = (arch, text("general.architecture")) {
-        if want != got {
-            return Err(AdapterError::Unsupported {
-                what: format!("a LoRA for a {got} model on this {want} model"),
-                path: file.to_path_buf(),
-            });
-        }
-    }
-    let alpha = match content.metadata.get("adapter.lora.alpha") {
-        Some(Value::F32(a)) => f64::from(*a),
-        Some(Value::F64(a)) => *a,
-        _ => 0.0,
-    };
+    let (alpha, arch) = lora_metadata(&content, model, file)?;
     let by_gguf: HashMap<String, String> = model
         .linears()
         .iter()
@@ -198,6 +171,44 @@ pub fn read_gguf_lora(
         use_rslora: false,
     };
     Ok((config, pairs, file.to_path_buf()))
+}
+
+/// A GGUF LoRA's alpha and llama.cpp architecture name, after checking that it is a LoRA for
+/// this model's architecture.
+fn lora_metadata(
+    content: &Content,
+    model: &Model,
+    file: &Path,
+) -> Result<(f64, Option<&'static str>), AdapterError> {
+    let text = |k: &str| match content.metadata.get(k) {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    if text("general.type").as_deref() != Some("adapter")
+        || text("adapter.type").as_deref() != Some("lora")
+    {
+        return Err(AdapterError::Unsupported {
+            what:
+                "a GGUF file that is not a LoRA adapter (general.type adapter, adapter.type lora)"
+                    .into(),
+            path: file.to_path_buf(),
+        });
+    }
+    let arch = crate::export::gguf_lora::gguf_architecture(&model.config.architecture);
+    if let (Some(want), Some(got)) = (arch, text("general.architecture")) {
+        if want != got {
+            return Err(AdapterError::Unsupported {
+                what: format!("a LoRA for a {got} model on this {want} model"),
+                path: file.to_path_buf(),
+            });
+        }
+    }
+    let alpha = match content.metadata.get("adapter.lora.alpha") {
+        Some(Value::F32(a)) => f64::from(*a),
+        Some(Value::F64(a)) => *a,
+        _ => 0.0,
+    };
+    Ok((alpha, arch))
 }
 
 /// llama's q/k `lora_b` rows back from llama.cpp's interleaved order.

@@ -7,6 +7,7 @@ pub mod events;
 pub mod optim;
 pub mod run;
 pub mod samples;
+mod stream;
 
 pub use config::{
     capped_seq_len, DeviceChoice, DtypeChoice, Duration, FieldError, Schedule, TrainConfig,

@@ -16,7 +16,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend;
-use crate::data::{self, Batch, BatchOptions, Dataset, EpochBatches, LoadedData, ModelTokenizer};
+use crate::data::{self, Batch, BatchOptions, Dataset, LoadedData, ModelTokenizer};
 use crate::model::{
     adapter, lora::mix, ops, LoraState, Model, ModelConfig, ModelInput, PreparedModel,
 };
@@ -25,54 +25,7 @@ use crate::train::config::{capped_seq_len, Duration, TrainConfig, ValidConfig};
 use crate::train::events::{Event, Reporter, StepStats, StopReason};
 use crate::train::optim::AdamW;
 use crate::train::samples;
-
-/// Batches of the training set across epochs, resumable at (epoch, batch index).
-struct BatchStream<'a> {
-    data: &'a Dataset,
-    options: BatchOptions,
-    seed: u64,
-    epoch: u64,
-    /// Batches of `epoch` already taken.
-    pos: usize,
-    iter: EpochBatches<'a>,
-}
-
-impl<'a> BatchStream<'a> {
-    fn new(data: &'a Dataset, options: BatchOptions, seed: u64, epoch: u64, pos: usize) -> Self {
-        let mut iter = data::batches(data, &options, seed, epoch);
-        // Planning is indices only; skipping builds the skipped batches' vectors, which is cheap.
-        for _ in 0..pos {
-            iter.next();
-        }
-        Self {
-            data,
-            options,
-            seed,
-            epoch,
-            pos,
-            iter,
-        }
-    }
-
-    fn next(&mut self) -> Option<Batch> {
-        if let Some(b) = self.iter.next() {
-            self.pos += 1;
-            return Some(b);
-        }
-        self.epoch += 1;
-        self.pos = 0;
-        self.iter = data::batches(self.data, &self.options, self.seed, self.epoch);
-        let b = self.iter.next()?;
-        self.pos = 1;
-        Some(b)
-    }
-
-    /// Fractional epochs completed.
-    fn progress(&self) -> f64 {
-        let len = data::batches(self.data, &self.options, self.seed, self.epoch).len();
-        self.epoch as f64 + self.pos as f64 / len.max(1) as f64
-    }
-}
+use crate::train::stream::BatchStream;
 
 /// Tensors for one host batch.
 pub fn model_input(
