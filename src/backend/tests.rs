@@ -1,3 +1,4 @@
+#![cfg(test)]
 //! Tests of `backend`.
 
 use super::*;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::generate::{Loaded, ModelArgs, SamplingArgs};
-use crate::generate::prompt::{self, Prompt, Turn};
+use super::generate::{Loaded, ModelArgs, SamplingArgs, TemplateArgs};
+use crate::generate::prompt::{self, Turn};
 
 /// `finetune chat` flags.
 #[derive(Debug, Args)]
@@ -20,12 +20,9 @@ pub struct ChatArgs {
     /// The model and adapter.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A system message at the start of the conversation.
-    #[arg(long)]
-    pub system: Option<String>,
-    /// The chat template's `enable_thinking` (Qwen3), passed only when given.
-    #[arg(long)]
-    pub enable_thinking: Option<bool>,
+    /// System message and template variables.
+    #[command(flatten)]
+    pub template: TemplateArgs,
     /// Sampling.
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -88,13 +85,7 @@ fn answer(
     text: &str,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let prompt = Prompt {
-        text: text.to_owned(),
-        chat: true,
-        system: args.system.clone(),
-        enable_thinking: args.enable_thinking,
-        history: history.clone(),
-    };
+    let prompt = args.template.chat_prompt(text, history.clone());
     let ids = prompt::ids(&loaded.tokenizer, &prompt)?;
     let options = loaded.options(&args.sampling);
     let mut out = std::io::stdout().lock();

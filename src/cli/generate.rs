@@ -14,7 +14,7 @@ use super::{DeviceArg, DtypeArg};
 use crate::backend::Backend;
 use crate::data::ModelTokenizer;
 use crate::generate::{
-    self, prompt::Prompt, GenerateOptions, Generation, GenerationDefaults, SamplingParams,
+    self, prompt, prompt::Prompt, GenerateOptions, Generation, GenerationDefaults, SamplingParams,
 };
 use crate::model::{Model, PreparedModel};
 
@@ -76,15 +76,36 @@ pub struct GenerateArgs {
     /// Render the prompt as a user turn with the model's chat template (ChatML when it has none).
     #[arg(long)]
     pub chat: bool,
-    /// A system message before the prompt (with --chat).
+    /// System message and template variables (with --chat).
+    #[command(flatten)]
+    pub template: TemplateArgs,
+    /// Sampling.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// What a chat prompt is rendered with besides the messages: shared by `generate` and `chat`.
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    /// A system message at the start of the conversation.
     #[arg(long)]
     pub system: Option<String>,
     /// The chat template's `enable_thinking` (Qwen3), passed only when given.
     #[arg(long)]
     pub enable_thinking: Option<bool>,
-    /// Sampling.
-    #[command(flatten)]
-    pub sampling: SamplingArgs,
+}
+
+impl TemplateArgs {
+    /// A chat prompt of `text` after `history`, with these settings.
+    pub fn chat_prompt(&self, text: &str, history: Vec<prompt::Turn>) -> Prompt {
+        Prompt {
+            text: text.to_owned(),
+            chat: true,
+            system: self.system.clone(),
+            enable_thinking: self.enable_thinking,
+            history,
+        }
+    }
 }
 
 impl SamplingArgs {
@@ -239,8 +260,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     let prompt = Prompt {
         text: args.prompt.clone(),
         chat: args.chat,
-        system: args.system.clone(),
-        enable_thinking: args.enable_thinking,
+        system: args.template.system.clone(),
+        enable_thinking: args.template.enable_thinking,
         history: Vec::new(),
     };
     let ids = generate::prompt::ids(&loaded.tokenizer, &prompt)?;

@@ -238,7 +238,11 @@ impl LoraLinear {
                 } else {
                     (l.a.as_tensor().clone(), l.b.as_tensor().clone())
                 };
-                if detach_lora && !train && h.device().is_cpu() && h.dim(0)? <= 4 {
+                if detach_lora
+                    && !train
+                    && h.device().is_cpu()
+                    && h.dim(0)? <= kernels::cpu::gemv::MAX_ROWS
+                {
                     // Decoding: two small products through the frozen-linear kernel (no graph,
                     // A and B read once), the scale on the (N, r) middle.
                     let mid = (kernels::frozen_linear(&h, &a)? * l.scale)?;

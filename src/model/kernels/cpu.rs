@@ -13,7 +13,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-mod gemv;
+pub mod gemv;
 mod linear;
 
 pub use linear::frozen_linear_plus;
