@@ -65,6 +65,10 @@ key ctrl+5
 xdotool type --window "$WID" --delay 20 "${TRY_PROMPT:-What is new in SwiftUI this year?}"
 key ctrl+Return "${TRY_SECS:-10}"; shot 5-try
 key ctrl+6; shot 6-export
+# The Ollama format (its radio button is the fourth; positions are for the 1400x900 screen):
+# the quantization table with each type's size, then the export and its result.
+xdotool mousemove --window "$WID" 205 205 click 1; sleep 2; shot 6-export-ollama
+xdotool mousemove --window "$WID" 225 "${EXPORT_BUTTON_Y:-538}" click 1; sleep "${EXPORT_SECS:-8}"; shot 6-export-ollama-done
 
 kill "$APP"
 wait "$APP" 2>/dev/null || true

@@ -61,6 +61,9 @@ pub struct GpuInfo {
     pub name: String,
     /// Total device memory (Metal: the recommended working set), when known.
     pub memory_bytes: Option<u64>,
+    /// Whether the device runs bf16 kernels (Metal: they exist only in a binary built for macOS
+    /// 14 or later, see docs/metal.md; probed). Without, the GPU computes in f32.
+    pub bf16: bool,
 }
 
 /// The CPU as the probe found it.
@@ -198,9 +201,17 @@ fn cpu_plan(cpu: &CpuInfo, reason: String) -> Plan {
 }
 
 fn gpu_plan(kind: BackendKind, info: &GpuInfo, reason: String) -> Plan {
+    let (dtype, reason) = if info.bf16 {
+        (DType::BF16, reason)
+    } else {
+        (
+            DType::F32,
+            format!("{reason}; f32, as this build has no bf16 kernels for it (rebuild with MACOSX_DEPLOYMENT_TARGET=15.0)"),
+        )
+    };
     Plan {
         kind,
-        dtype: DType::BF16,
+        dtype,
         name: gpu_name(kind, info),
         reason,
         memory_bytes: info.memory_bytes,
@@ -333,18 +344,50 @@ pub fn simd_level() -> &'static str {
     }
 }
 
-#[cfg(feature = "metal")]
+#[cfg(metal_gpu)]
 fn metal_info() -> Result<GpuInfo, Missing> {
-    Device::new_metal(0).map_err(|e| Missing::Unavailable(e.to_string()))?;
+    let dev = Device::new_metal(0).map_err(|e| Missing::Unavailable(e.to_string()))?;
+    // Apple GPUs share the machine's unified memory, but Metal lets one process keep only its
+    // recommended working set resident (about 2/3 to 3/4 of RAM): that is what must fit.
+    let working_set = match &dev {
+        Device::Metal(m) => m.device().recommended_max_working_set_size() as u64,
+        _ => 0,
+    };
+    // Candle compiles its Metal shaders at run time, and what compiles depends on the macOS this
+    // binary was built for (docs/metal.md, gaps 1 and 2): a one-row product in f32 (the gemv
+    // kernels every decode step uses) must work, and bf16 is used only where it does.
+    if !metal_works(&dev, DType::F32) {
+        return Err(Missing::Unavailable(
+            "Metal's kernels do not run in this build (one-row f32 product failed); rebuild with MACOSX_DEPLOYMENT_TARGET=15.0".into(),
+        ));
+    }
     Ok(GpuInfo {
         count: 1,
         name: "Apple GPU".into(),
-        // Apple GPUs share the machine's unified memory.
-        memory_bytes: crate::memory::total_memory_bytes(),
+        memory_bytes: if working_set > 0 {
+            Some(working_set)
+        } else {
+            crate::memory::total_memory_bytes()
+        },
+        bf16: metal_works(&dev, DType::BF16),
     })
 }
 
-#[cfg(not(feature = "metal"))]
+/// Whether a cast to `dtype`, a one-row product and a cast back give the right number on `dev`.
+#[cfg(metal_gpu)]
+fn metal_works(dev: &Device, dtype: DType) -> bool {
+    let run = || -> candle_core::Result<f32> {
+        let a = candle_core::Tensor::ones((1, 8), DType::F32, dev)?.to_dtype(dtype)?;
+        let b = candle_core::Tensor::ones((8, 4), DType::F32, dev)?.to_dtype(dtype)?;
+        a.matmul(&b)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()
+    };
+    matches!(run(), Ok(v) if v == 32.0)
+}
+
+#[cfg(not(metal_gpu))]
 fn metal_info() -> Result<GpuInfo, Missing> {
     Err(Missing::NotBuilt)
 }
@@ -362,6 +405,7 @@ fn cuda_info() -> Result<GpuInfo, Missing> {
         count: count as usize,
         name: ctx.name().map_err(|e| unavailable(&e))?,
         memory_bytes: ctx.total_mem().ok().map(|m| m as u64),
+        bf16: true,
     })
 }
 
@@ -447,10 +491,13 @@ pub fn tune_cpu_threads() {
     }
 }
 
-/// Device memory in use now (CUDA: used of total on device 0), when the backend tells. The CPU
-/// reports none here: its figure is the process RSS.
+/// Device memory in use now (CUDA: used of total on device 0; Metal: what this process's
+/// buffers hold, `currentAllocatedSize`), when the backend tells. The CPU reports none here: its
+/// figure is the process RSS.
 pub fn device_memory_used(device: &Device) -> Option<u64> {
     match device {
+        #[cfg(metal_gpu)]
+        Device::Metal(m) => Some(m.device().current_allocated_size() as u64),
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
             let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;

@@ -10,6 +10,7 @@ use crate::train::{format_duration, Event, TrainConfig};
 
 mod args;
 mod chat;
+mod export;
 mod generate;
 pub use args::*;
 pub use generate::GenerateArgs;
@@ -300,20 +301,40 @@ pub fn main() -> ExitCode {
         Some(Command::Export {
             adapter,
             output,
+            format: format @ (ExportFormat::Gguf | ExportFormat::Ollama),
+            model,
+            quant,
+            base_only,
+        }) => export_base(&adapter, model).and_then(|base| {
+            export::gguf(&export::GgufRequest {
+                base,
+                adapter,
+                output,
+                quant,
+                base_only,
+                ollama: format == ExportFormat::Ollama,
+            })
+        }),
+        Some(Command::Export {
+            adapter,
+            output,
             format: ExportFormat::Merged,
             model,
+            ..
         }) => export_merged(&adapter, &output, model),
         Some(Command::Export {
             adapter,
             output,
             format: ExportFormat::Mlx,
             model,
+            ..
         }) => export_mlx(&adapter, &output, model),
         Some(Command::Export {
             adapter,
             output,
             format: ExportFormat::GgufLora,
             model,
+            ..
         }) => export_gguf_lora(&adapter, &output, model),
         Some(Command::Export {
             adapter, output, ..

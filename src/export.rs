@@ -4,9 +4,14 @@
 //! file + rename), so an interrupted export never leaves a half-written adapter. [`merged`]: the
 //! base model with the adapter folded in, as a Hugging Face folder.
 
+pub mod gguf;
 pub mod gguf_lora;
+mod gguf_types;
+mod gguf_vocab;
+pub mod kquant;
 pub mod merged;
 pub mod mlx;
+pub mod ollama;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -47,6 +52,34 @@ pub enum ExportError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// A file-name-safe stem for the model `base` (its Hub name without the org, or its folder or
+/// file name), for naming exported files.
+pub fn file_stem_of(base: &Path) -> String {
+    let name = crate::model::source::ModelSource::open(base)
+        .map(|s| s.name())
+        .unwrap_or_else(|_| base.display().to_string());
+    let name = name.rsplit('/').next().unwrap_or(&name);
+    let stem = file_safe(name);
+    if stem.is_empty() {
+        "model".into()
+    } else {
+        stem
+    }
+}
+
+/// `name` with every character but letters, digits, `-`, `_` and `.` replaced by `-`.
+pub fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// What the model card says about the run.

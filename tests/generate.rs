@@ -91,13 +91,14 @@ fn cached_decode_steps_equal_full_forwards_with_and_without_the_adapter() {
 #[test]
 fn chunks_after_a_cache_continue_positions_and_the_causal_mask() {
     // Several new tokens at once after cached ones: RoPE / learned positions continue from the
-    // cache and the queries see the cache plus the new tokens up to themselves.
-    let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 500).collect();
+    // cache and the queries see the cache plus the new tokens up to themselves. Single tokens
+    // take the CPU's fused decoding step, chunks the ops: the cache moves between its two forms.
+    let ids: Vec<u32> = (0..14).map(|i| (i * 37 + 5) % 500).collect();
     for name in ARCHS {
         let model = load(name, true);
         let mut cache = model.new_cache();
         let mut at = 0;
-        for chunk in [4, 3, 1, 4] {
+        for chunk in [4, 3, 1, 1, 4, 1] {
             let logits = model
                 .forward_cached(&ids[at..at + chunk], &mut cache)
                 .unwrap();

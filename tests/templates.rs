@@ -9,7 +9,9 @@
 //! the style of Qwen2.5 (tools, `tojson`), Llama 3.1 (`bos_token`, tools in the first user message,
 //! `tojson(indent=4)`, `raise_exception`, `is iterable` on strings) and Qwen3 (pycompat
 //! `startswith`/`split`/`rstrip`/`lstrip`/`strip`, `namespace()`, `messages[::-1]`,
-//! `raise_exception`), plus templates/tojson-options, FineTune's own probe of tojson's keyword
+//! `raise_exception`), Mistral (`[INST]`, the system prompt folded into the first user message),
+//! Gemma (`model` role, `trim`), Phi-3 (`<|end|>`) and SmolLM2 (a default system prompt), plus
+//! templates/tojson-options, FineTune's own probe of tojson's keyword
 //! arguments (`sort_keys`, `ensure_ascii` with surrogate pairs, `indent`, `separators`).
 // Tests panic on purpose: unwrap/expect are how they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

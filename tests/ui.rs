@@ -651,6 +651,74 @@ fn the_real_engine_trains_the_demo_and_exports() {
     let done = h.state().export_result().unwrap().clone().unwrap();
     assert_eq!(done.files, [gguf.join("demo-model-lora.gguf")]);
     assert!(done.files[0].is_file());
+
+    // The GGUF model: the sizes of every type are shown before writing; Q8_0 is written.
+    h.get_by_label("GGUF model").click();
+    h.run();
+    for _ in 0..200 {
+        h.step();
+        if has_label(&h, " KB") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(has_label(&h, " KB"), "no file sizes shown");
+    h.get_by_label("Q8_0").click();
+    h.run();
+    let model_gguf = out.path().join("demo-model-gguf");
+    h.state_mut().set_export_dir(&model_gguf);
+    h.run();
+    h.get_by_label("Export").click();
+    wait_for(&mut h, "the GGUF export", |a| match a.export_result() {
+        Some(Ok(e)) => e.dir == model_gguf,
+        Some(Err(_)) => true,
+        None => false,
+    });
+    let done = h.state().export_result().unwrap().clone().unwrap();
+    assert_eq!(done.files, [model_gguf.join("demo-model-tuned-Q8_0.gguf")]);
+    let mut f = std::fs::File::open(&done.files[0]).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    assert_eq!(
+        content.metadata["general.file_type"].to_u32().unwrap(),
+        7,
+        "Q8_0"
+    );
+
+    // Ollama: GGUF + Modelfile, and "Add to Ollama" runs `ollama create` (a stand-in here).
+    let fake = out.path().join("fake-ollama");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"$@\" > \"$(pwd)/ollama-args\"\necho 'writing manifest' >&2\necho success >&2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    h.state_mut().set_ollama_program(Some(fake));
+    h.get_by_label("Ollama").click();
+    h.run();
+    let ollama = out.path().join("demo-ollama");
+    h.state_mut().set_export_dir(&ollama);
+    h.run();
+    h.get_by_label("Export").click();
+    wait_for(&mut h, "the Ollama export", |a| match a.export_result() {
+        Some(Ok(e)) => e.dir == ollama,
+        Some(Err(_)) => true,
+        None => false,
+    });
+    assert!(h.state().export_result().unwrap().is_ok());
+    let modelfile = std::fs::read_to_string(ollama.join("Modelfile")).unwrap();
+    assert!(
+        modelfile.contains("FROM ./demo-model-tuned-Q8_0.gguf"),
+        "{modelfile}"
+    );
+    assert!(modelfile.contains("TEMPLATE"), "{modelfile}");
+    let name = h.state().ollama_export().unwrap().name.clone();
+    h.get_by_label_contains("Add to Ollama").click();
+    wait_for(&mut h, "ollama create", |a| {
+        a.ollama_create_result().is_some()
+    });
+    assert_eq!(h.state().ollama_create_result(), Some(&Ok(name.clone())));
+    let args = std::fs::read_to_string(ollama.join("ollama-args")).unwrap();
+    assert_eq!(args.trim(), format!("create {name} -f Modelfile"));
 }
 
 /// A file dropped on the window in a test.

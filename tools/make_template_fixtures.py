@@ -42,6 +42,10 @@ TEMPLATES = [
     "templates/llama3.1-style",
     "templates/qwen3-style",
     "templates/tojson-options",
+    "templates/mistral-style",
+    "templates/gemma-style",
+    "templates/phi3-style",
+    "templates/smollm2-style",
 ]
 
 # Keys deliberately not in sorted order: Python's json.dumps keeps insertion order, and so must
@@ -106,6 +110,21 @@ CONVERSATIONS = {
     },
     "user_only": {
         "messages": [{"role": "user", "content": "Name three primes."}],
+    },
+    "open_multi_turn": {
+        "messages": [
+            SYSTEM,
+            {"role": "user", "content": "Name a prime."},
+            {"role": "assistant", "content": "7"},
+            {"role": "user", "content": "Another one, bigger? «merci» 🤖"},
+        ],
+    },
+    "open_no_system": {
+        "messages": [
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Count to three."},
+        ],
     },
     "whitespace_unicode": {
         "messages": [

@@ -8,17 +8,24 @@
 # Idempotent: every step checks its result first and does nothing when it is already there.
 # Everything lives under ~/.cache/finetune (FINETUNE_CACHE overrides):
 #   pyref-$PYREF_VERSION/        the venv (bump PYREF_VERSION when the pins below change)
-#   sdist/, wheels/              llama-cpp-python's sdist and the wheel built from it (-march=native:
-#                                the wheel is for this machine's CPU only)
+#   sdist/, wheels-$LLAMA_BUILD/  llama-cpp-python's sdist and the wheel built from it: portable
+#                                x86-64 (AVX2/FMA/F16C, no AVX-512, no AMX) so a cached wheel runs on
+#                                Intel and AMD alike. A -march=native build crashes here: its AMX
+#                                matmul (used for Q4_0/Q8_0/k-quant weights) segfaults on this
+#                                project's Sapphire Rapids machines, so quantized GGUFs never ran.
 #   smollm2/SmolLM2-135M-Instruct-f16.gguf   F16 GGUF made by llama.cpp's convert_hf_to_gguf.py
 #                                from FineTune's safetensors conversion of the Q4_1 GGUF
 # Switches: PYREF_SKIP_LLAMACPP=1 (venv only), PYREF_SKIP_GGUF=1, SMOLLM2_HF_DIR=<HF folder>.
+# PYREF_LIGHT=1: a separate venv (llama-$PYREF_VERSION) without torch and PEFT, enough for the
+# llama.cpp checks of the GGUF exports (llama-cpp-python, transformers' tokenizers, numpy,
+# safetensors); the sdist is unpacked too, for its gguf-py. CI uses this one.
 # The last line printed is the python to use.
 set -euo pipefail
 
 PYREF_VERSION=v1
 CACHE=${FINETUNE_CACHE:-$HOME/.cache/finetune}
 VENV=$CACHE/pyref-$PYREF_VERSION
+if [ "${PYREF_LIGHT:-0}" = 1 ]; then VENV=$CACHE/llama-$PYREF_VERSION; PYREF_SKIP_GGUF=1; fi
 PY=$VENV/bin/python
 
 # The versions that pyref-v1 was built and checked with (December 2025 on Debian 12, Python 3.11.7).
@@ -33,7 +40,18 @@ LLAMA_CPP_PYTHON_VERSION=0.3.36
 log() { echo "pyref-setup: $*" >&2; }
 
 # --- 1. venv with CPU torch, transformers, peft --------------------------------------------------
-if "$PY" -c "import torch, transformers, peft, safetensors, numpy, sentencepiece; (torch.zeros(2) @ torch.zeros(2)).item()" 2>/dev/null; then
+if [ "${PYREF_LIGHT:-0}" = 1 ]; then
+  if "$PY" -c "import transformers, tokenizers, safetensors, numpy" 2>/dev/null; then
+    log "light venv ok: $VENV"
+  else
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+      apt-get install -y python3-venv >&2 || { apt-get update >&2 && apt-get install -y python3-venv >&2; }
+    fi
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip >&2
+    "$PY" -m pip install -q "transformers==$TRANSFORMERS_VERSION" "safetensors==$SAFETENSORS_VERSION" "numpy==$NUMPY_VERSION" >&2
+  fi
+elif "$PY" -c "import torch, transformers, peft, safetensors, numpy, sentencepiece; (torch.zeros(2) @ torch.zeros(2)).item()" 2>/dev/null; then
   log "venv ok: $VENV"
 else
   if ! python3 -m venv --help >/dev/null 2>&1; then
@@ -59,9 +77,11 @@ fi
 SDIST_DIR=$CACHE/sdist
 SDIST=$SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz
 SRC=$SDIST_DIR/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION
-WHEELS=$CACHE/wheels
+LLAMA_BUILD=portable-v2
+WHEELS=$CACHE/wheels-$LLAMA_BUILD
+MARK=$VENV/llama-cpp-build
 if [ "${PYREF_SKIP_LLAMACPP:-0}" != 1 ]; then
-  if "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON_VERSION')" 2>/dev/null; then
+  if [ "$(cat "$MARK" 2>/dev/null)" = "$LLAMA_BUILD" ] && "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON_VERSION')" 2>/dev/null; then
     log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION ok"
   else
     WHL=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl 2>/dev/null | head -1 || true)
@@ -72,15 +92,23 @@ if [ "${PYREF_SKIP_LLAMACPP:-0}" != 1 ]; then
       }
       mkdir -p "$SDIST_DIR" "$WHEELS"
       [ -f "$SDIST" ] || "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$SDIST_DIR" >&2
-      log "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (CPU, -march=native; ~15-25 min on 2 cores)"
-      CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+      log "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (CPU, portable AVX2; ~15-25 min on 2 cores)"
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
       CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
         nice -n 10 "$PY" -m pip wheel --no-deps "$SDIST" -w "$WHEELS" >&2
       WHL=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -1)
     fi
+    "$PY" -m pip install --force-reinstall --no-deps "$WHL" >&2
     "$PY" -m pip install "$WHL" >&2   # its few pure-Python deps (diskcache, jinja2, ...) from PyPI
+    echo "$LLAMA_BUILD" > "$MARK"
     "$PY" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)" >&2
   fi
+fi
+
+if [ "${PYREF_SKIP_LLAMACPP:-0}" != 1 ] && [ ! -d "$SRC" ]; then
+  mkdir -p "$SDIST_DIR/src"
+  [ -f "$SDIST" ] || "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$SDIST_DIR" >&2
+  tar xzf "$SDIST" -C "$SDIST_DIR/src"
 fi
 
 # --- 3. SmolLM2-135M-Instruct as an F16 GGUF (llama.cpp's converter, vendored in the sdist) -------

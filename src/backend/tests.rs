@@ -32,21 +32,22 @@ fn gpu(name: &str, gb: u64) -> Result<GpuInfo, Missing> {
         count: 1,
         name: name.into(),
         memory_bytes: Some(gb * 1_000_000_000),
+        bf16: true,
     })
 }
 
-fn auto(probe: &Fake) -> Plan {
-    plan(DeviceChoice::Auto, DtypeChoice::Auto, probe).unwrap()
+fn auto(probe: &Fake) -> Result<Plan, BackendError> {
+    plan(DeviceChoice::Auto, DtypeChoice::Auto, probe)
 }
 
 #[test]
-fn auto_prefers_metal_then_cuda_then_cpu() {
+fn auto_prefers_metal_then_cuda_then_cpu() -> anyhow::Result<()> {
     let both = Fake {
         metal: gpu("Apple M3 Max", 64),
         cuda: gpu("H100", 80),
         cpu_bf16: false,
     };
-    let p = auto(&both);
+    let p = auto(&both)?;
     assert_eq!((p.kind, p.dtype), (BackendKind::Metal, DType::BF16));
     assert_eq!(p.reason, "Metal GPU found");
 
@@ -55,7 +56,7 @@ fn auto_prefers_metal_then_cuda_then_cpu() {
         cuda: gpu("NVIDIA H100 80GB HBM3", 80),
         cpu_bf16: false,
     };
-    let p = auto(&cuda_only);
+    let p = auto(&cuda_only)?;
     assert_eq!((p.kind, p.dtype), (BackendKind::Cuda, DType::BF16));
     assert_eq!(p.name, "CUDA 0: NVIDIA H100 80GB HBM3 (80 GB)");
     assert_eq!(p.memory_bytes, Some(80_000_000_000));
@@ -65,20 +66,21 @@ fn auto_prefers_metal_then_cuda_then_cpu() {
         cuda: Err(Missing::NotBuilt),
         cpu_bf16: false,
     };
-    let p = auto(&none);
+    let p = auto(&none)?;
     assert_eq!((p.kind, p.dtype), (BackendKind::Cpu, DType::F32));
     assert_eq!(p.name, "CPU (8 cores, NEON)");
     assert_eq!(p.reason, "this build has no GPU backend");
+    Ok(())
 }
 
 #[test]
-fn auto_falls_back_to_cpu_with_each_reason() {
+fn auto_falls_back_to_cpu_with_each_reason() -> anyhow::Result<()> {
     let broken = Fake {
         metal: Err(Missing::Unavailable("no Metal device".into())),
         cuda: Err(Missing::Unavailable("driver version too old".into())),
         cpu_bf16: false,
     };
-    let p = auto(&broken);
+    let p = auto(&broken)?;
     assert_eq!(p.kind, BackendKind::Cpu);
     assert_eq!(
         p.reason,
@@ -90,17 +92,18 @@ fn auto_falls_back_to_cpu_with_each_reason() {
         cuda: gpu("A100", 40),
         cpu_bf16: false,
     };
-    assert_eq!(auto(&cuda).kind, BackendKind::Cuda);
+    assert_eq!(auto(&cuda)?.kind, BackendKind::Cuda);
+    Ok(())
 }
 
 #[test]
-fn override_wins_and_missing_choices_say_what_to_do() {
+fn override_wins_and_missing_choices_say_what_to_do() -> anyhow::Result<()> {
     let both = Fake {
         metal: gpu("Apple M2", 24),
         cuda: Err(Missing::NotBuilt),
         cpu_bf16: false,
     };
-    let p = plan(DeviceChoice::Cpu, DtypeChoice::Auto, &both).unwrap();
+    let p = plan(DeviceChoice::Cpu, DtypeChoice::Auto, &both)?;
     assert_eq!((p.kind, p.dtype), (BackendKind::Cpu, DType::F32));
     assert_eq!(p.reason, "chosen in settings");
 
@@ -117,21 +120,22 @@ fn override_wins_and_missing_choices_say_what_to_do() {
         e.to_string().contains("no Metal device") && e.to_string().contains("--device"),
         "{e}"
     );
+    Ok(())
 }
 
 #[test]
-fn dtype_is_automatic_and_overridable() {
+fn dtype_is_automatic_and_overridable() -> anyhow::Result<()> {
     let cuda = Fake {
         metal: Err(Missing::NotBuilt),
         cuda: gpu("H100", 80),
         cpu_bf16: false,
     };
-    let p = plan(DeviceChoice::Auto, DtypeChoice::F32, &cuda).unwrap();
+    let p = plan(DeviceChoice::Auto, DtypeChoice::F32, &cuda)?;
     assert_eq!((p.kind, p.dtype), (BackendKind::Cuda, DType::F32));
     assert!(p.reason.ends_with("F32 chosen in settings"), "{}", p.reason);
-    let p = plan(DeviceChoice::Cpu, DtypeChoice::Bf16, &cuda).unwrap();
+    let p = plan(DeviceChoice::Cpu, DtypeChoice::Bf16, &cuda)?;
     assert_eq!(p.dtype, DType::BF16);
-    let p = plan(DeviceChoice::Cuda, DtypeChoice::Auto, &cuda).unwrap();
+    let p = plan(DeviceChoice::Cuda, DtypeChoice::Auto, &cuda)?;
     assert_eq!(p.dtype, DType::BF16);
     // A CPU with bf16 dot products gets bf16 weights by default; f32 stays available.
     let avx512 = Fake {
@@ -139,16 +143,35 @@ fn dtype_is_automatic_and_overridable() {
         cuda: Err(Missing::NotBuilt),
         cpu_bf16: true,
     };
-    assert_eq!(auto(&avx512).dtype, DType::BF16);
-    let p = plan(DeviceChoice::Auto, DtypeChoice::F32, &avx512).unwrap();
+    assert_eq!(auto(&avx512)?.dtype, DType::BF16);
+    let p = plan(DeviceChoice::Auto, DtypeChoice::F32, &avx512)?;
     assert_eq!(p.dtype, DType::F32);
+    Ok(())
 }
 
 #[test]
-fn the_real_probe_always_offers_the_cpu() {
-    let p = plan(DeviceChoice::Cpu, DtypeChoice::Auto, &SystemProbe).unwrap();
+fn the_real_probe_always_offers_the_cpu() -> anyhow::Result<()> {
+    let p = plan(DeviceChoice::Cpu, DtypeChoice::Auto, &SystemProbe)?;
     assert!(p.name.starts_with("CPU ("), "{}", p.name);
-    let b = open(p).unwrap();
+    let b = open(p)?;
     assert!(b.device.is_cpu());
     assert_eq!(device_memory_used(&b.device), None);
+    Ok(())
+}
+
+#[test]
+fn a_gpu_without_bf16_kernels_computes_in_f32_and_says_why() {
+    let info = GpuInfo {
+        count: 1,
+        name: "Apple GPU".into(),
+        memory_bytes: Some(16_000_000_000),
+        bf16: false,
+    };
+    let p = gpu_plan(BackendKind::Metal, &info, "picked".into());
+    assert_eq!(p.dtype, DType::F32);
+    assert!(
+        p.reason.contains("MACOSX_DEPLOYMENT_TARGET"),
+        "{}",
+        p.reason
+    );
 }

@@ -76,9 +76,18 @@ pub enum Command {
         adapter: PathBuf,
         /// Destination folder (new or empty for `merged`).
         output: PathBuf,
-        /// peft | merged | mlx | gguf-lora (OUTPUT is then the .gguf file)
+        /// peft | merged | gguf | gguf-lora | ollama | mlx (for gguf and gguf-lora, OUTPUT may
+        /// be the .gguf file)
         #[arg(long, value_enum, default_value_t = ExportFormat::Peft)]
         format: ExportFormat,
+        /// For gguf and ollama: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0
+        #[arg(long, default_value = "Q4_K_M")]
+        quant: String,
+        /// For gguf: write the base model alone, without the adapter (the base for a GGUF LoRA).
+        /// For ollama: the base GGUF plus the adapter as a GGUF LoRA (Modelfile `ADAPTER`)
+        /// instead of one merged GGUF
+        #[arg(long)]
+        base_only: bool,
         /// The base model for `merged`, `mlx` and `gguf-lora` [default: the run's model, from the checkpoint's
         /// trainer_state.json, else the adapter's base_model_name_or_path].
         #[arg(long)]
@@ -161,6 +170,10 @@ pub enum ExportFormat {
     Mlx,
     /// A GGUF LoRA for llama.cpp, Ollama and LM Studio, beside the base model's GGUF
     GgufLora,
+    /// The model with the adapter merged in as one GGUF file (llama.cpp, LM Studio), --quant
+    Gguf,
+    /// A folder for Ollama: the GGUF and a Modelfile with the chat template and stop tokens
+    Ollama,
 }
 
 /// `--schedule` values: the learning-rate shape after warmup.

@@ -134,22 +134,15 @@ pub(crate) struct TensorFacts {
 fn llama3_scaling(freqs: &[f32], theta: f64, head_dim: usize) -> Option<serde_json::Value> {
     let factor = freqs.iter().copied().fold(1.0f32, f32::max) as f64;
     let (low, high, original) = (1.0, 4.0, 8192.0);
-    let low_wavelen = original / low;
-    let high_wavelen = original / high;
-    for (i, f) in freqs.iter().enumerate() {
-        let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-        let wavelen = 2.0 * std::f64::consts::PI / freq;
-        let expected = if wavelen < high_wavelen {
-            1.0
-        } else if wavelen > low_wavelen {
-            factor
-        } else {
-            let smooth = (original / wavelen - low) / (high - low);
-            1.0 / ((1.0 - smooth) / factor + smooth)
-        };
-        if (expected - f64::from(*f)).abs() > 1e-3 * expected.abs().max(1.0) {
-            return None;
-        }
+    let expected =
+        crate::export::gguf::llama3_factors(theta, head_dim, factor, low, high, original);
+    if expected.len() != freqs.len()
+        || expected
+            .iter()
+            .zip(freqs)
+            .any(|(e, f)| (e - f64::from(*f)).abs() > 1e-3 * e.abs().max(1.0))
+    {
+        return None;
     }
     Some(json!({
         "rope_type": "llama3",

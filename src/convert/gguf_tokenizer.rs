@@ -41,8 +41,12 @@ fn split(regex: &str) -> Value {
     json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
 }
 
+/// The `tokenizer.ggml.pre` names of distinct byte-level pre-tokenizers, as the GGUF export writes
+/// them (the first of each group of aliases in [`byte_level_pre`]).
+pub(crate) const BYTE_LEVEL_PRE_NAMES: [&str; 4] = ["gpt-2", "llama-bpe", "qwen2", "smollm"];
+
 /// (normalizer, pre_tokenizer, ignore_merges) for a `tokenizer.ggml.pre` name; `None` if unknown.
-fn byte_level_pre(pre: &str) -> Option<(Value, Value, bool)> {
+pub(crate) fn byte_level_pre(pre: &str) -> Option<(Value, Value, bool)> {
     Some(match pre {
         "default" | "gpt2" | "gpt-2" => (Value::Null, byte_level(true), false),
         "llama-bpe" | "llama3" | "llama-v3" | "dbrx" | "smaug-bpe" => (

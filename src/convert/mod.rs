@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
+pub(crate) use gguf_tokenizer::{byte_level_pre, BYTE_LEVEL_PRE_NAMES};
 pub use prepare::{cached_conversion, converted_cache_dir, prepare_source, Prepared};
+pub(crate) use pytorch::natural_key as pytorch_natural_key;
 
 /// Outputs larger than this are split into `model-0000k-of-0000n.safetensors` shards
 /// (transformers' default `max_shard_size`).

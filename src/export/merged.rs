@@ -69,7 +69,12 @@ fn copy_side_files(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 /// `W + scale · B · A` in f32, transposed for `fan_in_fan_out`, rounded to `dtype`.
-fn fold(w: &Tensor, d: &ModuleDelta, fan_in_fan_out: bool, name: &str) -> anyhow::Result<Tensor> {
+pub(crate) fn fold(
+    w: &Tensor,
+    d: &ModuleDelta,
+    fan_in_fan_out: bool,
+    name: &str,
+) -> anyhow::Result<Tensor> {
     let delta = (d.b.matmul(&d.a)? * d.scale)?;
     let delta = if fan_in_fan_out { delta.t()? } else { delta };
     if delta.dims() != w.dims() {

@@ -4,15 +4,56 @@
 
 use candle_core::{Result, Tensor};
 
-/// One layer's cached keys and values, `(B, KV, S, Dh)` each.
+use super::llama::FastKv;
+
+/// One layer's cached keys and values, `(B, KV, S, Dh)` each: as tensors for multi-token passes,
+/// or position-major f32 for the CPU's fused decoding step ([`FastKv`]); one form at a time, moved
+/// to the other when the kind of pass changes (once per prompt, not per token).
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
     kv: Option<(Tensor, Tensor)>,
+    fast: Option<FastKv>,
 }
 
 impl LayerKv {
+    /// The fused step's form (`kv_heads`, `head_dim` per position), moved from the tensors if
+    /// they hold the cache.
+    pub(crate) fn fast(&mut self, kv_heads: usize, head_dim: usize) -> Result<&mut FastKv> {
+        if let Some((k, v)) = self.kv.take() {
+            // (1, KV, S, Dh) → (S, KV, Dh), f32.
+            let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                t.to_dtype(candle_core::DType::F32)?
+                    .squeeze(0)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1()
+            };
+            if k.dim(1)? != kv_heads || k.dim(3)? != head_dim {
+                candle_core::bail!("the KV cache has another shape than the model's heads");
+            }
+            self.fast = Some(FastKv {
+                k: flat(&k)?,
+                v: flat(&v)?,
+            });
+        }
+        Ok(self.fast.get_or_insert_with(FastKv::default))
+    }
+
     /// Appends the new keys and values `(B, KV, T, Dh)` and returns all of them `(B, KV, S+T, Dh)`.
     pub fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if let Some(fast) = self.fast.take() {
+            let (_, kvh, _, dh) = k.dims4()?;
+            let s = fast.k.len() / (kvh * dh);
+            let back = |data: Vec<f32>| -> Result<Tensor> {
+                Tensor::from_vec(data, (s, kvh, dh), k.device())?
+                    .transpose(0, 1)?
+                    .unsqueeze(0)?
+                    .to_dtype(k.dtype())?
+                    .contiguous()
+            };
+            self.kv = Some((back(fast.k)?, back(fast.v)?));
+        }
         let (k, v) = match self.kv.take() {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -50,7 +91,10 @@ impl KvCache {
 
     /// Forgets everything (a new conversation).
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.kv = None);
+        self.layers.iter_mut().for_each(|l| {
+            l.kv = None;
+            l.fast = None;
+        });
         self.len = 0;
     }
 

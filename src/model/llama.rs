@@ -14,6 +14,9 @@ use super::recompute;
 use super::weights::Weights;
 use super::{ModelError, ModelInput};
 
+mod decode_cpu;
+pub use decode_cpu::FastKv;
+
 /// What every layer of one forward pass shares.
 #[derive(Debug, Clone)]
 pub struct LayerCtx {

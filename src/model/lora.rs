@@ -118,11 +118,16 @@ fn path_hash(path: &str) -> u64 {
 }
 
 /// Inverted dropout on `x` with a mask drawn from `seed`.
-/// On a GPU the mask is drawn there (the device's generator, seeded per module and pass), so
-/// no mask crosses the bus; on the CPU by our own seeded generator (Candle's CPU one cannot be
-/// seeded). Both replay exactly for the same seed on the same device.
+/// On CUDA the mask is drawn there (the device's generator, seeded per module and pass), so no
+/// mask crosses the bus; on the CPU and Metal by our own seeded generator (Candle's CPU one cannot
+/// be seeded, Metal's does not replay reliably). Both replay exactly for the same seed on the same
+/// device.
 fn seeded_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    // On CUDA the device's generator draws the mask. Metal's cannot be trusted to replay it: its
+    // seed buffer is written at once while kernels run later in batches, and its kernel rewrites
+    // the seed other threads read (docs/metal.md, gap 5), so gradient checkpointing could recompute
+    // with other masks. There, as on the CPU, the mask comes from the seeded host generator.
+    if x.device().is_cuda() {
         x.device().set_seed(seed)?;
         let keep = 1.0 / (1.0 - p);
         let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;

@@ -316,6 +316,17 @@ impl Model {
                 cache.len() + ids.len()
             );
         }
+        if let (Arch::Llama(m), [id]) = (&self.arch, ids) {
+            if m.can_decode_cpu() && kernels::fused_decode(self.device(), self.dtype) {
+                // On a thread of the pool, so the step's ~120 parallel passes are split from a
+                // worker (which takes its share) instead of each waking the pool from outside and
+                // sleeping until it is done.
+                let (logits, ()) = rayon::join(|| m.decode_cpu(*id, cache), || ());
+                let logits = logits?;
+                let n = logits.len();
+                return Tensor::from_vec(logits, n, self.device());
+            }
+        }
         let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), self.device())?;
         let x = match &self.arch {
             Arch::Llama(m) => m.hidden_cached(&input, cache)?,

@@ -199,13 +199,20 @@ impl Weights {
                 path: path.clone(),
             });
         }
-        let t = st
-            .load(name, &self.device)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| ModelError::InvalidWeights {
-                path: path.clone(),
-                reason: format!("tensor {name}: {e}"),
-            })?;
+        // A dtype change is made on the host before the upload: on Metal a bf16 checkpoint
+        // loaded as f32 would otherwise need the GPU's bf16 cast kernels, which a binary built
+        // for an older macOS lacks (docs/metal.md, gap 3). Elsewhere the device casts.
+        let t = if !self.device.is_metal() || view.dtype() == dtype.into() {
+            st.load(name, &self.device).and_then(|t| t.to_dtype(dtype))
+        } else {
+            st.load(name, &Device::Cpu)
+                .and_then(|t| t.to_dtype(dtype))
+                .and_then(|t| t.to_device(&self.device))
+        }
+        .map_err(|e| ModelError::InvalidWeights {
+            path: path.clone(),
+            reason: format!("tensor {name}: {e}"),
+        })?;
         Ok(t)
     }
 

@@ -277,6 +277,13 @@ impl<'r> Trainer<'r> {
             trainer.resume(state)?;
         }
         trainer.report_started(&backend.name);
+        if !backend.device.is_cpu() && trainer.model.dtype == candle_core::DType::F16 {
+            // No loss scaling: small gradients flush to zero, large activations overflow
+            // (docs/metal.md, gap 8).
+            trainer.reporter.send(Event::Log(
+                "warning: f16 on a GPU trains without loss scaling (gradients may underflow); bf16 or f32 are safer".into(),
+            ));
+        }
         Ok(trainer)
     }
 

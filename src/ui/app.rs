@@ -228,6 +228,21 @@ impl FineTuneApp {
         self.export.dest_text = dir.display().to_string();
     }
 
+    /// Uses `program` as the `ollama` command of "Add to Ollama" (tests use a stand-in).
+    pub fn set_ollama_program(&mut self, program: Option<PathBuf>) {
+        self.export.gguf.ollama_program = program;
+    }
+
+    /// The last Ollama export's details.
+    pub fn ollama_export(&self) -> Option<&crate::export::ollama::OllamaExport> {
+        self.export.ollama.as_ref()
+    }
+
+    /// The last "Add to Ollama" outcome.
+    pub fn ollama_create_result(&self) -> Option<&Result<String, String>> {
+        self.export.gguf.create_result.as_ref()
+    }
+
     /// The last export's outcome.
     pub fn export_result(&self) -> Option<&Result<crate::export::Exported, String>> {
         self.export.result.as_ref()
@@ -323,13 +338,14 @@ impl FineTuneApp {
                 }
             }
             Action::Export { adapter, dest } => {
-                let card = self.card_info();
-                let base = self
-                    .run_config
-                    .as_ref()
-                    .map(|c| c.model_dir.clone())
-                    .or_else(|| self.settings.model_dir.clone());
-                self.export.start(ctx, adapter, dest.clone(), card, base);
+                let job = crate::ui::export::ExportJob {
+                    adapter,
+                    dest: dest.clone(),
+                    card: self.card_info(),
+                    base: self.export_base(),
+                    data: self.run_config.as_ref().map(|c| c.train_data.clone()),
+                };
+                self.export.start(ctx, job);
                 self.settings.export_dir = Some(dest);
             }
             Action::OpenFolder(dir) => {
@@ -338,6 +354,14 @@ impl FineTuneApp {
                 }
             }
         }
+    }
+
+    /// The model the export step exports with: the run's, else the one chosen in step 1.
+    pub(crate) fn export_base(&self) -> Option<PathBuf> {
+        self.run_config
+            .as_ref()
+            .map(|c| c.model_dir.clone())
+            .or_else(|| self.settings.model_dir.clone())
     }
 
     fn start(&mut self, ctx: &egui::Context) {
@@ -517,7 +541,7 @@ impl FineTuneApp {
         }
         self.playground.poll();
         if let Some(dir) = self.export.poll() {
-            self.info(format!("Exported the adapter to {}", dir.display()));
+            self.info(format!("Exported to {}", dir.display()));
         }
     }
 }

@@ -81,11 +81,21 @@ pub fn reference(dir: &Path) -> Reference {
     }
 }
 
-/// The device parity runs on: the CPU, or CUDA 0 with `FINETUNE_TEST_DEVICE=cuda` (a build with
-/// `--features cuda`).
+/// The device parity runs on: the CPU, CUDA 0 with `FINETUNE_TEST_DEVICE=cuda` (a build with
+/// `--features cuda`), or the Mac's GPU with `FINETUNE_TEST_DEVICE=metal` and always in
+/// tests/metal.rs's binary (`metal-…`), which runs the parity checks there.
 pub fn test_device() -> Device {
+    let metal_binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("metal-"))
+        })
+        .unwrap_or(false);
     match std::env::var("FINETUNE_TEST_DEVICE").as_deref() {
         Ok("cuda") => Device::new_cuda(0).unwrap(),
+        Ok("metal") => Device::new_metal(0).unwrap(),
+        _ if metal_binary => Device::new_metal(0).unwrap(),
         _ => Device::Cpu,
     }
 }

@@ -27,6 +27,7 @@
 //! | swiglu        | composed                                            | cuda          | composed        |
 //! | frozen_linear | cpu-fused · cpu-bf16-avx512 / cpu-bf16-portable     | cuda          | gpu-common      |
 //! | lora_linear   | composed                                            | cuda          | composed        |
+//! | decode step   | cpu-fused (one pass per token, llama family)        | the ops above | the ops above   |
 //!
 //! (CPU f16, an odd choice, runs the composed ops with the frozen linear from `gpu_common` and the
 //! attention softmax on the CPU kernel, its scores being f32.)
@@ -338,6 +339,19 @@ pub fn plan_for_device(device: &Device, dtype: DType) -> KernelPlan {
         CpuFeatures::detect(),
         Mode::current(),
     )
+}
+
+/// Whether a one-token decoding step of a llama-family model on `device` runs as the CPU's fused
+/// step (`model::llama`'s `decode_cpu`: one pass over plain slices) rather than op by op: on the
+/// CPU, f32 or bf16, in `auto` mode, unless `FINETUNE_DECODE=ops` asks for the ops (to compare
+/// the two).
+pub fn fused_decode(device: &Device, dtype: DType) -> bool {
+    static OPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ops = *OPS.get_or_init(|| std::env::var("FINETUNE_DECODE").is_ok_and(|v| v == "ops"));
+    let p = plan_for_device(device, dtype);
+    !ops && p.mode == Mode::Auto
+        && p.frozen_linear.is_cpu()
+        && matches!(dtype, DType::F32 | DType::BF16)
 }
 
 /// The plan for the tensors of one call, by `x`'s device and dtype.

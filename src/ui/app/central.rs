@@ -125,14 +125,17 @@ impl FineTuneApp {
             });
             self.export.dest_text = dir.display().to_string();
         }
+        let base = self.export_base();
         egui::ScrollArea::vertical()
             .id_salt("export-step")
-            .show(ui, |ui| match self.export.export_ui(ui, &self.run) {
-                Some(ExportAction::Export { adapter, dest }) => {
-                    self.actions.push(Action::Export { adapter, dest })
+            .show(ui, |ui| {
+                match self.export.export_ui(ui, &self.run, base.as_deref()) {
+                    Some(ExportAction::Export { adapter, dest }) => {
+                        self.actions.push(Action::Export { adapter, dest })
+                    }
+                    Some(ExportAction::OpenFolder(p)) => self.actions.push(Action::OpenFolder(p)),
+                    None => {}
                 }
-                Some(ExportAction::OpenFolder(p)) => self.actions.push(Action::OpenFolder(p)),
-                None => {}
             });
     }
 }

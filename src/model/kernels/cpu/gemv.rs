@@ -211,6 +211,79 @@ mod x86 {
         out
     }
 
+    /// Sixteen weights from `p` as f32 (AVX-512).
+    pub trait Load16: Copy {
+        /// # Safety
+        /// `p` points at 16 readable values; the CPU has AVX-512F.
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Load16 for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+    }
+
+    impl Load16 for half::bf16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            let h = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+        }
+    }
+
+    /// [`dot_rows`] with 512-bit vectors: half the instructions per weight.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `w` holds rows `j0..j0 + out.len()` of length `i`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn dot_rows_512<W: Load16 + Load8 + super::Weight>(
+        x: &[f32],
+        w: &[W],
+        i: usize,
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let mut r = 0;
+        while r + 4 <= out.len() && i >= 32 {
+            let j = j0 + r;
+            let xp = x.as_ptr();
+            let wp = [0, 1, 2, 3].map(|d| w.as_ptr().add((j + d) * i));
+            let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+            let mut k = 0;
+            while k + 32 <= i {
+                let x0 = _mm512_loadu_ps(xp.add(k));
+                let x1 = _mm512_loadu_ps(xp.add(k + 16));
+                for (a, p) in acc.iter_mut().zip(wp) {
+                    a[0] = _mm512_fmadd_ps(x0, W::load16(p.add(k)), a[0]);
+                    a[1] = _mm512_fmadd_ps(x1, W::load16(p.add(k + 16)), a[1]);
+                }
+                k += 32;
+            }
+            for (d, a) in acc.iter().enumerate() {
+                let mut o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+                let row = &w[(j + d) * i..(j + d + 1) * i];
+                for t in k..i {
+                    o += x[t] * row[t].f32();
+                }
+                out[r + d] = o;
+            }
+            r += 4;
+        }
+        if r < out.len() {
+            dot_rows(x, w, i, j0 + r, &mut out[r..]);
+        }
+    }
+
+    /// Whether the AVX-512 kernel may run.
+    pub fn usable_512() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && std::env::var("FINETUNE_NO_AVX512").is_err()
+        })
+    }
+
     /// Whether the AVX2 kernels may run.
     pub fn usable() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -278,8 +351,17 @@ impl Simd for half::bf16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn simd_dot_rows<W: x86::Load8 + Weight>(x: &[f32], w: &[W], i: usize, j0: usize, out: &mut [f32]) {
-    if x86::usable() {
+fn simd_dot_rows<W: x86::Load8 + x86::Load16 + Weight>(
+    x: &[f32],
+    w: &[W],
+    i: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    if x86::usable_512() && x86::usable() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above); whole rows.
+        unsafe { x86::dot_rows_512(x, w, i, j0, out) };
+    } else if x86::usable() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); the caller passes whole rows.
         unsafe { x86::dot_rows(x, w, i, j0, out) };
     } else {

@@ -1,8 +1,11 @@
-//! Step 6, export: pick the latest or the best adapter of the run, a destination folder (dialog or
-//! typed), export it on a worker thread ([`crate::export`]: PEFT files + README.md model card),
-//! and offer to open the folder.
+//! Step 6, export: pick the latest or the best adapter of the run, a format (PEFT, merged, GGUF
+//! with its quantization and each type's size, Ollama, GGUF LoRA, MLX), a destination folder
+//! (dialog or typed), export it on a worker thread ([`crate::export`]) with its progress, and offer
+//! to show the folder (and, for Ollama, to add the model to Ollama: [`gguf`]).
 
-use std::path::PathBuf;
+pub mod gguf;
+
+use std::path::{Path, PathBuf};
 
 use eframe::egui;
 use egui::{Color32, RichText, Ui};
@@ -10,7 +13,9 @@ use egui::{Color32, RichText, Ui};
 use super::run_view::RunView;
 use super::settings::error_color;
 use super::{pick_path, take_ready, Job, Pick};
+use crate::export::ollama::OllamaExport;
 use crate::export::{export_adapter, CardInfo, Exported};
+use gguf::GgufPanel;
 
 /// Which adapter of the run to export.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,6 +35,10 @@ pub enum Format {
     Peft,
     /// The base model with the adapter folded in (a Hugging Face folder).
     Merged,
+    /// The model with the adapter merged in, as one GGUF file.
+    Gguf,
+    /// A folder for Ollama: GGUF + Modelfile.
+    Ollama,
     /// mlx-lm's adapter layout.
     Mlx,
     /// A GGUF LoRA for llama.cpp, Ollama and LM Studio.
@@ -38,13 +47,27 @@ pub enum Format {
 
 impl Format {
     /// Every format, in the order the panel lists them.
-    pub const ALL: [Format; 4] = [Format::Peft, Format::Merged, Format::Mlx, Format::GgufLora];
+    pub const ALL: [Format; 6] = [
+        Format::Peft,
+        Format::Merged,
+        Format::Gguf,
+        Format::Ollama,
+        Format::GgufLora,
+        Format::Mlx,
+    ];
+
+    /// Whether the format writes a GGUF model (and so takes a quantization).
+    pub fn is_gguf_model(self) -> bool {
+        matches!(self, Format::Gguf | Format::Ollama)
+    }
 
     /// The radio button's label.
     pub fn label(self) -> &'static str {
         match self {
             Format::Peft => "PEFT adapter",
             Format::Merged => "Merged model",
+            Format::Gguf => "GGUF model",
+            Format::Ollama => "Ollama",
             Format::Mlx => "MLX adapter",
             Format::GgufLora => "GGUF LoRA",
         }
@@ -55,8 +78,10 @@ impl Format {
         match self {
             Format::Peft => "-lora",
             Format::Merged => "-merged",
+            Format::Gguf => "-gguf",
+            Format::Ollama => "-ollama",
             Format::Mlx => "-mlx",
-            Format::GgufLora => "-gguf",
+            Format::GgufLora => "-gguf-lora",
         }
     }
 
@@ -65,10 +90,30 @@ impl Format {
         match self {
             Format::Peft => "A few MB. transformers + PEFT, FineTune (Try, or keep training). Needs the base model beside it.",
             Format::Merged => "The full model with the adapter folded in: transformers, vLLM, mlx_lm.convert, llama.cpp's convert_hf_to_gguf.py. As large as the base model.",
+            Format::Gguf => "The tuned model in one file: llama.cpp (llama-cli -m), LM Studio, any GGUF app. Quantized as you choose.",
+            Format::Ollama => "A folder with the GGUF and a Modelfile (chat template, stop tokens): ollama create, then ollama run.",
             Format::Mlx => "A few MB. mlx-lm on Apple silicon: mlx_lm.generate --adapter-path, mlx_lm.fuse. Needs the base model beside it.",
             Format::GgufLora => "A few MB. llama.cpp (--lora), Ollama (ADAPTER), LM Studio, with the base model's GGUF.",
         }
     }
+}
+
+/// What the export worker hands back: the files, and for Ollama its details.
+type ExportOutcome = Result<(Exported, Option<OllamaExport>), String>;
+
+/// Everything an export needs besides the panel's choices.
+#[derive(Debug, Clone)]
+pub struct ExportJob {
+    /// The adapter folder.
+    pub adapter: PathBuf,
+    /// The destination folder.
+    pub dest: PathBuf,
+    /// What the model card says.
+    pub card: CardInfo,
+    /// The base model.
+    pub base: Option<PathBuf>,
+    /// The training data file.
+    pub data: Option<PathBuf>,
 }
 
 /// What the export panel asks the app to do.
@@ -94,57 +139,78 @@ pub struct ExportPanel {
     pub which: Which,
     /// What to write.
     pub format: Format,
-    job: Option<Job<Result<Exported, String>>>,
+    job: Option<Job<ExportOutcome>>,
     /// The last export's outcome.
     pub result: Option<Result<Exported, String>>,
+    /// The last Ollama export's details (its model name, command, warnings).
+    pub ollama: Option<OllamaExport>,
+    /// GGUF types and sizes, progress, and the Ollama helper.
+    pub gguf: GgufPanel,
+    /// The last export's files as shown: name and size.
+    file_lines: Vec<String>,
     browse: Option<Job<Option<PathBuf>>>,
 }
 
 impl ExportPanel {
     /// Starts exporting on a worker thread, in the chosen format; `base` is the run's model (for
-    /// a merged export).
-    pub fn start(
-        &mut self,
-        ctx: &egui::Context,
-        adapter: PathBuf,
-        dest: PathBuf,
-        card: CardInfo,
-        base: Option<PathBuf>,
-    ) {
+    /// every format but PEFT), `data` its training file (the Ollama system prompt).
+    pub fn start(&mut self, ctx: &egui::Context, job: ExportJob) {
         self.result = None;
+        self.ollama = None;
+        self.gguf.create_result = None;
+        self.gguf.progress.set(0, 0);
         let format = self.format;
-        self.job = Some(Job::spawn(ctx, "export", move || match format {
-            Format::Peft => export_adapter(&adapter, &dest, &card).map_err(|e| e.to_string()),
-            Format::Merged => {
-                let base = base.ok_or("no base model: choose it in step 1")?;
-                crate::export::merged::export_merged_with_card(&adapter, &base, &dest, &card)
-                    .map_err(|e| format!("{e:#}"))
+        let (quant, separate) = (self.gguf.quant, self.gguf.separate_adapter);
+        let progress = self.gguf.progress.clone();
+        let repaint = ctx.clone();
+        self.job = Some(Job::spawn(ctx, "export", move || {
+            let ExportJob {
+                adapter,
+                dest,
+                card,
+                base,
+                data,
+            } = job;
+            let on_progress = move |done: usize, total: usize| {
+                progress.set(done, total);
+                repaint.request_repaint();
+            };
+            let plain =
+                |r: anyhow::Result<Exported>| r.map(|e| (e, None)).map_err(|e| format!("{e:#}"));
+            if format == Format::Peft {
+                return export_adapter(&adapter, &dest, &card)
+                    .map(|e| (e, None))
+                    .map_err(|e| e.to_string());
             }
-            Format::GgufLora => {
-                let base = base.ok_or("no base model: choose it in step 1")?;
-                let stem: String = card
-                    .base_model
-                    .chars()
-                    .map(|c| {
-                        if c.is_alphanumeric() || "-_.".contains(c) {
-                            c
-                        } else {
-                            '-'
-                        }
-                    })
-                    .collect();
-                let file = dest.join(format!("{stem}-lora.gguf"));
-                crate::export::gguf_lora::export_gguf_lora(&adapter, &base, &file)
-                    .map(|g| crate::export::Exported {
-                        dir: dest.clone(),
-                        files: vec![g.path],
-                    })
-                    .map_err(|e| format!("{e:#}"))
-            }
-            Format::Mlx => {
-                let base = base.ok_or("no base model: choose it in step 1")?;
-                crate::export::mlx::export_mlx_with_card(&adapter, &base, &dest, &card)
-                    .map_err(|e| format!("{e:#}"))
+            let base = base.ok_or("no base model: choose it in step 1")?;
+            match format {
+                Format::Peft | Format::Merged => plain(
+                    crate::export::merged::export_merged_with_card(&adapter, &base, &dest, &card),
+                ),
+                Format::Gguf => gguf_file(&adapter, &base, &dest, quant, &on_progress),
+                Format::Ollama => ollama_folder(
+                    &adapter,
+                    &base,
+                    &dest,
+                    (quant, separate),
+                    data,
+                    &on_progress,
+                ),
+                Format::GgufLora => {
+                    let stem = crate::export::file_stem_of(&base);
+                    let file = dest.join(format!("{stem}-lora.gguf"));
+                    plain(
+                        crate::export::gguf_lora::export_gguf_lora(&adapter, &base, &file).map(
+                            |g| Exported {
+                                dir: dest.clone(),
+                                files: vec![g.path],
+                            },
+                        ),
+                    )
+                }
+                Format::Mlx => plain(crate::export::mlx::export_mlx_with_card(
+                    &adapter, &base, &dest, &card,
+                )),
             }
         }));
     }
@@ -156,10 +222,17 @@ impl ExportPanel {
 
     /// Collects a finished export or a picked folder; returns the folder of a successful export.
     pub fn poll(&mut self) -> Option<PathBuf> {
+        self.gguf.poll();
         if let Some(r) = take_ready(&mut self.job) {
             let r = r.and_then(|r| r);
-            let dir = r.as_ref().ok().map(|e| e.dir.clone());
-            self.result = Some(r);
+            let dir = r.as_ref().ok().map(|(e, _)| e.dir.clone());
+            self.ollama = r.as_ref().ok().and_then(|(_, o)| o.clone());
+            // Each file's line with its size, read once here rather than every frame.
+            self.file_lines = r
+                .as_ref()
+                .map(|(e, _)| e.files.iter().map(|f| file_line(f)).collect())
+                .unwrap_or_default();
+            self.result = Some(r.map(|(e, _)| e));
             return dir;
         }
         if let Some(Ok(Some(p))) = take_ready(&mut self.browse) {
@@ -190,7 +263,12 @@ impl ExportPanel {
     }
 
     /// The export step.
-    pub fn export_ui(&mut self, ui: &mut Ui, view: &RunView) -> Option<ExportAction> {
+    pub fn export_ui(
+        &mut self,
+        ui: &mut Ui,
+        view: &RunView,
+        base: Option<&Path>,
+    ) -> Option<ExportAction> {
         let mut action = None;
         ui.heading("6. Export the adapter");
         ui.label(
@@ -205,6 +283,16 @@ impl ExportPanel {
         let chosen = self.choice_ui(ui, view);
         ui.add_space(6.0);
         self.format_ui(ui);
+        if self.format.is_gguf_model() {
+            ui.add_space(4.0);
+            self.gguf.quant_ui(ui, base);
+            if self.format == Format::Ollama {
+                ui.checkbox(
+                    &mut self.gguf.separate_adapter,
+                    "Keep the adapter separate (the base GGUF plus a GGUF LoRA as ADAPTER)",
+                );
+            }
+        }
         ui.add_space(6.0);
         self.destination_ui(ui);
         ui.add_space(6.0);
@@ -228,7 +316,13 @@ impl ExportPanel {
             ui.weak("Training is still running: this exports the most recent checkpoint.");
         }
         if self.job.is_some() {
-            ui.label("Exporting…");
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("Exporting…");
+                if self.format.is_gguf_model() {
+                    self.gguf.progress_ui(ui);
+                }
+            });
         }
         self.result_ui(ui).or(action)
     }
@@ -299,7 +393,7 @@ impl ExportPanel {
     }
 
     /// The last export: the files written and "Open folder", or why it failed.
-    fn result_ui(&self, ui: &mut Ui) -> Option<ExportAction> {
+    fn result_ui(&mut self, ui: &mut Ui) -> Option<ExportAction> {
         let mut action = None;
         match &self.result {
             Some(Ok(done)) => {
@@ -310,14 +404,20 @@ impl ExportPanel {
                             .color(Color32::from_rgb(40, 150, 70))
                             .strong(),
                     );
-                    for f in &done.files {
-                        ui.monospace(
-                            f.file_name()
-                                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-                        );
+                    for line in &self.file_lines {
+                        ui.monospace(line);
                     }
-                    if ui.button("Open folder").clicked() {
+                    let show = if cfg!(target_os = "macos") {
+                        "Show in Finder"
+                    } else {
+                        "Open folder"
+                    };
+                    if ui.button(show).clicked() {
                         action = Some(ExportAction::OpenFolder(done.dir.clone()));
+                    }
+                    if let Some(o) = &self.ollama {
+                        ui.add_space(4.0);
+                        self.gguf.ollama_ui(ui, o);
                     }
                 });
             }
@@ -328,4 +428,69 @@ impl ExportPanel {
         }
         action
     }
+}
+
+/// The GGUF format: the tuned model as one file in `dest`.
+fn gguf_file(
+    adapter: &Path,
+    base: &Path,
+    dest: &Path,
+    quant: crate::export::gguf::GgufQuant,
+    on_progress: &(dyn Fn(usize, usize) + Sync),
+) -> ExportOutcome {
+    let file = dest.join(format!(
+        "{}-tuned-{}.gguf",
+        crate::export::file_stem_of(base),
+        quant.name()
+    ));
+    crate::export::gguf::export_gguf(Some(adapter), base, &file, quant, on_progress)
+        .map(|g| {
+            let e = Exported {
+                dir: dest.to_path_buf(),
+                files: vec![g.path],
+            };
+            (e, None)
+        })
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// The Ollama format: a folder with the GGUF(s) and the Modelfile.
+fn ollama_folder(
+    adapter: &Path,
+    base: &Path,
+    dest: &Path,
+    (quant, separate_adapter): (crate::export::gguf::GgufQuant, bool),
+    data: Option<PathBuf>,
+    on_progress: &(dyn Fn(usize, usize) + Sync),
+) -> ExportOutcome {
+    crate::export::ollama::export_ollama(
+        &crate::export::ollama::OllamaRequest {
+            adapter,
+            base,
+            dir: dest,
+            quant,
+            separate_adapter,
+            data: data.as_deref(),
+        },
+        on_progress,
+    )
+    .map(|o| {
+        let e = Exported {
+            dir: o.dir.clone(),
+            files: o.files.clone(),
+        };
+        (e, Some(o))
+    })
+    .map_err(|e| format!("{e:#}"))
+}
+
+/// A written file's name and size, as the result lists it.
+fn file_line(f: &Path) -> String {
+    let name = f
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let size = std::fs::metadata(f)
+        .map(|m| format!("  {}", gguf::human_size(m.len())))
+        .unwrap_or_default();
+    format!("{name}{size}")
 }

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GGUF exports judged by their real consumer, llama.cpp (llama-cpp-python 0.3.36, built once
+# from its PyPI sdist and cached: tools/pyref-setup.sh with PYREF_LIGHT=1). Run from .ci/run.
+#
+#   tools/gguf_consumer_check.sh [SmolLM2-135M-Instruct.Q4_1.gguf]
+#
+# 1. Every fixture architecture (llama, qwen2, qwen3, gpt2, and llama with Llama 3.1 RoPE scaling):
+#    the merged model exported as F32 runs in llama.cpp with FineTune's logits of base + PEFT
+#    adapter (1e-3), and llama.cpp's tokenizer, from the file's metadata alone, encodes the test
+#    strings as the HF tokenizer does.
+# 2. The SentencePiece fixture (tests/fixtures/convert/tiny-llama-spm.F16.gguf) imported and
+#    exported again: llama.cpp's tokenizer on the export encodes as the HF tokenizer FineTune
+#    rebuilt, and as sentencepiece did (spm-expected.json).
+# 3. The real SmolLM2-135M-Instruct (when its GGUF is given): trained 3 steps, exported merged as
+#    F32 (logits 1e-3, tokenizer), F16 (logits within 1% of the largest logit: llama.cpp rounds
+#    activations to f16 at each matmul), and F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0: each
+#    tensor of the type llama.cpp's own quantizer (from the F32 export) picks, with the bytes it
+#    writes, the same logits and greedy generation; the base exported alone plus the GGUF LoRA export give
+#    FineTune's tuned logits in llama.cpp.
+# Needs target/debug/finetune and target/debug/examples/adapter_logits (cargo test builds both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=$(PYREF_LIGHT=1 bash tools/pyref-setup.sh | tail -1)
+CACHE=${FINETUNE_CACHE:-$HOME/.cache/finetune}
+LCPP=$(ls -d "$CACHE"/sdist/src/llama_cpp_python-*/vendor/llama.cpp | head -1)
+export PYTHONPATH=$LCPP/gguf-py
+BIN=target/debug/finetune
+LOGITS=target/debug/examples/adapter_logits
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+
+echo "== 1. fixture architectures: merged F32"
+for f in tiny-llama tiny-qwen2 tiny-qwen3 tiny-gpt2; do
+  m=tests/fixtures/$f
+  "$BIN" export "$m/peft-adapter" "$W/$f.gguf" --format gguf --quant F32 --model "$m" >/dev/null
+  "$LOGITS" "$m" "$m/peft-adapter" "$W/$f-logits.safetensors"
+  echo "-- $f"
+  "$PY" tools/gguf_check.py "$W/$f.gguf" "$m" "$W/$f-logits.safetensors" --tol 1e-3 --generate 8
+done
+
+echo "-- tiny-llama with Llama 3.1 RoPE scaling (rope_freqs)"
+cp -r tests/fixtures/tiny-llama "$W/llama31"
+"$PY" - "$W/llama31/config.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+json.dump(c, open(sys.argv[1], "w"))
+EOF
+"$BIN" export "$W/llama31/peft-adapter" "$W/llama31.gguf" --format gguf --quant F32 --model "$W/llama31" >/dev/null
+"$LOGITS" "$W/llama31" "$W/llama31/peft-adapter" "$W/llama31-logits.safetensors"
+"$PY" tools/gguf_check.py "$W/llama31.gguf" "$W/llama31" "$W/llama31-logits.safetensors" --tol 1e-3 --no-tokenizer
+
+echo "== 2. SentencePiece vocabulary"
+"$BIN" convert tests/fixtures/convert/tiny-llama-spm.F16.gguf "$W/spm" >/dev/null
+cp tests/fixtures/tiny-llama/peft-adapter -r "$W/spm-adapter"
+"$BIN" export "$W/spm-adapter" "$W/spm.gguf" --format gguf --quant F32 --model "$W/spm" --base-only >/dev/null
+"$PY" tools/gguf_check.py "$W/spm.gguf" "$W/spm" "$W/tiny-llama-logits.safetensors" --no-logits
+"$PY" - "$W/spm.gguf" tests/fixtures/convert/spm-expected.json <<'EOF'
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, verbose=False)
+cases = json.load(open(sys.argv[2]))
+items = cases.items() if isinstance(cases, dict) else [(c["text"], c["ids"]) for c in cases]
+bad = 0
+for text, ids in items:
+    got = llm.tokenize(text.encode(), add_bos=True, special=False)
+    if got != ids:
+        bad += 1
+        print(f"sentencepiece {text!r}: {ids}\n  llama.cpp     {got}")
+print(f"sentencepiece ids: {len(items) - bad}/{len(items)} texts as sentencepiece encodes them")
+sys.exit(1 if bad else 0)
+EOF
+
+GGUF_IN=${1:-}
+if [ -z "$GGUF_IN" ]; then
+  echo "no SmolLM2 GGUF given: the real-model checks are skipped"
+  exit 0
+fi
+echo "== 3. SmolLM2-135M-Instruct"
+"$BIN" convert "$GGUF_IN" "$W/smol" >/dev/null
+"$BIN" train --model "$W/smol" --data ../shared/data/wwdc25-train.jsonl --out "$W/run" --steps 3 \
+  --lr 2e-3 --batch-size 2 --max-seq-len 64 --eval-every 0 --samples 0 \
+  --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj >/dev/null
+"$LOGITS" "$W/smol" "$W/run/adapter" "$W/smol-logits.safetensors"
+for q in F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0; do
+  /usr/bin/env time -f "export $q: %e s, peak RSS %M KB" \
+    "$BIN" export "$W/run/adapter" "$W/smol-$q.gguf" --format gguf --quant $q 2>&1 >/dev/null | grep -v tensors
+  ls -l "$W/smol-$q.gguf" | awk '{print "  size " $5 " bytes"}'
+done
+echo "-- F32"
+"$PY" tools/gguf_check.py "$W/smol-F32.gguf" "$W/smol" "$W/smol-logits.safetensors" --tol 1e-3 --generate 16
+echo "-- F16"
+"$PY" tools/gguf_check.py "$W/smol-F16.gguf" "$W/smol" "$W/smol-logits.safetensors" --rtol 1e-2 --no-tokenizer --generate 16
+echo "-- quantized types against llama.cpp's quantizer"
+"$PY" tools/gguf_quant_check.py "$W/smol-F32.gguf" "$W" F16 BF16 Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 2> >(grep -v "^warning\|^\[\|llama_model_quantize\|^main\|^llama_" >&2)
+echo "-- base GGUF + GGUF LoRA"
+"$BIN" export "$W/run/adapter" "$W/base-F32.gguf" --format gguf --quant F32 --base-only >/dev/null
+"$BIN" export "$W/run/adapter" "$W/lora.gguf" --format gguf-lora >/dev/null
+"$PY" tools/gguf_lora_check.py "$W/base-F32.gguf" "$W/lora.gguf" "$W/smol-logits.safetensors"
+echo "GGUF consumer checks: ok"
