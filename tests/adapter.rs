@@ -93,7 +93,15 @@ fn short_adamw_run_learns_through_lora_only() {
         let base_weights: Vec<Vec<f32>> = model
             .linears()
             .iter()
-            .map(|l| l.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(|l| {
+                l.weight
+                    .dense()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
             .collect();
         let cfg = LoraConfig {
             rank: 4,
@@ -128,7 +136,14 @@ fn short_adamw_run_learns_through_lora_only() {
             }
         }
         for (l, before) in model.linears().iter().zip(&base_weights) {
-            let after = l.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let after = l
+                .weight
+                .dense()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert!(
                 after
                     .iter()

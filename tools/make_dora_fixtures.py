@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Makes tests/fixtures/dora/<arch>/: DoRA references computed by transformers + PEFT (issue 18),
-for every fixture architecture (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-gpt2 in tests/fixtures).
+"""Makes tests/fixtures/<arch>-dora/: DoRA fixtures computed by transformers + PEFT (issue 18), for
+every fixture architecture (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-gpt2 in tests/fixtures). Each
+is a complete fixture in the usual format (the model's files copied from tests/fixtures/<arch>), so
+the parity suite checks it as it checks every fixture: it reads `use_dora` from the adapter config.
 
 For each model: PEFT's LoRA with `use_dora=True` on the same targets as the fixture's LoRA adapter
 (r=4, lora_alpha=8, dropout 0; GPT-2's Conv1D with fan_in_fan_out), A and B set to the LoRA
@@ -8,9 +10,10 @@ fixture's values (both non-zero) and the magnitude vector moved off its initial 
 norms of W + s·B·A) by a seeded ±10 %, so a wrong DoRA formula cannot match by accident. Written:
 - `peft-adapter/`: the adapter as PEFT saves it (`adapter_model.safetensors` with
   `...lora_magnitude_vector` tensors, `adapter_config.json` with `use_dora: true`);
-- `reference.safetensors`: `input_ids`, `labels` (the LoRA fixture's), `dora_logits` (2, 24, V),
-  and `grad.<PEFT key>` for every lora_A, lora_B and lora_magnitude_vector tensor: the gradient of
-  the masked mean cross-entropy (HF convention, as reference.json says);
+- `reference.safetensors`: `input_ids`, `labels`, `base_logits` (the LoRA fixture's),
+  `lora_logits` (2, 24, V) of the DoRA model, and `grad.<PEFT key>` for every lora_A, lora_B and
+  lora_magnitude_vector tensor: the gradient of the masked mean cross-entropy (HF convention, as
+  reference.json says);
 - `reference.json`: the loss, the settings and the versions.
 
     PY=$(tools/pyref-setup.sh | tail -1); $PY tools/make_dora_fixtures.py
@@ -31,7 +34,9 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests/fixtures"
-OUT = FIX / "dora"
+MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+               "special_tokens_map.json"]
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gpt2"]
 
 
@@ -83,11 +88,18 @@ def main():
         pm.zero_grad()
         out = pm(input_ids=ids, labels=labels)
         out.loss.backward()
-        dst = OUT / arch
+        dst = FIX / f"{arch}-dora"
         if dst.exists():
             shutil.rmtree(dst)
         (dst / "peft-adapter").mkdir(parents=True)
+        for f in MODEL_FILES:
+            if (src / f).is_file():
+                shutil.copy(src / f, dst / f)
         pm.save_pretrained(dst / "peft-adapter")
+        cfg_path = dst / "peft-adapter/adapter_config.json"
+        saved_cfg = json.load(open(cfg_path))
+        saved_cfg["base_model_name_or_path"] = arch  # not this machine's path
+        json.dump(saved_cfg, open(cfg_path, "w"), indent=2, sort_keys=True)
         saved = load_file(dst / "peft-adapter/adapter_model.safetensors")
         grads = {}
         for key in saved:
@@ -101,7 +113,8 @@ def main():
         tensors = {
             "input_ids": ref["input_ids"],
             "labels": ref["labels"],
-            "dora_logits": out.logits.detach().contiguous(),
+            "base_logits": ref["base_logits"],
+            "lora_logits": out.logits.detach().contiguous(),
             **grads,
         }
         save_file(tensors, dst / "reference.safetensors")
@@ -112,7 +125,7 @@ def main():
                 "transformers": transformers.__version__,
                 "peft": peft.__version__,
             },
-            "model": f"../../{arch}",
+            "model": f"copied from ../{arch}",
             "loss": float(out.loss),
             "loss_definition": "mean token cross-entropy over positions whose label != -100, labels shifted by one inside the model (HF convention)",
             "dora": {
@@ -120,14 +133,13 @@ def main():
                 "lora_alpha": lora_cfg["lora_alpha"],
                 "target_modules": lora_cfg["target_modules"],
                 "magnitude": "dora_init then scaled by a seeded uniform factor in [0.9, 1.1]",
-                "lora_tensors_from": f"../../{arch}/peft-adapter",
+                "lora_tensors_from": f"../{arch}/peft-adapter",
             },
             "tensors": {"lora": loaded, "grads": len(grads)},
         }
         json.dump(info, open(dst / "reference.json", "w"), indent=2)
         print(f"{arch}: loss {float(out.loss):.6f}, {len(grads)} gradients")
-    # Only the adapter and references are kept: the models are the sibling fixtures.
-    for readme in OUT.glob("*/peft-adapter/README.md"):
+    for readme in FIX.glob("*-dora/peft-adapter/README.md"):
         os.remove(readme)
 
 

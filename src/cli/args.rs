@@ -274,6 +274,9 @@ pub struct TrainArgs {
     /// rsLoRA scaling alpha/√r.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub rslora: Option<bool>,
+    /// DoRA: train a magnitude per output row besides A and B (PEFT's use_dora).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub dora: Option<bool>,
     /// Peak learning rate [default 2e-4].
     #[arg(long)]
     pub lr: Option<f64>,
@@ -435,6 +438,7 @@ impl TrainArgs {
             c.lora.layers = (!l.is_empty()).then(|| l.clone());
         }
         set(&mut c.lora.use_rslora, &self.rslora);
+        set(&mut c.lora.use_dora, &self.dora);
     }
 
     /// Learning rate, schedule, length and the optimizer.

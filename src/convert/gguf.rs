@@ -20,7 +20,7 @@ use super::write::{dtype_name, write_json, write_model, PlannedTensor};
 use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
 
 /// GGUF tensor name → transformers name; `None` for tensors with no HF counterpart.
-fn hf_name(gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),

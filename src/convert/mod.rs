@@ -18,7 +18,7 @@
 //!   `post_attention_layernorm`, `ffn_{gate,up,down}` → `mlp.{gate,up,down}_proj`.
 
 pub(crate) mod gguf;
-mod gguf_meta;
+pub(crate) mod gguf_meta;
 mod gguf_tokenizer;
 mod prepare;
 mod pytorch;

@@ -93,6 +93,12 @@ pub fn export_gguf_lora(adapter: &Path, base: &Path, out: &Path) -> anyhow::Resu
         )
     })?;
     let (deltas, _) = read_deltas(adapter)?;
+    if deltas.values().any(|d| d.magnitude.is_some()) {
+        anyhow::bail!(
+            "{} is a DoRA adapter, and llama.cpp's LoRA files have no place for DoRA's magnitude: export it merged (--format gguf) instead, which folds it into the weights",
+            adapter.display()
+        );
+    }
     let mut tensors: BTreeMap<String, QTensor> = BTreeMap::new();
     let (mut ranks, mut scales) = (BTreeSet::new(), Vec::new());
     for (path, d) in &deltas {

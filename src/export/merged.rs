@@ -68,7 +68,8 @@ fn copy_side_files(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `W + scale · B · A` in f32, transposed for `fan_in_fan_out`, rounded to `dtype`.
+/// `W + scale · B · A` in f32 (DoRA: scaled by its magnitude over the row norm), transposed for
+/// `fan_in_fan_out`, rounded to `dtype`.
 pub(crate) fn fold(
     w: &Tensor,
     d: &ModuleDelta,
@@ -84,7 +85,15 @@ pub(crate) fn fold(
             w.dims()
         );
     }
-    Ok((w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?)
+    let w32 = w.to_dtype(DType::F32)?;
+    let merged = match &d.magnitude {
+        // DoRA: the magnitude scales each output row, a row of W (out, in) or a column of
+        // GPT-2's Conv1D (in, out).
+        Some(m) if fan_in_fan_out => crate::model::dora::fold(&w32.t()?, &delta.t()?, m)?.t()?,
+        Some(m) => crate::model::dora::fold(&w32, &delta, m)?,
+        None => (w32 + delta)?,
+    };
+    Ok(merged.to_dtype(w.dtype())?)
 }
 
 /// Merges the adapter in `adapter` into the base model `base` (anything `train` takes) and writes

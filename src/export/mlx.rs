@@ -88,11 +88,22 @@ pub fn export_mlx(adapter: &Path, base: &Path, out: &Path) -> anyhow::Result<Mlx
         scales.push(d.scale);
         tensors.insert(format!("{block}.{key}.lora_a"), d.a.t()?.contiguous()?);
         tensors.insert(format!("{block}.{key}.lora_b"), d.b.t()?.contiguous()?);
+        if let Some(m) = &d.magnitude {
+            // mlx-lm's DoRALinear: the same magnitude over the same detached row norm.
+            tensors.insert(format!("{block}.{key}.m"), m.clone());
+        }
         keys.insert(key);
     }
     if ranks.len() > 1 || scales.iter().any(|s| (s - scales[0]).abs() > 1e-12) {
         anyhow::bail!(
             "the adapter's modules differ in rank ({ranks:?}); mlx-lm adapters have one rank and one scale: export it merged instead"
+        );
+    }
+    let dora = deltas.values().filter(|d| d.magnitude.is_some()).count();
+    if dora != 0 && dora != deltas.len() {
+        anyhow::bail!(
+            "only {dora} of the adapter's {} modules are DoRA; mlx-lm adapters are all LoRA or all DoRA: export it merged instead",
+            deltas.len()
         );
     }
     let rank = ranks.into_iter().next().unwrap_or(0);
@@ -103,7 +114,7 @@ pub fn export_mlx(adapter: &Path, base: &Path, out: &Path) -> anyhow::Result<Mlx
         .unwrap_or(0.0);
     let num_layers = blocks - lowest;
     let config = serde_json::json!({
-        "fine_tune_type": "lora",
+        "fine_tune_type": if dora > 0 { "dora" } else { "lora" },
         "num_layers": num_layers,
         "lora_parameters": {
             "rank": rank,

@@ -135,7 +135,7 @@ pub fn peft_config(
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
-        "use_dora": false,
+        "use_dora": c.use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": null,
@@ -180,9 +180,20 @@ pub fn save(
     Ok(())
 }
 
-/// `base_model.model.<path>.lora_A[.default].weight` → (`<path>`, "lora_A").
+/// `base_model.model.<path>.lora_A[.default].weight` → (`<path>`, "lora_A"); DoRA's
+/// `<path>.lora_magnitude_vector[.default[.weight]]` → (`<path>`, "magnitude").
 fn parse_key(key: &str) -> Option<(&str, &'static str)> {
     let rest = key.strip_prefix("base_model.model.")?;
+    for tail in [
+        ".lora_magnitude_vector",
+        ".lora_magnitude_vector.default",
+        ".lora_magnitude_vector.default.weight",
+        ".lora_magnitude_vector.weight",
+    ] {
+        if let Some(p) = rest.strip_suffix(tail) {
+            return Some((p, "magnitude"));
+        }
+    }
     let rest = rest.strip_suffix(".weight")?;
     let rest = rest.strip_suffix(".default").unwrap_or(rest);
     if let Some(p) = rest.strip_suffix(".lora_A") {
@@ -213,9 +224,6 @@ fn read_config(path: &Path) -> Result<LoraConfig, AdapterError> {
         what: what.to_owned(),
         path: path.to_path_buf(),
     };
-    if v.get("use_dora").and_then(|d| d.as_bool()) == Some(true) {
-        return Err(unsupported("DoRA (use_dora)"));
-    }
     if v.get("alpha_pattern")
         .and_then(|p| p.as_object())
         .is_some_and(|p| !p.is_empty())
@@ -253,6 +261,7 @@ fn read_config(path: &Path) -> Result<LoraConfig, AdapterError> {
             .get("use_rslora")
             .and_then(|r| r.as_bool())
             .unwrap_or(false),
+        use_dora: v.get("use_dora").and_then(|d| d.as_bool()).unwrap_or(false),
     })
 }
 
@@ -265,6 +274,9 @@ pub struct ModuleDelta {
     pub b: Tensor,
     /// alpha / r (alpha / √r with rsLoRA).
     pub scale: f64,
+    /// DoRA's magnitude (out,), f32, for a DoRA module: the merged weight is then
+    /// `m/‖W + ΔW‖ ⊙ (W + ΔW)` ([`super::dora::fold`]).
+    pub magnitude: Option<Tensor>,
 }
 
 /// An adapter's updates read without a model: by module path (e.g.
@@ -286,7 +298,8 @@ pub fn read_deltas(dir: &Path) -> Result<(HashMap<String, ModuleDelta>, bool), A
         return Err(AdapterError::MissingWeights(weights_path));
     }
     let mut deltas = HashMap::new();
-    for (path, pair) in read_pairs(&weights_path, &Device::Cpu)? {
+    let (pairs, mut magnitudes) = read_pairs(&weights_path, &Device::Cpu)?;
+    for (path, pair) in pairs {
         let (Some(a), Some(b)) = pair else {
             return Err(AdapterError::InvalidWeights {
                 path: weights_path.clone(),
@@ -304,18 +317,32 @@ pub fn read_deltas(dir: &Path) -> Result<(HashMap<String, ModuleDelta>, bool), A
                 ),
             });
         }
+        let magnitude = match magnitudes.remove(&path) {
+            Some(m) => Some(m.to_dtype(DType::F32)?),
+            None => None,
+        };
         let delta = ModuleDelta {
             a: a.to_dtype(DType::F32)?,
             b: b.to_dtype(DType::F32)?,
             scale: module_scale(&config, r),
+            magnitude,
         };
         deltas.insert(path, delta);
+    }
+    if let Some(path) = magnitudes.keys().next() {
+        return Err(AdapterError::InvalidWeights {
+            path: weights_path,
+            reason: format!("module {path} has a DoRA magnitude but no lora_A / lora_B"),
+        });
     }
     Ok((deltas, fan_in_fan_out))
 }
 
 /// Each module's (lora_A, lora_B) tensors, by module path.
 pub(crate) type Pairs = HashMap<String, (Option<Tensor>, Option<Tensor>)>;
+
+/// Each DoRA module's magnitude vector, by module path.
+pub(crate) type Magnitudes = HashMap<String, Tensor>;
 
 /// Loads an adapter onto `model` (replacing any adapter) and returns its state, ready to train
 /// further or to run: a PEFT adapter folder, an mlx-lm adapter folder (`adapters.safetensors`),
@@ -325,20 +352,26 @@ pub fn load(path: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
         && path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    let (config, pairs, weights_path) = if is_gguf {
-        super::import::read_gguf_lora(path, model)?
+    let (config, pairs, magnitudes, weights_path) = if is_gguf {
+        let (c, p, w) = super::import::read_gguf_lora(path, model)?;
+        (c, p, Magnitudes::new(), w)
     } else if !path.join(ADAPTER_WEIGHTS).is_file()
         && path.join(super::import::MLX_WEIGHTS).is_file()
     {
-        super::import::read_mlx(path, model)?
+        let (c, p, w) = super::import::read_mlx(path, model)?;
+        (c, p, Magnitudes::new(), w)
     } else {
         read_peft(path, model.device())?
     };
-    attach(config, pairs, &weights_path, model)
+    attach(config, pairs, magnitudes, &weights_path, model)
 }
 
 /// A PEFT adapter folder's settings and (A, B) pairs by module path, and its weights file.
-fn read_peft(dir: &Path, device: &Device) -> Result<(LoraConfig, Pairs, PathBuf), AdapterError> {
+#[allow(clippy::type_complexity)]
+fn read_peft(
+    dir: &Path,
+    device: &Device,
+) -> Result<(LoraConfig, Pairs, Magnitudes, PathBuf), AdapterError> {
     let config_path = dir.join(ADAPTER_CONFIG);
     if !config_path.is_file() {
         return Err(AdapterError::MissingConfig(config_path));
@@ -348,20 +381,25 @@ fn read_peft(dir: &Path, device: &Device) -> Result<(LoraConfig, Pairs, PathBuf)
     if !weights_path.is_file() {
         return Err(AdapterError::MissingWeights(weights_path));
     }
-    let pairs = read_pairs(&weights_path, device)?;
-    Ok((config, pairs, weights_path))
+    let (pairs, magnitudes) = read_pairs(&weights_path, device)?;
+    Ok((config, pairs, magnitudes, weights_path))
 }
 
 /// Puts `pairs` (A (r, in), B (out, r) by module path) on `model`'s projections.
 fn attach(
     mut config: LoraConfig,
     mut pairs: Pairs,
+    mut magnitudes: Magnitudes,
     weights_path: &Path,
     model: &mut Model,
 ) -> Result<LoraState, AdapterError> {
     let weights_path = weights_path.to_path_buf();
     let known: BTreeSet<String> = model.linears().iter().map(|l| l.path.clone()).collect();
-    if let Some(unknown) = pairs.keys().find(|p| !known.contains(*p)) {
+    if let Some(unknown) = pairs
+        .keys()
+        .chain(magnitudes.keys())
+        .find(|p| !known.contains(*p))
+    {
         return Err(AdapterError::UnknownModule {
             module: unknown.clone(),
             path: weights_path.clone(),
@@ -381,6 +419,22 @@ fn attach(
         let a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
         let b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
         lora::insert(&varmap, &lin.path, &a, &b);
+        let magnitude = match magnitudes.remove(&lin.path) {
+            Some(m) => Some(checked_magnitude(lin, m, &weights_path)?),
+            None if config.use_dora => {
+                return Err(AdapterError::InvalidWeights {
+                    path: weights_path,
+                    reason: format!(
+                        "the adapter is DoRA (use_dora) but module {} has no lora_magnitude_vector",
+                        lin.path
+                    ),
+                })
+            }
+            None => None,
+        };
+        if let Some(m) = &magnitude {
+            lora::insert_magnitude(&varmap, &lin.path, m);
+        }
         lin.lora = Some(Lora {
             a,
             b,
@@ -388,8 +442,16 @@ fn attach(
             dropout: config.dropout,
             seed: dropout_seed.clone(),
             enabled: true,
+            magnitude,
+            norm_cache: Default::default(),
         });
         targets.insert(lin.name().to_owned());
+    }
+    if let Some(path) = magnitudes.keys().next() {
+        return Err(AdapterError::InvalidWeights {
+            path: weights_path,
+            reason: format!("module {path} has a DoRA magnitude but no lora_A / lora_B"),
+        });
     }
     config.targets = targets.into_iter().collect();
     Ok(LoraState {
@@ -399,8 +461,9 @@ fn attach(
     })
 }
 
-/// Reads the adapter weights and pairs each module's lora_A with its lora_B.
-fn read_pairs(weights_path: &Path, device: &Device) -> Result<Pairs, AdapterError> {
+/// Reads the adapter weights and pairs each module's lora_A with its lora_B; DoRA magnitudes
+/// apart.
+fn read_pairs(weights_path: &Path, device: &Device) -> Result<(Pairs, Magnitudes), AdapterError> {
     let tensors = candle_core::safetensors::load(weights_path, device).map_err(|e| {
         AdapterError::InvalidWeights {
             path: weights_path.to_path_buf(),
@@ -408,11 +471,18 @@ fn read_pairs(weights_path: &Path, device: &Device) -> Result<Pairs, AdapterErro
         }
     })?;
     let mut pairs = Pairs::new();
+    let mut magnitudes = Magnitudes::new();
     for (key, t) in tensors {
         let (path, which) = parse_key(&key).ok_or_else(|| AdapterError::Unsupported {
-            what: format!("adapter tensor {key} (only lora_A/lora_B of linear layers)"),
+            what: format!(
+                "adapter tensor {key} (only lora_A/lora_B of linear layers and DoRA magnitudes)"
+            ),
             path: weights_path.to_path_buf(),
         })?;
+        if which == "magnitude" {
+            magnitudes.insert(path.to_owned(), t);
+            continue;
+        }
         let entry = pairs.entry(path.to_owned()).or_default();
         if which == "lora_A" {
             entry.0 = Some(t);
@@ -420,7 +490,24 @@ fn read_pairs(weights_path: &Path, device: &Device) -> Result<Pairs, AdapterErro
             entry.1 = Some(t);
         }
     }
-    Ok(pairs)
+    Ok((pairs, magnitudes))
+}
+
+/// A DoRA magnitude of shape (out,) for `lin`, as an f32 `Var`.
+fn checked_magnitude(
+    lin: &LoraLinear,
+    m: Tensor,
+    weights_path: &Path,
+) -> Result<Var, AdapterError> {
+    if m.dims() != [lin.out_features()] {
+        return Err(AdapterError::WrongShape {
+            key: super::dora::magnitude_key(&lin.path),
+            expected: vec![lin.out_features()],
+            found: m.dims().to_vec(),
+            path: weights_path.to_path_buf(),
+        });
+    }
+    Ok(Var::from_tensor(&m.to_dtype(DType::F32)?)?)
 }
 
 /// Both tensors of `lin`'s pair, with the shapes `lin` implies: A `(r, in)`, B `(out, r)`.

@@ -48,11 +48,10 @@ fn conv1d(
     out_f: usize,
 ) -> std::result::Result<LoraLinear, ModelError> {
     let key = format!("{prefix}{}", path.trim_start_matches("transformer."));
-    let weight = w.get_matrix(&format!("{key}.weight"), &[in_f, out_f])?;
     Ok(LoraLinear {
         path: path.to_owned(),
         layer,
-        weight: weight.t()?.contiguous()?,
+        weight: w.get_linear(&format!("{key}.weight"), out_f, in_f, true)?,
         bias: Some(w.get(&format!("{key}.bias"), &[out_f])?),
         lora: None,
     })

@@ -99,6 +99,7 @@ pub fn read_mlx(dir: &Path, model: &Model) -> Result<(LoraConfig, Pairs, PathBuf
         targets: Vec::new(),
         layers: None,
         use_rslora: false,
+        use_dora: false,
     };
     Ok((config, pairs, weights))
 }
@@ -169,6 +170,7 @@ pub fn read_gguf_lora(
         targets: Vec::new(),
         layers: None,
         use_rslora: false,
+        use_dora: false,
     };
     Ok((config, pairs, file.to_path_buf()))
 }

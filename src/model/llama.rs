@@ -79,7 +79,7 @@ pub(super) fn linear(
     Ok(LoraLinear {
         path: path.to_owned(),
         layer,
-        weight: w.get_matrix(&format!("{path}.weight"), &[out_f, in_f])?,
+        weight: w.get_linear(&format!("{path}.weight"), out_f, in_f, false)?,
         bias: if bias {
             Some(w.get(&format!("{path}.bias"), &[out_f])?)
         } else {

@@ -1,5 +1,5 @@
 //! LoRA with PEFT semantics: `y = W·x + b + s·B(A(dropout(x)))`, `s = alpha/r` (rsLoRA:
-//! `alpha/√r`). A is kaiming-uniform (a = √5, i.e. U(±1/√in)) and B zero at init, as PEFT does.
+//! `alpha/√r`), and DoRA's magnitude on top when asked ([`super::dora`]). A is kaiming-uniform (a = √5, i.e. U(±1/√in)) and B zero at init, as PEFT does.
 //! LoRA tensors are f32 `Var`s in their own `VarMap`, keyed by their PEFT names
 //! (`base_model.model.<module path>.lora_A.weight`); base weights are plain tensors and never
 //! receive gradients.
@@ -29,6 +29,8 @@ pub struct LoraConfig {
     pub layers: Option<Vec<usize>>,
     /// rsLoRA scaling alpha/√r.
     pub use_rslora: bool,
+    /// DoRA: a trainable magnitude per output row besides A and B ([`super::dora`]).
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -40,6 +42,7 @@ impl Default for LoraConfig {
             targets: Vec::new(),
             layers: None,
             use_rslora: false,
+            use_dora: false,
         }
     }
 }
@@ -85,6 +88,10 @@ pub struct Lora {
     /// vs tuned from one copy of the weights, [`super::Model::set_lora_enabled`]). On when
     /// attached or loaded.
     pub enabled: bool,
+    /// DoRA's magnitude (out,), f32, when the module is a DoRA module ([`super::dora`]).
+    pub magnitude: Option<Var>,
+    /// DoRA's row norm, kept while generating ([`super::dora::NormCache`]).
+    pub norm_cache: super::dora::NormCache,
 }
 
 /// Shared, settable seed for LoRA dropout masks.
@@ -157,6 +164,75 @@ pub fn lora_input_f32(x: &Tensor, linears: &[&LoraLinear], train: bool) -> Resul
     Ok(Some(x.reshape(((), in_f))?.to_dtype(DType::F32)?))
 }
 
+/// A linear projection's frozen weight (out, in): a float tensor, or kept quantized (QLoRA,
+/// [`super::quant`]).
+#[derive(Debug, Clone)]
+pub enum Frozen {
+    /// In the compute dtype (or the CPU's bf16 matrix dtype).
+    Dense(Tensor),
+    /// Quantized; dequantized per product and dropped at once.
+    Quant(std::sync::Arc<super::quant::QWeight>),
+}
+
+impl Frozen {
+    /// (out, in).
+    pub fn dims2(&self) -> (usize, usize) {
+        match self {
+            Frozen::Dense(t) => {
+                let d = t.dims();
+                (d[0], d.get(1).copied().unwrap_or(1))
+            }
+            Frozen::Quant(q) => q.dims(),
+        }
+    }
+
+    /// The device the weight lives on.
+    pub fn device(&self) -> candle_core::Device {
+        match self {
+            Frozen::Dense(t) => t.device().clone(),
+            Frozen::Quant(q) => q.device(),
+        }
+    }
+
+    /// The float weight; a quantized one dequantized to f32 (a fresh tensor).
+    pub fn dense(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
+        match self {
+            Frozen::Dense(t) => Ok(std::borrow::Cow::Borrowed(t)),
+            Frozen::Quant(q) => Ok(std::borrow::Cow::Owned(q.dequantize(DType::F32)?)),
+        }
+    }
+
+    /// The float tensor when the weight is not quantized.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            Frozen::Dense(t) => Some(t),
+            Frozen::Quant(_) => None,
+        }
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Frozen::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Frozen::Quant(q) => q.size_in_bytes(),
+        }
+    }
+
+    /// `x · Wᵀ (+ update)` for 2-D `x` (N, in): gradients to `x` and `update` only.
+    pub fn linear_plus(&self, x: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => kernels::frozen_linear_plus(x, w, update),
+            Frozen::Quant(q) => {
+                let y = q.forward(x)?;
+                match update {
+                    Some(u) => y + u,
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
 /// A frozen linear projection with an optional LoRA update. Weights are held (out, in) whatever
 /// the checkpoint layout (GPT-2's Conv1D (in, out) is transposed on load).
 #[derive(Debug, Clone)]
@@ -165,8 +241,8 @@ pub struct LoraLinear {
     pub path: String,
     /// Layer index this projection belongs to.
     pub layer: usize,
-    /// (out, in), compute dtype, frozen.
-    pub weight: Tensor,
+    /// (out, in), frozen: the compute dtype, or quantized.
+    pub weight: Frozen,
     /// (out), compute dtype, frozen; `None` for projections without bias.
     pub bias: Option<Tensor>,
     /// The attached LoRA update, if any.
@@ -176,12 +252,12 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// Input width (`in`).
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims2().1
     }
 
     /// Output width (`out`).
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().0
     }
 
     /// The module's short name (`q_proj`, `c_attn`, ...).
@@ -192,6 +268,13 @@ impl LoraLinear {
     /// The attached LoRA update when it is switched on ([`Lora::enabled`]).
     pub fn active(&self) -> Option<&Lora> {
         self.lora.as_ref().filter(|l| l.enabled)
+    }
+
+    /// Whether the fused CPU decoding step can run this projection: a float weight and no DoRA
+    /// magnitude (the step knows plain LoRA on float weights only).
+    pub fn plain_for_fused_decode(&self) -> bool {
+        self.active().is_none_or(|l| l.magnitude.is_none())
+            && matches!(self.weight, Frozen::Dense(_))
     }
 
     /// `x` `(..., in)` → `(..., out)`. Dropout on the LoRA input only when `train`.
@@ -217,13 +300,17 @@ impl LoraLinear {
         let in_f = self.in_features();
         let x2 = x.reshape(((), in_f))?;
         if let Some(l) = self.active() {
-            if self.fused_on_cuda(&x2, train) {
+            if let Some(m) = &l.magnitude {
+                let y = self.forward_dora(&x2, x_f32, l, m, train, detach_lora)?;
+                return self.finish(y, dims);
+            }
+            if let (true, Frozen::Dense(w)) = (self.fused_on_cuda(&x2, train), &self.weight) {
                 let (a, b) = if detach_lora {
                     (l.a.as_tensor().detach(), l.b.as_tensor().detach())
                 } else {
                     (l.a.as_tensor().clone(), l.b.as_tensor().clone())
                 };
-                let y = kernels::lora_linear(&x2, &self.weight, &a, &b, l.scale)?;
+                let y = kernels::lora_linear(&x2, w, &a, &b, l.scale)?;
                 return self.finish(y, dims);
             }
         }
@@ -259,8 +346,50 @@ impl LoraLinear {
             }
             None => None,
         };
-        let y = kernels::frozen_linear_plus(&x2, &self.weight, update.as_ref())?;
+        let y = self.weight.linear_plus(&x2, update.as_ref())?;
         self.finish(y, dims)
+    }
+
+    /// A DoRA module's output before the bias ([`super::dora`]), `x2` (N, in).
+    fn forward_dora(
+        &self,
+        x2: &Tensor,
+        x_f32: Option<&Tensor>,
+        l: &Lora,
+        m: &Var,
+        train: bool,
+        detach_lora: bool,
+    ) -> Result<Tensor> {
+        let take = |v: &Var| {
+            if detach_lora {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
+            }
+        };
+        let (a, b, m) = (take(&l.a), take(&l.b), take(m));
+        let norm = l
+            .norm_cache
+            .get_or(|| super::dora::weight_norm(self.weight.dense()?.as_ref(), &a, &b, l.scale))?;
+        let g = m.broadcast_div(&norm)?;
+        let h = match x_f32 {
+            Some(h) => h.clone(),
+            None => x2.to_dtype(DType::F32)?,
+        };
+        let dropped = if train && l.dropout > 0.0 {
+            let h = seeded_dropout(&h, l.dropout, mix(l.seed.get(), path_hash(&self.path)))?;
+            Some(h)
+        } else {
+            None
+        };
+        let hd = dropped.as_ref().unwrap_or(&h);
+        let update = hd.matmul(&a.t()?)?.matmul(&(b.t()? * l.scale)?)?;
+        let wx = self.weight.linear_plus(x2, None)?;
+        let wx_drop = match &dropped {
+            Some(d) => Some(self.weight.linear_plus(&d.to_dtype(x2.dtype())?, None)?),
+            None => None,
+        };
+        super::dora::combine(&wx, wx_drop.as_ref(), &update, &g)
     }
 
     /// Whether [`LoraLinear::forward_shared`] runs this projection with its LoRA term as one op
@@ -268,7 +397,11 @@ impl LoraLinear {
     /// choosing it for `x` ([`kernels::lora_linear_fused`]).
     pub fn fused_on_cuda(&self, x: &Tensor, train: bool) -> bool {
         match self.active() {
-            Some(l) => kernels::lora_linear_fused(x, &self.weight, train && l.dropout > 0.0),
+            Some(l) if l.magnitude.is_none() => match &self.weight {
+                Frozen::Dense(w) => kernels::lora_linear_fused(x, w, train && l.dropout > 0.0),
+                Frozen::Quant(_) => false,
+            },
+            Some(_) => false,
             None => false,
         }
     }
@@ -434,7 +567,7 @@ pub fn attach(
             continue;
         }
         let (out_f, in_f) = (lin.out_features(), lin.in_features());
-        let device = lin.weight.device().clone();
+        let device = lin.weight.device();
         // kaiming_uniform_(a=√5): gain √(2/(1+5)), bound = gain·√3/√fan_in = 1/√fan_in.
         let bound = 1.0 / (in_f as f32).sqrt();
         let a: Vec<f32> = (0..config.rank * in_f)
@@ -443,6 +576,15 @@ pub fn attach(
         let a = Var::from_tensor(&Tensor::from_vec(a, (config.rank, in_f), &device)?)?;
         let b = Var::zeros((out_f, config.rank), DType::F32, &device)?;
         insert(&varmap, &lin.path, &a, &b);
+        let magnitude = if config.use_dora {
+            let m = Var::from_tensor(&super::dora::initial_magnitude(
+                lin.weight.dense()?.as_ref(),
+            )?)?;
+            insert_magnitude(&varmap, &lin.path, &m);
+            Some(m)
+        } else {
+            None
+        };
         lin.lora = Some(Lora {
             a,
             b,
@@ -450,6 +592,8 @@ pub fn attach(
             dropout: config.dropout,
             seed: seed_cell.clone(),
             enabled: true,
+            magnitude,
+            norm_cache: Default::default(),
         });
     }
     Ok(LoraState {
@@ -467,4 +611,13 @@ pub fn insert(varmap: &VarMap, path: &str, a: &Var, b: &Var) {
     };
     data.insert(peft_key(path, "lora_A"), a.clone());
     data.insert(peft_key(path, "lora_B"), b.clone());
+}
+
+/// Registers the DoRA magnitude of the module at `path` in `varmap` under its PEFT key.
+pub fn insert_magnitude(varmap: &VarMap, path: &str, m: &Var) {
+    let mut data = match varmap.data().lock() {
+        Ok(d) => d,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    data.insert(super::dora::magnitude_key(path), m.clone());
 }

@@ -27,6 +27,7 @@ pub mod attention;
 pub mod bf16;
 pub mod cache;
 pub mod config;
+pub mod dora;
 pub mod gpt2;
 mod grad;
 pub mod import;
@@ -34,6 +35,8 @@ pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod ops;
+pub mod qload;
+pub mod quant;
 pub mod recompute;
 pub mod source;
 pub mod weights;
@@ -196,6 +199,17 @@ impl Model {
     /// `device`. On the CPU, bf16 means mixed precision: the large frozen matrices are kept in
     /// bf16 and multiplied by the bf16 kernel ([`bf16`]), everything else runs in f32.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, dtype, device, &qload::LinearQuant::Float)
+    }
+
+    /// [`Model::load`] with the linear projections' weights kept as `quant` says: float,
+    /// quantized at load, or as a GGUF file stores them (QLoRA, [`quant`]).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quant: &qload::LinearQuant,
+    ) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
         let mixed = kernels::plan_for_device(device, dtype).mixed_bf16();
         let (dtype, w) = if mixed {
@@ -204,6 +218,7 @@ impl Model {
         } else {
             (dtype, weights::Weights::open(dir, dtype, device)?)
         };
+        let w = w.with_quant(qload::LinearQuantSource::open(quant)?);
         let arch = match config.family {
             Family::Llama => Arch::Llama(llama::Llama::load(&w, &config)?),
             Family::Gpt2 => Arch::Gpt2(gpt2::Gpt2::load(&w, &config)?),
@@ -306,6 +321,21 @@ impl Model {
     /// empty cache, each decoding step one token. Inference only (no dropout, no graph); the LM
     /// head runs on the last position alone.
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        // DoRA norms: rebuilt by the prefill (the adapter may have trained since the last
+        // generation), reused by each decoding step.
+        let mode = if cache.len() == 0 {
+            dora::NormUse::Refresh
+        } else {
+            dora::NormUse::Cached
+        };
+        dora::with_norm_use(mode, || self.forward_cached_inner(ids, cache))
+    }
+
+    fn forward_cached_inner(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         if ids.is_empty() {
             candle_core::bail!("no tokens to run");
         }
@@ -317,7 +347,10 @@ impl Model {
             );
         }
         if let (Arch::Llama(m), [id]) = (&self.arch, ids) {
-            if m.can_decode_cpu() && kernels::fused_decode(self.device(), self.dtype) {
+            if m.can_decode_cpu()
+                && kernels::fused_decode(self.device(), self.dtype)
+                && self.linears().iter().all(|l| l.plain_for_fused_decode())
+            {
                 // On a thread of the pool, so the step's ~120 parallel passes are split from a
                 // worker (which takes its share) instead of each waking the pool from outside and
                 // sleeping until it is done.

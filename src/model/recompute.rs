@@ -61,7 +61,10 @@ pub fn checkpointed(layer: &Layer, x: &Tensor, ctx: &LayerCtx, sink: &GradSink) 
         let store = (y * grad.detach())?.sum_all()?.backward()?;
         for lin in layer.linears() {
             if let Some(l) = &lin.lora {
-                for var in [&l.a, &l.b] {
+                for var in [Some(&l.a), Some(&l.b), l.magnitude.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
                     if let Some(g) = store.get(var) {
                         sink.push(var, g.clone());
                     }

@@ -22,6 +22,8 @@ pub struct Weights {
     /// in the CPU's mixed mode (bf16 weights, f32 activations).
     matrix_dtype: DType,
     device: Device,
+    /// How linear projections' weights are kept ([`Weights::get_linear`]).
+    quant: super::qload::LinearQuantSource,
 }
 
 /// The file names a shard index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`)
@@ -139,6 +141,7 @@ impl Weights {
             dtype,
             matrix_dtype: dtype,
             device: device.clone(),
+            quant: super::qload::LinearQuantSource::Float,
         })
     }
 
@@ -146,6 +149,53 @@ impl Weights {
     pub fn with_matrix_dtype(mut self, dtype: DType) -> Self {
         self.matrix_dtype = dtype;
         self
+    }
+
+    /// Keeps linear projections' weights as `quant` says (QLoRA).
+    pub(crate) fn with_quant(mut self, quant: super::qload::LinearQuantSource) -> Self {
+        self.quant = quant;
+        self
+    }
+
+    /// A linear projection's frozen weight `name`, (out, in): quantized when the model is loaded
+    /// for QLoRA, else in the matrix dtype. `transposed` for checkpoints that store it (in, out)
+    /// (GPT-2's Conv1D).
+    pub fn get_linear(
+        &self,
+        name: &str,
+        out_f: usize,
+        in_f: usize,
+        transposed: bool,
+    ) -> Result<super::lora::Frozen, ModelError> {
+        let dense = || -> Result<Tensor, ModelError> {
+            if transposed {
+                let t = self.get_matrix(name, &[in_f, out_f])?;
+                t.t()
+                    .and_then(|t| t.contiguous())
+                    .map_err(|e| ModelError::InvalidWeights {
+                        path: self.dir.clone(),
+                        reason: format!("tensor {name}: {e}"),
+                    })
+            } else {
+                self.get_matrix(name, &[out_f, in_f])
+            }
+        };
+        let quantized = super::qload::linear_weight(&self.quant, name, &self.device, || {
+            let w = dense()?;
+            Ok(w)
+        })?;
+        match quantized {
+            Some(q) if q.dims() == (out_f, in_f) => {
+                Ok(super::lora::Frozen::Quant(std::sync::Arc::new(q)))
+            }
+            Some(q) => Err(ModelError::WrongShape {
+                name: name.to_owned(),
+                expected: vec![out_f, in_f],
+                found: vec![q.dims().0, q.dims().1],
+                path: self.dir.clone(),
+            }),
+            None => Ok(super::lora::Frozen::Dense(dense()?)),
+        }
     }
 
     /// Loads a large frozen matrix (linear weight, embedding, LM head) in the matrix dtype.

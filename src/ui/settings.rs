@@ -144,6 +144,8 @@ pub struct Settings {
     pub lora_alpha: f64,
     /// Dropout on the LoRA input, 0..1. Default 0.05.
     pub lora_dropout: f64,
+    /// DoRA (a trainable magnitude per output row) instead of plain LoRA. Default off.
+    pub lora_dora: bool,
     /// Modules to adapt; `None` = every linear projection.
     pub lora_targets: Option<Vec<String>>,
     /// Layers to adapt: empty or "all", or indices and ranges like "0-3, 6".
@@ -201,6 +203,7 @@ impl Default for Settings {
             lora_rank: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.05,
+            lora_dora: false,
             lora_targets: None,
             lora_layers: String::new(),
             lr: 2e-4,
@@ -315,6 +318,7 @@ impl Settings {
                 targets: self.lora_targets.clone().unwrap_or_default(),
                 layers: parse_layers(&self.lora_layers, None).ok().flatten(),
                 use_rslora: false,
+                use_dora: self.lora_dora,
             },
             lr: self.lr,
             schedule: self.schedule,

@@ -93,7 +93,8 @@ impl Held<'_> {
 
 /// The storages one projection reads: weight, bias, LoRA A and B.
 struct ProjHeld<'a> {
-    w: Held<'a>,
+    /// `None` for a quantized weight, which [`super::Llama::decode_cpu`] is never asked to run.
+    w: Option<Held<'a>>,
     bias: Option<Held<'a>>,
     lora: Option<(Held<'a>, Held<'a>, f32)>,
     i: usize,
@@ -102,7 +103,7 @@ struct ProjHeld<'a> {
 
 fn hold_proj(l: &LoraLinear) -> ProjHeld<'_> {
     ProjHeld {
-        w: hold(&l.weight),
+        w: l.weight.as_dense().map(hold),
         bias: l.bias.as_ref().map(hold),
         lora: l
             .active()
@@ -138,11 +139,22 @@ impl<'a> ProjHeld<'a> {
             }
             None => None,
         };
-        if self.w.mat()?.len() != self.o * self.i {
+        if self
+            .w
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("decode step: a quantized weight".into()))?
+            .mat()?
+            .len()
+            != self.o * self.i
+        {
             candle_core::bail!("decode step: a weight is not {}×{}", self.o, self.i);
         }
         Ok(Proj {
-            w: self.w.mat()?,
+            w: self
+                .w
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("decode step: a quantized weight".into()))?
+                .mat()?,
             bias: self.bias.as_ref().map(Held::mat).transpose()?,
             lora,
             i: self.i,

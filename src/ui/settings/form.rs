@@ -138,6 +138,14 @@ fn lora_rows_ui(
             )
         },
     );
+    row_ui(
+        ui,
+        "DoRA",
+        "lora.dora",
+        "a magnitude per output row besides A and B: often closer to full fine-tuning; each step costs more",
+        problems,
+        |ui| ui.checkbox(&mut s.lora_dora, ""),
+    );
     let layer_hint = match model {
         Some(m) => format!("all, or e.g. 0-3, 6 (this model has {} layers)", m.layers),
         None => "all, or e.g. 0-3, 6".into(),
