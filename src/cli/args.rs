@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::data::{OverLong, PromptCompletionStyle};
+use crate::model::qload::QuantChoice;
 use crate::train::{DeviceChoice, DtypeChoice, Duration, Schedule, TrainConfig};
 
 /// FineTune: LoRA fine-tuning of Hugging Face language models.
@@ -211,6 +212,41 @@ impl From<DtypeArg> for DtypeChoice {
     }
 }
 
+/// `--quantize` values: how the frozen linear weights are kept (QLoRA).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum QuantArg {
+    /// float weights (a GGUF model is dequantized; --dtype decides)
+    None,
+    /// 8-bit, nearly lossless: ~0.53× the memory of bf16
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 6-bit K-quant: ~0.41× bf16
+    #[value(name = "q6_k")]
+    Q6K,
+    /// 5-bit K-quant: ~0.34× bf16
+    #[value(name = "q5_k")]
+    Q5K,
+    /// 4-bit K-quant: ~0.28× bf16 (rows not a multiple of 256 fall back to q5_0)
+    #[value(name = "q4_k")]
+    Q4K,
+    /// 4-bit, one scale per 32: ~0.28× bf16
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl From<QuantArg> for QuantChoice {
+    fn from(q: QuantArg) -> Self {
+        match q {
+            QuantArg::None => QuantChoice::None,
+            QuantArg::Q8_0 => QuantChoice::Q8_0,
+            QuantArg::Q6K => QuantChoice::Q6K,
+            QuantArg::Q5K => QuantChoice::Q5K,
+            QuantArg::Q4K => QuantChoice::Q4K,
+            QuantArg::Q4_0 => QuantChoice::Q4_0,
+        }
+    }
+}
+
 /// `--device` values: where the run computes.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
@@ -364,6 +400,10 @@ pub struct TrainArgs {
     /// Compute dtype of the base model (auto: bf16 on GPUs, f32 on the CPU).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// QLoRA: keep the frozen linear weights quantized [default: a GGUF model keeps its own
+    /// quantization unless --dtype is given; other models stay float].
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantArg>,
     /// Resume from a checkpoint folder (OUT/checkpoints/step-N).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -506,6 +546,9 @@ impl TrainArgs {
         }
         if let Some(d) = self.dtype {
             c.dtype = d.into();
+        }
+        if let Some(q) = self.quantize {
+            c.quantize = Some(q.into());
         }
         if let Some(n) = self.log_every {
             c.log_every = n.max(1);

@@ -231,6 +231,32 @@ impl Model {
         })
     }
 
+    /// What QLoRA keeps quantized, for the log: how many linear weights, their types, and their
+    /// bytes against bf16; `None` when every weight is float.
+    pub fn quant_summary(&self) -> Option<String> {
+        let mut types: std::collections::BTreeMap<String, usize> = Default::default();
+        let (mut quant_bytes, mut bf16_bytes, mut total) = (0usize, 0usize, 0usize);
+        for l in self.linears() {
+            total += 1;
+            if let lora::Frozen::Quant(q) = &l.weight {
+                *types.entry(format!("{:?}", q.ggml_dtype())).or_default() += 1;
+                quant_bytes += q.size_in_bytes();
+                bf16_bytes += l.out_features() * l.in_features() * 2;
+            }
+        }
+        if types.is_empty() {
+            return None;
+        }
+        let n: usize = types.values().sum();
+        let kinds: Vec<String> = types.iter().map(|(t, c)| format!("{c} {t}")).collect();
+        Some(format!(
+            "QLoRA: {n} of {total} linear weights kept quantized ({}): {} instead of {} in bf16",
+            kinds.join(", "),
+            crate::inspect::format_bytes(quant_bytes as u64),
+            crate::inspect::format_bytes(bf16_bytes as u64)
+        ))
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.lm_head().device()

@@ -128,6 +128,10 @@ pub struct TrainConfig {
     pub device: DeviceChoice,
     /// Compute dtype of the base model; `Auto` suits the device.
     pub dtype: DtypeChoice,
+    /// QLoRA: how the frozen linear weights are kept. `None` = a GGUF model keeps its own
+    /// quantization when `dtype` is `Auto`; other models stay float
+    /// ([`TrainConfig::linear_quant`]).
+    pub quantize: Option<crate::model::qload::QuantChoice>,
     /// Recompute each layer's activations in backward instead of keeping them: far less memory,
     /// about a third more compute (llama family). Default off.
     pub gradient_checkpointing: bool,
@@ -173,6 +177,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: DeviceChoice::Auto,
             dtype: DtypeChoice::Auto,
+            quantize: None,
             gradient_checkpointing: false,
             checkpoint_keep_every: 0,
             resume_from: None,
@@ -354,6 +359,23 @@ impl TrainConfig {
             Ok(ValidConfig(self))
         } else {
             Err(p)
+        }
+    }
+
+    /// How the linear weights of `source` are kept for this run ([`TrainConfig::quantize`]).
+    pub fn linear_quant(
+        &self,
+        source: &crate::model::ModelSource,
+    ) -> crate::model::qload::LinearQuant {
+        use crate::model::qload::LinearQuant;
+        match (self.quantize, &source.format) {
+            (Some(q), _) => q.ggml().map_or(LinearQuant::Float, LinearQuant::To),
+            (None, crate::model::source::ModelFormat::Gguf(path))
+                if self.dtype == DtypeChoice::Auto =>
+            {
+                LinearQuant::Gguf(path.clone())
+            }
+            (None, _) => LinearQuant::Float,
         }
     }
 

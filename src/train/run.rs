@@ -226,7 +226,11 @@ impl<'r> Trainer<'r> {
             "loading {}",
             config.model_dir.display()
         )));
-        let mut model = Model::load(&model_dir, backend.dtype, &backend.device)?;
+        let quant = config.linear_quant(&prepared.source);
+        let mut model = Model::load_with(&model_dir, backend.dtype, &backend.device, &quant)?;
+        if let Some(line) = model.quant_summary() {
+            reporter.send(Event::Log(line));
+        }
         let (lora, resumed) = attach_or_resume(&config, &mut model)?;
         model.set_gradient_checkpointing(
             config.gradient_checkpointing,

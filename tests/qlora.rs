@@ -1,0 +1,185 @@
+//! QLoRA (issue 18): frozen linear weights kept quantized.
+//! - The op: the training forward of a quantized weight is the float forward of its dequantized
+//!   values; the input gradient is `grad · dequant(W)`; the decoding path (Candle's quantized
+//!   matmul, activations rounded to Q8) stays within that rounding.
+//! - A whole model (every fixture architecture, quantized at load, with its PEFT adapter): logits,
+//!   loss and every LoRA gradient equal those of the same model with the dequantized weights in
+//!   float, and stay within the quantization's error of the float model.
+//! - A GGUF model keeps the file's own quantization, its Q/K rows back in transformers' order: each
+//!   weight equals the converted float folder's within f16 rounding.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use finetune::model::lora::Frozen;
+use finetune::model::qload::LinearQuant;
+use finetune::model::quant::QWeight;
+use finetune::model::{adapter, Model, ModelInput};
+
+fn random(shape: (usize, usize), seed: u64) -> Tensor {
+    // A fixed pseudo-random matrix (splitmix), so the test needs no RNG state.
+    let n = shape.0 * shape.1;
+    let v: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let z = finetune::model::lora::mix(seed, i);
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn quantized_op_is_the_float_op_of_the_dequantized_weight_with_its_input_gradient() {
+    for ty in [
+        GgmlDType::Q4K,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q6K,
+    ] {
+        let w = random((96, 512), 1);
+        let q = QWeight::quantize(&w, ty, &Device::Cpu).unwrap();
+        let deq = q.dequantize(DType::F32).unwrap();
+        let quant_err = rel_err(&deq, &w);
+        let x = Var::from_tensor(&random((24, 512), 2)).unwrap();
+        let r = random((24, 96), 3);
+        // Quantized path with a graph.
+        let y = q.forward(x.as_tensor()).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(&x).unwrap().clone();
+        // Float path on the dequantized weight.
+        let y_ref = x.as_tensor().matmul(&deq.t().unwrap()).unwrap();
+        let g_ref = (&y_ref * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gx_ref = g_ref.get(&x).unwrap().clone();
+        let (dy, dg) = (rel_err(&y, &y_ref), rel_err(&gx, &gx_ref));
+        // Decoding path: a few rows, no graph, Candle's quantized matmul.
+        let x4 = x.as_tensor().narrow(0, 0, 4).unwrap().detach();
+        let y4 = q.forward(&x4).unwrap();
+        let d4 = rel_err(&y4, &y_ref.narrow(0, 0, 4).unwrap());
+        println!("{ty:?}: weight quant error {quant_err:.1e}; forward {dy:.1e}, input gradient {dg:.1e} vs the dequantized float op; decode path {d4:.1e}");
+        assert!(dy <= 1e-6, "{ty:?} forward {dy}");
+        assert!(dg <= 1e-4, "{ty:?} input gradient {dg}");
+        // Activations rounded to 8 bits: well inside the weights' own quantization error.
+        assert!(d4 <= 2e-2 && d4 <= quant_err, "{ty:?} decode {d4}");
+    }
+}
+
+/// `model` with every quantized weight replaced by its dequantized f32 values.
+fn dequantized_copy(dir: &std::path::Path, quantized: &Model) -> Model {
+    let mut float = load(dir);
+    for (f, q) in float.linears_mut().into_iter().zip(quantized.linears()) {
+        assert_eq!(f.path, q.path);
+        if let Frozen::Quant(qw) = &q.weight {
+            f.weight = Frozen::Dense(qw.dequantize(DType::F32).unwrap());
+        }
+    }
+    float
+}
+
+#[test]
+fn qlora_model_matches_its_dequantized_float_model_on_every_fixture() {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-gpt2",
+        "tiny-llama-dora",
+    ] {
+        let dir = fixture(name);
+        let r = reference(&dir);
+        let mut q = Model::load_with(
+            &dir,
+            DType::F32,
+            &Device::Cpu,
+            &LinearQuant::To(GgmlDType::Q8_0),
+        )
+        .unwrap();
+        let quantized = q
+            .linears()
+            .iter()
+            .filter(|l| matches!(l.weight, Frozen::Quant(_)))
+            .count();
+        assert!(quantized > 0, "{name}: nothing was quantized");
+        let mut f = dequantized_copy(&dir, &q);
+        let qs = adapter::load(&dir.join("peft-adapter"), &mut q).unwrap();
+        let fs = adapter::load(&dir.join("peft-adapter"), &mut f).unwrap();
+        let (ql, fl) = (logits(&q, &r.input_ids), logits(&f, &r.input_ids));
+        let dl = max_abs_diff(&ql, &fl);
+        let vs_float = rel_err(&ql, &r.lora_logits);
+        let ids = r.input_ids.clone();
+        let (qloss, _) = q
+            .loss(&ModelInput::causal(ids.clone()), &r.labels, false)
+            .unwrap();
+        let (floss, _) = f.loss(&ModelInput::causal(ids), &r.labels, false).unwrap();
+        let (qg, fg) = (qloss.backward().unwrap(), floss.backward().unwrap());
+        let mut worst = 0f64;
+        for ((k, qv), (_, fv)) in qs.named_vars().iter().zip(fs.named_vars().iter()) {
+            let e = rel_err(qg.get(qv).unwrap(), fg.get(fv).unwrap());
+            assert!(e <= 1e-4, "{name}: {k} gradient {e:.2e}");
+            worst = worst.max(e);
+        }
+        println!("{name:<16} {quantized} Q8_0 weights: logits vs dequantized float {dl:.1e}, worst LoRA gradient {worst:.1e}; vs the float model (quant error) {vs_float:.1e}");
+        assert!(dl <= 1e-4, "{name}: logits {dl}");
+        let dloss = (qloss.to_scalar::<f32>().unwrap() - floss.to_scalar::<f32>().unwrap()).abs();
+        assert!(dloss <= 1e-5, "{name}: loss {dloss}");
+        assert!(vs_float <= 2e-2, "{name}: vs float {vs_float}");
+    }
+}
+
+#[test]
+fn gguf_model_keeps_its_quantization_with_qk_rows_in_transformers_order() {
+    for (file, ty) in [
+        ("tiny-llama.Q8_0.gguf", GgmlDType::Q8_0),
+        ("tiny-llama.Q4_0.gguf", GgmlDType::Q4_0),
+    ] {
+        let gguf = fixture("convert").join(file);
+        let cache = tempfile::tempdir().unwrap();
+        let prepared = finetune::model::ModelSource::open(&gguf)
+            .unwrap()
+            .prepare(cache.path())
+            .unwrap();
+        let float = Model::load(&prepared.dir, DType::F32, &Device::Cpu).unwrap();
+        let q = Model::load_with(
+            &prepared.dir,
+            DType::F32,
+            &Device::Cpu,
+            &LinearQuant::Gguf(gguf.clone()),
+        )
+        .unwrap();
+        let mut kept = 0;
+        for (f, l) in float.linears().iter().zip(q.linears()) {
+            let Frozen::Quant(qw) = &l.weight else {
+                continue;
+            };
+            assert_eq!(qw.ggml_dtype(), ty, "{file}: {}", l.path);
+            kept += 1;
+            // The converted folder holds the same values rounded to f16.
+            let e = rel_err(
+                &qw.dequantize(DType::F32).unwrap(),
+                &f.weight.dense().unwrap(),
+            );
+            assert!(e <= 1e-3, "{file}: {} differs by {e:.2e}", l.path);
+        }
+        println!("{file}: {kept} weights kept as {ty:?}, each equal to the converted folder's");
+        assert!(kept >= 8, "{file}: only {kept} quantized weights");
+        // 12 positions: the dequantized float product, so only the f16 rounding differs.
+        let ids = Tensor::new(&[[1u32, 5, 9, 14, 3, 7, 2, 8, 11, 4, 6, 10]], &Device::Cpu).unwrap();
+        let e = rel_err(&logits(&q, &ids), &logits(&float, &ids));
+        // 4 positions without a graph: Candle's quantized matmul, activations rounded to Q8.
+        let short = ids.narrow(1, 0, 4).unwrap();
+        let e4 = rel_err(&logits(&q, &short), &logits(&float, &short));
+        println!("{file}: logits vs the converted folder {e:.1e} (12 positions), {e4:.1e} (4, quantized matmul)");
+        assert!(e <= 1e-3, "{file}: logits {e:.2e}");
+        assert!(
+            e4 <= 2e-2,
+            "{file}: logits of the quantized matmul {e4:.2e}"
+        );
+    }
+}
