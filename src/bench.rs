@@ -50,6 +50,10 @@ pub struct BenchOptions {
     pub keep_every: usize,
     /// The device's peak dense TFLOP/s in the compute dtype, for model FLOP utilisation.
     pub peak_tflops: Option<f64>,
+    /// QLoRA: the linear weights quantized at load to this type (`None`: float).
+    pub quantize: Option<crate::model::qload::QuantChoice>,
+    /// DoRA instead of plain LoRA.
+    pub dora: bool,
 }
 
 /// Model FLOPs per trained token of this LoRA job: frozen projections (incl. the LM head) forward
@@ -142,6 +146,10 @@ pub struct BenchReport {
     pub device_bytes: Option<u64>,
     /// Peak bytes held by tensors on the device (CUDA), see [`backend::device_peak_allocated`].
     pub device_peak_allocated: Option<u64>,
+    /// QLoRA: what was kept quantized ([`Model::quant_summary`]); `None` for float weights.
+    pub quant: Option<String>,
+    /// DoRA was trained instead of plain LoRA.
+    pub dora: bool,
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
@@ -306,11 +314,17 @@ fn time_steps(
 pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let backend = backend::pick_with(opts.device, opts.dtype)?;
     let (model_dir, _tmp, has_weights) = bench_model_dir(opts)?;
-    let mut model = Model::load(&model_dir, backend.dtype, &backend.device)?;
+    let quant = opts.quantize.and_then(|q| q.ggml()).map_or(
+        crate::model::qload::LinearQuant::Float,
+        crate::model::qload::LinearQuant::To,
+    );
+    let mut model = Model::load_with(&model_dir, backend.dtype, &backend.device, &quant)?;
+    let quant_summary = model.quant_summary();
     let lora = model.attach_lora(
         &LoraConfig {
             rank: opts.rank,
             alpha: 2.0 * opts.rank as f64,
+            use_dora: opts.dora,
             ..Default::default()
         },
         0,
@@ -339,6 +353,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             kernels,
             // bench trains without dropout.
             lora_dropout: false,
+            quant_bytes_per_weight: opts.quantize.and_then(|q| q.bytes_per_weight()),
+            dora: opts.dora,
         },
     );
     Ok(BenchReport {
@@ -369,6 +385,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         mfu: opts.peak_tflops.map(|p| achieved_tflops / p),
         device_bytes: timings.device_bytes,
         device_peak_allocated: backend::device_peak_allocated(&backend.device),
+        quant: quant_summary,
+        dora: opts.dora,
     })
 }
 
@@ -452,6 +470,15 @@ impl std::fmt::Display for BenchReport {
             }
         )?;
         writeln!(f, "kernels {}", self.kernels)?;
+        if let Some(q) = &self.quant {
+            writeln!(f, "{q}")?;
+        }
+        if self.dora {
+            writeln!(
+                f,
+                "DoRA: a trained magnitude per output row besides A and B"
+            )?;
+        }
         writeln!(
             f,
             "tokens/s {:.1} | step {:.3}s = forward {:.3}s + backward {:.3}s + optimizer {:.3}s",

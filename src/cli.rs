@@ -247,6 +247,8 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         checkpointing: args.checkpointing,
         keep_every: args.checkpoint_keep_every,
         peak_tflops: args.peak_tflops,
+        quantize: args.quantize.map(Into::into),
+        dora: args.dora,
     };
     if args.generate {
         let params = crate::bench::generate::GenerateParams {

@@ -105,6 +105,13 @@ pub struct EstimateInput {
     /// LoRA dropout during training: the CUDA LoRA op then gives way to the composed LoRA term,
     /// and the estimate counts the composed graph.
     pub lora_dropout: bool,
+    /// QLoRA: bytes per weight of the quantized linear projections (e.g. 0.5625 for Q4_K), `None`
+    /// when they are float. Embeddings, norms and the LM head stay in `weight_bytes`; one
+    /// projection at a time is dequantized (f32) for its product and dropped.
+    pub quant_bytes_per_weight: Option<f64>,
+    /// DoRA: a magnitude (out,) per adapted module, trained like A and B, and one more (N, out)
+    /// tensor per module kept for backward (the unscaled output the magnitude multiplies).
+    pub dora: bool,
 }
 
 /// Resident memory of the process besides tensors (binary, libraries, thread stacks, allocator
@@ -157,10 +164,18 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let n = Counts::of(cfg, input);
     let params = cfg.parameter_count() as u64;
-    let base_weights = params * input.weight_bytes as u64;
+    let base_weights = match input.quant_bytes_per_weight {
+        Some(q) => {
+            let linear = n.linear_weights();
+            let rest = params.saturating_sub(linear) * input.weight_bytes as u64;
+            // One projection dequantized to f32 for its product (the largest: the MLP's).
+            rest + (linear as f64 * q) as u64 + n.d * n.i * 4
+        }
+        None => params * input.weight_bytes as u64,
+    };
     // parameter + gradient + exp_avg + exp_avg_sq, all f32
-    let lora_and_optimizer = n.lora_params() * 4 * 4;
-    let activations = n.activations();
+    let lora_and_optimizer = (n.lora_params() + n.dora_params()) * 4 * 4;
+    let activations = n.activations() + n.dora_activations();
     let loss_rows = n.b * n.t.saturating_sub(1).max(1);
     let logits = if n.cuda_kernels {
         loss_rows * n.v * n.ae * 2
@@ -244,6 +259,47 @@ impl<'a> Counts<'a> {
             Family::Gpt2 => r * ((h + 3 * h) + 2 * h + (h + i) + (i + h)),
         };
         (per_layer as f64 * self.share) as u64 * self.layers
+    }
+
+    /// Sum of the adapted modules' output widths in one layer (before the adapted share).
+    fn outputs_per_layer(&self) -> u64 {
+        let (h, q, kv, i) = (self.d, self.q, self.kv, self.i);
+        match self.cfg.family {
+            Family::Llama => q + 2 * kv + h + 2 * i + h,
+            Family::Gpt2 => 3 * h + h + i + h,
+        }
+    }
+
+    /// Weights of every linear projection (what QLoRA quantizes).
+    fn linear_weights(&self) -> u64 {
+        let (h, q, kv, i) = (self.d, self.q, self.kv, self.i);
+        let per_layer = match self.cfg.family {
+            Family::Llama => h * q + 2 * h * kv + q * h + 3 * h * i,
+            Family::Gpt2 => 3 * h * h + h * h + 2 * h * i,
+        };
+        per_layer * self.layers
+    }
+
+    /// DoRA's magnitudes: one per output row of each adapted module.
+    fn dora_params(&self) -> u64 {
+        if !self.input.dora {
+            return 0;
+        }
+        (self.outputs_per_layer() as f64 * self.share) as u64 * self.layers
+    }
+
+    /// DoRA's extra activations: each adapted module keeps its unscaled (N, out) output.
+    fn dora_activations(&self) -> u64 {
+        if !self.input.dora {
+            return 0;
+        }
+        let per_layer = (self.outputs_per_layer() as f64 * self.share) as u64;
+        let kept_layers = if self.input.checkpointing {
+            1
+        } else {
+            self.layers
+        };
+        self.b * self.t * per_layer * kept_layers * self.ae
     }
 
     /// (per-token elements of one layer's graph, per-token elements of its stored gradients)
@@ -371,6 +427,8 @@ mod tests {
                         Mode::Auto,
                     ),
                     lora_dropout: false,
+                    quant_bytes_per_weight: None,
+                    dora: false,
                 },
             );
             let ratio = e.total as f64 / measured as f64;
@@ -409,7 +467,45 @@ mod tests {
             // The composed attention (measured before the CPU's fused op).
             kernels: kernels(DeviceKind::Cpu, Mode::Composed),
             lora_dropout: false,
+            quant_bytes_per_weight: None,
+            dora: false,
         }
+    }
+
+    #[test]
+    fn qlora_counts_quantized_linears_and_dora_its_magnitudes_and_outputs() {
+        let cfg = smollm2_135m();
+        let bf16 = estimate(&cfg, &input(2, 128, false, 2));
+        let q4k = estimate(
+            &cfg,
+            &EstimateInput {
+                quant_bytes_per_weight: Some(144.0 / 256.0),
+                ..input(2, 128, false, 2)
+            },
+        );
+        // SmolLM2-135M: 106.2M linear weights (30 layers × 3.54M), the 28.3M embedding stays bf16;
+        // plus one MLP projection dequantized to f32.
+        let linear: u64 = 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536);
+        let embed = 49152 * 576 + 61 * 576;
+        let want = embed * 2 + linear * 144 / 256 + 576 * 1536 * 4;
+        assert!(
+            q4k.base_weights.abs_diff(want) < 1 << 20,
+            "{} vs {want}",
+            q4k.base_weights
+        );
+        assert!(q4k.base_weights < bf16.base_weights / 2);
+        assert_eq!(q4k.activations, bf16.activations);
+        let dora = estimate(
+            &cfg,
+            &EstimateInput {
+                dora: true,
+                ..input(2, 128, false, 2)
+            },
+        );
+        // Magnitudes: one per output row of each module (q 576 + k, v 192 + o 576 + 2·1536 + 576).
+        let rows: u64 = 30 * (576 + 2 * 192 + 576 + 2 * 1536 + 576);
+        assert_eq!(dora.lora_and_optimizer - bf16.lora_and_optimizer, rows * 16);
+        assert_eq!(dora.activations - bf16.activations, 2 * 128 * rows * 4);
     }
 
     #[test]

@@ -145,6 +145,12 @@ pub struct BenchArgs {
     /// With --checkpointing, every k-th layer keeps its activations (0 = all recomputed).
     #[arg(long, default_value_t = 0)]
     pub checkpoint_keep_every: usize,
+    /// QLoRA: keep the linear weights quantized (bench: float unless given).
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantArg>,
+    /// DoRA instead of plain LoRA.
+    #[arg(long)]
+    pub dora: bool,
     /// The device's peak TFLOP/s in the compute dtype, to report model FLOP utilisation.
     #[arg(long)]
     pub peak_tflops: Option<f64>,

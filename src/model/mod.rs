@@ -349,7 +349,7 @@ impl Model {
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
         // DoRA norms: rebuilt by the prefill (the adapter may have trained since the last
         // generation), reused by each decoding step.
-        let mode = if cache.len() == 0 {
+        let mode = if cache.is_empty() {
             dora::NormUse::Refresh
         } else {
             dora::NormUse::Cached

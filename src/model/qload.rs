@@ -175,7 +175,11 @@ impl GgufLinears {
 /// groups each head's rows as `(dim/2, 2)`, transformers as `(2, dim/2)`. Each row is whole
 /// blocks, so rows move as bytes.
 fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>, String> {
-    if heads == 0 || rows == 0 || !rows.is_multiple_of(2 * heads) || data.len() % rows != 0 {
+    if heads == 0
+        || rows == 0
+        || !rows.is_multiple_of(2 * heads)
+        || !data.len().is_multiple_of(rows)
+    {
         return Err(format!("{rows} rows do not split into {heads} heads"));
     }
     let row = data.len() / rows;

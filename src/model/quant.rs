@@ -110,7 +110,7 @@ impl QWeight {
 
 /// Whether rows of `in_features` values can be quantized to `ty` (whole blocks).
 pub fn fits(ty: GgmlDType, in_features: usize) -> bool {
-    in_features % ty.block_size() == 0
+    in_features.is_multiple_of(ty.block_size())
 }
 
 /// The type a weight with rows of `in_features` values gets when `wanted` does not fit them: the

@@ -33,6 +33,8 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
             kernels,
             lora_dropout: s.lora_dropout > 0.0,
+            quant_bytes_per_weight: s.quantize.and_then(|q| q.bytes_per_weight()),
+            dora: s.lora_dora,
         },
     )
 }

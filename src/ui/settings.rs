@@ -146,6 +146,9 @@ pub struct Settings {
     pub lora_dropout: f64,
     /// DoRA (a trainable magnitude per output row) instead of plain LoRA. Default off.
     pub lora_dora: bool,
+    /// QLoRA: keep the frozen linear weights quantized. `None` = automatic (a GGUF model keeps its
+    /// own quantization, others stay float).
+    pub quantize: Option<crate::model::qload::QuantChoice>,
     /// Modules to adapt; `None` = every linear projection.
     pub lora_targets: Option<Vec<String>>,
     /// Layers to adapt: empty or "all", or indices and ranges like "0-3, 6".
@@ -204,6 +207,7 @@ impl Default for Settings {
             lora_alpha: 32.0,
             lora_dropout: 0.05,
             lora_dora: false,
+            quantize: None,
             lora_targets: None,
             lora_layers: String::new(),
             lr: 2e-4,
@@ -337,6 +341,7 @@ impl Settings {
             seed: self.seed,
             device: self.device,
             dtype: self.dtype,
+            quantize: self.quantize,
             gradient_checkpointing: self.gradient_checkpointing,
             checkpoint_keep_every: self.checkpoint_keep_every,
             ..TrainConfig::default()

@@ -146,6 +146,7 @@ fn lora_rows_ui(
         problems,
         |ui| ui.checkbox(&mut s.lora_dora, ""),
     );
+    quantize_row_ui(ui, s, model, problems);
     let layer_hint = match model {
         Some(m) => format!("all, or e.g. 0-3, 6 (this model has {} layers)", m.layers),
         None => "all, or e.g. 0-3, 6".into(),
@@ -359,4 +360,67 @@ fn targets_ui(
         None if model.is_none() => ui.weak("choose a model to pick its modules"),
         None => ui.weak("attention (q/k/v/o) and MLP projections; all is the usual choice"),
     };
+}
+
+/// The QLoRA choice: how the frozen linear weights are kept, with the memory each choice takes
+/// for this model's linear weights (about all but the embeddings: parameters − 2·vocab·hidden).
+fn quantize_row_ui(
+    ui: &mut Ui,
+    s: &mut Settings,
+    model: Option<&ModelSummary>,
+    problems: &[FieldError],
+) {
+    use crate::model::qload::QuantChoice;
+    let gguf = model.is_some_and(|m| {
+        m.source
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    });
+    let linear = model.map(|m| {
+        m.parameters
+            .saturating_sub(2 * m.vocab_size * m.hidden_size) as f64
+    });
+    let label = |q: Option<QuantChoice>| -> String {
+        let name = match q {
+            None if gguf => "Auto: keep the GGUF's own".to_owned(),
+            None => "Auto: float".to_owned(),
+            Some(QuantChoice::None) => "Float (no QLoRA)".to_owned(),
+            Some(q) => q.as_str().to_uppercase(),
+        };
+        match (q.and_then(|q| q.bytes_per_weight()), linear) {
+            (Some(b), Some(n)) => format!(
+                "{name} — {} instead of {} in bf16",
+                crate::inspect::format_bytes((n * b) as u64),
+                crate::inspect::format_bytes((n * 2.0) as u64)
+            ),
+            _ => name,
+        }
+    };
+    row_ui(
+        ui,
+        "Quantize base",
+        "quantize",
+        "QLoRA: the frozen weights stay quantized, LoRA stays f32; fits bigger models",
+        problems,
+        |ui| {
+            let mut r = egui::ComboBox::from_id_salt("quantize")
+                .selected_text(label(s.quantize))
+                .width(300.0)
+                .show_ui(ui, |ui| {
+                    let mut changed = ui
+                        .selectable_value(&mut s.quantize, None, label(None))
+                        .changed();
+                    for q in QuantChoice::ALL {
+                        changed |= ui
+                            .selectable_value(&mut s.quantize, Some(q), label(Some(q)))
+                            .changed();
+                    }
+                    changed
+                });
+            if r.inner == Some(true) {
+                r.response.mark_changed();
+            }
+            r.response
+        },
+    );
 }
