@@ -49,7 +49,12 @@ fn load(dir: &Path) -> Model {
 
 #[test]
 fn merged_models_equal_base_plus_adapter_on_every_architecture() {
-    for name in ARCHS {
+    // Each architecture with its LoRA and with its DoRA adapter (the magnitude folded in too).
+    let names = ARCHS
+        .iter()
+        .flat_map(|a| [a.to_string(), format!("{a}-dora")]);
+    for name in names {
+        let name = name.as_str();
         let dir = common::fixture(name);
         let peft = dir.join("peft-adapter");
         let mut tuned = load(&dir);
@@ -326,6 +331,39 @@ fn gguf_loras_hold_the_factors_under_llama_cpp_names_with_q_and_k_permuted() {
         "the permutation moves rows"
     );
     assert_eq!(content.tensor_infos.len(), 2 * g.modules);
+}
+
+#[test]
+fn a_dora_adapter_exports_to_mlx_with_its_magnitudes_and_is_refused_as_a_gguf_lora() {
+    let dir = common::fixture("tiny-llama-dora");
+    let tmp = tempfile::tempdir().unwrap();
+    let e = finetune::export::gguf_lora::export_gguf_lora(
+        &dir.join("peft-adapter"),
+        &dir,
+        &tmp.path().join("x.gguf"),
+    )
+    .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("DoRA") && msg.contains("merged"),
+        "unclear refusal: {msg}"
+    );
+    assert!(!tmp.path().join("x.gguf").exists());
+    let out = tmp.path().join("mlx");
+    finetune::export::mlx::export_mlx(&dir.join("peft-adapter"), &dir, &out).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["fine_tune_type"], "dora");
+    let t = candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu).unwrap();
+    let m = &t["model.layers.0.self_attn.q_proj.m"];
+    let peft = candle_core::safetensors::load(
+        dir.join("peft-adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = &peft["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"];
+    assert_eq!(m.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
 }
 
 #[test]
