@@ -222,13 +222,7 @@ impl Frozen {
     pub fn linear_plus(&self, x: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
         match self {
             Frozen::Dense(w) => kernels::frozen_linear_plus(x, w, update),
-            Frozen::Quant(q) => {
-                let y = q.forward(x)?;
-                match update {
-                    Some(u) => y + u,
-                    None => Ok(y),
-                }
-            }
+            Frozen::Quant(q) => q.forward_plus(x, update),
         }
     }
 }

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result, Shape,
-    Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Device, Layout, MetalStorage, Result,
+    Shape, Storage, Tensor,
 };
 
 use super::kernels;
@@ -90,21 +90,40 @@ impl QWeight {
 
     /// `x · Wᵀ` for `x` (N, in), in `x`'s dtype; the gradient flows to `x`, never to `W`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.track_op() && x.dim(0)? <= QUANT_MATMUL_ROWS {
-            let y = x.to_dtype(DType::F32)?.apply_op1_no_bwd(self.q.as_ref())?;
-            return y.to_dtype(x.dtype());
+        self.forward_plus(x, None)
+    }
+
+    /// `x · Wᵀ + update` for `x` (N, in) and an optional (N, out) `update` (the LoRA term), as
+    /// one node: the graph keeps one (N, out) output per projection, as the float path's
+    /// `frozen_linear_plus` does. Gradients flow to `x` and `update`.
+    pub fn forward_plus(&self, x: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
+        let tracked = x.track_op() || update.is_some_and(Tensor::track_op);
+        if !tracked && x.dim(0)? <= QUANT_MATMUL_ROWS {
+            let y = x
+                .to_dtype(DType::F32)?
+                .apply_op1_no_bwd(self.q.as_ref())?
+                .to_dtype(x.dtype())?;
+            return match update {
+                Some(u) => y + u,
+                None => Ok(y),
+            };
         }
         let y = {
             let w = self.dequantize(x.dtype())?;
-            kernels::frozen_linear(&x.detach(), &w)?
+            let u = update.map(Tensor::detach);
+            kernels::frozen_linear_plus(&x.detach(), &w, u.as_ref())?
         };
-        if !x.track_op() {
+        if !tracked {
             return Ok(y);
         }
-        x.apply_op1(QLinear {
+        let op = QLinear {
             q: self.q.clone(),
             y: Mutex::new(Some(y)),
-        })
+        };
+        match update {
+            Some(u) => x.apply_op2(u, op),
+            None => x.apply_op1(op),
+        }
     }
 }
 
@@ -157,12 +176,8 @@ impl QLinear {
     }
 }
 
-impl CustomOp1 for QLinear {
-    fn name(&self) -> &'static str {
-        "qlora-linear"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+impl QLinear {
+    fn cpu_out(&self) -> Result<(CpuStorage, Shape)> {
         let y = self.take()?;
         let n = y.elem_count();
         let (s, _) = y.storage_and_layout();
@@ -175,7 +190,7 @@ impl CustomOp1 for QLinear {
         Ok((out, y.shape().clone()))
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_out(&self) -> Result<(CudaStorage, Shape)> {
         let y = self.take()?;
         let (s, l) = y.storage_and_layout();
         match &*s {
@@ -184,7 +199,7 @@ impl CustomOp1 for QLinear {
         }
     }
 
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+    fn metal_out(&self) -> Result<(MetalStorage, Shape)> {
         let y = self.take()?;
         let (s, l) = y.storage_and_layout();
         match &*s {
@@ -193,8 +208,77 @@ impl CustomOp1 for QLinear {
         }
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    /// `grad · dequant(W)`: the input's gradient.
+    fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
         let w = self.q.dequantize(grad.device())?.to_dtype(grad.dtype())?;
-        Ok(Some(grad.matmul(&w)?))
+        grad.matmul(&w)
+    }
+}
+
+impl CustomOp1 for QLinear {
+    fn name(&self) -> &'static str {
+        "qlora-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_out()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.cuda_out()
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.metal_out()
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.input_grad(grad)?))
+    }
+}
+
+impl CustomOp2 for QLinear {
+    fn name(&self) -> &'static str {
+        "qlora-linear-plus"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_out()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.cuda_out()
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.metal_out()
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _update: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.input_grad(grad)?), Some(grad.clone())))
     }
 }
