@@ -142,7 +142,7 @@ fn lora_rows_ui(
         ui,
         "DoRA",
         "lora.dora",
-        "a magnitude per output row besides A and B: often closer to full fine-tuning; each step costs more",
+        "a trained magnitude per output row; often closer to full tuning, slower",
         problems,
         |ui| ui.checkbox(&mut s.lora_dora, ""),
     );
