@@ -364,6 +364,14 @@ fn a_dora_adapter_exports_to_mlx_with_its_magnitudes_and_is_refused_as_a_gguf_lo
     .unwrap();
     let want = &peft["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"];
     assert_eq!(m.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
+    // And it loads back as the same DoRA adapter.
+    let mut tuned = load(&dir);
+    adapter::load(&dir.join("peft-adapter"), &mut tuned).unwrap();
+    let mut back = load(&dir);
+    let state = adapter::load(&out, &mut back).unwrap();
+    assert!(state.config.use_dora);
+    let d = max_diff(&logits(&back), &logits(&tuned));
+    assert!(d < 1e-5, "DoRA back from MLX: {d}");
 }
 
 #[test]

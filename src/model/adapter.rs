@@ -358,8 +358,7 @@ pub fn load(path: &Path, model: &mut Model) -> Result<LoraState, AdapterError> {
     } else if !path.join(ADAPTER_WEIGHTS).is_file()
         && path.join(super::import::MLX_WEIGHTS).is_file()
     {
-        let (c, p, w) = super::import::read_mlx(path, model)?;
-        (c, p, Magnitudes::new(), w)
+        super::import::read_mlx(path, model)?
     } else {
         read_peft(path, model.device())?
     };

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Tensor};
 
-use super::adapter::{AdapterError, Pairs, ADAPTER_CONFIG};
+use super::adapter::{AdapterError, Magnitudes, Pairs, ADAPTER_CONFIG};
 use super::lora::LoraConfig;
 use super::Model;
 
@@ -25,8 +25,12 @@ fn invalid(path: &Path, reason: String) -> AdapterError {
 }
 
 /// An mlx-lm adapter folder: `lora_a` (in, r) and `lora_b` (r, out) become A (r, in) and
-/// B (out, r); `scale` becomes alpha = scale · rank.
-pub fn read_mlx(dir: &Path, model: &Model) -> Result<(LoraConfig, Pairs, PathBuf), AdapterError> {
+/// B (out, r); `scale` becomes alpha = scale · rank; a DoRA adapter's `m` (out,) is the magnitude.
+#[allow(clippy::type_complexity)]
+pub fn read_mlx(
+    dir: &Path,
+    model: &Model,
+) -> Result<(LoraConfig, Pairs, Magnitudes, PathBuf), AdapterError> {
     let config_path = dir.join(ADAPTER_CONFIG);
     let bad = |reason: String| AdapterError::InvalidConfig {
         path: config_path.clone(),
@@ -35,13 +39,15 @@ pub fn read_mlx(dir: &Path, model: &Model) -> Result<(LoraConfig, Pairs, PathBuf
     let text = std::fs::read_to_string(&config_path).map_err(|e| bad(e.to_string()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
-    if let Some(kind) = v.get("fine_tune_type").and_then(|t| t.as_str()) {
-        if kind != "lora" {
-            return Err(AdapterError::Unsupported {
-                what: format!("mlx-lm fine_tune_type {kind} (only lora)"),
-                path: config_path.clone(),
-            });
-        }
+    let kind = v
+        .get("fine_tune_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("lora");
+    if kind != "lora" && kind != "dora" {
+        return Err(AdapterError::Unsupported {
+            what: format!("mlx-lm fine_tune_type {kind} (only lora and dora)"),
+            path: config_path.clone(),
+        });
     }
     let params = v
         .get("lora_parameters")
@@ -66,6 +72,7 @@ pub fn read_mlx(dir: &Path, model: &Model) -> Result<(LoraConfig, Pairs, PathBuf
         })
         .collect();
     let mut pairs = Pairs::new();
+    let mut magnitudes = Magnitudes::new();
     for (name, t) in tensors {
         let (module, which) = name
             .rsplit_once('.')
@@ -76,6 +83,10 @@ pub fn read_mlx(dir: &Path, model: &Model) -> Result<(LoraConfig, Pairs, PathBuf
                 module: module.to_owned(),
                 path: weights.clone(),
             })?;
+        if which == "m" && kind == "dora" {
+            magnitudes.insert(path.clone(), t.to_dtype(DType::F32)?);
+            continue;
+        }
         let entry = pairs.entry(path.clone()).or_default();
         let t = t.to_dtype(DType::F32)?.t()?.contiguous()?;
         match which {
@@ -83,7 +94,7 @@ pub fn read_mlx(dir: &Path, model: &Model) -> Result<(LoraConfig, Pairs, PathBuf
             "lora_b" => entry.1 = Some(t),
             _ => {
                 return Err(AdapterError::Unsupported {
-                    what: format!("mlx-lm tensor {name} (only lora_a/lora_b)"),
+                    what: format!("mlx-lm tensor {name} (only lora_a/lora_b, and m for DoRA)"),
                     path: weights.clone(),
                 })
             }
@@ -99,9 +110,9 @@ pub fn read_mlx(dir: &Path, model: &Model) -> Result<(LoraConfig, Pairs, PathBuf
         targets: Vec::new(),
         layers: None,
         use_rslora: false,
-        use_dora: false,
+        use_dora: kind == "dora",
     };
-    Ok((config, pairs, weights))
+    Ok((config, pairs, magnitudes, weights))
 }
 
 /// A llama.cpp GGUF LoRA: `<blk.N.name>.weight.lora_a` (r, in) and `.lora_b` (out, r), alpha from
