@@ -1,6 +1,7 @@
 //! Writes the logits of a model folder with a PEFT adapter applied (and without it) for fixed
 //! token ids, for `tools/peft_check.py` to compare with transformers + PEFT loading the same
 //! folders. Usage: `cargo run --example adapter_logits -- MODEL_DIR ADAPTER_DIR OUT.safetensors`.
+//! MODEL_DIR may be a GGUF file: then its linear weights stay as the file quantizes them (QLoRA).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,17 @@ fn run(model_dir: PathBuf, adapter_dir: PathBuf, out: PathBuf) -> anyhow::Result
     let dev = Device::Cpu;
     let ids = Tensor::new(&IDS, &dev)?.unsqueeze(0)?;
     let input = ModelInput::causal(ids.clone());
-    let mut model = Model::load(&model_dir, DType::F32, &dev)?;
+    // A GGUF file: its converted folder, with the file's own quantized linear weights (QLoRA).
+    let gguf = model_dir
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let mut model = if gguf {
+        let prepared = finetune::model::source::prepare(&model_dir)?;
+        let quant = finetune::model::qload::LinearQuant::Gguf(model_dir.clone());
+        Model::load_with(&prepared.dir, DType::F32, &dev, &quant)?
+    } else {
+        Model::load(&model_dir, DType::F32, &dev)?
+    };
     let base = model.logits(&input)?;
     adapter::load(&adapter_dir, &mut model)?;
     let tuned = model.logits(&input)?;

@@ -139,11 +139,23 @@ fn export_gguf_lora(
         g.architecture,
         g.path.display()
     );
-    println!(
-        "run it: llama-cli -m <{} as GGUF> --lora {}",
-        base.display(),
-        g.path.display()
-    );
+    let gguf_base = base
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if gguf_base {
+        // Trained on this very file: it runs as it is.
+        println!(
+            "run it: llama-cli -m {} --lora {}",
+            base.display(),
+            g.path.display()
+        );
+    } else {
+        println!(
+            "run it: llama-cli -m <{} as GGUF: finetune export ... --format gguf --base-only> --lora {}",
+            base.display(),
+            g.path.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -31,35 +31,7 @@ pub fn read_mlx(
     dir: &Path,
     model: &Model,
 ) -> Result<(LoraConfig, Pairs, Magnitudes, PathBuf), AdapterError> {
-    let config_path = dir.join(ADAPTER_CONFIG);
-    let bad = |reason: String| AdapterError::InvalidConfig {
-        path: config_path.clone(),
-        reason,
-    };
-    let text = std::fs::read_to_string(&config_path).map_err(|e| bad(e.to_string()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
-    let kind = v
-        .get("fine_tune_type")
-        .and_then(|t| t.as_str())
-        .unwrap_or("lora");
-    if kind != "lora" && kind != "dora" {
-        return Err(AdapterError::Unsupported {
-            what: format!("mlx-lm fine_tune_type {kind} (only lora and dora)"),
-            path: config_path.clone(),
-        });
-    }
-    let params = v
-        .get("lora_parameters")
-        .ok_or_else(|| bad("missing \"lora_parameters\"".into()))?;
-    let rank = params
-        .get("rank")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| bad("missing lora_parameters.rank".into()))? as usize;
-    let scale = params
-        .get("scale")
-        .and_then(serde_json::Value::as_f64)
-        .ok_or_else(|| bad("missing lora_parameters.scale".into()))?;
+    let config = read_mlx_config(&dir.join(ADAPTER_CONFIG))?;
     let weights = dir.join(MLX_WEIGHTS);
     let tensors = candle_core::safetensors::load(&weights, model.device())
         .map_err(|e| invalid(&weights, format!("not a readable safetensors file ({e})")))?;
@@ -83,7 +55,7 @@ pub fn read_mlx(
                 module: module.to_owned(),
                 path: weights.clone(),
             })?;
-        if which == "m" && kind == "dora" {
+        if which == "m" && config.use_dora {
             magnitudes.insert(path.clone(), t.to_dtype(DType::F32)?);
             continue;
         }
@@ -100,7 +72,40 @@ pub fn read_mlx(
             }
         }
     }
-    let config = LoraConfig {
+    Ok((config, pairs, magnitudes, weights))
+}
+
+/// An mlx-lm adapter_config.json's settings (fine_tune_type `lora`, or `dora`: `use_dora`).
+fn read_mlx_config(config_path: &Path) -> Result<LoraConfig, AdapterError> {
+    let bad = |reason: String| AdapterError::InvalidConfig {
+        path: config_path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(config_path).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON ({e})")))?;
+    let kind = v
+        .get("fine_tune_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("lora");
+    if kind != "lora" && kind != "dora" {
+        return Err(AdapterError::Unsupported {
+            what: format!("mlx-lm fine_tune_type {kind} (only lora and dora)"),
+            path: config_path.to_path_buf(),
+        });
+    }
+    let params = v
+        .get("lora_parameters")
+        .ok_or_else(|| bad("missing \"lora_parameters\"".into()))?;
+    let rank = params
+        .get("rank")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| bad("missing lora_parameters.rank".into()))? as usize;
+    let scale = params
+        .get("scale")
+        .and_then(serde_json::Value::as_f64)
+        .ok_or_else(|| bad("missing lora_parameters.scale".into()))?;
+    Ok(LoraConfig {
         rank,
         alpha: scale * rank as f64,
         dropout: params
@@ -111,8 +116,7 @@ pub fn read_mlx(
         layers: None,
         use_rslora: false,
         use_dora: kind == "dora",
-    };
-    Ok((config, pairs, magnitudes, weights))
+    })
 }
 
 /// A llama.cpp GGUF LoRA: `<blk.N.name>.weight.lora_a` (r, in) and `.lora_b` (out, r), alpha from

@@ -11,6 +11,7 @@ use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 
 use super::kernels;
+pub use super::quant::Frozen;
 
 /// What to adapt and how.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -162,69 +163,6 @@ pub fn lora_input_f32(x: &Tensor, linears: &[&LoraLinear], train: bool) -> Resul
     }
     let in_f = x.dim(D::Minus1)?;
     Ok(Some(x.reshape(((), in_f))?.to_dtype(DType::F32)?))
-}
-
-/// A linear projection's frozen weight (out, in): a float tensor, or kept quantized (QLoRA,
-/// [`super::quant`]).
-#[derive(Debug, Clone)]
-pub enum Frozen {
-    /// In the compute dtype (or the CPU's bf16 matrix dtype).
-    Dense(Tensor),
-    /// Quantized; dequantized per product and dropped at once.
-    Quant(std::sync::Arc<super::quant::QWeight>),
-}
-
-impl Frozen {
-    /// (out, in).
-    pub fn dims2(&self) -> (usize, usize) {
-        match self {
-            Frozen::Dense(t) => {
-                let d = t.dims();
-                (d[0], d.get(1).copied().unwrap_or(1))
-            }
-            Frozen::Quant(q) => q.dims(),
-        }
-    }
-
-    /// The device the weight lives on.
-    pub fn device(&self) -> candle_core::Device {
-        match self {
-            Frozen::Dense(t) => t.device().clone(),
-            Frozen::Quant(q) => q.device(),
-        }
-    }
-
-    /// The float weight; a quantized one dequantized to f32 (a fresh tensor).
-    pub fn dense(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
-        match self {
-            Frozen::Dense(t) => Ok(std::borrow::Cow::Borrowed(t)),
-            Frozen::Quant(q) => Ok(std::borrow::Cow::Owned(q.dequantize(DType::F32)?)),
-        }
-    }
-
-    /// The float tensor when the weight is not quantized.
-    pub fn as_dense(&self) -> Option<&Tensor> {
-        match self {
-            Frozen::Dense(t) => Some(t),
-            Frozen::Quant(_) => None,
-        }
-    }
-
-    /// Bytes held.
-    pub fn size_in_bytes(&self) -> usize {
-        match self {
-            Frozen::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            Frozen::Quant(q) => q.size_in_bytes(),
-        }
-    }
-
-    /// `x · Wᵀ (+ update)` for 2-D `x` (N, in): gradients to `x` and `update` only.
-    pub fn linear_plus(&self, x: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
-        match self {
-            Frozen::Dense(w) => kernels::frozen_linear_plus(x, w, update),
-            Frozen::Quant(q) => q.forward_plus(x, update),
-        }
-    }
 }
 
 /// A frozen linear projection with an optional LoRA update. Weights are held (out, in) whatever

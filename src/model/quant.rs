@@ -23,6 +23,69 @@ use candle_core::{
 
 use super::kernels;
 
+/// A linear projection's frozen weight (out, in): a float tensor, or kept quantized (QLoRA,
+/// [`super::quant`]).
+#[derive(Debug, Clone)]
+pub enum Frozen {
+    /// In the compute dtype (or the CPU's bf16 matrix dtype).
+    Dense(Tensor),
+    /// Quantized; dequantized per product and dropped at once.
+    Quant(Arc<QWeight>),
+}
+
+impl Frozen {
+    /// (out, in).
+    pub fn dims2(&self) -> (usize, usize) {
+        match self {
+            Frozen::Dense(t) => {
+                let d = t.dims();
+                (d[0], d.get(1).copied().unwrap_or(1))
+            }
+            Frozen::Quant(q) => q.dims(),
+        }
+    }
+
+    /// The device the weight lives on.
+    pub fn device(&self) -> candle_core::Device {
+        match self {
+            Frozen::Dense(t) => t.device().clone(),
+            Frozen::Quant(q) => q.device(),
+        }
+    }
+
+    /// The float weight; a quantized one dequantized to f32 (a fresh tensor).
+    pub fn dense(&self) -> Result<std::borrow::Cow<'_, Tensor>> {
+        match self {
+            Frozen::Dense(t) => Ok(std::borrow::Cow::Borrowed(t)),
+            Frozen::Quant(q) => Ok(std::borrow::Cow::Owned(q.dequantize(DType::F32)?)),
+        }
+    }
+
+    /// The float tensor when the weight is not quantized.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            Frozen::Dense(t) => Some(t),
+            Frozen::Quant(_) => None,
+        }
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Frozen::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Frozen::Quant(q) => q.size_in_bytes(),
+        }
+    }
+
+    /// `x · Wᵀ (+ update)` for 2-D `x` (N, in): gradients to `x` and `update` only.
+    pub fn linear_plus(&self, x: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => kernels::frozen_linear_plus(x, w, update),
+            Frozen::Quant(q) => q.forward_plus(x, update),
+        }
+    }
+}
+
 /// Rows up to which a product without a graph runs through the quantized matmul itself.
 pub const QUANT_MATMUL_ROWS: usize = 8;
 
