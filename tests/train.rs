@@ -211,7 +211,18 @@ fn stop_names_the_best_adapter_kept_so_far() {
 
 #[test]
 fn stop_saves_and_resume_continues_exactly() {
+    stop_and_resume(false);
+}
+
+#[test]
+fn stop_saves_and_resume_continues_exactly_with_dora() {
+    // The magnitudes and their AdamW moments come back too.
+    stop_and_resume(true);
+}
+
+fn stop_and_resume(dora: bool) {
     let mut c = config(Path::new(""), 8);
+    c.lora.use_dora = dora;
     c.lora.dropout = 0.1; // seeded dropout must replay identically after resume
     c.grad_accum = 2;
     c.eval_every = 0;
@@ -255,10 +266,13 @@ fn stop_saves_and_resume_continues_exactly() {
             y.1
         );
     }
-    assert_eq!(
-        adapter_tensors(&straight.path().join("adapter")),
-        adapter_tensors(&stopped.path().join("adapter"))
-    );
+    let saved = adapter_tensors(&stopped.path().join("adapter"));
+    assert_eq!(adapter_tensors(&straight.path().join("adapter")), saved);
+    let magnitudes = saved
+        .iter()
+        .filter(|(k, _)| k.ends_with(".lora_magnitude_vector"))
+        .count();
+    assert_eq!(magnitudes > 0, dora, "{magnitudes} magnitude tensors saved");
 }
 
 #[test]
