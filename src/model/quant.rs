@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Device, Layout, MetalStorage, Result,
     Shape, Storage, Tensor,
@@ -123,7 +123,14 @@ impl QWeight {
     /// length ([`fits`]).
     pub fn quantize(w: &Tensor, ty: GgmlDType, device: &Device) -> Result<Self> {
         let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        Self::new(QTensor::quantize_onto(&w, ty, device)?)
+        // The K-quants by FineTune's quantizer, which writes llama.cpp's bytes (Candle's own gives
+        // Q5_K 1.8x llama.cpp's error, BENCHMARKS.md); the others by Candle's.
+        let q = crate::export::kquant::quantize(&w, ty)?;
+        if device.is_cpu() {
+            return Self::new(q);
+        }
+        let storage = QStorage::from_data(q.data()?, device, ty)?;
+        Self::new(QTensor::new(storage, q.shape().clone())?)
     }
 
     /// (out, in).
