@@ -100,4 +100,13 @@ echo "-- base GGUF + GGUF LoRA"
 "$BIN" export "$W/run/adapter" "$W/base-F32.gguf" --format gguf --quant F32 --base-only >/dev/null
 "$BIN" export "$W/run/adapter" "$W/lora.gguf" --format gguf-lora >/dev/null
 "$PY" tools/gguf_lora_check.py "$W/base-F32.gguf" "$W/lora.gguf" "$W/smol-logits.safetensors"
+echo "-- GGUF in, GGUF LoRA out: QLoRA on the file's own Q4_1 weights, its LoRA on that very file"
+XDG_CACHE_HOME="$W/cache" "$BIN" train --model "$GGUF_IN" --data ../shared/data/wwdc25-train.jsonl \
+  --out "$W/qrun" --steps 4 --lr 1e-2 --batch-size 2 --max-seq-len 64 --eval-every 0 --samples 0 \
+  | grep "^QLoRA: "
+"$BIN" export "$W/qrun/adapter" "$W/qlora.gguf" --format gguf-lora --model "$GGUF_IN" >/dev/null
+XDG_CACHE_HOME="$W/cache" "$LOGITS" "$GGUF_IN" "$W/qrun/adapter" "$W/q-logits.safetensors"
+# llama.cpp multiplies Q4_1 weights by activations rounded to Q8_1, FineTune by the dequantized
+# weights in f32: on this file the base logits alone differ by up to QTOL (measured 2026-12-05).
+"$PY" tools/gguf_lora_check.py "$GGUF_IN" "$W/qlora.gguf" "$W/q-logits.safetensors" "${QTOL:-0.5}"
 echo "GGUF consumer checks: ok"

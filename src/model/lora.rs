@@ -1,5 +1,6 @@
 //! LoRA with PEFT semantics: `y = W·x + b + s·B(A(dropout(x)))`, `s = alpha/r` (rsLoRA:
-//! `alpha/√r`), and DoRA's magnitude on top when asked ([`super::dora`]). A is kaiming-uniform (a = √5, i.e. U(±1/√in)) and B zero at init, as PEFT does.
+//! `alpha/√r`), and DoRA's magnitude on top when asked ([`super::dora`]). A is kaiming-uniform
+//! (a = √5, i.e. U(±1/√in)) and B zero at init, as PEFT does.
 //! LoRA tensors are f32 `Var`s in their own `VarMap`, keyed by their PEFT names
 //! (`base_model.model.<module path>.lora_A.weight`); base weights are plain tensors and never
 //! receive gradients.
