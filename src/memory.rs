@@ -110,7 +110,8 @@ pub struct EstimateInput {
     /// projection at a time is dequantized (f32) for its product and dropped.
     pub quant_bytes_per_weight: Option<f64>,
     /// DoRA: a magnitude (out,) per adapted module, trained like A and B, and one more (N, out)
-    /// tensor per module kept for backward (the unscaled output the magnitude multiplies).
+    /// tensor per module kept for backward (the unscaled output the magnitude multiplies; without
+    /// dropout).
     pub dora: bool,
 }
 

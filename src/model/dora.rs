@@ -82,25 +82,19 @@ impl NormCache {
     }
 }
 
-/// The DoRA output before the bias, `(N, out)`, from its parts: `wx = W·x`, `wx_drop = W·dropout(x)`
-/// when dropout was drawn in this pass (`None` otherwise), `update = s·B·A·dropout(x)` (f32) and
-/// `g = m/‖W + s·B·A‖` (out,) f32.
-pub fn combine(
+/// The DoRA output before the bias, `(N, out)`, when dropout was drawn in this pass, from its
+/// parts: `wx = W·x`, `wx_drop = W·dropout(x)`, `update = s·B·A·dropout(x)` (f32) and
+/// `g = m/‖W + s·B·A‖` (out,) f32: `wx + (g − 1)·wx_drop + g·update`, as PEFT.
+pub fn combine_dropout(
     wx: &Tensor,
-    wx_drop: Option<&Tensor>,
+    wx_drop: &Tensor,
     update: &Tensor,
     g: &Tensor,
 ) -> Result<Tensor> {
     let dtype = wx.dtype();
-    let g_c = g.to_dtype(dtype)?;
-    match wx_drop {
-        None => (wx + update.to_dtype(dtype)?)?.broadcast_mul(&g_c),
-        Some(wd) => {
-            let g1 = (g - 1.0)?.to_dtype(dtype)?;
-            let scaled = update.broadcast_mul(g)?.to_dtype(dtype)?;
-            (wx + wd.broadcast_mul(&g1)?)? + scaled
-        }
-    }
+    let g1 = (g - 1.0)?.to_dtype(dtype)?;
+    let scaled = update.broadcast_mul(g)?.to_dtype(dtype)?;
+    (wx + wx_drop.broadcast_mul(&g1)?)? + scaled
 }
 
 /// `W' = (m/‖W + ΔW‖) ⊙ (W + ΔW)` per output row, f32: a DoRA module folded into its weight as

@@ -317,12 +317,21 @@ impl LoraLinear {
         };
         let hd = dropped.as_ref().unwrap_or(&h);
         let update = hd.matmul(&a.t()?)?.matmul(&(b.t()? * l.scale)?)?;
-        let wx = self.weight.linear_plus(x2, None)?;
-        let wx_drop = match &dropped {
-            Some(d) => Some(self.weight.linear_plus(&d.to_dtype(x2.dtype())?, None)?),
-            None => None,
-        };
-        super::dora::combine(&wx, wx_drop.as_ref(), &update, &g)
+        match &dropped {
+            // (W·x + s·B·A·x) as one product, as plain LoRA computes it, then scaled: the graph
+            // keeps one more (N, out) tensor than LoRA does.
+            None => {
+                let sum = self
+                    .weight
+                    .linear_plus(x2, Some(&update.to_dtype(x2.dtype())?))?;
+                sum.broadcast_mul(&g.to_dtype(sum.dtype())?)
+            }
+            Some(d) => {
+                let wx = self.weight.linear_plus(x2, None)?;
+                let wd = self.weight.linear_plus(&d.to_dtype(x2.dtype())?, None)?;
+                super::dora::combine_dropout(&wx, &wd, &update, &g)
+            }
+        }
     }
 
     /// Whether [`LoraLinear::forward_shared`] runs this projection with its LoRA term as one op
