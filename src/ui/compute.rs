@@ -33,10 +33,31 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             lora_modules_per_layer: s.lora_targets.as_ref().map(Vec::len),
             kernels,
             lora_dropout: s.lora_dropout > 0.0,
-            quant_bytes_per_weight: s.quantize.and_then(|q| q.bytes_per_weight()),
+            quant_bytes_per_weight: quant_bytes_per_weight(s, model),
             dora: s.lora_dora,
         },
     )
+}
+
+/// Bytes per weight of the quantized linear weights the run will hold: the chosen quantization's,
+/// or for a GGUF model left on automatic (which keeps the file's own) the file's bytes per
+/// parameter; `None` for float weights.
+fn quant_bytes_per_weight(s: &Settings, model: &ModelSummary) -> Option<f64> {
+    match s.quantize {
+        Some(q) => q.bytes_per_weight(),
+        None if s.dtype == DtypeChoice::Auto && is_gguf(&model.source) => {
+            let bytes = std::fs::metadata(&model.source).ok()?.len() as f64;
+            (model.parameters > 0).then(|| bytes / model.parameters as f64)
+        }
+        None => None,
+    }
+}
+
+fn is_gguf(path: &std::path::Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// A warning when `need` exceeds what the plan's device has (most of RAM on the CPU, where the OS
@@ -289,5 +310,37 @@ mod tests {
             ..p
         };
         assert_eq!(memory_warning(u64::MAX, &unknown), None);
+    }
+
+    #[test]
+    fn a_gguf_on_automatic_is_estimated_at_its_own_quantization() {
+        let gguf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/convert/tiny-llama.Q4_0.gguf");
+        let cache = tempfile::tempdir().unwrap();
+        let prepared = crate::model::ModelSource::open(&gguf)
+            .unwrap()
+            .prepare(cache.path())
+            .unwrap();
+        let model = crate::inspect::summarize_prepared(&prepared).unwrap();
+        let mut s = Settings::default();
+        let file = std::fs::metadata(&gguf).unwrap().len() as f64;
+        let auto = quant_bytes_per_weight(&s, &model).unwrap();
+        assert!(
+            (auto - file / model.parameters as f64).abs() < 1e-9,
+            "{auto}"
+        );
+        let float = form_estimate(
+            &Settings {
+                quantize: Some(crate::model::qload::QuantChoice::None),
+                ..s.clone()
+            },
+            &model,
+            None,
+        );
+        assert!(form_estimate(&s, &model, None).base_weights < float.base_weights);
+        s.dtype = DtypeChoice::F32; // an explicit dtype converts the GGUF to float
+        assert_eq!(quant_bytes_per_weight(&s, &model), None);
+        s.quantize = Some(crate::model::qload::QuantChoice::Q8_0);
+        assert_eq!(quant_bytes_per_weight(&s, &model), Some(34.0 / 32.0));
     }
 }
