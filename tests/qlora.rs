@@ -7,6 +7,8 @@
 //!   float, and stay within the quantization's error of the float model.
 //! - A GGUF model keeps the file's own quantization, its Q/K rows back in transformers' order: each
 //!   weight equals the converted float folder's within f16 rounding.
+//!
+//! On the CPU, or the device `FINETUNE_TEST_DEVICE` names (`cuda` with `--features cuda`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -40,11 +42,15 @@ fn quantized_op_is_the_float_op_of_the_dequantized_weight_with_its_input_gradien
         GgmlDType::Q6K,
     ] {
         let w = random((96, 512), 1);
-        let q = QWeight::quantize(&w, ty, &Device::Cpu).unwrap();
+        let dev = test_device();
+        let (w, q) = (
+            w.to_device(&dev).unwrap(),
+            QWeight::quantize(&w, ty, &dev).unwrap(),
+        );
         let deq = q.dequantize(DType::F32).unwrap();
-        let quant_err = rel_err(&deq, &w);
-        let x = Var::from_tensor(&random((24, 512), 2)).unwrap();
-        let r = random((24, 96), 3);
+        let quant_err = rel(&deq, &w);
+        let x = Var::from_tensor(&random((24, 512), 2).to_device(&dev).unwrap()).unwrap();
+        let r = random((24, 96), 3).to_device(&dev).unwrap();
         // Quantized path with a graph.
         let y = q.forward(x.as_tensor()).unwrap();
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -58,17 +64,28 @@ fn quantized_op_is_the_float_op_of_the_dequantized_weight_with_its_input_gradien
             .backward()
             .unwrap();
         let gx_ref = g_ref.get(&x).unwrap().clone();
-        let (dy, dg) = (rel_err(&y, &y_ref), rel_err(&gx, &gx_ref));
+        let (dy, dg) = (rel(&y, &y_ref), rel(&gx, &gx_ref));
         // Decoding path: a few rows, no graph, Candle's quantized matmul.
         let x4 = x.as_tensor().narrow(0, 0, 4).unwrap().detach();
         let y4 = q.forward(&x4).unwrap();
-        let d4 = rel_err(&y4, &y_ref.narrow(0, 0, 4).unwrap());
+        let d4 = rel(&y4, &y_ref.narrow(0, 0, 4).unwrap());
         println!("{ty:?}: weight quant error {quant_err:.1e}; forward {dy:.1e}, input gradient {dg:.1e} vs the dequantized float op; decode path {d4:.1e}");
         assert!(dy <= 1e-6, "{ty:?} forward {dy}");
         assert!(dg <= 1e-4, "{ty:?} input gradient {dg}");
         // Activations rounded to 8 bits: well inside the weights' own quantization error.
         assert!(d4 <= 2e-2 && d4 <= quant_err, "{ty:?} decode {d4}");
     }
+}
+
+/// `rel_err` with both sides moved to the CPU first.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    rel_err(&cpu(a), &cpu(b))
 }
 
 /// `model` with every quantized weight replaced by its dequantized f32 values.
@@ -97,7 +114,7 @@ fn qlora_model_matches_its_dequantized_float_model_on_every_fixture() {
         let mut q = Model::load_with(
             &dir,
             DType::F32,
-            &Device::Cpu,
+            &test_device(),
             &LinearQuant::To(GgmlDType::Q8_0),
         )
         .unwrap();
@@ -112,8 +129,8 @@ fn qlora_model_matches_its_dequantized_float_model_on_every_fixture() {
         let fs = adapter::load(&dir.join("peft-adapter"), &mut f).unwrap();
         let (ql, fl) = (logits(&q, &r.input_ids), logits(&f, &r.input_ids));
         let dl = max_abs_diff(&ql, &fl);
-        let vs_float = rel_err(&ql, &r.lora_logits);
-        let ids = r.input_ids.clone();
+        let vs_float = rel(&ql, &r.lora_logits);
+        let ids = r.input_ids.to_device(q.device()).unwrap();
         let (qloss, _) = q
             .loss(&ModelInput::causal(ids.clone()), &r.labels, false)
             .unwrap();
@@ -121,7 +138,7 @@ fn qlora_model_matches_its_dequantized_float_model_on_every_fixture() {
         let (qg, fg) = (qloss.backward().unwrap(), floss.backward().unwrap());
         let mut worst = 0f64;
         for ((k, qv), (_, fv)) in qs.named_vars().iter().zip(fs.named_vars().iter()) {
-            let e = rel_err(qg.get(qv).unwrap(), fg.get(fv).unwrap());
+            let e = rel(qg.get(qv).unwrap(), fg.get(fv).unwrap());
             assert!(e <= 1e-4, "{name}: {k} gradient {e:.2e}");
             worst = worst.max(e);
         }
@@ -161,7 +178,7 @@ fn gguf_model_keeps_its_quantization_with_qk_rows_in_transformers_order() {
             assert_eq!(qw.ggml_dtype(), ty, "{file}: {}", l.path);
             kept += 1;
             // The converted folder holds the same values rounded to f16.
-            let e = rel_err(
+            let e = rel(
                 &qw.dequantize(DType::F32).unwrap(),
                 &f.weight.dense().unwrap(),
             );
@@ -171,10 +188,10 @@ fn gguf_model_keeps_its_quantization_with_qk_rows_in_transformers_order() {
         assert!(kept >= 8, "{file}: only {kept} quantized weights");
         // 12 positions: the dequantized float product, so only the f16 rounding differs.
         let ids = Tensor::new(&[[1u32, 5, 9, 14, 3, 7, 2, 8, 11, 4, 6, 10]], &Device::Cpu).unwrap();
-        let e = rel_err(&logits(&q, &ids), &logits(&float, &ids));
+        let e = rel(&logits(&q, &ids), &logits(&float, &ids));
         // 4 positions without a graph: Candle's quantized matmul, activations rounded to Q8.
         let short = ids.narrow(1, 0, 4).unwrap();
-        let e4 = rel_err(&logits(&q, &short), &logits(&float, &short));
+        let e4 = rel(&logits(&q, &short), &logits(&float, &short));
         println!("{file}: logits vs the converted folder {e:.1e} (12 positions), {e4:.1e} (4, quantized matmul)");
         assert!(e <= 1e-3, "{file}: logits {e:.2e}");
         assert!(
