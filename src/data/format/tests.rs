@@ -1,3 +1,4 @@
+#![cfg(test)]
 //! Tests of `data::format`.
 
 use super::*;

@@ -1,3 +1,4 @@
+#![cfg(test)]
 use super::*;
 use crate::model::kernels::{self, composed};
 use crate::model::ops;
