@@ -373,7 +373,7 @@ impl Model {
             );
         }
         if let (Arch::Llama(m), [id]) = (&self.arch, ids) {
-            if m.can_decode_cpu()
+            if m.can_decode_cpu(cache.len())
                 && kernels::fused_decode(self.device(), self.dtype)
                 && self.linears().iter().all(|l| l.plain_for_fused_decode())
             {
@@ -392,9 +392,21 @@ impl Model {
             Arch::Gpt2(m) => m.hidden_cached(&input, cache)?,
         };
         let last = x.narrow(1, ids.len() - 1, 1)?.reshape((1, ()))?;
-        kernels::frozen_linear(&last, self.lm_head())?
-            .reshape(((),))?
-            .to_dtype(DType::F32)
+        self.head(&last)?.reshape(((),))?.to_dtype(DType::F32)
+    }
+
+    /// `x` `(N, D)` through the LM head: logits `(N, V)`, soft-capped where the model caps them
+    /// (Gemma 2: `cap · tanh(z / cap)`).
+    fn head(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = kernels::frozen_linear(x, self.lm_head())?;
+        let cap = match &self.arch {
+            Arch::Llama(m) => m.final_softcap(),
+            Arch::Gpt2(_) => None,
+        };
+        match cap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
     }
 
     fn lm_head(&self) -> &Tensor {
@@ -416,7 +428,7 @@ impl Model {
     pub fn logits(&self, input: &ModelInput) -> candle_core::Result<Tensor> {
         let x = self.hidden(input, false)?;
         let (b, t, d) = x.dims3()?;
-        let logits = kernels::frozen_linear(&x.reshape((b * t, d))?, self.lm_head())?;
+        let logits = self.head(&x.reshape((b * t, d))?)?;
         logits.reshape((b, t, ()))
     }
 
@@ -461,7 +473,7 @@ impl Model {
         let picked = x
             .reshape((b * t, d))?
             .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        let logits = kernels::frozen_linear(&picked, self.lm_head())?;
+        let logits = self.head(&picked)?;
         let loss = kernels::cross_entropy(&logits, &targets)?;
         Ok((loss, n))
     }

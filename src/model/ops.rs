@@ -14,13 +14,46 @@ pub fn rope_tables(
     max_positions: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
+    rope_tables_for(head_dim, theta, scaling, false, max_positions, device)
+}
+
+/// As [`rope_tables`]; `long` picks LongRoPE's long factors (a pass past the original context).
+pub fn rope_tables_for(
+    head_dim: usize,
+    theta: f64,
+    scaling: &RopeScaling,
+    long: bool,
+    max_positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
+    let mut magnitude = 1f32;
     let mut inv_freq: Vec<f64> = (0..half)
         .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
         .collect();
     match scaling {
         RopeScaling::Default => {}
         RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            attention_factor,
+            ..
+        } => {
+            // transformers `_compute_longrope_parameters`: 1 / (factor_i · θ^(2i/d)), the factors
+            // in f32; cos and sin scaled by the attention factor.
+            let factors = if long { long_factor } else { short_factor };
+            if factors.len() != half {
+                candle_core::bail!(
+                    "longrope has {} factors for {half} rotary frequencies; the config does not fit the model",
+                    factors.len()
+                );
+            }
+            for (f, k) in inv_freq.iter_mut().zip(factors) {
+                *f /= k;
+            }
+            magnitude = *attention_factor as f32;
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -51,8 +84,8 @@ pub fn rope_tables(
         for _ in 0..2 {
             for &f in &inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * magnitude);
+                sin.push(angle.sin() * magnitude);
             }
         }
     }
@@ -111,6 +144,31 @@ pub fn causal_bias_after(past: usize, t: usize, dtype: DType, device: &Device) -
         })
         .collect();
     Tensor::from_vec(bias, (1, 1, t, s), device)?.to_dtype(dtype)
+}
+
+/// Additive band `(1, 1, T, past + T)` of a sliding-window layer: query i (at position past + i)
+/// sees key j only when j > past + i − window (transformers' `sliding_window_overlay`); added to
+/// the causal or packed bias.
+pub fn sliding_band(
+    past: usize,
+    t: usize,
+    window: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = past + t;
+    let band: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j + window > past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(band, (1, 1, t, s), device)?.to_dtype(dtype)
 }
 
 #[cfg(test)]

@@ -14,8 +14,9 @@ use super::ModelError;
 pub struct Weights {
     dir: PathBuf,
     files: Vec<(PathBuf, MmapedSafetensors)>,
-    /// tensor name → index into `files`
-    index: HashMap<String, usize>,
+    /// tensor name → index into `files` and the name stored there (which differs for a
+    /// multimodal checkpoint's language model, [`text_model_name`])
+    index: HashMap<String, (usize, String)>,
     /// dtype tensors are converted to on load
     dtype: DType,
     /// dtype of the large frozen matrices (linear weights, embeddings, LM head): `dtype`, except
@@ -112,6 +113,20 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Ok(found)
 }
 
+/// The causal-LM name of a multimodal checkpoint's language-model tensor (Gemma 3's
+/// `Gemma3ForConditionalGeneration`: `language_model.model.X` as transformers 4 saves it,
+/// `model.language_model.X` as transformers 5 does, `language_model.lm_head.weight`) as
+/// `model.X` / `lm_head.weight`; `None` for every other name (the vision tower's are never read).
+pub fn text_model_name(name: &str) -> Option<String> {
+    if let Some(rest) = name
+        .strip_prefix("language_model.model.")
+        .or_else(|| name.strip_prefix("model.language_model."))
+    {
+        return Some(format!("model.{rest}"));
+    }
+    name.strip_prefix("language_model.").map(str::to_owned)
+}
+
 impl Weights {
     /// Memory-maps every file of the checkpoint in `dir` and indexes its tensor names.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
@@ -130,7 +145,8 @@ impl Weights {
                 }
             })?;
             for (name, _) in st.tensors() {
-                index.insert(name, files.len());
+                let key = text_model_name(&name).unwrap_or_else(|| name.clone());
+                index.insert(key, (files.len(), name));
             }
             files.push((path, st));
         }
@@ -229,15 +245,15 @@ impl Weights {
     }
 
     fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor, ModelError> {
-        let &i = self
+        let (i, stored) = self
             .index
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor {
                 name: name.to_owned(),
                 dir: self.dir.clone(),
             })?;
-        let (path, st) = &self.files[i];
-        let view = st.get(name).map_err(|e| ModelError::InvalidWeights {
+        let (path, st) = &self.files[*i];
+        let view = st.get(stored).map_err(|e| ModelError::InvalidWeights {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -253,9 +269,10 @@ impl Weights {
         // loaded as f32 would otherwise need the GPU's bf16 cast kernels, which a binary built
         // for an older macOS lacks (docs/metal.md, gap 3). Elsewhere the device casts.
         let t = if !self.device.is_metal() || view.dtype() == dtype.into() {
-            st.load(name, &self.device).and_then(|t| t.to_dtype(dtype))
+            st.load(stored, &self.device)
+                .and_then(|t| t.to_dtype(dtype))
         } else {
-            st.load(name, &Device::Cpu)
+            st.load(stored, &Device::Cpu)
                 .and_then(|t| t.to_dtype(dtype))
                 .and_then(|t| t.to_device(&self.device))
         }

@@ -432,6 +432,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     composed::attention_with(q, &k, &v, bias, scale, &softmax_last_dim)
 }
 
+/// [`attention`] with Gemma 2's soft-capped scores, `softmax(cap·tanh(q·kᵀ·scale / cap) + bias)·v`:
+/// the composed form on every device (the fused kernels have no cap), differentiable through
+/// Candle's tanh.
+pub fn attention_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let (h, kv) = (q.dim(1)?, k.dim(1)?);
+    if kv == 0 || h % kv != 0 || cap <= 0.0 {
+        candle_core::bail!("attention_softcap: {h} heads over {kv} kv heads, cap {cap}");
+    }
+    let k = composed::repeat_kv(k.clone(), h / kv)?.contiguous()?;
+    let v = composed::repeat_kv(v.clone(), h / kv)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let (scores, dtype) = composed::upcast(&scores)?;
+    let capped = ((scores / cap)?.tanh()? * cap)?;
+    let probs = softmax_last_dim(&capped.broadcast_add(&bias.to_dtype(capped.dtype())?)?)?;
+    probs.to_dtype(dtype)?.matmul(&v)
+}
+
 /// Mean cross-entropy of `(N, V)` `logits` against `targets` `(N)`, as a scalar.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let choice = plan_for(logits).cross_entropy;

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use super::{Layer, Llama};
 use crate::model::cache::KvCache;
 use crate::model::config::Activation;
+use crate::model::config::Variant;
 use crate::model::kernels::cpu::gemv::{Simd, Weight};
 use crate::model::lora::LoraLinear;
 
@@ -288,6 +289,13 @@ impl Layer {
         let (h, kvh, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.norm_eps as f32;
         let d = x.len();
+        let (Some([q_proj, k_proj, v_proj]), Some([gate_proj, up_proj])) =
+            (self.split_qkv(), self.split_gate_up())
+        else {
+            candle_core::bail!(
+                "the fused CPU decoder takes separate q/k/v and gate/up projections"
+            );
+        };
         let mut n = vec![0f32; d];
         rms_norm(x, hold(&self.input_norm).mat()?, eps, &mut n);
         let (mut q, mut k, mut v) = (
@@ -296,7 +304,7 @@ impl Layer {
             vec![0f32; kvh * dh],
         );
         {
-            let held = [&self.q_proj, &self.k_proj, &self.v_proj].map(hold_proj);
+            let held = [q_proj, k_proj, v_proj].map(hold_proj);
             let projs = [held[0].ready(&n)?, held[1].ready(&n)?, held[2].ready(&n)?];
             project(&n, &projs, &mut [&mut q, &mut k, &mut v]);
         }
@@ -323,10 +331,10 @@ impl Layer {
         }
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         rms_norm(x, hold(&self.post_norm).mat()?, eps, &mut n);
-        let inter = self.gate_proj.out_features();
+        let inter = gate_proj.out_features();
         let (mut gate, mut up) = (vec![0f32; inter], vec![0f32; inter]);
         {
-            let held = [&self.gate_proj, &self.up_proj].map(hold_proj);
+            let held = [gate_proj, up_proj].map(hold_proj);
             let projs = [held[0].ready(&n)?, held[1].ready(&n)?];
             project(&n, &projs, &mut [&mut gate, &mut up]);
         }
@@ -344,9 +352,18 @@ impl Layer {
 }
 
 impl Llama {
-    /// Whether [`Llama::decode_cpu`] can run this model (its activation has a form here).
-    pub(crate) fn can_decode_cpu(&self) -> bool {
-        self.cfg.activation != Activation::Gelu
+    /// Whether [`Llama::decode_cpu`] can run this model's next step after `past` cached
+    /// positions: its activation has a form here and it is plain Llama (no [`Variant`] feature;
+    /// a sliding window only while every key is still inside it).
+    pub(crate) fn can_decode_cpu(&self, past: usize) -> bool {
+        let v = &self.cfg.variant;
+        let within_window = v.sliding_window.is_none_or(|w| past < w);
+        let plain = Variant {
+            sliding_window: v.sliding_window,
+            sliding_layers: v.sliding_layers.clone(),
+            ..Variant::default()
+        };
+        self.cfg.activation != Activation::Gelu && within_window && *v == plain
     }
 
     /// The logits (V) of one new token `id` after the cached positions, appending its keys and

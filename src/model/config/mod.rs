@@ -10,12 +10,20 @@ use serde::Deserialize;
 
 use super::ModelError;
 
+mod variant;
+pub use variant::Variant;
+
 /// Architectures FineTune can train, as `architectures[0]` names them in config.json.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "Phi3ForCausalLM",
+    "SmolLM3ForCausalLM",
     "GPT2LMHeadModel",
 ];
 
@@ -37,6 +45,19 @@ pub enum RopeScaling {
     Linear {
         /// Divisor of the positions.
         factor: f64,
+    },
+    /// Phi-3's LongRoPE: per-frequency divisors, `short_factor` while a pass's positions stay
+    /// within `original_max_position_embeddings`, `long_factor` past it; cos and sin are scaled
+    /// by `attention_factor` either way.
+    LongRope {
+        /// Divisors of the inverse frequencies within the original context.
+        short_factor: Vec<f64>,
+        /// Divisors past it.
+        long_factor: Vec<f64>,
+        /// The context length the model was pretrained with.
+        original_max_position_embeddings: f64,
+        /// Scale of cos and sin (`attention_factor`, default √(1 + ln s / ln original)).
+        attention_factor: f64,
     },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
@@ -119,10 +140,12 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// `eos_token_id` (the first one when config.json gives a list).
     pub eos_token_id: Option<u32>,
+    /// What Gemma 2/3, Phi-3 and SmolLM3 add to the llama layer (all off for the others).
+    pub variant: Variant,
 }
 
 /// config.json as written by transformers 4 or 5; only the keys FineTune reads.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 struct RawConfig {
     architectures: Option<Vec<String>>,
@@ -144,6 +167,22 @@ struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    // gemma, phi3, smollm3
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    no_rope_layers: Option<Vec<u8>>,
+    no_rope_layer_interval: Option<usize>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+    /// Gemma3ForConditionalGeneration: the language model's config.
+    text_config: Option<serde_json::Value>,
     // gpt2
     n_embd: Option<usize>,
     n_layer: Option<usize>,
@@ -183,18 +222,27 @@ fn activation(name: &str) -> Result<Activation, String> {
     }
 }
 
-/// Reads RoPE θ and scaling from `rope_parameters` (transformers ≥ 5) or top-level
-/// `rope_theta` + `rope_scaling` (older). A scaling type FineTune cannot reproduce is an error,
-/// never silently ignored, since training with the wrong frequencies quietly ruins a model.
-fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling), String> {
-    let params = raw
-        .rope_parameters
+/// The RoPE parameters object: `rope_parameters` (transformers ≥ 5; Gemma 3 nests one per layer
+/// type, `layer_type` picks it) or `rope_scaling` (older).
+fn rope_params<'a>(raw: &'a RawConfig, layer_type: &str) -> Option<&'a serde_json::Value> {
+    let nested = |v: &'a serde_json::Value| match v.get(layer_type) {
+        Some(inner) if inner.is_object() => Some(inner),
+        _ => Some(v),
+    };
+    raw.rope_parameters
         .as_ref()
         .filter(|v| v.is_object())
-        .or(raw.rope_scaling.as_ref().filter(|v| v.is_object()));
-    let theta = raw
-        .rope_parameters
-        .as_ref()
+        .and_then(nested)
+        .or(raw.rope_scaling.as_ref().filter(|v| v.is_object()))
+}
+
+/// Reads RoPE θ and scaling from `rope_parameters` (transformers ≥ 5) or top-level
+/// `rope_theta` + `rope_scaling` (older); `layer_type` picks Gemma 3's nested entry. A scaling type
+/// FineTune cannot reproduce is an error, never silently ignored, since training with the wrong
+/// frequencies quietly ruins a model.
+fn rope(raw: &RawConfig, layer_type: &str) -> Result<(f64, RopeScaling), String> {
+    let params = rope_params(raw, layer_type);
+    let theta = params
         .and_then(|p| p.get("rope_theta"))
         .and_then(|t| t.as_f64())
         .or(raw.rope_theta)
@@ -209,6 +257,12 @@ fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling), String> {
         .unwrap_or("default");
     let num = |key: &str| p.get(key).and_then(|v| v.as_f64());
     let need = |key: &str| num(key).ok_or_else(|| format!("rope_type {kind:?} needs {key:?}"));
+    let list = |key: &str| -> Result<Vec<f64>, String> {
+        p.get(key)
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
+            .ok_or_else(|| format!("rope_type {kind:?} needs a list of numbers {key:?}"))
+    };
     let scaling = match kind {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear {
@@ -220,11 +274,31 @@ fn rope(raw: &RawConfig) -> Result<(f64, RopeScaling), String> {
             high_freq_factor: need("high_freq_factor")?,
             original_max_position_embeddings: need("original_max_position_embeddings")?,
         },
-        other => {
-            return Err(format!(
-                "rope_type {other:?} is not supported (supported: default, linear, llama3)"
-            ))
+        // Phi-3 writes `longrope` (older checkpoints `su`); transformers' _compute_longrope_parameters.
+        "longrope" | "su" => {
+            let original = raw
+                .original_max_position_embeddings
+                .or(num("original_max_position_embeddings"))
+                .or(raw.max_position_embeddings.map(|m| m as f64))
+                .ok_or("rope_type \"longrope\" needs \"original_max_position_embeddings\"")?;
+            let factor = num("factor")
+                .or(raw.max_position_embeddings.map(|m| m as f64 / original))
+                .unwrap_or(1.0);
+            let attention_factor = num("attention_factor").unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / original.ln()).sqrt()
+            });
+            RopeScaling::LongRope {
+                short_factor: list("short_factor")?,
+                long_factor: list("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
         }
+        other => return Err(format!(
+            "rope_type {other:?} is not supported (supported: default, linear, llama3, longrope)"
+        )),
     };
     Ok((theta, scaling))
 }
@@ -243,6 +317,11 @@ fn architecture_of(raw: &RawConfig) -> Result<String, String> {
                     "mistral" => "MistralForCausalLM",
                     "qwen2" => "Qwen2ForCausalLM",
                     "qwen3" => "Qwen3ForCausalLM",
+                    "gemma2" => "Gemma2ForCausalLM",
+                    "gemma3_text" => "Gemma3ForCausalLM",
+                    "gemma3" => "Gemma3ForConditionalGeneration",
+                    "phi3" => "Phi3ForCausalLM",
+                    "smollm3" => "SmolLM3ForCausalLM",
                     "gpt2" => "GPT2LMHeadModel",
                     _ => return None,
                 }
@@ -308,11 +387,29 @@ fn gpt2_config(raw: &RawConfig, architecture: String) -> Result<ModelConfig, Str
         stored_dtype: raw.dtype.clone().or(raw.torch_dtype.clone()),
         bos_token_id: first_id(&raw.bos_token_id),
         eos_token_id: first_id(&raw.eos_token_id),
+        variant: Variant::default(),
     })
 }
 
 /// A llama-family config.json (Llama, Mistral, Qwen2, Qwen3).
 fn llama_config(raw: &RawConfig, architecture: String) -> Result<ModelConfig, String> {
+    if architecture.starts_with("Gemma3") {
+        // Gemma 3's multimodal configs leave most text keys at Gemma3TextConfig's defaults.
+        let mut r = raw.clone();
+        r.vocab_size = r.vocab_size.or(Some(262_208));
+        r.num_attention_heads = r.num_attention_heads.or(Some(8));
+        r.num_key_value_heads = r.num_key_value_heads.or(Some(4));
+        r.head_dim = r.head_dim.or(Some(256));
+        r.max_position_embeddings = r.max_position_embeddings.or(Some(131_072));
+        r.rope_theta = r.rope_theta.or(Some(1_000_000.0));
+        r.tie_word_embeddings = r.tie_word_embeddings.or(Some(true));
+        r.hidden_activation = r.hidden_activation.or(Some("gelu_pytorch_tanh".into()));
+        return llama_config_filled(&r, architecture);
+    }
+    llama_config_filled(raw, architecture)
+}
+
+fn llama_config_filled(raw: &RawConfig, architecture: String) -> Result<ModelConfig, String> {
     let vocab_size = need(raw.vocab_size, "vocab_size")?;
     let hidden_size = need(raw.hidden_size, "hidden_size")?;
     let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
@@ -327,7 +424,9 @@ fn llama_config(raw: &RawConfig, architecture: String) -> Result<ModelConfig, St
         None if hidden_size % num_heads == 0 => hidden_size / num_heads,
         None => return Err(format!("hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and no head_dim is given")),
     };
-    let (rope_theta, rope_scaling) = rope(raw)?;
+    let (rope_theta, rope_scaling) = rope(raw, "full_attention")?;
+    let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+    let variant = variant::variant(raw, &architecture, num_layers, hidden_size, head_dim)?;
     let attention_bias = raw.attention_bias.unwrap_or(false);
     let is_qwen2 = architecture == "Qwen2ForCausalLM";
     Ok(ModelConfig {
@@ -336,7 +435,7 @@ fn llama_config(raw: &RawConfig, architecture: String) -> Result<ModelConfig, St
         vocab_size,
         hidden_size,
         intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
-        num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
@@ -350,12 +449,19 @@ fn llama_config(raw: &RawConfig, architecture: String) -> Result<ModelConfig, St
         qkv_bias: is_qwen2 || attention_bias,
         o_bias: !is_qwen2 && attention_bias,
         mlp_bias: raw.mlp_bias.unwrap_or(false),
-        qk_norm: architecture == "Qwen3ForCausalLM",
-        activation: activation(raw.hidden_act.as_deref().unwrap_or("silu"))?,
+        qk_norm: architecture == "Qwen3ForCausalLM" || architecture.starts_with("Gemma3"),
+        // Gemma names it `hidden_activation`.
+        activation: activation(
+            raw.hidden_activation
+                .as_deref()
+                .or(raw.hidden_act.as_deref())
+                .unwrap_or("silu"),
+        )?,
         scale_attn_by_inverse_layer_idx: false,
         stored_dtype: raw.dtype.clone().or(raw.torch_dtype.clone()),
         bos_token_id: first_id(&raw.bos_token_id),
         eos_token_id: first_id(&raw.eos_token_id),
+        variant,
         architecture,
     })
 }
@@ -388,6 +494,17 @@ impl ModelConfig {
             ));
         }
         let architecture = architecture_of(&raw)?;
+        if architecture == "Gemma3ForConditionalGeneration" {
+            // The language model's config; its weights are read under `language_model.`.
+            let text = raw.text_config.clone().unwrap_or_default();
+            let mut text: RawConfig = serde_json::from_value(text)
+                .map_err(|e| format!("text_config is not valid ({e})"))?;
+            text.dtype = text.dtype.or(raw.dtype.clone());
+            text.torch_dtype = text.torch_dtype.or(raw.torch_dtype.clone());
+            text.bos_token_id = text.bos_token_id.or(raw.bos_token_id.clone());
+            text.eos_token_id = text.eos_token_id.or(raw.eos_token_id.clone());
+            return llama_config(&text, architecture);
+        }
         if architecture == "GPT2LMHeadModel" {
             gpt2_config(&raw, architecture)
         } else {
@@ -446,85 +563,4 @@ impl ModelConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const LLAMA31: &str = r#"{
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": true,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "quantization_config": null, "some_future_key": {"x": 1}, "torch_dtype": "bfloat16"
-    }"#;
-
-    #[test]
-    fn reads_transformers4_convention_with_llama3_scaling() {
-        let c = ModelConfig::from_json(LLAMA31).unwrap();
-        assert_eq!(c.family, Family::Llama);
-        assert_eq!(c.head_dim, 64);
-        assert_eq!(c.rope_theta, 500000.0);
-        assert_eq!(
-            c.rope_scaling,
-            RopeScaling::Llama3 {
-                factor: 32.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192.0
-            }
-        );
-        assert_eq!(c.stored_dtype.as_deref(), Some("bfloat16"));
-        // Llama-3.2-1B has 1.236B parameters.
-        assert_eq!(c.parameter_count(), 1_235_814_400);
-    }
-
-    #[test]
-    fn reads_linear_scaling_old_type_key() {
-        let text = LLAMA31.replace(
-            r#""rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#,
-            r#""rope_scaling": {"type": "linear", "factor": 4.0}"#,
-        );
-        let c = ModelConfig::from_json(&text).unwrap();
-        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
-    }
-
-    #[test]
-    fn reads_transformers5_rope_parameters() {
-        let text = r#"{"architectures": ["Qwen3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
-            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "head_dim": 8,
-            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}}"#;
-        let c = ModelConfig::from_json(text).unwrap();
-        assert_eq!(c.rope_theta, 1e6);
-        assert_eq!(c.rope_scaling, RopeScaling::Default);
-        assert!(c.qk_norm);
-        assert_eq!(c.head_dim, 8);
-    }
-
-    #[test]
-    fn unsupported_architecture_names_the_supported_ones() {
-        let err = ModelConfig::from_json(r#"{"architectures": ["BertModel"], "vocab_size": 5}"#)
-            .unwrap_err();
-        assert!(err.contains("BertModel"), "{err}");
-        for a in SUPPORTED_ARCHITECTURES {
-            assert!(err.contains(a), "{err}");
-        }
-    }
-
-    #[test]
-    fn unsupported_rope_type_is_an_error() {
-        let text = LLAMA31.replace("\"llama3\"", "\"yarn\"");
-        assert!(ModelConfig::from_json(&text).unwrap_err().contains("yarn"));
-    }
-
-    #[test]
-    fn quantized_checkpoint_is_refused() {
-        let text = LLAMA31.replace(
-            "\"quantization_config\": null",
-            "\"quantization_config\": {\"quant_method\": \"gptq\"}",
-        );
-        assert!(ModelConfig::from_json(&text).unwrap_err().contains("gptq"));
-    }
-}
+mod tests;
