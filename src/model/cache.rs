@@ -68,6 +68,9 @@ impl LayerKv {
 pub struct KvCache {
     pub(crate) layers: Vec<LayerKv>,
     len: usize,
+    /// The tokens cached, in order (a LongRoPE model recomputes them when a pass crosses its
+    /// original context, as transformers' Phi-3 does).
+    tokens: Vec<u32>,
 }
 
 impl KvCache {
@@ -76,6 +79,7 @@ impl KvCache {
         Self {
             layers: vec![LayerKv::default(); num_layers],
             len: 0,
+            tokens: Vec::new(),
         }
     }
 
@@ -96,6 +100,17 @@ impl KvCache {
             l.fast = None;
         });
         self.len = 0;
+        self.tokens.clear();
+    }
+
+    /// The tokens cached so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Records the tokens of a pass (before [`KvCache::advance`]).
+    pub(crate) fn record(&mut self, ids: &[u32]) {
+        self.tokens.extend_from_slice(ids);
     }
 
     /// Records that a pass appended `t` positions to every layer.

@@ -372,6 +372,25 @@ impl Model {
                 cache.len() + ids.len()
             );
         }
+        // Phi-3's LongRoPE: the first pass past the original context recomputes the cached
+        // tokens with the long factors (transformers drops the cache there too), so generation
+        // equals a full forward.
+        let crossing;
+        let ids = match self.config.rope_scaling {
+            config::RopeScaling::LongRope {
+                original_max_position_embeddings: original,
+                ..
+            } if !cache.is_empty()
+                && cache.len() as f64 <= original
+                && (cache.len() + ids.len()) as f64 > original =>
+            {
+                crossing = [cache.tokens(), ids].concat();
+                cache.clear();
+                &crossing[..]
+            }
+            _ => ids,
+        };
+        cache.record(ids);
         if let (Arch::Llama(m), [id]) = (&self.arch, ids) {
             if m.can_decode_cpu(cache.len())
                 && kernels::fused_decode(self.device(), self.dtype)

@@ -443,7 +443,10 @@ fn llama_config_filled(raw: &RawConfig, architecture: String) -> Result<ModelCon
         norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
         rope_theta,
         rope_scaling,
-        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+        // transformers' defaults: Gemma and SmolLM3 tie, the rest do not.
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(
+            architecture.starts_with("Gemma") || architecture == "SmolLM3ForCausalLM",
+        ),
         // Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral/Qwen3 follow
         // `attention_bias` for all four projections.
         qkv_bias: is_qwen2 || attention_bias,
@@ -551,7 +554,8 @@ impl ModelConfig {
                 let attn_bias =
                     if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
                 let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
-                let norms = 2 * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
+                let sandwich = if self.variant.sandwich_norms { 4 } else { 2 };
+                let norms = sandwich * h + if self.qk_norm { 2 * self.head_dim } else { 0 };
                 v * h + self.num_layers * (attn + attn_bias + mlp + norms) + h + head
             }
             Family::Gpt2 => {
