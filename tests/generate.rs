@@ -211,16 +211,23 @@ fn base_and_tuned_decoders_interleave_on_one_model() {
     for name in ARCHS {
         let mut model = load(name, true);
         let tuned_alone = generate_ids(&model, &greedy_options(16));
-        let tuned_logits = model.forward_cached(&PROMPT, &mut model.new_cache()).unwrap();
+        let tuned_logits = model
+            .forward_cached(&PROMPT, &mut model.new_cache())
+            .unwrap();
         model.set_lora_enabled(false);
         let base_alone = generate_ids(&model, &greedy_options(16));
-        let base_logits = model.forward_cached(&PROMPT, &mut model.new_cache()).unwrap();
+        let base_logits = model
+            .forward_cached(&PROMPT, &mut model.new_cache())
+            .unwrap();
         // The switch must matter: the adapter moves the next-token logits on every fixture.
         let moved = max_diff(
             &tuned_logits.to_vec1::<f32>().unwrap(),
             &base_logits.to_vec1::<f32>().unwrap(),
         );
-        assert!(moved > 1e-3, "{name}: the adapter moves the logits by {moved}");
+        assert!(
+            moved > 1e-3,
+            "{name}: the adapter moves the logits by {moved}"
+        );
         differ += usize::from(base_alone != tuned_alone);
         // One step each in turn, the adapter switched between them, as the app's Try step does.
         let mut base = generate::Decoder::new(&model, &PROMPT, greedy_options(16)).unwrap();

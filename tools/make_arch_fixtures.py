@@ -7,13 +7,14 @@ Tiny random configs that exercise every feature the forward pass must reproduce:
 - gemma2: (1 + w) RMSNorms, pre/post norms around attention and MLP, GeGLU (gelu_pytorch_tanh),
   embeddings scaled by sqrt(hidden), attention-logit and final-logit soft-capping that bite,
   alternating sliding-window layers (window 6 < sequence 24), query_pre_attn_scalar != head_dim.
-- gemma3: q/k norms, layer_types sliding/full with local RoPE base 10k and global base 1e6 with
-  linear scaling (factor 8, as Gemma 3 4B+), window 5, head_dim 32 != hidden/heads, tied.
+- gemma3: q/k norms, six layers (five sliding, one global: Gemma 3's pattern) with local RoPE
+  base 10k and global base 1e6 with linear scaling (factor 8, as Gemma 3 4B+), window 5,
+  head_dim 32 != hidden/heads, tied.
 - phi3: fused qkv_proj and gate_up_proj, longrope with short/long factors and
   original_max_position_embeddings 16 < 24 (so the 24-token rows run on the long factors; the
   `short_logits` reference, rows cut to 16 tokens, on the short ones), partial_rotary_factor 0.5,
   sliding window 20 on every layer, untied.
-- smollm3: Llama-like with RoPE skipped on the no_rope_layers, tied.
+- smollm3: Llama-like with RoPE skipped on the no_rope_layers (every fourth), tied.
 
 The tokenizer is tiny-llama's (byte-level BPE, vocab 512); gemma fixtures get Gemma 3's chat
 template (no system role). Inputs and labels are tiny-llama's reference rows. Each fixture holds
@@ -103,13 +104,13 @@ def configs():
         ),
         "tiny-gemma3": (
             transformers.Gemma3TextConfig(
-                **COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                **COMMON, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                 num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                 max_position_embeddings=256, rms_norm_eps=1e-6,
                 hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32,
+                # layer_types from Gemma 3's pattern (five sliding, one global), the one
+                # llama.cpp assumes for GGUF files.
                 sliding_window=5,
-                layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                             "sliding_attention"],
                 rope_parameters={
                     "full_attention": {"rope_type": "linear", "factor": 8.0,
                                        "rope_theta": 1000000.0},
@@ -139,7 +140,9 @@ def configs():
                 **COMMON, hidden_size=64, intermediate_size=144, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-                no_rope_layers=[1, 0, 1, 0], tie_word_embeddings=True, initializer_range=0.05,
+                # no_rope_layers from the default interval (4): layer 3 has no RoPE, as
+                # llama.cpp assumes for GGUF files.
+                tie_word_embeddings=True, initializer_range=0.05,
             ),
             ALL7,
         ),

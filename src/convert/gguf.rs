@@ -19,8 +19,10 @@ use super::pytorch::natural_key;
 use super::write::{dtype_name, write_json, write_model, PlannedTensor};
 use super::{io_err, ConvertError, ConvertOptions, ConvertReport, SourceKind};
 
-/// GGUF tensor name → transformers name; `None` for tensors with no HF counterpart.
-pub(crate) fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name → transformers name for a file of GGUF architecture `arch`; `None` for
+/// tensors with no HF counterpart. Gemma's `ffn_norm` is the MLP's input norm
+/// (`pre_feedforward_layernorm`) beside its post-norms; Phi-3 keeps q/k/v and gate/up fused.
+pub(crate) fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -30,9 +32,14 @@ pub(crate) fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
+    let gemma = arch.starts_with("gemma");
     let hf = match module {
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
+        "attn_qkv" if arch == "phi3" => "self_attn.qkv_proj",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -40,12 +47,26 @@ pub(crate) fn hf_name(gguf: &str) -> Option<String> {
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
+
+/// Whether llama.cpp's converter permuted this architecture's Q and K rows (its LlamaModel and
+/// the models built on it).
+pub(crate) fn permutes_qk(arch: &str) -> bool {
+    matches!(arch, "llama" | "mistral" | "smollm3")
+}
+
+/// Tensors that go into config.json rather than the weights.
+const CONFIG_TENSORS: [&str; 3] = [
+    "rope_freqs.weight",
+    "rope_factors_long.weight",
+    "rope_factors_short.weight",
+];
 
 /// Undoes llama.cpp's `permute(w, n_head)`: rows grouped `(head, dim/2, 2)` back to
 /// `(head, 2, dim/2)`. Works for weights `(rows, cols)` and biases `(rows,)`.
@@ -82,7 +103,9 @@ pub(crate) fn convert(
             path: path.to_path_buf(),
         });
     }
-    let permuted = meta.arch == "llama" || meta.arch == "mistral";
+    let permuted = permutes_qk(&meta.arch);
+    // Gemma's norms scale by 1 + w; llama.cpp stores 1 + w.
+    let norm_shift = meta.arch.starts_with("gemma");
     let heads = meta.arch_u64("attention.head_count").unwrap_or(0) as usize;
     let kv_heads = meta
         .arch_u64("attention.head_count_kv")
@@ -90,7 +113,7 @@ pub(crate) fn convert(
         .unwrap_or(heads);
     let mut notes = Vec::new();
     let dtype = options.dtype.unwrap_or_else(|| default_dtype(&content));
-    let plan = tensor_plan(&content, &mut notes);
+    let plan = tensor_plan(&content, &meta.arch, &mut notes);
     let facts = tensor_facts(&content, &mut reader, path)?;
 
     let context = meta.arch_u64("context_length").unwrap_or(4096);
@@ -124,6 +147,9 @@ pub(crate) fn convert(
             t = unpermute(&t, heads).map_err(bad_t)?;
         } else if permuted && hf.contains(".self_attn.k_proj.") {
             t = unpermute(&t, kv_heads).map_err(bad_t)?;
+        }
+        if norm_shift && hf.ends_with("norm.weight") {
+            t = t.affine(1.0, -1.0).map_err(bad_t)?;
         }
         t.to_dtype(dtype).map_err(bad_t)
     };
@@ -159,13 +185,13 @@ fn default_dtype(content: &Content) -> DType {
 
 /// (hf name, gguf name) of every tensor with a transformers counterpart, in natural order; the
 /// others are named in a note (`rope_freqs` silently: it goes into config.json).
-fn tensor_plan(content: &Content, notes: &mut Vec<String>) -> Vec<(String, String)> {
+fn tensor_plan(content: &Content, arch: &str, notes: &mut Vec<String>) -> Vec<(String, String)> {
     let mut plan: Vec<(String, String)> = Vec::new();
     let mut skipped = Vec::new();
     for name in content.tensor_infos.keys() {
-        match hf_name(name) {
+        match hf_name(arch, name) {
             Some(hf) => plan.push((hf, name.clone())),
-            None if name == "rope_freqs.weight" => {}
+            None if CONFIG_TENSORS.contains(&name.as_str()) => {}
             None => skipped.push(name.clone()),
         }
     }
@@ -203,18 +229,22 @@ fn tensor_facts(
     reader: &mut BufReader<File>,
     path: &Path,
 ) -> Result<TensorFacts, ConvertError> {
-    let rope_freqs = match content.tensor_infos.contains_key("rope_freqs.weight") {
-        true => Some(
-            dequantize(content, reader, path, "rope_freqs.weight")?
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| ConvertError::Gguf {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?,
-        ),
-        false => None,
+    let mut vector = |name: &str| -> Result<Option<Vec<f32>>, ConvertError> {
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        dequantize(content, reader, path, name)?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(Some)
+            .map_err(|e| ConvertError::Gguf {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
     };
+    let rope_freqs = vector("rope_freqs.weight")?;
+    let rope_long = vector("rope_factors_long.weight")?;
+    let rope_short = vector("rope_factors_short.weight")?;
     Ok(TensorFacts {
         has_output: content.tensor_infos.contains_key("output.weight"),
         has_q_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -223,6 +253,8 @@ fn tensor_facts(
             .get("token_embd.weight")
             .map(|t| t.shape.dims()[0]),
         rope_freqs,
+        rope_long,
+        rope_short,
     })
 }
 
@@ -264,18 +296,18 @@ mod tests {
     #[test]
     fn names_map_to_transformers_keys() {
         assert_eq!(
-            hf_name("blk.3.attn_output.weight").as_deref(),
+            hf_name("llama", "blk.3.attn_output.weight").as_deref(),
             Some("model.layers.3.self_attn.o_proj.weight")
         );
         assert_eq!(
-            hf_name("blk.0.attn_q.bias").as_deref(),
+            hf_name("llama", "blk.0.attn_q.bias").as_deref(),
             Some("model.layers.0.self_attn.q_proj.bias")
         );
         assert_eq!(
-            hf_name("token_embd.weight").as_deref(),
+            hf_name("llama", "token_embd.weight").as_deref(),
             Some("model.embed_tokens.weight")
         );
-        assert_eq!(hf_name("blk.0.ssm_in.weight"), None);
+        assert_eq!(hf_name("llama", "blk.0.ssm_in.weight"), None);
     }
 
     #[test]

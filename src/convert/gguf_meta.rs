@@ -114,6 +114,10 @@ pub(crate) fn hf_architecture(arch: &str) -> Option<(&'static str, &'static str)
         "mistral" => ("MistralForCausalLM", "mistral"),
         "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
         "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
+        "gemma2" => ("Gemma2ForCausalLM", "gemma2"),
+        "gemma3" => ("Gemma3ForCausalLM", "gemma3_text"),
+        "phi3" => ("Phi3ForCausalLM", "phi3"),
+        "smollm3" => ("SmolLM3ForCausalLM", "smollm3"),
         _ => return None,
     })
 }
@@ -126,6 +130,10 @@ pub(crate) struct TensorFacts {
     pub embed_rows: Option<usize>,
     /// `rope_freqs.weight` (Llama 3.1+ frequency factors), dequantized.
     pub rope_freqs: Option<Vec<f32>>,
+    /// Phi-3's LongRoPE factors (`rope_factors_long.weight`, `rope_factors_short.weight`).
+    pub rope_long: Option<Vec<f32>>,
+    /// See `rope_long`.
+    pub rope_short: Option<Vec<f32>>,
 }
 
 /// Llama 3.1's frequency-dependent RoPE scaling, recovered from the `rope_freqs` factors that
@@ -217,8 +225,127 @@ pub(crate) fn hf_config(
         if let Some(scaling) = rope_scaling(meta, facts, theta, head_dim as usize, notes) {
             obj.insert("rope_scaling".into(), scaling);
         }
+        let layers = need("block_count")?;
+        arch_config(meta, facts, obj, (hidden, heads, head_dim, layers), notes);
     }
     Ok(cfg)
+}
+
+/// What Gemma 2/3, Phi-3 and SmolLM3 need beyond the llama keys, as llama.cpp reads the file:
+/// where the metadata is silent (the sliding-window pattern, Gemma's attention scale, SmolLM3's
+/// no-RoPE layers) llama.cpp's own rule for the architecture is written out.
+fn arch_config(
+    meta: &Meta<'_>,
+    facts: &TensorFacts,
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    (hidden, heads, head_dim, layers): (u64, u64, u64, u64),
+    notes: &mut Vec<String>,
+) {
+    let window = meta.arch_u64("attention.sliding_window").filter(|&w| w > 0);
+    let pattern = |default: u64| -> serde_json::Value {
+        // An explicit per-layer list wins; else every n-th layer is global (llama.cpp's
+        // set_swa_pattern).
+        let key = format!("{}.attention.sliding_window_pattern", meta.arch);
+        let flags: Vec<bool> = match meta.numbers(&key) {
+            Some(v) if v.len() == layers as usize => v.iter().map(|&x| x != 0.0).collect(),
+            _ => {
+                let n = meta
+                    .arch_u64("attention.sliding_window_pattern")
+                    .unwrap_or(default);
+                (0..layers)
+                    .map(|i| n == 0 || (i + 1) % n.max(1) != 0)
+                    .collect()
+            }
+        };
+        json!(flags
+            .iter()
+            .map(|&s| if s {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            })
+            .collect::<Vec<_>>())
+    };
+    // llama.cpp: the 27B Gemmas scale attention by (hidden / heads)^-½, the others by head_dim^-½.
+    let gemma_scalar = |big_layers: u64| {
+        if layers == big_layers {
+            hidden / heads.max(1)
+        } else {
+            head_dim
+        }
+    };
+    match meta.arch.as_str() {
+        "gemma2" => {
+            obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            obj.insert("query_pre_attn_scalar".into(), json!(gemma_scalar(46)));
+            obj.insert("sliding_window".into(), json!(window.unwrap_or(4096)));
+            obj.insert("layer_types".into(), pattern(2));
+            for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if let Some(cap) = meta.arch_f64(key) {
+                    obj.insert(key.into(), json!(cap));
+                }
+            }
+        }
+        "gemma3" => {
+            obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            obj.insert("query_pre_attn_scalar".into(), json!(gemma_scalar(62)));
+            obj.insert(
+                "rope_local_base_freq".into(),
+                json!(meta.arch_f64("rope.freq_base_swa").unwrap_or(10_000.0)),
+            );
+            if let Some(cap) = meta.arch_f64("final_logit_softcapping") {
+                obj.insert("final_logit_softcapping".into(), json!(cap));
+            }
+            match window {
+                Some(w) => {
+                    obj.insert("sliding_window".into(), json!(w));
+                    obj.insert("layer_types".into(), pattern(6));
+                }
+                None => {
+                    obj.insert(
+                        "layer_types".into(),
+                        json!(vec!["full_attention"; layers as usize]),
+                    );
+                }
+            }
+        }
+        "phi3" => {
+            let rotary = meta.arch_u64("rope.dimension_count").unwrap_or(head_dim);
+            obj.insert(
+                "partial_rotary_factor".into(),
+                json!(rotary as f64 / head_dim as f64),
+            );
+            obj.insert("sliding_window".into(), json!(window));
+            let original = meta.arch_u64("rope.scaling.original_context_length");
+            if let Some(o) = original {
+                obj.insert("original_max_position_embeddings".into(), json!(o));
+            }
+            match (&facts.rope_long, &facts.rope_short, original) {
+                (Some(long), Some(short), Some(o)) => {
+                    let mut scaling = json!({
+                        "rope_type": "longrope", "type": "longrope",
+                        "long_factor": long, "short_factor": short,
+                        "original_max_position_embeddings": o,
+                    });
+                    if let (Some(f), Some(s)) =
+                        (meta.arch_f64("rope.scaling.attn_factor"), scaling.as_object_mut())
+                    {
+                        s.insert("attention_factor".into(), json!(f));
+                    }
+                    obj.insert("rope_scaling".into(), scaling);
+                }
+                (None, None, _) => {}
+                _ => notes.push(
+                    "the LongRoPE factors or the original context length are missing; contexts past the original one will differ".into(),
+                ),
+            }
+        }
+        "smollm3" => {
+            // llama.cpp leaves RoPE out of every fourth layer (n_no_rope_layer_step = 4).
+            obj.insert("no_rope_layer_interval".into(), json!(4));
+        }
+        _ => {}
+    }
 }
 
 /// config.json's `rope_scaling`: linear as the metadata says, or Llama 3's when the file's

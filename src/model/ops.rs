@@ -50,7 +50,7 @@ pub fn rope_tables_for(
                 );
             }
             for (f, k) in inv_freq.iter_mut().zip(factors) {
-                *f /= k;
+                *f /= f64::from(*k as f32);
             }
             magnitude = *attention_factor as f32;
         }

@@ -112,7 +112,7 @@ impl GgufLinears {
         let content = Content::read(&mut reader)
             .map_err(|e| bad(format!("not a readable GGUF file ({e})")))?;
         let meta = crate::convert::gguf_meta::Meta::new(&content.metadata, path);
-        let permuted = (meta.arch == "llama" || meta.arch == "mistral").then(|| {
+        let permuted = crate::convert::gguf::permutes_qk(&meta.arch).then(|| {
             let heads = meta.arch_u64("attention.head_count").unwrap_or(0) as usize;
             let kv = meta
                 .arch_u64("attention.head_count_kv")
@@ -122,7 +122,7 @@ impl GgufLinears {
         let names = content
             .tensor_infos
             .keys()
-            .filter_map(|g| crate::convert::gguf::hf_name(g).map(|h| (h, g.clone())))
+            .filter_map(|g| crate::convert::gguf::hf_name(&meta.arch, g).map(|h| (h, g.clone())))
             .collect();
         Ok(Self {
             path: path.to_path_buf(),

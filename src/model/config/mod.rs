@@ -296,9 +296,11 @@ fn rope(raw: &RawConfig, layer_type: &str) -> Result<(f64, RopeScaling), String>
                 attention_factor,
             }
         }
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "rope_type {other:?} is not supported (supported: default, linear, llama3, longrope)"
-        )),
+        ))
+        }
     };
     Ok((theta, scaling))
 }
@@ -444,9 +446,9 @@ fn llama_config_filled(raw: &RawConfig, architecture: String) -> Result<ModelCon
         rope_theta,
         rope_scaling,
         // transformers' defaults: Gemma and SmolLM3 tie, the rest do not.
-        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(
-            architecture.starts_with("Gemma") || architecture == "SmolLM3ForCausalLM",
-        ),
+        tie_word_embeddings: raw
+            .tie_word_embeddings
+            .unwrap_or(architecture.starts_with("Gemma") || architecture == "SmolLM3ForCausalLM"),
         // Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral/Qwen3 follow
         // `attention_bias` for all four projections.
         qkv_bias: is_qwen2 || attention_bias,

@@ -101,7 +101,10 @@ fn gemma3_transformers4_config_reads_the_pattern_and_both_ropes() {
     // Every sixth layer is global: 5, 11, 17, 23.
     let global: Vec<usize> = (0..26).filter(|&i| !v.sliding_layers[i]).collect();
     assert_eq!(global, [5, 11, 17, 23]);
-    assert_eq!((c.rope_theta, &c.rope_scaling), (1e6, &RopeScaling::Default));
+    assert_eq!(
+        (c.rope_theta, &c.rope_scaling),
+        (1e6, &RopeScaling::Default)
+    );
     assert_eq!(v.local_rope, Some((10_000.0, RopeScaling::Default)));
     assert_eq!(v.embed_scale, Some((1152f64).sqrt()));
     assert_eq!(c.activation, Activation::GeluTanh);
@@ -150,7 +153,9 @@ fn gemma2_reads_softcaps_and_alternating_windows() {
 #[test]
 fn phi4_mini_reads_longrope_and_partial_rotary() {
     let factors = |x: f64| {
-        let v: Vec<String> = (0..48).map(|i| format!("{}", x + i as f64 / 10.0)).collect();
+        let v: Vec<String> = (0..48)
+            .map(|i| format!("{}", x + i as f64 / 10.0))
+            .collect();
         v.join(", ")
     };
     let text = format!(
@@ -180,7 +185,10 @@ fn phi4_mini_reads_longrope_and_partial_rotary() {
     assert_eq!((short_factor.len(), long_factor.len()), (48, 48));
     assert_eq!(*original_max_position_embeddings, 4096.0);
     // √(1 + ln 32 / ln 4096)
-    assert!((attention_factor - 1.190_238_5).abs() < 1e-6, "{attention_factor}");
+    assert!(
+        (attention_factor - 1.190_238_5).abs() < 1e-6,
+        "{attention_factor}"
+    );
     // microsoft/Phi-4-mini-instruct: 3,836,021,760 parameters (tied).
     assert_eq!(c.parameter_count(), 3_836_021_760);
 }
