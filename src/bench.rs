@@ -180,17 +180,31 @@ pub fn write_random_checkpoint(src: &Path, dst: &Path) -> anyhow::Result<()> {
             }
             for l in 0..cfg.num_layers {
                 let p = format!("model.layers.{l}");
-                for (n, s) in [
+                let v = &cfg.variant;
+                let mut names = vec![
                     ("input_layernorm.weight", vec![h]),
                     ("post_attention_layernorm.weight", vec![h]),
-                    ("self_attn.q_proj.weight", vec![q, h]),
-                    ("self_attn.k_proj.weight", vec![kv, h]),
-                    ("self_attn.v_proj.weight", vec![kv, h]),
                     ("self_attn.o_proj.weight", vec![h, q]),
-                    ("mlp.gate_proj.weight", vec![i, h]),
-                    ("mlp.up_proj.weight", vec![i, h]),
                     ("mlp.down_proj.weight", vec![h, i]),
-                ] {
+                ];
+                if v.sandwich_norms {
+                    names.push(("pre_feedforward_layernorm.weight", vec![h]));
+                    names.push(("post_feedforward_layernorm.weight", vec![h]));
+                }
+                if v.fused_qkv {
+                    names.push(("self_attn.qkv_proj.weight", vec![q + 2 * kv, h]));
+                } else {
+                    names.push(("self_attn.q_proj.weight", vec![q, h]));
+                    names.push(("self_attn.k_proj.weight", vec![kv, h]));
+                    names.push(("self_attn.v_proj.weight", vec![kv, h]));
+                }
+                if v.fused_gate_up {
+                    names.push(("mlp.gate_up_proj.weight", vec![2 * i, h]));
+                } else {
+                    names.push(("mlp.gate_proj.weight", vec![i, h]));
+                    names.push(("mlp.up_proj.weight", vec![i, h]));
+                }
+                for (n, s) in names {
                     shapes.push((format!("{p}.{n}"), s));
                 }
                 if cfg.qkv_bias {

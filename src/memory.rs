@@ -256,6 +256,10 @@ impl<'a> Counts<'a> {
     fn lora_params(&self) -> u64 {
         let (h, q, kv, i, r) = (self.d, self.q, self.kv, self.i, self.r);
         let per_layer: u64 = match self.cfg.family {
+            // Phi-3: one A for q/k/v and one for gate/up.
+            Family::Llama if self.cfg.variant.fused_qkv => {
+                r * ((h + q + 2 * kv) + (q + h) + (h + 2 * i) + (i + h))
+            }
             Family::Llama => r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)),
             Family::Gpt2 => r * ((h + 3 * h) + 2 * h + (h + i) + (i + h)),
         };

@@ -520,6 +520,9 @@ impl ModelConfig {
     /// Every linear projection name in one layer, in checkpoint order (the default LoRA targets).
     pub fn linear_names(&self) -> &'static [&'static str] {
         match self.family {
+            Family::Llama if self.variant.fused_qkv => {
+                &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+            }
             Family::Llama => &[
                 "q_proj",
                 "k_proj",
