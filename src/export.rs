@@ -5,6 +5,7 @@
 //! base model with the adapter folded in, as a Hugging Face folder.
 
 pub mod gguf;
+mod gguf_arch;
 pub mod gguf_lora;
 mod gguf_types;
 mod gguf_vocab;

@@ -40,6 +40,8 @@ enum Op {
     Permute(usize),
     /// GPT-2's Conv1D (in, out) → (out, in).
     Transpose,
+    /// Gemma's norms: llama.cpp stores the `1 + w` they scale by.
+    PlusOne,
 }
 
 /// One tensor of the file to write.
@@ -92,8 +94,12 @@ fn gguf_name(hf: &str, cfg: &ModelConfig) -> anyhow::Result<Option<(String, Opti
         .position(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
         .ok_or_else(unknown)?;
     let layer: usize = parts[at].parse().map_err(|_| unknown())?;
+    let gemma = cfg.variant.sandwich_norms;
     let norm = match parts[at + 1..].join(".").as_str() {
         "input_layernorm" | "ln_1" => Some("attn_norm"),
+        "post_attention_layernorm" if gemma => Some("post_attention_norm"),
+        "pre_feedforward_layernorm" if gemma => Some("ffn_norm"),
+        "post_feedforward_layernorm" if gemma => Some("post_ffw_norm"),
         "post_attention_layernorm" | "ln_2" => Some("ffn_norm"),
         "self_attn.q_norm" => Some("attn_q_norm"),
         "self_attn.k_norm" => Some("attn_k_norm"),
@@ -129,10 +135,12 @@ fn plan(
         {
             shape.reverse();
             Op::Transpose
-        } else if arch == "llama" && gguf.contains(".attn_q.") {
+        } else if crate::convert::gguf::permutes_qk(arch) && gguf.contains(".attn_q.") {
             Op::Permute(cfg.num_heads)
-        } else if arch == "llama" && gguf.contains(".attn_k.") {
+        } else if crate::convert::gguf::permutes_qk(arch) && gguf.contains(".attn_k.") {
             Op::Permute(cfg.num_kv_heads)
+        } else if cfg.variant.norm_plus_one && gguf.ends_with("norm.weight") {
+            Op::PlusOne
         } else {
             Op::Keep
         };
@@ -231,7 +239,11 @@ fn hparams(cfg: &ModelConfig, arch: &str, vocab_rows: usize) -> Vec<(String, GVa
             GValue::F32(cfg.norm_eps as f32),
         ),
         (key("rope.freq_base"), GValue::F32(cfg.rope_theta as f32)),
-        (key("rope.dimension_count"), u(cfg.head_dim)),
+        // Phi-3's partial rotary turns fewer dims than a head has.
+        (
+            key("rope.dimension_count"),
+            u(cfg.variant.rotary_dim.unwrap_or(cfg.head_dim)),
+        ),
     ]);
     // Written always (convert_hf_to_gguf.py writes them whenever config.json names head_dim);
     // llama.cpp needs them when heads are not hidden / head_count wide (Qwen3).
@@ -241,6 +253,7 @@ fn hparams(cfg: &ModelConfig, arch: &str, vocab_rows: usize) -> Vec<(String, GVa
         md.push((key("rope.scaling.type"), GValue::String("linear".into())));
         md.push((key("rope.scaling.factor"), GValue::F32(factor as f32)));
     }
+    md.extend(super::gguf_arch::hparams(cfg, arch));
     md
 }
 
@@ -321,6 +334,7 @@ fn load_tensor(
         Op::Keep => t,
         Op::Permute(heads) => permute(&t, heads)?,
         Op::Transpose => t.t()?.contiguous()?,
+        Op::PlusOne => t.affine(1.0, 1.0)?,
     };
     Ok(super::kquant::quantize(&t, p.ty)?)
 }
@@ -337,6 +351,7 @@ pub fn export_gguf(
 ) -> anyhow::Result<GgufExport> {
     let b = open_base(base)?;
     let cfg = &b.prepared.config;
+    super::gguf_arch::check_llama_cpp_rules(cfg, b.arch)?;
     let (deltas, fan_in_fan_out) = match adapter {
         Some(a) => read_deltas(a)?,
         None => (HashMap::new(), false),
@@ -389,6 +404,7 @@ pub fn export_gguf(
             QTensor::quantize(&t, GgmlDType::F32)?,
         ));
     }
+    tensors.extend(super::gguf_arch::rope_factor_tensors(cfg)?);
 
     let meta: Vec<(&str, &GValue)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -36,6 +36,10 @@ pub fn gguf_architecture(hf: &str) -> Option<&'static str> {
         "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
         "Qwen2ForCausalLM" => "qwen2",
         "Qwen3ForCausalLM" => "qwen3",
+        "Gemma2ForCausalLM" => "gemma2",
+        "Gemma3ForCausalLM" => "gemma3",
+        "Phi3ForCausalLM" => "phi3",
+        "SmolLM3ForCausalLM" => "smollm3",
         "GPT2LMHeadModel" => "gpt2",
         _ => return None,
     })
@@ -54,8 +58,10 @@ pub fn gguf_module(path: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.qkv_proj" => "attn_qkv",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
+        "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         "attn.c_attn" => "attn_qkv",
         "attn.c_proj" => "attn_output",
@@ -109,9 +115,10 @@ pub fn export_gguf_lora(adapter: &Path, base: &Path, out: &Path) -> anyhow::Resu
         ranks.insert(r);
         scales.push(d.scale * r as f64);
         let mut b = d.b.clone();
-        if arch == "llama" && name.ends_with(".attn_q") {
+        let permuted = crate::convert::gguf::permutes_qk(arch);
+        if permuted && name.ends_with(".attn_q") {
             b = permute(&b, cfg.num_heads)?;
-        } else if arch == "llama" && name.ends_with(".attn_k") {
+        } else if permuted && name.ends_with(".attn_k") {
             b = permute(&b, cfg.num_kv_heads)?;
         }
         let q = |t: &Tensor| QTensor::quantize(&t.contiguous()?, GgmlDType::F32);
