@@ -43,7 +43,7 @@ pub struct LayerCtx {
 /// q, k and v: three projections, or Phi-3's one `qkv_proj` (q, then k, then v).
 #[derive(Debug, Clone)]
 enum Qkv {
-    Split([LoraLinear; 3]),
+    Split(Box<[LoraLinear; 3]>),
     Fused(LoraLinear),
 }
 
@@ -153,7 +153,7 @@ impl Layer {
     /// q, k, v as separate projections (the fused CPU decoder reads them so).
     pub(crate) fn split_qkv(&self) -> Option<&[LoraLinear; 3]> {
         match &self.qkv {
-            Qkv::Split(p) => Some(p),
+            Qkv::Split(p) => Some(&**p),
             Qkv::Fused(_) => None,
         }
     }
@@ -345,11 +345,11 @@ impl Llama {
                     cfg.qkv_bias,
                 )?)
             } else {
-                Qkv::Split([
+                Qkv::Split(Box::new([
                     linear(w, &format!("{at}.q_proj"), l, q, d, cfg.qkv_bias)?,
                     linear(w, &format!("{at}.k_proj"), l, kv, d, cfg.qkv_bias)?,
                     linear(w, &format!("{at}.v_proj"), l, kv, d, cfg.qkv_bias)?,
-                ])
+                ]))
             };
             let gate_up = if var.fused_gate_up {
                 GateUp::Fused(linear(

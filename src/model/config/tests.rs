@@ -145,7 +145,7 @@ fn gemma2_reads_softcaps_and_alternating_windows() {
     assert_eq!((v.attn_softcap, v.final_softcap), (Some(50.0), Some(30.0)));
     assert_eq!(v.query_pre_attn_scalar, Some(224.0));
     assert!(v.sliding_layers[0] && !v.sliding_layers[1] && v.sliding_layers[24]);
-    assert!(c.qk_norm == false && v.local_rope.is_none());
+    assert!(!c.qk_norm && v.local_rope.is_none());
     // google/gemma-2-2b: 2,614,341,888 parameters.
     assert_eq!(c.parameter_count(), 2_614_341_888);
 }

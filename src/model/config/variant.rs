@@ -126,7 +126,7 @@ pub(super) fn variant(
                 .or(raw.partial_rotary_factor)
                 .unwrap_or(1.0);
             let rotary = (head_dim as f64 * factor) as usize;
-            if rotary == 0 || rotary > head_dim || rotary % 2 != 0 {
+            if rotary == 0 || rotary > head_dim || !rotary.is_multiple_of(2) {
                 return Err(format!(
                     "partial_rotary_factor {factor} gives {rotary} rotary dims of {head_dim}"
                 ));
