@@ -103,14 +103,7 @@ pub(crate) fn convert(
             path: path.to_path_buf(),
         });
     }
-    let permuted = permutes_qk(&meta.arch);
-    // Gemma's norms scale by 1 + w; llama.cpp stores 1 + w.
-    let norm_shift = meta.arch.starts_with("gemma");
-    let heads = meta.arch_u64("attention.head_count").unwrap_or(0) as usize;
-    let kv_heads = meta
-        .arch_u64("attention.head_count_kv")
-        .map(|v| v as usize)
-        .unwrap_or(heads);
+    let layout = Layout::of(&meta);
     let mut notes = Vec::new();
     let dtype = options.dtype.unwrap_or_else(|| default_dtype(&content));
     let plan = tensor_plan(&content, &meta.arch, &mut notes);
@@ -137,21 +130,15 @@ pub(crate) fn convert(
             .find(|(h, _)| h == hf)
             .map(|(_, g)| g.clone())
             .unwrap_or_default();
-        let mut t = dequantize(&content, &mut reader, path, &gguf)?;
+        let t = dequantize(&content, &mut reader, path, &gguf)?;
         let bad_t = |e: candle_core::Error| ConvertError::Tensor {
             name: gguf.clone(),
             reason: e.to_string(),
             path: path.to_path_buf(),
         };
-        if permuted && hf.contains(".self_attn.q_proj.") {
-            t = unpermute(&t, heads).map_err(bad_t)?;
-        } else if permuted && hf.contains(".self_attn.k_proj.") {
-            t = unpermute(&t, kv_heads).map_err(bad_t)?;
-        }
-        if norm_shift && hf.ends_with("norm.weight") {
-            t = t.affine(1.0, -1.0).map_err(bad_t)?;
-        }
-        t.to_dtype(dtype).map_err(bad_t)
+        to_transformers(t, hf, &layout)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(bad_t)
     };
     let (shards, weight_bytes) = write_model(out, &planned, options.max_shard_bytes, &mut load)?;
 
@@ -165,6 +152,41 @@ pub(crate) fn convert(
         weight_bytes,
         notes,
     })
+}
+
+/// How llama.cpp's converter changed this architecture's tensors.
+struct Layout {
+    /// Q and K rows permuted, with (heads, kv heads).
+    permuted: Option<(usize, usize)>,
+    /// Gemma's norms stored as the `1 + w` they scale by.
+    norm_plus_one: bool,
+}
+
+impl Layout {
+    fn of(meta: &Meta<'_>) -> Self {
+        let heads = meta.arch_u64("attention.head_count").unwrap_or(0) as usize;
+        let kv_heads = meta
+            .arch_u64("attention.head_count_kv")
+            .map_or(heads, |v| v as usize);
+        Self {
+            permuted: permutes_qk(&meta.arch).then_some((heads, kv_heads)),
+            norm_plus_one: meta.arch.starts_with("gemma"),
+        }
+    }
+}
+
+/// The GGUF tensor `t` as transformers keeps tensor `hf`: Q/K rows un-permuted, Gemma's norms
+/// shifted back.
+fn to_transformers(t: Tensor, hf: &str, layout: &Layout) -> candle_core::Result<Tensor> {
+    match layout.permuted {
+        Some((heads, _)) if hf.contains(".self_attn.q_proj.") => return unpermute(&t, heads),
+        Some((_, kv)) if hf.contains(".self_attn.k_proj.") => return unpermute(&t, kv),
+        _ => {}
+    }
+    if layout.norm_plus_one && hf.ends_with("norm.weight") {
+        return t.affine(1.0, -1.0);
+    }
+    Ok(t)
 }
 
 /// The dtype to store when the caller names none: bf16 if any tensor is, f32 if all are, else f16.

@@ -242,30 +242,7 @@ fn arch_config(
     notes: &mut Vec<String>,
 ) {
     let window = meta.arch_u64("attention.sliding_window").filter(|&w| w > 0);
-    let pattern = |default: u64| -> serde_json::Value {
-        // An explicit per-layer list wins; else every n-th layer is global (llama.cpp's
-        // set_swa_pattern).
-        let key = format!("{}.attention.sliding_window_pattern", meta.arch);
-        let flags: Vec<bool> = match meta.numbers(&key) {
-            Some(v) if v.len() == layers as usize => v.iter().map(|&x| x != 0.0).collect(),
-            _ => {
-                let n = meta
-                    .arch_u64("attention.sliding_window_pattern")
-                    .unwrap_or(default);
-                (0..layers)
-                    .map(|i| n == 0 || (i + 1) % n.max(1) != 0)
-                    .collect()
-            }
-        };
-        json!(flags
-            .iter()
-            .map(|&s| if s {
-                "sliding_attention"
-            } else {
-                "full_attention"
-            })
-            .collect::<Vec<_>>())
-    };
+    let pattern = |default: u64| swa_layer_types(meta, layers, default);
     // llama.cpp: the 27B Gemmas scale attention by (hidden / heads)^-½, the others by head_dim^-½.
     let gemma_scalar = |big_layers: u64| {
         if layers == big_layers {
@@ -309,37 +286,7 @@ fn arch_config(
                 }
             }
         }
-        "phi3" => {
-            let rotary = meta.arch_u64("rope.dimension_count").unwrap_or(head_dim);
-            obj.insert(
-                "partial_rotary_factor".into(),
-                json!(rotary as f64 / head_dim as f64),
-            );
-            obj.insert("sliding_window".into(), json!(window));
-            let original = meta.arch_u64("rope.scaling.original_context_length");
-            if let Some(o) = original {
-                obj.insert("original_max_position_embeddings".into(), json!(o));
-            }
-            match (&facts.rope_long, &facts.rope_short, original) {
-                (Some(long), Some(short), Some(o)) => {
-                    let mut scaling = json!({
-                        "rope_type": "longrope", "type": "longrope",
-                        "long_factor": long, "short_factor": short,
-                        "original_max_position_embeddings": o,
-                    });
-                    if let (Some(f), Some(s)) =
-                        (meta.arch_f64("rope.scaling.attn_factor"), scaling.as_object_mut())
-                    {
-                        s.insert("attention_factor".into(), json!(f));
-                    }
-                    obj.insert("rope_scaling".into(), scaling);
-                }
-                (None, None, _) => {}
-                _ => notes.push(
-                    "the LongRoPE factors or the original context length are missing; contexts past the original one will differ".into(),
-                ),
-            }
-        }
+        "phi3" => phi3_config(meta, facts, obj, head_dim, window, notes),
         "smollm3" => {
             // llama.cpp leaves RoPE out of every fourth layer (n_no_rope_layer_step = 4).
             obj.insert("no_rope_layer_interval".into(), json!(4));
@@ -377,6 +324,71 @@ fn rope_scaling(
         }
     }
     scaling
+}
+
+/// `layer_types` for llama.cpp's sliding-window pattern: an explicit per-layer list wins, else
+/// every n-th layer is global (its `set_swa_pattern`, n = the key or `default`).
+fn swa_layer_types(meta: &Meta<'_>, layers: u64, default: u64) -> serde_json::Value {
+    let key = format!("{}.attention.sliding_window_pattern", meta.arch);
+    let flags: Vec<bool> = match meta.numbers(&key) {
+        Some(v) if v.len() == layers as usize => v.iter().map(|&x| x != 0.0).collect(),
+        _ => {
+            let n = meta
+                .arch_u64("attention.sliding_window_pattern")
+                .unwrap_or(default);
+            (0..layers)
+                .map(|i| n == 0 || (i + 1) % n.max(1) != 0)
+                .collect()
+        }
+    };
+    let name = |s: bool| {
+        if s {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        }
+    };
+    json!(flags.iter().map(|&s| name(s)).collect::<Vec<_>>())
+}
+
+/// Phi-3's partial rotary, window and LongRoPE (its factors are tensors of the file).
+fn phi3_config(
+    meta: &Meta<'_>,
+    facts: &TensorFacts,
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    head_dim: u64,
+    window: Option<u64>,
+    notes: &mut Vec<String>,
+) {
+    let rotary = meta.arch_u64("rope.dimension_count").unwrap_or(head_dim);
+    obj.insert(
+        "partial_rotary_factor".into(),
+        json!(rotary as f64 / head_dim as f64),
+    );
+    obj.insert("sliding_window".into(), json!(window));
+    let original = meta.arch_u64("rope.scaling.original_context_length");
+    if let Some(o) = original {
+        obj.insert("original_max_position_embeddings".into(), json!(o));
+    }
+    match (&facts.rope_long, &facts.rope_short, original) {
+        (Some(long), Some(short), Some(o)) => {
+            let mut scaling = json!({
+                "rope_type": "longrope", "type": "longrope",
+                "long_factor": long, "short_factor": short,
+                "original_max_position_embeddings": o,
+            });
+            if let (Some(f), Some(s)) =
+                (meta.arch_f64("rope.scaling.attn_factor"), scaling.as_object_mut())
+            {
+                s.insert("attention_factor".into(), json!(f));
+            }
+            obj.insert("rope_scaling".into(), scaling);
+        }
+        (None, None, _) => {}
+        _ => notes.push(
+            "the LongRoPE factors or the original context length are missing; contexts past the original one will differ".into(),
+        ),
+    }
 }
 
 /// Special token ids as the HF files should name them.

@@ -115,10 +115,9 @@ pub fn export_gguf_lora(adapter: &Path, base: &Path, out: &Path) -> anyhow::Resu
         ranks.insert(r);
         scales.push(d.scale * r as f64);
         let mut b = d.b.clone();
-        let permuted = crate::convert::gguf::permutes_qk(arch);
-        if permuted && name.ends_with(".attn_q") {
+        if crate::convert::gguf::permutes_qk(arch) && name.ends_with(".attn_q") {
             b = permute(&b, cfg.num_heads)?;
-        } else if permuted && name.ends_with(".attn_k") {
+        } else if crate::convert::gguf::permutes_qk(arch) && name.ends_with(".attn_k") {
             b = permute(&b, cfg.num_kv_heads)?;
         }
         let q = |t: &Tensor| QTensor::quantize(&t.contiguous()?, GgmlDType::F32);

@@ -9,17 +9,19 @@
 
 use candle_core::{Result, Tensor};
 
-use super::cache::{KvCache, LayerKv};
-use super::config::ModelConfig;
+use super::cache::KvCache;
+use super::config::{ModelConfig, RopeScaling};
 use super::kernels;
-use super::lora::{lora_input_f32, LoraLinear};
+use super::lora::LoraLinear;
 use super::ops;
 use super::recompute;
 use super::weights::Weights;
 use super::{ModelError, ModelInput};
 
 mod decode_cpu;
+mod layer;
 pub use decode_cpu::FastKv;
+pub use layer::Layer;
 
 /// What every layer of one forward pass shares.
 #[derive(Debug, Clone)]
@@ -40,41 +42,21 @@ pub struct LayerCtx {
     pub train: bool,
 }
 
-/// q, k and v: three projections, or Phi-3's one `qkv_proj` (q, then k, then v).
-#[derive(Debug, Clone)]
-enum Qkv {
-    Split(Box<[LoraLinear; 3]>),
-    Fused(LoraLinear),
+/// RoPE tables `(max_positions, rotary dims)` in the weights' dtype for base `theta` and `scaling`
+/// (`long`: LongRoPE's long factors).
+fn rope_table(
+    w: &Weights,
+    cfg: &ModelConfig,
+    theta: f64,
+    scaling: &RopeScaling,
+    long: bool,
+) -> std::result::Result<(Tensor, Tensor), ModelError> {
+    let rotary = cfg.variant.rotary_dim.unwrap_or(cfg.head_dim);
+    let positions = cfg.max_position_embeddings;
+    let (c, s) = ops::rope_tables_for(rotary, theta, scaling, long, positions, w.device())?;
+    Ok((c.to_dtype(w.dtype())?, s.to_dtype(w.dtype())?))
 }
 
-/// gate and up: two projections, or Phi-3's one `gate_up_proj` (gate, then up).
-#[derive(Debug, Clone)]
-enum GateUp {
-    Split([LoraLinear; 2]),
-    Fused(LoraLinear),
-}
-
-/// One decoder layer.
-#[derive(Debug, Clone)]
-pub struct Layer {
-    input_norm: Tensor,
-    qkv: Qkv,
-    o_proj: LoraLinear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    /// Gemma: the norm of the attention output (`post_attention_layernorm`).
-    post_attn_norm: Option<Tensor>,
-    /// The MLP's input norm (`post_attention_layernorm`; Gemma `pre_feedforward_layernorm`).
-    post_norm: Tensor,
-    /// Gemma: the norm of the MLP output (`post_feedforward_layernorm`).
-    post_mlp_norm: Option<Tensor>,
-    gate_up: GateUp,
-    down_proj: LoraLinear,
-    /// Whether RoPE turns q and k (SmolLM3 skips it on some layers).
-    rope: bool,
-    /// Whether the layer attends through the sliding window.
-    sliding: bool,
-}
 /// A llama-family causal LM.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -98,196 +80,6 @@ pub struct Llama {
     keep_every: usize,
 }
 
-/// Loads a linear projection `path` with weight (out, in) and an optional bias.
-pub(super) fn linear(
-    w: &Weights,
-    path: &str,
-    layer: usize,
-    out_f: usize,
-    in_f: usize,
-    bias: bool,
-) -> std::result::Result<LoraLinear, ModelError> {
-    Ok(LoraLinear {
-        path: path.to_owned(),
-        layer,
-        weight: w.get_linear(&format!("{path}.weight"), out_f, in_f, false)?,
-        bias: if bias {
-            Some(w.get(&format!("{path}.bias"), &[out_f])?)
-        } else {
-            None
-        },
-        lora: None,
-    })
-}
-
-impl Layer {
-    /// The layer's projections in checkpoint order (q, k, v or qkv; o; gate, up or gate_up; down).
-    pub fn linears(&self) -> Vec<&LoraLinear> {
-        let mut v: Vec<&LoraLinear> = match &self.qkv {
-            Qkv::Split(p) => p.iter().collect(),
-            Qkv::Fused(p) => vec![p],
-        };
-        v.push(&self.o_proj);
-        match &self.gate_up {
-            GateUp::Split(p) => v.extend(p.iter()),
-            GateUp::Fused(p) => v.push(p),
-        }
-        v.push(&self.down_proj);
-        v
-    }
-
-    fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
-        let mut v: Vec<&mut LoraLinear> = match &mut self.qkv {
-            Qkv::Split(p) => p.iter_mut().collect(),
-            Qkv::Fused(p) => vec![p],
-        };
-        v.push(&mut self.o_proj);
-        match &mut self.gate_up {
-            GateUp::Split(p) => v.extend(p.iter_mut()),
-            GateUp::Fused(p) => v.push(p),
-        }
-        v.push(&mut self.down_proj);
-        v
-    }
-
-    /// q, k, v as separate projections (the fused CPU decoder reads them so).
-    pub(crate) fn split_qkv(&self) -> Option<&[LoraLinear; 3]> {
-        match &self.qkv {
-            Qkv::Split(p) => Some(&**p),
-            Qkv::Fused(_) => None,
-        }
-    }
-
-    /// gate, up as separate projections.
-    pub(crate) fn split_gate_up(&self) -> Option<&[LoraLinear; 2]> {
-        match &self.gate_up {
-            GateUp::Split(p) => Some(p),
-            GateUp::Fused(_) => None,
-        }
-    }
-
-    /// `x` (B, T, D) → (B, T, D). `detach_lora` runs without recording LoRA in the graph (the
-    /// value pass of gradient checkpointing).
-    pub fn forward(&self, x: &Tensor, ctx: &LayerCtx, detach_lora: bool) -> Result<Tensor> {
-        self.forward_kv(x, ctx, detach_lora, None)
-    }
-
-    /// As [`Layer::forward`]; with `cache`, the T new tokens' keys and values are appended to it
-    /// and the queries attend to every cached key (`ctx` holds the new positions' RoPE rows and
-    /// the causal bias after the cache, `(1, 1, T, S+T)`).
-    pub fn forward_kv(
-        &self,
-        x: &Tensor,
-        ctx: &LayerCtx,
-        detach_lora: bool,
-        cache: Option<&mut LayerKv>,
-    ) -> Result<Tensor> {
-        let cfg = &ctx.cfg;
-        let v = &cfg.variant;
-        let (b, t, _) = x.dims3()?;
-        let (h, kv, dh) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let train = ctx.train;
-        let lin = |l: &LoraLinear, x: &Tensor| l.forward_opts(x, train, detach_lora);
-        // q/k/v and gate/up read one input each: its f32 LoRA input is cast once.
-        let lin_shared = |l: &LoraLinear, x: &Tensor, x32: &Option<Tensor>| -> Result<Tensor> {
-            l.forward_shared(x, x32.as_ref(), train, detach_lora)
-        };
-        let normed = kernels::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
-        let (q, k, val) = match &self.qkv {
-            Qkv::Split(p) => {
-                let n32 = lora_input_f32(&normed, &[&p[0], &p[1], &p[2]], train)?;
-                (
-                    lin_shared(&p[0], &normed, &n32)?,
-                    lin_shared(&p[1], &normed, &n32)?,
-                    lin_shared(&p[2], &normed, &n32)?,
-                )
-            }
-            Qkv::Fused(p) => {
-                let y = lin(p, &normed)?;
-                (
-                    y.narrow(2, 0, h * dh)?,
-                    y.narrow(2, h * dh, kv * dh)?,
-                    y.narrow(2, (h + kv) * dh, kv * dh)?,
-                )
-            }
-        };
-        // (B, T, heads·Dh) → (B, heads, T, Dh)
-        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            let y = y.reshape((b, t, n, dh))?;
-            let y = match norm {
-                Some(w) => kernels::rms_norm(&y, w, cfg.norm_eps)?,
-                None => y,
-            };
-            y.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(q, h, &self.q_norm)?;
-        let k = heads(k, kv, &self.k_norm)?;
-        let val = heads(val, kv, &None)?;
-        let (q, k) = if self.rope {
-            let (cos, sin) = match (&ctx.local, self.sliding) {
-                (Some((c, s)), true) => (c, s),
-                _ => (&ctx.cos, &ctx.sin),
-            };
-            (rope_part(&q, cos, sin)?, rope_part(&k, cos, sin)?)
-        } else {
-            (q, k)
-        };
-        let (k, val) = match cache {
-            Some(cache) => cache.append(k, val)?,
-            None => (k, val),
-        };
-        let scale = 1.0 / v.query_pre_attn_scalar.unwrap_or(dh as f64).sqrt();
-        let bias = match (&ctx.sliding_bias, self.sliding) {
-            (Some(sb), true) => sb,
-            _ => &ctx.bias,
-        };
-        // k, v stay at KV heads: the fused op reads them per group (the fallback repeats them).
-        let att = match v.attn_softcap {
-            Some(cap) => kernels::attention_softcap(&q, &k, &val, bias, scale, cap)?,
-            None => kernels::attention(&q, &k, &val, bias, scale)?,
-        }
-        .transpose(1, 2)?
-        .reshape((b, t, h * dh))?;
-        let mut y = lin(&self.o_proj, &att)?;
-        if let Some(w) = &self.post_attn_norm {
-            y = kernels::rms_norm(&y, w, cfg.norm_eps)?;
-        }
-        let x = (x + y)?;
-        let normed = kernels::rms_norm(&x, &self.post_norm, cfg.norm_eps)?;
-        let (gate, up) = match &self.gate_up {
-            GateUp::Split(p) => {
-                let n32 = lora_input_f32(&normed, &[&p[0], &p[1]], train)?;
-                (
-                    lin_shared(&p[0], &normed, &n32)?,
-                    lin_shared(&p[1], &normed, &n32)?,
-                )
-            }
-            GateUp::Fused(p) => {
-                let y = lin(p, &normed)?;
-                let i = cfg.intermediate_size;
-                (y.narrow(2, 0, i)?, y.narrow(2, i, i)?)
-            }
-        };
-        let mlp = kernels::gated(&gate.contiguous()?, &up.contiguous()?, cfg.activation)?;
-        let mut y = lin(&self.down_proj, &mlp)?;
-        if let Some(w) = &self.post_mlp_norm {
-            y = kernels::rms_norm(&y, w, cfg.norm_eps)?;
-        }
-        x + y
-    }
-}
-
-/// RoPE on the first `cos.dim(-1)` dims of each head of `x` `(B, heads, T, Dh)` (all of them
-/// unless Phi-3's partial rotary factor leaves the rest as they are).
-fn rope_part(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (dh, rd) = (x.dim(3)?, cos.dim(3)?);
-    if rd == dh {
-        return kernels::rope(x, cos, sin);
-    }
-    let turned = kernels::rope(&x.narrow(3, 0, rd)?.contiguous()?, cos, sin)?;
-    Tensor::cat(&[&turned, &x.narrow(3, rd, dh - rd)?], 3)?.contiguous()
-}
-
 impl Llama {
     /// Turns gradient checkpointing on (layers are recomputed in backward and their LoRA
     /// gradients collected for [`Llama::take_recomputed`]) or off.
@@ -307,128 +99,26 @@ impl Llama {
     /// Builds the model from checkpoint `w` as `cfg` describes it (no LoRA attached); the LM head
     /// is the embedding when tied and the checkpoint has no `lm_head.weight`.
     pub fn load(w: &Weights, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
-        let (d, i, dh) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let var = &cfg.variant;
-        // Widths of the q and of the k/v projections: H·Dh and KV·Dh.
-        let (q, kv) = (cfg.num_heads * dh, cfg.num_kv_heads * dh);
+        let d = cfg.hidden_size;
         let embed = w.get_matrix("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-        // Gemma's norms scale by 1 + w: the stored weights are shifted once here.
-        let norm = |name: &str, n: usize| -> std::result::Result<Tensor, ModelError> {
-            let t = w.get(name, &[n])?;
-            Ok(if var.norm_plus_one {
-                t.to_dtype(candle_core::DType::F32)?
-                    .affine(1.0, 1.0)?
-                    .to_dtype(t.dtype())?
-            } else {
-                t
-            })
-        };
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            let at = format!("{p}.self_attn");
-            let mlp = format!("{p}.mlp");
-            let qk_norm = |name: &str| -> std::result::Result<Option<Tensor>, ModelError> {
-                if cfg.qk_norm {
-                    Ok(Some(norm(&format!("{at}.{name}.weight"), dh)?))
-                } else {
-                    Ok(None)
-                }
-            };
-            let qkv = if var.fused_qkv {
-                Qkv::Fused(linear(
-                    w,
-                    &format!("{at}.qkv_proj"),
-                    l,
-                    q + 2 * kv,
-                    d,
-                    cfg.qkv_bias,
-                )?)
-            } else {
-                Qkv::Split(Box::new([
-                    linear(w, &format!("{at}.q_proj"), l, q, d, cfg.qkv_bias)?,
-                    linear(w, &format!("{at}.k_proj"), l, kv, d, cfg.qkv_bias)?,
-                    linear(w, &format!("{at}.v_proj"), l, kv, d, cfg.qkv_bias)?,
-                ]))
-            };
-            let gate_up = if var.fused_gate_up {
-                GateUp::Fused(linear(
-                    w,
-                    &format!("{mlp}.gate_up_proj"),
-                    l,
-                    2 * i,
-                    d,
-                    cfg.mlp_bias,
-                )?)
-            } else {
-                GateUp::Split([
-                    linear(w, &format!("{mlp}.gate_proj"), l, i, d, cfg.mlp_bias)?,
-                    linear(w, &format!("{mlp}.up_proj"), l, i, d, cfg.mlp_bias)?,
-                ])
-            };
-            let sandwich = |name: &str| -> std::result::Result<Option<Tensor>, ModelError> {
-                var.sandwich_norms
-                    .then(|| norm(&format!("{p}.{name}.weight"), d))
-                    .transpose()
-            };
-            let (post_attn_norm, post_norm, post_mlp_norm) = if var.sandwich_norms {
-                (
-                    sandwich("post_attention_layernorm")?,
-                    norm(&format!("{p}.pre_feedforward_layernorm.weight"), d)?,
-                    sandwich("post_feedforward_layernorm")?,
-                )
-            } else {
-                (
-                    None,
-                    norm(&format!("{p}.post_attention_layernorm.weight"), d)?,
-                    None,
-                )
-            };
-            layers.push(Layer {
-                input_norm: norm(&format!("{p}.input_layernorm.weight"), d)?,
-                qkv,
-                o_proj: linear(w, &format!("{at}.o_proj"), l, d, q, cfg.o_bias)?,
-                q_norm: qk_norm("q_norm")?,
-                k_norm: qk_norm("k_norm")?,
-                post_attn_norm,
-                post_norm,
-                post_mlp_norm,
-                gate_up,
-                down_proj: linear(w, &format!("{mlp}.down_proj"), l, d, i, cfg.mlp_bias)?,
-                rope: var.rope_layers.get(l).copied().unwrap_or(true),
-                sliding: var.sliding_window.is_some()
-                    && var.sliding_layers.get(l).copied().unwrap_or(false),
-            });
-        }
-        let final_norm = norm("model.norm.weight", d)?;
+        let layers = (0..cfg.num_layers)
+            .map(|l| Layer::load(w, cfg, l))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let final_norm = layer::norm(w, cfg, "model.norm.weight", d)?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed.clone()
         } else {
             w.get_matrix("lm_head.weight", &[cfg.vocab_size, d])?
         };
-        let rotary = var.rotary_dim.unwrap_or(dh);
-        let table = |theta: f64,
-                     scaling: &super::config::RopeScaling,
-                     long: bool|
-         -> std::result::Result<(Tensor, Tensor), ModelError> {
-            let (c, s) = ops::rope_tables_for(
-                rotary,
-                theta,
-                scaling,
-                long,
-                cfg.max_position_embeddings,
-                w.device(),
-            )?;
-            Ok((c.to_dtype(w.dtype())?, s.to_dtype(w.dtype())?))
+        let table = |theta: f64, scaling: &RopeScaling, long: bool| {
+            rope_table(w, cfg, theta, scaling, long)
         };
         let (cos, sin) = table(cfg.rope_theta, &cfg.rope_scaling, false)?;
         let long = match cfg.rope_scaling {
-            super::config::RopeScaling::LongRope { .. } => {
-                Some(table(cfg.rope_theta, &cfg.rope_scaling, true)?)
-            }
+            RopeScaling::LongRope { .. } => Some(table(cfg.rope_theta, &cfg.rope_scaling, true)?),
             _ => None,
         };
-        let local = match &var.local_rope {
+        let local = match &cfg.variant.local_rope {
             Some((theta, scaling)) => Some(table(*theta, scaling, false)?),
             None => None,
         };
@@ -505,7 +195,7 @@ impl Llama {
         match (&self.long, &self.cfg.rope_scaling) {
             (
                 Some((c, s)),
-                super::config::RopeScaling::LongRope {
+                RopeScaling::LongRope {
                     original_max_position_embeddings,
                     ..
                 },

@@ -119,56 +119,8 @@ pub(super) fn variant(
             });
             v
         }
-        "Phi3ForCausalLM" => {
-            let factor = super::rope_params(raw, "")
-                .and_then(|p| p.get("partial_rotary_factor"))
-                .and_then(|f| f.as_f64())
-                .or(raw.partial_rotary_factor)
-                .unwrap_or(1.0);
-            let rotary = (head_dim as f64 * factor) as usize;
-            if rotary == 0 || rotary > head_dim || !rotary.is_multiple_of(2) {
-                return Err(format!(
-                    "partial_rotary_factor {factor} gives {rotary} rotary dims of {head_dim}"
-                ));
-            }
-            let window = window(raw, None)?;
-            Variant {
-                sliding_layers: vec![window.is_some(); layers],
-                sliding_window: window,
-                rotary_dim: (rotary < head_dim).then_some(rotary),
-                fused_qkv: true,
-                fused_gate_up: true,
-                ..Variant::default()
-            }
-        }
-        "SmolLM3ForCausalLM" => {
-            let interval = raw.no_rope_layer_interval.unwrap_or(4).max(1);
-            let rope_layers: Vec<bool> = match &raw.no_rope_layers {
-                Some(l) if l.len() == layers => l.iter().map(|&x| x != 0).collect(),
-                Some(l) => {
-                    return Err(format!(
-                        "no_rope_layers has {} entries for {layers} layers",
-                        l.len()
-                    ))
-                }
-                None => (0..layers).map(|i| (i + 1) % interval != 0).collect(),
-            };
-            let window = if raw.use_sliding_window.unwrap_or(false) {
-                window(raw, None)?
-            } else {
-                None
-            };
-            let sliding_layers = match window {
-                Some(_) => sliding_layers(raw, layers, |i| !rope_layers[i])?,
-                None => Vec::new(),
-            };
-            Variant {
-                sliding_window: window,
-                sliding_layers,
-                rope_layers,
-                ..Variant::default()
-            }
-        }
+        "Phi3ForCausalLM" => phi3(raw, layers, head_dim)?,
+        "SmolLM3ForCausalLM" => smollm3(raw, layers)?,
         _ => {
             // Mistral's window applies to every layer.
             let window = match architecture {
@@ -181,5 +133,59 @@ pub(super) fn variant(
                 ..Variant::default()
             }
         }
+    })
+}
+
+/// Phi-3: fused projections, partial rotary, a window on every layer when one is set.
+fn phi3(raw: &RawConfig, layers: usize, head_dim: usize) -> Result<Variant, String> {
+    let factor = super::rope_params(raw, "")
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .and_then(|f| f.as_f64())
+        .or(raw.partial_rotary_factor)
+        .unwrap_or(1.0);
+    let rotary = (head_dim as f64 * factor) as usize;
+    if rotary == 0 || rotary > head_dim || !rotary.is_multiple_of(2) {
+        return Err(format!(
+            "partial_rotary_factor {factor} gives {rotary} rotary dims of {head_dim}"
+        ));
+    }
+    let window = window(raw, None)?;
+    Ok(Variant {
+        sliding_layers: vec![window.is_some(); layers],
+        sliding_window: window,
+        rotary_dim: (rotary < head_dim).then_some(rotary),
+        fused_qkv: true,
+        fused_gate_up: true,
+        ..Variant::default()
+    })
+}
+
+/// SmolLM3: RoPE skipped on `no_rope_layers` (every `no_rope_layer_interval`-th by default).
+fn smollm3(raw: &RawConfig, layers: usize) -> Result<Variant, String> {
+    let interval = raw.no_rope_layer_interval.unwrap_or(4).max(1);
+    let rope_layers: Vec<bool> = match &raw.no_rope_layers {
+        Some(l) if l.len() == layers => l.iter().map(|&x| x != 0).collect(),
+        Some(l) => {
+            return Err(format!(
+                "no_rope_layers has {} entries for {layers} layers",
+                l.len()
+            ))
+        }
+        None => (0..layers).map(|i| (i + 1) % interval != 0).collect(),
+    };
+    let window = if raw.use_sliding_window.unwrap_or(false) {
+        window(raw, None)?
+    } else {
+        None
+    };
+    let sliding_layers = match window {
+        Some(_) => sliding_layers(raw, layers, |i| !rope_layers[i])?,
+        None => Vec::new(),
+    };
+    Ok(Variant {
+        sliding_window: window,
+        sliding_layers,
+        rope_layers,
+        ..Variant::default()
     })
 }

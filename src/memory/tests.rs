@@ -1,0 +1,220 @@
+#![cfg(test)]
+//! The memory estimate against measured runs and its parts.
+
+use super::*;
+use crate::model::kernels::{plan, CpuFeatures, DeviceKind, Mode};
+use candle_core::DType;
+
+/// The kernels of a device in `mode`.
+fn kernels(device: DeviceKind, mode: Mode) -> KernelPlan {
+    plan(device, DType::F32, CpuFeatures::default(), mode)
+}
+
+#[test]
+fn rss_is_known_and_plausible() {
+    let rss = process_rss_bytes().unwrap();
+    assert!(rss > 1 << 20 && rss < 1 << 40, "{rss}");
+    assert!(peak_rss_bytes().unwrap() >= rss / 2);
+}
+
+/// Peak bytes held by tensors, measured on an H100 with the CUDA kernels
+/// (`bench/cuda_compare.sh`, `bench/results/h100-*-c3.log`): the estimate within 3%.
+#[test]
+fn cuda_estimate_matches_the_h100_peaks() {
+    let qwen05 = ModelConfig::from_json(
+        r#"{"architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 896,
+        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    for (cfg, batch, rank, measured) in [
+        (qwen05, 4, 16, 6_520_000_000u64),
+        (smollm2_135m(), 8, 8, 6_600_000_000),
+    ] {
+        let e = estimate(
+            &cfg,
+            &EstimateInput {
+                batch,
+                seq_len: 512,
+                rank,
+                weight_bytes: 2,
+                activation_bytes: 2,
+                checkpointing: false,
+                checkpoint_keep_every: 0,
+                lora_modules_per_layer: None,
+                kernels: plan(
+                    DeviceKind::Cuda,
+                    DType::BF16,
+                    CpuFeatures::default(),
+                    Mode::Auto,
+                ),
+                lora_dropout: false,
+                quant_bytes_per_weight: None,
+                dora: false,
+            },
+        );
+        let ratio = e.total as f64 / measured as f64;
+        println!("estimate {} vs measured {measured}: {ratio:.3}", e.total);
+        assert!(
+            (0.97..=1.03).contains(&ratio),
+            "{e:?} vs {measured}: {ratio}"
+        );
+    }
+}
+
+fn smollm2_135m() -> ModelConfig {
+    ModelConfig::from_json(
+        r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "tie_word_embeddings": true}"#,
+    )
+    .unwrap()
+}
+
+fn input(
+    batch: usize,
+    seq_len: usize,
+    checkpointing: bool,
+    weight_bytes: usize,
+) -> EstimateInput {
+    EstimateInput {
+        batch,
+        seq_len,
+        rank: 8,
+        weight_bytes,
+        activation_bytes: 4,
+        checkpointing,
+        checkpoint_keep_every: 0,
+        lora_modules_per_layer: None,
+        // The composed attention (measured before the CPU's fused op).
+        kernels: kernels(DeviceKind::Cpu, Mode::Composed),
+        lora_dropout: false,
+        quant_bytes_per_weight: None,
+        dora: false,
+    }
+}
+
+#[test]
+fn qlora_counts_quantized_linears_and_dora_its_magnitudes_and_outputs() {
+    let cfg = smollm2_135m();
+    let bf16 = estimate(&cfg, &input(2, 128, false, 2));
+    let q4k = estimate(
+        &cfg,
+        &EstimateInput {
+            quant_bytes_per_weight: Some(144.0 / 256.0),
+            ..input(2, 128, false, 2)
+        },
+    );
+    // 106M linear weights quantized, the embedding (and norms) bf16, one MLP weight in f32.
+    let linear: u64 = 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536);
+    let embed = 49152 * 576 + 61 * 576;
+    let want = embed * 2 + linear * 144 / 256 + 576 * 1536 * 4;
+    assert!(
+        q4k.base_weights.abs_diff(want) < 1 << 20,
+        "{} vs {want}",
+        q4k.base_weights
+    );
+    assert!(q4k.base_weights < bf16.base_weights / 2);
+    assert_eq!(q4k.activations, bf16.activations);
+    let dora_input = EstimateInput {
+        dora: true,
+        ..input(2, 128, false, 2)
+    };
+    let dora = estimate(&cfg, &dora_input);
+    // Magnitudes: one per output row of each module (q 576 + k, v 192 + o 576 + 2·1536 + 576).
+    let rows: u64 = 30 * (576 + 2 * 192 + 576 + 2 * 1536 + 576);
+    assert_eq!(dora.lora_and_optimizer - bf16.lora_and_optimizer, rows * 16);
+    assert_eq!(dora.activations - bf16.activations, 2 * 128 * rows * 4);
+}
+
+#[test]
+fn checkpointing_cuts_activation_memory() {
+    let cfg = smollm2_135m();
+    let full = estimate(&cfg, &input(4, 256, false, 4));
+    let ckpt = estimate(&cfg, &input(4, 256, true, 4));
+    assert_eq!(full.base_weights, 134_515_008 * 4);
+    assert!(ckpt.activations * 5 < full.activations);
+    assert_eq!(
+        full.total,
+        full.runtime
+            + full.base_weights
+            + full.lora_and_optimizer
+            + full.activations
+            + full.logits
+    );
+    // Per layer and token: 8H + 11.5Q + 10.5KV + 6I + 7r = 22 520 f32, plus 4·S scores and the
+    // stored gradients 2·(Q+KV) per token and S.
+    let s = 4 * 9 * 256 * 256u64;
+    assert_eq!(
+        full.activations,
+        30 * (1024 * (22_520 + 1536) * 4 + 5 * s * 4)
+    );
+    assert_eq!(full.logits, 4 * 255 * 49152 * 4 * 4);
+}
+
+#[test]
+fn mixed_precision_halves_only_the_weights() {
+    let cfg = smollm2_135m();
+    let f32 = estimate(&cfg, &input(2, 128, false, 4));
+    let mixed = estimate(&cfg, &input(2, 128, false, 2));
+    assert_eq!(mixed.base_weights * 2, f32.base_weights);
+    assert_eq!(mixed.activations, f32.activations);
+    assert_eq!(mixed.logits, f32.logits);
+}
+
+/// Peak RSS measured with `finetune bench` (SmolLM2-135M, rank 8, CPU, 2 steps + 1 warmup)
+/// with the composed attention the GPUs use (the CPU's before the fused op).
+#[test]
+fn matches_measured_peaks() {
+    let cfg = smollm2_135m();
+    // (batch, seq, checkpointing, weight bytes, measured peak in bytes)
+    let measured = [
+        (1, 16, false, 4, 846_008_320u64), // load peak
+        (1, 16, true, 2, 565_137_408),     // load peak, mixed
+        (1, 128, false, 4, 1_169_989_632),
+        (1, 128, false, 2, 914_288_640),
+        (2, 128, false, 4, 1_740_816_384),
+        (2, 128, true, 4, 900_272_128),
+        (2, 256, false, 4, 3_225_571_328),
+        (1, 512, false, 4, 3_949_432_832),
+        (4, 256, true, 4, 1_818_329_088),
+    ];
+    for (b, t, ck, wb, peak) in measured {
+        let e = estimate(&cfg, &input(b, t, ck, wb)).total as f64;
+        let err = e / peak as f64 - 1.0;
+        assert!(
+            err.abs() < 0.05,
+            "{b}x{t} ckpt={ck} w={wb}: {e} vs {peak} ({err:+.3})"
+        );
+    }
+}
+
+/// The same with the CPU's fused attention (the default there), incl. partial checkpointing
+/// (`bench/memory_grid.sh`; every point of that grid is within ±7%, bench/results/cpu-memory-grid.log).
+#[test]
+fn matches_measured_peaks_with_fused_attention() {
+    let cfg = smollm2_135m();
+    // (batch, seq, checkpointing, keep every, weight bytes, measured peak in bytes)
+    let measured = [
+        (1, 128, false, 0, 4, 1_063_723_008u64),
+        (2, 256, false, 0, 4, 2_467_602_432),
+        (4, 256, false, 0, 4, 4_334_067_712),
+        (1, 512, false, 0, 4, 2_470_375_424),
+        (4, 256, false, 0, 2, 4_067_270_656),
+        (4, 256, true, 0, 4, 1_741_045_760),
+        (4, 256, true, 0, 2, 1_522_651_136),
+        (4, 256, true, 3, 2, 2_423_701_504),
+        (2, 512, true, 3, 2, 2_223_853_568),
+    ];
+    for (b, t, ck, keep, wb, peak) in measured {
+        let mut i = input(b, t, ck, wb);
+        i.kernels = kernels(DeviceKind::Cpu, Mode::Auto);
+        i.checkpoint_keep_every = keep;
+        let e = estimate(&cfg, &i).total as f64;
+        let err = e / peak as f64 - 1.0;
+        assert!(
+            err.abs() < 0.08,
+            "{b}x{t} ckpt={ck}/{keep} w={wb}: {e} vs {peak} ({err:+.3})"
+        );
+    }
+}
