@@ -244,6 +244,62 @@ fn a_dropped_connection_resumes_with_a_range_request() {
     assert!(from > 0 && from < size, "{resumed}");
 }
 
+/// Issue 20: a mirror sends `X-Linked-Size` (the whole file) on its 206 answers; the resumed
+/// download must append from where it stopped, not mistake the 206 for a whole file.
+#[test]
+fn a_mirror_sending_x_linked_size_on_206_still_resumes() {
+    let fake = FakeHub::start();
+    {
+        let mut b = fake.behaviour.lock().unwrap();
+        b.mirror = true;
+        b.drop_first.push("model.safetensors".into());
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub::new(fake.options(cache.path(), None)).unwrap();
+    let (snap, events) = collect(&hub, "org/tiny-llama", &Cancel::new());
+    let snap = snap.unwrap();
+    assert_eq!(
+        std::fs::read(snap.join("model.safetensors")).unwrap(),
+        std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap()
+    );
+    let retries = events
+        .iter()
+        .filter(
+            |e| matches!(e, DownloadEvent::Retrying { file, .. } if file == "model.safetensors"),
+        )
+        .count();
+    assert_eq!(retries, 1, "{events:?}");
+    let log = fake.requests();
+    let ranged: Vec<&String> = log
+        .iter()
+        .filter(|r| r.starts_with("GET /org/tiny-llama/resolve/") && r.contains("[bytes="))
+        .collect();
+    assert_eq!(ranged.len(), 1, "{log:#?}");
+    assert!(!log.iter().any(|r| r.starts_with("GET /cdn/")), "{log:#?}");
+}
+
+/// A server that ignores the Range answers 200 with the whole file: written from the start.
+#[test]
+fn a_server_ignoring_the_range_gets_the_file_written_from_the_start() {
+    let fake = FakeHub::start();
+    {
+        let mut b = fake.behaviour.lock().unwrap();
+        b.drop_first.push("model.safetensors".into());
+        b.ignore_range.push("model.safetensors".into());
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub::new(fake.options(cache.path(), None)).unwrap();
+    let (snap, _) = collect(&hub, "org/tiny-llama", &Cancel::new());
+    assert_eq!(
+        std::fs::read(snap.unwrap().join("model.safetensors")).unwrap(),
+        std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap()
+    );
+    assert!(fake
+        .requests()
+        .iter()
+        .any(|r| r.starts_with("GET /cdn/") && r.contains("[bytes=")));
+}
+
 #[test]
 fn cancel_keeps_the_partial_file_and_the_next_download_resumes() {
     let fake = FakeHub::start();

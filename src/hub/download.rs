@@ -8,8 +8,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-
 use super::cache::{is_commit_hash, RepoCache};
 use super::select::{select_files, shard_names, PlannedFile};
 use super::{error_chain, Cancel, Hub, HubError};
@@ -215,7 +213,11 @@ impl Hub {
         cache.link(commit, &file.path, &meta.etag)
     }
 
-    /// One GET of bytes `have..bytes` appended to `part`.
+    /// One GET of bytes `have..bytes` appended to `part`. Whether the server resumed is read
+    /// from its answer: 206 with a `Content-Range` starting at or before `have` continues the
+    /// part from there; 200 is the whole file (the Range was ignored), written from the start;
+    /// 416 means the part is not a prefix of this file, which is then fetched again. Never from
+    /// a length header: a Hub or mirror may send `X-Linked-Size` (the whole file) on a 206.
     #[allow(clippy::too_many_arguments)]
     fn transfer(
         &self,
@@ -228,21 +230,23 @@ impl Hub {
         tally: &mut Tally<'_>,
         cancel: &Cancel,
     ) -> Result<(), Attempt> {
-        let handle = self.repo(repo);
+        let url = self
+            .resolve_url(repo, commit, file)
+            .map_err(Attempt::Fatal)?;
         self.runtime.block_on(async {
-            let range = (have > 0).then_some(have..bytes);
-            let sent = handle
-                .download_file_stream()
-                .filename(file)
-                .revision(commit)
-                .maybe_range(range)
-                .send()
-                .await;
-            let (length, mut stream) = match sent {
-                Ok(s) => s,
-                Err(e) => return Err(self.attempt_error(repo, e)),
+            let mut req = self.get_client.get(url);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if have > 0 {
+                req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+            }
+            let mut resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => return Err(Attempt::Dropped(error_chain(&e))),
             };
-            let (mut out, mut written) = open_part(part, have, bytes, length)?;
+            let from = self.resume_point(&resp, repo, commit, file, part, have)?;
+            let (mut out, mut written) = open_part(part, from)?;
             let mut idle = Duration::ZERO;
             loop {
                 if cancel.is_cancelled() {
@@ -250,7 +254,7 @@ impl Hub {
                     return Err(Attempt::Fatal(HubError::Cancelled));
                 }
                 let tick = Duration::from_millis(250);
-                let next = match tokio::time::timeout(tick, stream.next()).await {
+                let next = match tokio::time::timeout(tick, resp.chunk()).await {
                     Err(_) => {
                         idle += tick;
                         if idle >= STALL {
@@ -265,18 +269,18 @@ impl Hub {
                 };
                 idle = Duration::ZERO;
                 match next {
-                    Some(Ok(chunk)) => {
+                    Ok(Some(chunk)) => {
                         out.write_all(&chunk)
                             .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
                         written += chunk.len() as u64;
                         tally.transferred += chunk.len() as u64;
                         tally.progress(file, written, false);
                     }
-                    Some(Err(e)) => {
+                    Err(e) => {
                         let _ = out.flush();
-                        return Err(self.attempt_error(repo, e));
+                        return Err(Attempt::Dropped(error_chain(&e)));
                     }
-                    None => break,
+                    Ok(None) => break,
                 }
             }
             out.flush().map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
@@ -289,30 +293,54 @@ impl Hub {
         })
     }
 
-    fn attempt_error(&self, repo: &str, e: hf_hub::HFError) -> Attempt {
-        use hf_hub::HFError as E;
-        match &e {
-            E::Request { source, .. } => Attempt::Dropped(error_chain(source)),
-            E::Http { context } if context.status.is_server_error() => {
-                Attempt::Dropped(format!("HTTP {}", context.status))
-            }
-            _ => Attempt::Fatal(self.map_error(repo, None, e)),
+    /// Where the body of `resp` (to a GET asking for bytes `have..`) starts in the file.
+    fn resume_point(
+        &self,
+        resp: &reqwest::Response,
+        repo: &str,
+        commit: &str,
+        file: &str,
+        part: &std::path::Path,
+        have: u64,
+    ) -> Result<u64, Attempt> {
+        let status = resp.status();
+        if status.is_server_error() {
+            return Err(Attempt::Dropped(format!("HTTP {status}")));
+        }
+        if status.as_u16() == 416 {
+            // The part is not a prefix of the file the server has: fetch it whole.
+            std::fs::remove_file(part).map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+            return Err(Attempt::Dropped(
+                "the server could not resume from the partial file; starting over".into(),
+            ));
+        }
+        if !status.is_success() {
+            self.check_head_status(resp, repo, commit, file)
+                .map_err(Attempt::Fatal)?;
+            return Err(Attempt::Fatal(HubError::Protocol {
+                reason: format!("GET {file} answered {status}"),
+            }));
+        }
+        if status.as_u16() != 206 {
+            return Ok(0);
+        }
+        match header(resp, "content-range")
+            .as_deref()
+            .and_then(range_start)
+        {
+            Some(start) if start <= have => Ok(start),
+            other => Err(Attempt::Fatal(HubError::Protocol {
+                reason: format!(
+                    "GET {file} from byte {have} answered 206 with Content-Range {other:?}"
+                ),
+            })),
         }
     }
 
     /// HEAD of the resolve URL without following the CDN redirect (whose answer lacks the Hub's
     /// `X-Repo-Commit` / `X-Linked-Etag`); relative redirects (renamed repos) are followed.
     fn head(&self, repo: &str, commit: &str, file: &str) -> Result<FileMeta, HubError> {
-        let mut url = reqwest::Url::parse(&self.endpoint).map_err(|e| HubError::Protocol {
-            reason: format!("bad endpoint: {e}"),
-        })?;
-        if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty();
-            segs.extend(repo.split('/'));
-            segs.push("resolve");
-            segs.push(commit);
-            segs.extend(file.split('/'));
-        }
+        let url = self.resolve_url(repo, commit, file)?;
         let resp = self.runtime.block_on(async {
             let mut url = url;
             for _ in 0..5 {
@@ -338,6 +366,21 @@ impl Hub {
         })?;
         self.check_head_status(&resp, repo, commit, file)?;
         file_meta(&resp, commit, file)
+    }
+
+    /// `{endpoint}/{repo}/resolve/{commit}/{file}`.
+    fn resolve_url(&self, repo: &str, commit: &str, file: &str) -> Result<reqwest::Url, HubError> {
+        let mut url = reqwest::Url::parse(&self.endpoint).map_err(|e| HubError::Protocol {
+            reason: format!("bad endpoint: {e}"),
+        })?;
+        if let Ok(mut segs) = url.path_segments_mut() {
+            segs.pop_if_empty();
+            segs.extend(repo.split('/'));
+            segs.push("resolve");
+            segs.push(commit);
+            segs.extend(file.split('/'));
+        }
+        Ok(url)
     }
 
     /// The error a HEAD's status means: no access, no such repo/revision/file, or a server answer
@@ -414,25 +457,27 @@ fn file_meta(resp: &reqwest::Response, commit: &str, file: &str) -> Result<FileM
     Ok(FileMeta { etag, bytes })
 }
 
-/// Opens `part` for appending the bytes from `have` on; when the server ignored the Range and
-/// sends the whole file (`length` is all `bytes`), empties it first. Returns the file and the
-/// bytes it holds.
-fn open_part(
-    part: &std::path::Path,
-    have: u64,
-    bytes: u64,
-    length: Option<u64>,
-) -> Result<(std::fs::File, u64), Attempt> {
+/// The first byte a `Content-Range: bytes START-END/TOTAL` answer holds.
+fn range_start(value: &str) -> Option<u64> {
+    value
+        .trim()
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Opens `part` for appending the body of an answer that starts at byte `from` of the file: the
+/// bytes before it are kept, anything after cut off. Returns the file and the bytes it holds.
+fn open_part(part: &std::path::Path, from: u64) -> Result<(std::fs::File, u64), Attempt> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(part)
         .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
-    if have > 0 && length == Some(bytes) {
-        // The server ignored the Range and sent the whole file: start over.
-        out.set_len(0)
-            .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
-        return Ok((out, 0));
-    }
-    Ok((out, have))
+    out.set_len(from)
+        .map_err(|e| Attempt::Fatal(io_err(part)(e)))?;
+    Ok((out, from))
 }

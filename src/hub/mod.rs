@@ -210,6 +210,9 @@ pub struct Hub {
     client: hf_hub::HFClient,
     /// HEAD requests that do not follow redirects (the CDN's answer lacks the Hub's headers).
     head_client: reqwest::Client,
+    /// File GETs: redirects followed (LFS files live on a CDN), no overall timeout (a multi-GB
+    /// file takes long; a stalled one is caught by the download loop).
+    get_client: reqwest::Client,
     runtime: tokio::runtime::Runtime,
     endpoint: String,
     cache_dir: PathBuf,
@@ -251,6 +254,14 @@ impl Hub {
             .map_err(|e| HubError::Protocol {
                 reason: format!("cannot build the HTTP client: {e}"),
             })?;
+        let get_client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::limited(10))
+            .user_agent(format!("finetune/{}", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(15))
+            .build()
+            .map_err(|e| HubError::Protocol {
+                reason: format!("cannot build the HTTP client: {e}"),
+            })?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -261,6 +272,7 @@ impl Hub {
         Ok(Self {
             client,
             head_client,
+            get_client,
             runtime,
             endpoint,
             has_token: options.token.is_some(),

@@ -71,12 +71,7 @@ fn smollm2_135m() -> ModelConfig {
     .unwrap()
 }
 
-fn input(
-    batch: usize,
-    seq_len: usize,
-    checkpointing: bool,
-    weight_bytes: usize,
-) -> EstimateInput {
+fn input(batch: usize, seq_len: usize, checkpointing: bool, weight_bytes: usize) -> EstimateInput {
     EstimateInput {
         batch,
         seq_len,
@@ -136,11 +131,7 @@ fn checkpointing_cuts_activation_memory() {
     assert!(ckpt.activations * 5 < full.activations);
     assert_eq!(
         full.total,
-        full.runtime
-            + full.base_weights
-            + full.lora_and_optimizer
-            + full.activations
-            + full.logits
+        full.runtime + full.base_weights + full.lora_and_optimizer + full.activations + full.logits
     );
     // Per layer and token: 8H + 11.5Q + 10.5KV + 6I + 7r = 22 520 f32, plus 4·S scores and the
     // stored gradients 2·(Q+KV) per token and S.

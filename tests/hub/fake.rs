@@ -4,7 +4,9 @@
 //! X-Repo-Commit / Content-Length / Range, an absolute redirect to `/cdn/{etag}` for weights (as
 //! the real Hub redirects LFS files, with X-Linked-Etag / X-Linked-Size), 401/403 with
 //! `X-Error-Code: GatedRepo` for a gated repo, 404s, and, on request, a connection dropped
-//! mid-file or a slow body. Repos are built from the tiny fixtures.
+//! mid-file, a slow body, mirror mode (LFS bytes served at the resolve URL with the X-Linked
+//! headers on 200 and 206 answers) or a server that ignores Range. Repos are built from the tiny
+//! fixtures.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -49,6 +51,12 @@ pub struct Behaviour {
     pub drop_first: Vec<String>,
     /// Pause between 16 KiB body chunks (to cancel mid-file).
     pub slow: Option<Duration>,
+    /// Serve LFS files at the resolve URL itself, as a mirror that proxies the CDN does (e.g.
+    /// hf-mirror.com): no redirect, and `X-Linked-Etag` / `X-Linked-Size` (the whole file) on
+    /// every answer, 206 included.
+    pub mirror: bool,
+    /// Files whose ranged GETs are answered 200 with the whole file (a server ignoring Range).
+    pub ignore_range: Vec<String>,
 }
 
 pub struct FakeHub {
@@ -419,7 +427,8 @@ fn serve(
             ];
             return respond(&mut stream, "404 Not Found", &h, b"");
         };
-        if f.lfs {
+        let mirror = behaviour.lock().unwrap().mirror;
+        if f.lfs && !mirror {
             let h = vec![
                 ("Location".to_owned(), format!("{base}/cdn/{}", f.etag)),
                 ("X-Linked-Etag".to_owned(), format!("\"{}\"", f.etag)),
@@ -433,6 +442,11 @@ fn serve(
     };
     let (name, f) = file;
     let _ = id;
+    let (mirror, ignore_range) = {
+        let b = behaviour.lock().unwrap();
+        (b.mirror, b.ignore_range.contains(&name))
+    };
+    let range = if ignore_range { None } else { range };
     let total = f.bytes.len();
     let start = range
         .as_deref()
@@ -448,6 +462,10 @@ fn serve(
         ("Accept-Ranges".to_owned(), "bytes".to_owned()),
         ("Content-Length".to_owned(), body.len().to_string()),
     ];
+    if mirror && f.lfs && !path.starts_with("/cdn/") {
+        h.push(("X-Linked-Etag".to_owned(), format!("\"{}\"", f.etag)));
+        h.push(("X-Linked-Size".to_owned(), total.to_string()));
+    }
     let status = if range.is_some() {
         h.push((
             "Content-Range".to_owned(),
