@@ -300,6 +300,37 @@ fn a_server_ignoring_the_range_gets_the_file_written_from_the_start() {
         .any(|r| r.starts_with("GET /cdn/") && r.contains("[bytes=")));
 }
 
+/// Issue 20: a listing whose names or commit would climb out of the cache is refused before a
+/// byte is written.
+#[test]
+fn hostile_listings_cannot_write_outside_the_cache() {
+    let fake = FakeHub::start();
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("hub");
+    let hub = Hub::new(fake.options(&cache, None)).unwrap();
+    for (repo, says) in [
+        ("org/evil-names", "escape.safetensors"),
+        ("org/evil-sha", "commit"),
+    ] {
+        let (snap, _) = collect(&hub, repo, &Cancel::new());
+        let err = snap.unwrap_err().to_string();
+        assert!(
+            err.contains("refusing") && err.contains(says),
+            "{repo}: {err}"
+        );
+    }
+    let outside: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "hub")
+        .collect();
+    assert!(outside.is_empty(), "{outside:?}");
+    assert!(!fake
+        .requests()
+        .iter()
+        .any(|r| r.starts_with("GET /org/evil")));
+}
+
 #[test]
 fn cancel_keeps_the_partial_file_and_the_next_download_resumes() {
     let fake = FakeHub::start();

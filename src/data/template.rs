@@ -53,6 +53,11 @@ impl std::fmt::Debug for ChatTemplate {
 
 const NAME: &str = "chat";
 
+/// Instructions one rendering may run: real chat templates take thousands for a long
+/// conversation; a template that loops (or recurses) without end is stopped here, in about a
+/// second, with an error instead of hanging the app.
+const FUEL: u64 = 20_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`. `{% generation %}` markers (transformers' assistant-mask extension) are
     /// removed first: FineTune finds assistant turns by rendering prefixes instead.
@@ -64,6 +69,7 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
@@ -142,6 +148,12 @@ impl ChatTemplate {
 /// minijinja's message with the template line when it has one.
 fn describe(e: &Error) -> String {
     let what = match (e.kind(), e.detail()) {
+        (ErrorKind::OutOfFuel, _) => format!(
+            "the chat template ran more than {FUEL} steps without finishing (does it loop forever?); fix the template or pick another model's"
+        ),
+        (ErrorKind::InvalidOperation, Some(detail)) if detail.contains("recursion") => format!(
+            "the chat template recursed too deeply ({detail}); fix the template or pick another model's"
+        ),
         (ErrorKind::InvalidOperation, Some(detail)) => detail.to_owned(),
         _ => e.to_string(),
     };
@@ -513,6 +525,28 @@ mod tests {
             r#"{"a": {"y": [true, null], "z": "\u00e9\ud83c\udf26\u007f~"}, "b": 1}"#;
         let plain = "{\"b\": 1, \"a\": {\"z\": \"é🌦\u{7f}~\", \"y\": [true, null]}}";
         assert_eq!(out, format!("{sorted_ascii}|{plain}"));
+    }
+
+    #[test]
+    fn templates_that_never_finish_are_stopped_with_an_error() {
+        // Issue 20: a loop of 10^10 steps and unbounded recursion end in an error, not a hang.
+        let looping =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let recursing = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        for (src, says) in [(looping, "loop forever"), (recursing, "recursed")] {
+            let t = ChatTemplate::new(src, None, None).unwrap();
+            let started = std::time::Instant::now();
+            let err = t.render(&[json!({"role": "user", "content": "hi"})], None, false);
+            let Err(TemplateError::Render(msg)) = err else {
+                panic!("{src}: {err:?}")
+            };
+            assert!(msg.contains(says), "{msg}");
+            assert!(
+                started.elapsed().as_secs() < 30,
+                "{src} ran {:?}",
+                started.elapsed()
+            );
+        }
     }
 
     #[test]

@@ -38,6 +38,17 @@ pub(crate) fn is_commit_hash(s: &str) -> bool {
 }
 
 /// Paths of one repo's cache folder.
+/// Whether `file`, a path inside a repo as a Hub lists it, stays inside the folder it is joined
+/// to: relative, `/`-separated, no empty, `.` or `..` component, no backslash, drive colon or NUL
+/// (a hostile Hub or mirror must not write outside the cache).
+pub(crate) fn is_safe_repo_path(file: &str) -> bool {
+    !file.is_empty()
+        && !file.contains(['\\', ':', '\0'])
+        && file
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
 pub(crate) struct RepoCache {
     pub dir: PathBuf,
 }
@@ -83,6 +94,11 @@ impl RepoCache {
     /// Points `snapshots/<commit>/<file>` at `blobs/<etag>` with a relative symlink (a copy on
     /// systems without symlinks), replacing whatever was there.
     pub fn link(&self, commit: &str, file: &str, etag: &str) -> Result<PathBuf, HubError> {
+        if !is_safe_repo_path(file) || !is_commit_hash(commit) {
+            return Err(HubError::Protocol {
+                reason: format!("refusing to write {file:?} of commit {commit:?}: the name would leave the model's cache folder"),
+            });
+        }
         let pointer = self.snapshot_dir(commit).join(file);
         let parent = pointer.parent().unwrap_or(&self.dir);
         std::fs::create_dir_all(parent).map_err(io(parent))?;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::cache::{is_commit_hash, RepoCache};
+use super::cache::{is_commit_hash, is_safe_repo_path, RepoCache};
 use super::select::{select_files, shard_names, PlannedFile};
 use super::{error_chain, Cancel, Hub, HubError};
 
@@ -56,7 +56,17 @@ impl Hub {
         let commit = info.sha.ok_or_else(|| HubError::Protocol {
             reason: format!("the model info of {repo} has no commit sha"),
         })?;
+        if !is_commit_hash(&commit) {
+            return Err(HubError::Protocol {
+                reason: format!("the Hub gave {repo} the commit {commit:?}, which is not a commit hash; refusing to download"),
+            });
+        }
         let (files, _) = select_files(repo, &tree)?;
+        if let Some(bad) = files.iter().find(|f| !is_safe_repo_path(&f.path)) {
+            return Err(HubError::Protocol {
+                reason: format!("the Hub lists {repo}'s file {:?}, a name that would write outside the model's cache folder; refusing to download", bad.path),
+            });
+        }
         Ok((commit, files))
     }
 

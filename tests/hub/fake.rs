@@ -43,6 +43,8 @@ struct FakeRepo {
     files: Vec<(String, FakeFile)>,
     gated: bool,
     architecture: &'static str,
+    /// The commit the model info names (default [`COMMIT`]).
+    sha: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -89,6 +91,7 @@ fn repo_from_dir(dir: &Path, skip: &[&str], extra: &[(&str, &[u8])], gated: bool
         files,
         gated,
         architecture: "LlamaForCausalLM",
+        sha: None,
     }
 }
 
@@ -128,6 +131,20 @@ fn repos() -> HashMap<String, FakeRepo> {
             false,
         ),
     );
+    // Hostile listings (issue 20): a weight whose name climbs out with backslashes, and a
+    // "commit" that is a path.
+    m.insert(
+        "org/evil-names".into(),
+        repo_from_dir(
+            &fixture("tiny-llama"),
+            &["reference", "peft-adapter", "model.safetensors"],
+            &[("..\\..\\escape.safetensors", b"x")],
+            false,
+        ),
+    );
+    let mut evil_sha = repo_from_dir(&fixture("tiny-llama"), &skip, &[], false);
+    evil_sha.sha = Some("../../../../escape");
+    m.insert("org/evil-sha".into(), evil_sha);
     let mut gpt = repo_from_dir(&fixture("tiny-gpt2"), &skip, &[], false);
     gpt.architecture = "GPT2LMHeadModel";
     m.insert("other/tiny-gpt2".into(), gpt);
@@ -203,7 +220,7 @@ fn info_json(id: &str, repo: &FakeRepo, full: bool) -> serde_json::Value {
     });
     if full {
         let obj = v.as_object_mut().unwrap();
-        obj.insert("sha".into(), COMMIT.into());
+        obj.insert("sha".into(), repo.sha.unwrap_or(COMMIT).into());
         obj.insert(
             "cardData".into(),
             serde_json::json!({"license": "apache-2.0"}),
