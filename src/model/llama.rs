@@ -42,19 +42,16 @@ pub struct LayerCtx {
     pub train: bool,
 }
 
-/// RoPE tables `(max_positions, rotary dims)` in the weights' dtype for base `theta` and `scaling`
-/// (`long`: LongRoPE's long factors).
-fn rope_table(
-    w: &Weights,
+/// RoPE frequencies of `cfg`'s rotary dims for base `theta` and `scaling` (`long`: LongRoPE's long
+/// factors).
+fn rope_freqs(
     cfg: &ModelConfig,
     theta: f64,
     scaling: &RopeScaling,
     long: bool,
-) -> std::result::Result<(Tensor, Tensor), ModelError> {
+) -> std::result::Result<ops::RopeFreqs, ModelError> {
     let rotary = cfg.variant.rotary_dim.unwrap_or(cfg.head_dim);
-    let positions = cfg.max_position_embeddings;
-    let (c, s) = ops::rope_tables_for(rotary, theta, scaling, long, positions, w.device())?;
-    Ok((c.to_dtype(w.dtype())?, s.to_dtype(w.dtype())?))
+    Ok(ops::RopeFreqs::new(rotary, theta, scaling, long)?)
 }
 
 /// A llama-family causal LM.
@@ -67,13 +64,14 @@ pub struct Llama {
     norm: Tensor,
     /// (V, D); the embedding when tied.
     lm_head: Tensor,
-    /// RoPE tables (max_positions, rotary dims), compute dtype.
-    cos: Tensor,
-    sin: Tensor,
-    /// LongRoPE's tables for passes past the original context.
-    long: Option<(Tensor, Tensor)>,
-    /// Gemma 3's sliding-window layers' tables.
-    local: Option<(Tensor, Tensor)>,
+    /// Compute dtype of activations (and of the RoPE rows).
+    dtype: candle_core::DType,
+    /// RoPE's frequencies; each pass computes the rows of its positions.
+    rope: ops::RopeFreqs,
+    /// LongRoPE's long frequencies, for passes past the original context.
+    long: Option<ops::RopeFreqs>,
+    /// Gemma 3's sliding-window layers' frequencies.
+    local: Option<ops::RopeFreqs>,
     /// Gradient checkpointing: where recomputed layers put their LoRA gradients.
     recompute: Option<recompute::GradSink>,
     /// With checkpointing, layers 0, k, 2k, … keep their activations (0 = none do).
@@ -110,10 +108,9 @@ impl Llama {
         } else {
             w.get_matrix("lm_head.weight", &[cfg.vocab_size, d])?
         };
-        let table = |theta: f64, scaling: &RopeScaling, long: bool| {
-            rope_table(w, cfg, theta, scaling, long)
-        };
-        let (cos, sin) = table(cfg.rope_theta, &cfg.rope_scaling, false)?;
+        let table =
+            |theta: f64, scaling: &RopeScaling, long: bool| rope_freqs(cfg, theta, scaling, long);
+        let rope = table(cfg.rope_theta, &cfg.rope_scaling, false)?;
         let long = match cfg.rope_scaling {
             RopeScaling::LongRope { .. } => Some(table(cfg.rope_theta, &cfg.rope_scaling, true)?),
             _ => None,
@@ -128,8 +125,8 @@ impl Llama {
             layers,
             norm: final_norm,
             lm_head,
-            cos,
-            sin,
+            dtype: w.dtype(),
+            rope,
             long,
             local,
             recompute: None,
@@ -165,7 +162,7 @@ impl Llama {
     /// dtype as transformers does.
     fn embed(&self, ids: &Tensor, end: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let positions = self.cos.dim(0)?;
+        let positions = self.cfg.max_position_embeddings;
         if end > positions {
             candle_core::bail!(
                 "a row of {end} tokens is longer than this model's context ({positions} positions); lower the max sequence length to {positions} or less"
@@ -174,7 +171,7 @@ impl Llama {
         let x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(self.cos.dtype())?
+            .to_dtype(self.dtype)?
             .reshape((b, t, self.cfg.hidden_size))?;
         match self.cfg.variant.embed_scale {
             Some(scale) => {
@@ -189,19 +186,24 @@ impl Llama {
         }
     }
 
-    /// The RoPE tables a pass whose largest position is `last` uses: LongRoPE's long ones past
-    /// the original context (transformers decides per pass, from the largest position).
-    fn tables(&self, last: usize) -> (&Tensor, &Tensor) {
+    /// The RoPE frequencies a pass whose largest position is `last` uses: LongRoPE's long ones
+    /// past the original context (transformers decides per pass, from the largest position).
+    fn freqs(&self, last: usize) -> &ops::RopeFreqs {
         match (&self.long, &self.cfg.rope_scaling) {
             (
-                Some((c, s)),
+                Some(long),
                 RopeScaling::LongRope {
                     original_max_position_embeddings,
                     ..
                 },
-            ) if (last + 1) as f64 > *original_max_position_embeddings => (c, s),
-            _ => (&self.cos, &self.sin),
+            ) if (last + 1) as f64 > *original_max_position_embeddings => long,
+            _ => &self.rope,
         }
+    }
+
+    /// The plain RoPE frequencies (what the fused CPU decoder turns q and k by).
+    pub(crate) fn rope(&self) -> &ops::RopeFreqs {
+        &self.rope
     }
 
     /// The layer context of a pass over `t` positions starting at `past` (or at `positions`,
@@ -215,25 +217,26 @@ impl Llama {
         bias: Tensor,
         train: bool,
     ) -> Result<LayerCtx> {
-        let last = match positions {
-            Some(p) => p
-                .max_all()?
-                .to_dtype(candle_core::DType::U32)?
-                .to_scalar::<u32>()? as usize,
-            None => past + t - 1,
+        // The positions of each query, on the host: (B·T) given, or past..past+T for every row.
+        let (rows, pos): (usize, Vec<u32>) = match positions {
+            Some(p) => (
+                b,
+                p.flatten_all()?
+                    .to_dtype(candle_core::DType::U32)?
+                    .to_vec1()?,
+            ),
+            None => (1, (past as u32..(past + t) as u32).collect()),
         };
-        let gather = |table: &Tensor| -> Result<Tensor> {
-            let rd = table.dim(1)?;
-            match positions {
-                Some(pos) => table
-                    .index_select(&pos.flatten_all()?, 0)?
-                    .reshape((b, 1, t, rd)),
-                None => table.narrow(0, past, t)?.reshape((1, 1, t, rd)),
-            }
+        let last = pos.iter().copied().max().unwrap_or(0) as usize;
+        let device = bias.device().clone();
+        let gather = |freqs: &ops::RopeFreqs| -> Result<(Tensor, Tensor)> {
+            let (c, s) = freqs.tables(&pos, self.dtype, &device)?;
+            let shape = (rows, 1, t, freqs.dim());
+            Ok((c.reshape(shape)?, s.reshape(shape)?))
         };
-        let (cos, sin) = self.tables(last);
+        let (cos, sin) = gather(self.freqs(last))?;
         let local = match &self.local {
-            Some((c, s)) => Some((gather(c)?, gather(s)?)),
+            Some(f) => Some(gather(f)?),
             None => None,
         };
         let sliding_bias = match self.cfg.variant.sliding_window {
@@ -244,8 +247,8 @@ impl Llama {
         };
         Ok(LayerCtx {
             cfg: self.cfg.clone(),
-            cos: gather(cos)?,
-            sin: gather(sin)?,
+            cos,
+            sin,
             local,
             bias,
             sliding_bias,

@@ -14,85 +14,123 @@ pub fn rope_tables(
     max_positions: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    rope_tables_for(head_dim, theta, scaling, false, max_positions, device)
+    let freqs = RopeFreqs::new(head_dim, theta, scaling, false)?;
+    let positions: Vec<u32> = (0..max_positions as u32).collect();
+    freqs.tables(&positions, DType::F32, device)
 }
 
-/// As [`rope_tables`]; `long` picks LongRoPE's long factors (a pass past the original context).
-pub fn rope_tables_for(
-    head_dim: usize,
-    theta: f64,
-    scaling: &RopeScaling,
-    long: bool,
-    max_positions: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let mut magnitude = 1f32;
-    let mut inv_freq: Vec<f64> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-        .collect();
-    match scaling {
-        RopeScaling::Default => {}
-        RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
-        RopeScaling::LongRope {
-            short_factor,
-            long_factor,
-            attention_factor,
-            ..
-        } => {
-            // transformers `_compute_longrope_parameters`: 1 / (factor_i · θ^(2i/d)), the factors
-            // in f32; cos and sin scaled by the attention factor.
-            let factors = if long { long_factor } else { short_factor };
-            if factors.len() != half {
-                candle_core::bail!(
-                    "longrope has {} factors for {half} rotary frequencies; the config does not fit the model",
-                    factors.len()
-                );
+/// RoPE's inverse frequencies and the scale of its cos and sin: the rows of any positions are
+/// computed when a pass needs them (a 128k-context model keeps no 128k-row table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeFreqs {
+    /// One per rotary pair, rounded to f32 as transformers computes them.
+    inv_freq: Vec<f32>,
+    /// LongRoPE's attention factor (1 otherwise).
+    magnitude: f32,
+}
+
+impl RopeFreqs {
+    /// The frequencies of `head_dim` rotary dims with base `theta` and `scaling`; `long` picks
+    /// LongRoPE's long factors (a pass past the original context).
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling, long: bool) -> Result<Self> {
+        let half = head_dim / 2;
+        let mut magnitude = 1f32;
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+            .collect();
+        match scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                attention_factor,
+                ..
+            } => {
+                // transformers `_compute_longrope_parameters`: 1 / (factor_i · θ^(2i/d)), the factors
+                // in f32; cos and sin scaled by the attention factor.
+                let factors = if long { long_factor } else { short_factor };
+                if factors.len() != half {
+                    candle_core::bail!(
+                        "longrope has {} factors for {half} rotary frequencies; the config does not fit the model",
+                        factors.len()
+                    );
+                }
+                for (f, k) in inv_freq.iter_mut().zip(factors) {
+                    *f /= f64::from(*k as f32);
+                }
+                magnitude = *attention_factor as f32;
             }
-            for (f, k) in inv_freq.iter_mut().zip(factors) {
-                *f /= f64::from(*k as f32);
-            }
-            magnitude = *attention_factor as f32;
-        }
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings: old_ctx,
-        } => {
-            // transformers `_compute_llama3_parameters`: long wavelengths are divided by `factor`,
-            // short ones kept, and the band between interpolated smoothly.
-            let low_freq_wavelen = old_ctx / low_freq_factor;
-            let high_freq_wavelen = old_ctx / high_freq_factor;
-            for f in inv_freq.iter_mut() {
-                let wavelen = 2.0 * std::f64::consts::PI / *f;
-                if wavelen > low_freq_wavelen {
-                    *f /= factor;
-                } else if wavelen >= high_freq_wavelen {
-                    let smooth = (old_ctx / wavelen - low_freq_factor)
-                        / (high_freq_factor - low_freq_factor);
-                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_ctx,
+            } => {
+                // transformers `_compute_llama3_parameters`: long wavelengths are divided by `factor`,
+                // short ones kept, and the band between interpolated smoothly.
+                let low_freq_wavelen = old_ctx / low_freq_factor;
+                let high_freq_wavelen = old_ctx / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_freq_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_freq_wavelen {
+                        let smooth = (old_ctx / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
                 }
             }
         }
+        // transformers computes inv_freq in f32; round it the same way so angles match at long
+        // context.
+        Ok(Self {
+            inv_freq: inv_freq.iter().map(|&f| f as f32).collect(),
+            magnitude,
+        })
     }
-    // transformers computes inv_freq in f32; round it the same way so angles match at long context.
-    let inv_freq: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
-    let mut cos = Vec::with_capacity(max_positions * head_dim);
-    let mut sin = Vec::with_capacity(max_positions * head_dim);
-    for p in 0..max_positions {
+
+    /// Rotary dims (twice the frequencies).
+    pub fn dim(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
+    /// `(cos, sin)` of position `p`, each [`RopeFreqs::dim`] long.
+    pub fn row(&self, p: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut cos = Vec::with_capacity(self.dim());
+        let mut sin = Vec::with_capacity(self.dim());
         for _ in 0..2 {
-            for &f in &inv_freq {
+            for &f in &self.inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos() * magnitude);
-                sin.push(angle.sin() * magnitude);
+                cos.push(angle.cos() * self.magnitude);
+                sin.push(angle.sin() * self.magnitude);
             }
         }
+        (cos, sin)
     }
-    Ok((
-        Tensor::from_vec(cos, (max_positions, head_dim), device)?,
-        Tensor::from_vec(sin, (max_positions, head_dim), device)?,
-    ))
+
+    /// `(cos, sin)` rows of `positions`, each `(n, dim)` in `dtype` on `device`.
+    pub fn tables(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let n = positions.len();
+        let mut cos = Vec::with_capacity(n * self.dim());
+        let mut sin = Vec::with_capacity(n * self.dim());
+        for &p in positions {
+            let (c, s) = self.row(p as usize);
+            cos.extend(c);
+            sin.extend(s);
+        }
+        let shape = (n, self.dim());
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
 }
 
 /// Additive attention bias `(B, 1, T, T)`: 0 where query i may see key j (j ≤ i and both in the

@@ -270,11 +270,6 @@ fn attend(q: &[f32], kv: &FastKv, h: usize, kvh: usize, dh: usize, out: &mut [f3
 }
 
 /// A row of a (positions, Dh) table as f32.
-fn table_row(t: &Tensor, pos: usize, dh: usize) -> Result<Vec<f32>> {
-    let held = hold(t);
-    let m = held.mat()?;
-    Ok((0..dh).map(|d| m.at(pos * dh + d)).collect())
-}
 
 impl Layer {
     /// One token through the layer: `x` (D) in place, its key and value appended to `kv`.
@@ -381,8 +376,7 @@ impl Llama {
             }
             (row..row + d).map(|i| e.at(i)).collect()
         };
-        let cos = table_row(&self.cos, pos, dh)?;
-        let sin = table_row(&self.sin, pos, dh)?;
+        let (cos, sin) = self.rope().row(pos);
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let fast = kv.fast(cfg.num_kv_heads, dh)?;
             layer.decode_cpu(&mut x, fast, cfg, &cos, &sin)?;
