@@ -471,6 +471,42 @@ fn llama_config_filled(raw: &RawConfig, architecture: String) -> Result<ModelCon
     })
 }
 
+/// The largest sizes a config may give (well above every released model: Gemma's 262k vocab,
+/// Llama 3.1 405B's 16384 hidden, 126 layers, 53248 MLP, 128 heads, 10M context). A config past
+/// them is refused before anything is sized from it.
+const LIMITS: [(&str, usize); 8] = [
+    ("vocab_size", 1 << 22),
+    ("hidden_size", 1 << 17),
+    ("intermediate_size", 1 << 20),
+    ("num_hidden_layers", 1 << 10),
+    ("num_attention_heads", 1 << 12),
+    ("num_key_value_heads", 1 << 12),
+    ("head_dim", 1 << 13),
+    ("max_position_embeddings", 1 << 26),
+];
+
+/// An error naming the first size of `cfg` past [`LIMITS`] (or zero).
+fn check_sizes(cfg: &ModelConfig) -> Result<(), String> {
+    let sizes = [
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.max_position_embeddings,
+    ];
+    for ((key, limit), value) in LIMITS.iter().zip(sizes) {
+        if value == 0 || value > *limit {
+            return Err(format!(
+                "{key} is {value}, outside 1..={limit}; this config.json is damaged or not a model FineTune can train"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// Reads and normalizes `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
@@ -499,6 +535,12 @@ impl ModelConfig {
             ));
         }
         let architecture = architecture_of(&raw)?;
+        let cfg = Self::from_raw(&raw, architecture)?;
+        check_sizes(&cfg)?;
+        Ok(cfg)
+    }
+
+    fn from_raw(raw: &RawConfig, architecture: String) -> Result<Self, String> {
         if architecture == "Gemma3ForConditionalGeneration" {
             // The language model's config; its weights are read under `language_model.`.
             let text = raw.text_config.clone().unwrap_or_default();
@@ -511,9 +553,9 @@ impl ModelConfig {
             return llama_config(&text, architecture);
         }
         if architecture == "GPT2LMHeadModel" {
-            gpt2_config(&raw, architecture)
+            gpt2_config(raw, architecture)
         } else {
-            llama_config(&raw, architecture)
+            llama_config(raw, architecture)
         }
     }
 

@@ -209,3 +209,22 @@ fn smollm3_derives_no_rope_layers_from_the_interval() {
     // HuggingFaceTB/SmolLM3-3B: 3,075,098,624 parameters.
     assert_eq!(c.parameter_count(), 3_075_098_624);
 }
+
+#[test]
+fn absurd_sizes_are_refused_before_anything_is_sized() {
+    // Issue 20: a config claiming a 2^31-wide model must fail at parsing, naming the key.
+    for (key, value) in [
+        ("hidden_size", "2147483648"),
+        ("vocab_size", "0"),
+        ("num_hidden_layers", "100000"),
+        ("max_position_embeddings", "1099511627776"),
+    ] {
+        let text = LLAMA31.replacen(
+            &format!("\"{key}\": "),
+            &format!("\"{key}\": {value}, \"x_{key}\": "),
+            1,
+        );
+        let err = ModelConfig::from_json(&text).unwrap_err();
+        assert!(err.contains(key) && err.contains(value), "{key}: {err}");
+    }
+}
