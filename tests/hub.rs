@@ -331,6 +331,45 @@ fn hostile_listings_cannot_write_outside_the_cache() {
         .any(|r| r.starts_with("GET /org/evil")));
 }
 
+/// Issue 20: the token never appears in an error, an event or the CLI's output, even when the
+/// server echoes it back (a token-shaped canary).
+#[test]
+fn the_token_never_appears_in_errors_events_or_output() {
+    const CANARY: &str = "hf_canaryTOKEN0123456789abcdefXYZ";
+    let fake = FakeHub::start();
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub::new(fake.options(cache.path(), Some(CANARY))).unwrap();
+    let mut seen = Vec::new();
+    let search = hub.search(&SearchQuery {
+        text: "llama".into(),
+        ..Default::default()
+    });
+    seen.push(format!("{search:?}"));
+    let details = hub.details("org/tiny-llama", None);
+    seen.push(format!("{details:?}"));
+    let (snap, events) = collect(&hub, "org/tiny-llama", &Cancel::new());
+    let err = snap.unwrap_err();
+    assert!(matches!(err, HubError::BadToken { .. }), "{err:?}");
+    seen.push(format!("{err} {err:?} {events:?}"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .args(["download", "org/tiny-llama"])
+        .env("HF_ENDPOINT", &fake.url)
+        .env("HF_HOME", cache.path())
+        .env("HF_TOKEN", CANARY)
+        .env("RUST_LOG", "trace")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    seen.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    seen.push(String::from_utf8_lossy(&out.stderr).into_owned());
+    let all = seen.join("\n");
+    assert!(all.contains("rejected the token"), "{all}");
+    assert!(!all.contains(CANARY), "the token leaked:\n{all}");
+    // The server did get it (the canary was sent and echoed), so the test can fail.
+    assert!(fake.requests().len() >= 3);
+}
+
 #[test]
 fn cancel_keeps_the_partial_file_and_the_next_download_resumes() {
     let fake = FakeHub::start();

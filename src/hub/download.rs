@@ -412,7 +412,9 @@ impl Hub {
                 Some("GatedRepo") => self.gated_error(repo),
                 _ if self.has_token => HubError::BadToken {
                     endpoint: self.endpoint.clone(),
-                    reason: header(resp, "x-error-message").unwrap_or_else(|| status.to_string()),
+                    reason: self.scrub(
+                        header(resp, "x-error-message").unwrap_or_else(|| status.to_string()),
+                    ),
                 },
                 _ => self.gated_error(repo),
             });

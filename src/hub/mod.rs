@@ -338,10 +338,12 @@ impl Hub {
                 if self.has_token {
                     HubError::BadToken {
                         endpoint: self.endpoint.clone(),
-                        reason: context
-                            .server_message
-                            .clone()
-                            .unwrap_or_else(|| context.status.to_string()),
+                        reason: self.scrub(
+                            context
+                                .server_message
+                                .clone()
+                                .unwrap_or_else(|| context.status.to_string()),
+                        ),
                     }
                 } else {
                     self.gated_error(repo)
@@ -367,8 +369,19 @@ impl Hub {
                 reason: error_chain(&source),
             },
             other => HubError::Protocol {
-                reason: other.to_string(),
+                reason: self.scrub(other.to_string()),
             },
+        }
+    }
+
+    /// `text` (a server's message, an error chain) with the token, should a server or proxy echo
+    /// it, replaced: the token never reaches an error, an event or a log.
+    pub(crate) fn scrub(&self, text: String) -> String {
+        match &self.token {
+            Some(t) if t.len() >= 4 && text.contains(t.as_str()) => {
+                text.replace(t.as_str(), "hf_…(hidden)")
+            }
+            _ => text,
         }
     }
 

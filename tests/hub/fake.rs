@@ -320,6 +320,15 @@ fn serve(
     let auth_ok =
         headers.get("authorization").map(String::as_str) == Some(&format!("Bearer {GOOD_TOKEN}"));
     let has_auth = headers.contains_key("authorization");
+    // A careless server (or proxy) that echoes a rejected token in its error message: FineTune
+    // must not pass it on (issue 20).
+    if let Some(echo) = headers
+        .get("authorization")
+        .filter(|a| a.starts_with("Bearer hf_canary"))
+    {
+        let msg = format!("Invalid credentials in Authorization header: {echo}");
+        return error(&mut stream, "401 Unauthorized", "", &msg);
+    }
 
     if path == "/api/models" {
         let search = query.get("search").cloned().unwrap_or_default();
