@@ -7,8 +7,11 @@ would pass trivially).
 
 mlx-lm cannot read a few things in transformers-5 model folders, so the model (never the adapter)
 goes through small shims, each printed as a note: `rope_theta` nested in `rope_parameters` (llama,
-qwen2 read only the top-level key), and for gpt2 the missing `n_ctx` and the `transformer.` weight
-prefix (mlx-lm's gpt2 sanitize expects the prefix-less keys of the original checkpoints).
+qwen2 read only the top-level key; Gemma 3's per-layer-type entries; Phi-3's LongRoPE, which
+mlx-lm wants as `rope_scaling` with `type`), and for gpt2 the missing `n_ctx` and the
+`transformer.` weight prefix (mlx-lm's gpt2 sanitize expects the prefix-less keys of the original
+checkpoints). What mlx-lm itself does differently is the caller's to align: its Gemma 2 has no
+sliding window, its Phi-3 always uses the long LongRoPE factors.
 
 Usage: python3 tools/mlx_check.py MODEL_DIR MLX_ADAPTER_DIR LOGITS.safetensors
 (mlx-lm runs on Linux: `pip install "mlx[cpu]" mlx-lm safetensors numpy`.)
@@ -37,6 +40,19 @@ def model_shims(model_dir, tmp):
         overrides["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
             overrides["rope_scaling"] = rope
+    if isinstance(rope.get("full_attention"), dict):
+        # Gemma 3: one entry per layer type; mlx-lm reads rope_theta, rope_local_base_freq and
+        # the global rope_scaling at the top level.
+        full, local = rope["full_attention"], rope.get("sliding_attention") or {}
+        overrides["rope_theta"] = full.get("rope_theta", 1_000_000.0)
+        overrides["rope_local_base_freq"] = local.get("rope_theta", 10_000.0)
+        if full.get("rope_type", "default") != "default":
+            overrides["rope_scaling"] = full
+    if config.get("model_type") == "phi3" and rope.get("rope_type") in ("longrope", "su"):
+        # mlx-lm's phi3 wants `type` in rope_scaling and partial_rotary_factor at the top.
+        overrides["rope_scaling"] = dict(rope, type=rope["rope_type"])
+        if "partial_rotary_factor" in rope:
+            overrides["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if config.get("model_type") != "gpt2":
         return model_dir, overrides
     if "n_ctx" not in config:
