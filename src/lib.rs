@@ -7,6 +7,8 @@ pub mod cli;
 pub mod convert;
 pub mod data;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod hub;
 pub mod inspect;
