@@ -269,8 +269,6 @@ fn attend(q: &[f32], kv: &FastKv, h: usize, kvh: usize, dh: usize, out: &mut [f3
     }
 }
 
-/// A row of a (positions, Dh) table as f32.
-
 impl Layer {
     /// One token through the layer: `x` (D) in place, its key and value appended to `kv`.
     fn decode_cpu(
