@@ -25,8 +25,23 @@ fn stops_cleanly_on(signal: &str) {
         .arg(&data)
         .arg("--out")
         .arg(out.path())
-        .args(["--steps", "100000", "--json", "--device", "cpu", "--max-seq-len", "64"])
-        .args(["--batch-size", "2", "--save-every", "0", "--eval-every", "0"])
+        .args([
+            "--steps",
+            "100000",
+            "--json",
+            "--device",
+            "cpu",
+            "--max-seq-len",
+            "64",
+        ])
+        .args([
+            "--batch-size",
+            "2",
+            "--save-every",
+            "0",
+            "--eval-every",
+            "0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -64,7 +79,9 @@ fn stops_cleanly_on(signal: &str) {
     let mut m = Model::load(&model, DType::F32, &Device::Cpu).unwrap();
     adapter::load(&saved, &mut m).unwrap();
     assert!(
-        out.path().join(format!("checkpoints/step-{step:06}")).is_dir(),
+        out.path()
+            .join(format!("checkpoints/step-{step:06}"))
+            .is_dir(),
         "no checkpoint of step {step}"
     );
 }

@@ -836,3 +836,62 @@ fn a_dropped_pytorch_bin_folder_converts_and_trains() {
     }
     drop_model_and_train(&bin, "tiny-llama-bin");
 }
+
+/// Issue 20: closing the window during a run asks first; "Keep training" keeps it running,
+/// "Stop, save and quit" stops after the step, saves, then closes the window.
+#[test]
+fn closing_the_window_while_training_asks_then_stops_saves_and_quits() {
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        fake_engine(100_000, Duration::from_millis(20), seen),
+    ));
+    h.run();
+    h.get_by_label("Try the demo").click();
+    wait_for(&mut h, "the demo to load", demo_loaded);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Enter);
+    wait_for(&mut h, "a few steps", |a| a.run_view().step >= 3);
+    let close = |h: &mut Harness<'_, FineTuneApp>| {
+        h.input_mut()
+            .viewports
+            .entry(egui::ViewportId::ROOT)
+            .or_default()
+            .events
+            .push(egui::ViewportEvent::Close);
+        h.step();
+    };
+    let commands = |h: &Harness<'_, FineTuneApp>| {
+        h.output()
+            .viewport_output
+            .get(&egui::ViewportId::ROOT)
+            .map(|v| v.commands.clone())
+            .unwrap_or_default()
+    };
+    close(&mut h);
+    assert!(commands(&h).contains(&egui::ViewportCommand::CancelClose));
+    h.run();
+    assert!(has_label(&h, "Training is running"));
+    h.get_by_label("Keep training").click();
+    h.run();
+    assert!(!has_label(&h, "Training is running"));
+    let step = h.state().run_view().step;
+    wait_for(&mut h, "more steps", |a| a.run_view().step > step + 2);
+
+    close(&mut h);
+    assert!(commands(&h).contains(&egui::ViewportCommand::CancelClose));
+    h.run();
+    h.get_by_label("Stop, save and quit").click();
+    let mut closed = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !closed && Instant::now() < deadline {
+        h.step();
+        closed = commands(&h).contains(&egui::ViewportCommand::Close);
+    }
+    assert!(closed, "the window was never closed");
+    let v = h.state().run_view();
+    assert_eq!(v.state, RunState::Stopped);
+    let adapter = v.final_adapter.clone().unwrap();
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+}

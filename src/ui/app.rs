@@ -28,6 +28,7 @@ use crate::train::{capped_seq_len, TrainConfig, ValidConfig};
 
 mod central;
 mod derived;
+mod quit;
 
 /// Longest time `logic()` spends draining engine events per frame.
 pub const EVENT_BUDGET: Duration = Duration::from_millis(10);
@@ -119,6 +120,7 @@ pub struct FineTuneApp {
     notices: Vec<Notice>,
     status: Status,
     first_frame_done: bool,
+    quit: quit::Quit,
 }
 
 impl FineTuneApp {
@@ -151,6 +153,7 @@ impl FineTuneApp {
             notices: Vec::new(),
             status: Status::default(),
             first_frame_done: false,
+            quit: quit::Quit::default(),
         };
         app.open_paths(&paths);
         app
@@ -550,6 +553,7 @@ impl eframe::App for FineTuneApp {
     fn logic(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
         self.status.frames.begin(frame.info().cpu_usage);
         self.logic_inner(ctx);
+        self.quit_logic(ctx);
         self.status.frames.log(ctx, &self.run);
     }
 
@@ -565,6 +569,7 @@ impl eframe::App for FineTuneApp {
             });
         egui::CentralPanel::default_margins().show(ui, |ui| self.central_ui(ui));
         drop_overlay_ui(ui);
+        self.quit_ui(ui);
         self.status.frames.end();
     }
 
@@ -578,22 +583,5 @@ impl eframe::App for FineTuneApp {
 
     fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
         self.stop_on_exit();
-    }
-}
-
-impl FineTuneApp {
-    /// On quit, asks a running session to stop and gives it a few seconds to save its adapter.
-    fn stop_on_exit(&mut self) {
-        self.models.cancel_download();
-        if let Some(mut s) = self.session.take() {
-            s.stop();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !s.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if s.is_finished() {
-                s.join();
-            }
-        }
     }
 }
