@@ -100,14 +100,21 @@ pub fn save(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
-    adapter::save(&tmp, lora, model, base_model).map_err(|e| err(e.to_string()))?;
-    let moments = opt.state_tensors().map_err(|e| err(e.to_string()))?;
-    let opt_bytes =
-        safetensors::tensor::serialize(moments, None).map_err(|e| err(e.to_string()))?;
-    std::fs::write(tmp.join(OPTIMIZER_FILE), opt_bytes).map_err(|e| err(e.to_string()))?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| err(e.to_string()))?;
-    std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| err(e.to_string()))?;
+    let written = (|| -> Result<(), CheckpointError> {
+        std::fs::create_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
+        adapter::save(&tmp, lora, model, base_model).map_err(|e| err(e.to_string()))?;
+        let moments = opt.state_tensors().map_err(|e| err(e.to_string()))?;
+        let opt_bytes =
+            safetensors::tensor::serialize(moments, None).map_err(|e| err(e.to_string()))?;
+        std::fs::write(tmp.join(OPTIMIZER_FILE), opt_bytes).map_err(|e| err(e.to_string()))?;
+        let json = serde_json::to_string_pretty(state).map_err(|e| err(e.to_string()))?;
+        std::fs::write(tmp.join(STATE_FILE), json).map_err(|e| err(e.to_string()))
+    })();
+    if let Err(e) = written {
+        // A full disk leaves no half-written checkpoint behind (and frees what it took).
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| err(e.to_string()))?;
     }
