@@ -481,8 +481,14 @@ impl Stack {
             }
             OpCode::BinUnicode => {
                 let len = r.read_u32::<LittleEndian>()?;
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                // FineTune patch: grow with the bytes that are really there instead of
+                // allocating the length a (possibly hostile) file claims up front.
+                let mut data = Vec::new();
+                let mut limited = std::io::Read::take(&mut *r, u64::from(len));
+                std::io::Read::read_to_end(&mut limited, &mut data)?;
+                if data.len() != len as usize {
+                    crate::bail!("pickle: a string of {len} bytes is cut short");
+                }
                 let data = String::from_utf8(data).map_err(E::wrap)?;
                 self.push(Object::Unicode(data))
             }
