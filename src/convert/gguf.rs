@@ -55,6 +55,39 @@ pub(crate) fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// An error unless every tensor the GGUF `content` lists fits in the file of `file_len` bytes:
+/// its element count (checked, under 2^40) splits into whole blocks and its bytes lie inside the
+/// file. Candle sizes buffers from these numbers, so a damaged or hostile file is stopped here
+/// (found by the `gguf` fuzz target: a shape whose byte count overflowed past the file check).
+pub(crate) fn check_tensor_extents(content: &Content, file_len: u64) -> Result<(), String> {
+    for (name, info) in &content.tensor_infos {
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .filter(|&n| n <= 1 << 40);
+        let block = info.ggml_dtype.block_size() as u64;
+        let bytes = elems
+            .filter(|n| n % block == 0)
+            .and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size() as u64));
+        let end = bytes.and_then(|b| {
+            content
+                .tensor_data_offset
+                .checked_add(info.offset)?
+                .checked_add(b)
+        });
+        if !end.is_some_and(|e| e <= file_len) {
+            return Err(format!(
+                "tensor {name} ({:?}, shape {:?}) does not fit in the file; it is damaged or not a model",
+                info.ggml_dtype,
+                info.shape.dims()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether llama.cpp's converter permuted this architecture's Q and K rows (its LlamaModel and
 /// the models built on it).
 pub(crate) fn permutes_qk(arch: &str) -> bool {
@@ -95,6 +128,11 @@ pub(crate) fn convert(
     let content = Content::read(&mut reader).map_err(|e| ConvertError::Gguf {
         path: path.to_path_buf(),
         reason: e.to_string(),
+    })?;
+    let file_len = std::fs::metadata(path).map_err(io_err(path))?.len();
+    check_tensor_extents(&content, file_len).map_err(|reason| ConvertError::Gguf {
+        path: path.to_path_buf(),
+        reason,
     })?;
     let meta = Meta::new(&content.metadata, path);
     if hf_architecture(&meta.arch).is_none() {

@@ -131,6 +131,10 @@ pub fn read_gguf_lora(
         .map_err(|e| invalid(file, e.to_string()))?;
     let content =
         Content::read(&mut reader).map_err(|e| invalid(file, format!("not a GGUF file ({e})")))?;
+    let len = std::fs::metadata(file)
+        .map_err(|e| invalid(file, e.to_string()))?
+        .len();
+    crate::convert::gguf::check_tensor_extents(&content, len).map_err(|e| invalid(file, e))?;
     let (alpha, arch) = lora_metadata(&content, model, file)?;
     let by_gguf: HashMap<String, String> = model
         .linears()

@@ -111,6 +111,10 @@ impl GgufLinears {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader)
             .map_err(|e| bad(format!("not a readable GGUF file ({e})")))?;
+        let len = std::fs::metadata(path)
+            .map_err(|e| bad(e.to_string()))?
+            .len();
+        crate::convert::gguf::check_tensor_extents(&content, len).map_err(bad)?;
         let meta = crate::convert::gguf_meta::Meta::new(&content.metadata, path);
         let permuted = crate::convert::gguf::permutes_qk(&meta.arch).then(|| {
             let heads = meta.arch_u64("attention.head_count").unwrap_or(0) as usize;
