@@ -77,7 +77,7 @@ pub(crate) fn check_tensor_extents(content: &Content, file_len: u64) -> Result<(
                 .checked_add(info.offset)?
                 .checked_add(b)
         });
-        if !end.is_some_and(|e| e <= file_len) {
+        if end.is_none_or(|e| e > file_len) {
             return Err(format!(
                 "tensor {name} ({:?}, shape {:?}) does not fit in the file; it is damaged or not a model",
                 info.ggml_dtype,
