@@ -33,6 +33,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .broadcast_mul(weight)
 }
 
+/// RMSNorm of `x` (bf16/f16) by an f32 `weight`, as Gemma computes it: normalized and scaled in
+/// f32, rounded to `x`'s dtype once.
+pub fn rms_norm_f32_weight(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xf, dtype) = upcast(x)?;
+    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xf.broadcast_mul(&inv_rms)?
+        .broadcast_mul(weight)?
+        .to_dtype(dtype)
+}
+
 /// LayerNorm over the last dim with affine weight and bias (GPT-2).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let (xf, dtype) = upcast(x)?;
@@ -101,8 +113,17 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 }
 
 /// The gated MLP product `act(gate) ⊙ up` `(B, T, I)` (SwiGLU for silu).
+/// The tanh GELU, composed of several ops, runs in f32 and rounds once (as PyTorch's fused
+/// `gelu(approximate="tanh")` does in bf16/f16); the others are single Candle ops.
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-    activation(gate, act)? * up
+    let activated = match act {
+        Activation::GeluTanh if gate.dtype() != DType::F32 => {
+            let (gf, dtype) = upcast(gate)?;
+            activation(&gf, act)?.to_dtype(dtype)?
+        }
+        _ => activation(gate, act)?,
+    };
+    activated * up
 }
 
 /// Repeats each of the `KV` heads in `x` `(B, KV, T, Dh)` `n_rep` times → `(B, KV·n_rep, T, Dh)`

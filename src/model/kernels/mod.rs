@@ -363,6 +363,10 @@ pub fn plan_for(x: &Tensor) -> KernelPlan {
 
 /// RMSNorm over the last dim with a frozen `weight`, differentiable.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if weight.dtype() == DType::F32 && x.dtype() != DType::F32 {
+        // Gemma's convention: the weight multiplies in f32, one rounding at the end.
+        return composed::rms_norm_f32_weight(x, weight, eps);
+    }
     let same = weight.dtype() == x.dtype();
     match plan_for(x).rms_norm {
         #[cfg(feature = "cuda")]

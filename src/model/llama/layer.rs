@@ -13,7 +13,7 @@ use crate::model::weights::Weights;
 use crate::model::ModelError;
 
 /// A norm weight `name` of `n` values; Gemma's norms scale by 1 + w, so the stored weights are
-/// shifted once here.
+/// shifted once here (and kept in f32, as Gemma computes them).
 pub(super) fn norm(
     w: &Weights,
     cfg: &ModelConfig,
@@ -21,10 +21,10 @@ pub(super) fn norm(
     n: usize,
 ) -> std::result::Result<Tensor, ModelError> {
     let t = w.get(name, &[n])?;
+    // Kept in f32: Gemma multiplies the normalized f32 rows by 1 + w in f32 and rounds once
+    // (kernels::rms_norm takes that path for an f32 weight and bf16/f16 rows).
     Ok(if cfg.variant.norm_plus_one {
-        t.to_dtype(candle_core::DType::F32)?
-            .affine(1.0, 1.0)?
-            .to_dtype(t.dtype())?
+        t.to_dtype(candle_core::DType::F32)?.affine(1.0, 1.0)?
     } else {
         t
     })
