@@ -409,7 +409,8 @@ fn strip_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}").map(|end| end + 2) else {
+        // The closing `%}` after the opening `{%` (in `{%}` they overlap; found by fuzzing).
+        let Some(len) = rest[start + 2..].find("%}").map(|end| end + 4) else {
             break;
         };
         let tag = &rest[start..start + len];
