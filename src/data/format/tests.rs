@@ -1,4 +1,6 @@
 #![cfg(test)]
+// Tests panic on purpose: unwrap/expect are how they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Tests of `data::format`.
 
 use super::*;
