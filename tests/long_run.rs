@@ -1,7 +1,8 @@
 //! Issue 20, long runs: 10,000 tiny `finetune train` steps (about a minute with the dev profile on
 //! two cores; it runs in CI as is) with flat memory: the least-squares slope of the resident set
 //! over steps 1,000–10,000 stays under 200 bytes a step (2 MB over the run), and the process holds
-//! as many open files and threads at the end as at step 1,000. `FINETUNE_LONG_STEPS` changes
+//! as many open files and threads at step 9,000 as at step 1,000 (the least over 50 steps at each:
+//! every step opens /proc for its resident set for a moment). `FINETUNE_LONG_STEPS` changes
 //! the length.
 #![cfg(target_os = "linux")]
 // Tests panic on purpose: unwrap/expect are how they fail.
@@ -52,7 +53,11 @@ fn ten_thousand_steps_keep_memory_files_and_threads_flat() {
         .unwrap();
     let pid = child.id();
     let mut rss: Vec<(f64, f64)> = Vec::new();
-    let (mut at_warm, mut at_end) = ((0, 0), (0, 0));
+    // Each step reads the resident set from /proc, which opens a file for a moment: a single
+    // sample can catch it. The least over 50 steps is what the process holds.
+    let (mut at_warm, mut at_end) = ((usize::MAX, usize::MAX), (usize::MAX, usize::MAX));
+    let window = 50.min(warm.max(1));
+    let least = |a: (usize, usize), b: (usize, usize)| (a.0.min(b.0), a.1.min(b.1));
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
         if !line.starts_with(r#"{"event":"step""#) {
@@ -63,11 +68,12 @@ fn ten_thousand_steps_keep_memory_files_and_threads_flat() {
         if step >= warm {
             rss.push((step as f64, v["data"]["rss_bytes"].as_f64().unwrap()));
         }
-        if step == warm {
-            at_warm = handles(pid);
+        if (warm..warm + window).contains(&step) {
+            at_warm = least(at_warm, handles(pid));
         }
-        if step == steps - 1 {
-            at_end = handles(pid);
+        // Well before the last step, so that the child is still training, not saving.
+        if (steps - warm - window..steps - warm).contains(&step) {
+            at_end = least(at_end, handles(pid));
         }
     }
     assert!(child.wait().unwrap().success());
