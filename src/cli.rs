@@ -385,11 +385,31 @@ fn info(model: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reading progress on stderr: a line redrawn in place on a terminal, a line per tenth otherwise
+/// (logs stay short).
+fn print_reading(done: u64, total: u64) {
+    use std::io::IsTerminal;
+    let pct = |d: u64| (d * 100).checked_div(total).unwrap_or(100);
+    let mb = |b: u64| b as f64 / 1e6;
+    let text = format!(
+        "reading data: {:3}% ({:.0} of {:.0} MB)",
+        pct(done),
+        mb(done),
+        mb(total)
+    );
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{text}{}", if done >= total { "\n" } else { "" });
+    } else if done >= total || pct(done) / 10 != pct(done.saturating_sub(1 << 20)) / 10 {
+        eprintln!("{text}");
+    }
+}
+
 /// Prints one event the way a terminal user wants it.
 pub fn print_event(event: &Event, log_every: usize) {
     match event {
         Event::Started { .. } => print_started(event),
         Event::Log(line) => println!("{line}"),
+        Event::Reading { done, total } => print_reading(*done, *total),
         Event::Step(s) => {
             if s.step % log_every == 0 || s.step == s.total_steps {
                 print_step(s);
@@ -511,7 +531,7 @@ fn inspect_data(args: &InspectDataArgs) -> anyhow::Result<ExitCode> {
         valid_fraction: 0.0,
         ..Default::default()
     };
-    match crate::data::load(&args.file, None, &tokenizer, &options) {
+    match crate::data::load_with_progress(&args.file, None, &tokenizer, &options, &print_reading) {
         Ok(loaded) => {
             println!("{}", loaded.train.summary);
             Ok(ExitCode::SUCCESS)

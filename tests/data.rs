@@ -520,3 +520,31 @@ fn full_wwdc25_dataset_loads_cleanly() {
     assert_eq!(loaded.valid.map(|v| v.len()), Some(144));
     assert_eq!(loaded.train.summary.approximate_masks, 0);
 }
+
+/// Issue 20, big inputs: a file with a bad line in every other line lists the first 1,000
+/// problems and counts the rest, so a broken 1 GB file gives a readable report, not millions of
+/// lines; skipping bad lines counts all of them.
+#[test]
+fn problems_past_the_first_thousand_are_counted_not_listed() {
+    let good = r#"{"text": "fine"}"#;
+    let lines: Vec<&str> = (0..3000)
+        .map(|i| if i % 2 == 0 { good } else { "{oops" })
+        .collect();
+    let f = jsonl(&lines);
+    let tok = tokenizer("tiny-llama");
+    let err = data::load(f.path(), None, &tok, &no_split()).unwrap_err();
+    assert_eq!(err.errors.len(), 1001);
+    assert_eq!(err.errors[999].line, Some(2000));
+    assert_eq!(
+        err.errors[1000].problem,
+        Problem::MoreProblems { count: 500 }
+    );
+    assert!(err.to_string().contains("500 more lines have problems"));
+    let skip = DataOptions {
+        skip_bad_lines: true,
+        ..no_split()
+    };
+    let loaded = data::load(f.path(), None, &tok, &skip).unwrap();
+    assert_eq!(loaded.train.len(), 1500);
+    assert_eq!(loaded.train.summary.skipped_lines, 1500);
+}

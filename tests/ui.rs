@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eframe::egui;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
 
 use finetune::data::{DatasetSummary, Format, TemplateUse};
@@ -894,4 +894,53 @@ fn closing_the_window_while_training_asks_then_stops_saves_and_quits() {
     assert_eq!(v.state, RunState::Stopped);
     let adapter = v.final_adapter.clone().unwrap();
     assert!(adapter.join("adapter_model.safetensors").is_file());
+}
+
+/// Issue 20, big inputs: while a 16 MB dataset is read (a worker thread), the window keeps drawing
+/// frames and its progress bar moves.
+#[test]
+fn a_big_dataset_loads_behind_a_moving_progress_bar() {
+    let out = tempfile::tempdir().unwrap();
+    let big = out.path().join("big.jsonl");
+    let demo = std::fs::read_to_string(root().join("assets/demo/train.jsonl")).unwrap();
+    let mut text = String::new();
+    while text.len() < 16 << 20 {
+        text.push_str(&demo);
+    }
+    std::fs::write(&big, text).unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let mut h = harness(FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![fixture("tiny-llama"), big],
+        fake_engine(1, Duration::ZERO, seen),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut shown, mut frames, mut slowest) = (Vec::<String>::new(), 0, Duration::ZERO);
+    while h.state().dataset_outcome().is_none() {
+        assert!(Instant::now() < deadline, "the dataset never loaded");
+        let t = Instant::now();
+        h.step();
+        slowest = slowest.max(t.elapsed());
+        frames += 1;
+        if let Some(node) = h
+            .query_all_by_label_contains("Reading and tokenizing the dataset:")
+            .next()
+        {
+            let label = node.accesskit_node().label().unwrap_or_default();
+            if shown.last() != Some(&label) {
+                shown.push(label);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "{frames} frames while loading (slowest {slowest:?}); progress shown: {} steps, up to {:?}",
+        shown.len(),
+        shown.last()
+    );
+    assert!(shown.len() >= 3, "the progress bar did not move: {shown:?}");
+    let Some(Outcome::Loaded(l)) = h.state().dataset_outcome() else {
+        panic!("not loaded: {:?}", h.state().dataset_outcome())
+    };
+    assert!(l.train.records > 13_000, "{}", l.train.records);
 }

@@ -9,8 +9,9 @@ use rand::SeedableRng;
 
 use super::encode::{Encoder, PromptCompletionStyle, Sample};
 use super::error::{DataError, DataErrors, Problem};
-use super::format::{Format, Record};
-use super::jsonl::{read_jsonl, DEFAULT_MAX_LINE_BYTES};
+use super::format::Format;
+use super::jsonl::DEFAULT_MAX_LINE_BYTES;
+use super::load::{load_file, FileData, Progress};
 use super::summary::{DatasetSummary, LoadCounts, TemplateUse};
 use super::tokenizer::{ModelTokenizer, TokenizerError};
 
@@ -132,11 +133,31 @@ pub fn load(
     tokenizer: &ModelTokenizer,
     options: &DataOptions,
 ) -> Result<LoadedData, DataErrors> {
+    load_with_progress(train, valid, tokenizer, options, &|_, _| {})
+}
+
+/// [`load`], calling `progress(bytes read, bytes in all)` as the files are read (every MiB).
+pub fn load_with_progress(
+    train: &Path,
+    valid: Option<&Path>,
+    tokenizer: &ModelTokenizer,
+    options: &DataOptions,
+    progress: &dyn Fn(u64, u64),
+) -> Result<LoadedData, DataErrors> {
     let encoder = Encoder::new(tokenizer, options.mask_prompt, options.prompt_completion)
         .map_err(|p| DataErrors::single(DataError::new(train, None, p)))?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let train_bytes = size(train);
+    let total = train_bytes + valid.map_or(0, size);
     let mut errors = Vec::new();
-    let train_file = load_file(train, &encoder, options, None, &mut errors);
-    let valid_file = valid.map(|path| load_file(path, &encoder, options, None, &mut errors));
+    let at = |before| Progress {
+        report_fn: progress,
+        before,
+        total,
+    };
+    let train_file = load_file(train, &encoder, options, None, &at(0), &mut errors);
+    let valid_file =
+        valid.map(|path| load_file(path, &encoder, options, None, &at(train_bytes), &mut errors));
     let fatal = errors.iter().any(|e| !e.problem.is_per_record());
     if fatal || (!errors.is_empty() && !options.skip_bad_lines) {
         return Err(DataErrors { errors });
@@ -258,7 +279,12 @@ pub fn preview(
     let encoder = Encoder::new(tokenizer, options.mask_prompt, options.prompt_completion)
         .map_err(|p| DataErrors::single(DataError::new(path, None, p)))?;
     let mut errors = Vec::new();
-    let file = load_file(path, &encoder, options, Some(n), &mut errors);
+    let quiet = Progress {
+        report_fn: &|_, _| {},
+        before: 0,
+        total: 0,
+    };
+    let file = load_file(path, &encoder, options, Some(n), &quiet, &mut errors);
     let fatal = errors.iter().any(|e| !e.problem.is_per_record());
     match file {
         Some(file) if !fatal && (errors.is_empty() || options.skip_bad_lines) => {
@@ -334,113 +360,6 @@ fn preview_sample(
     })
 }
 
-/// One file's good samples and counts; per-record problems go to `errors`.
-struct FileData {
-    format: Format,
-    samples: Vec<Sample>,
-    counts: LoadCounts,
-}
-
-fn load_file(
-    path: &Path,
-    encoder: &Encoder<'_>,
-    options: &DataOptions,
-    max_records: Option<usize>,
-    errors: &mut Vec<DataError>,
-) -> Option<FileData> {
-    let read = match read_jsonl(path, options.max_line_bytes, max_records) {
-        Ok(read) => read,
-        Err(e) => {
-            errors.push(e);
-            return None;
-        }
-    };
-    let errors_before = errors.len();
-    errors.extend(read.problems);
-    let mut first: Option<(Format, usize)> = None;
-    let mut samples = Vec::with_capacity(read.records.len());
-    let mut counts = LoadCounts::default();
-    for record in &read.records {
-        let sample = record_format(&mut first, &record.object, record.line)
-            .and_then(|format| Record::parse(format, &record.object))
-            .and_then(|r| r.encode(encoder, record.line));
-        let mut sample = match sample {
-            Ok(sample) => sample,
-            Err(problem) => {
-                errors.push(DataError::new(path, Some(record.line), problem));
-                continue;
-            }
-        };
-        if sample.len() > options.max_seq_len {
-            match options.over_long {
-                OverLong::Drop => {
-                    counts.dropped += 1;
-                    continue;
-                }
-                OverLong::Truncate => sample.truncate(options.max_seq_len),
-            }
-        }
-        if sample.trained_tokens() == 0 {
-            counts.untrainable += 1;
-            continue;
-        }
-        samples.push(sample);
-    }
-    // Problems keep file order (read problems and record problems interleave by line).
-    errors[errors_before..].sort_by_key(|e| e.line);
-    counts.skipped_lines = errors.len() - errors_before;
-    let format = match first {
-        Some((format, _)) if !samples.is_empty() => format,
-        _ => {
-            if errors.len() == errors_before || options.skip_bad_lines {
-                errors.push(DataError::new(
-                    path,
-                    None,
-                    Problem::NoRecords {
-                        max_seq_len: options.max_seq_len,
-                        dropped: counts.dropped,
-                        untrainable: counts.untrainable,
-                        skipped: counts.skipped_lines,
-                    },
-                ));
-            }
-            return None;
-        }
-    };
-    Some(FileData {
-        format,
-        samples,
-        counts,
-    })
-}
-
-/// The record's format, checked against the file's first record (which sets it).
-fn record_format(
-    first: &mut Option<(Format, usize)>,
-    object: &serde_json::Map<String, serde_json::Value>,
-    line: usize,
-) -> Result<Format, Problem> {
-    match (*first, Format::detect(object)) {
-        (None, None) => Err(Problem::UnknownFormat),
-        (None, Some(format)) => {
-            *first = Some((format, line));
-            Ok(format)
-        }
-        (Some((expected, first_line)), None) => Err(Problem::MissingKeys {
-            expected,
-            first_line,
-        }),
-        (Some((first_format, first_line)), Some(found)) if found != first_format => {
-            Err(Problem::MixedFormats {
-                found,
-                first: first_format,
-                first_line,
-            })
-        }
-        (Some((format, _)), Some(_)) => Ok(format),
-    }
-}
-
 /// Indices (sorted) of the records held out for validation: `round(n * fraction)`, at least 1 and
 /// at most `n - 1` when `n >= 2`; none for `fraction <= 0` or `n < 2`. Deterministic for a seed.
 pub fn hold_out(n: usize, fraction: f64, seed: u64) -> Vec<usize> {
@@ -504,39 +423,6 @@ mod tests {
         assert_eq!(
             rest.iter().map(|s| s.line).collect::<Vec<_>>(),
             vec![1, 3, 5]
-        );
-    }
-
-    #[test]
-    fn format_set_by_first_record() {
-        let obj = |v: serde_json::Value| v.as_object().cloned().unwrap();
-        let mut first = None;
-        assert_eq!(
-            record_format(&mut first, &obj(serde_json::json!({"x": 1})), 1),
-            Err(Problem::UnknownFormat)
-        );
-        assert_eq!(
-            record_format(&mut first, &obj(serde_json::json!({"text": "a"})), 2),
-            Ok(Format::Text)
-        );
-        assert_eq!(
-            record_format(
-                &mut first,
-                &obj(serde_json::json!({"prompt": "a", "completion": "b"})),
-                3
-            ),
-            Err(Problem::MixedFormats {
-                found: Format::PromptCompletion,
-                first: Format::Text,
-                first_line: 2
-            })
-        );
-        assert_eq!(
-            record_format(&mut first, &obj(serde_json::json!({"txt": "a"})), 4),
-            Err(Problem::MissingKeys {
-                expected: Format::Text,
-                first_line: 2
-            })
         );
     }
 }

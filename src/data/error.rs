@@ -15,6 +15,12 @@ pub enum Problem {
     /// message.
     #[error("could not read the file ({0}); check that it exists and is readable")]
     Io(String),
+    /// More per-record problems than are listed were found (the list keeps the first ones).
+    #[error("{count} more lines have problems; fix the ones listed first and read the file again")]
+    MoreProblems {
+        /// Problems found after the listed ones.
+        count: usize,
+    },
     /// The file has no non-blank line.
     #[error("the file has no records; put one JSON object per line (see README#datasets)")]
     EmptyFile,

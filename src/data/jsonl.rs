@@ -17,58 +17,111 @@ pub(crate) struct JsonLine {
     pub object: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Records and the per-line problems found while reading a file.
+/// Records and the per-line problems found while reading a file (tests read whole files).
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct ReadOutcome {
     pub records: Vec<JsonLine>,
     pub problems: Vec<DataError>,
 }
 
-/// Reads `path`. `max_records` stops after that many good records (previews). An unreadable file is
-/// an `Err`; bad lines are collected in the outcome; a file without any non-blank line is
+#[cfg(test)]
+/// Reads `path` whole. `max_records` stops after that many good records (previews). An unreadable
+/// file is an `Err`; bad lines are collected in the outcome; a file without any non-blank line is
 /// `Problem::EmptyFile`.
 pub(crate) fn read_jsonl(
     path: &Path,
     max_line_bytes: usize,
     max_records: Option<usize>,
 ) -> Result<ReadOutcome, DataError> {
-    let io_err = |e: std::io::Error| DataError::new(path, None, Problem::Io(e.to_string()));
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let mut reader = BufReader::new(file);
+    let mut reader = JsonlReader::open(path, max_line_bytes)?;
     let mut out = ReadOutcome::default();
-    let mut buf = Vec::new();
-    let mut line_no = 0usize;
-    let mut saw_content = false;
-    while let Some(bytes) = next_line(&mut reader, max_line_bytes, &mut buf).map_err(io_err)? {
-        line_no += 1;
-        if max_records.is_some_and(|n| out.records.len() >= n) {
-            break;
+    while max_records.is_none_or(|n| out.records.len() < n) {
+        match reader.next_line()? {
+            None => break,
+            Some(Ok(record)) => out.records.push(record),
+            Some(Err(problem)) => out.problems.push(problem),
         }
-        let mut raw: &[u8] = &buf;
-        if line_no == 1 {
-            raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
-        }
-        if raw.last() == Some(&b'\r') {
-            raw = &raw[..raw.len() - 1];
-        }
-        if raw.iter().all(u8::is_ascii_whitespace) && bytes <= max_line_bytes {
-            continue;
-        }
-        saw_content = true;
-        match parse_line(raw, bytes, max_line_bytes) {
-            Ok(object) => out.records.push(JsonLine {
-                line: line_no,
-                object,
-            }),
-            Err(problem) => out
-                .problems
-                .push(DataError::new(path, Some(line_no), problem)),
-        }
-    }
-    if !saw_content {
-        return Err(DataError::new(path, None, Problem::EmptyFile));
     }
     Ok(out)
+}
+
+/// A JSONL file read one line at a time, so that a file of any size is read in bounded memory: a
+/// line is held up to the size limit and its JSON only until the caller drops it.
+pub(crate) struct JsonlReader {
+    path: std::path::PathBuf,
+    reader: BufReader<std::fs::File>,
+    max_line_bytes: usize,
+    buf: Vec<u8>,
+    line_no: usize,
+    bytes_read: u64,
+    total_bytes: u64,
+    saw_content: bool,
+}
+
+impl JsonlReader {
+    /// Opens `path`; an unreadable file is an `Err` naming it.
+    pub(crate) fn open(path: &Path, max_line_bytes: usize) -> Result<Self, DataError> {
+        let file = std::fs::File::open(path).map_err(|e| io_error(path, &e))?;
+        let total_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Self {
+            path: path.to_owned(),
+            reader: BufReader::with_capacity(1 << 16, file),
+            max_line_bytes,
+            buf: Vec::new(),
+            line_no: 0,
+            bytes_read: 0,
+            total_bytes,
+            saw_content: false,
+        })
+    }
+
+    /// Bytes of the file read so far, and its size (for progress).
+    pub(crate) fn progress(&self) -> (u64, u64) {
+        (self.bytes_read, self.total_bytes.max(self.bytes_read))
+    }
+
+    /// The next non-blank line: a record or the problem of that line. `Ok(None)` at the end;
+    /// `Err` when the file cannot be read or holds no non-blank line (`Problem::EmptyFile`).
+    pub(crate) fn next_line(&mut self) -> Result<Option<Result<JsonLine, DataError>>, DataError> {
+        loop {
+            let Some(bytes) = next_line(&mut self.reader, self.max_line_bytes, &mut self.buf)
+                .map_err(|e| io_error(&self.path, &e))?
+            else {
+                if !self.saw_content {
+                    return Err(DataError::new(&self.path, None, Problem::EmptyFile));
+                }
+                return Ok(None);
+            };
+            self.line_no += 1;
+            self.bytes_read += bytes as u64 + 1;
+            let mut raw: &[u8] = &self.buf;
+            if self.line_no == 1 {
+                raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
+            }
+            if raw.last() == Some(&b'\r') {
+                raw = &raw[..raw.len() - 1];
+            }
+            if raw.iter().all(u8::is_ascii_whitespace) && bytes <= self.max_line_bytes {
+                continue;
+            }
+            self.saw_content = true;
+            let line = self.line_no;
+            let parsed = parse_line(raw, bytes, self.max_line_bytes);
+            // A long line's buffer is not kept for the next one.
+            if self.buf.capacity() > 1 << 20 {
+                self.buf = Vec::new();
+            }
+            return Ok(Some(match parsed {
+                Ok(object) => Ok(JsonLine { line, object }),
+                Err(problem) => Err(DataError::new(&self.path, Some(line), problem)),
+            }));
+        }
+    }
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> DataError {
+    DataError::new(path, None, Problem::Io(e.to_string()))
 }
 
 fn parse_line(

@@ -11,14 +11,15 @@ pub mod encode;
 pub mod error;
 pub mod format;
 pub mod jsonl;
+mod load;
 pub mod summary;
 pub mod template;
 pub mod tokenizer;
 
 pub use batch::{batches, make_batch, Batch, BatchOptions, EpochBatches, IGNORE_INDEX};
 pub use dataset::{
-    hold_out, load, preview, DataOptions, Dataset, LoadedData, OverLong, PreviewRecord,
-    PreviewSegment, ValidSource,
+    hold_out, load, load_with_progress, preview, DataOptions, Dataset, LoadedData, OverLong,
+    PreviewRecord, PreviewSegment, ValidSource,
 };
 pub use encode::{Encoder, PromptCompletionStyle, Sample};
 pub use error::{DataError, DataErrors, Problem};

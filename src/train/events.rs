@@ -63,6 +63,14 @@ pub enum Event {
     },
     /// A human-readable progress note (loading, skipped lines, ...).
     Log(String),
+    /// Reading the dataset files before training: bytes read so far of all of them (sent about
+    /// every MiB).
+    Reading {
+        /// Bytes read.
+        done: u64,
+        /// Bytes of the training and validation files together.
+        total: u64,
+    },
     /// An optimizer step was taken.
     Step(StepStats),
     /// Validation loss at `step` (0 = before training).

@@ -132,11 +132,12 @@ fn load_data(
         "reading {}",
         config.train_data.display()
     )));
-    let loaded = data::load(
+    let loaded = data::load_with_progress(
         &config.train_data,
         config.valid_data.as_deref(),
         &tokenizer,
         &config.data_options(),
+        &|done, total| reporter.send(Event::Reading { done, total }),
     )
     .map_err(|errors| anyhow::anyhow!("{errors}"))?;
     for skipped in &loaded.skipped {

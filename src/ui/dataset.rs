@@ -37,6 +37,8 @@ pub enum DatasetAction {
 #[derive(Default)]
 pub struct DatasetPanel {
     job: Option<Job<Outcome>>,
+    /// Bytes read and in all of the running read (the worker stores, the panel shows).
+    reading: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
     job_key: Option<DataKey>,
     /// The last finished read, if any.
     pub report: Option<DatasetReport>,
@@ -58,7 +60,18 @@ impl DatasetPanel {
             return;
         }
         let k = key.clone();
-        self.job = Some(Job::spawn(ctx, "dataset", move || read_dataset(&k)));
+        let reading = std::sync::Arc::new(Default::default());
+        self.reading = std::sync::Arc::clone(&reading);
+        let repaint = ctx.clone();
+        self.job = Some(Job::spawn(ctx, "dataset", move || {
+            read_dataset(&k, &|done, total| {
+                use std::sync::atomic::Ordering::Relaxed;
+                let [d, t]: &[std::sync::atomic::AtomicU64; 2] = &reading;
+                d.store(done, Relaxed);
+                t.store(total, Relaxed);
+                repaint.request_repaint();
+            })
+        }));
         self.job_key = Some(key);
     }
 
@@ -204,6 +217,34 @@ impl DatasetPanel {
         ui.end_row();
     }
 
+    /// The running read's progress bar (a big file takes a while; the window stays live).
+    fn reading_ui(&self, ui: &mut Ui) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let [d, t]: &[std::sync::atomic::AtomicU64; 2] = &self.reading;
+        let (done, total) = (d.load(Relaxed), t.load(Relaxed));
+        let text = if total > 0 {
+            format!(
+                "Reading and tokenizing the dataset: {:.0} of {:.0} MB",
+                done as f64 / 1e6,
+                total as f64 / 1e6
+            )
+        } else {
+            "Reading and tokenizing the dataset…".to_owned()
+        };
+        let fraction = if total > 0 {
+            done as f32 / total as f32
+        } else {
+            0.0
+        };
+        ui.add(
+            egui::ProgressBar::new(fraction)
+                .text(text)
+                .desired_height(18.0),
+        );
+        ui.ctx()
+            .request_repaint_after(std::time::Duration::from_millis(200));
+    }
+
     /// Below the files: the drop zone, what is missing, the reading spinner, or what was read.
     fn report_ui(&mut self, ui: &mut Ui, s: &Settings) {
         if s.train_data.is_none() {
@@ -225,9 +266,7 @@ impl DatasetPanel {
             ui.ctx().request_repaint();
         }
         if self.job.is_some() {
-            ui.label("Reading and tokenizing the dataset…");
-            ui.ctx()
-                .request_repaint_after(std::time::Duration::from_millis(200));
+            self.reading_ui(ui);
         }
         let Some(report) = &self.report else {
             return;

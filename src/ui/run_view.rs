@@ -152,6 +152,8 @@ pub struct RunView {
     pub samples: Vec<(usize, Vec<SampleAnswer>)>,
     /// The run's log, oldest first, at most [`MAX_LOG_LINES`].
     pub log: Vec<LogLine>,
+    /// Bytes of the dataset read and in all, while the run reads it before training.
+    pub reading: Option<(u64, u64)>,
     ema: Option<Ema>,
 }
 
@@ -241,6 +243,7 @@ impl RunView {
                 });
             }
             Event::Log(text) => self.push_log(LogKind::Info, text),
+            Event::Reading { done, total } => self.reading = Some((done, total)),
             Event::Step(s) => self.step_stats(&s),
             Event::Eval {
                 step,

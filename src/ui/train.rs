@@ -139,13 +139,20 @@ fn buttons_ui(ui: &mut Ui, view: &RunView, can_start: bool) -> Option<TrainActio
 
 fn progress_ui(ui: &mut Ui, view: &RunView) {
     let total = view.total_steps;
-    let text = if total > 0 {
-        format!("Step {} of {total}", view.step)
-    } else {
-        "Loading the model and data…".to_owned()
+    let (text, fraction) = match view.reading {
+        _ if total > 0 => (format!("Step {} of {total}", view.step), view.progress()),
+        Some((done, all)) if all > 0 => (
+            format!(
+                "Reading the dataset: {:.0} of {:.0} MB",
+                done as f64 / 1e6,
+                all as f64 / 1e6
+            ),
+            done as f32 / all as f32,
+        ),
+        _ => ("Loading the model and data…".to_owned(), 0.0),
     };
     ui.add(
-        egui::ProgressBar::new(view.progress())
+        egui::ProgressBar::new(fraction)
             .text(text.clone())
             .desired_height(20.0),
     );

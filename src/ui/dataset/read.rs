@@ -93,8 +93,9 @@ impl DatasetReport {
     }
 }
 
-/// Reads the datasets of `key` (runs on a worker thread).
-pub fn read_dataset(key: &DataKey) -> Outcome {
+/// Reads the datasets of `key` (runs on a worker thread), calling `progress(bytes read, bytes in
+/// all)` as it goes.
+pub fn read_dataset(key: &DataKey, progress: &dyn Fn(u64, u64)) -> Outcome {
     // The model's prepared folder (a .bin folder or GGUF file is converted once; this waits for
     // a conversion the model step started).
     let prepared = match crate::model::source::prepare(&key.model_dir) {
@@ -105,7 +106,13 @@ pub fn read_dataset(key: &DataKey) -> Outcome {
         Ok(t) => t,
         Err(e) => return Outcome::Failed(format!("cannot read the model's tokenizer: {e}")),
     };
-    let loaded = match data::load(&key.train, key.valid.as_deref(), &tokenizer, &key.options) {
+    let loaded = match data::load_with_progress(
+        &key.train,
+        key.valid.as_deref(),
+        &tokenizer,
+        &key.options,
+        progress,
+    ) {
         Ok(l) => l,
         Err(e) => return Outcome::Problems(problem_lines(&e)),
     };
