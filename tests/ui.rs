@@ -332,6 +332,20 @@ fn start_feeds_the_run_view_and_charts() {
     assert!(has_label(&h, "Finished. The adapter is saved:"));
     assert!(has_label(&h, "Fake CPU"));
     assert!(has_label(&h, "step 12: validation loss"));
+    // Every point of the charts, saved as CSV in the run's folder.
+    h.get_by_label("Save chart data (CSV)").click();
+    h.run();
+    let csv = std::fs::read_to_string(cfg.out_dir.join("metrics.csv"))
+        .unwrap_or_else(|e| panic!("{e}: {:?}", h.state().notices()));
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        rows.len(),
+        1 + 13,
+        "a row per step, and step 0's evaluation"
+    );
+    assert!(rows[0].starts_with("step,loss,loss_smoothed,val_loss"));
+    assert!(rows[13].starts_with(&format!("12,{},", 4.0 / (1.0 + 12.0 * 0.2))));
+    assert!(has_label(&h, "Chart data saved:"));
 }
 
 #[test]

@@ -95,6 +95,7 @@ enum Action {
     GoTo(Step),
     Export { adapter: PathBuf, dest: PathBuf },
     OpenFolder(PathBuf),
+    SaveCsv,
 }
 
 /// A message above the panel: what happened, or what went wrong and what to do.
@@ -356,6 +357,13 @@ impl FineTuneApp {
                     self.error(e);
                 }
             }
+            Action::SaveCsv => match self.run_config.as_ref().map(|c| c.out_dir.clone()) {
+                Some(dir) => match crate::ui::run_csv::save_run_csv(&self.run, &dir) {
+                    Ok(p) => self.info(format!("Chart data saved: {}", p.display())),
+                    Err(e) => self.error(e),
+                },
+                None => self.error("No run to save the chart data of.".into()),
+            },
         }
     }
 

@@ -9,7 +9,8 @@ use egui_plot::{Bar, BarChart, GridInput, GridMark, Legend, Line, Plot, PlotPoin
 use super::run_view::RunView;
 use crate::data::DatasetSummary;
 
-/// Most points drawn per series; longer series are thinned evenly (the last point always kept).
+/// Most points drawn per series; longer series are reduced by [`thin`] for drawing (the full
+/// series stays in the [`RunView`] and goes to the CSV export).
 pub const MAX_POINTS: usize = 2000;
 
 const RAW_LOSS: Color32 = Color32::from_rgb(120, 160, 220);
@@ -20,13 +21,38 @@ const TPS: Color32 = Color32::from_rgb(150, 90, 200);
 const RSS: Color32 = Color32::from_rgb(200, 70, 90);
 const DEVICE: Color32 = Color32::from_rgb(90, 90, 90);
 
-/// At most [`MAX_POINTS`] of `series`, evenly spaced, ending with the last point.
+/// At most [`MAX_POINTS`] of `series` for drawing: the series cut into `MAX_POINTS / 2` runs of
+/// equal length, each drawn by its lowest and highest point in step order, so a spike (a loss
+/// jump at one step of 100,000) still shows; the first and last points are always kept.
 pub fn thin(series: &[[f64; 2]]) -> Vec<[f64; 2]> {
     if series.len() <= MAX_POINTS {
         return series.to_vec();
     }
-    let stride = series.len().div_ceil(MAX_POINTS);
-    let mut out: Vec<[f64; 2]> = series.iter().step_by(stride).copied().collect();
+    let buckets = (MAX_POINTS - 2) / 2;
+    let run = series.len().div_ceil(buckets);
+    let mut out = Vec::with_capacity(MAX_POINTS);
+    for chunk in series.chunks(run) {
+        let (mut lo, mut hi) = (0, 0);
+        for (i, p) in chunk.iter().enumerate() {
+            // NaN never wins a comparison, so it is never picked over a number.
+            if p[1] < chunk[lo][1] {
+                lo = i;
+            }
+            if p[1] > chunk[hi][1] {
+                hi = i;
+            }
+        }
+        let (a, b) = (lo.min(hi), lo.max(hi));
+        out.push(chunk[a]);
+        if b != a {
+            out.push(chunk[b]);
+        }
+    }
+    if let (Some(first), Some(kept)) = (series.first(), out.first()) {
+        if first != kept {
+            out.insert(0, *first);
+        }
+    }
     if let (Some(last), Some(kept)) = (series.last(), out.last()) {
         if last != kept {
             out.push(*last);
@@ -185,5 +211,19 @@ mod tests {
         assert!(t.len() <= MAX_POINTS + 1, "{}", t.len());
         assert_eq!(t.first(), Some(&[0.0, 0.0]));
         assert_eq!(t.last(), Some(&[10_000.0, 10_000.0]));
+    }
+
+    #[test]
+    fn thinning_100k_points_keeps_spikes_and_step_order() {
+        let mut long: Vec<[f64; 2]> = (0..100_000)
+            .map(|i| [i as f64, 2.0 + (i as f64 * 0.01).sin()])
+            .collect();
+        long[54_321][1] = 40.0;
+        long[77_777][1] = -5.0;
+        let t = thin(&long);
+        assert!(t.len() <= MAX_POINTS, "{}", t.len());
+        assert!(t.contains(&[54_321.0, 40.0]) && t.contains(&[77_777.0, -5.0]));
+        assert!(t.windows(2).all(|w| w[0][0] < w[1][0]));
+        assert_eq!((t[0], t[t.len() - 1]), (long[0], long[99_999]));
     }
 }

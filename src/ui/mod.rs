@@ -14,6 +14,7 @@ pub mod export;
 pub mod hub_worker;
 pub mod models;
 pub mod playground;
+pub mod run_csv;
 pub mod run_view;
 pub mod settings;
 pub mod status;

@@ -22,6 +22,8 @@ pub enum TrainAction {
     GoTo(Step),
     /// Open this folder (the saved adapter) in the file manager.
     OpenFolder(std::path::PathBuf),
+    /// Save every point of the charts as CSV in the run's folder.
+    SaveCsv,
 }
 
 /// A reason training cannot start, and the step that fixes it.
@@ -77,6 +79,14 @@ pub fn train_ui(
         egui::ScrollArea::vertical()
             .id_salt("charts")
             .show(ui, |ui| {
+                if !view.loss.is_empty()
+                    && ui
+                        .small_button("Save chart data (CSV)")
+                        .on_hover_text("Every point of every chart, one row per step, as metrics.csv in the run's folder")
+                        .clicked()
+                {
+                    action = Some(TrainAction::SaveCsv);
+                }
                 run_charts_ui(ui, view);
                 samples_ui(ui, view);
             });

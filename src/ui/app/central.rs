@@ -29,6 +29,7 @@ impl FineTuneApp {
                     Some(TrainAction::Stop) => self.actions.push(Action::Stop),
                     Some(TrainAction::GoTo(s)) => self.actions.push(Action::GoTo(s)),
                     Some(TrainAction::OpenFolder(p)) => self.actions.push(Action::OpenFolder(p)),
+                    Some(TrainAction::SaveCsv) => self.actions.push(Action::SaveCsv),
                     None => {}
                 }
             }
