@@ -17,6 +17,48 @@ use std::sync::{Mutex, MutexGuard};
 /// Called when paths arrive (the app passes `egui::Context::request_repaint`).
 type Waker = Box<dyn Fn() + Send + Sync>;
 
+/// While alive, macOS keeps the machine from idle sleep and the app out of App Nap (an
+/// `NSProcessInfo` activity, `NSActivityUserInitiated`), so an overnight run is not slowed or put to
+/// sleep when the person walks away; a closed lid still sleeps, and the run carries on after wake
+/// (tests/signals.rs pauses a run to check). Does nothing on other systems. Held by the training
+/// thread for the length of a run; ended on drop.
+pub struct KeepAwake {
+    #[cfg(target_os = "macos")]
+    activity:
+        objc2::rc::Retained<objc2::runtime::ProtocolObject<dyn objc2::runtime::NSObjectProtocol>>,
+}
+
+impl KeepAwake {
+    /// Begins the activity; `reason` is what Activity Monitor and `pmset -g assertions` show.
+    pub fn begin(reason: &str) -> Self {
+        #[cfg(target_os = "macos")]
+        {
+            use objc2_foundation::{NSActivityOptions, NSProcessInfo, NSString};
+            let info = NSProcessInfo::processInfo();
+            let activity = info.beginActivityWithOptions_reason(
+                NSActivityOptions::UserInitiated,
+                &NSString::from_str(reason),
+            );
+            Self { activity }
+        }
+        #[cfg(not(target_os = "macos"))]
+        {
+            let _ = reason;
+            Self {}
+        }
+    }
+}
+
+#[cfg(target_os = "macos")]
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        use objc2_foundation::NSProcessInfo;
+        // SAFETY: the activity is the token beginActivityWithOptions:reason: returned, ended
+        // once.
+        unsafe { NSProcessInfo::processInfo().endActivity(&self.activity) };
+    }
+}
+
 /// Paths opened through the system, waiting for the app to take them.
 pub struct OpenedPaths {
     paths: Mutex<Vec<PathBuf>>,

@@ -167,6 +167,8 @@ where
 pub fn start(config: ValidConfig, repaint: Option<Repaint>) -> Session {
     let behind_a_window = repaint.is_some();
     start_with(config, repaint, move |config, reporter| {
+        // The Mac neither idle-sleeps nor App-Naps this process while it trains.
+        let _awake = crate::macos::KeepAwake::begin("Training a LoRA adapter");
         if !behind_a_window {
             return crate::train::run(config, reporter);
         }

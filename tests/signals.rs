@@ -95,3 +95,69 @@ fn sigterm_stops_training_after_the_step_and_saves() {
 fn sighup_stops_training_after_the_step_and_saves() {
     stops_cleanly_on("HUP");
 }
+
+/// Issue 20, a laptop sleep mid-step: the process is frozen (SIGSTOP) for three seconds in the
+/// middle of a run and woken (SIGCONT), harsher than a real sleep (whose clock stops too): the run
+/// goes on to its last step, every step's loss, throughput, elapsed time and ETA are finite, the
+/// steps follow each other without a gap, and it finishes and saves.
+#[test]
+fn a_frozen_and_woken_run_goes_on_without_nan_or_stall() {
+    let out = tempfile::tempdir().unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/train.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finetune"))
+        .arg("train")
+        .arg("--model")
+        .arg(common::fixture("tiny-llama"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(out.path())
+        .args(["--steps", "60", "--json", "--device", "cpu"])
+        .args(["--max-seq-len", "64", "--batch-size", "2"])
+        .args(["--save-every", "20", "--eval-every", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let mut steps = Vec::new();
+    let mut last = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.starts_with(r#"{"event":"step""#) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let d = &v["data"];
+            for key in [
+                "loss",
+                "tokens_per_sec",
+                "elapsed_secs",
+                "eta_secs",
+                "grad_norm",
+            ] {
+                let x = d[key].as_f64();
+                assert!(x.is_some_and(f64::is_finite), "{key} at {line}");
+            }
+            steps.push(d["step"].as_u64().unwrap());
+            if steps.len() == 25 {
+                signal("-STOP");
+                std::thread::sleep(std::time::Duration::from_secs(3));
+                signal("-CONT");
+            }
+        }
+        last = line;
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(steps, (1..=60).collect::<Vec<u64>>());
+    assert!(last.starts_with(r#"{"event":"finished""#), "{last}");
+    assert!(out
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .is_file());
+}
