@@ -14,6 +14,7 @@ pub mod jsonl;
 mod load;
 pub mod summary;
 pub mod template;
+mod template_limits;
 pub mod tokenizer;
 
 pub use batch::{batches, make_batch, Batch, BatchOptions, EpochBatches, IGNORE_INDEX};

@@ -70,6 +70,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_fuel(Some(FUEL));
+        super::template_limits::install(&mut env);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
@@ -139,6 +140,7 @@ impl ChatTemplate {
             eos_token => self.eos_token.as_str(),
             ..Value::from_serialize(extra)
         };
+        super::template_limits::start_render();
         template
             .render(ctx)
             .map_err(|e| TemplateError::Render(describe(&e)))
@@ -170,11 +172,12 @@ fn describe(e: &Error) -> String {
 /// arguments would train in a form the model never meets at inference. Keys keep their insertion
 /// order (serde_json's and minijinja's `preserve_order`), as Python's dicts do, unless `sort_keys`.
 fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    super::template_limits::check_items(value)?;
     let indent = match indent.or(kwargs.get::<Option<Value>>("indent")?) {
         None => None,
         Some(v) if v.is_none() => None,
         Some(v) => match (v.as_usize(), v.as_str()) {
-            (Some(n), _) => Some(" ".repeat(n)),
+            (Some(n), _) => Some(" ".repeat(super::template_limits::width(n)?)),
             (None, Some(s)) => Some(s.to_owned()),
             _ => {
                 return Err(Error::new(
