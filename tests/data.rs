@@ -548,3 +548,56 @@ fn problems_past_the_first_thousand_are_counted_not_listed() {
     assert_eq!(loaded.train.len(), 1500);
     assert_eq!(loaded.train.summary.skipped_lines, 1500);
 }
+
+/// A copy of tiny-llama's tokenizer folder with `edit` applied to its tokenizer.json.
+fn edited_tokenizer(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let src = root().join("tests/fixtures/tiny-llama");
+    let dir = tempfile::tempdir().unwrap();
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    edit(&mut t);
+    std::fs::write(dir.path().join("tokenizer.json"), t.to_string()).unwrap();
+    std::fs::copy(
+        src.join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    dir
+}
+
+/// Issue 20, hostile tokenizers: a normalizer that inserts a page per character is refused when
+/// read, naming the file; a pre-tokenizer regex that backtracks catastrophically (a backreference
+/// forces fancy-regex's backtracking engine) ends at the engine's limit, so reading records with
+/// it finishes.
+#[test]
+fn tokenizers_that_blow_up_or_backtrack_are_cut_off() {
+    let bomb = edited_tokenizer(|t| {
+        t["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"String": "a"}, "content": "b".repeat(100_000)}
+        ]});
+    });
+    let Err(err) = ModelTokenizer::from_dir(bomb.path()) else {
+        panic!("a 100 kB-per-match normalizer was accepted")
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("Replace normalizer inserts 100000 bytes") && text.contains("tokenizer.json"),
+        "{text}"
+    );
+    let backtracking = edited_tokenizer(|t| {
+        let byte_level = t["pre_tokenizer"].clone();
+        t["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(a|a?)+\\1b"}, "behavior": "Isolated", "invert": false},
+            byte_level
+        ]});
+    });
+    let tok = ModelTokenizer::from_dir(backtracking.path()).unwrap();
+    let long_a = format!(r#"{{"text": "{}c"}}"#, "a".repeat(5000));
+    let f = jsonl(&[&long_a, r#"{"text": "fine"}"#]);
+    let loaded = data::load(f.path(), None, &tok, &no_split());
+    match loaded {
+        Ok(l) => assert_eq!(l.train.len(), 2),
+        Err(e) => assert!(e.to_string().contains("line 1"), "{e}"),
+    }
+}

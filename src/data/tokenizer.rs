@@ -26,6 +26,42 @@ pub enum TokenizerError {
     Encode(String),
 }
 
+/// Longest text a `Replace` or `Prepend` normalizer may insert per match. Real tokenizers insert a
+/// character or two ("▁"); one that inserts a page per character makes every record a
+/// memory bomb (issue 20), so it is refused when the tokenizer is read.
+pub const MAX_INSERTED_BYTES: usize = 256;
+
+/// Errs when a normalizer of `tokenizer` (anywhere in its JSON) inserts more than
+/// [`MAX_INSERTED_BYTES`] per match. Pre-tokenizer regexes need no check: tokenizers' regex
+/// engines run in linear time or stop at a backtracking limit.
+fn check_growth(tokenizer: &serde_json::Value) -> Result<(), String> {
+    fn walk(v: &serde_json::Value) -> Result<(), String> {
+        match v {
+            serde_json::Value::Object(o) => {
+                let kind = o.get("type").and_then(|t| t.as_str());
+                let inserted = match kind {
+                    Some("Replace") => o.get("content"),
+                    Some("Prepend") => o.get("prepend"),
+                    _ => None,
+                };
+                if let Some(n) = inserted.and_then(|c| c.as_str()).map(str::len) {
+                    if n > MAX_INSERTED_BYTES {
+                        return Err(format!(
+                            "its {} normalizer inserts {n} bytes per match (at most {MAX_INSERTED_BYTES}), which would multiply every record's size",
+                            kind.unwrap_or_default()
+                        ));
+                    }
+                }
+                o.values().try_for_each(walk)
+            }
+            serde_json::Value::Array(a) => a.iter().try_for_each(walk),
+            _ => Ok(()),
+        }
+    }
+    // Only the normalizer inserts text; the vocabulary is not walked.
+    tokenizer.get("normalizer").map_or(Ok(()), walk)
+}
+
 /// A tokenizer plus what `tokenizer_config.json` says about specials and the chat template.
 #[derive(Clone)]
 pub struct ModelTokenizer {
@@ -67,11 +103,16 @@ impl ModelTokenizer {
         if !path.is_file() {
             return Err(TokenizerError::Missing(path));
         }
-        let inner =
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Invalid {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let invalid = |reason: String| TokenizerError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| invalid(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        check_growth(&json).map_err(invalid)?;
+        let inner: tokenizers::Tokenizer =
+            serde_json::from_value(json).map_err(|e| invalid(e.to_string()))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = if config_path.is_file() {
             let text =
