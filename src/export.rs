@@ -9,6 +9,7 @@ mod gguf_arch;
 pub mod gguf_lora;
 mod gguf_types;
 mod gguf_vocab;
+pub mod job;
 pub mod kquant;
 pub mod merged;
 pub mod mlx;
