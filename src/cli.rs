@@ -12,6 +12,7 @@ mod args;
 mod chat;
 mod export;
 mod generate;
+mod job;
 pub use args::*;
 pub use generate::GenerateArgs;
 
@@ -298,7 +299,7 @@ pub fn main() -> ExitCode {
         Some(Command::Generate(args)) => generate::run(&args),
         Some(Command::Chat(args)) => chat::run(&args),
         Some(Command::InspectData(args)) => inspect_data(&args),
-        Some(Command::Job(cmd)) => job(&cmd),
+        Some(Command::Job(cmd)) => job::run(&cmd),
         Some(Command::Search {
             query,
             sort,
@@ -521,32 +522,6 @@ fn print_best(best: Option<&Path>) {
     if let Some(b) = best {
         println!("best adapter (lowest val loss): {}", b.display());
     }
-}
-
-/// `finetune job export|import`.
-fn job(cmd: &JobCommand) -> anyhow::Result<ExitCode> {
-    match cmd {
-        JobCommand::Export { to, dir, train } => {
-            let config = train.to_config()?;
-            let done = crate::export::job::export_job(&config, *to, dir)?;
-            for note in &done.notes {
-                eprintln!("not carried over: {note}");
-            }
-            println!("job written: {}", done.dir.display());
-        }
-        JobCommand::Import { dir } => {
-            let found = crate::export::job::import_adapter(dir)?;
-            if found.from_mlx {
-                println!("converted the mlx-lm adapter to PEFT's layout");
-            }
-            println!("adapter: {}", found.dir.display());
-            println!(
-                "try it: finetune chat --model BASE --adapter {0}\nexport it: finetune export {0} OUT --model BASE --format gguf",
-                found.dir.display()
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn inspect_data(args: &InspectDataArgs) -> anyhow::Result<ExitCode> {

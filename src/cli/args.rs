@@ -98,7 +98,7 @@ pub enum Command {
     InspectData(InspectDataArgs),
     /// Run elsewhere: write the job for TRL, Axolotl or mlx-lm, or take back the adapter it made.
     #[command(subcommand)]
-    Job(JobCommand),
+    Job(super::job::JobCommand),
     /// Describe a model (architecture, sizes, LoRA targets).
     Info {
         /// A Hugging Face model folder (safetensors or .bin), a .gguf file, or a Hub id in the cache.
@@ -590,26 +590,4 @@ impl From<DeviceArg> for DeviceChoice {
             DeviceArg::Metal => DeviceChoice::Metal,
         }
     }
-}
-
-/// `finetune job` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum JobCommand {
-    /// Write the training job (model, data, template and mask, LoRA, optimizer, schedule) for
-    /// another trainer into DIR.
-    Export {
-        /// The trainer: trl (TRL + accelerate), axolotl or mlx-lm.
-        #[arg(long, value_enum)]
-        to: crate::export::job::JobTarget,
-        /// The bundle folder to write.
-        dir: PathBuf,
-        /// The run's settings, as for `finetune train`.
-        #[command(flatten)]
-        train: Box<TrainArgs>,
-    },
-    /// Find the adapter a job run wrote under DIR (PEFT or mlx-lm) and make it loadable here.
-    Import {
-        /// The job's output folder.
-        dir: PathBuf,
-    },
 }

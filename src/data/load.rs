@@ -78,6 +78,54 @@ impl<'e> Problems<'e> {
     }
 }
 
+/// `sample` after the length policy (truncated, or dropped and counted), unless it has nothing to
+/// train (counted).
+fn length_policy(
+    mut sample: Sample,
+    options: &DataOptions,
+    counts: &mut LoadCounts,
+) -> Option<Sample> {
+    if sample.len() > options.max_seq_len {
+        match options.over_long {
+            OverLong::Drop => {
+                counts.dropped += 1;
+                return None;
+            }
+            OverLong::Truncate => sample.truncate(options.max_seq_len),
+        }
+    }
+    if sample.trained_tokens() == 0 {
+        counts.untrainable += 1;
+        return None;
+    }
+    Some(sample)
+}
+
+/// Up to `len` lines (or [`CHUNK_BYTES`] of them) of `reader`; sets `at_end` at the end of the
+/// file or on a read error (which is the chunk's last entry).
+fn read_chunk(
+    reader: &mut JsonlReader,
+    len: usize,
+    at_end: &mut bool,
+) -> Vec<Result<super::jsonl::JsonLine, DataError>> {
+    let mut chunk = Vec::with_capacity(len);
+    let start = reader.progress().0;
+    while chunk.len() < len && reader.progress().0 - start < CHUNK_BYTES {
+        match reader.next_line() {
+            Ok(Some(line)) => chunk.push(line),
+            Ok(None) => *at_end = true,
+            Err(e) => {
+                chunk.push(Err(e));
+                *at_end = true;
+            }
+        }
+        if *at_end {
+            break;
+        }
+    }
+    chunk
+}
+
 /// One file's good samples and counts; per-record problems go to `errors`.
 pub(crate) struct FileData {
     pub(crate) format: Format,
@@ -108,21 +156,7 @@ pub(crate) fn load_file(
     let chunk_len = max_records.map_or(CHUNK, |n| n.clamp(1, CHUNK));
     let mut at_end = false;
     while !at_end && max_records.is_none_or(|n| samples.len() < n) {
-        let mut chunk = Vec::with_capacity(chunk_len);
-        let chunk_start = reader.progress().0;
-        while chunk.len() < chunk_len && reader.progress().0 - chunk_start < CHUNK_BYTES {
-            match reader.next_line() {
-                Ok(Some(line)) => chunk.push(line),
-                Ok(None) => at_end = true,
-                Err(e) => {
-                    chunk.push(Err(e));
-                    at_end = true;
-                }
-            }
-            if at_end {
-                break;
-            }
-        }
+        let chunk = read_chunk(&mut reader, chunk_len, &mut at_end);
         // The format check is in file order (the first record sets it); parsing and encoding,
         // the slow part, run on every core. The records' JSON is dropped with the chunk.
         let formats: Vec<_> = chunk
@@ -149,27 +183,10 @@ pub(crate) fn load_file(
             if max_records.is_some_and(|n| samples.len() >= n) {
                 break;
             }
-            let mut sample = match sample {
-                Ok(sample) => sample,
-                Err(problem) => {
-                    problems.push(problem);
-                    continue;
-                }
-            };
-            if sample.len() > options.max_seq_len {
-                match options.over_long {
-                    OverLong::Drop => {
-                        counts.dropped += 1;
-                        continue;
-                    }
-                    OverLong::Truncate => sample.truncate(options.max_seq_len),
-                }
+            match sample {
+                Ok(sample) => samples.extend(length_policy(sample, options, &mut counts)),
+                Err(problem) => problems.push(problem),
             }
-            if sample.trained_tokens() == 0 {
-                counts.untrainable += 1;
-                continue;
-            }
-            samples.push(sample);
         }
     }
     counts.skipped_lines = problems.finish(path);

@@ -397,8 +397,26 @@ fn write_mlx(config: &TrainConfig, model: &str, dir: &Path) -> anyhow::Result<Ve
                 .into(),
         );
     }
+    let cfg = mlx_config(config, model, iters, keys);
+    let text = format!(
+        "# mlx_lm.lora config of a FineTune job (finetune job export --to mlx-lm); written as JSON, which is YAML.\n{}\n",
+        serde_json::to_string_pretty(&cfg)?
+    );
+    write_atomic(&dir.join("lora.yaml"), text.as_bytes())?;
+    write_script(&dir.join("launch.sh"), include_bytes!("job/mlx_launch.sh"))?;
+    write_atomic(&dir.join("requirements.txt"), b"mlx-lm==0.31.2\n")?;
+    Ok(notes)
+}
+
+/// mlx-lm's `lora.yaml` settings for `config`.
+fn mlx_config(
+    config: &TrainConfig,
+    model: &str,
+    iters: usize,
+    keys: Vec<String>,
+) -> serde_json::Value {
     let warmup = config.warmup_steps;
-    let cfg = json!({
+    json!({
         "model": model,
         "train": true,
         "data": "data",
@@ -432,15 +450,7 @@ fn write_mlx(config: &TrainConfig, model: &str, dir: &Path) -> anyhow::Result<Ve
             "scale": config.lora.scale(),
             "dropout": config.lora.dropout,
         },
-    });
-    let text = format!(
-        "# mlx_lm.lora config of a FineTune job (finetune job export --to mlx-lm); written as JSON, which is YAML.\n{}\n",
-        serde_json::to_string_pretty(&cfg)?
-    );
-    write_atomic(&dir.join("lora.yaml"), text.as_bytes())?;
-    write_script(&dir.join("launch.sh"), include_bytes!("job/mlx_launch.sh"))?;
-    write_atomic(&dir.join("requirements.txt"), b"mlx-lm==0.31.2\n")?;
-    Ok(notes)
+    })
 }
 
 /// Writes an executable script.
