@@ -167,15 +167,45 @@ fn trl_bundle_runs_and_matches_finetune() {
             .env("NUM_PROCESSES", procs)
             .env("MAX_STEPS", steps)
             .env("OUT", dest)
-            .status()
+            .output()
             .unwrap();
-        assert!(status.success());
+        let err = String::from_utf8_lossy(&status.stderr);
+        assert!(status.status.success(), "{err}");
+        assert!(err.contains(&format!("processes: {procs}")), "{err}");
     };
     let three = out.path().join("three");
     launch("2", "3", &three);
     let found = import_adapter(&three).unwrap();
     let mut m = common::load(&cfg.model_dir);
     finetune::model::adapter::load(&found.dir, &mut m).unwrap();
+    // Its logits here equal PEFT's for the same adapter.
+    let ids: Vec<u32> = (1..=24).map(|i| (i * 37) % 500 + 3).collect();
+    let peft_out = out.path().join("peft_logits.safetensors");
+    let script = format!(
+        "import torch, safetensors.torch as st\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\nm = AutoModelForCausalLM.from_pretrained({:?}, dtype=torch.float32)\nm = PeftModel.from_pretrained(m, {:?}).eval()\nwith torch.no_grad():\n    l = m(torch.tensor([{:?}])).logits\nst.save_file({{'logits': l.contiguous()}}, {:?})\n",
+        cfg.model_dir.display().to_string(),
+        found.dir.display().to_string(),
+        ids,
+        peft_out.display().to_string()
+    );
+    assert!(Command::new(&python)
+        .args(["-c", &script])
+        .status()
+        .unwrap()
+        .success());
+    let theirs = candle_core::safetensors::load(&peft_out, &candle_core::Device::Cpu).unwrap()
+        ["logits"]
+        .clone();
+    let ours = common::logits(
+        &m,
+        &candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+    );
+    let err = common::rel_err(&ours, &theirs);
+    println!("imported TRL adapter: logits rel. error vs PEFT {err:.2e}");
+    assert!(err < 1e-5, "{err}");
     let one = out.path().join("one");
     launch("1", "1", &one);
     let trl: serde_json::Value =

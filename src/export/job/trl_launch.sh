@@ -10,6 +10,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python3}
 n=${NUM_PROCESSES:-$("$py" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+if [ "${CPU:-0}" = 1 ] && [ "$n" -gt 1 ]; then
+  # accelerate's --cpu runs one process; several CPU processes are DDP over gloo via torchrun.
+  exec "$py" -m torch.distributed.run --standalone --nproc_per_node "$n" "$here/train.py"
+fi
 extra=()
 if [ "${CPU:-0}" = 1 ]; then extra+=(--cpu); fi
 exec "$py" -m accelerate.commands.launch --config_file "$here/accelerate/${ACCELERATE:-ddp}.yaml" \

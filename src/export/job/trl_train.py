@@ -105,6 +105,7 @@ def main():
         seed=job["seed"],
         bf16=dtype == torch.bfloat16,
         use_cpu=cpu,
+        ddp_backend="gloo" if cpu else None,
         report_to="none",
         dataloader_drop_last=False,
     )
@@ -118,6 +119,8 @@ def main():
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if trainer.is_world_process_zero():
+        print(f"processes: {args.world_size}", file=sys.stderr)
     trainer.train()
     adapter = os.path.join(out, "adapter")
     trainer.save_model(adapter)
