@@ -105,7 +105,7 @@ def main():
         seed=job["seed"],
         bf16=dtype == torch.bfloat16,
         use_cpu=cpu,
-        ddp_backend="gloo" if cpu else None,
+        ddp_backend="gloo" if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         report_to="none",
         dataloader_drop_last=False,
     )
