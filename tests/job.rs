@@ -252,3 +252,30 @@ fn trl_bundle_runs_and_matches_finetune() {
     println!("first-step loss: FineTune {our_loss}, TRL {trl_loss}");
     assert!((our_loss - trl_loss).abs() < 1e-4);
 }
+
+/// The mlx-lm bundle for real: `MAX_STEPS=2 bash launch.sh` with mlx[cpu] writes an mlx-lm
+/// adapter that `job import` converts and FineTune loads. Needs a Python with mlx-lm:
+/// `FINETUNE_MLX_PYTHON=/path/to/python cargo test --test job -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn mlx_bundle_runs_two_steps_and_imports() {
+    let python = std::env::var("FINETUNE_MLX_PYTHON").expect("FINETUNE_MLX_PYTHON");
+    let cfg = config(false);
+    let out = tempfile::tempdir().unwrap();
+    let job = export_job(&cfg, JobTarget::MlxLm, &out.path().join("mlx")).unwrap();
+    let run = Command::new("bash")
+        .arg(job.dir.join("launch.sh"))
+        .env("PYTHON", &python)
+        .env("MAX_STEPS", "2")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{text}");
+    let found = import_adapter(&job.dir.join("output")).unwrap();
+    assert!(found.from_mlx);
+    let mut m = common::load(&cfg.model_dir);
+    let state = finetune::model::adapter::load(&found.dir, &mut m).unwrap();
+    println!("mlx-lm adapter imported: {}", found.dir.display());
+    drop(state);
+}

@@ -404,7 +404,7 @@ fn write_mlx(config: &TrainConfig, model: &str, dir: &Path) -> anyhow::Result<Ve
     );
     write_atomic(&dir.join("lora.yaml"), text.as_bytes())?;
     write_script(&dir.join("launch.sh"), include_bytes!("job/mlx_launch.sh"))?;
-    write_atomic(&dir.join("requirements.txt"), b"mlx-lm==0.31.2\n")?;
+    write_atomic(&dir.join("requirements.txt"), b"mlx-lm==0.32.2\n")?;
     Ok(notes)
 }
 
