@@ -958,3 +958,67 @@ fn a_big_dataset_loads_behind_a_moving_progress_bar() {
     };
     assert!(l.train.records > 13_000, "{}", l.train.records);
 }
+
+/// Issue 21 in the app: the Settings step writes the demo's job for TRL into a folder, and the
+/// Export step imports the adapter of a job run (here a PEFT output folder), which Export then
+/// offers and Try fills in.
+#[test]
+fn run_elsewhere_writes_the_job_and_imports_its_adapter() {
+    let out = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let app = FineTuneApp::with_engine(
+        settings(out.path()),
+        vec![],
+        fake_engine(1, Duration::ZERO, seen),
+    )
+    .with_hub(HubSetup {
+        keychain: false,
+        ..HubSetup::default()
+    });
+    // Tall enough that the Settings step's last section is on screen (clicks need it visible).
+    let mut h = Harness::builder()
+        .with_size([1280.0, 2600.0])
+        .build_eframe(|_cc| app);
+    h.run();
+    h.get_by_label("Try the demo").click();
+    wait_for(&mut h, "the demo to load", demo_loaded);
+    h.get_by_label("3. Settings").click();
+    h.run();
+    let job = out.path().join("job");
+    h.get_by_label("Job folder:").click();
+    h.get_by_label("Job folder:")
+        .type_text(job.to_str().unwrap());
+    h.run();
+    h.get_by_label("Write job").click();
+    wait_for(&mut h, "the job", |_| {
+        job.join("train.py").is_file() && job.join("README.md").is_file()
+    });
+    wait_for(&mut h, "the report", |_| true);
+    assert!(has_label(&h, "Job written:"));
+    assert!(job.join("data/train.jsonl").is_file());
+    // A job run's output: the adapter TRL saves.
+    let run_out = out.path().join("run-out/adapter");
+    std::fs::create_dir_all(&run_out).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            fixture("tiny-llama").join("peft-adapter").join(f),
+            run_out.join(f),
+        )
+        .unwrap();
+    }
+    h.get_by_label("6. Export").click();
+    h.run();
+    let field = "Adapter from a job run elsewhere:";
+    h.get_by_label(field).click();
+    h.get_by_label(field)
+        .type_text(out.path().join("run-out").to_str().unwrap());
+    h.run();
+    h.get_by_label("Import").click();
+    wait_for(&mut h, "the import", |a| {
+        a.notices()
+            .iter()
+            .any(|n| n.starts_with("Imported the adapter"))
+    });
+    assert!(has_label(&h, "imported from a job run elsewhere"));
+    assert!(has_label(&h, run_out.to_str().unwrap()));
+}

@@ -112,6 +112,7 @@ pub struct FineTuneApp {
     models: ModelsPanel,
     dataset: DatasetPanel,
     export: ExportPanel,
+    elsewhere: crate::ui::elsewhere::ElsewherePanel,
     playground: TryPanel,
     run: RunView,
     session: Option<Session>,
@@ -145,6 +146,7 @@ impl FineTuneApp {
             models: ModelsPanel::default(),
             dataset: DatasetPanel::default(),
             export: ExportPanel::default(),
+            elsewhere: Default::default(),
             playground: TryPanel::default(),
             run: RunView::default(),
             session: None,
@@ -553,6 +555,12 @@ impl FineTuneApp {
         self.playground.poll();
         if let Some(dir) = self.export.poll() {
             self.info(format!("Exported to {}", dir.display()));
+        }
+        if let Some(dir) = self.elsewhere.poll() {
+            self.export.imported = Some(dir.clone());
+            self.export.which = crate::ui::export::Which::Imported;
+            self.playground.offer_run_adapter(Some(dir.clone()));
+            self.info(format!("Imported the adapter: {}", dir.display()));
         }
     }
 }

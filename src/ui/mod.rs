@@ -10,6 +10,7 @@ pub mod app;
 pub mod charts;
 pub mod compute;
 pub mod dataset;
+pub mod elsewhere;
 pub mod export;
 pub mod hub_worker;
 pub mod models;

@@ -113,6 +113,11 @@ impl FineTuneApp {
                 ui.add_space(12.0);
                 ui.heading("Hugging Face");
                 self.models.hub_token_ui(ui, &mut self.settings.hf_token);
+                ui.add_space(12.0);
+                let ready = self.settings.model_dir.is_some() && self.settings.train_data.is_some();
+                let config =
+                    ready.then(|| self.settings.to_config(self.settings.output_root.clone()));
+                self.elsewhere.run_elsewhere_ui(ui, config);
             });
     }
 
@@ -130,6 +135,8 @@ impl FineTuneApp {
         egui::ScrollArea::vertical()
             .id_salt("export-step")
             .show(ui, |ui| {
+                self.elsewhere.import_ui(ui);
+                ui.add_space(6.0);
                 match self.export.export_ui(ui, &self.run, base.as_deref()) {
                     Some(ExportAction::Export { adapter, dest }) => {
                         self.actions.push(Action::Export { adapter, dest })

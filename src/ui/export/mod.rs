@@ -25,6 +25,8 @@ pub enum Which {
     Latest,
     /// The adapter with the best validation loss.
     Best,
+    /// An adapter imported from a job run elsewhere.
+    Imported,
 }
 
 /// What to write.
@@ -137,6 +139,8 @@ pub struct ExportPanel {
     pub dest_text: String,
     /// Which adapter of the run to export.
     pub which: Which,
+    /// An adapter imported from a job run elsewhere (offered as [`Which::Imported`]).
+    pub imported: Option<PathBuf>,
     /// What to write.
     pub format: Format,
     job: Option<Job<ExportOutcome>>,
@@ -252,6 +256,10 @@ impl ExportPanel {
                 };
                 (p, what)
             }),
+            Which::Imported => self
+                .imported
+                .clone()
+                .map(|p| (p, "imported from a job run elsewhere".to_owned())),
             Which::Best => view.best.clone().map(|p| {
                 let what = match view.best_val {
                     Some((step, loss)) => format!("best validation loss {loss:.4} (step {step})"),
@@ -276,7 +284,7 @@ impl ExportPanel {
         );
         ui.add_space(6.0);
 
-        if view.latest_adapter().is_none() && view.best.is_none() {
+        if view.latest_adapter().is_none() && view.best.is_none() && self.imported.is_none() {
             ui.label("Nothing to export yet: train first (step 4). An adapter is saved at every checkpoint, when you press Stop and at the end.");
             return None;
         }
@@ -336,6 +344,9 @@ impl ExportPanel {
                 ui.radio_value(&mut self.which, Which::Best, "Best validation loss")
                     .on_disabled_hover_text("The run names its best adapter when it finishes");
             });
+            if self.imported.is_some() {
+                ui.radio_value(&mut self.which, Which::Imported, "Imported");
+            }
         });
         let chosen = self.chosen(view);
         match &chosen {
