@@ -24,10 +24,11 @@ pub use super::steps::Step;
 use super::{classify_paths, find_assets, open_folder, Opened};
 use crate::inspect::ModelSummary;
 use crate::session::{Repaint, Session};
-use crate::train::{capped_seq_len, TrainConfig, ValidConfig};
+use crate::train::{TrainConfig, ValidConfig};
 
 mod central;
 mod derived;
+mod poll;
 mod quit;
 
 /// Longest time `logic()` spends draining engine events per frame.
@@ -526,41 +527,6 @@ impl FineTuneApp {
         }
         if let Some(i) = goto {
             self.step = Step::ALL[i];
-        }
-    }
-
-    /// Collects what the panels' workers finished: model summaries and Hub events, datasets,
-    /// exports.
-    fn poll_workers(&mut self, ctx: &egui::Context) {
-        let had = self.models.summary.as_ref().map(|m| m.dir.clone());
-        for dir in self.models.poll(ctx) {
-            self.actions.push(Action::ChooseModel(dir));
-        }
-        if let Some(token) = self.models.take_keychain_token() {
-            self.settings.hf_token = token;
-        }
-        if let Some(m) = &self.models.summary {
-            let capped = capped_seq_len(self.settings.max_seq_len, m.context_length);
-            if had.as_ref() != Some(&m.dir) && capped < self.settings.max_seq_len {
-                self.settings.max_seq_len = capped;
-                self.info(format!(
-                    "Max sequence length lowered to {capped} tokens, the most {} reads.",
-                    m.name
-                ));
-            }
-        }
-        for a in self.dataset.poll() {
-            self.actions.push(Action::Data(a));
-        }
-        self.playground.poll();
-        if let Some(dir) = self.export.poll() {
-            self.info(format!("Exported to {}", dir.display()));
-        }
-        if let Some(dir) = self.elsewhere.poll() {
-            self.export.imported = Some(dir.clone());
-            self.export.which = crate::ui::export::Which::Imported;
-            self.playground.offer_run_adapter(Some(dir.clone()));
-            self.info(format!("Imported the adapter: {}", dir.display()));
         }
     }
 }

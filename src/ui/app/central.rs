@@ -135,8 +135,6 @@ impl FineTuneApp {
         egui::ScrollArea::vertical()
             .id_salt("export-step")
             .show(ui, |ui| {
-                self.elsewhere.import_ui(ui);
-                ui.add_space(6.0);
                 match self.export.export_ui(ui, &self.run, base.as_deref()) {
                     Some(ExportAction::Export { adapter, dest }) => {
                         self.actions.push(Action::Export { adapter, dest })
@@ -144,6 +142,9 @@ impl FineTuneApp {
                     Some(ExportAction::OpenFolder(p)) => self.actions.push(Action::OpenFolder(p)),
                     None => {}
                 }
+                ui.add_space(12.0);
+                ui.heading("From a job run elsewhere");
+                self.elsewhere.import_ui(ui);
             });
     }
 }
