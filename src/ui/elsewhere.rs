@@ -66,8 +66,13 @@ impl ElsewherePanel {
     /// The Settings step's section: which trainer, where, and "Write job" (`config` is the run
     /// the current settings make, `None` until a model and data are chosen).
     pub fn run_elsewhere_ui(&mut self, ui: &mut Ui, config: Option<TrainConfig>) {
+        if self.dest_text.is_empty() {
+            if let Some(c) = &config {
+                self.dest_text = c.out_dir.join("jobs").join("job").display().to_string();
+            }
+        }
         ui.heading("Run elsewhere");
-        ui.label("When this Mac is not enough: write these settings as a job for a trainer that scales, with the data encoded as FineTune encodes it (the same tokens and loss mask). Bring the adapter back with Import in step 5 or 6.");
+        ui.label("When this Mac is not enough: write these settings as a job for a trainer that scales, with the data encoded as FineTune encodes it (the same tokens and loss mask). Bring its adapter back in step 6 (From a job run elsewhere): Try and Export then offer it.");
         let target = self.target.get_or_insert(JobTarget::Trl);
         egui::ComboBox::from_label("Trainer")
             .selected_text(target_label(*target))
