@@ -984,11 +984,8 @@ fn run_elsewhere_writes_the_job_and_imports_its_adapter() {
     wait_for(&mut h, "the demo to load", demo_loaded);
     h.get_by_label("3. Settings").click();
     h.run();
-    let job = out.path().join("job");
-    h.get_by_label("Job folder:").click();
-    h.get_by_label("Job folder:")
-        .type_text(job.to_str().unwrap());
-    h.run();
+    // The job folder defaults to one under the runs folder.
+    let job = out.path().join("jobs/job");
     h.get_by_label("Write job").click();
     wait_for(&mut h, "the job", |_| {
         job.join("train.py").is_file() && job.join("README.md").is_file()
