@@ -140,6 +140,10 @@ pub(crate) struct TensorFacts {
 /// llama.cpp bakes into the file: the factor is their maximum; the other three settings are the
 /// ones every Llama 3.x release uses, checked against the factors rather than assumed.
 fn llama3_scaling(freqs: &[f32], theta: f64, head_dim: usize) -> Option<serde_json::Value> {
+    // One factor per rotated pair; a header's head size is checked before anything is sized by it.
+    if head_dim / 2 != freqs.len() {
+        return None;
+    }
     let factor = freqs.iter().copied().fold(1.0f32, f32::max) as f64;
     let (low, high, original) = (1.0, 4.0, 8192.0);
     let expected =
