@@ -3,6 +3,7 @@
 //! config.json but no weights is benchmarked with random weights (std 0.02), so speed can be
 //! measured before a download.
 
+pub mod cpu;
 pub mod generate;
 
 use std::collections::HashMap;
@@ -98,6 +99,8 @@ pub struct BenchReport {
     pub dtype: String,
     /// Which implementation of each op ran (`FINETUNE_KERNELS` and the device decide).
     pub kernels: KernelPlan,
+    /// The CPU: model, threads, matrix features, the bf16 matmul path.
+    pub cpu: cpu::CpuInfo,
     /// Rows per step (B).
     pub batch: usize,
     /// Tokens per row (T).
@@ -376,6 +379,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         device: backend.name,
         dtype: format!("{:?}", backend.dtype),
         kernels,
+        cpu: cpu::cpu_info(),
         batch: b,
         seq_len: t,
         rank: opts.rank,
@@ -484,6 +488,14 @@ impl std::fmt::Display for BenchReport {
             }
         )?;
         writeln!(f, "kernels {}", self.kernels)?;
+        writeln!(
+            f,
+            "cpu     {} ({} threads; {}; bf16 matmul: {})",
+            self.cpu.model,
+            self.cpu.threads,
+            self.cpu.features.join(" "),
+            self.cpu.bf16_matmul
+        )?;
         if let Some(q) = &self.quant {
             writeln!(f, "{q}")?;
         }

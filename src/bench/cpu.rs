@@ -1,0 +1,74 @@
+//! What the CPU offers, found at run time, for `finetune bench` (issue 22: a figure is only
+//! comparable with the CPU it came from): the model name and the matrix features present, and the
+//! bf16 matmul path this build takes on it.
+
+/// The CPU of a benchmark.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CpuInfo {
+    /// The model name the OS reports.
+    pub model: String,
+    /// Logical cores the compute pool uses.
+    pub threads: usize,
+    /// Matrix/vector features present: "amx-bf16", "amx-tile", "avx512bf16", "avx512f",
+    /// "avx2", "fma", "neon" (whichever apply).
+    pub features: Vec<&'static str>,
+    /// The bf16 matmul kernel this build runs here.
+    pub bf16_matmul: &'static str,
+}
+
+/// Detects the CPU's features (cpuid on x86-64).
+pub fn cpu_info() -> CpuInfo {
+    let mut features = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        // AMX is reported by cpuid leaf 7, sub-leaf 0, EDX bits 22 (AMX-BF16) and 24 (AMX-TILE).
+        // (cpuid is safe to call on x86-64; leaf 7 is valid when leaf 0 says so.)
+        let max_leaf = core::arch::x86_64::__cpuid(0).eax;
+        if max_leaf >= 7 {
+            let edx = core::arch::x86_64::__cpuid_count(7, 0).edx;
+            if edx & (1 << 22) != 0 {
+                features.push("amx-bf16");
+            }
+            if edx & (1 << 24) != 0 {
+                features.push("amx-tile");
+            }
+        }
+        if std::is_x86_feature_detected!("avx512bf16") {
+            features.push("avx512bf16");
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            features.push("avx512f");
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            features.push("avx2");
+        }
+        if std::is_x86_feature_detected!("fma") {
+            features.push("fma");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    features.push("neon");
+    CpuInfo {
+        model: super::generate::cpu_name(),
+        threads: rayon::current_num_threads(),
+        features,
+        bf16_matmul: if crate::model::bf16::has_bf16_hw() {
+            "avx512bf16"
+        } else {
+            "portable"
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn features_match_the_kernel_choice() {
+        let info = super::cpu_info();
+        assert!(!info.model.is_empty() && info.threads > 0);
+        assert_eq!(
+            info.bf16_matmul == "avx512bf16",
+            info.features.contains(&"avx512bf16") && info.features.contains(&"avx512f")
+        );
+    }
+}
