@@ -74,7 +74,7 @@ pub fn export_job(
                 write_axolotl(config, &model, steps, dir)?
             }
         }
-        JobTarget::MlxLm => write_mlx(config, &model, dir)?,
+        JobTarget::MlxLm => write_mlx(config, &model, prepared.config.linear_names(), dir)?,
     };
     write_readme(target, &model, &notes, dir)?;
     Ok(JobExport {
@@ -336,7 +336,12 @@ fn write_axolotl(
     Ok(notes)
 }
 
-fn write_mlx(config: &TrainConfig, model: &str, dir: &Path) -> anyhow::Result<Vec<String>> {
+fn write_mlx(
+    config: &TrainConfig,
+    model: &str,
+    linear_names: &[&str],
+    dir: &Path,
+) -> anyhow::Result<Vec<String>> {
     let mut notes = common_notes(config);
     notes.push("mlx-lm applies the chat template and prompt mask itself: the tokens can differ from FineTune's where its template handling differs".into());
     std::fs::copy(&config.train_data, dir.join("data/train.jsonl"))
@@ -366,28 +371,16 @@ fn write_mlx(config: &TrainConfig, model: &str, dir: &Path) -> anyhow::Result<Ve
             config.grad_accum
         ));
     }
+    // mlx-lm names a module by its path inside a block: attention under self_attn, the rest
+    // under mlp (Llama-family layout).
     let keys: Vec<String> = if config.lora.targets.is_empty() {
-        [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .iter()
-        .map(|t| {
-            format!(
-                "{}.{t}",
-                if t.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(t) {
-                    "mlp"
-                } else {
-                    "self_attn"
-                }
-            )
-        })
-        .collect()
+        linear_names
+            .iter()
+            .map(|t| {
+                let attn = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"].contains(t);
+                format!("{}.{t}", if attn { "self_attn" } else { "mlp" })
+            })
+            .collect()
     } else {
         config.lora.targets.clone()
     };
