@@ -557,6 +557,11 @@ impl Content {
             Some(Value::I32(v)) if *v >= 0 => *v as u64,
             _ => DEFAULT_ALIGNMENT,
         };
+        // FineTune patch: a hostile header's alignment of 0 divided by zero (found by fuzzing);
+        // llama.cpp requires a power of two.
+        if !alignment.is_power_of_two() {
+            crate::bail!("invalid general.alignment {alignment}: it must be a power of two")
+        }
         let tensor_data_offset = position.div_ceil(alignment) * alignment;
         Ok(Self {
             magic,
