@@ -18,7 +18,7 @@ for t in "${targets[@]}"; do
     > "$scratch.log" 2>&1
   status=$?
   set -e
-  grep -E '^(stat::|#[0-9]+[[:space:]]*DONE|==[0-9]+==|SUMMARY)|ERROR|panicked|crash-|timeout-|oom-' "$scratch.log" || true
+  grep -a -E '^(stat::|#[0-9]+[[:space:]]*DONE|==[0-9]+==|SUMMARY)|ERROR|panicked|crash-|timeout-|oom-' "$scratch.log" || true
   rm -rf "$scratch" "$scratch.log"
   if [ "$status" != 0 ]; then
     echo "fuzz target $t failed (exit $status); the input is under fuzz/artifacts/$t" >&2
