@@ -4,6 +4,7 @@
 # a fresh process (peak memory is per process). Prints every run and the medians: tokens/s, peak
 # memory (bytes held by tensors on CUDA; the process's peak RSS on the CPU) and the ratios.
 # A model folder with only config.json gets random weights (kept in /tmp between runs).
+# BENCH_FLAGS adds flags to every timed run of both (e.g. "--checkpointing").
 #
 #   bash bench/qlora_memory.sh BIN MODEL_DIR DEVICE [ROUNDS] [BATCH] [SEQ_LEN] [QUANT] [STEPS]
 set -euo pipefail
@@ -18,7 +19,7 @@ for r in $(seq 1 "$rounds"); do
     extra=()
     [ "$q" = none ] || extra=(--quantize "$q")
     "$bin" bench --model "$model" --random-dir "$rand" --device "$device" --dtype bf16 \
-      --batch "$batch" --seq-len "$seq" --steps "$steps" --warmup 2 --json "${extra[@]}" \
+      --batch "$batch" --seq-len "$seq" --steps "$steps" --warmup 2 --json ${BENCH_FLAGS:-} "${extra[@]}" \
       | python3 -c 'import json,sys; q=sys.argv[1]; d=json.load(sys.stdin); print(json.dumps({"quant":q,"tokens_per_sec":d["tokens_per_sec"],"device_peak_allocated":d["device_peak_allocated"],"peak_rss_bytes":d["peak_rss_bytes"],"estimate":d["estimate"]["total"],"what":d["quant"],"device":d["device"]}))' "$q" \
       | tee -a "$out"
   done

@@ -234,7 +234,9 @@ pub fn write_random_checkpoint(src: &Path, dst: &Path) -> anyhow::Result<()> {
         } else {
             (0..n).map(|_| (rng.random::<f32>() - 0.5) * 0.07).collect()
         };
-        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        // Stored in bf16 (as the checkpoints are published): an 8B shape is 16 GB, not 32.
+        let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(candle_core::DType::BF16)?;
+        tensors.insert(name, t);
     }
     candle_core::safetensors::save(&tensors, dst.join("model.safetensors"))?;
     Ok(())
@@ -372,6 +374,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             lora_dropout: false,
             quant_bytes_per_weight: opts.quantize.and_then(|q| q.bytes_per_weight()),
             dora: opts.dora,
+            device_memory: backend.device.is_cuda(),
         },
     );
     Ok(BenchReport {

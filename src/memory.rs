@@ -71,8 +71,9 @@ pub struct Estimate {
     pub logits: u64,
     /// The process itself: binary, libraries, thread stacks, allocator and small tensors.
     pub runtime: u64,
-    /// Peak: the larger of training (every part above) and loading (runtime, the weights and
-    /// the memory-mapped checkpoint file, whose pages stay resident until loading ends).
+    /// Peak: the larger of training (every part above) and loading (runtime, the weights and,
+    /// in host memory, the memory-mapped checkpoint file, whose pages stay resident until
+    /// loading ends).
     pub total: u64,
 }
 
@@ -107,12 +108,17 @@ pub struct EstimateInput {
     pub lora_dropout: bool,
     /// QLoRA: bytes per weight of the quantized linear projections (e.g. 0.5625 for Q4_K), `None`
     /// when they are float. Embeddings, norms and the LM head stay in `weight_bytes`; one
-    /// projection at a time is dequantized (f32) for its product and dropped.
+    /// projection at a time is dequantized (f32, bf16 by the CUDA kernel) for its product and
+    /// dropped.
     pub quant_bytes_per_weight: Option<f64>,
     /// DoRA: a magnitude (out,) per adapted module, trained like A and B, and one more (N, out)
     /// tensor per module kept for backward (the unscaled output the magnitude multiplies; without
     /// dropout).
     pub dora: bool,
+    /// The tensors live in a GPU's own memory (CUDA), which the estimate then stands for: the
+    /// memory-mapped checkpoint file is host memory there and not part of the load peak. On the
+    /// CPU and on Apple silicon's unified memory (Metal) it is.
+    pub device_memory: bool,
 }
 
 /// Resident memory of the process besides tensors (binary, libraries, thread stacks, allocator
@@ -169,8 +175,14 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
         Some(q) => {
             let linear = n.linear_weights();
             let rest = params.saturating_sub(linear) * input.weight_bytes as u64;
-            // One projection dequantized to f32 for its product (the largest: the MLP's).
-            rest + (linear as f64 * q) as u64 + n.d * n.i * 4
+            // One projection dequantized for its product (the largest: the MLP's): straight to
+            // bf16 by the CUDA kernel, else to f32.
+            let dequantized = if n.cuda_kernels && input.activation_bytes == 2 {
+                2
+            } else {
+                4
+            };
+            rest + (linear as f64 * q) as u64 + n.d * n.i * dequantized
         }
         None => params * input.weight_bytes as u64,
     };
@@ -185,7 +197,12 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     };
     let runtime = RUNTIME_BYTES;
     let training = runtime + base_weights + lora_and_optimizer + activations + logits;
-    let loading = runtime + base_weights + params * STORED_BYTES_PER_PARAM;
+    let mapped_file = if input.device_memory {
+        0
+    } else {
+        params * STORED_BYTES_PER_PARAM
+    };
+    let loading = runtime + base_weights + mapped_file;
     Estimate {
         base_weights,
         lora_and_optimizer,

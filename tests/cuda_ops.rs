@@ -292,3 +292,138 @@ fn lora_linear_matches_the_cpu() {
         assert!(e <= tol(dtype), "LoRA linear {dtype:?}: {e}");
     }
 }
+
+#[test]
+fn qlora_linear_matches_the_cpu_on_the_dequantized_weight() {
+    use candle_core::quantized::GgmlDType;
+    use finetune::model::quant::QWeight;
+    let gpu = Device::new_cuda(0).unwrap();
+    for ty in [GgmlDType::Q4K, GgmlDType::Q8_0] {
+        let (n, i, o, r) = (300, 1024, 2816, 16);
+        let w = randn(&[o, i], 22).affine(0.03, 0.0).unwrap();
+        let q = QWeight::quantize(&w, ty, &gpu).unwrap();
+        // The reference multiplies by the weight the op sees: the quantized values.
+        let deq = q
+            .dequantize(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        let inputs = [
+            randn(&[n, i], 23),
+            randn(&[r, i], 24).affine(0.05, 0.0).unwrap(),
+            randn(&[o, r], 25).affine(0.05, 0.0).unwrap(),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            let e = compare(
+                &format!("QLoRA linear {ty:?} 300x1024 → 2816, r16"),
+                &inputs,
+                std::slice::from_ref(&deq),
+                dtype,
+                |x, c| {
+                    if x[0].device().is_cuda() {
+                        let (a, b) = (x[1].to_dtype(DType::F32)?, x[2].to_dtype(DType::F32)?);
+                        kernels::cuda::qlora_linear(&x[0], q.qtensor(), &a, &b, 2.0)
+                    } else {
+                        x[0].matmul(&c[0].t()?)?
+                            + (x[0].matmul(&x[1].t()?)?.matmul(&x[2].t()?)? * 2.0)?
+                    }
+                },
+            );
+            assert!(e <= tol(dtype), "QLoRA linear {ty:?} {dtype:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn dequantize_bf16_equals_candles_f32_dequantization_rounded() {
+    use candle_core::quantized::GgmlDType;
+    use finetune::model::quant::QWeight;
+    let gpu = Device::new_cuda(0).unwrap();
+    let w = randn(&[384, 2048], 31).affine(0.05, 0.0).unwrap();
+    for ty in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let q = QWeight::quantize(&w, ty, &gpu).unwrap();
+        let ours = kernels::cuda::dequantize_bf16(q.qtensor())
+            .unwrap()
+            .expect("a kernel for this type");
+        let candle = q
+            .qtensor()
+            .dequantize(&gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let (a, b) = (
+            ours.to_dtype(DType::F32).unwrap().flatten_all().unwrap(),
+            candle.to_dtype(DType::F32).unwrap().flatten_all().unwrap(),
+        );
+        let diff = (&a - &b).unwrap().abs().unwrap();
+        let max = diff.max(0).unwrap().to_scalar::<f32>().unwrap();
+        let differing: Vec<f32> = diff.to_vec1::<f32>().unwrap();
+        let n_diff = differing.iter().filter(|d| **d > 0.0).count();
+        println!(
+            "dequantize {ty:?} → bf16: {n_diff} of {} weights differ, max |diff| {max:.1e}",
+            differing.len()
+        );
+        // The same f32 values rounded once; an FMA contraction may move one in a million by a
+        // bf16 step.
+        assert!(
+            n_diff * 100_000 <= differing.len(),
+            "{ty:?}: {n_diff} differ"
+        );
+        assert!(rel(&a, &b) <= 1e-5, "{ty:?}: {}", rel(&a, &b));
+    }
+}
+
+/// Not a test of speed (nothing is asserted on time): prints how long dequantizing the Llama 3.1
+/// 8B MLP weight (14336×4096, Q4_K) takes by the kernel and by Candle's f32 path + cast, for the
+/// note. `cargo test --release --features cuda --test cuda_ops dequantize_time -- --nocapture`.
+#[test]
+fn dequantize_time_of_an_8b_mlp_weight() {
+    use candle_core::quantized::GgmlDType;
+    use finetune::model::quant::QWeight;
+    let gpu = Device::new_cuda(0).unwrap();
+    let w = randn(&[14336, 4096], 41).affine(0.02, 0.0).unwrap();
+    let q = QWeight::quantize(&w, GgmlDType::Q4K, &gpu).unwrap();
+    let time = |f: &dyn Fn() -> Tensor| {
+        let _ = f();
+        gpu.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            let _ = f();
+        }
+        gpu.synchronize().unwrap();
+        t.elapsed().as_secs_f64() / 20.0
+    };
+    let ours = time(&|| {
+        kernels::cuda::dequantize_bf16(q.qtensor())
+            .unwrap()
+            .unwrap()
+    });
+    let candle = time(&|| {
+        q.qtensor()
+            .dequantize(&gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    });
+    println!(
+        "dequantize 14336x4096 Q4_K → bf16: kernel {:.3} ms, Candle f32 + cast {:.3} ms",
+        ours * 1e3,
+        candle * 1e3
+    );
+    let same = kernels::cuda::dequantize_bf16(q.qtensor())
+        .unwrap()
+        .unwrap();
+    let want = q
+        .qtensor()
+        .dequantize(&gpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    assert_eq!(rel(&same, &want), 0.0);
+}

@@ -53,6 +53,7 @@ fn cuda_estimate_matches_the_h100_peaks() {
                 lora_dropout: false,
                 quant_bytes_per_weight: None,
                 dora: false,
+                device_memory: true,
             },
         );
         let ratio = e.total as f64 / measured as f64;
@@ -88,6 +89,7 @@ fn input(batch: usize, seq_len: usize, checkpointing: bool, weight_bytes: usize)
         lora_dropout: false,
         quant_bytes_per_weight: None,
         dora: false,
+        device_memory: false,
     }
 }
 
@@ -209,5 +211,82 @@ fn matches_measured_peaks_with_fused_attention() {
             err.abs() < 0.08,
             "{b}x{t} ckpt={ck}/{keep} w={wb}: {e} vs {peak} ({err:+.3})"
         );
+    }
+}
+
+/// Peak bytes held by tensors on an H100 (`bench/qlora_memory.sh`, `bench/results/h100-qlora-*`):
+/// bf16 LoRA and QLoRA (Q4_K) on the Llama 3.2 1B shape at 4×512 and the Llama 3.1 8B shape at
+/// 1×512, r16 on every linear. On the GPU the memory-mapped checkpoint is host memory, so the
+/// 8B load (16 GB of weights) does not double the device's peak.
+#[test]
+fn cuda_estimate_matches_the_h100_qlora_peaks() {
+    let llama = |h: usize, i: usize, layers: usize, dh: usize, tied: bool| {
+        ModelConfig::from_json(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": {h},
+            "intermediate_size": {i}, "num_hidden_layers": {layers}, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": {dh}, "tie_word_embeddings": {tied}}}"#
+        ))
+        .unwrap()
+    };
+    let q4k = Some(144.0 / 256.0);
+    for (name, cfg, batch, quant, measured) in [
+        (
+            "1B bf16",
+            llama(2048, 8192, 16, 64, true),
+            4,
+            None,
+            9_292_791_768u64,
+        ),
+        (
+            "1B Q4_K",
+            llama(2048, 8192, 16, 64, true),
+            4,
+            q4k,
+            7_894_023_640,
+        ),
+        (
+            "8B bf16",
+            llama(4096, 14336, 32, 128, false),
+            1,
+            None,
+            21_439_460_860,
+        ),
+        (
+            "8B Q4_K",
+            llama(4096, 14336, 32, 128, false),
+            1,
+            q4k,
+            11_406_750_204,
+        ),
+    ] {
+        let e = estimate(
+            &cfg,
+            &EstimateInput {
+                batch,
+                seq_len: 512,
+                rank: 16,
+                weight_bytes: 2,
+                activation_bytes: 2,
+                checkpointing: false,
+                checkpoint_keep_every: 0,
+                lora_modules_per_layer: None,
+                kernels: plan(
+                    DeviceKind::Cuda,
+                    DType::BF16,
+                    CpuFeatures::default(),
+                    Mode::Auto,
+                ),
+                lora_dropout: false,
+                quant_bytes_per_weight: quant,
+                dora: false,
+                device_memory: true,
+            },
+        );
+        let ratio = e.total as f64 / measured as f64;
+        println!(
+            "{name}: estimate {} vs measured {measured}: {ratio:.3} ({e:?})",
+            e.total
+        );
+        assert!((0.95..=1.05).contains(&ratio), "{name}: {ratio}");
     }
 }

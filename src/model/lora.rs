@@ -237,13 +237,16 @@ impl LoraLinear {
                 let y = self.forward_dora(&x2, x_f32, l, m, train, detach_lora)?;
                 return self.finish(y, dims);
             }
-            if let (true, Frozen::Dense(w)) = (self.fused_on_cuda(&x2, train), &self.weight) {
+            if self.fused_on_cuda(&x2, train) {
                 let (a, b) = if detach_lora {
                     (l.a.as_tensor().detach(), l.b.as_tensor().detach())
                 } else {
                     (l.a.as_tensor().clone(), l.b.as_tensor().clone())
                 };
-                let y = kernels::lora_linear(&x2, w, &a, &b, l.scale)?;
+                let y = match &self.weight {
+                    Frozen::Dense(w) => kernels::lora_linear(&x2, w, &a, &b, l.scale)?,
+                    Frozen::Quant(q) => kernels::qlora_linear(&x2, q.qtensor(), &a, &b, l.scale)?,
+                };
                 return self.finish(y, dims);
             }
         }
@@ -335,13 +338,14 @@ impl LoraLinear {
     }
 
     /// Whether [`LoraLinear::forward_shared`] runs this projection with its LoRA term as one op
-    /// (`kernels::lora_linear`, CUDA): LoRA attached, no dropout in this pass, and the kernel plan
-    /// choosing it for `x` ([`kernels::lora_linear_fused`]).
+    /// (`kernels::lora_linear`, or `kernels::qlora_linear` over a quantized weight; CUDA): LoRA
+    /// attached, no dropout in this pass, and the kernel plan choosing it for `x`
+    /// ([`kernels::lora_linear_fused`], [`kernels::qlora_linear_fused`]).
     pub fn fused_on_cuda(&self, x: &Tensor, train: bool) -> bool {
         match self.active() {
             Some(l) if l.magnitude.is_none() => match &self.weight {
                 Frozen::Dense(w) => kernels::lora_linear_fused(x, w, train && l.dropout > 0.0),
-                Frozen::Quant(_) => false,
+                Frozen::Quant(_) => kernels::qlora_linear_fused(x, train && l.dropout > 0.0),
             },
             Some(_) => false,
             None => false,

@@ -138,6 +138,11 @@ impl QWeight {
         (self.out_features, self.in_features)
     }
 
+    /// The quantized tensor itself.
+    pub fn qtensor(&self) -> &Arc<QTensor> {
+        &self.q
+    }
+
     /// The quantization type.
     pub fn ggml_dtype(&self) -> GgmlDType {
         self.q.dtype()
@@ -155,7 +160,7 @@ impl QWeight {
 
     /// The weight as a float tensor (out, in) of `dtype`, on its device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
-        self.q.dequantize(&self.q.device())?.to_dtype(dtype)
+        kernels::dequantize(&self.q, dtype)
     }
 
     /// `x · Wᵀ` for `x` (N, in), in `x`'s dtype; the gradient flows to `x`, never to `W`.
@@ -280,7 +285,7 @@ impl QLinear {
 
     /// `grad · dequant(W)`: the input's gradient.
     fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
-        let w = self.q.dequantize(grad.device())?.to_dtype(grad.dtype())?;
+        let w = kernels::dequantize(&self.q, grad.dtype())?;
         grad.matmul(&w)
     }
 }

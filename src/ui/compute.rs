@@ -35,6 +35,7 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             lora_dropout: s.lora_dropout > 0.0,
             quant_bytes_per_weight: quant_bytes_per_weight(s, model),
             dora: s.lora_dora,
+            device_memory: plan.is_some_and(|p| p.kind == BackendKind::Cuda),
         },
     )
 }

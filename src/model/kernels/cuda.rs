@@ -183,7 +183,7 @@ mod linear;
 mod softmax;
 
 pub use layer::{rms_norm, rope, swiglu};
-pub use linear::{frozen_linear, lora_linear};
+pub use linear::{dequantize_bf16, frozen_linear, lora_linear, qlora_linear};
 pub use softmax::{attention_softmax, cross_entropy_rows};
 
 /// Scaled dot-product attention over `(B, H, T, Dh)` q, k, v (k and v already repeated to H

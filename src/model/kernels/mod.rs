@@ -541,5 +541,48 @@ pub fn lora_linear(
     )
 }
 
+/// A quantized weight as a float tensor of `dtype` on its device: on CUDA (the plan's LoRA linear
+/// `cuda`) in bf16 straight from its blocks by FineTune's kernel where the type has one, else
+/// Candle's f32 dequantization cast to `dtype`.
+pub fn dequantize(q: &candle_core::quantized::QTensor, dtype: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if dtype == DType::BF16 && q.device().is_cuda() && Mode::current() == Mode::Auto {
+        if let Some(t) = cuda::dequantize_bf16(q)? {
+            return Ok(t);
+        }
+    }
+    q.dequantize(&q.device())?.to_dtype(dtype)
+}
+
+/// Whether a LoRA projection of the 2-D `x` over a quantized frozen weight (QLoRA) runs as one
+/// op ([`qlora_linear`]): the plan's LoRA linear is the device's own op, the pass draws no dropout
+/// mask, and `x` is in a dtype the op computes in.
+pub fn qlora_linear_fused(x: &Tensor, dropout_in_pass: bool) -> bool {
+    plan_for(x).lora_linear == Impl::Cuda
+        && !dropout_in_pass
+        && matches!(x.dtype(), DType::BF16 | DType::F32)
+}
+
+/// [`lora_linear`] over a quantized frozen `weight`, where [`qlora_linear_fused`] holds; an error
+/// on a device without such an op.
+pub fn qlora_linear(
+    x: &Tensor,
+    weight: &std::sync::Arc<candle_core::quantized::QTensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if plan_for(x).lora_linear == Impl::Cuda {
+        return cuda::qlora_linear(x, weight, a, b, scale);
+    }
+    let _ = (weight, a, b, scale);
+    candle_core::bail!(
+        "no single-op QLoRA linear on {:?} in {:?}; check qlora_linear_fused first",
+        DeviceKind::of(x.device()),
+        x.dtype()
+    )
+}
+
 #[cfg(test)]
 mod tests;

@@ -884,6 +884,11 @@ impl QCudaStorage {
         Ok(out)
     }
 
+    /// FineTune patch: the blocks (padded at the end), for kernels of FineTune's own.
+    pub fn as_cuda_slice(&self) -> &CudaSlice<u8> {
+        &self.data.inner
+    }
+
     pub fn device_ptr(&self) -> Result<*const u8> {
         Ok(self.data.inner.device_ptr(self.data.inner.stream()).0 as *const u8)
     }

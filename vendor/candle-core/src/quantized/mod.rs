@@ -751,6 +751,12 @@ impl QTensor {
         Ok(crate::tensor::from_storage(storage, out_shape, none, false))
     }
 
+    /// FineTune patch: the quantized blocks themselves, for kernels of FineTune's own (QLoRA
+    /// dequantizes them to bf16 on CUDA in one pass).
+    pub fn storage(&self) -> &QStorage {
+        &self.storage
+    }
+
     pub fn storage_size_in_bytes(&self) -> usize {
         self.storage.size_in_bytes()
     }
