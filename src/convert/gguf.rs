@@ -311,7 +311,7 @@ fn tensor_facts(
         embed_rows: content
             .tensor_infos
             .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0]),
+            .and_then(|t| t.shape.dims().first().copied()),
         rope_freqs,
         rope_long,
         rope_short,

@@ -165,7 +165,10 @@ impl GgufLinears {
         let shape = q.shape().clone();
         let data = q.data().map_err(|e| bad(e.to_string()))?;
         let data = match heads {
-            Some(h) => Cow::Owned(unpermute_rows(&data, shape.dims()[0], h).map_err(bad)?),
+            Some(h) => {
+                let rows = shape.dims().first().copied().unwrap_or(0);
+                Cow::Owned(unpermute_rows(&data, rows, h).map_err(bad)?)
+            }
             None => data,
         };
         let storage = QStorage::from_data(data, device, dtype).map_err(|e| bad(e.to_string()))?;
