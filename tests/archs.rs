@@ -299,3 +299,40 @@ fn a_short_training_run_lowers_the_validation_loss_on_every_new_architecture() {
         );
     }
 }
+
+#[test]
+fn gemma3_multimodal_adapters_use_transformers_module_paths_both_ways() {
+    // tiny-gemma3-vlm/peft-adapter is tiny-gemma3's adapter as PEFT saved it on the multimodal
+    // model (`model.language_model.layers.N...`); PEFT's logits with it equal tiny-gemma3's
+    // lora_logits (tools/make_arch_fixtures.py --vlm-adapter).
+    let vlm = fixture("tiny-gemma3-vlm");
+    let r = reference(&fixture("tiny-gemma3"));
+    let mut model = Model::load(&vlm, DType::F32, &Device::Cpu).unwrap();
+    let state = adapter::load(&vlm.join("peft-adapter"), &mut model).unwrap();
+    let loaded = logits(&model, &r.input_ids);
+    let diff = max_abs_diff(&loaded, &r.lora_logits);
+    println!("tiny-gemma3-vlm + PEFT's adapter: logits vs PEFT {diff:.2e}");
+    assert!(diff <= 1e-4, "{diff}");
+    // Saved back under the same names, with targets PEFT matches on the language model only.
+    let out = tempfile::tempdir().unwrap();
+    adapter::save(out.path(), &state, &model, None).unwrap();
+    let names = |dir: &Path| {
+        let mut k: Vec<String> =
+            candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+                .unwrap()
+                .into_keys()
+                .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(names(out.path()), names(&vlm.join("peft-adapter")));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let pattern = cfg["target_modules"].as_str().expect("a regex").to_owned();
+    assert!(pattern.contains("language_model"), "{pattern}");
+    let mut again = Model::load(&vlm, DType::F32, &Device::Cpu).unwrap();
+    adapter::load(out.path(), &mut again).unwrap();
+    assert_eq!(max_abs_diff(&logits(&again, &r.input_ids), &loaded), 0.0);
+}

@@ -299,7 +299,44 @@ def make_vlm(model_dir):
     d = float((logits - ref["base_logits"]).abs().max())
     print(f"tiny-gemma3-vlm: text logits vs tiny-gemma3 max|diff| {d:.2e}")
     assert d < 1e-4, d
+    make_vlm_adapter(model_dir)
+
+
+def make_vlm_adapter(model_dir):
+    """tiny-gemma3's PEFT adapter as PEFT saves it on the multimodal checkpoint (module paths
+    `model.language_model.layers.N...`, the vision tower left alone): its logits must equal
+    tiny-gemma3's `lora_logits`. Run alone with `--vlm-adapter`."""
+    dst = FIX / "tiny-gemma3-vlm"
+    vlm = transformers.Gemma3ForConditionalGeneration.from_pretrained(dst, dtype=torch.float32)
+    text_adapter = load_file(model_dir / "peft-adapter/adapter_model.safetensors")
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                     target_modules=r".*language_model\.layers\.\d+\..*"
+                                    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    model = get_peft_model(vlm, cfg)
+    renamed = {k.replace("base_model.model.model.layers.",
+                         "base_model.model.model.language_model.layers."): v
+               for k, v in text_adapter.items()}
+    result = peft.set_peft_model_state_dict(model, renamed)
+    assert not result.unexpected_keys, result.unexpected_keys
+    out = dst / "peft-adapter"
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model card; the other fixtures have none
+    cfg_path = out / "adapter_config.json"
+    saved_cfg = json.load(open(cfg_path))
+    saved_cfg["base_model_name_or_path"] = None  # not this machine's path
+    json.dump(saved_cfg, open(cfg_path, "w"), indent=2, sort_keys=True)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert set(saved) == set(renamed), sorted(set(saved) ^ set(renamed))[:4]
+    ref = load_file(model_dir / "reference.safetensors")
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"].long()).logits
+    d = float((logits - ref["lora_logits"]).abs().max())
+    print(f"tiny-gemma3-vlm/peft-adapter: logits vs tiny-gemma3's lora_logits max|diff| {d:.2e}")
+    assert d < 1e-4, d
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--vlm-adapter"]:
+        sys.exit(make_vlm_adapter(FIX / "tiny-gemma3"))
     sys.exit(main())

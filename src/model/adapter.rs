@@ -120,6 +120,21 @@ pub fn peft_config(
         .map(|l| l.name().to_owned())
         .collect();
     let c = &state.config;
+    let target_modules = if multimodal(model) {
+        // A regex (PEFT full-matches it against module paths): the language model's projections
+        // only, under transformers 5's `model.language_model.` and 4's `language_model.model.`,
+        // so PEFT puts no LoRA on the vision tower's same-named projections.
+        let layers = match &c.layers {
+            Some(l) => l.iter().map(usize::to_string).collect::<Vec<_>>().join("|"),
+            None => r"\d+".to_owned(),
+        };
+        let names = adapted.into_iter().collect::<Vec<_>>().join("|");
+        serde_json::json!(format!(
+            r"(.*\.)?language_model\.(model\.)?layers\.({layers})\.(.*\.)?({names})"
+        ))
+    } else {
+        serde_json::json!(adapted.into_iter().collect::<Vec<_>>())
+    };
     serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -127,7 +142,7 @@ pub fn peft_config(
         "r": c.rank,
         "lora_alpha": c.alpha,
         "lora_dropout": c.dropout,
-        "target_modules": adapted.into_iter().collect::<Vec<_>>(),
+        "target_modules": target_modules,
         "layers_to_transform": c.layers,
         "use_rslora": c.use_rslora,
         "fan_in_fan_out": model.config.family == Family::Gpt2,
@@ -158,7 +173,7 @@ pub fn save(
     let tensors: HashMap<String, Tensor> = state
         .named_vars()
         .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .map(|(k, v)| (file_key(model, k), v.as_tensor().clone()))
         .collect();
     let bytes = safetensors::tensor::serialize(&tensors, None).map_err(|e| {
         AdapterError::InvalidWeights {
@@ -178,6 +193,35 @@ pub fn save(
         })?;
     write_atomic(&config_path, text.as_bytes()).map_err(io(&config_path))?;
     Ok(())
+}
+
+/// Whether `model` is the language model of a multimodal checkpoint, whose module paths in
+/// transformers (and so in PEFT's keys) are `model.language_model.X` where FineTune's are
+/// `model.X`.
+fn multimodal(model: &Model) -> bool {
+    model.config.architecture == "Gemma3ForConditionalGeneration"
+}
+
+/// The key a tensor is saved under: PEFT's name for the module in transformers' model.
+fn file_key(model: &Model, key: String) -> String {
+    match key.strip_prefix("base_model.model.model.") {
+        Some(rest) if multimodal(model) => {
+            format!("base_model.model.model.language_model.{rest}")
+        }
+        _ => key,
+    }
+}
+
+/// A module path in an adapter file as FineTune names it: a multimodal checkpoint's language
+/// model (`model.language_model.X` in transformers 5, `language_model.model.X` in 4) is `model.X`.
+fn module_path(path: &str) -> std::borrow::Cow<'_, str> {
+    match path
+        .strip_prefix("model.language_model.")
+        .or_else(|| path.strip_prefix("language_model.model."))
+    {
+        Some(rest) => std::borrow::Cow::Owned(format!("model.{rest}")),
+        None => std::borrow::Cow::Borrowed(path),
+    }
 }
 
 /// `base_model.model.<path>.lora_A[.default].weight` → (`<path>`, "lora_A"); DoRA's
@@ -478,11 +522,12 @@ fn read_pairs(weights_path: &Path, device: &Device) -> Result<(Pairs, Magnitudes
             ),
             path: weights_path.to_path_buf(),
         })?;
+        let path = module_path(path).into_owned();
         if which == "magnitude" {
-            magnitudes.insert(path.to_owned(), t);
+            magnitudes.insert(path, t);
             continue;
         }
-        let entry = pairs.entry(path.to_owned()).or_default();
+        let entry = pairs.entry(path).or_default();
         if which == "lora_A" {
             entry.0 = Some(t);
         } else {
