@@ -76,6 +76,9 @@ pub struct CpuInfo {
     /// Hardware bf16 dot products (AVX512-BF16): where the kernel plan then multiplies bf16
     /// weights by f32 activations in hardware, frozen weights default to bf16.
     pub bf16: bool,
+    /// AMX-BF16 tiles usable by this process (Intel Sapphire Rapids and later): the bf16
+    /// products run on them.
+    pub amx: bool,
     /// Total RAM, when known.
     pub memory_bytes: Option<u64>,
 }
@@ -185,11 +188,14 @@ fn gpu_name(kind: BackendKind, info: &GpuInfo) -> String {
 
 fn cpu_plan(cpu: &CpuInfo, reason: String) -> Plan {
     // bf16 where its frozen matrices are multiplied in hardware (AVX512-BF16, `auto` kernels).
-    let features = CpuFeatures { bf16_dot: cpu.bf16 };
+    let features = CpuFeatures {
+        bf16_dot: cpu.bf16,
+        amx: cpu.amx,
+    };
     let bf16 = kernels::plan(DeviceKind::Cpu, DType::BF16, features, Mode::current());
     Plan {
         kind: BackendKind::Cpu,
-        dtype: if bf16.frozen_linear == Impl::CpuBf16Avx512 {
+        dtype: if matches!(bf16.frozen_linear, Impl::CpuBf16Amx | Impl::CpuBf16Avx512) {
             DType::BF16
         } else {
             DType::F32
@@ -314,6 +320,7 @@ impl Probe for SystemProbe {
                 .unwrap_or(1),
             simd: simd_level().to_string(),
             bf16: CpuFeatures::detect().bf16_dot,
+            amx: CpuFeatures::detect().amx,
             memory_bytes: crate::memory::total_memory_bytes(),
         }
     }
@@ -324,6 +331,9 @@ pub fn simd_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
+            if crate::model::bf16::has_amx() {
+                return "AMX-BF16 + AVX-512";
+            }
             if std::arch::is_x86_feature_detected!("avx512bf16") {
                 return "AVX-512 + BF16";
             }

@@ -22,6 +22,7 @@ impl Probe for Fake {
             cores: 8,
             simd: "NEON".into(),
             bf16: self.cpu_bf16,
+            amx: false,
             memory_bytes: Some(16_000_000_000),
         }
     }

@@ -52,11 +52,7 @@ pub fn cpu_info() -> CpuInfo {
         model: super::generate::cpu_name(),
         threads: rayon::current_num_threads(),
         features,
-        bf16_matmul: if crate::model::bf16::has_bf16_hw() {
-            "avx512bf16"
-        } else {
-            "portable"
-        },
+        bf16_matmul: crate::model::bf16::kernel_name(),
     }
 }
 
@@ -66,9 +62,16 @@ mod tests {
     fn features_match_the_kernel_choice() {
         let info = super::cpu_info();
         assert!(!info.model.is_empty() && info.threads > 0);
-        assert_eq!(
-            info.bf16_matmul == "avx512bf16",
-            info.features.contains(&"avx512bf16") && info.features.contains(&"avx512f")
-        );
+        let amx = info.features.contains(&"amx-bf16") && info.features.contains(&"amx-tile");
+        let avx512 = info.features.contains(&"avx512bf16") && info.features.contains(&"avx512f");
+        // AMX also needs the OS's grant, so a CPU with it may still take the AVX-512 path.
+        match info.bf16_matmul {
+            "amx-bf16" => assert!(amx),
+            "avx512bf16" => assert!(avx512),
+            other => assert_eq!(other, "portable"),
+        }
+        if !amx {
+            assert_eq!(info.bf16_matmul == "avx512bf16", avx512);
+        }
     }
 }

@@ -1,9 +1,13 @@
 //! Mixed-precision matrix multiply for the CPU: f32 activations × bf16 frozen weights, f32
 //! accumulation (the frozen linear layers' forward and input-gradient products).
 //!
-//! On x86_64 CPUs with AVX512-BF16 the product runs on a packed `vdpbf16ps`
-//! microkernel; everywhere else a portable (bf16-rounded) f32 path is used.
+//! On x86_64 CPUs with AMX-BF16 (Intel Sapphire Rapids and later) the product runs on the matrix
+//! unit's tiles ([`amx`]); with AVX512-BF16 (AMD Zen 4/5, Intel Cooper Lake) on a packed
+//! `vdpbf16ps` microkernel; everywhere else a portable (bf16-rounded) f32 path is used. The
+//! choice is made at run time ([`kernel_name`]); `FINETUNE_NO_AMX=1` skips the tiles.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod portable;
@@ -138,6 +142,39 @@ pub fn has_bf16_hw() -> bool {
     }
 }
 
+/// Whether the AMX-BF16 tiles run the product here ([`amx::usable`]).
+pub fn has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::usable()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The kernel [`matmul_f32_bf16`] runs on this CPU: "amx-bf16", "avx512bf16" or "portable".
+pub fn kernel_name() -> &'static str {
+    if has_amx() {
+        "amx-bf16"
+    } else if has_bf16_hw() {
+        "avx512bf16"
+    } else {
+        "portable"
+    }
+}
+
+/// Which kernel a product runs on: the best the CPU has, or (for tests) a given one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Best,
+    #[cfg(test)]
+    Avx512,
+    #[cfg(test)]
+    Portable,
+}
+
 /// C (m×n, row-major, row stride ldc) = A · B  (+ C if accumulate)
 ///
 /// * A: f32, m×k, element (i,p) at `a[i*a_rs + p*a_cs]` (rounded to bf16, RNE, while packing)
@@ -160,7 +197,19 @@ pub fn matmul_f32_bf16(
     accumulate: bool,
 ) -> Result<(), Error> {
     matmul_impl(
-        m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate, false,
+        m,
+        n,
+        k,
+        a,
+        a_rs,
+        a_cs,
+        b,
+        b_rs,
+        b_cs,
+        c,
+        ldc,
+        accumulate,
+        Path::Best,
     )
 }
 
@@ -183,7 +232,54 @@ pub fn matmul_f32_bf16_portable(
     accumulate: bool,
 ) -> Result<(), Error> {
     matmul_impl(
-        m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate, true,
+        m,
+        n,
+        k,
+        a,
+        a_rs,
+        a_cs,
+        b,
+        b_rs,
+        b_cs,
+        c,
+        ldc,
+        accumulate,
+        Path::Portable,
+    )
+}
+
+/// Same contract as [`matmul_f32_bf16`] on the AVX512-BF16 kernel (for testing it on machines
+/// whose best path is AMX); the portable path where the CPU lacks it.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32_bf16_avx512(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[bf16],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> Result<(), Error> {
+    matmul_impl(
+        m,
+        n,
+        k,
+        a,
+        a_rs,
+        a_cs,
+        b,
+        b_rs,
+        b_cs,
+        c,
+        ldc,
+        accumulate,
+        Path::Avx512,
     )
 }
 
@@ -201,7 +297,7 @@ fn matmul_impl(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
-    portable_only: bool,
+    path: Path,
 ) -> Result<(), Error> {
     validate(
         m,
@@ -229,7 +325,19 @@ fn matmul_impl(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if !portable_only && has_bf16_hw() {
+        if path == Path::Best && amx::usable() {
+            // SAFETY: AMX-BF16 is usable on this CPU and process (checked just above) and all
+            // shapes/strides were validated against the slice lengths by `validate`.
+            unsafe {
+                amx::matmul(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+            }
+            return Ok(());
+        }
+        #[cfg(test)]
+        let avx512_allowed = path != Path::Portable;
+        #[cfg(not(test))]
+        let avx512_allowed = true;
+        if avx512_allowed && has_bf16_hw() {
             // SAFETY: the CPU supports avx512f/bw/vl/bf16 (checked just above) and all
             // shapes/strides were validated against the slice lengths by `validate`.
             unsafe {
@@ -238,14 +346,14 @@ fn matmul_impl(
             return Ok(());
         }
     }
-    let _ = portable_only;
+    let _ = path;
     portable::matmul(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{has_bf16_hw, matmul_f32_bf16, matmul_f32_bf16_portable, Error};
+    use super::{matmul_f32_bf16, matmul_f32_bf16_avx512, matmul_f32_bf16_portable, Error};
     use half::bf16;
 
     struct Rng(u64);
@@ -433,8 +541,13 @@ mod tests {
 
     #[test]
     fn random_shapes_fast_path() {
-        println!("has_bf16_hw = {}", has_bf16_hw());
+        println!("kernel: {}", super::kernel_name());
         random_cases(matmul_f32_bf16, 0x1234_5678_9abc_def1, 600);
+    }
+
+    #[test]
+    fn random_shapes_avx512() {
+        random_cases(matmul_f32_bf16_avx512, 0x2345_6789_abcd_ef12, 300);
     }
 
     #[test]

@@ -152,6 +152,9 @@ pub struct CpuFeatures {
     /// AVX512-BF16 dot products: the mixed-precision frozen linear runs its `vdpbf16ps` kernel
     /// (`model::bf16`), else a portable one.
     pub bf16_dot: bool,
+    /// AMX-BF16 tiles (Intel Sapphire Rapids and later, granted to the process): the
+    /// mixed-precision frozen linear runs on them (`model::bf16`), ahead of AVX512-BF16.
+    pub amx: bool,
 }
 
 impl CpuFeatures {
@@ -160,6 +163,7 @@ impl CpuFeatures {
         static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
         *FEATURES.get_or_init(|| Self {
             bf16_dot: super::bf16::has_bf16_hw(),
+            amx: super::bf16::has_amx(),
         })
     }
 }
@@ -169,6 +173,8 @@ impl CpuFeatures {
 pub enum Impl {
     /// FineTune's CPU kernel ([`cpu`], or `model::attention` for attention), f32.
     CpuFused,
+    /// The CPU frozen linear with bf16 weights × f32 activations on AMX-BF16 tiles.
+    CpuBf16Amx,
     /// The CPU frozen linear with bf16 weights × f32 activations on AVX512-BF16.
     CpuBf16Avx512,
     /// The same without AVX512-BF16: a portable kernel (bf16-rounded f32 products).
@@ -187,6 +193,7 @@ impl Impl {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::CpuFused => "cpu-fused",
+            Self::CpuBf16Amx => "cpu-bf16-amx",
             Self::CpuBf16Avx512 => "cpu-bf16-avx512",
             Self::CpuBf16Portable => "cpu-bf16-portable",
             Self::Cuda => "cuda",
@@ -198,7 +205,7 @@ impl Impl {
     fn is_cpu(self) -> bool {
         matches!(
             self,
-            Self::CpuFused | Self::CpuBf16Avx512 | Self::CpuBf16Portable
+            Self::CpuFused | Self::CpuBf16Amx | Self::CpuBf16Avx512 | Self::CpuBf16Portable
         )
     }
 }
@@ -248,7 +255,7 @@ impl KernelPlan {
         self.activations == DType::F32
             && matches!(
                 self.frozen_linear,
-                Impl::CpuBf16Avx512 | Impl::CpuBf16Portable
+                Impl::CpuBf16Amx | Impl::CpuBf16Avx512 | Impl::CpuBf16Portable
             )
     }
 }
@@ -320,10 +327,11 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
         swiglu: pick(Cuda, Composed, Composed),
         frozen_linear: pick(
             Cuda,
-            match (mixed, cpu.bf16_dot) {
-                (false, _) => CpuFused,
-                (true, true) => CpuBf16Avx512,
-                (true, false) => CpuBf16Portable,
+            match (mixed, cpu.amx, cpu.bf16_dot) {
+                (false, _, _) => CpuFused,
+                (true, true, _) => CpuBf16Amx,
+                (true, false, true) => CpuBf16Avx512,
+                (true, false, false) => CpuBf16Portable,
             },
             GpuCommon,
         ),

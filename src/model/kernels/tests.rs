@@ -3,7 +3,15 @@
 use super::*;
 
 fn p(device: DeviceKind, dtype: DType, mode: Mode) -> KernelPlan {
-    plan(device, dtype, CpuFeatures { bf16_dot: true }, mode)
+    plan(
+        device,
+        dtype,
+        CpuFeatures {
+            bf16_dot: true,
+            amx: false,
+        },
+        mode,
+    )
 }
 
 #[test]
@@ -19,6 +27,17 @@ fn auto_picks_each_devices_kernels() {
     assert_eq!(mixed.activations, DType::F32);
     assert!(mixed.mixed_bf16());
     assert_eq!(mixed.frozen_linear, Impl::CpuBf16Avx512);
+    let amx = plan(
+        DeviceKind::Cpu,
+        DType::BF16,
+        CpuFeatures {
+            bf16_dot: true,
+            amx: true,
+        },
+        Mode::Auto,
+    );
+    assert_eq!(amx.frozen_linear, Impl::CpuBf16Amx);
+    assert!(amx.mixed_bf16());
     assert_eq!(
         KernelPlan {
             frozen_linear: Impl::CpuFused,
@@ -30,7 +49,10 @@ fn auto_picks_each_devices_kernels() {
     let portable = plan(
         DeviceKind::Cpu,
         DType::BF16,
-        CpuFeatures { bf16_dot: false },
+        CpuFeatures {
+            bf16_dot: false,
+            amx: false,
+        },
         Mode::Auto,
     );
     assert_eq!(portable.frozen_linear, Impl::CpuBf16Portable);

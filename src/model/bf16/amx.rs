@@ -1,0 +1,252 @@
+//! AMX-BF16 tiles (Intel Xeon from Sapphire Rapids on): the mixed-precision product on the
+//! CPU's matrix unit, `tdpbf16ps` on 16×16 f32 accumulator tiles.
+//!
+//! Operands are packed once per call: A (f32) rounded to bf16 (RNE) into rows of `kp` values
+//! (k padded to the tile's 32), B (bf16) into 16-column panels in the pair-interleaved layout the
+//! B tile wants (row `q` of a panel holds, for each of its 16 columns, B[2q][j] and B[2q+1][j]).
+//! Padding is zeros, so every tile is whole. Each rayon task takes 32 rows of C and walks every
+//! pair of panels with four accumulator tiles (2 A tiles × 2 B tiles per 32 of k), then adds the
+//! 32×32 result to C. The instructions are written with `asm!` (Rust's AMX intrinsics are not
+//! stable); the tile state is configured and released by each task on its own thread.
+//!
+//! Linux hands the tile registers to a process only on request (`arch_prctl`
+//! `ARCH_REQ_XCOMP_PERM`); [`usable`] asks once and says no where the CPU, the OS or that request
+//! does not allow it, or `FINETUNE_NO_AMX=1` is set.
+
+use core::arch::asm;
+use std::sync::OnceLock;
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows (and columns) of C one task computes per block: two tiles of 16.
+const BLOCK: usize = 32;
+/// k values per tile step.
+const KT: usize = 32;
+
+/// Whether the AMX-BF16 path runs here (decided once per process).
+pub fn usable() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let off = std::env::var_os("FINETUNE_NO_AMX").is_some_and(|v| v != "0");
+        !off && detect()
+    })
+}
+
+/// cpuid (AMX-TILE, AMX-BF16, OSXSAVE), XCR0 (the OS saves tile config and data), and on Linux
+/// the permission to use the tile data.
+fn detect() -> bool {
+    use core::arch::x86_64::{__cpuid, __cpuid_count};
+    if __cpuid(0).eax < 7 {
+        return false;
+    }
+    let edx = __cpuid_count(7, 0).edx;
+    let (amx_bf16, amx_tile) = (edx & (1 << 22) != 0, edx & (1 << 24) != 0);
+    let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
+    if !(amx_bf16 && amx_tile && osxsave) {
+        return false;
+    }
+    let (lo, _hi): (u32, u32);
+    // SAFETY: xgetbv with ecx = 0 is valid when OSXSAVE is set (checked above).
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") _hi, options(nomem, nostack));
+    }
+    let tiles_saved = lo & (1 << 17) != 0 && lo & (1 << 18) != 0;
+    tiles_saved && request_tile_data()
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_data() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes this process's permitted xsave
+    // features; it returns 0 when granted.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_data() -> bool {
+    false
+}
+
+/// The tile configuration (palette 1): tmm0–3 the 16×16 f32 accumulators, tmm4–5 two A tiles
+/// (16 rows × 32 bf16), tmm6–7 two B tiles (16 k-pairs × 16 columns × 2 bf16). 64 bytes as
+/// `ldtilecfg` reads them.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+/// Raw pointers handed to the tasks (read-only packed operands, disjoint rows of C).
+#[derive(Clone, Copy)]
+struct Ptrs {
+    c: *mut f32,
+}
+// SAFETY: each task writes only its own rows of C; the owning `&mut [f32]` outlives the
+// parallel region.
+unsafe impl Send for Ptrs {}
+// SAFETY: see above.
+unsafe impl Sync for Ptrs {}
+
+/// Same contract as [`super::matmul_f32_bf16`].
+///
+/// # Safety
+/// [`usable`] returned true; shapes were validated against the slices; m, n, k > 0.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[bf16],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let kp = k.div_ceil(KT) * KT;
+    let mp = m.div_ceil(BLOCK) * BLOCK;
+    let panels = n.div_ceil(BLOCK) * 2;
+    // A: mp rows of kp bf16, row-major, rounded to nearest even.
+    let mut ap = vec![bf16::ZERO; mp * kp];
+    ap.par_chunks_mut(kp).enumerate().for_each(|(i, row)| {
+        if i < m {
+            for (p, v) in row.iter_mut().take(k).enumerate() {
+                *v = bf16::from_f32(a[i * a_rs + p * a_cs]);
+            }
+        }
+    });
+    // B: `panels` panels of kp/2 rows × 16 columns × 2 (k even, k odd).
+    let panel_len = kp * 16;
+    let mut bp = vec![bf16::ZERO; panels * panel_len];
+    bp.par_chunks_mut(panel_len)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for (q, row) in panel.chunks_exact_mut(32).enumerate() {
+                for col in 0..16 {
+                    let j = p * 16 + col;
+                    if j >= n {
+                        break;
+                    }
+                    for e in 0..2 {
+                        let kk = 2 * q + e;
+                        if kk < k {
+                            row[2 * col + e] = b[kk * b_rs + j * b_cs];
+                        }
+                    }
+                }
+            }
+        });
+    let out = Ptrs { c: c.as_mut_ptr() };
+    let (ap, bp) = (&ap, &bp);
+    (0..mp / BLOCK).into_par_iter().for_each(move |rb| {
+        let out = out;
+        let mut tile = [0f32; BLOCK * BLOCK];
+        // SAFETY: AMX is usable (the caller's contract); the configuration is valid for palette
+        // 1 and is loaded on this thread before any tile instruction and released after.
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) &CONFIG, options(nostack, readonly)) };
+        let a_rows = &ap[rb * BLOCK * kp..(rb + 1) * BLOCK * kp];
+        for pp in 0..panels / 2 {
+            let b_pair = &bp[2 * pp * panel_len..(2 * pp + 2) * panel_len];
+            // SAFETY: the A rows hold 32 × kp values and the two panels 2 × kp/2 × 32, so every
+            // tile load (16 rows at the given strides, 64 bytes each) stays inside them; `tile`
+            // holds the 32×32 f32 the four stores write.
+            unsafe { block(a_rows, kp, b_pair, panel_len, &mut tile) };
+            let (i0, j0) = (rb * BLOCK, pp * BLOCK);
+            for di in 0..BLOCK.min(m.saturating_sub(i0)) {
+                let cols = BLOCK.min(n - j0);
+                // SAFETY: row i0 + di < m and columns j0..j0 + cols < n lie inside C (validated:
+                // c.len() ≥ (m − 1)·ldc + n); rows belong to this task alone.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out.c.add((i0 + di) * ldc + j0), cols)
+                };
+                let src = &tile[di * BLOCK..di * BLOCK + cols];
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        // SAFETY: releases this thread's tile state (configured above).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    });
+}
+
+/// One 32×32 block of C: rows `a` (32 × kp bf16), columns from the two panels of `b`
+/// (`panel_len` apart), summed over kp into `out` (row stride 32).
+///
+/// # Safety
+/// The tiles are configured as [`CONFIG`] on this thread; `a` holds 32·kp and `b` 2·panel_len
+/// values with panel_len = 16·kp; kp is a multiple of 32.
+unsafe fn block(a: &[bf16], kp: usize, b: &[bf16], panel_len: usize, out: &mut [f32; 1024]) {
+    let a_stride = kp * 2;
+    let b_stride = 64usize;
+    let a0 = a.as_ptr().cast::<u8>();
+    let a1 = a0.add(16 * a_stride);
+    let b0 = b.as_ptr().cast::<u8>();
+    let b1 = b0.add(panel_len * 2);
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+    for t in 0..kp / KT {
+        // A tiles: columns t·32.. of rows 0..16 and 16..32; B tiles: k-pair rows t·16.. of each
+        // panel (64 bytes a row).
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa} * 1]",
+            "tileloadd tmm5, [{a1} + {sa} * 1]",
+            "tileloadd tmm6, [{b0} + {sb} * 1]",
+            "tileloadd tmm7, [{b1} + {sb} * 1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0.add(t * KT * 2),
+            a1 = in(reg) a1.add(t * KT * 2),
+            b0 = in(reg) b0.add(t * 16 * b_stride),
+            b1 = in(reg) b1.add(t * 16 * b_stride),
+            sa = in(reg) a_stride,
+            sb = in(reg) b_stride,
+            options(nostack, readonly)
+        );
+    }
+    let o = out.as_mut_ptr().cast::<u8>();
+    let so = BLOCK * 4;
+    asm!(
+        "tilestored [{o0} + {so} * 1], tmm0",
+        "tilestored [{o1} + {so} * 1], tmm1",
+        "tilestored [{o2} + {so} * 1], tmm2",
+        "tilestored [{o3} + {so} * 1], tmm3",
+        o0 = in(reg) o,
+        o1 = in(reg) o.add(16 * 4),
+        o2 = in(reg) o.add(16 * so),
+        o3 = in(reg) o.add(16 * so + 16 * 4),
+        so = in(reg) so,
+        options(nostack)
+    );
+}
