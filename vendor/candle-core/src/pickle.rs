@@ -224,6 +224,10 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
+                // FineTune patch: too few arguments is an error, not a panic in `remove`.
+                if args.len() < 3 {
+                    crate::bail!("_rebuild_from_type_v2 expects 3 arguments, got {}", args.len())
+                }
                 let callable = args.remove(0);
                 let args = args.remove(1);
                 (callable, args)
@@ -233,6 +237,9 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
+                if args.is_empty() {
+                    crate::bail!("_rebuild_parameter expects arguments, got none")
+                }
                 args.remove(0).reduce()?
             }
             _ => (callable, args),
@@ -631,11 +638,18 @@ impl From<Object> for E {
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
+    // FineTune patch: a tuple shorter than the call needs is an error, not a panic in `remove`.
+    if args.len() < 4 {
+        crate::bail!("_rebuild_tensor_v2 expects at least 4 arguments, got {}", args.len())
+    }
     let stride = Vec::<usize>::try_from(args.remove(3))?;
     let size = Vec::<usize>::try_from(args.remove(2))?;
     let offset = args.remove(1).int_or_long()? as usize;
     let storage = args.remove(0).persistent_load()?;
     let mut storage = storage.tuple()?;
+    if storage.len() < 5 {
+        crate::bail!("a tensor storage reference has {} fields, expected 5", storage.len())
+    }
     let storage_size = storage.remove(4).int_or_long()? as usize;
     let path = storage.remove(2).unicode()?;
     let (_module_name, class_name) = storage.remove(1).class()?;
