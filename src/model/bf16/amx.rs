@@ -130,13 +130,18 @@ pub(crate) unsafe fn matmul(
     let panels = n.div_ceil(BLOCK) * 2;
     // A: mp rows of kp bf16, row-major, rounded to nearest even.
     let mut ap = vec![bf16::ZERO; mp * kp];
-    ap.par_chunks_mut(kp).enumerate().for_each(|(i, row)| {
-        if i < m {
-            for (p, v) in row.iter_mut().take(k).enumerate() {
-                *v = bf16::from_f32(a[i * a_rs + p * a_cs]);
+    ap.par_chunks_mut(BLOCK * kp)
+        .enumerate()
+        .for_each(|(rb, rows)| {
+            for (di, row) in rows.chunks_exact_mut(kp).enumerate() {
+                let i = rb * BLOCK + di;
+                if i < m {
+                    for (p, v) in row.iter_mut().take(k).enumerate() {
+                        *v = bf16::from_f32(a[i * a_rs + p * a_cs]);
+                    }
+                }
             }
-        }
-    });
+        });
     // B: `panels` panels of kp/2 rows × 16 columns × 2 (k even, k odd).
     let panel_len = kp * 16;
     let mut bp = vec![bf16::ZERO; panels * panel_len];
@@ -169,11 +174,38 @@ pub(crate) unsafe fn matmul(
         let a_rows = &ap[rb * BLOCK * kp..(rb + 1) * BLOCK * kp];
         for pp in 0..panels / 2 {
             let b_pair = &bp[2 * pp * panel_len..(2 * pp + 2) * panel_len];
+            let (i0, j0) = (rb * BLOCK, pp * BLOCK);
+            if i0 + BLOCK <= m && j0 + BLOCK <= n {
+                // A whole 32×32 block inside C: the tiles load (accumulate) and store C itself.
+                // SAFETY: as below for A and B; rows i0..i0 + 32 and columns j0..j0 + 32 lie
+                // inside C (validated: c.len() ≥ (m − 1)·ldc + n) and belong to this task.
+                unsafe {
+                    block(
+                        a_rows,
+                        kp,
+                        b_pair,
+                        panel_len,
+                        out.c.add(i0 * ldc + j0),
+                        ldc,
+                        accumulate,
+                    )
+                };
+                continue;
+            }
             // SAFETY: the A rows hold 32 × kp values and the two panels 2 × kp/2 × 32, so every
             // tile load (16 rows at the given strides, 64 bytes each) stays inside them; `tile`
             // holds the 32×32 f32 the four stores write.
-            unsafe { block(a_rows, kp, b_pair, panel_len, &mut tile) };
-            let (i0, j0) = (rb * BLOCK, pp * BLOCK);
+            unsafe {
+                block(
+                    a_rows,
+                    kp,
+                    b_pair,
+                    panel_len,
+                    tile.as_mut_ptr(),
+                    BLOCK,
+                    false,
+                )
+            };
             for di in 0..BLOCK.min(m.saturating_sub(i0)) {
                 let cols = BLOCK.min(n - j0);
                 // SAFETY: row i0 + di < m and columns j0..j0 + cols < n lie inside C (validated:
@@ -195,25 +227,52 @@ pub(crate) unsafe fn matmul(
 }
 
 /// One 32×32 block of C: rows `a` (32 × kp bf16), columns from the two panels of `b`
-/// (`panel_len` apart), summed over kp into `out` (row stride 32).
+/// (`panel_len` apart), summed over kp into the 32×32 f32 at `out` (row stride `ldo`), added to
+/// what is there when `accumulate`.
 ///
 /// # Safety
 /// The tiles are configured as [`CONFIG`] on this thread; `a` holds 32·kp and `b` 2·panel_len
-/// values with panel_len = 16·kp; kp is a multiple of 32.
-unsafe fn block(a: &[bf16], kp: usize, b: &[bf16], panel_len: usize, out: &mut [f32; 1024]) {
+/// values with panel_len = 16·kp; kp is a multiple of 32; `out` points at 32 rows of 32 writable
+/// f32, `ldo` apart, that no one else touches.
+unsafe fn block(
+    a: &[bf16],
+    kp: usize,
+    b: &[bf16],
+    panel_len: usize,
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+) {
     let a_stride = kp * 2;
     let b_stride = 64usize;
     let a0 = a.as_ptr().cast::<u8>();
     let a1 = a0.add(16 * a_stride);
     let b0 = b.as_ptr().cast::<u8>();
     let b1 = b0.add(panel_len * 2);
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
-        options(nostack, nomem)
-    );
+    let o = out.cast::<u8>();
+    let so = ldo * 4;
+    if accumulate {
+        asm!(
+            "tileloadd tmm0, [{o0} + {so} * 1]",
+            "tileloadd tmm1, [{o1} + {so} * 1]",
+            "tileloadd tmm2, [{o2} + {so} * 1]",
+            "tileloadd tmm3, [{o3} + {so} * 1]",
+            o0 = in(reg) o,
+            o1 = in(reg) o.add(16 * 4),
+            o2 = in(reg) o.add(16 * so),
+            o3 = in(reg) o.add(16 * so + 16 * 4),
+            so = in(reg) so,
+            options(nostack, readonly)
+        );
+    } else {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
     for t in 0..kp / KT {
         // A tiles: columns t·32.. of rows 0..16 and 16..32; B tiles: k-pair rows t·16.. of each
         // panel (64 bytes a row).
@@ -235,8 +294,6 @@ unsafe fn block(a: &[bf16], kp: usize, b: &[bf16], panel_len: usize, out: &mut [
             options(nostack, readonly)
         );
     }
-    let o = out.as_mut_ptr().cast::<u8>();
-    let so = BLOCK * 4;
     asm!(
         "tilestored [{o0} + {so} * 1], tmm0",
         "tilestored [{o1} + {so} * 1], tmm1",
