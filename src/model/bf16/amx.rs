@@ -128,41 +128,9 @@ pub(crate) unsafe fn matmul(
     let kp = k.div_ceil(KT) * KT;
     let mp = m.div_ceil(BLOCK) * BLOCK;
     let panels = n.div_ceil(BLOCK) * 2;
-    // A: mp rows of kp bf16, row-major, rounded to nearest even.
-    let mut ap = vec![bf16::ZERO; mp * kp];
-    ap.par_chunks_mut(BLOCK * kp)
-        .enumerate()
-        .for_each(|(rb, rows)| {
-            for (di, row) in rows.chunks_exact_mut(kp).enumerate() {
-                let i = rb * BLOCK + di;
-                if i < m {
-                    for (p, v) in row.iter_mut().take(k).enumerate() {
-                        *v = bf16::from_f32(a[i * a_rs + p * a_cs]);
-                    }
-                }
-            }
-        });
-    // B: `panels` panels of kp/2 rows × 16 columns × 2 (k even, k odd).
+    let ap = pack_a(m, k, kp, a, a_rs, a_cs);
     let panel_len = kp * 16;
-    let mut bp = vec![bf16::ZERO; panels * panel_len];
-    bp.par_chunks_mut(panel_len)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            for (q, row) in panel.chunks_exact_mut(32).enumerate() {
-                for col in 0..16 {
-                    let j = p * 16 + col;
-                    if j >= n {
-                        break;
-                    }
-                    for e in 0..2 {
-                        let kk = 2 * q + e;
-                        if kk < k {
-                            row[2 * col + e] = b[kk * b_rs + j * b_cs];
-                        }
-                    }
-                }
-            }
-        });
+    let bp = pack_b(n, k, kp, panels, b, b_rs, b_cs);
     let out = Ptrs { c: c.as_mut_ptr() };
     let (ap, bp) = (&ap, &bp);
     (0..mp / BLOCK).into_par_iter().for_each(move |rb| {
@@ -206,24 +174,92 @@ pub(crate) unsafe fn matmul(
                     false,
                 )
             };
-            for di in 0..BLOCK.min(m.saturating_sub(i0)) {
-                let cols = BLOCK.min(n - j0);
-                // SAFETY: row i0 + di < m and columns j0..j0 + cols < n lie inside C (validated:
-                // c.len() ≥ (m − 1)·ldc + n); rows belong to this task alone.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out.c.add((i0 + di) * ldc + j0), cols)
-                };
-                let src = &tile[di * BLOCK..di * BLOCK + cols];
-                if accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                } else {
-                    dst.copy_from_slice(src);
-                }
-            }
+            // SAFETY: rows i0.. (< m) and columns j0.. (< n) of C belong to this task.
+            unsafe { write_edge(&tile, out.c, ldc, (i0, j0), (m, n), accumulate) };
         }
         // SAFETY: releases this thread's tile state (configured above).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     });
+}
+
+/// The part of a 32×32 `tile` that lies inside C (m×n, row stride `ldc`) at block (i0, j0),
+/// written or added.
+///
+/// # Safety
+/// C holds (m − 1)·ldc + n f32 at `c`, and no one else touches rows i0..i0 + 32 meanwhile.
+unsafe fn write_edge(
+    tile: &[f32; BLOCK * BLOCK],
+    c: *mut f32,
+    ldc: usize,
+    (i0, j0): (usize, usize),
+    (m, n): (usize, usize),
+    accumulate: bool,
+) {
+    let cols = BLOCK.min(n - j0);
+    for di in 0..BLOCK.min(m.saturating_sub(i0)) {
+        let dst = std::slice::from_raw_parts_mut(c.add((i0 + di) * ldc + j0), cols);
+        let src = &tile[di * BLOCK..di * BLOCK + cols];
+        if accumulate {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        } else {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+/// A (f32, m×k at the given strides) as `mp` rows of `kp` bf16 (rounded to nearest even),
+/// row-major, zero padded to whole 32-row blocks.
+fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize) -> Vec<bf16> {
+    let mp = m.div_ceil(BLOCK) * BLOCK;
+    let mut ap = vec![bf16::ZERO; mp * kp];
+    ap.par_chunks_mut(BLOCK * kp)
+        .enumerate()
+        .for_each(|(rb, rows)| {
+            for (di, row) in rows.chunks_exact_mut(kp).enumerate() {
+                let i = rb * BLOCK + di;
+                if i < m {
+                    for (p, v) in row.iter_mut().take(k).enumerate() {
+                        *v = bf16::from_f32(a[i * a_rs + p * a_cs]);
+                    }
+                }
+            }
+        });
+    ap
+}
+
+/// B (bf16, k×n at the given strides) as `panels` 16-column panels of kp/2 rows, each row the
+/// panel's 16 columns × (k even, k odd): the layout of a B tile. Zero padded.
+#[allow(clippy::too_many_arguments)]
+fn pack_b(
+    n: usize,
+    k: usize,
+    kp: usize,
+    panels: usize,
+    b: &[bf16],
+    b_rs: usize,
+    b_cs: usize,
+) -> Vec<bf16> {
+    let panel_len = kp * 16;
+    let mut bp = vec![bf16::ZERO; panels * panel_len];
+    bp.par_chunks_mut(panel_len)
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for (q, row) in panel.chunks_exact_mut(32).enumerate() {
+                for col in 0..16 {
+                    let j = p * 16 + col;
+                    if j >= n {
+                        break;
+                    }
+                    for e in 0..2 {
+                        let kk = 2 * q + e;
+                        if kk < k {
+                            row[2 * col + e] = b[kk * b_rs + j * b_cs];
+                        }
+                    }
+                }
+            }
+        });
+    bp
 }
 
 /// One 32×32 block of C: rows `a` (32 × kp bf16), columns from the two panels of `b`
