@@ -335,4 +335,32 @@ fn gemma3_multimodal_adapters_use_transformers_module_paths_both_ways() {
     let mut again = Model::load(&vlm, DType::F32, &Device::Cpu).unwrap();
     adapter::load(out.path(), &mut again).unwrap();
     assert_eq!(max_abs_diff(&logits(&again, &r.input_ids), &loaded), 0.0);
+    // transformers 4 named the same modules `language_model.model.layers.N...`.
+    let v4 = tempfile::tempdir().unwrap();
+    let renamed: HashMap<String, Tensor> = candle_core::safetensors::load(
+        vlm.join("peft-adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, t)| {
+        let k = k.replace(
+            "base_model.model.model.language_model.",
+            "base_model.model.language_model.model.",
+        );
+        (k, t)
+    })
+    .collect();
+    assert!(renamed
+        .keys()
+        .all(|k| k.contains(".language_model.model.layers.")));
+    candle_core::safetensors::save(&renamed, v4.path().join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        vlm.join("peft-adapter/adapter_config.json"),
+        v4.path().join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut old = Model::load(&vlm, DType::F32, &Device::Cpu).unwrap();
+    adapter::load(v4.path(), &mut old).unwrap();
+    assert_eq!(max_abs_diff(&logits(&old, &r.input_ids), &loaded), 0.0);
 }
