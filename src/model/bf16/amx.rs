@@ -131,8 +131,12 @@ pub(crate) unsafe fn matmul(
     let ap = pack_a(m, k, kp, a, a_rs, a_cs);
     let panel_len = kp * 16;
     let bp = pack_b(n, k, kp, panels, b, b_rs, b_cs);
+    // SAFETY: a u32 holds two bf16 (its bytes, low half first on x86-64), and bf16's alignment
+    // divides u32's: the same memory read as kp bf16 a row.
+    let ap: &[bf16] =
+        unsafe { std::slice::from_raw_parts(ap.as_ptr().cast::<bf16>(), ap.len() * 2) };
     let out = Ptrs { c: c.as_mut_ptr() };
-    let (ap, bp) = (&ap, &bp);
+    let bp = &bp;
     (0..mp / BLOCK).into_par_iter().for_each(move |rb| {
         let out = out;
         let mut tile = [0f32; BLOCK * BLOCK];
@@ -208,19 +212,35 @@ unsafe fn write_edge(
 }
 
 /// A (f32, m×k at the given strides) as `mp` rows of `kp` bf16 (rounded to nearest even),
-/// row-major, zero padded to whole 32-row blocks.
-fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize) -> Vec<bf16> {
+/// row-major, zero padded to whole 32-row blocks; two bf16 per u32, the even k in the low half
+/// (the bytes of a bf16 row). Converted 32 at a time by AVX512-BF16 where the CPU has it (every
+/// AMX CPU does).
+fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize) -> Vec<u32> {
     let mp = m.div_ceil(BLOCK) * BLOCK;
-    let mut ap = vec![bf16::ZERO; mp * kp];
-    ap.par_chunks_mut(BLOCK * kp)
+    let fast = super::has_bf16_hw();
+    let mut ap = vec![0u32; mp * kp / 2];
+    ap.par_chunks_mut(BLOCK * kp / 2)
         .enumerate()
         .for_each(|(rb, rows)| {
-            for (di, row) in rows.chunks_exact_mut(kp).enumerate() {
+            for (di, row) in rows.chunks_exact_mut(kp / 2).enumerate() {
                 let i = rb * BLOCK + di;
-                if i < m {
-                    for (p, v) in row.iter_mut().take(k).enumerate() {
-                        *v = bf16::from_f32(a[i * a_rs + p * a_cs]);
-                    }
+                if i >= m {
+                    continue;
+                }
+                if fast {
+                    // SAFETY: the CPU has AVX512-BF16 (checked); row i's k elements lie in `a`
+                    // (validated by the caller) and `row` holds kp/2 ≥ k/2 pairs.
+                    unsafe { super::avx512::pack_a_row(a, i * a_rs, a_cs, k, row) };
+                    continue;
+                }
+                for (q, pair) in row.iter_mut().enumerate().take(k.div_ceil(2)) {
+                    let lo = bf16::from_f32(a[i * a_rs + 2 * q * a_cs]).to_bits() as u32;
+                    let hi = if 2 * q + 1 < k {
+                        bf16::from_f32(a[i * a_rs + (2 * q + 1) * a_cs]).to_bits() as u32
+                    } else {
+                        0
+                    };
+                    *pair = lo | (hi << 16);
                 }
             }
         });

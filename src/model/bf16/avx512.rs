@@ -183,7 +183,7 @@ thread_local! {
 /// Convert `kc` elements of one A row (starting at `a[start]`, stride `cs`) to
 /// bf16 pairs into `dst` (len >= kc/2 rounded up), zero padding the rest.
 #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-unsafe fn pack_a_row(a: &[f32], start: usize, cs: usize, kc: usize, dst: &mut [u32]) {
+pub(super) unsafe fn pack_a_row(a: &[f32], start: usize, cs: usize, kc: usize, dst: &mut [u32]) {
     let kpn = kc.div_ceil(2);
     if cs == 1 {
         let src = &a[start..start + kc];
