@@ -45,6 +45,9 @@ fn harness(app: FineTuneApp) -> Harness<'static, FineTuneApp> {
     });
     Harness::builder()
         .with_size([1280.0, 860.0])
+        // The app asks for a repaint a second after each frame; on a loaded 2-core machine
+        // frames can take that long, so settling may need more than kittest's default 4 steps.
+        .with_max_steps(16)
         .build_eframe(|_cc| app)
 }
 
@@ -58,6 +61,7 @@ fn real_harness(app: FineTuneApp) -> Harness<'static, FineTuneApp> {
     Harness::builder()
         .with_size([1280.0, 860.0])
         .allow_missing_glyphs()
+        .with_max_steps(16)
         .build_eframe(|_cc| app)
 }
 
