@@ -118,18 +118,26 @@ echo "== 3. SmolLM2-135M-Instruct"
   --lr 2e-3 --batch-size 2 --max-seq-len 64 --eval-every 0 --samples 0 \
   --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj >/dev/null
 "$LOGITS" "$W/smol" "$W/run/adapter" "$W/smol-logits.safetensors"
-for q in F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0; do
-  /usr/bin/env time -f "export $q: %e s, peak RSS %M KB" \
-    "$BIN" export "$W/run/adapter" "$W/smol-$q.gguf" --format gguf --quant $q 2>&1 >/dev/null | grep -v tensors
-  ls -l "$W/smol-$q.gguf" | awk '{print "  size " $5 " bytes"}'
-done
+# One type at a time, each export removed once judged: the eight files are 1.7 GB together, and
+# CI machines share their disk.
+export_type() {
+  /usr/bin/env time -f "export $1: %e s, peak RSS %M KB" \
+    "$BIN" export "$W/run/adapter" "$W/smol-$1.gguf" --format gguf --quant "$1" 2>&1 >/dev/null | grep -v tensors
+  ls -l "$W/smol-$1.gguf" | awk '{print "  size " $5 " bytes"}'
+}
+export_type F32
 echo "-- F32"
 "$PY" tools/gguf_check.py "$W/smol-F32.gguf" "$W/smol" "$W/smol-logits.safetensors" --tol 1e-3 --generate 16
+export_type F16
 echo "-- F16"
 "$PY" tools/gguf_check.py "$W/smol-F16.gguf" "$W/smol" "$W/smol-logits.safetensors" --rtol 1e-2 --no-tokenizer --generate 16
 echo "-- quantized types against llama.cpp's quantizer"
-"$PY" tools/gguf_quant_check.py "$W/smol-F32.gguf" "$W" F16 BF16 Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 2> >(grep -v "^warning\|^\[\|llama_model_quantize\|^main\|^llama_" >&2)
-echo "-- base GGUF + GGUF LoRA"
+for q in F16 BF16 Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0; do
+  [ -f "$W/smol-$q.gguf" ] || export_type $q
+  "$PY" tools/gguf_quant_check.py "$W/smol-F32.gguf" "$W" $q 2> >(grep -v "^warning\|^\[\|llama_model_quantize\|^main\|^llama_" >&2)
+  rm -f "$W/smol-$q.gguf"
+done
+rm -f "$W/smol-F32.gguf"
 "$BIN" export "$W/run/adapter" "$W/base-F32.gguf" --format gguf --quant F32 --base-only >/dev/null
 "$BIN" export "$W/run/adapter" "$W/lora.gguf" --format gguf-lora >/dev/null
 "$PY" tools/gguf_lora_check.py "$W/base-F32.gguf" "$W/lora.gguf" "$W/smol-logits.safetensors"

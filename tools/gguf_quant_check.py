@@ -18,6 +18,7 @@ Usage: python3 tools/gguf_quant_check.py F32.gguf DIR [TYPE ...]
 Exit status 0 when everything holds, 1 otherwise.
 """
 import os
+import shutil
 import sys
 import tempfile
 
@@ -80,6 +81,7 @@ def main(f32, folder, types, tol=0.05):
             print(f"  tensors in one file only: {missing[:6]}")
         ok &= good
         os.remove(ref)
+    shutil.rmtree(tmp, ignore_errors=True)
     print("GGUF quantization check: " + ("ok" if ok else "FAILED"))
     return 0 if ok else 1
 
