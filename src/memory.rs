@@ -2,6 +2,7 @@
 //! without gradient checkpointing, logits) to warn when it exceeds the device, and figures while it
 //! runs (process RSS now and at peak) for the charts and `finetune bench`.
 
+use crate::model::attention::chunked;
 use crate::model::kernels::{Impl, KernelPlan};
 use crate::model::{Family, ModelConfig};
 
@@ -168,6 +169,11 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// gradient. Measured peak allocated on an H100 (`bench/results/h100-*-c3.log`): 6.52 GB for
 /// Qwen2.5-0.5B at 4×512 (this count: 6.53 GB) and 6.60 GB for SmolLM2-135M at 8×512 (6.58 GB).
 /// Other GPUs follow the composed counts above, unmeasured.
+///
+/// Past `attention::chunked::CHUNK_ABOVE` score elements (long sequences) the attention of CUDA
+/// and of the composed graph runs in query chunks: no S is kept, its chunked value and the zeros
+/// carrying its gradient are (2·N·Q), and one layer's backward holds four score tiles and the f32
+/// k and v gradients at a time.
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let n = Counts::of(cfg, input);
     let params = cfg.parameter_count() as u64;
@@ -188,13 +194,16 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     };
     // parameter + gradient + exp_avg + exp_avg_sq, all f32
     let lora_and_optimizer = (n.lora_params() + n.dora_params()) * 4 * 4;
-    let activations = n.activations() + n.dora_activations();
     let loss_rows = n.b * n.t.saturating_sub(1).max(1);
     let logits = if n.cuda_kernels {
         loss_rows * n.v * n.ae * 2
     } else {
         loss_rows * n.v * 4 * 4
     };
+    // The chunked attention's tiles live while a layer's backward runs, after the loss's buffers
+    // are freed: they raise the peak only where they need more than those.
+    let activations =
+        n.activations() + n.dora_activations() + n.attention_tiles().saturating_sub(logits);
     let runtime = RUNTIME_BYTES;
     let training = runtime + base_weights + lora_and_optimizer + activations + logits;
     let mapped_file = if input.device_memory {
@@ -366,7 +375,11 @@ impl<'a> Counts<'a> {
         // Composed attention keeps 4 score-sized tensors (scores, scaled, biased, probabilities)
         // and leaves the bias gradient; the CUDA softmax kernel keeps its input and output; the
         // CPU's fused op keeps only its per-row log-sum-exp.
-        let (kept_scores, leaked_scores) = if self.cuda {
+        // Long sequences on CUDA and the composed graph go through in query chunks: no scores
+        // kept, the chunked value and the zeros that carry its gradient instead (2·N·Q).
+        let (kept_scores, leaked_scores) = if self.chunked_attention().is_some() {
+            (2 * tokens * self.q, 0)
+        } else if self.cuda {
             (2 * scores, 0)
         } else if self.fused_attention {
             (b * self.heads * t * 4 / ae.max(1), 0)
@@ -377,6 +390,25 @@ impl<'a> Counts<'a> {
             tokens * per_token * ae + kept_scores * ae,
             tokens * leaked_per_token * ae + leaked_scores * ae,
         )
+    }
+
+    /// Query rows per chunk where the attention runs in chunks (`attention::chunked`).
+    fn chunked_attention(&self) -> Option<u64> {
+        if self.fused_attention {
+            return None;
+        }
+        let (b, h, t) = (self.b as usize, self.heads as usize, self.t as usize);
+        chunked::chunk_rows(b, h, t).map(|rows| rows as u64)
+    }
+
+    /// The chunked attention's tiles while one layer's backward runs (scores, probabilities,
+    /// their gradient and the scores' gradient, at most; the f32 k and v gradients being summed).
+    fn attention_tiles(&self) -> u64 {
+        self.chunked_attention().map_or(0, |rows| {
+            let tile = self.b * self.heads * rows * self.t;
+            let tile_bytes = if self.cuda { self.ae } else { 4 };
+            4 * tile * tile_bytes + 2 * self.b * self.t * self.q * 4
+        })
     }
 
     /// Bytes of every layer's graph, with gradient checkpointing's kept layers and boundaries.

@@ -179,6 +179,9 @@ fn attention_matches_the_cpu() {
             (2, 4, 2, 50, 32, false),
             (2, 4, 1, 40, 64, true),
             (1, 2, 1, 1500, 64, false),
+            // Past `chunked::CHUNK_ABOVE` score elements: the query-chunked path.
+            (2, 2, 1, 4200, 32, true),
+            (1, 2, 1, 6000, 64, false),
         ] {
             let bias = if packed {
                 let seg: Vec<u32> = (0..b * t)
@@ -211,6 +214,43 @@ fn attention_matches_the_cpu() {
             });
             assert!(e <= tol(dtype), "{what} {dtype:?}: {e}");
         }
+    }
+}
+
+/// The query-chunked attention with the CUDA softmax kernels, chunks small enough that a short
+/// sequence has several (one of them shorter), against the f64 composed graph.
+#[test]
+fn chunked_attention_matches_the_cpu() {
+    use finetune::model::attention::chunked;
+    for dtype in [DType::F32, DType::BF16] {
+        let (b, h, t, d) = (2, 4, 70, 32);
+        let seg: Vec<u32> = (0..b * t).map(|i| if i % t < 30 { 1 } else { 2 }).collect();
+        let bias = ops::attention_bias(b, t, Some(&seg), DType::F32, &Device::Cpu).unwrap();
+        let inputs = [
+            randn(&[b, h, t, d], 7),
+            randn(&[b, h, t, d], 8),
+            randn(&[b, h, t, d], 9),
+        ];
+        let e = compare(
+            "chunked attention, 16 rows",
+            &inputs,
+            &[bias],
+            dtype,
+            |x, c| {
+                let softmax = if x[0].device().is_cuda() {
+                    chunked::Softmax::Cuda
+                } else {
+                    chunked::Softmax::Composed
+                };
+                let how = chunked::Chunking {
+                    rows: 16,
+                    causal: true,
+                    softmax,
+                };
+                chunked::attention(&x[0], &x[1], &x[2], &c[0], 0.2, how)
+            },
+        );
+        assert!(e <= tol(dtype), "chunked attention {dtype:?}: {e}");
     }
 }
 

@@ -20,7 +20,8 @@ fn rss_is_known_and_plausible() {
 }
 
 /// Peak bytes held by tensors, measured on an H100 with the CUDA kernels
-/// (`bench/cuda_compare.sh`, `bench/results/h100-*-c3.log`): the estimate within 3%.
+/// (`bench/cuda_compare.sh`, `bench/results/h100-*-c3.log`; 1×4096 with the query-chunked
+/// attention: `h100-chunked-attention-2026-12-06.log`): the estimate within 3%.
 #[test]
 fn cuda_estimate_matches_the_h100_peaks() {
     let qwen05 = ModelConfig::from_json(
@@ -29,15 +30,16 @@ fn cuda_estimate_matches_the_h100_peaks() {
         "num_key_value_heads": 2, "tie_word_embeddings": true}"#,
     )
     .unwrap();
-    for (cfg, batch, rank, measured) in [
-        (qwen05, 4, 16, 6_520_000_000u64),
-        (smollm2_135m(), 8, 8, 6_600_000_000),
+    for (cfg, batch, seq_len, rank, measured) in [
+        (qwen05.clone(), 4, 512, 16, 6_520_000_000u64),
+        (smollm2_135m(), 8, 512, 8, 6_600_000_000),
+        (qwen05, 1, 4096, 16, 9_510_000_000),
     ] {
         let e = estimate(
             &cfg,
             &EstimateInput {
                 batch,
-                seq_len: 512,
+                seq_len,
                 rank,
                 weight_bytes: 2,
                 activation_bytes: 2,

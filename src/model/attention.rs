@@ -20,6 +20,7 @@ use super::kernels::cpu;
 
 mod backward;
 use backward::FlashAttnBwd;
+pub mod chunked;
 
 /// Query rows per block: the keys a block needs are the union of its rows' visible ranges.
 const BLOCK: usize = 64;

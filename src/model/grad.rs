@@ -5,10 +5,15 @@
 //! only allocates zeros).
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The input gradient of an op, given (input, upstream gradient).
 pub(crate) type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// The gradients of an op's three inputs, given (inputs, upstream gradient).
+pub(crate) type InputGrads3 = Box<
+    dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync,
+>;
 
 /// Forward: zeros shaped like the value it is added to. Backward: `grad` mapped by `bwd` to the
 /// input. Added to a detached value, it gives that value the gradient `bwd` computes. As a
@@ -107,6 +112,88 @@ impl CustomOp2 for GradVia {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some((self.bwd)(arg, grad)?), None))
     }
+}
+
+/// [`GradVia`] for three inputs that get their gradients together (attention's q, k and v).
+struct GradVia3 {
+    shape: Shape,
+    bwd: InputGrads3,
+}
+
+impl CustomOp3 for GradVia3 {
+    fn name(&self) -> &'static str {
+        "ft-grad-via-3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        _l: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            s.device().zeros_impl(&self.shape, s.dtype())?,
+            self.shape.clone(),
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            s.device().zeros_impl(&self.shape, s.dtype())?,
+            self.shape.clone(),
+        ))
+    }
+
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        _l: &Layout,
+        _s2: &candle_core::MetalStorage,
+        _l2: &Layout,
+        _s3: &candle_core::MetalStorage,
+        _l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        Ok((
+            s.device().zeros_impl(&self.shape, s.dtype())?,
+            self.shape.clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb, gc) = (self.bwd)(a, b, c, grad)?;
+        Ok((Some(ga), Some(gb), Some(gc)))
+    }
+}
+
+/// `value` (computed from `a`, `b` and `c` detached) with the gradients `bwd` gives to all three.
+pub(crate) fn with_grad3(
+    value: Tensor,
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    bwd: InputGrads3,
+) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(value);
+    }
+    let shape = value.shape().clone();
+    value + a.apply_op3(b, c, GradVia3 { shape, bwd })?
 }
 
 /// `value` (computed from `x` detached) with the gradient `bwd` gives to `x`.

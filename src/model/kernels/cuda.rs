@@ -184,7 +184,7 @@ mod softmax;
 
 pub use layer::{rms_norm, rope, swiglu};
 pub use linear::{dequantize_bf16, frozen_linear, lora_linear, qlora_linear};
-pub use softmax::{attention_softmax, cross_entropy_rows};
+pub use softmax::{attention_softmax, attention_softmax_bwd, cross_entropy_rows};
 
 /// Scaled dot-product attention over `(B, H, T, Dh)` q, k, v (k and v already repeated to H
 /// heads) with a bias `(B or 1, 1, T, T)` in q's dtype: scores from cuBLAS, then one kernel for

@@ -49,6 +49,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::attention::chunked;
 use super::config::Activation;
 
 pub mod composed;
@@ -412,6 +413,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `(B, KV, S, Dh)` with `H` a multiple of `KV` and `S ≥ T` keys (`S > T`: decoding against a KV
 /// cache), `bias` additive and broadcastable to `(B, H, T, S)`. Returns `(B, H, T, Dh)`. The fused
 /// kernels take `S = T` (training, prefill); cached decoding runs the composed form.
+///
+/// With `S = T` and a `(1 or B, 1, T, T)` bias, the bias must be causal (mask every key after its
+/// query, as every model here builds it): long sequences run in query chunks
+/// (`attention::chunked`) that read only the keys up to their last row.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let (kb, kv, kt, kd) = k.dims4()?;
@@ -437,9 +442,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     let rep = h / kv;
     let k = composed::repeat_kv(k.clone(), rep)?.contiguous()?;
     let v = composed::repeat_kv(v.clone(), rep)?.contiguous()?;
+    // Long sequences go through in query chunks, no whole (B, H, T, T) scores kept.
+    let chunks = bias_rows.and_then(|_| chunked::chunk_rows(b, h, t));
     #[cfg(feature = "cuda")]
     if choice == Impl::Cuda && bias_rows.is_some() && bias.dtype() == q.dtype() {
+        if let Some(rows) = chunks {
+            let how = chunked::Chunking {
+                rows,
+                causal: true,
+                softmax: chunked::Softmax::Cuda,
+            };
+            return chunked::attention(q, &k, &v, bias, scale, how);
+        }
         return cuda::attention(q, &k, &v, bias, scale);
+    }
+    if let Some(rows) = chunks {
+        let how = chunked::Chunking {
+            rows,
+            causal: true,
+            softmax: chunked::Softmax::Composed,
+        };
+        return chunked::attention(q, &k, &v, bias, scale, how);
     }
     composed::attention_with(q, &k, &v, bias, scale, &softmax_last_dim)
 }

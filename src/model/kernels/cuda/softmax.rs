@@ -78,6 +78,15 @@ impl CustomOp2 for Softmax {
     }
 }
 
+/// The gradient of [`attention_softmax`]'s scores given its probabilities `p` and their gradient
+/// `dp` (same shape and dtype): `scale · p ⊙ (dp − Σ p⊙dp)`, no graph.
+pub fn attention_softmax_bwd(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = SoftmaxBwd {
+        scale: scale as f32,
+    };
+    p.contiguous()?.apply_op2_no_bwd(&dp.contiguous()?, &op)
+}
+
 /// `scale · p ⊙ (dp − Σ p⊙dp)`.
 struct SoftmaxBwd {
     scale: f32,
