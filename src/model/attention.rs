@@ -210,16 +210,12 @@ fn probs(
     }
     match lse {
         Some(l) => {
-            mid.iter_mut().for_each(|x| *x = (*x - l).exp());
+            cpu::exp_in_place(mid, l);
             l
         }
         None => {
-            let max = mid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in mid.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
+            let max = cpu::row_max(mid);
+            let sum = cpu::exp_in_place(mid, max);
             let inv = 1.0 / sum;
             mid.iter_mut().for_each(|x| *x *= inv);
             max + sum.ln()

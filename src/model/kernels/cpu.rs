@@ -13,7 +13,10 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+mod exp;
 pub mod gemv;
+
+pub(crate) use exp::{exp_in_place, max as row_max};
 mod linear;
 
 pub use linear::frozen_linear_plus;
@@ -58,13 +61,9 @@ impl CustomOp1 for Softmax {
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(o, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
+                let max = exp::max(x);
+                o.copy_from_slice(x);
+                let inv = 1.0 / exp::exp_in_place(o, max);
                 o.iter_mut().for_each(|o| *o *= inv);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -243,8 +242,8 @@ impl CustomOp1 for CrossEntropy {
         out.par_iter_mut()
             .zip(x.par_chunks(v).zip(self.targets.par_iter()))
             .for_each(|(o, (x, &t))| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = x.iter().map(|&v| (v - max).exp()).sum::<f32>().ln() + max;
+                let max = exp::max(x);
+                let lse = exp::sum_exp(x, max).ln() + max;
                 *o = lse - x.get(t as usize).copied().unwrap_or(f32::NAN);
             });
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n])))
@@ -288,13 +287,9 @@ impl CustomOp2 for CrossEntropyBwd {
             )
             .for_each(|(o, (x, (&g, &t)))| {
                 // d/dx (lse − x_t) = softmax(x) − onehot(t)
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let scale = g / sum;
+                let max = exp::max(x);
+                o.copy_from_slice(x);
+                let scale = g / exp::exp_in_place(o, max);
                 o.iter_mut().for_each(|o| *o *= scale);
                 if let Some(o) = o.get_mut(t as usize) {
                     *o -= g;
