@@ -15,8 +15,10 @@ use rayon::prelude::*;
 
 mod exp;
 pub mod gemv;
+mod swiglu;
 
 pub(crate) use exp::{exp_in_place, max as row_max};
+pub use swiglu::swiglu;
 mod linear;
 
 pub use linear::frozen_linear_plus;

@@ -24,7 +24,7 @@
 //! | attention     | cpu-fused (flash)                                   | cuda          | composed        |
 //! | softmax       | cpu-fused                                           | cuda          | composed        |
 //! | cross_entropy | cpu-fused                                           | cuda          | composed        |
-//! | swiglu        | composed                                            | cuda          | composed        |
+//! | swiglu        | cpu-fused                                           | cuda          | composed        |
 //! | frozen_linear | cpu-fused · cpu-bf16-avx512 / cpu-bf16-portable     | cuda          | gpu-common      |
 //! | lora_linear   | composed                                            | cuda          | composed        |
 //! | decode step   | cpu-fused (one pass per token, llama family)        | the ops above | the ops above   |
@@ -325,7 +325,7 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
             (false, false) => Composed,
         },
         cross_entropy: pick(Cuda, CpuFused, Composed),
-        swiglu: pick(Cuda, Composed, Composed),
+        swiglu: pick(Cuda, CpuFused, Composed),
         frozen_linear: pick(
             Cuda,
             match (mixed, cpu.amx, cpu.bf16_dot) {
@@ -511,6 +511,9 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
     match plan_for(gate).swiglu {
         #[cfg(feature = "cuda")]
         Impl::Cuda if act == Activation::Silu => cuda::swiglu(gate, up),
+        Impl::CpuFused if act == Activation::Silu && cpu::fits(gate) && cpu::fits(up) => {
+            cpu::swiglu(gate, up)
+        }
         _ => composed::gated(gate, up, act),
     }
 }

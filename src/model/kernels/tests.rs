@@ -20,7 +20,7 @@ fn auto_picks_each_devices_kernels() {
     assert_eq!(
         cpu.to_string(),
         "auto: rms_norm cpu-fused, layer_norm composed, rope composed, attention cpu-fused, \
-         softmax cpu-fused, cross_entropy cpu-fused, swiglu composed, frozen_linear cpu-fused, \
+         softmax cpu-fused, cross_entropy cpu-fused, swiglu cpu-fused, frozen_linear cpu-fused, \
          lora_linear composed"
     );
     let mixed = p(DeviceKind::Cpu, DType::BF16, Mode::Auto);

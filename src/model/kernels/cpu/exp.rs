@@ -70,7 +70,9 @@ fn max_body(x: &[f32]) -> f32 {
         }
     }
     let tail = chunks.remainder().iter().copied();
-    acc.into_iter().chain(tail).fold(f32::NEG_INFINITY, f32::max)
+    acc.into_iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[inline(always)]
@@ -236,7 +238,10 @@ mod tests {
             for (&x, &g) in xs.iter().zip(&got) {
                 let want = (x as f64).exp();
                 if want < f32::MIN_POSITIVE as f64 {
-                    assert!(g == 0.0 || (g as f64 - want).abs() < 1e-37, "{path:?} exp({x}) = {g}");
+                    assert!(
+                        g == 0.0 || (g as f64 - want).abs() < 1e-37,
+                        "{path:?} exp({x}) = {g}"
+                    );
                     continue;
                 }
                 worst = worst.max(((g as f64 - want) / want).abs());
@@ -247,10 +252,16 @@ mod tests {
             let want_sum: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
             let sum = exp_in_place::on(path, &mut row, 0.0);
             let rel = |a: f32, b: f64| ((a as f64 - b) / b).abs();
-            assert!(rel(sum, want_sum) < 1e-5, "{path:?}: sum {sum} vs {want_sum}");
+            assert!(
+                rel(sum, want_sum) < 1e-5,
+                "{path:?}: sum {sum} vs {want_sum}"
+            );
             let small = &xs[100_000..100_037];
             let s: f64 = small.iter().map(|&x| (x as f64 - 0.5).exp()).sum();
-            assert!(rel(sum_exp::on(path, small, 0.5), s) < 1e-6, "{path:?}: sum_exp");
+            assert!(
+                rel(sum_exp::on(path, small, 0.5), s) < 1e-6,
+                "{path:?}: sum_exp"
+            );
             assert_eq!(max::on(path, small), small[36]);
             assert_eq!(max::on(path, &xs), MAX_IN);
             assert_eq!(max::on(path, &[]), f32::NEG_INFINITY);
