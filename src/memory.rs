@@ -351,10 +351,23 @@ impl<'a> Counts<'a> {
             Family::Llama => {
                 let outputs = q + 2 * kv + 2 * h + 2 * i;
                 let lora = (self.share * (outputs + modules * r) as f64) as u64;
-                let rope2 = 9 * (q + kv); // 4.5·(Q+KV), doubled
+                // Composed RoPE: neg, cat, two products and the sum (4.5·(Q+KV), doubled here),
+                // and Candle stores gradients for the broadcast cos/sin (2·(Q+KV)). candle-nn's
+                // kernel with our backward: its value, the zeros carrying the gradient, the sum.
+                let (rope2, rope_leaked) = if self.input.kernels.rope == Impl::GpuCommon {
+                    (6 * (q + kv), 0)
+                } else {
+                    (9 * (q + kv), 2 * (q + kv))
+                };
                 let expand = if self.fused_attention { 0 } else { gqa_copies };
-                let rest = 2 * h + (q + 2 * kv) + rope2 / 2 + expand + 2 * q + 2 * h + 2 * i;
-                (outputs + lora + rest, 2 * (q + kv))
+                // The fused SwiGLU keeps its output only; composed, silu(g) and the product.
+                let gated = if self.input.kernels.swiglu == Impl::CpuFused {
+                    i
+                } else {
+                    2 * i
+                };
+                let rest = 2 * h + (q + 2 * kv) + rope2 / 2 + expand + 2 * q + 2 * h + gated;
+                (outputs + lora + rest, rope_leaked)
             }
             Family::Gpt2 => {
                 // composed LayerNorms (~5H each), c_attn/c_proj/c_fc/c_proj outputs, the q/k/v

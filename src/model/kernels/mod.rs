@@ -20,7 +20,7 @@
 //! |---------------|-----------------------------------------------------|---------------|-----------------|
 //! | rms_norm      | cpu-fused                                           | cuda          | gpu-common      |
 //! | layer_norm    | composed                                            | composed      | composed        |
-//! | rope          | composed                                            | cuda          | gpu-common      |
+//! | rope          | gpu-common                                          | cuda          | gpu-common      |
 //! | attention     | cpu-fused (flash)                                   | cuda          | composed        |
 //! | softmax       | cpu-fused                                           | cuda          | composed        |
 //! | cross_entropy | cpu-fused                                           | cuda          | composed        |
@@ -316,7 +316,9 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
             if rms_common { GpuCommon } else { Composed },
         ),
         layer_norm: Composed,
-        rope: pick(Cuda, Composed, if common { GpuCommon } else { Composed }),
+        // candle-nn's RoPE kernel runs on every core of the CPU too; the composed form is five
+        // ops on one.
+        rope: pick(Cuda, GpuCommon, if common { GpuCommon } else { Composed }),
         attention: pick(Cuda, CpuFused, Composed),
         // The composed attention's scores are f32 (f64 in an f64 model) whatever the dtype.
         softmax: match (cuda, auto && on_cpu && activations != DType::F64) {
