@@ -354,10 +354,11 @@ impl<'a> Counts<'a> {
                 // Composed RoPE: neg, cat, two products and the sum (4.5·(Q+KV), doubled here),
                 // and Candle stores gradients for the broadcast cos/sin (2·(Q+KV)). candle-nn's
                 // kernel with our backward: its value, the zeros carrying the gradient, the sum.
-                let (rope2, rope_leaked) = if self.input.kernels.rope == Impl::GpuCommon {
-                    (6 * (q + kv), 0)
-                } else {
-                    (9 * (q + kv), 2 * (q + kv))
+                // The CPU's fused op: its output.
+                let (rope2, rope_leaked) = match self.input.kernels.rope {
+                    Impl::CpuFused => (2 * (q + kv), 0),
+                    Impl::GpuCommon => (6 * (q + kv), 0),
+                    _ => (9 * (q + kv), 2 * (q + kv)),
                 };
                 let expand = if self.fused_attention { 0 } else { gqa_copies };
                 // The fused SwiGLU keeps its output only; composed, silu(g) and the product.

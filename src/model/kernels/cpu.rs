@@ -15,9 +15,11 @@ use rayon::prelude::*;
 
 mod exp;
 pub mod gemv;
+mod rope;
 mod swiglu;
 
 pub(crate) use exp::{exp_in_place, max as row_max};
+pub use rope::rope;
 pub use swiglu::swiglu;
 mod linear;
 

@@ -20,7 +20,7 @@
 //! |---------------|-----------------------------------------------------|---------------|-----------------|
 //! | rms_norm      | cpu-fused                                           | cuda          | gpu-common      |
 //! | layer_norm    | composed                                            | composed      | composed        |
-//! | rope          | gpu-common                                          | cuda          | gpu-common      |
+//! | rope          | cpu-fused                                           | cuda          | gpu-common      |
 //! | attention     | cpu-fused (flash)                                   | cuda          | composed        |
 //! | softmax       | cpu-fused                                           | cuda          | composed        |
 //! | cross_entropy | cpu-fused                                           | cuda          | composed        |
@@ -316,9 +316,7 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
             if rms_common { GpuCommon } else { Composed },
         ),
         layer_norm: Composed,
-        // candle-nn's RoPE kernel runs on every core of the CPU too; the composed form is five
-        // ops on one.
-        rope: pick(Cuda, GpuCommon, if common { GpuCommon } else { Composed }),
+        rope: pick(Cuda, CpuFused, if common { GpuCommon } else { Composed }),
         attention: pick(Cuda, CpuFused, Composed),
         // The composed attention's scores are f32 (f64 in an f64 model) whatever the dtype.
         softmax: match (cuda, auto && on_cpu && activations != DType::F64) {
@@ -399,6 +397,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         Impl::Cuda => cuda::rope(x, cos, sin),
         Impl::GpuCommon => gpu_common::rope(x, cos, sin),
+        Impl::CpuFused if [x, cos, sin].iter().all(|t| cpu::fits(t)) => cpu::rope(x, cos, sin),
         _ => composed::rope(x, cos, sin),
     }
 }

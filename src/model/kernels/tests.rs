@@ -19,7 +19,7 @@ fn auto_picks_each_devices_kernels() {
     let cpu = p(DeviceKind::Cpu, DType::F32, Mode::Auto);
     assert_eq!(
         cpu.to_string(),
-        "auto: rms_norm cpu-fused, layer_norm composed, rope gpu-common, attention cpu-fused, \
+        "auto: rms_norm cpu-fused, layer_norm composed, rope cpu-fused, attention cpu-fused, \
          softmax cpu-fused, cross_entropy cpu-fused, swiglu cpu-fused, frozen_linear cpu-fused, \
          lora_linear composed"
     );
