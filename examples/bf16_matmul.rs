@@ -26,19 +26,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|i| half::bf16::from_f32(((i % 89) as f32 - 44.0) / 890.0))
             .collect();
         let mut c = vec![0f32; m * n];
-        let run = |c: &mut [f32]| bf16::matmul_f32_bf16(m, n, k, &a, k, 1, &w, 1, k, c, n, false);
-        run(&mut c)?;
-        let reps = (2e10 / (2.0 * (m * n * k) as f64)).clamp(2.0, 200.0) as usize;
-        let t = Instant::now();
-        for _ in 0..reps {
-            run(&mut c)?;
-        }
-        let secs = t.elapsed().as_secs_f64() / reps as f64;
-        let gflops = 2.0 * (m * n * k) as f64 / secs / 1e9;
-        println!(
-            "{what:<13} {m}x{k} · {k}x{n}: {:.3} ms, {gflops:.0} GFLOP/s",
-            secs * 1e3
-        );
+        let fwd = |c: &mut [f32]| bf16::matmul_f32_bf16(m, n, k, &a, k, 1, &w, 1, k, c, n, false);
+        time(
+            &format!("{what:<13} {m}x{k} · {k}x{n}"),
+            m * n * k,
+            fwd,
+            &mut c,
+        )?;
+        // The input gradient reads W as stored: (m × n) · (n × k).
+        let g: Vec<f32> = (0..m * n)
+            .map(|i| ((i % 83) as f32 - 41.0) / 83.0)
+            .collect();
+        let mut dx = vec![0f32; m * k];
+        let bwd = |c: &mut [f32]| bf16::matmul_f32_bf16(m, k, n, &g, n, 1, &w, k, 1, c, k, false);
+        time(
+            &format!("  its backward {m}x{n} · {n}x{k}"),
+            m * n * k,
+            bwd,
+            &mut dx,
+        )?;
     }
+    Ok(())
+}
+
+/// Runs `run` once, then enough times for ~10 GFLOP, and prints the time and rate of one.
+fn time<E>(
+    what: &str,
+    mnk: usize,
+    run: impl Fn(&mut [f32]) -> Result<(), E>,
+    c: &mut [f32],
+) -> Result<(), E> {
+    run(c)?;
+    let reps = (2e10 / (2.0 * mnk as f64)).clamp(2.0, 200.0) as usize;
+    let t = Instant::now();
+    for _ in 0..reps {
+        run(c)?;
+    }
+    let secs = t.elapsed().as_secs_f64() / reps as f64;
+    let gflops = 2.0 * mnk as f64 / secs / 1e9;
+    println!("{what}: {:.3} ms, {gflops:.0} GFLOP/s", secs * 1e3);
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! AMX-BF16 tiles (Intel Xeon from Sapphire Rapids on): the mixed-precision product on the
 //! CPU's matrix unit, `tdpbf16ps` on 16×16 f32 accumulator tiles.
 //!
-//! Operands are packed once per call: A (f32) rounded to bf16 (RNE) into rows of `kp` values
-//! (k padded to the tile's 32), B (bf16) into 16-column panels in the pair-interleaved layout the
-//! B tile wants (row `q` of a panel holds, for each of its 16 columns, B[2q][j] and B[2q+1][j]).
+//! Operands are packed on each call, into buffers the thread keeps between calls: A (f32)
+//! rounded to bf16 (RNE) into rows of `kp` values (k padded to the tile's 32), B (bf16) into
+//! 16-column panels in the pair-interleaved layout the B tile wants (row `q` of a panel holds, for each of its 16 columns, B[2q][j] and B[2q+1][j]).
 //! Padding is zeros, so every tile is whole. Each rayon task takes 32 rows of C and walks every
 //! pair of panels with four accumulator tiles (2 A tiles × 2 B tiles per 32 of k), then adds the
 //! 32×32 result to C. The instructions are written with `asm!` (Rust's AMX intrinsics are not
@@ -14,7 +14,9 @@
 //! does not allow it, or `FINETUNE_NO_AMX=1` is set.
 
 use core::arch::asm;
+use std::cell::Cell;
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 
 use half::bf16;
 use rayon::prelude::*;
@@ -128,15 +130,18 @@ pub(crate) unsafe fn matmul(
     let kp = k.div_ceil(KT) * KT;
     let mp = m.div_ceil(BLOCK) * BLOCK;
     let panels = n.div_ceil(BLOCK) * 2;
-    let ap = pack_a(m, k, kp, a, a_rs, a_cs);
+    let mut ap = scratch(&A_SCRATCH, mp * kp / 2, 0u32);
+    pack_a(m, k, kp, a, a_rs, a_cs, &mut ap);
     let panel_len = kp * 16;
-    let bp = pack_b(n, k, kp, panels, b, b_rs, b_cs);
+    let mut bp_buf = scratch(&B_SCRATCH, panels * panel_len, bf16::ZERO);
+    pack_b(n, k, kp, b, b_rs, b_cs, &mut bp_buf);
+    let ap_buf = ap;
     // SAFETY: a u32 holds two bf16 (its bytes, low half first on x86-64), and bf16's alignment
     // divides u32's: the same memory read as kp bf16 a row.
     let ap: &[bf16] =
-        unsafe { std::slice::from_raw_parts(ap.as_ptr().cast::<bf16>(), ap.len() * 2) };
+        unsafe { std::slice::from_raw_parts(ap_buf.as_ptr().cast::<bf16>(), ap_buf.len() * 2) };
     let out = Ptrs { c: c.as_mut_ptr() };
-    let bp = &bp;
+    let bp = &bp_buf;
     (0..mp / BLOCK).into_par_iter().for_each(move |rb| {
         let out = out;
         let mut tile = [0f32; BLOCK * BLOCK];
@@ -184,6 +189,35 @@ pub(crate) unsafe fn matmul(
         // SAFETY: releases this thread's tile state (configured above).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     });
+    keep(&B_SCRATCH, bp_buf);
+    keep(&A_SCRATCH, ap_buf);
+}
+
+thread_local! {
+    static A_SCRATCH: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static B_SCRATCH: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
+}
+
+/// Packed operands up to this size are kept for the next call on the thread: a training step
+/// packs every weight twice, and fresh buffers cost page faults and zeroing on each call.
+const KEEP_BYTES: usize = 64 << 20;
+
+/// This thread's kept buffer (or a new one; a nested call finds it taken) of at least `len`
+/// values. Its contents are stale: the packers write every value, padding included.
+fn scratch<T: Copy>(cell: &'static LocalKey<Cell<Vec<T>>>, len: usize, zero: T) -> Vec<T> {
+    let mut v = cell.with(Cell::take);
+    if v.len() < len {
+        v.resize(len, zero);
+    }
+    v.truncate(len);
+    v
+}
+
+/// Keeps `v` for the next call on this thread when it is not too large.
+fn keep<T>(cell: &'static LocalKey<Cell<Vec<T>>>, v: Vec<T>) {
+    if v.capacity() * std::mem::size_of::<T>() <= KEEP_BYTES {
+        cell.with(|c| c.set(v));
+    }
 }
 
 /// The part of a 32×32 `tile` that lies inside C (m×n, row stride `ldc`) at block (i0, j0),
@@ -215,22 +249,22 @@ unsafe fn write_edge(
 /// row-major, zero padded to whole 32-row blocks; two bf16 per u32, the even k in the low half
 /// (the bytes of a bf16 row). Converted 32 at a time by AVX512-BF16 where the CPU has it (every
 /// AMX CPU does).
-fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize) -> Vec<u32> {
-    let mp = m.div_ceil(BLOCK) * BLOCK;
+fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize, ap: &mut [u32]) {
     let fast = super::has_bf16_hw();
-    let mut ap = vec![0u32; mp * kp / 2];
     ap.par_chunks_mut(BLOCK * kp / 2)
         .enumerate()
         .for_each(|(rb, rows)| {
             for (di, row) in rows.chunks_exact_mut(kp / 2).enumerate() {
                 let i = rb * BLOCK + di;
                 if i >= m {
+                    row.fill(0);
                     continue;
                 }
                 if fast {
                     // SAFETY: the CPU has AVX512-BF16 (checked); row i's k elements lie in `a`
                     // (validated by the caller) and `row` holds kp/2 ≥ k/2 pairs.
                     unsafe { super::avx512::pack_a_row(a, i * a_rs, a_cs, k, row) };
+                    row[k.div_ceil(2)..].fill(0);
                     continue;
                 }
                 for (q, pair) in row.iter_mut().enumerate().take(k.div_ceil(2)) {
@@ -242,44 +276,56 @@ fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize) ->
                     };
                     *pair = lo | (hi << 16);
                 }
+                row[k.div_ceil(2)..].fill(0);
             }
         });
-    ap
 }
 
-/// B (bf16, k×n at the given strides) as `panels` 16-column panels of kp/2 rows, each row the
-/// panel's 16 columns × (k even, k odd): the layout of a B tile. Zero padded.
-#[allow(clippy::too_many_arguments)]
-fn pack_b(
-    n: usize,
-    k: usize,
-    kp: usize,
-    panels: usize,
-    b: &[bf16],
-    b_rs: usize,
-    b_cs: usize,
-) -> Vec<bf16> {
+/// B (bf16, k×n at the given strides) as 16-column panels (`bp` holds a whole number, an even
+/// count covering n) of kp/2 rows, each row the panel's 16 columns × (k even, k odd): the layout
+/// of a B tile. Zero padded. The two layouts training uses get loops that read B in order: the
+/// forward's Wᵀ (`b_rs` = 1: a column is a row of W) and the input gradient's W (`b_cs` = 1).
+fn pack_b(n: usize, k: usize, kp: usize, b: &[bf16], b_rs: usize, b_cs: usize, bp: &mut [bf16]) {
     let panel_len = kp * 16;
-    let mut bp = vec![bf16::ZERO; panels * panel_len];
     bp.par_chunks_mut(panel_len)
         .enumerate()
         .for_each(|(p, panel)| {
-            for (q, row) in panel.chunks_exact_mut(32).enumerate() {
-                for col in 0..16 {
-                    let j = p * 16 + col;
-                    if j >= n {
-                        break;
+            panel.fill(bf16::ZERO);
+            let (j0, cols) = (p * 16, 16.min(n.saturating_sub(p * 16)));
+            if cols == 0 {
+                // A padding panel (the second of the last pair).
+            } else if b_rs == 1 {
+                for col in 0..cols {
+                    let start = (j0 + col) * b_cs;
+                    let src = &b[start..start + k];
+                    let pairs = src.chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        panel[(k / 2) * 32 + 2 * col] = *last;
                     }
-                    for e in 0..2 {
-                        let kk = 2 * q + e;
-                        if kk < k {
-                            row[2 * col + e] = b[kk * b_rs + j * b_cs];
+                    for (row, pair) in panel.chunks_exact_mut(32).zip(pairs) {
+                        row[2 * col] = pair[0];
+                        row[2 * col + 1] = pair[1];
+                    }
+                }
+            } else if b_cs == 1 {
+                for (q, row) in panel.chunks_exact_mut(32).take(k.div_ceil(2)).enumerate() {
+                    for e in 0..2.min(k - 2 * q) {
+                        let start = (2 * q + e) * b_rs + j0;
+                        for (col, &v) in b[start..start + cols].iter().enumerate() {
+                            row[2 * col + e] = v;
+                        }
+                    }
+                }
+            } else {
+                for (q, row) in panel.chunks_exact_mut(32).take(k.div_ceil(2)).enumerate() {
+                    for col in 0..cols {
+                        for e in 0..2.min(k - 2 * q) {
+                            row[2 * col + e] = b[(2 * q + e) * b_rs + (j0 + col) * b_cs];
                         }
                     }
                 }
             }
         });
-    bp
 }
 
 /// One 32×32 block of C: rows `a` (32 × kp bf16), columns from the two panels of `b`
