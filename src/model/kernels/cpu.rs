@@ -1,5 +1,6 @@
 //! FineTune's CPU kernels with a backward pass for the hottest ops of training: softmax over the
-//! last dim (attention), RMSNorm, the cross-entropy of the loss, and the frozen linear projection
+//! last dim (attention), RMSNorm, RoPE ([`rope`]), SwiGLU ([`swiglu`]), the cross-entropy of the
+//! loss (every softmax row through the vectorized exp of `exp`), and the frozen linear projection
 //! ([`linear`]: f32 weights through `gemm`, bf16 weights through the mixed-precision kernel of
 //! `model::bf16`, AVX512-BF16 or portable). The flash attention kernel with its backward lives
 //! beside its backward in `model::attention`. Candle's own fused versions record no backward op;
