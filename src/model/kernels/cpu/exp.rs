@@ -208,6 +208,7 @@ mod tests {
     use super::*;
 
     fn paths() -> Vec<Path> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut p = vec![Path::Portable];
         #[cfg(target_arch = "x86_64")]
         {

@@ -11,7 +11,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::exp::{path, Path};
+use super::exp::path;
+#[cfg(target_arch = "x86_64")]
+use super::exp::Path;
 use super::slice;
 
 /// RoPE on `x` `(B, H, T, Dh)` f32 with `cos`/`sin` `(B or 1, 1, T, Dh)`; gradient to `x`.
