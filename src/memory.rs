@@ -350,7 +350,7 @@ impl<'a> Counts<'a> {
             }
             Family::Llama => {
                 let outputs = q + 2 * kv + 2 * h + 2 * i;
-                let lora = (self.share * (outputs + modules * r) as f64) as u64;
+                let lora = self.lora_kept(outputs, modules, r);
                 // Composed RoPE: neg, cat, two products and the sum (4.5·(Q+KV), doubled here),
                 // and Candle stores gradients for the broadcast cos/sin (2·(Q+KV)). candle-nn's
                 // kernel with our backward: its value, the zeros carrying the gradient, the sum.
@@ -374,10 +374,25 @@ impl<'a> Counts<'a> {
                 // composed LayerNorms (~5H each), c_attn/c_proj/c_fc/c_proj outputs, the q/k/v
                 // head copies, attention output and merge, residuals, gelu.
                 let outputs = 5 * h + i;
-                let lora = (self.share * (outputs + modules * r) as f64) as u64;
+                let lora = self.lora_kept(outputs, modules, r);
                 (10 * h + outputs + lora + 3 * h + 2 * h + 2 * h + i, 0)
             }
         }
+    }
+
+    /// Per token, what the LoRA terms of one layer keep beside the projections' outputs: the
+    /// composed term its (N, out) update and (N, r) middle per adapted module; the CPU's one-op
+    /// LoRA projection (float weights, no dropout, not DoRA) nothing more.
+    fn lora_kept(&self, outputs: u64, modules: u64, r: u64) -> u64 {
+        let input = self.input;
+        let one_op = input.kernels.lora_linear == Impl::CpuFused
+            && !input.lora_dropout
+            && !input.dora
+            && input.quant_bytes_per_weight.is_none();
+        if one_op {
+            return 0;
+        }
+        (self.share * (outputs + modules * r) as f64) as u64
     }
 
     /// Bytes of one layer's graph and of the gradients it leaves stored.

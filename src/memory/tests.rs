@@ -12,12 +12,13 @@ fn kernels(device: DeviceKind, mode: Mode) -> KernelPlan {
     plan(device, DType::F32, CpuFeatures::default(), mode)
 }
 
-/// The CPU plan of the runs measured before RoPE took candle-nn's kernel and SwiGLU its fused
-/// one there (composed, both).
+/// The CPU plan of the runs measured before RoPE, SwiGLU and the LoRA projection got their own
+/// CPU ops (composed, all three).
 fn measured_before_rope_and_swiglu(mode: Mode) -> KernelPlan {
     KernelPlan {
         rope: Impl::Composed,
         swiglu: Impl::Composed,
+        lora_linear: Impl::Composed,
         ..kernels(DeviceKind::Cpu, mode)
     }
 }

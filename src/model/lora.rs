@@ -157,7 +157,7 @@ fn seeded_dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 pub fn lora_input_f32(x: &Tensor, linears: &[&LoraLinear], train: bool) -> Result<Option<Tensor>> {
     let readers = linears
         .iter()
-        .filter(|l| l.active().is_some() && !l.fused_on_cuda(x, train))
+        .filter(|l| l.active().is_some() && !l.fused_op(x, train))
         .count();
     if x.dtype() == DType::F32 || readers < 2 {
         return Ok(None);
@@ -237,7 +237,7 @@ impl LoraLinear {
                 let y = self.forward_dora(&x2, x_f32, l, m, train, detach_lora)?;
                 return self.finish(y, dims);
             }
-            if self.fused_on_cuda(&x2, train) {
+            if self.fused_op(&x2, train) {
                 let (a, b) = if detach_lora {
                     (l.a.as_tensor().detach(), l.b.as_tensor().detach())
                 } else {
@@ -338,10 +338,11 @@ impl LoraLinear {
     }
 
     /// Whether [`LoraLinear::forward_shared`] runs this projection with its LoRA term as one op
-    /// (`kernels::lora_linear`, or `kernels::qlora_linear` over a quantized weight; CUDA): LoRA
+    /// (`kernels::lora_linear`, or `kernels::qlora_linear` over a quantized weight; CUDA, and
+    /// the CPU for float weights): LoRA
     /// attached, no dropout in this pass, and the kernel plan choosing it for `x`
     /// ([`kernels::lora_linear_fused`], [`kernels::qlora_linear_fused`]).
-    pub fn fused_on_cuda(&self, x: &Tensor, train: bool) -> bool {
+    pub fn fused_op(&self, x: &Tensor, train: bool) -> bool {
         match self.active() {
             Some(l) if l.magnitude.is_none() => match &self.weight {
                 Frozen::Dense(w) => kernels::lora_linear_fused(x, w, train && l.dropout > 0.0),

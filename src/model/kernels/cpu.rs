@@ -24,8 +24,8 @@ pub use rope::rope;
 pub use swiglu::swiglu;
 mod linear;
 
-pub use linear::frozen_linear_plus;
 pub(crate) use linear::weight_fits as linear_weight_fits;
+pub use linear::{frozen_linear_plus, lora_linear};
 
 /// True when `t` is what these kernels take: an f32 tensor on the CPU.
 pub(crate) fn fits(t: &Tensor) -> bool {

@@ -26,7 +26,7 @@
 //! | cross_entropy | cpu-fused                                           | cuda          | composed        |
 //! | swiglu        | cpu-fused                                           | cuda          | composed        |
 //! | frozen_linear | cpu-fused · cpu-bf16-avx512 / cpu-bf16-portable     | cuda          | gpu-common      |
-//! | lora_linear   | composed                                            | cuda          | composed        |
+//! | lora_linear   | cpu-fused                                           | cuda          | composed        |
 //! | decode step   | cpu-fused (one pass per token, llama family)        | the ops above | the ops above   |
 //!
 //! (CPU f16, an odd choice, runs the composed ops with the frozen linear from `gpu_common` and the
@@ -336,7 +336,7 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
             },
             GpuCommon,
         ),
-        lora_linear: pick(Cuda, Composed, Composed),
+        lora_linear: pick(Cuda, CpuFused, Composed),
     }
 }
 
@@ -552,7 +552,12 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// the pass draws no dropout mask and the frozen `weight` is in `x`'s dtype. Otherwise the
 /// projection adds the composed f32 LoRA term through [`frozen_linear_plus`].
 pub fn lora_linear_fused(x: &Tensor, weight: &Tensor, dropout_in_pass: bool) -> bool {
-    plan_for(x).lora_linear == Impl::Cuda && !dropout_in_pass && weight.dtype() == x.dtype()
+    !dropout_in_pass
+        && match plan_for(x).lora_linear {
+            Impl::Cuda => weight.dtype() == x.dtype(),
+            Impl::CpuFused => cpu::fits(x) && cpu::linear_weight_fits(weight),
+            _ => false,
+        }
 }
 
 /// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op where [`lora_linear_fused`] holds; an error on a
@@ -568,7 +573,9 @@ pub fn lora_linear(
     if plan_for(x).lora_linear == Impl::Cuda {
         return cuda::lora_linear(x, weight, a, b, scale);
     }
-    let _ = (weight, a, b, scale);
+    if lora_linear_fused(x, weight, false) && [a, b].iter().all(|t| cpu::fits(t)) {
+        return cpu::lora_linear(x, weight, a, b, scale);
+    }
     candle_core::bail!(
         "no single-op LoRA linear on {:?} in {:?}; check lora_linear_fused first",
         DeviceKind::of(x.device()),

@@ -21,7 +21,7 @@ fn auto_picks_each_devices_kernels() {
         cpu.to_string(),
         "auto: rms_norm cpu-fused, layer_norm composed, rope cpu-fused, attention cpu-fused, \
          softmax cpu-fused, cross_entropy cpu-fused, swiglu cpu-fused, frozen_linear cpu-fused, \
-         lora_linear composed"
+         lora_linear cpu-fused"
     );
     let mixed = p(DeviceKind::Cpu, DType::BF16, Mode::Auto);
     assert_eq!(mixed.activations, DType::F32);

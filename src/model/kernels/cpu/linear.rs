@@ -225,6 +225,89 @@ pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) 
     }
 }
 
+/// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op: a frozen `weight` (out, in) in f32 or bf16, a CPU
+/// f32 `x` (N, in), f32 LoRA factors `a` (r, in) and `b` (out, r). The graph keeps x, A, B and
+/// the output; the (N, r) and (N, out) LoRA intermediates are not kept (backward recomputes the
+/// (N, r) one). Gradients to x, A and B, never to W.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = LoraLinearCpu {
+        weight: weight.contiguous()?,
+        scale: scale as f32,
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LoraLinearCpu {
+    weight: Tensor,
+    scale: f32,
+}
+
+impl CustomOp3 for LoraLinearCpu {
+    fn name(&self) -> &'static str {
+        "ft-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, a, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
+        let (n, i) = l1.shape().dims2()?;
+        let (r, ai) = l2.shape().dims2()?;
+        let (o, br) = l3.shape().dims2()?;
+        if ai != i || br != r || a.len() != r * i || b.len() != o * r {
+            candle_core::bail!(
+                "{op}: x {:?}, A {:?}, B {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        // h = s · x · Aᵀ (N, r), then u = h · Bᵀ (N, out) as the frozen product's addend.
+        let mut h = vec![0f32; n * r];
+        FrozenLinearCpu::gemm(x, a, &mut h, n, i, r, false);
+        h.iter_mut().for_each(|v| *v *= self.scale);
+        let mut u = vec![0f32; n * o];
+        FrozenLinearCpu::gemm(&h, b, &mut u, n, r, o, false);
+        let (w, lw) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w else {
+            candle_core::bail!("{op}: the frozen weight is not on the CPU");
+        };
+        FrozenLinearCpu::run(x, l1, w, lw, Some(&u))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.detach());
+        let s = self.scale as f64;
+        // gb = s · g · B (N, r); dx = g · W + gb · A; dA = gbᵀ · x; dB = s · gᵀ · (x · Aᵀ).
+        let gb = (g.matmul(&b)? * s)?;
+        let dx = (input_grad(&g, &self.weight)? + gb.matmul(&a)?)?;
+        let da = gb.t()?.matmul(&x)?;
+        let db = (g.t()?.matmul(&x.matmul(&a.t()?)?)? * s)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
 /// True when the kernel takes `weight` (on the CPU, f32 or bf16).
 pub(crate) fn weight_fits(weight: &Tensor) -> bool {
     weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::BF16)
@@ -235,6 +318,46 @@ mod tests {
     use super::*;
     use crate::model::kernels::cpu::tests::{close, grad_of};
     use candle_core::{Device, Var};
+
+    /// The one-op LoRA projection against the frozen kernel plus the composed LoRA term (the
+    /// path it replaces), with f32 and bf16 weights and many rows (the products' own kernels):
+    /// value and the gradients of x, A and B; none for W.
+    #[test]
+    fn lora_linear_equals_frozen_plus_composed_update() {
+        let dev = Device::Cpu;
+        let (n, i, o, r, s) = (300, 48, 40, 4, 2.5);
+        for wdt in [DType::F32, DType::BF16] {
+            let var = |shape: (usize, usize), sd: f32| {
+                Var::from_tensor(&Tensor::randn(0f32, sd, shape, &dev).unwrap()).unwrap()
+            };
+            let (x, a, b) = (var((n, i), 1.0), var((r, i), 0.3), var((o, r), 0.3));
+            let w = Tensor::randn(0f32, 0.2, (o, i), &dev)
+                .unwrap()
+                .to_dtype(wdt)
+                .unwrap();
+            let up = Tensor::randn(0f32, 1., (n, o), &dev).unwrap();
+            let run = |fused: bool| {
+                let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+                let y = if fused {
+                    lora_linear(xt, &w, at, bt, s).unwrap()
+                } else {
+                    let u = xt.matmul(&at.t()?)?.matmul(&(bt.t()? * s)?)?;
+                    frozen_linear_plus(xt, &w, Some(&u)).unwrap()
+                };
+                let g = (&y * &up)?.sum_all()?.backward()?;
+                assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
+                let grads = [&x, &a, &b].map(|v| g.get(v).unwrap().clone());
+                Ok::<_, candle_core::Error>((y, grads))
+            };
+            let ((y, g), (y0, g0)) = (run(true).unwrap(), run(false).unwrap());
+            let top = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let rel = |p: &Tensor, q: &Tensor| close(p, q) / top(q).to_scalar::<f32>().unwrap();
+            assert!(rel(&y, &y0) < 1e-6, "{wdt:?} value {}", rel(&y, &y0));
+            for (name, (p, q)) in ["x", "A", "B"].iter().zip(g.iter().zip(&g0)) {
+                assert!(rel(p, q) < 1e-5, "{wdt:?} d{name}: {}", rel(p, q));
+            }
+        }
+    }
 
     #[test]
     fn frozen_linear_gives_the_input_gradient_only() {
