@@ -143,6 +143,9 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 ///   SmolLM2-135M), plus 4·S for scores, scaled scores, biased scores and probabilities. The
 ///   CPU's fused attention (the plan's attention `cpu-fused`) keeps neither the 4·S nor the GQA
 ///   copies (2Q), only a log-sum-exp per row, and leaves no bias gradient.
+/// * the CPU's own ops (the plan's `cpu-fused` RoPE, SwiGLU and LoRA linear) keep less: RoPE its
+///   output (Q+KV, no stored table gradients), SwiGLU its output (I), and the one-op LoRA
+///   projection no update or (N, r) middle beside its output.
 /// * gradients left in Candle's `GradStore` until backward ends: `or_insert` stores a full-size
 ///   gradient even for inputs that need none — the broadcast cos/sin of RoPE (2·(Q+KV) per token)
 ///   and, with composed attention, the broadcast attention bias (S) — in every layer.
