@@ -57,6 +57,12 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gpu_common;
+mod linear;
+
+pub use linear::{
+    dequantize, frozen_linear, frozen_linear_plus, lora_linear, lora_linear_fused, qlora_linear,
+    qlora_linear_fused,
+};
 
 /// `FINETUNE_KERNELS`: which kernels may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -522,108 +528,6 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
 /// An ungated MLP activation (GPT-2): Candle's unary ops everywhere.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     composed::activation(x, act)
-}
-
-/// `x · Wᵀ (+ update)` for a frozen `weight` (out, in), 2-D `x` (N, in) and an optional (N, out)
-/// `update` (the LoRA term): gradients flow to `x` and `update`, never to `weight`.
-pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) -> Result<Tensor> {
-    match plan_for(x).frozen_linear {
-        c if c.is_cpu() && cpu::fits(x) && cpu::linear_weight_fits(weight) => {
-            cpu::frozen_linear_plus(x, weight, update)
-        }
-        #[cfg(feature = "cuda")]
-        Impl::Cuda if weight.dtype() == x.dtype() && x.rank() == 2 => {
-            let y = cuda::frozen_linear(x, weight)?;
-            match update {
-                Some(u) => y + u,
-                None => Ok(y),
-            }
-        }
-        _ => gpu_common::frozen_linear_plus(x, weight, update),
-    }
-}
-
-/// `x · Wᵀ` for a frozen `weight` (out, in) and 2-D `x` (N, in): gradient to `x` only.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    frozen_linear_plus(x, weight, None)
-}
-
-/// Whether a LoRA projection of the 2-D `x` runs as one op ([`lora_linear`]): the plan says so,
-/// the pass draws no dropout mask and the frozen `weight` is in `x`'s dtype. Otherwise the
-/// projection adds the composed f32 LoRA term through [`frozen_linear_plus`].
-pub fn lora_linear_fused(x: &Tensor, weight: &Tensor, dropout_in_pass: bool) -> bool {
-    !dropout_in_pass
-        && match plan_for(x).lora_linear {
-            Impl::Cuda => weight.dtype() == x.dtype(),
-            Impl::CpuFused => cpu::fits(x) && cpu::linear_weight_fits(weight),
-            _ => false,
-        }
-}
-
-/// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op where [`lora_linear_fused`] holds; an error on a
-/// device without such an op.
-pub fn lora_linear(
-    x: &Tensor,
-    weight: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if plan_for(x).lora_linear == Impl::Cuda {
-        return cuda::lora_linear(x, weight, a, b, scale);
-    }
-    if lora_linear_fused(x, weight, false) && [a, b].iter().all(|t| cpu::fits(t)) {
-        return cpu::lora_linear(x, weight, a, b, scale);
-    }
-    candle_core::bail!(
-        "no single-op LoRA linear on {:?} in {:?}; check lora_linear_fused first",
-        DeviceKind::of(x.device()),
-        x.dtype()
-    )
-}
-
-/// A quantized weight as a float tensor of `dtype` on its device: on CUDA (the plan's LoRA linear
-/// `cuda`) in bf16 straight from its blocks by FineTune's kernel where the type has one, else
-/// Candle's f32 dequantization cast to `dtype`.
-pub fn dequantize(q: &candle_core::quantized::QTensor, dtype: DType) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if dtype == DType::BF16 && q.device().is_cuda() && Mode::current() == Mode::Auto {
-        if let Some(t) = cuda::dequantize_bf16(q)? {
-            return Ok(t);
-        }
-    }
-    q.dequantize(&q.device())?.to_dtype(dtype)
-}
-
-/// Whether a LoRA projection of the 2-D `x` over a quantized frozen weight (QLoRA) runs as one
-/// op ([`qlora_linear`]): the plan's LoRA linear is the device's own op, the pass draws no dropout
-/// mask, and `x` is in a dtype the op computes in.
-pub fn qlora_linear_fused(x: &Tensor, dropout_in_pass: bool) -> bool {
-    plan_for(x).lora_linear == Impl::Cuda
-        && !dropout_in_pass
-        && matches!(x.dtype(), DType::BF16 | DType::F32)
-}
-
-/// [`lora_linear`] over a quantized frozen `weight`, where [`qlora_linear_fused`] holds; an error
-/// on a device without such an op.
-pub fn qlora_linear(
-    x: &Tensor,
-    weight: &std::sync::Arc<candle_core::quantized::QTensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if plan_for(x).lora_linear == Impl::Cuda {
-        return cuda::qlora_linear(x, weight, a, b, scale);
-    }
-    let _ = (weight, a, b, scale);
-    candle_core::bail!(
-        "no single-op QLoRA linear on {:?} in {:?}; check qlora_linear_fused first",
-        DeviceKind::of(x.device()),
-        x.dtype()
-    )
 }
 
 #[cfg(test)]
