@@ -343,6 +343,12 @@ impl LoraLinear {
     /// attached, no dropout in this pass, and the kernel plan choosing it for `x`
     /// ([`kernels::lora_linear_fused`], [`kernels::qlora_linear_fused`]).
     pub fn fused_op(&self, x: &Tensor, train: bool) -> bool {
+        // Decoding a few rows on the CPU keeps its own path (two one-row products, see below).
+        let rows = x.elem_count() / self.in_features().max(1);
+        let decoding = !train && x.device().is_cpu() && rows <= kernels::cpu::gemv::MAX_ROWS;
+        if decoding {
+            return false;
+        }
         match self.active() {
             Some(l) if l.magnitude.is_none() => match &self.weight {
                 Frozen::Dense(w) => kernels::lora_linear_fused(x, w, train && l.dropout > 0.0),
