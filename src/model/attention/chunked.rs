@@ -27,7 +27,7 @@ pub fn chunk_rows(b: usize, h: usize, t: usize) -> Option<usize> {
         return None;
     }
     let rows = (TILE_ELEMS / (b * h * t).max(1)) / 64 * 64;
-    Some(rows.clamp(64, t))
+    Some(rows.max(64).min(t))
 }
 
 /// How a tile's scores become probabilities, and back.
@@ -306,5 +306,7 @@ mod tests {
         assert_eq!(rows % 64, 0);
         assert!(14 * rows * 4096 <= TILE_ELEMS && 14 * (rows + 64) * 4096 > TILE_ELEMS);
         assert_eq!(chunk_rows(8, 64, 32768), Some(64));
+        // Many short rows past the threshold: all of them in one chunk, no panic.
+        assert_eq!(chunk_rows(20_000, 1, 60), Some(60));
     }
 }
