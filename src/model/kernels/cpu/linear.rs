@@ -276,23 +276,17 @@ impl CustomOp3 for LoraLinearCpu {
                 l3.dims()
             );
         }
-        // h = s · x · Aᵀ (N, r); the frozen product, then h · Bᵀ added onto it in place.
+        // h = s · x · Aᵀ (N, r), then u = h · Bᵀ (N, out) as the frozen product's addend.
         let mut h = vec![0f32; n * r];
         FrozenLinearCpu::gemm(x, a, &mut h, n, i, r, false);
         h.iter_mut().for_each(|v| *v *= self.scale);
+        let mut u = vec![0f32; n * o];
+        FrozenLinearCpu::gemm(&h, b, &mut u, n, r, o, false);
         let (w, lw) = self.weight.storage_and_layout();
         let candle_core::Storage::Cpu(w) = &*w else {
             candle_core::bail!("{op}: the frozen weight is not on the CPU");
         };
-        let (mut y, shape) = FrozenLinearCpu::run(x, l1, w, lw, None)?;
-        let CpuStorage::F32(out) = &mut y else {
-            candle_core::bail!("{op}: the frozen product is not f32");
-        };
-        if out.len() != n * o {
-            candle_core::bail!("{op}: the frozen product is not {n}×{o}");
-        }
-        FrozenLinearCpu::gemm(&h, b, out, n, r, o, true);
-        Ok((y, shape))
+        FrozenLinearCpu::run(x, l1, w, lw, Some(&u))
     }
 
     fn bwd(
