@@ -254,6 +254,141 @@ fn chunked_attention_matches_the_cpu() {
     }
 }
 
+/// The fused bf16 attention (`cuda::flash`) against the f64 composed graph: every head size it is
+/// built for, GQA, sequences that end inside a 64-row block, one token, per-row packed masks with
+/// padding rows masked entirely.
+#[test]
+fn flash_attention_matches_the_cpu() {
+    use finetune::model::kernels::cuda::flash;
+    // (B, H, KV, T, D, packed)
+    for (b, h, kv, t, d, packed) in [
+        (2, 4, 2, 200, 64, true),
+        (1, 2, 2, 1, 64, false),
+        (1, 3, 1, 130, 96, false),
+        (2, 2, 1, 77, 128, true),
+        (1, 2, 1, 1024, 64, false),
+    ] {
+        let seg: Vec<u32> = (0..b * t)
+            .map(|i| match i % t {
+                j if j < t / 3 => 1,
+                j if j + 5 < t => 2,
+                _ => 0,
+            })
+            .collect();
+        let bias = ops::attention_bias(b, t, packed.then_some(&seg[..]), DType::F32, &Device::Cpu)
+            .unwrap();
+        let inputs = [
+            randn(&[b, h, t, d], 11),
+            randn(&[b, kv, t, d], 12),
+            randn(&[b, kv, t, d], 13),
+        ];
+        let scale = 1.0 / (d as f64).sqrt();
+        let what = format!(
+            "flash B{b} H{h} KV{kv} T{t} D{d}{}",
+            if packed { " packed" } else { "" }
+        );
+        let e = compare(&what, &inputs, &[bias], DType::BF16, |x, c| {
+            if x[0].device().is_cuda() {
+                assert!(flash::usable(&x[0], &c[0]), "{what}: flash not usable");
+                flash::attention(&x[0], &x[1], &x[2], &c[0], scale)
+            } else {
+                kernels::attention(&x[0], &x[1], &x[2], &c[0], scale)
+            }
+        });
+        assert!(e <= TOL_BF16, "{what}: {e}");
+    }
+}
+
+/// Device time of one forward and backward of the fused attention against the cuBLAS + softmax
+/// path (chunked past its threshold), Qwen2.5-0.5B's attention shape (14 heads, 2 KV heads,
+/// D 64). Printed, not asserted (`--nocapture`).
+/// kernels::attention's CUDA path without the fused kernel: k and v repeated to H heads, the
+/// whole scores (cuBLAS + softmax kernel) or, past the threshold, the query-chunked form.
+fn unfused(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    use finetune::model::attention::chunked;
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let rep = |x: &Tensor| {
+        x.unsqueeze(2)?
+            .expand((b, kv, h / kv, t, d))?
+            .reshape((b, h, t, d))
+    };
+    let (k, v) = (rep(k)?, rep(v)?);
+    match chunked::chunk_rows(b, h, t) {
+        Some(rows) => {
+            let how = chunked::Chunking {
+                rows,
+                causal: true,
+                softmax: chunked::Softmax::Cuda,
+            };
+            chunked::attention(q, &k, &v, bias, scale, how)
+        }
+        None => kernels::cuda::attention(q, &k, &v, bias, scale),
+    }
+}
+
+#[test]
+fn flash_attention_time() {
+    use finetune::model::kernels::cuda::flash;
+    let gpu = Device::new_cuda(0).unwrap();
+    for (b, t) in [(4, 512), (1, 4096)] {
+        let (h, kv, d) = (14, 2, 64);
+        let bias = ops::attention_bias(b, t, None, DType::BF16, &gpu).unwrap();
+        let mk = |shape: &[usize], seed| {
+            Var::from_tensor(
+                &randn(shape, seed)
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_device(&gpu)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let (q, k, v) = (
+            mk(&[b, h, t, d], 1),
+            mk(&[b, kv, t, d], 2),
+            mk(&[b, kv, t, d], 3),
+        );
+        let scale = 1.0 / (d as f64).sqrt();
+        let step = |fused: bool| {
+            let y = if fused {
+                flash::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale)
+            } else {
+                unfused(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale)
+            }
+            .unwrap();
+            let g = y
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let _ = g
+                .get(&q)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+        };
+        for fused in [true, false, true, false] {
+            step(fused);
+            let t0 = std::time::Instant::now();
+            for _ in 0..5 {
+                step(fused);
+            }
+            println!(
+                "attention B{b} T{t} H{h} KV{kv} D{d} {}: {:.2} ms forward+backward",
+                if fused { "flash  " } else { "unfused" },
+                t0.elapsed().as_secs_f64() * 1e3 / 5.0
+            );
+        }
+    }
+}
+
 #[test]
 fn cross_entropy_matches_the_cpu() {
     for dtype in [DType::F32, DType::BF16] {

@@ -178,6 +178,7 @@ fn elem_blocks(n: usize, op: &str) -> Result<usize> {
     Ok(blocks)
 }
 
+pub mod flash;
 mod layer;
 mod linear;
 mod softmax;

@@ -446,6 +446,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
             return super::attention::flash(q, k, v, bias, rows, scale);
         }
     }
+    // bf16 on tensor-core GPUs: the fused kernel, k and v read at their KV heads.
+    #[cfg(feature = "cuda")]
+    if choice == Impl::Cuda && bias_rows.is_some() && cuda::flash::usable(q, bias) {
+        return cuda::flash::attention(q, k, v, bias, scale);
+    }
     let rep = h / kv;
     let k = composed::repeat_kv(k.clone(), rep)?.contiguous()?;
     let v = composed::repeat_kv(v.clone(), rep)?.contiguous()?;

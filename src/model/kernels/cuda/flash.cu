@@ -1,0 +1,405 @@
+// FineTune's fused attention for bf16 on GPUs with bf16 tensor cores (compute capability 8.0 and
+// later), compiled at run time by NVRTC for compute_80 (src/model/kernels/cuda/flash.rs). Flash
+// attention's scheme: the scores of a block of queries against a block of keys live in registers
+// only, the softmax runs online (a running max and sum per row), and the backward recomputes the
+// probabilities from q, k and the log-sum-exp the forward kept. The products are
+// `mma.sync.m16n8k16` bf16 → f32 tensor-core instructions, whose fragment layouts (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16") let a score accumulator serve directly as the next
+// product's input. No headers: bf16 is handled as its raw 16 bits.
+//
+// Shapes: q (B, H, T, D), k and v (B, KV, T, D) read per group of H/KV query heads, bias
+// (R, 1, T, T) with R = 1 or B, added to the scaled scores (0 or −∞: the causal mask and the
+// packing boundaries). Key blocks after a query block are skipped: the bias must mask every key
+// after its query (kernels::attention's contract). A row with every key masked gives zeros.
+// One block of 4 warps handles 64 queries (forward) or 64 keys (backward); each warp 16 of them.
+
+typedef unsigned short bf16_t;
+#define FT_INF __int_as_float(0x7f800000)
+#define LOG2E 1.4426950408889634f
+#define BLK 64
+
+__device__ __forceinline__ float bf(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
+
+// Two floats to a bf16 pair (round to nearest even), `lo` in the low half.
+__device__ __forceinline__ unsigned pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ bf16_t to_bf16(float v) { return (bf16_t)(pack(v, 0.f) & 0xffffu); }
+
+// c (16×8, f32) += a (16×16, row-major bf16) · b (16×8, column-major bf16).
+__device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two consecutive bf16 of a row (an even column): one 32-bit load.
+__device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
+// The same column of two consecutive rows `ld` apart.
+__device__ __forceinline__ unsigned ld_col(const bf16_t* p, int ld) {
+    return (unsigned)p[0] | ((unsigned)p[ld] << 16);
+}
+
+// The A fragment of rows `r`, `r + 8` and columns `c..c+16` of a row-major tile.
+__device__ __forceinline__ void frag_a(unsigned* a, const bf16_t* s, int ld, int r, int c) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    a[0] = ld_pair(s + (r + g) * ld + c + 2 * t);
+    a[1] = ld_pair(s + (r + g + 8) * ld + c + 2 * t);
+    a[2] = ld_pair(s + (r + g) * ld + c + 2 * t + 8);
+    a[3] = ld_pair(s + (r + g + 8) * ld + c + 2 * t + 8);
+}
+
+// The B fragment (16 × 8) whose column n is row `n0 + n` of a row-major tile, from column c:
+// B = tileᵀ (the keys of q·kᵀ).
+__device__ __forceinline__ void frag_bt(unsigned* b, const bf16_t* s, int ld, int n0, int c) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    b[0] = ld_pair(s + (n0 + g) * ld + c + 2 * t);
+    b[1] = ld_pair(s + (n0 + g) * ld + c + 2 * t + 8);
+}
+
+// The B fragment (16 × 8) of rows `k0..k0+16` and columns `n0..n0+8` of a row-major tile.
+__device__ __forceinline__ void frag_b(unsigned* b, const bf16_t* s, int ld, int k0, int n0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    b[0] = ld_col(s + (k0 + 2 * t) * ld + n0 + g, ld);
+    b[1] = ld_col(s + (k0 + 2 * t + 8) * ld + n0 + g, ld);
+}
+
+// The A fragment of 16 columns (keys 16·kk..) from two 16×8 accumulators: the accumulator layout
+// of n-tiles 2kk and 2kk+1 is the A layout of their 16 columns.
+__device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int kk) {
+    a[0] = pack(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Rows r0..r0+64 of a (T, D) matrix into a shared tile with row stride LD, zeros past T.
+template <int D, int LD>
+__device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src, int r0, int T) {
+    for (int i = threadIdx.x; i < BLK * D / 8; i += blockDim.x) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + r < T) x = *(const uint4*)(src + (long long)(r0 + r) * D + c);
+        *(uint4*)(dst + r * LD + c) = x;
+    }
+}
+
+// Forward: o (B, H, T, D) and lse (B, H, T), the log₂-sum-exp₂ of each row's scores in the
+// log₂ domain (scores·log₂e), +∞ for a row with every key masked. Grid (⌈T/64⌉, B·H), 128 threads.
+template <int D>
+__device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
+                          bf16_t* o, float* lse, int T, int H, int KV, int bias_batches,
+                          float scale) {
+    constexpr int LD = D + 8;
+    __shared__ __align__(16) bf16_t Ks[BLK * LD];
+    __shared__ __align__(16) bf16_t Vs[BLK * LD];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KV);
+    const int q0 = blockIdx.x * BLK;
+    const bf16_t* qb = q + (long long)bh * T * D;
+    const bf16_t* kb = k + ((long long)b * KV + kvh) * T * D;
+    const bf16_t* vb = v + ((long long)b * KV + kvh) * T * D;
+    const bf16_t* bb = bias + (long long)(bias_batches == 1 ? 0 : b) * T * T;
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+
+    // This warp's 16 query rows as A fragments, kept for every key block.
+    unsigned qa[D / 16][4];
+    {
+        const bf16_t* p0 = qb + (long long)min(r0, T - 1) * D;
+        const bf16_t* p1 = qb + (long long)min(r1, T - 1) * D;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++) {
+            const int c = kc * 16 + 2 * t;
+            qa[kc][0] = r0 < T ? ld_pair(p0 + c) : 0u;
+            qa[kc][1] = r1 < T ? ld_pair(p1 + c) : 0u;
+            qa[kc][2] = r0 < T ? ld_pair(p0 + c + 8) : 0u;
+            qa[kc][3] = r1 < T ? ld_pair(p1 + c + 8) : 0u;
+        }
+    }
+    float m0 = -FT_INF, m1 = -FT_INF, l0 = 0.f, l1 = 0.f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+    const float sl = scale * LOG2E;
+    const int nblocks = min((T + BLK - 1) / BLK, (int)blockIdx.x + 1);
+    for (int j = 0; j < nblocks; j++) {
+        const int k0 = j * BLK;
+        __syncthreads();
+        load_tile<D, LD>(Ks, kb, k0, T);
+        load_tile<D, LD>(Vs, vb, k0, T);
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++) {
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                unsigned fb[2];
+                frag_bt(fb, Ks, LD, n * 8, kc * 16);
+                mma(s[n], qa[kc], fb);
+            }
+        }
+        float mx0 = -FT_INF, mx1 = -FT_INF;
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = e < 2 ? r0 : r1;
+                const int col = k0 + n * 8 + 2 * t + (e & 1);
+                float x = -FT_INF;
+                if (row < T && col < T) x = s[n][e] * sl + bf(bb[(long long)row * T + col]) * LOG2E;
+                s[n][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        // While a row has seen only masked keys its max is −∞: exponents are taken from 0.
+        const float base0 = n0 == -FT_INF ? 0.f : n0, base1 = n1 == -FT_INF ? 0.f : n1;
+        const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
+        m0 = n0;
+        m1 = n1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            s[n][0] = exp2f(s[n][0] - base0);
+            s[n][1] = exp2f(s[n][1] - base0);
+            s[n][2] = exp2f(s[n][2] - base1);
+            s[n][3] = exp2f(s[n][3] - base1);
+            ps0 += s[n][0] + s[n][1];
+            ps1 += s[n][2] + s[n][3];
+        }
+        // Each thread keeps its share of the row sums; the 4 threads of a row add them at the end.
+        l0 = l0 * a0 + ps0;
+        l1 = l1 * a1 + ps1;
+#pragma unroll
+        for (int d = 0; d < D / 8; d++) {
+            acc[d][0] *= a0;
+            acc[d][1] *= a0;
+            acc[d][2] *= a1;
+            acc[d][3] *= a1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned pa[4];
+            acc_to_a(pa, s, kk);
+#pragma unroll
+            for (int d = 0; d < D / 8; d++) {
+                unsigned fb[2];
+                frag_b(fb, Vs, LD, kk * 16, d * 8);
+                mma(acc[d], pa, fb);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    bf16_t* ob = o + (long long)bh * T * D;
+#pragma unroll
+    for (int d = 0; d < D / 8; d++) {
+        const int c = d * 8 + 2 * t;
+        if (r0 < T) *(unsigned*)(ob + (long long)r0 * D + c) = pack(acc[d][0] * i0, acc[d][1] * i0);
+        if (r1 < T) *(unsigned*)(ob + (long long)r1 * D + c) = pack(acc[d][2] * i1, acc[d][3] * i1);
+    }
+    if (t == 0) {
+        if (r0 < T) lse[(long long)bh * T + r0] = l0 > 0.f ? m0 + log2f(l0) : FT_INF;
+        if (r1 < T) lse[(long long)bh * T + r1] = l1 > 0.f ? m1 + log2f(l1) : FT_INF;
+    }
+}
+
+// Backward: dq (B, H, T, D), dk and dv (B, KV, T, D) accumulated in f32 (zeroed by the caller;
+// dq by query blocks, dk/dv by the H/KV heads of a group). `delta` (B, H, T) is Σ_d dO·O per row.
+// Grid (⌈T/64⌉ key blocks, B·H), 128 threads, LD·64·3 + 64·72 bf16 and 128 floats of dynamic
+// shared memory.
+template <int D>
+__device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
+                          const bf16_t* dout, const float* lse, const float* delta, float* dq,
+                          float* dk, float* dv, int T, int H, int KV, int bias_batches,
+                          float scale) {
+    constexpr int LD = D + 8, LS = BLK + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* Qs = (bf16_t*)smem;
+    bf16_t* Os = Qs + BLK * LD;  // dO
+    bf16_t* Ks = Os + BLK * LD;
+    bf16_t* Vs = Ks + BLK * LD;
+    bf16_t* Ss = Vs + BLK * LD;  // dS, query-major
+    float* Ls = (float*)(Ss + BLK * LS);
+    float* Ds = Ls + BLK;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KV);
+    const int k0 = blockIdx.x * BLK;
+    const bf16_t* qb = q + (long long)bh * T * D;
+    const bf16_t* ob = dout + (long long)bh * T * D;
+    const long long kvoff = ((long long)b * KV + kvh) * T * D;
+    const bf16_t* bb = bias + (long long)(bias_batches == 1 ? 0 : b) * T * T;
+    const int kr0 = k0 + warp * 16 + g, kr1 = kr0 + 8;  // this thread's two keys
+    load_tile<D, LD>(Ks, k + kvoff, k0, T);
+    load_tile<D, LD>(Vs, v + kvoff, k0, T);
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; d++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[d][e] = dva[d][e] = 0.f;
+    const float sl = scale * LOG2E;
+    const int nq = (T + BLK - 1) / BLK;
+    for (int i = blockIdx.x; i < nq; i++) {
+        const int q0 = i * BLK;
+        __syncthreads();
+        load_tile<D, LD>(Qs, qb, q0, T);
+        load_tile<D, LD>(Os, ob, q0, T);
+        if (threadIdx.x < BLK) {
+            const int r = q0 + threadIdx.x;
+            Ls[threadIdx.x] = r < T ? lse[(long long)bh * T + r] : FT_INF;
+            Ds[threadIdx.x] = r < T ? delta[(long long)bh * T + r] : 0.f;
+        }
+        __syncthreads();
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys against the 64 queries.
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc++) {
+            unsigned ka[4], va[4];
+            frag_a(ka, Ks, LD, warp * 16, kc * 16);
+            frag_a(va, Vs, LD, warp * 16, kc * 16);
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                unsigned fb[2];
+                frag_bt(fb, Qs, LD, n * 8, kc * 16);
+                mma(s[n], ka, fb);
+                frag_bt(fb, Os, LD, n * 8, kc * 16);
+                mma(dp[n], va, fb);
+            }
+        }
+        // Pᵀ from the kept log-sum-exp, then dSᵀ = Pᵀ ⊙ (dPᵀ − δ)·scale.
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = e < 2 ? kr0 : kr1;
+                const int ql = n * 8 + 2 * t + (e & 1);
+                const int qr = q0 + ql;
+                float p = 0.f;
+                if (qr < T && key < T) {
+                    const float x = s[n][e] * sl + bf(bb[(long long)qr * T + key]) * LOG2E;
+                    p = exp2f(x - Ls[ql]);
+                }
+                s[n][e] = p;
+                dp[n][e] = p * (dp[n][e] - Ds[ql]) * scale;
+            }
+        }
+        // dV += Pᵀ·dO, dK += dSᵀ·Q (16 keys × D each).
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned pa[4], da[4];
+            acc_to_a(pa, s, kk);
+            acc_to_a(da, dp, kk);
+#pragma unroll
+            for (int d = 0; d < D / 8; d++) {
+                unsigned fb[2];
+                frag_b(fb, Os, LD, kk * 16, d * 8);
+                mma(dva[d], pa, fb);
+                frag_b(fb, Qs, LD, kk * 16, d * 8);
+                mma(dka[d], da, fb);
+            }
+        }
+        // dS, query-major, for dQ = dS·K over the block's 64 keys.
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int kl = warp * 16 + g + (e < 2 ? 0 : 8);
+                const int ql = n * 8 + 2 * t + (e & 1);
+                Ss[ql * LS + kl] = to_bf16(dp[n][e]);
+            }
+        }
+        __syncthreads();
+        float dqa[D / 8][4];
+#pragma unroll
+        for (int d = 0; d < D / 8; d++) dqa[d][0] = dqa[d][1] = dqa[d][2] = dqa[d][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned sa[4];
+            frag_a(sa, Ss, LS, warp * 16, kk * 16);
+#pragma unroll
+            for (int d = 0; d < D / 8; d++) {
+                unsigned fb[2];
+                frag_b(fb, Ks, LD, kk * 16, d * 8);
+                mma(dqa[d], sa, fb);
+            }
+        }
+        const int qa0 = q0 + warp * 16 + g, qa1 = qa0 + 8;
+        float* dqb = dq + (long long)bh * T * D;
+#pragma unroll
+        for (int d = 0; d < D / 8; d++) {
+            const int c = d * 8 + 2 * t;
+            if (qa0 < T) {
+                atomicAdd(dqb + (long long)qa0 * D + c, dqa[d][0]);
+                atomicAdd(dqb + (long long)qa0 * D + c + 1, dqa[d][1]);
+            }
+            if (qa1 < T) {
+                atomicAdd(dqb + (long long)qa1 * D + c, dqa[d][2]);
+                atomicAdd(dqb + (long long)qa1 * D + c + 1, dqa[d][3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int d = 0; d < D / 8; d++) {
+        const int c = d * 8 + 2 * t;
+        if (kr0 < T) {
+            atomicAdd(dk + kvoff + (long long)kr0 * D + c, dka[d][0]);
+            atomicAdd(dk + kvoff + (long long)kr0 * D + c + 1, dka[d][1]);
+            atomicAdd(dv + kvoff + (long long)kr0 * D + c, dva[d][0]);
+            atomicAdd(dv + kvoff + (long long)kr0 * D + c + 1, dva[d][1]);
+        }
+        if (kr1 < T) {
+            atomicAdd(dk + kvoff + (long long)kr1 * D + c, dka[d][2]);
+            atomicAdd(dk + kvoff + (long long)kr1 * D + c + 1, dka[d][3]);
+            atomicAdd(dv + kvoff + (long long)kr1 * D + c, dva[d][2]);
+            atomicAdd(dv + kvoff + (long long)kr1 * D + c + 1, dva[d][3]);
+        }
+    }
+}
+
+// δ = Σ_d dO·O per row of `rows` rows of D: one warp per row, 8 rows per block of 256 threads.
+extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, float* delta,
+                                          long long rows, int D) {
+    const long long row = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    float sum = 0.f;
+    for (int d = lane; d < D; d += 32) sum += bf(o[row * D + d]) * bf(dout[row * D + d]);
+    for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
+    if (lane == 0) delta[row] = sum;
+}
+
+#define FT_FLASH(D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) ft_flash_fwd_##D(                          \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias, bf16_t* o,       \
+        float* lse, int T, int H, int KV, int bias_batches, float scale) {                      \
+        flash_fwd<D>(q, k, v, bias, o, lse, T, H, KV, bias_batches, scale);                     \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) ft_flash_bwd_##D(                          \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \
+        const bf16_t* dout, const float* lse, const float* delta, float* dq, float* dk,         \
+        float* dv, int T, int H, int KV, int bias_batches, float scale) {                       \
+        flash_bwd<D>(q, k, v, bias, dout, lse, delta, dq, dk, dv, T, H, KV, bias_batches,       \
+                     scale);                                                                     \
+    }
+
+FT_FLASH(64)
+FT_FLASH(96)
+FT_FLASH(128)

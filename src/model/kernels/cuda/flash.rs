@@ -1,0 +1,346 @@
+//! Fused attention on CUDA for bf16 (`flash.cu`): one kernel forward, one backward (plus a row
+//! dot product), scores never in device memory, the log-sum-exp of each row the only thing kept
+//! besides q, k, v and the output. k and v are read at their KV heads (no repeated copies); their
+//! gradients come back at KV heads. Used by [`crate::model::kernels::attention`] for bf16 on GPUs
+//! of compute capability 8.0 or later with head sizes 64, 96 or 128; `FINETUNE_CUDA_FLASH=0`
+//! turns it off (the cuBLAS + softmax-kernel path, chunked for long sequences, runs instead).
+
+use std::sync::OnceLock;
+
+use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor};
+use half::bf16;
+
+use crate::model::grad::with_grad3;
+
+const SOURCE: &str = include_str!("flash.cu");
+const MODULE: &str = "finetune_flash";
+/// Queries (forward) or keys (backward) per block of 128 threads.
+const BLK: usize = 64;
+/// Head sizes the kernels are built for.
+const HEAD_DIMS: [usize; 3] = [64, 96, 128];
+
+/// The PTX of `flash.cu` for compute_80 (bf16 `mma.sync`), compiled on first use.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let compiled = PTX.get_or_init(|| {
+        let opts = candle_core::cuda::cudarc::nvrtc::CompileOptions {
+            arch: Some("compute_80"),
+            ..Default::default()
+        };
+        let ptx = candle_core::cuda::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map_err(|e| format!("compiling FineTune's flash attention with NVRTC: {e}"))?;
+        let bytes = ptx
+            .as_bytes()
+            .ok_or_else(|| "NVRTC returned no PTX".to_string())?;
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("PTX is not text: {e}"))?;
+        Ok(text.trim_end_matches('\0').to_string())
+    });
+    match compiled {
+        Ok(p) => Ok(p),
+        Err(e) => candle_core::bail!("{e}"),
+    }
+}
+
+/// Whether the GPU has bf16 tensor cores (compute capability 8.0 or later), asked once.
+fn gpu_has_bf16_mma(dev: &CudaDevice) -> bool {
+    static CC: OnceLock<bool> = OnceLock::new();
+    *CC.get_or_init(|| {
+        dev.cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 8)
+    })
+}
+
+fn switched_off() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("FINETUNE_CUDA_FLASH").is_ok_and(|v| v == "0"))
+}
+
+/// Whether [`attention`] takes these inputs: bf16 on a GPU with bf16 tensor cores, a head size
+/// the kernels are built for, and a sequence an `int` indexes.
+pub fn usable(q: &Tensor, bias: &Tensor) -> bool {
+    let candle_core::Device::Cuda(dev) = q.device() else {
+        return false;
+    };
+    let (dh, t) = match q.dims() {
+        [_, _, t, dh] => (*dh, *t),
+        _ => return false,
+    };
+    !switched_off()
+        && q.dtype() == DType::BF16
+        && bias.dtype() == DType::BF16
+        && HEAD_DIMS.contains(&dh)
+        && t.saturating_mul(t) < i32::MAX as usize
+        && gpu_has_bf16_mma(dev)
+}
+
+/// `t` contiguous, its data starting on a 16-byte boundary (the kernels load 8 bf16 at a time).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if t.layout().start_offset().is_multiple_of(8) {
+        return Ok(t);
+    }
+    t.copy()
+}
+
+/// Runs `f` with the CUDA slice of a contiguous, aligned bf16 tensor.
+fn with_slice<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&candle_core::cuda::cudarc::driver::CudaView<'_, bf16>) -> Result<R>,
+) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*s else {
+        candle_core::bail!("{op}: not on the GPU");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    let view = cs.as_cuda_slice::<bf16>()?.slice(a..b);
+    f(&view)
+}
+
+fn tensor<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+fn int(v: usize, op: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} is out of range")))
+}
+
+/// The shapes of one call: q (B, H, T, D), k and v (B, KV, T, D), bias (R, 1, T, T).
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    kv: usize,
+    t: usize,
+    d: usize,
+    bias_batches: usize,
+}
+
+impl Dims {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Self> {
+        let (b, h, t, d) = q.dims4()?;
+        let (kb, kv, kt, kd) = k.dims4()?;
+        let r = match bias.dims() {
+            [r, 1, bt, bt2] if (*r == 1 || *r == b) && *bt == t && *bt2 == t => *r,
+            _ => candle_core::bail!("flash attention: bias {:?} for T = {t}", bias.dims()),
+        };
+        if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || kv == 0 || h % kv != 0 {
+            candle_core::bail!(
+                "flash attention: q {:?}, k {:?}, v {:?} do not fit",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        Ok(Self {
+            b,
+            h,
+            kv,
+            t,
+            d,
+            bias_batches: r,
+        })
+    }
+
+    fn grid(&self, op: &str) -> Result<(u32, u32)> {
+        let blocks = self.t.div_ceil(BLK);
+        Ok((int(blocks, op)? as u32, int(self.b * self.h, op)? as u32))
+    }
+}
+
+/// `softmax(q·kᵀ·scale + bias)·v` for bf16 `(B, H, T, D)` q and `(B, KV, T, D)` k, v (H a multiple
+/// of KV), bias `(1 or B, 1, T, T)` masking every key after its query; differentiable in q, k, v.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = Dims::of(q, k, v, bias)?;
+    let (qd, kd, vd, bias) = (
+        aligned(&q.detach())?,
+        aligned(&k.detach())?,
+        aligned(&v.detach())?,
+        aligned(&bias.detach())?,
+    );
+    let (out, lse) = forward(&qd, &kd, &vd, &bias, scale as f32, dims)?;
+    let o = out.clone();
+    let bwd = move |q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor| {
+        let (q, k, v) = (
+            aligned(&q.detach())?,
+            aligned(&k.detach())?,
+            aligned(&v.detach())?,
+        );
+        let dy = aligned(&dy.detach().to_dtype(DType::BF16)?)?;
+        backward((&q, &k, &v), &bias, (&o, &lse, &dy), scale as f32, dims)
+    };
+    with_grad3(out, (q, k, v), Box::new(bwd))
+}
+
+fn device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("flash attention: not on the GPU"),
+    }
+}
+
+fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f32,
+    dims: Dims,
+) -> Result<(Tensor, Tensor)> {
+    let op = "ft-flash-fwd";
+    let dev = device(q)?;
+    let Dims {
+        b,
+        h,
+        kv,
+        t,
+        d,
+        bias_batches,
+    } = dims;
+    // SAFETY: the kernel writes every element of o and lse (each row of each head once).
+    let o = unsafe { dev.alloc::<bf16>(b * h * t * d) }?;
+    let lse = unsafe { dev.alloc::<f32>(b * h * t) }?;
+    let f = dev.get_or_load_custom_func(&format!("ft_flash_fwd_{d}"), MODULE, ptx()?)?;
+    let (tt, hh, kk, rr) = (
+        int(t, op)?,
+        int(h, op)?,
+        int(kv, op)?,
+        int(bias_batches, op)?,
+    );
+    let (gx, gy) = dims.grid(op)?;
+    with_slice(q, op, |qv| {
+        with_slice(k, op, |kv_| {
+            with_slice(v, op, |vv| {
+                with_slice(bias, op, |bv| {
+                    let mut bl = f.builder();
+                    bl.arg(qv).arg(kv_).arg(vv).arg(bv).arg(&o).arg(&lse);
+                    bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
+                    let cfg = LaunchConfig {
+                        grid_dim: (gx, gy, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: the arguments are `ft_flash_fwd_D`'s in its order and types; the
+                    // inputs hold the shapes `dims` checked, contiguous and 16-byte aligned.
+                    unsafe { bl.launch(cfg) }.w()?;
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Ok((tensor(o, &dev, (b, h, t, d)), tensor(lse, &dev, (b, h, t))))
+}
+
+/// Dynamic shared memory of the backward kernel: q, dO, k, v tiles, the dS tile, lse and δ.
+fn bwd_shared_bytes(d: usize) -> usize {
+    4 * BLK * (d + 8) * 2 + BLK * (BLK + 8) * 2 + 2 * BLK * 4
+}
+
+fn backward(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    bias: &Tensor,
+    (o, lse, dy): (&Tensor, &Tensor, &Tensor),
+    scale: f32,
+    dims: Dims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "ft-flash-bwd";
+    let dev = device(q)?;
+    let Dims {
+        b,
+        h,
+        kv,
+        t,
+        d,
+        bias_batches,
+    } = dims;
+    let rows = b * h * t;
+    // SAFETY: ft_flash_delta writes one value per row.
+    let delta = unsafe { dev.alloc::<f32>(rows) }?;
+    let f = dev.get_or_load_custom_func("ft_flash_delta", MODULE, ptx()?)?;
+    let (rows_i, d_i) = (rows as i64, int(d, op)?);
+    with_slice(o, op, |ov| {
+        with_slice(dy, op, |dv_| {
+            let mut bl = f.builder();
+            bl.arg(ov).arg(dv_).arg(&delta).arg(&rows_i).arg(&d_i);
+            let cfg = LaunchConfig {
+                grid_dim: (int(rows.div_ceil(8), op)? as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `ft_flash_delta`'s arguments; o and dy hold `rows` rows of `d`.
+            unsafe { bl.launch(cfg) }.w()?;
+            Ok(())
+        })
+    })?;
+    let dq = dev.alloc_zeros::<f32>(rows * d)?;
+    let dk = dev.alloc_zeros::<f32>(b * kv * t * d)?;
+    let dv = dev.alloc_zeros::<f32>(b * kv * t * d)?;
+    let f = dev.get_or_load_custom_func(&format!("ft_flash_bwd_{d}"), MODULE, ptx()?)?;
+    let shared = bwd_shared_bytes(d);
+    if shared > 48 * 1024 {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .w()?;
+    }
+    let (tt, hh, kk, rr) = (
+        int(t, op)?,
+        int(h, op)?,
+        int(kv, op)?,
+        int(bias_batches, op)?,
+    );
+    let (gx, gy) = dims.grid(op)?;
+    let (lse_s, lse_l) = lse.storage_and_layout();
+    let Storage::Cuda(lse_c) = &*lse_s else {
+        candle_core::bail!("{op}: lse is not on the GPU");
+    };
+    let lse_v = match lse_l.contiguous_offsets() {
+        Some((a, z)) => lse_c.as_cuda_slice::<f32>()?.slice(a..z),
+        None => candle_core::bail!("{op}: lse must be contiguous"),
+    };
+    with_slice(q, op, |qv| {
+        with_slice(k, op, |kv_| {
+            with_slice(v, op, |vv| {
+                with_slice(bias, op, |bv| {
+                    with_slice(dy, op, |dyv| {
+                        let mut bl = f.builder();
+                        bl.arg(qv)
+                            .arg(kv_)
+                            .arg(vv)
+                            .arg(bv)
+                            .arg(dyv)
+                            .arg(&lse_v)
+                            .arg(&delta);
+                        bl.arg(&dq).arg(&dk).arg(&dv);
+                        bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
+                        let cfg = LaunchConfig {
+                            grid_dim: (gx, gy, 1),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: shared as u32,
+                        };
+                        // SAFETY: the arguments are `ft_flash_bwd_D`'s in its order and types; the
+                        // inputs hold the shapes `dims` checked; dq, dk, dv are zeroed f32 of
+                        // (B, H, T, D) and (B, KV, T, D); the shared memory is what it indexes.
+                        unsafe { bl.launch(cfg) }.w()?;
+                        Ok(())
+                    })
+                })
+            })
+        })
+    })?;
+    drop(lse_s);
+    let dq = tensor(dq, &dev, (b, h, t, d)).to_dtype(DType::BF16)?;
+    let dk = tensor(dk, &dev, (b, kv, t, d)).to_dtype(DType::BF16)?;
+    let dv = tensor(dv, &dev, (b, kv, t, d)).to_dtype(DType::BF16)?;
+    Ok((dq, dk, dv))
+}
