@@ -177,6 +177,10 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// and of the composed graph runs in query chunks: no S is kept, its chunked value and the zeros
 /// carrying its gradient are (2·N·Q), and one layer's backward holds four score tiles and the f32
 /// k and v gradients at a time.
+///
+/// With the fused bf16 attention on CUDA (the plan's attention `cuda-flash`, head sizes it is
+/// built for) neither S nor the GQA copies are kept: the per-row log-sum-exp (f32) instead, and one
+/// layer's backward holds f32 q, k, v gradients and their bf16 casts.
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let n = Counts::of(cfg, input);
     let params = cfg.parameter_count() as u64;
@@ -250,6 +254,8 @@ struct Counts<'a> {
     /// The CUDA LoRA op runs (no dropout), so the graph keeps the kernels' tensors only.
     cuda_kernels: bool,
     cuda: bool,
+    /// The fused bf16 attention on CUDA (`kernels::cuda::flash`): no scores, no GQA copies.
+    flash: bool,
 }
 
 impl<'a> Counts<'a> {
@@ -278,6 +284,11 @@ impl<'a> Counts<'a> {
             fused_attention: input.kernels.attention == Impl::CpuFused,
             cuda_kernels,
             cuda: cuda_kernels && matches!(cfg.family, Family::Llama),
+            flash: cuda_kernels
+                && matches!(cfg.family, Family::Llama)
+                && input.kernels.attention == Impl::CudaFlash
+                && input.activation_bytes == 2
+                && crate::model::kernels::FLASH_HEAD_DIMS.contains(&cfg.head_dim),
         }
     }
 
@@ -340,7 +351,7 @@ impl<'a> Counts<'a> {
     fn per_token(&self) -> (u64, u64) {
         let (h, q, kv, i, r) = (self.d, self.q, self.kv, self.i, self.r);
         // The GQA-expanded k and v (composed attention and the CUDA path; not the CPU's fused op).
-        let gqa_copies = if self.heads != self.cfg.num_kv_heads as u64 {
+        let gqa_copies = if self.heads != self.cfg.num_kv_heads as u64 && !self.flash {
             2 * q
         } else {
             0
@@ -409,7 +420,10 @@ impl<'a> Counts<'a> {
         // CPU's fused op keeps only its per-row log-sum-exp.
         // Long sequences on CUDA and the composed graph go through in query chunks: no scores
         // kept, the chunked value and the zeros that carry its gradient instead (2·N·Q).
-        let (kept_scores, leaked_scores) = if self.chunked_attention().is_some() {
+        let (kept_scores, leaked_scores) = if self.flash {
+            // The fused CUDA attention keeps its per-row log-sum-exp (f32).
+            (b * self.heads * t * 4 / ae.max(1), 0)
+        } else if self.chunked_attention().is_some() {
             (2 * tokens * self.q, 0)
         } else if self.cuda {
             (2 * scores, 0)
@@ -426,7 +440,7 @@ impl<'a> Counts<'a> {
 
     /// Query rows per chunk where the attention runs in chunks (`attention::chunked`).
     fn chunked_attention(&self) -> Option<u64> {
-        if self.fused_attention {
+        if self.fused_attention || self.flash {
             return None;
         }
         let (b, h, t) = (self.b as usize, self.heads as usize, self.t as usize);
@@ -436,6 +450,10 @@ impl<'a> Counts<'a> {
     /// The chunked attention's tiles while one layer's backward runs (scores, probabilities,
     /// their gradient and the scores' gradient, at most; the f32 k and v gradients being summed).
     fn attention_tiles(&self) -> u64 {
+        if self.flash {
+            // The fused backward's f32 dq, dk, dv and their bf16 casts.
+            return self.b * self.t * (self.q + 2 * self.kv) * (4 + self.ae);
+        }
         self.chunked_attention().map_or(0, |rows| {
             let tile = self.b * self.heads * rows * self.t;
             let tile_bytes = if self.cuda { self.ae } else { 4 };

@@ -188,6 +188,9 @@ pub enum Impl {
     CpuBf16Portable,
     /// FineTune's CUDA kernel (`cuda`).
     Cuda,
+    /// FineTune's fused bf16 attention on GPUs with bf16 tensor cores (`cuda::flash`), for the
+    /// head sizes in [`FLASH_HEAD_DIMS`]; other head sizes take the `cuda` path.
+    CudaFlash,
     /// candle-nn's fused forward with our backward, or a detached value with a routed gradient
     /// ([`gpu_common`]).
     GpuCommon,
@@ -204,6 +207,7 @@ impl Impl {
             Self::CpuBf16Avx512 => "cpu-bf16-avx512",
             Self::CpuBf16Portable => "cpu-bf16-portable",
             Self::Cuda => "cuda",
+            Self::CudaFlash => "cuda-flash",
             Self::GpuCommon => "gpu-common",
             Self::Composed => "composed",
         }
@@ -348,13 +352,22 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
 
 /// The plan for a model in `dtype` on `device`, in this process's mode.
 pub fn plan_for_device(device: &Device, dtype: DType) -> KernelPlan {
-    plan(
+    #[allow(unused_mut)]
+    let mut p = plan(
         DeviceKind::of(device),
         dtype,
         CpuFeatures::detect(),
         Mode::current(),
-    )
+    );
+    #[cfg(feature = "cuda")]
+    if p.attention == Impl::Cuda && dtype == DType::BF16 && cuda::flash::available(device) {
+        p.attention = Impl::CudaFlash;
+    }
+    p
 }
+
+/// Head sizes the fused CUDA attention is built for.
+pub const FLASH_HEAD_DIMS: [usize; 3] = [64, 96, 128];
 
 /// Whether a one-token decoding step of a llama-family model on `device` runs as the CPU's fused
 /// step (`model::llama`'s `decode_cpu`: one pass over plain slices) rather than op by op: on the
@@ -448,9 +461,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     }
     // bf16 on tensor-core GPUs: the fused kernel, k and v read at their KV heads.
     #[cfg(feature = "cuda")]
-    if choice == Impl::Cuda && bias_rows.is_some() && cuda::flash::usable(q, bias) {
+    if choice == Impl::CudaFlash && bias_rows.is_some() && cuda::flash::usable(q, bias) {
         return cuda::flash::attention(q, k, v, bias, scale);
     }
+    #[cfg(feature = "cuda")]
+    let choice = if choice == Impl::CudaFlash {
+        Impl::Cuda
+    } else {
+        choice
+    };
     let rep = h / kv;
     let k = composed::repeat_kv(k.clone(), rep)?.contiguous()?;
     let v = composed::repeat_kv(v.clone(), rep)?.contiguous()?;

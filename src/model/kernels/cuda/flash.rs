@@ -2,7 +2,7 @@
 //! dot product), scores never in device memory, the log-sum-exp of each row the only thing kept
 //! besides q, k, v and the output. k and v are read at their KV heads (no repeated copies); their
 //! gradients come back at KV heads. Used by [`crate::model::kernels::attention`] for bf16 on GPUs
-//! of compute capability 8.0 or later with head sizes 64, 96 or 128; `FINETUNE_CUDA_FLASH=0`
+//! of compute capability 8.0 or later with head sizes in [`FLASH_HEAD_DIMS`](crate::model::kernels::FLASH_HEAD_DIMS); `FINETUNE_CUDA_FLASH=0`
 //! turns it off (the cuBLAS + softmax-kernel path, chunked for long sequences, runs instead).
 
 use std::sync::OnceLock;
@@ -20,8 +20,7 @@ const SOURCE: &str = include_str!("flash.cu");
 const MODULE: &str = "finetune_flash";
 /// Queries (forward) or keys (backward) per block of 128 threads.
 const BLK: usize = 64;
-/// Head sizes the kernels are built for.
-const HEAD_DIMS: [usize; 3] = [64, 96, 128];
+use crate::model::kernels::FLASH_HEAD_DIMS as HEAD_DIMS;
 
 /// The PTX of `flash.cu` for compute_80 (bf16 `mma.sync`), compiled on first use.
 fn ptx() -> Result<&'static str> {
@@ -45,6 +44,15 @@ fn ptx() -> Result<&'static str> {
     }
 }
 
+/// Whether the fused attention runs on `device`: a CUDA GPU with bf16 tensor cores, not turned
+/// off by `FINETUNE_CUDA_FLASH=0`.
+pub fn available(device: &candle_core::Device) -> bool {
+    match device {
+        candle_core::Device::Cuda(dev) => !switched_off() && gpu_has_bf16_mma(dev),
+        _ => false,
+    }
+}
+
 /// Whether the GPU has bf16 tensor cores (compute capability 8.0 or later), asked once.
 fn gpu_has_bf16_mma(dev: &CudaDevice) -> bool {
     static CC: OnceLock<bool> = OnceLock::new();
@@ -64,19 +72,15 @@ fn switched_off() -> bool {
 /// Whether [`attention`] takes these inputs: bf16 on a GPU with bf16 tensor cores, a head size
 /// the kernels are built for, and a sequence an `int` indexes.
 pub fn usable(q: &Tensor, bias: &Tensor) -> bool {
-    let candle_core::Device::Cuda(dev) = q.device() else {
-        return false;
-    };
     let (dh, t) = match q.dims() {
         [_, _, t, dh] => (*dh, *t),
         _ => return false,
     };
-    !switched_off()
-        && q.dtype() == DType::BF16
+    q.dtype() == DType::BF16
         && bias.dtype() == DType::BF16
         && HEAD_DIMS.contains(&dh)
         && t.saturating_mul(t) < i32::MAX as usize
-        && gpu_has_bf16_mma(dev)
+        && available(q.device())
 }
 
 /// `t` contiguous, its data starting on a 16-byte boundary (the kernels load 8 bf16 at a time).
