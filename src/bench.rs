@@ -375,6 +375,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             quant_bytes_per_weight: opts.quantize.and_then(|q| q.bytes_per_weight()),
             dora: opts.dora,
             device_memory: backend.device.is_cuda(),
+            checkpoint_bytes: safetensors_bytes(&model_dir),
         },
     );
     Ok(BenchReport {
@@ -552,4 +553,16 @@ impl std::fmt::Display for BenchReport {
             mb(self.estimate.logits)
         )
     }
+}
+
+/// Total bytes of the `.safetensors` files in `dir` (what loading maps), `None` if it has none.
+fn safetensors_bytes(dir: &std::path::Path) -> Option<u64> {
+    let total: u64 = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    (total > 0).then_some(total)
 }

@@ -120,6 +120,9 @@ pub struct EstimateInput {
     /// memory-mapped checkpoint file is host memory there and not part of the load peak. On the
     /// CPU and on Apple silicon's unified memory (Metal) it is.
     pub device_memory: bool,
+    /// Bytes of the checkpoint files the weights load from, where known (a model stored in f32
+    /// maps twice the bytes of the 16-bit files Hugging Face models ship, which `None` assumes).
+    pub checkpoint_bytes: Option<u64>,
 }
 
 /// Resident memory of the process besides tensors (binary, libraries, thread stacks, allocator
@@ -149,18 +152,21 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// * gradients left in Candle's `GradStore` until backward ends: `or_insert` stores a full-size
 ///   gradient even for inputs that need none — the broadcast cos/sin of RoPE (2·(Q+KV) per token)
 ///   and, with composed attention, the broadcast attention bias (S) — in every layer.
-/// * logits: one (N, V) f32 tensor kept by the graph plus three transient ones in the
-///   cross-entropy backward (its output, `or_insert`'s zeros, the sum). They are freed at once, and
-///   glibc (no trim, see [`tune_allocator`]) keeps the pages; the later backward allocations do
-///   not fit back into all of them, so measured peaks carry both the 4·N·V and the stored
-///   gradients above the forward graph (within 2% on 1×128 … 4×256).
+/// * logits, composed cross-entropy: one (N, V) f32 tensor kept by the graph plus three transient
+///   ones in its backward (log-softmax, its gradient, the logits' gradient), 4·N·V.
+///   The CPU's fused cross-entropy (the plan's `cpu-fused`) keeps the logits and its backward
+///   writes their gradient (2·N·V, f32); in the CPU's bf16 mode the LM head's input gradient then
+///   packs that gradient to bf16 (N·V·2 bytes) and, on AMX tiles, the (V, D) weight (V·D·2
+///   bytes), all alive at once: the step's peak (`bench/results/cpu-memory-grid-2026-12-06-estimate.log`:
+///   every mode within ±5%).
 /// * with checkpointing (llama only): per layer the detached output, the recompute op's zeros and
 ///   their sum (3·N·H) and the gradient stored for the detached output (N·H), plus one layer's
 ///   full set while it is recomputed. That set is counted on top of the freed cross-entropy
 ///   buffers; when it fits into them instead the run peaks lower (up to ~12% below this estimate
 ///   at 2×512 and in mixed mode at 4×256), so with checkpointing this is an upper bound.
 ///
-/// The peak is the larger of that and the load peak (weights + mmapped 16-bit checkpoint).
+/// The peak is the larger of that and the load peak (weights + the mmapped checkpoint: its files'
+/// size where known, else 16-bit).
 ///
 /// With FineTune's CUDA kernels (the plan's LoRA linear `cuda`, no dropout; llama family) the graph keeps, per layer and
 /// token: the layer input and both RMSNorm outputs (3H); each LoRA projection's output only
@@ -202,9 +208,23 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     // parameter + gradient + exp_avg + exp_avg_sq, all f32
     let lora_and_optimizer = (n.lora_params() + n.dora_params()) * 4 * 4;
     let loss_rows = n.b * n.t.saturating_sub(1).max(1);
+    let kernels = &input.kernels;
     let logits = if n.cuda_kernels {
         loss_rows * n.v * n.ae * 2
+    } else if kernels.cross_entropy == Impl::CpuFused
+        && kernels.activations == candle_core::DType::F32
+    {
+        // The CPU's fused cross-entropy keeps the f32 logits and its backward writes their
+        // gradient; in the bf16 mode the LM head's input gradient packs that gradient to bf16 and,
+        // on AMX tiles, the (V, D) weight too (`bf16::amx`), while both are alive.
+        let packed = match (kernels.mixed_bf16(), kernels.frozen_linear) {
+            (true, Impl::CpuBf16Amx) => loss_rows * n.v * 2 + n.v * n.d * 2,
+            (true, _) => loss_rows * n.v * 2,
+            (false, _) => 0,
+        };
+        loss_rows * n.v * 4 * 2 + packed
     } else {
+        // Composed: the logits, log-softmax, its gradient and the logits' gradient.
         loss_rows * n.v * 4 * 4
     };
     // The chunked attention's tiles live while a layer's backward runs, after the loss's buffers
@@ -216,7 +236,9 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let mapped_file = if input.device_memory {
         0
     } else {
-        params * STORED_BYTES_PER_PARAM
+        input
+            .checkpoint_bytes
+            .unwrap_or(params * STORED_BYTES_PER_PARAM)
     };
     let loading = runtime + base_weights + mapped_file;
     Estimate {

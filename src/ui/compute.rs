@@ -36,6 +36,7 @@ pub fn form_estimate(s: &Settings, model: &ModelSummary, plan: Option<&Plan>) ->
             quant_bytes_per_weight: quant_bytes_per_weight(s, model),
             dora: s.lora_dora,
             device_memory: plan.is_some_and(|p| p.kind == BackendKind::Cuda),
+            checkpoint_bytes: None,
         },
     )
 }
