@@ -370,8 +370,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             checkpoint_keep_every: opts.keep_every,
             lora_modules_per_layer: None,
             kernels,
-            // bench trains without dropout.
-            lora_dropout: false,
+            lora_dropout: false, // bench trains without dropout
             quant_bytes_per_weight: opts.quantize.and_then(|q| q.bytes_per_weight()),
             dora: opts.dora,
             device_memory: backend.device.is_cuda(),

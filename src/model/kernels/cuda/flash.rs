@@ -92,11 +92,11 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     t.copy()
 }
 
-/// Runs `f` with the CUDA slice of a contiguous, aligned bf16 tensor.
-fn with_slice<R>(
+/// Runs `f` with the CUDA slice of a contiguous tensor of element type `T`.
+fn with_slice<T: CudaDType, R>(
     t: &Tensor,
     op: &str,
-    f: impl FnOnce(&candle_core::cuda::cudarc::driver::CudaView<'_, bf16>) -> Result<R>,
+    f: impl FnOnce(&candle_core::cuda::cudarc::driver::CudaView<'_, T>) -> Result<R>,
 ) -> Result<R> {
     let (s, l) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*s else {
@@ -105,7 +105,7 @@ fn with_slice<R>(
     let Some((a, b)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: input must be contiguous");
     };
-    let view = cs.as_cuda_slice::<bf16>()?.slice(a..b);
+    let view = cs.as_cuda_slice::<T>()?.slice(a..b);
     f(&view)
 }
 
@@ -221,10 +221,10 @@ fn forward(
         int(bias_batches, op)?,
     );
     let (gx, gy) = dims.grid(op)?;
-    with_slice(q, op, |qv| {
-        with_slice(k, op, |kv_| {
-            with_slice(v, op, |vv| {
-                with_slice(bias, op, |bv| {
+    with_slice::<bf16, _>(q, op, |qv| {
+        with_slice::<bf16, _>(k, op, |kv_| {
+            with_slice::<bf16, _>(v, op, |vv| {
+                with_slice::<bf16, _>(bias, op, |bv| {
                     let mut bl = f.builder();
                     bl.arg(qv).arg(kv_).arg(vv).arg(bv).arg(&o).arg(&lse);
                     bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
@@ -242,6 +242,36 @@ fn forward(
         })
     })?;
     Ok((tensor(o, &dev, (b, h, t, d)), tensor(lse, &dev, (b, h, t))))
+}
+
+/// δ = Σ_d dO·O per row of `rows` rows of `d` (bf16 o and dy), in f32.
+fn row_dots(
+    dev: &CudaDevice,
+    o: &Tensor,
+    dy: &Tensor,
+    rows: usize,
+    d: usize,
+) -> Result<CudaSlice<f32>> {
+    let op = "ft-flash-delta";
+    // SAFETY: ft_flash_delta writes one value per row.
+    let delta = unsafe { dev.alloc::<f32>(rows) }?;
+    let f = dev.get_or_load_custom_func("ft_flash_delta", MODULE, ptx()?)?;
+    let (rows_i, d_i) = (rows as i64, int(d, op)?);
+    with_slice::<bf16, _>(o, op, |ov| {
+        with_slice::<bf16, _>(dy, op, |dv_| {
+            let mut bl = f.builder();
+            bl.arg(ov).arg(dv_).arg(&delta).arg(&rows_i).arg(&d_i);
+            let cfg = LaunchConfig {
+                grid_dim: (int(rows.div_ceil(8), op)? as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `ft_flash_delta`'s arguments; o and dy hold `rows` rows of `d`.
+            unsafe { bl.launch(cfg) }.w()?;
+            Ok(())
+        })
+    })?;
+    Ok(delta)
 }
 
 /// Dynamic shared memory of the backward kernel: q, dO, k, v tiles, the dS tile, lse and δ.
@@ -267,24 +297,7 @@ fn backward(
         bias_batches,
     } = dims;
     let rows = b * h * t;
-    // SAFETY: ft_flash_delta writes one value per row.
-    let delta = unsafe { dev.alloc::<f32>(rows) }?;
-    let f = dev.get_or_load_custom_func("ft_flash_delta", MODULE, ptx()?)?;
-    let (rows_i, d_i) = (rows as i64, int(d, op)?);
-    with_slice(o, op, |ov| {
-        with_slice(dy, op, |dv_| {
-            let mut bl = f.builder();
-            bl.arg(ov).arg(dv_).arg(&delta).arg(&rows_i).arg(&d_i);
-            let cfg = LaunchConfig {
-                grid_dim: (int(rows.div_ceil(8), op)? as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: `ft_flash_delta`'s arguments; o and dy hold `rows` rows of `d`.
-            unsafe { bl.launch(cfg) }.w()?;
-            Ok(())
-        })
-    })?;
+    let delta = row_dots(&dev, o, dy, rows, d)?;
     let dq = dev.alloc_zeros::<f32>(rows * d)?;
     let dk = dev.alloc_zeros::<f32>(b * kv * t * d)?;
     let dv = dev.alloc_zeros::<f32>(b * kv * t * d)?;
@@ -304,45 +317,38 @@ fn backward(
         int(bias_batches, op)?,
     );
     let (gx, gy) = dims.grid(op)?;
-    let (lse_s, lse_l) = lse.storage_and_layout();
-    let Storage::Cuda(lse_c) = &*lse_s else {
-        candle_core::bail!("{op}: lse is not on the GPU");
-    };
-    let lse_v = match lse_l.contiguous_offsets() {
-        Some((a, z)) => lse_c.as_cuda_slice::<f32>()?.slice(a..z),
-        None => candle_core::bail!("{op}: lse must be contiguous"),
-    };
-    with_slice(q, op, |qv| {
-        with_slice(k, op, |kv_| {
-            with_slice(v, op, |vv| {
-                with_slice(bias, op, |bv| {
-                    with_slice(dy, op, |dyv| {
-                        let mut bl = f.builder();
-                        bl.arg(qv)
-                            .arg(kv_)
-                            .arg(vv)
-                            .arg(bv)
-                            .arg(dyv)
-                            .arg(&lse_v)
-                            .arg(&delta);
-                        bl.arg(&dq).arg(&dk).arg(&dv);
-                        bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
-                        let cfg = LaunchConfig {
-                            grid_dim: (gx, gy, 1),
-                            block_dim: (128, 1, 1),
-                            shared_mem_bytes: shared as u32,
-                        };
-                        // SAFETY: the arguments are `ft_flash_bwd_D`'s in its order and types; the
-                        // inputs hold the shapes `dims` checked; dq, dk, dv are zeroed f32 of
-                        // (B, H, T, D) and (B, KV, T, D); the shared memory is what it indexes.
-                        unsafe { bl.launch(cfg) }.w()?;
-                        Ok(())
+    with_slice::<bf16, _>(q, op, |qv| {
+        with_slice::<bf16, _>(k, op, |kv_| {
+            with_slice::<bf16, _>(v, op, |vv| {
+                with_slice::<bf16, _>(bias, op, |bv| {
+                    with_slice::<bf16, _>(dy, op, |dyv| {
+                        with_slice::<f32, _>(lse, op, |lse_v| {
+                            let mut bl = f.builder();
+                            bl.arg(qv)
+                                .arg(kv_)
+                                .arg(vv)
+                                .arg(bv)
+                                .arg(dyv)
+                                .arg(lse_v)
+                                .arg(&delta);
+                            bl.arg(&dq).arg(&dk).arg(&dv);
+                            bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
+                            let cfg = LaunchConfig {
+                                grid_dim: (gx, gy, 1),
+                                block_dim: (128, 1, 1),
+                                shared_mem_bytes: shared as u32,
+                            };
+                            // SAFETY: the arguments are `ft_flash_bwd_D`'s in its order and types; the
+                            // inputs hold the shapes `dims` checked; dq, dk, dv are zeroed f32 of
+                            // (B, H, T, D) and (B, KV, T, D); the shared memory is what it indexes.
+                            unsafe { bl.launch(cfg) }.w()?;
+                            Ok(())
+                        })
                     })
                 })
             })
         })
     })?;
-    drop(lse_s);
     let dq = tensor(dq, &dev, (b, h, t, d)).to_dtype(DType::BF16)?;
     let dk = tensor(dk, &dev, (b, kv, t, d)).to_dtype(DType::BF16)?;
     let dv = tensor(dv, &dev, (b, kv, t, d)).to_dtype(DType::BF16)?;
