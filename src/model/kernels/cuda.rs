@@ -24,9 +24,19 @@ const MODULE: &str = "finetune_kernels";
 /// The PTX of `kernels.cu`, compiled on first use.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let compiled = PTX.get_or_init(|| {
-        let ptx = candle_core::cuda::cudarc::nvrtc::compile_ptx(SOURCE)
-            .map_err(|e| format!("compiling FineTune's CUDA kernels with NVRTC: {e}"))?;
+    compiled_ptx(&PTX, SOURCE, Default::default(), "FineTune's CUDA kernels")
+}
+
+/// `source` compiled by NVRTC with `opts` once per process into `cell`; the error names `what`.
+fn compiled_ptx(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    source: &str,
+    opts: candle_core::cuda::cudarc::nvrtc::CompileOptions,
+    what: &str,
+) -> Result<&'static str> {
+    let compiled = cell.get_or_init(|| {
+        let ptx = candle_core::cuda::cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+            .map_err(|e| format!("compiling {what} with NVRTC: {e}"))?;
         let bytes = ptx
             .as_bytes()
             .ok_or_else(|| "NVRTC returned no PTX".to_string())?;

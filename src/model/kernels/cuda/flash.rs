@@ -25,23 +25,11 @@ use crate::model::kernels::FLASH_HEAD_DIMS as HEAD_DIMS;
 /// The PTX of `flash.cu` for compute_80 (bf16 `mma.sync`), compiled on first use.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let compiled = PTX.get_or_init(|| {
-        let opts = candle_core::cuda::cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_80"),
-            ..Default::default()
-        };
-        let ptx = candle_core::cuda::cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
-            .map_err(|e| format!("compiling FineTune's flash attention with NVRTC: {e}"))?;
-        let bytes = ptx
-            .as_bytes()
-            .ok_or_else(|| "NVRTC returned no PTX".to_string())?;
-        let text = std::str::from_utf8(bytes).map_err(|e| format!("PTX is not text: {e}"))?;
-        Ok(text.trim_end_matches('\0').to_string())
-    });
-    match compiled {
-        Ok(p) => Ok(p),
-        Err(e) => candle_core::bail!("{e}"),
-    }
+    let opts = candle_core::cuda::cudarc::nvrtc::CompileOptions {
+        arch: Some("compute_80"),
+        ..Default::default()
+    };
+    super::compiled_ptx(&PTX, SOURCE, opts, "FineTune's flash attention")
 }
 
 /// Whether the fused attention runs on `device`: a CUDA GPU with bf16 tensor cores, not turned
@@ -155,6 +143,16 @@ impl Dims {
         })
     }
 
+    /// T, H, KV and the bias's batches as the kernels' `int`s.
+    fn ints(&self, op: &str) -> Result<[i32; 4]> {
+        Ok([
+            int(self.t, op)?,
+            int(self.h, op)?,
+            int(self.kv, op)?,
+            int(self.bias_batches, op)?,
+        ])
+    }
+
     fn grid(&self, op: &str) -> Result<(u32, u32)> {
         let blocks = self.t.div_ceil(BLK);
         Ok((int(blocks, op)? as u32, int(self.b * self.h, op)? as u32))
@@ -202,24 +200,12 @@ fn forward(
 ) -> Result<(Tensor, Tensor)> {
     let op = "ft-flash-fwd";
     let dev = device(q)?;
-    let Dims {
-        b,
-        h,
-        kv,
-        t,
-        d,
-        bias_batches,
-    } = dims;
+    let Dims { b, h, t, d, .. } = dims;
     // SAFETY: the kernel writes every element of o and lse (each row of each head once).
     let o = unsafe { dev.alloc::<bf16>(b * h * t * d) }?;
     let lse = unsafe { dev.alloc::<f32>(b * h * t) }?;
     let f = dev.get_or_load_custom_func(&format!("ft_flash_fwd_{d}"), MODULE, ptx()?)?;
-    let (tt, hh, kk, rr) = (
-        int(t, op)?,
-        int(h, op)?,
-        int(kv, op)?,
-        int(bias_batches, op)?,
-    );
+    let [tt, hh, kk, rr] = dims.ints(op)?;
     let (gx, gy) = dims.grid(op)?;
     with_slice::<bf16, _>(q, op, |qv| {
         with_slice::<bf16, _>(k, op, |kv_| {
@@ -288,14 +274,7 @@ fn backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "ft-flash-bwd";
     let dev = device(q)?;
-    let Dims {
-        b,
-        h,
-        kv,
-        t,
-        d,
-        bias_batches,
-    } = dims;
+    let Dims { b, h, kv, t, d, .. } = dims;
     let rows = b * h * t;
     let delta = row_dots(&dev, o, dy, rows, d)?;
     let dq = dev.alloc_zeros::<f32>(rows * d)?;
@@ -310,12 +289,7 @@ fn backward(
         )
         .w()?;
     }
-    let (tt, hh, kk, rr) = (
-        int(t, op)?,
-        int(h, op)?,
-        int(kv, op)?,
-        int(bias_batches, op)?,
-    );
+    let [tt, hh, kk, rr] = dims.ints(op)?;
     let (gx, gy) = dims.grid(op)?;
     with_slice::<bf16, _>(q, op, |qv| {
         with_slice::<bf16, _>(k, op, |kv_| {
