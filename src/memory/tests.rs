@@ -32,7 +32,8 @@ fn rss_is_known_and_plausible() {
 
 /// Peak bytes held by tensors, measured on an H100 with the CUDA kernels
 /// (`bench/cuda_compare.sh`, `bench/results/h100-*-c3.log`; 1×4096 with the query-chunked
-/// attention: `h100-chunked-attention-2026-12-06.log`): the estimate within 3%.
+/// attention: `h100-chunked-attention-2026-12-06.log`; the fused attention:
+/// `h100-flash-attention-2026-12-06.log`): the estimate within 3%.
 #[test]
 fn cuda_estimate_matches_the_h100_peaks() {
     let qwen05 = ModelConfig::from_json(
@@ -41,10 +42,23 @@ fn cuda_estimate_matches_the_h100_peaks() {
         "num_key_value_heads": 2, "tie_word_embeddings": true}"#,
     )
     .unwrap();
-    for (cfg, batch, seq_len, rank, measured) in [
-        (qwen05.clone(), 4, 512, 16, 6_520_000_000u64),
-        (smollm2_135m(), 8, 512, 8, 6_600_000_000),
-        (qwen05, 1, 4096, 16, 9_510_000_000),
+    let cuda = plan(
+        DeviceKind::Cuda,
+        DType::BF16,
+        CpuFeatures::default(),
+        Mode::Auto,
+    );
+    // The fused attention (`h100-flash-attention-2026-12-06.log`).
+    let flash = KernelPlan {
+        attention: Impl::CudaFlash,
+        ..cuda
+    };
+    for (cfg, batch, seq_len, rank, kernels, measured) in [
+        (qwen05.clone(), 4, 512, 16, cuda, 6_520_000_000u64),
+        (smollm2_135m(), 8, 512, 8, cuda, 6_600_000_000),
+        (qwen05.clone(), 1, 4096, 16, cuda, 9_510_000_000),
+        (qwen05.clone(), 4, 512, 16, flash, 5_110_000_000),
+        (qwen05, 1, 4096, 16, flash, 9_160_000_000),
     ] {
         let e = estimate(
             &cfg,
@@ -57,12 +71,7 @@ fn cuda_estimate_matches_the_h100_peaks() {
                 checkpointing: false,
                 checkpoint_keep_every: 0,
                 lora_modules_per_layer: None,
-                kernels: plan(
-                    DeviceKind::Cuda,
-                    DType::BF16,
-                    CpuFeatures::default(),
-                    Mode::Auto,
-                ),
+                kernels,
                 lora_dropout: false,
                 quant_bytes_per_weight: None,
                 dora: false,
