@@ -493,11 +493,12 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "kernels {}", self.kernels)?;
         writeln!(
             f,
-            "cpu     {} ({} threads; {}; bf16 matmul: {})",
+            "cpu     {} ({} threads; {}; bf16 matmul: {}; f32 matmul: {})",
             self.cpu.model,
             self.cpu.threads,
             self.cpu.features.join(" "),
-            self.cpu.bf16_matmul
+            self.cpu.bf16_matmul,
+            self.cpu.f32_matmul
         )?;
         if let Some(q) = &self.quant {
             writeln!(f, "{q}")?;

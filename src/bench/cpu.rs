@@ -14,6 +14,8 @@ pub struct CpuInfo {
     pub features: Vec<&'static str>,
     /// The bf16 matmul kernel this build runs here.
     pub bf16_matmul: &'static str,
+    /// The f32 frozen products' library: "accelerate" (macOS) or the `gemm` crate.
+    pub f32_matmul: &'static str,
 }
 
 /// Detects the CPU's features (cpuid on x86-64).
@@ -53,7 +55,16 @@ pub fn cpu_info() -> CpuInfo {
         threads: rayon::current_num_threads(),
         features,
         bf16_matmul: crate::model::bf16::kernel_name(),
+        f32_matmul: f32_matmul(),
     }
+}
+
+fn f32_matmul() -> &'static str {
+    #[cfg(target_os = "macos")]
+    if crate::model::kernels::cpu::accelerate::enabled() {
+        return "accelerate";
+    }
+    "gemm"
 }
 
 #[cfg(test)]

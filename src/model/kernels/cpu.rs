@@ -14,6 +14,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+#[cfg(target_os = "macos")]
+pub mod accelerate;
 mod exp;
 pub mod gemv;
 mod rope;

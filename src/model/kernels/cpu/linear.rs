@@ -27,6 +27,12 @@ impl FrozenLinearCpu {
     /// the blocks keeps the chains short, at one more pass over `out` per block (f32 mode
     /// trains ~4% slower; the bf16 mode's products are not these).
     fn gemm(x: &[f32], w: &[f32], out: &mut [f32], n: usize, i: usize, o: usize, accumulate: bool) {
+        #[cfg(target_os = "macos")]
+        if super::accelerate::enabled()
+            && super::accelerate::sgemm_xwt(x, w, out, (n, i, o), accumulate)
+        {
+            return;
+        }
         let threads = rayon::current_num_threads();
         let par = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
