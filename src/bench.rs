@@ -153,6 +153,9 @@ pub struct BenchReport {
     pub quant: Option<String>,
     /// DoRA was trained instead of plain LoRA.
     pub dora: bool,
+    /// The loss of every step, warm-up included (runs that differ only in a kernel, e.g.
+    /// `FINETUNE_CUDA_FLASH=0`, should follow the same curve).
+    pub losses: Vec<f32>,
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
@@ -279,6 +282,7 @@ struct Timings {
     total: Vec<f64>,
     device_bytes: Option<u64>,
     tokens_per_step: usize,
+    losses: Vec<f32>,
 }
 
 impl Timings {
@@ -316,6 +320,8 @@ fn time_steps(
         opt.step(&grads, 1e-4, 1.0)?;
         loss.device().synchronize()?;
         let t3 = Instant::now();
+        t.losses
+            .push(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
         if step >= opts.warmup {
             t.forward.push((t1 - t0).as_secs_f64());
             t.backward.push((t2 - t1).as_secs_f64());
@@ -408,6 +414,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         device_peak_allocated: backend::device_peak_allocated(&backend.device),
         quant: quant_summary,
         dora: opts.dora,
+        losses: timings.losses,
     })
 }
 
