@@ -9,7 +9,9 @@
 //!   cross-entropy, the frozen linear with f32 or bf16 weights), and the flash attention kernel
 //!   kept beside its backward in `model::attention`.
 //! - `cuda` (feature `cuda`): FineTune's CUDA kernels, bf16 or f32 (RMSNorm, RoPE, attention
-//!   softmax, cross-entropy, SwiGLU, the frozen and the LoRA linear as single ops).
+//!   softmax, cross-entropy, SwiGLU, the frozen and the LoRA linear as single ops); in bf16 on
+//!   GPUs of compute capability 8+ the attention is `cuda-flash` (`cuda::flash`, one fused kernel
+//!   each way) for head sizes in [`FLASH_HEAD_DIMS`], `cuda` otherwise.
 //! - [`gpu_common`]: candle-nn's fused forward with our backward (RMSNorm, RoPE) and the frozen
 //!   linear as a detached matmul with the gradient routed to `x` alone: what every GPU can run.
 //! - [`composed`]: pure differentiable Candle ops, every op's twin and the tests' reference.
@@ -21,7 +23,7 @@
 //! | rms_norm      | cpu-fused                                           | cuda          | gpu-common      |
 //! | layer_norm    | composed                                            | composed      | composed        |
 //! | rope          | cpu-fused                                           | cuda          | gpu-common      |
-//! | attention     | cpu-fused (flash)                                   | cuda          | composed        |
+//! | attention     | cpu-fused (flash)                                   | cuda(-flash)  | composed        |
 //! | softmax       | cpu-fused                                           | cuda          | composed        |
 //! | cross_entropy | cpu-fused                                           | cuda          | composed        |
 //! | swiglu        | cpu-fused                                           | cuda          | composed        |
