@@ -170,6 +170,12 @@ pub(crate) fn build(
             ))
         }
     };
+    crate::data::tokenizer::check_merges(&tokenizer_json).map_err(|e| {
+        bad(
+            meta,
+            format!("tokenizer.ggml.merges does not fit tokenizer.ggml.tokens: {e}"),
+        )
+    })?;
     let text = serde_json::to_string(&tokenizer_json).map_err(|e| bad(meta, e.to_string()))?;
     text.parse::<tokenizers::Tokenizer>().map_err(|e| {
         bad(

@@ -62,6 +62,53 @@ fn check_growth(tokenizer: &serde_json::Value) -> Result<(), String> {
     tokenizer.get("normalizer").map_or(Ok(()), walk)
 }
 
+/// Errs when a merge of a BPE `tokenizer` names a piece outside its vocabulary or joins into one.
+/// `tokenizers` refuses most such files itself, but panics (slicing a buffer the size of the
+/// longest token) when a merge joins into something longer than every token; a file found by
+/// fuzzing did so (issue 20's fuzz smoke), so the merges are checked before it reads them.
+pub(crate) fn check_merges(tokenizer: &serde_json::Value) -> Result<(), String> {
+    let Some(model) = tokenizer.get("model") else {
+        return Ok(());
+    };
+    let (Some(vocab), Some(merges)) = (
+        model.get("vocab").and_then(|v| v.as_object()),
+        model.get("merges").and_then(|m| m.as_array()),
+    ) else {
+        return Ok(());
+    };
+    let prefix = model
+        .get("continuing_subword_prefix")
+        .and_then(|p| p.as_str())
+        .unwrap_or_default();
+    for (i, merge) in merges.iter().enumerate() {
+        let pair = match merge {
+            serde_json::Value::String(s) => s.split_once(' '),
+            serde_json::Value::Array(a) => match (a.first(), a.get(1)) {
+                (Some(x), Some(y)) => x.as_str().zip(y.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        // Malformed entries are left to tokenizers, which rejects them with an error.
+        let Some((a, b)) = pair else { continue };
+        let joined = b.get(prefix.len()..).map(|rest| format!("{a}{rest}"));
+        let missing = [Some(a.to_owned()), Some(b.to_owned()), joined]
+            .into_iter()
+            .find(|piece| piece.as_ref().is_none_or(|p| !vocab.contains_key(p)));
+        if let Some(piece) = missing {
+            return Err(format!(
+                "merge {} ({a:?} + {b:?}) {} not in the vocabulary",
+                i + 1,
+                match piece {
+                    Some(p) => format!("needs {p:?}, which is"),
+                    None => "joins into a piece that is".into(),
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A tokenizer plus what `tokenizer_config.json` says about specials and the chat template.
 #[derive(Clone)]
 pub struct ModelTokenizer {
@@ -111,6 +158,7 @@ impl ModelTokenizer {
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         check_growth(&json).map_err(invalid)?;
+        check_merges(&json).map_err(invalid)?;
         let inner: tokenizers::Tokenizer =
             serde_json::from_value(json).map_err(|e| invalid(e.to_string()))?;
         let config_path = dir.join("tokenizer_config.json");
@@ -238,6 +286,50 @@ mod tests {
         let ids = t.encode("hello world", false).unwrap();
         assert!(!ids.is_empty());
         assert_eq!(t.decode(&ids).unwrap(), "hello world");
+    }
+
+    #[test]
+    fn a_merge_outside_the_vocabulary_is_a_clear_error() {
+        let tokenizer = |merges: serde_json::Value, prefix: Option<&str>| {
+            serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null,
+                "pre_tokenizer": null, "post_processor": null, "decoder": null,
+                "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "##b": 3, "<s>": 4},
+                    "continuing_subword_prefix": prefix, "merges": merges}})
+        };
+        // Both spellings of merges, with and without a continuing-subword prefix.
+        for (merges, prefix) in [
+            (serde_json::json!(["a b"]), None),
+            (serde_json::json!([["a", "b"]]), None),
+            (serde_json::json!([["a", "##b"]]), Some("##")),
+        ] {
+            let json = tokenizer(merges, prefix);
+            assert_eq!(check_merges(&json), Ok(()));
+            assert!(json.to_string().parse::<tokenizers::Tokenizer>().is_ok());
+        }
+        // Joining into a piece longer than every token made tokenizers panic.
+        let err = check_merges(&tokenizer(serde_json::json!(["a b", "ab <s>"]), None)).unwrap_err();
+        assert!(
+            err.contains("merge 2") && err.contains("\"ab<s>\""),
+            "{err}"
+        );
+        let err = check_merges(&tokenizer(serde_json::json!([["a", "c"]]), None)).unwrap_err();
+        assert!(err.contains("\"c\""), "{err}");
+        // A second piece shorter than the prefix joins into nothing.
+        let err =
+            check_merges(&tokenizer(serde_json::json!([["a", "b"]]), Some("###"))).unwrap_err();
+        assert!(err.contains("joins into"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let json = tokenizer(serde_json::json!(["a b", "ab <s>"]), None);
+        std::fs::write(&path, json.to_string()).unwrap();
+        let err = ModelTokenizer::from_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("merge 2") && err.contains("tokenizer.json"),
+            "{err}"
+        );
     }
 
     #[test]
