@@ -500,12 +500,13 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "kernels {}", self.kernels)?;
         writeln!(
             f,
-            "cpu     {} ({} threads; {}; bf16 matmul: {}; f32 matmul: {})",
+            "cpu     {} ({} threads; {}; bf16 matmul: {}; f32 matmul: {}; bf16-mode attention: {})",
             self.cpu.model,
             self.cpu.threads,
             self.cpu.features.join(" "),
             self.cpu.bf16_matmul,
-            self.cpu.f32_matmul
+            self.cpu.f32_matmul,
+            self.cpu.bf16_attention
         )?;
         if let Some(q) = &self.quant {
             writeln!(f, "{q}")?;

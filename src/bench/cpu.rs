@@ -16,6 +16,9 @@ pub struct CpuInfo {
     pub bf16_matmul: &'static str,
     /// The f32 frozen products' library: "accelerate" (macOS) or the `gemm` crate.
     pub f32_matmul: &'static str,
+    /// The fused attention's products in the bf16 mode: "amx-bf16" (bf16-rounded operands on
+    /// the tiles) or "f32".
+    pub bf16_attention: &'static str,
 }
 
 /// Detects the CPU's features (cpuid on x86-64).
@@ -56,6 +59,11 @@ pub fn cpu_info() -> CpuInfo {
         features,
         bf16_matmul: crate::model::bf16::kernel_name(),
         f32_matmul: f32_matmul(),
+        bf16_attention: if crate::model::kernels::bf16_attention_products() {
+            "amx-bf16"
+        } else {
+            "f32"
+        },
     }
 }
 

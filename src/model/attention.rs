@@ -9,7 +9,9 @@
 //! (flash-attention style). Keys whose bias is -inf at the edges of a row (the causal future, other
 //! segments of a packed row) are skipped in blocks of query rows.
 //!
-//! f32 on the CPU only; `model::kernels::plan` says when it runs.
+//! f32 on the CPU only; `model::kernels::plan` says when it runs. In the CPU's bf16 mode the
+//! products take bf16-rounded operands on the AMX tiles (`bf16::matmul_f32_small`, f32 sums),
+//! as torch runs attention in a bf16 model; the softmax and its statistics stay f32.
 
 use std::sync::{Arc, Mutex};
 
@@ -28,19 +30,20 @@ const BLOCK: usize = 64;
 /// Scaled dot-product attention, `softmax(q·kᵀ·scale + bias)·v`, on the CPU in f32. q
 /// `(B, H, T, Dh)`, k and v `(B, KV, T, Dh)` with `H` a multiple of `KV` (checked by the caller,
 /// `kernels::attention`), `bias` additive `(bias_rows, 1, T, T)` with `bias_rows` 1 or B.
-/// Returns `(B, H, T, Dh)`.
+/// Returns `(B, H, T, Dh)`. `bf16`: the products on bf16-rounded operands (see the module doc).
 pub fn flash(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
-    bias_rows: usize,
-    scale: f64,
+    (bias_rows, scale): (usize, f64),
+    bf16: bool,
 ) -> Result<Tensor> {
     let bias = bias.to_dtype(DType::F32)?.contiguous()?;
     let op = FlashAttn {
         bias,
         bias_rows,
+        bf16,
         scale: scale as f32,
         lse: Mutex::new(None),
     };
@@ -57,6 +60,8 @@ struct Dims {
     t: usize,
     d: usize,
     bias_rows: usize,
+    /// The products on bf16-rounded operands.
+    bf16: bool,
 }
 
 impl Dims {
@@ -65,7 +70,12 @@ impl Dims {
     }
 }
 
-fn dims_of(lq: &Layout, lk: &Layout, lv: &Layout, bias_rows: usize) -> Result<Dims> {
+fn dims_of(
+    lq: &Layout,
+    lk: &Layout,
+    lv: &Layout,
+    (bias_rows, bf16): (usize, bool),
+) -> Result<Dims> {
     let (b, h, t, d) = lq.shape().dims4()?;
     let (kb, kv, kt, kd) = lk.shape().dims4()?;
     if (kb, kt, kd) != (b, t, d) || lv.shape().dims4()? != (b, kv, t, d) || kv == 0 || h % kv != 0 {
@@ -78,6 +88,7 @@ fn dims_of(lq: &Layout, lk: &Layout, lv: &Layout, bias_rows: usize) -> Result<Di
         t,
         d,
         bias_rows,
+        bf16,
     })
 }
 
@@ -123,8 +134,10 @@ fn block_range(ranges: &[(usize, usize)]) -> (usize, usize) {
 
 /// `dst (m×n) = [dst +] beta · A (m×k) · B (k×n)`, each matrix given by its slice, row stride and
 /// column stride (dst's column stride is 1). Checks that the slices cover the strided extents.
+/// `bf16`: the operands rounded to bf16, on the tiles (then `beta` ≠ 1 only without `accumulate`).
 #[allow(clippy::too_many_arguments)]
 fn mm(
+    bf16: bool,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
@@ -153,6 +166,21 @@ fn mm(
         if !accumulate {
             for r in 0..m {
                 dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    if bf16 {
+        if accumulate && beta != 1.0 {
+            candle_core::bail!("attention: a scaled bf16 product cannot accumulate");
+        }
+        crate::model::bf16::matmul_f32_small((m, n, k), a, b, dst, dst_rs, accumulate)
+            .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
+        if beta != 1.0 {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n]
+                    .iter_mut()
+                    .for_each(|x| *x *= beta);
             }
         }
         return Ok(());
@@ -251,6 +279,7 @@ fn forward_head(
         s.resize(nb * nk, 0.0);
         // S = scale · Q_blk · K_rangeᵀ
         mm(
+            dm.bf16,
             (nb, nk, d),
             &mut s,
             nk,
@@ -265,6 +294,7 @@ fn forward_head(
         }
         // O_blk = P · V_range
         mm(
+            dm.bf16,
             (nb, d, nk),
             &mut o[i0 * d..i1 * d],
             d,
@@ -286,6 +316,8 @@ struct FlashAttn {
     /// (bias_rows, 1, T, T), contiguous f32 on CPU.
     bias: Tensor,
     bias_rows: usize,
+    /// The products on bf16-rounded operands.
+    bf16: bool,
     scale: f32,
     lse: Mutex<Option<Arc<Vec<f32>>>>,
 }
@@ -304,7 +336,7 @@ impl CustomOp3 for FlashAttn {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = dims_of(l1, l2, l3, self.bias_rows)?;
+        let dm = dims_of(l1, l2, l3, (self.bias_rows, self.bf16))?;
         let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
         let (t, d) = (dm.t, dm.d);
         let hd = t * d;
@@ -357,6 +389,7 @@ impl CustomOp3 for FlashAttn {
         let op = FlashAttnBwd {
             bias: self.bias.clone(),
             bias_rows: self.bias_rows,
+            bf16: self.bf16,
             scale: self.scale,
             lse,
             o: res.contiguous()?,

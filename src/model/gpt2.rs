@@ -100,7 +100,8 @@ impl Block {
         if cfg.scale_attn_by_inverse_layer_idx {
             scale /= (l + 1) as f64;
         }
-        let att = kernels::attention(&q, &k, &v, &pass.bias, scale)?
+        let products = kernels::Products::of(self.attn_c_proj.weight.as_dense(), &q);
+        let att = kernels::attention_with(&q, &k, &v, &pass.bias, scale, products)?
             .transpose(1, 2)?
             .reshape((b, t, d))?;
         let x = (x + lin(&self.attn_c_proj, &att)?)?;

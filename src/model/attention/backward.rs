@@ -13,6 +13,7 @@ use super::{block_range, cpu_f32, dims_of, key_ranges, mm, probs, with_f32, Dims
 pub(super) struct FlashAttnBwd {
     pub(super) bias: Tensor,
     pub(super) bias_rows: usize,
+    pub(super) bf16: bool,
     pub(super) scale: f32,
     pub(super) lse: Option<Arc<Vec<f32>>>,
     /// The forward output and its gradient, contiguous (B, H, T, D).
@@ -34,7 +35,7 @@ impl CustomOp3 for FlashAttnBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = dims_of(l1, l2, l3, self.bias_rows)?;
+        let dm = dims_of(l1, l2, l3, (self.bias_rows, self.bf16))?;
         let (q, k, v) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
         let (t, d) = (dm.t, dm.d);
         let hd = t * d;
@@ -176,6 +177,7 @@ impl<'a> GroupBwd<'a> {
         self.probs_block(kv, qh, (i0, i1), (klo, nk), s)?;
         // dV_range += Pᵀ · dO_blk
         mm(
+            self.dm.bf16,
             (nk, d, nb),
             &mut dv[klo * d..],
             d,
@@ -186,6 +188,7 @@ impl<'a> GroupBwd<'a> {
         )?;
         // dP = dO_blk · V_rangeᵀ
         mm(
+            self.dm.bf16,
             (nb, nk, d),
             dp,
             nk,
@@ -194,34 +197,36 @@ impl<'a> GroupBwd<'a> {
             (&v[klo * d..], 1, d),
             1.0,
         )?;
-        // dS = P ∘ (dP − Σ_d dO·O), into dp.
+        // scale · dS = scale · P ∘ (dP − Σ_d dO·O), into dp (the scale of both products below).
         for (r, (dpr, pr)) in dp.chunks_mut(nk).zip(s.chunks(nk)).enumerate() {
             let i = i0 + r;
             let row = i * d..(i + 1) * d;
             let di: f32 = g[row.clone()].iter().zip(&o[row]).map(|(a, b)| a * b).sum();
             for (x, &p) in dpr.iter_mut().zip(pr.iter()) {
-                *x = p * (*x - di);
+                *x = self.scale * (p * (*x - di));
             }
         }
         // dQ_blk = scale · dS · K_range
         mm(
+            self.dm.bf16,
             (nb, d, nk),
             &mut dq[i0 * d..i1 * d],
             d,
             false,
             (dp, nk, 1),
             (&k[klo * d..], d, 1),
-            self.scale,
+            1.0,
         )?;
         // dK_range += scale · dSᵀ · Q_blk
         mm(
+            self.dm.bf16,
             (nk, d, nb),
             &mut dk[klo * d..],
             d,
             true,
             (dp, 1, nk),
             (&q[i0 * d..], d, 1),
-            self.scale,
+            1.0,
         )
     }
 
@@ -237,6 +242,7 @@ impl<'a> GroupBwd<'a> {
     ) -> Result<()> {
         let (t, d) = (self.dm.t, self.dm.d);
         mm(
+            self.dm.bf16,
             (i1 - i0, nk, d),
             s,
             nk,

@@ -47,6 +47,13 @@ fn segments(b: usize, t: usize) -> Vec<u32> {
 }
 
 fn check(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool) {
+    check_in(b, h, kv, t, d, packed, false);
+}
+
+/// `check` with the products in f32 or (`bf16`) on bf16-rounded operands: within 1e-5 of the
+/// composed f32 graph, or within bf16's tolerance (2e-2 of the largest value, as the CUDA bf16
+/// kernels are held to) and not equal to it, which shows the rounding happened.
+fn check_in(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool, bf16: bool) {
     let dev = Device::Cpu;
     let q = Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, t, d), &dev).unwrap()).unwrap();
     let k = Var::from_tensor(&Tensor::randn(0f32, 1., (b, kv, t, d), &dev).unwrap()).unwrap();
@@ -72,6 +79,7 @@ fn check(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool) {
     let op = FlashAttn {
         bias: bias.clone(),
         bias_rows: bias.dim(0).unwrap(),
+        bf16,
         scale: scale as f32,
         lse: Mutex::new(None),
     };
@@ -79,10 +87,16 @@ fn check(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool) {
         .as_tensor()
         .apply_op3(k.as_tensor(), v.as_tensor(), op)
         .unwrap();
-    let tol = 1e-5;
+    let tol = if bf16 { 2e-2 } else { 1e-5 };
     let diff = max_abs(&got, &want);
-    let ctx = format!("b={b} h={h} kv={kv} t={t} d={d} packed={packed}");
+    let ctx = format!("b={b} h={h} kv={kv} t={t} d={d} packed={packed} bf16={bf16}");
     assert!(diff <= tol * scale_of(&want), "forward {ctx}: {diff}");
+    if bf16 {
+        assert!(
+            diff > 1e-5 * scale_of(&want),
+            "forward {ctx}: not rounded ({diff})"
+        );
+    }
     let gw = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
     let gg = (got * &w).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
@@ -90,6 +104,9 @@ fn check(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool) {
         let b = gg.get(var).unwrap();
         let diff = max_abs(a, b);
         assert!(diff <= tol * scale_of(a), "d{name} {ctx}: {diff}");
+        if bf16 {
+            println!("d{name} {ctx}: {diff:.2e} of {:.2}", scale_of(a));
+        }
     }
 }
 
@@ -110,6 +127,22 @@ fn attention_matches_composed_forward_and_gradients() {
 fn attention_spans_several_blocks() {
     check(2, 6, 2, 150, 16, false);
     check(2, 6, 2, 150, 16, true);
+}
+
+/// The bf16 mode's products (AMX tiles where the CPU has them, else the same rounding in a plain
+/// loop): within bf16's tolerance of the f32 graph, forward and every gradient.
+#[test]
+fn bf16_products_stay_within_bf16_tolerance() {
+    for (h, kv, t, d, packed) in [
+        (4, 4, 1, 64, false),
+        (6, 2, 33, 64, true),
+        (9, 3, 150, 64, false),
+        (9, 3, 150, 64, true),
+        (4, 2, 70, 96, true),
+        (2, 1, 40, 128, false),
+    ] {
+        check_in(2, h, kv, t, d, packed, true);
+    }
 }
 
 #[test]
@@ -150,10 +183,11 @@ fn attention_timing() {
             .unwrap();
         composed::attention(q.as_tensor(), &kr, &vr, &bias, scale).unwrap()
     };
-    let fused = || {
+    let fused = |bf16: bool| {
         let op = FlashAttn {
             bias: bias.clone(),
             bias_rows: 1,
+            bf16,
             scale: scale as f32,
             lse: Mutex::new(None),
         };
@@ -188,7 +222,8 @@ fn attention_timing() {
         rayon::current_num_threads()
     );
     time("composed", &composed);
-    time("fused   ", &fused);
+    time("fused   ", &|| fused(false));
+    time("fused bf16 products", &|| fused(true));
     let f = 4usize;
     let scores = b * h * t * t * f;
     let heads = b * h * t * d * f;

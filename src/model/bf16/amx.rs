@@ -22,9 +22,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 /// Rows (and columns) of C one task computes per block: two tiles of 16.
-const BLOCK: usize = 32;
+pub(super) const BLOCK: usize = 32;
 /// k values per tile step.
-const KT: usize = 32;
+pub(super) const KT: usize = 32;
 
 /// Whether the AMX-BF16 path runs here (decided once per process).
 pub fn usable() -> bool {
@@ -81,7 +81,7 @@ fn request_tile_data() -> bool {
 /// (16 rows × 32 bf16), tmm6–7 two B tiles (16 k-pairs × 16 columns × 2 bf16). 64 bytes as
 /// `ldtilecfg` reads them.
 #[repr(C, align(64))]
-struct TileConfig {
+pub(super) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -89,7 +89,7 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-const CONFIG: TileConfig = TileConfig {
+pub(super) const CONFIG: TileConfig = TileConfig {
     palette: 1,
     start_row: 0,
     reserved: [0; 14],
@@ -204,7 +204,11 @@ const KEEP_BYTES: usize = 64 << 20;
 
 /// This thread's kept buffer (or a new one; a nested call finds it taken) of at least `len`
 /// values. Its contents are stale: the packers write every value, padding included.
-fn scratch<T: Copy>(cell: &'static LocalKey<Cell<Vec<T>>>, len: usize, zero: T) -> Vec<T> {
+pub(super) fn scratch<T: Copy>(
+    cell: &'static LocalKey<Cell<Vec<T>>>,
+    len: usize,
+    zero: T,
+) -> Vec<T> {
     let mut v = cell.with(Cell::take);
     if v.len() < len {
         v.resize(len, zero);
@@ -214,7 +218,7 @@ fn scratch<T: Copy>(cell: &'static LocalKey<Cell<Vec<T>>>, len: usize, zero: T) 
 }
 
 /// Keeps `v` for the next call on this thread when it is not too large.
-fn keep<T>(cell: &'static LocalKey<Cell<Vec<T>>>, v: Vec<T>) {
+pub(super) fn keep<T>(cell: &'static LocalKey<Cell<Vec<T>>>, v: Vec<T>) {
     if v.capacity() * std::mem::size_of::<T>() <= KEEP_BYTES {
         cell.with(|c| c.set(v));
     }
@@ -225,7 +229,7 @@ fn keep<T>(cell: &'static LocalKey<Cell<Vec<T>>>, v: Vec<T>) {
 ///
 /// # Safety
 /// C holds (m − 1)·ldc + n f32 at `c`, and no one else touches rows i0..i0 + 32 meanwhile.
-unsafe fn write_edge(
+pub(super) unsafe fn write_edge(
     tile: &[f32; BLOCK * BLOCK],
     c: *mut f32,
     ldc: usize,
@@ -336,7 +340,7 @@ fn pack_b(n: usize, k: usize, kp: usize, b: &[bf16], b_rs: usize, b_cs: usize, b
 /// The tiles are configured as [`CONFIG`] on this thread; `a` holds 32·kp and `b` 2·panel_len
 /// values with panel_len = 16·kp; kp is a multiple of 32; `out` points at 32 rows of 32 writable
 /// f32, `ldo` apart, that no one else touches.
-unsafe fn block(
+pub(super) unsafe fn block(
     a: &[bf16],
     kp: usize,
     b: &[bf16],

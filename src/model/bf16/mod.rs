@@ -9,6 +9,8 @@
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
+mod amx_small;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod portable;
 
@@ -307,6 +309,78 @@ fn matmul_impl(
     }
     let _ = path;
     portable::matmul(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+    Ok(())
+}
+
+/// Whether [`matmul_f32_small`] runs on the AMX tiles here; elsewhere it is a plain loop, kept
+/// for tests (callers use it only where this says yes).
+pub fn small_products_on_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::usable()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A matrix operand: its slice, row stride and column stride.
+pub type Operand<'a> = (&'a [f32], usize, usize);
+
+/// C (m×n, row stride `ldc`) = [C +] A·B with A (m×k) and B (k×n) both f32, their values rounded
+/// to bf16 (RNE) and the sums in f32, on the calling thread only: for small products inside a
+/// parallel region (the fused attention's blocks in the bf16 mode). On the AMX tiles where
+/// [`small_products_on_tiles`], else a plain loop with the same rounding.
+pub fn matmul_f32_small(
+    (m, n, k): (usize, usize, usize),
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> Result<(), Error> {
+    validate(
+        m,
+        n,
+        k,
+        a.0.len(),
+        a.1,
+        a.2,
+        b.0.len(),
+        b.1,
+        b.2,
+        c.len(),
+        ldc,
+    )?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if amx::usable() {
+        // SAFETY: AMX (and with it AVX512-BF16) is usable here, checked just above; the shapes
+        // and strides were validated against the slices; m, n, k > 0.
+        unsafe { amx_small::matmul((m, n, k), a, b, c, ldc, accumulate) };
+        return Ok(());
+    }
+    let round = |x: f32| bf16::from_f32(x).to_f32();
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f32 = (0..k)
+                .map(|p| round(a.0[i * a.1 + p * a.2]) * round(b.0[p * b.1 + j * b.2]))
+                .sum();
+            let out = &mut c[i * ldc + j];
+            *out = if accumulate { *out + dot } else { dot };
+        }
+    }
     Ok(())
 }
 

@@ -308,3 +308,78 @@ fn single_thread_pool() {
         .unwrap();
     pool.install(|| random_cases(matmul_f32_bf16, 99, 60));
 }
+
+/// The small all-f32 product (the fused attention's, in the bf16 mode) against f64 sums of the
+/// bf16-rounded operands: each layout the attention hands over (A and B row-major, transposed,
+/// or neither), written and accumulated, at sizes on and off the tiles' 32.
+#[test]
+fn small_products_match_rounded_f64() {
+    let mut rng = Rng(0x5eed_a77e);
+    let round = |x: f32| f64::from(bf16::from_f32(x).to_f32());
+    let shapes = [
+        (64, 256, 64),
+        (64, 64, 200),
+        (1, 1, 1),
+        (33, 17, 70),
+        (7, 64, 31),
+        (32, 32, 32),
+        (100, 45, 96),
+    ];
+    let mut checked = 0;
+    for (m, n, k) in shapes {
+        let a_layouts = [(k, 1), (1, m), (2 * k, 2)];
+        let b_layouts = [(n, 1), (1, k), (2 * n, 2)];
+        for ((a_rs, a_cs), (b_rs, b_cs)) in a_layouts
+            .into_iter()
+            .flat_map(|a| b_layouts.into_iter().map(move |b| (a, b)))
+        {
+            let a: Vec<f32> = (0..(m - 1) * a_rs + (k - 1) * a_cs + 1)
+                .map(|_| rng.f())
+                .collect();
+            let b: Vec<f32> = (0..(k - 1) * b_rs + (n - 1) * b_cs + 1)
+                .map(|_| rng.f() * 3.0)
+                .collect();
+            let ldc = n + 3;
+            for accumulate in [false, true] {
+                let c0: Vec<f32> = (0..m * ldc).map(|_| rng.f()).collect();
+                let mut c = c0.clone();
+                super::matmul_f32_small(
+                    (m, n, k),
+                    (&a, a_rs, a_cs),
+                    (&b, b_rs, b_cs),
+                    &mut c,
+                    ldc,
+                    accumulate,
+                )
+                .unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut want, mut size) = (0f64, 0f64);
+                        for p in 0..k {
+                            let x = round(a[i * a_rs + p * a_cs]) * round(b[p * b_rs + j * b_cs]);
+                            want += x;
+                            size += x.abs();
+                        }
+                        if accumulate {
+                            want += f64::from(c0[i * ldc + j]);
+                        }
+                        let err = (f64::from(c[i * ldc + j]) - want).abs();
+                        assert!(
+                            err <= 1e-6 * (1.0 + size),
+                            "{m}×{n}×{k} a ({a_rs},{a_cs}) b ({b_rs},{b_cs}) acc {accumulate}: \
+                             C[{i}][{j}] = {} vs {want}",
+                            c[i * ldc + j]
+                        );
+                    }
+                    // Columns past n are left alone.
+                    assert_eq!(
+                        c[i * ldc + n..(i + 1) * ldc],
+                        c0[i * ldc + n..(i + 1) * ldc]
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, shapes.len() * 18);
+}

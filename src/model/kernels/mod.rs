@@ -440,6 +440,52 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// query, as every model here builds it): long sequences run in query chunks
 /// (`attention::chunked`) that read only the keys up to their last row.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_with(q, k, v, bias, scale, Products::F32)
+}
+
+/// The precision of the CPU attention's products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands.
+    F32,
+    /// The CPU's bf16 mode (bf16 weights × f32 activations): q, k, v, the probabilities and the
+    /// gradients rounded to bf16 for the fused attention's products, the sums in f32, as torch
+    /// computes attention in a bf16 model, on the AMX tiles. f32 on CPUs without them, and
+    /// with `FINETUNE_CPU_ATTENTION=f32`.
+    Bf16,
+}
+
+impl Products {
+    /// `Bf16` in the CPU's bf16 mode: where a frozen matrix of the layer (`weight`) is bf16 and
+    /// the activations `x` are f32 on the CPU.
+    pub fn of(weight: Option<&Tensor>, x: &Tensor) -> Self {
+        let bf16_weight = weight.is_some_and(|w| w.dtype() == DType::BF16);
+        if bf16_weight && x.dtype() == DType::F32 && x.device().is_cpu() {
+            Self::Bf16
+        } else {
+            Self::F32
+        }
+    }
+}
+
+/// Whether [`Products::Bf16`] takes the tiles in this process.
+pub fn bf16_attention_products() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("FINETUNE_CPU_ATTENTION").map_or(true, |v| v != "f32")
+            && super::bf16::small_products_on_tiles()
+    })
+}
+
+/// [`attention`] with the products of the fused CPU kernel in the given precision.
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    products: Products,
+) -> Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let (kb, kv, kt, kd) = k.dims4()?;
     if (kb, kd) != (b, dh) || kt < t || v.dims4()? != (b, kv, kt, dh) || kv == 0 || h % kv != 0 {
@@ -458,7 +504,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     let choice = plan_for(q).attention;
     if let (Impl::CpuFused, Some(rows)) = (choice, bias_rows) {
         if [q, k, v].iter().all(|x| cpu::fits(x)) && bias.device().is_cpu() {
-            return super::attention::flash(q, k, v, bias, rows, scale);
+            let bf16 = products == Products::Bf16 && bf16_attention_products();
+            return super::attention::flash(q, k, v, bias, (rows, scale), bf16);
         }
     }
     // bf16 on tensor-core GPUs: the fused kernel, k and v read at their KV heads.

@@ -262,7 +262,10 @@ impl Layer {
         // k, v stay at KV heads: the fused op reads them per group (the fallback repeats them).
         let att = match v.attn_softcap {
             Some(cap) => kernels::attention_softcap(&q, &k, &val, bias, scale, cap)?,
-            None => kernels::attention(&q, &k, &val, bias, scale)?,
+            None => {
+                let products = kernels::Products::of(self.o_proj.weight.as_dense(), &q);
+                kernels::attention_with(&q, &k, &val, bias, scale, products)?
+            }
         }
         .transpose(1, 2)?
         .reshape((b, t, h * dh))?;
