@@ -217,10 +217,14 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
         && kernels.activations == candle_core::DType::F32
     {
         // The CPU's fused cross-entropy keeps the f32 logits and its backward writes their
-        // gradient; in the bf16 mode the LM head's input gradient packs that gradient to bf16 and,
-        // on AMX tiles, the (V, D) weight too (`bf16::amx`), while both are alive.
+        // gradient; in the bf16 mode the LM head's input gradient packs that gradient to bf16
+        // (on AMX tiles one chunk of the vocabulary at a time, `bf16::AMX_K_CHUNK`) and, on AMX,
+        // the (V, D) weight, kept from the forward (`bf16::amx`), while both are alive.
         let packed = match (kernels.mixed_bf16(), kernels.frozen_linear) {
-            (true, Impl::CpuBf16Amx) => loss_rows * n.v * 2 + n.v * n.d * 2,
+            (true, Impl::CpuBf16Amx) => {
+                let chunk = n.v.min(crate::model::bf16::AMX_K_CHUNK as u64);
+                loss_rows * chunk * 2 + n.v * n.d * 2
+            }
             (true, _) => loss_rows * n.v * 2,
             (false, _) => 0,
         };

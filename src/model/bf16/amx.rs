@@ -25,6 +25,13 @@ use rayon::prelude::*;
 pub(super) const BLOCK: usize = 32;
 /// k values per tile step.
 pub(super) const KT: usize = 32;
+/// Above this k the product runs as a sum of products over k chunks of [`K_CHUNK`], each packing
+/// only its own columns of A and rows of B. The LM head's input gradient (k = the vocabulary)
+/// otherwise packed its whole (N, V) gradient into a fresh 100 MB buffer (page faults and
+/// zeroing), more time than its tile work, and walked 3 MB rows of A per panel.
+const K_WHOLE: usize = 2048;
+/// k per chunk above [`K_WHOLE`]: A's chunk 2 KB a row, B's 64 KB per 32 columns.
+use super::AMX_K_CHUNK as K_CHUNK;
 
 /// Whether the AMX-BF16 path runs here (decided once per process).
 pub fn usable() -> bool {
@@ -127,6 +134,30 @@ pub(crate) unsafe fn matmul(
     ldc: usize,
     accumulate: bool,
 ) {
+    if k > K_WHOLE {
+        for k0 in (0..k).step_by(K_CHUNK) {
+            let kc = K_CHUNK.min(k - k0);
+            // SAFETY: as for this call: k0 < k, so columns k0..k0 + kc of A and rows k0..k0 + kc
+            // of B lie inside the validated extents of the slices from those offsets on.
+            unsafe {
+                matmul(
+                    m,
+                    n,
+                    kc,
+                    &a[k0 * a_cs..],
+                    a_rs,
+                    a_cs,
+                    &b[k0 * b_rs..],
+                    b_rs,
+                    b_cs,
+                    c,
+                    ldc,
+                    accumulate || k0 > 0,
+                )
+            };
+        }
+        return;
+    }
     let kp = k.div_ceil(KT) * KT;
     let mp = m.div_ceil(BLOCK) * BLOCK;
     let panels = n.div_ceil(BLOCK) * 2;

@@ -17,6 +17,10 @@ mod portable;
 use half::bf16;
 use std::fmt;
 
+/// The AMX kernel runs products with k over 2048 as products over k chunks of this size, packing
+/// one chunk of each operand at a time (the memory estimate counts one).
+pub const AMX_K_CHUNK: usize = 1024;
+
 /// Errors reported for inconsistent slice sizes / strides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {

@@ -216,7 +216,7 @@ fn block_boundaries() {
         (17, 97, 511),
         (64, 1000, 3),
         (3, 5, 1025),
-        // several k-blocks (KC = 2048), odd k, ragged last block
+        // several k-blocks (KC = 2048; AMX: chunks of 1024 above 2048), odd k, ragged last block
         (13, 33, 4097),
         (20, 50, 2049),
         // packed A too large to keep all k-blocks resident (per-block A packing),
