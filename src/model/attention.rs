@@ -133,8 +133,9 @@ fn block_range(ranges: &[(usize, usize)]) -> (usize, usize) {
 }
 
 /// `dst (m×n) = [dst +] beta · A (m×k) · B (k×n)`, each matrix given by its slice, row stride and
-/// column stride (dst's column stride is 1). Checks that the slices cover the strided extents.
-/// `bf16`: the operands rounded to bf16, on the tiles (then `beta` ≠ 1 only without `accumulate`).
+/// column stride (dst's column stride is 1), on this thread. Checks that the slices cover the
+/// strided extents. `bf16`: the operands rounded to bf16, on the tiles (then `beta` ≠ 1 only
+/// without `accumulate`).
 #[allow(clippy::too_many_arguments)]
 fn mm(
     bf16: bool,
@@ -146,71 +147,21 @@ fn mm(
     b: (&[f32], usize, usize),
     beta: f32,
 ) -> Result<()> {
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    if m == 0 || n == 0 {
-        return Ok(());
+    if !bf16 || m == 0 || n == 0 || k == 0 {
+        let dst = (dst, dst_rs);
+        return cpu::strided::gemm("attention", (m, n, k), dst, accumulate, a, b, beta, false);
     }
-    if dst.len() < extent(m, n, dst_rs, 1)
-        || a.0.len() < extent(m, k, a.1, a.2)
-        || b.0.len() < extent(k, n, b.1, b.2)
-    {
-        candle_core::bail!("attention: gemm operands out of bounds");
+    if accumulate && beta != 1.0 {
+        candle_core::bail!("attention: a scaled bf16 product cannot accumulate");
     }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
+    crate::model::bf16::matmul_f32_small((m, n, k), a, b, dst, dst_rs, accumulate)
+        .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
+    if beta != 1.0 {
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + n]
+                .iter_mut()
+                .for_each(|x| *x *= beta);
         }
-        return Ok(());
-    }
-    if bf16 {
-        if accumulate && beta != 1.0 {
-            candle_core::bail!("attention: a scaled bf16 product cannot accumulate");
-        }
-        crate::model::bf16::matmul_f32_small((m, n, k), a, b, dst, dst_rs, accumulate)
-            .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
-        if beta != 1.0 {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n]
-                    .iter_mut()
-                    .for_each(|x| *x *= beta);
-            }
-        }
-        return Ok(());
-    }
-    // SAFETY: the checks above guarantee every strided element of dst (m×n, strides dst_rs/1),
-    // a (m×k, strides a.1/a.2) and b (k×n, strides b.1/b.2) lies inside its slice; dst is a
-    // unique borrow so it aliases neither input; no parallelism is requested, so no pointer
-    // outlives this call.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
     Ok(())
 }

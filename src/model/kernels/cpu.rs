@@ -19,15 +19,18 @@ pub mod accelerate;
 mod exp;
 pub mod gemv;
 mod rope;
+pub(crate) mod strided;
 mod swiglu;
 
 pub(crate) use exp::{exp_in_place, max as row_max};
 pub use rope::rope;
 pub use swiglu::swiglu;
 mod linear;
+mod lora;
 
+pub use linear::frozen_linear_plus;
 pub(crate) use linear::weight_fits as linear_weight_fits;
-pub use linear::{frozen_linear_plus, lora_linear};
+pub use lora::lora_linear;
 
 /// True when `t` is what these kernels take: an f32 tensor on the CPU.
 pub(crate) fn fits(t: &Tensor) -> bool {

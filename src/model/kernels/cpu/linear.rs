@@ -12,7 +12,7 @@ use crate::model::bf16;
 /// CPU kernel for `x · Wᵀ (+ u)`: one gemm straight into the output, so the graph keeps a single
 /// (N, out) tensor per projection instead of one per elementary op (and no zeros tensor).
 /// Backward: `g · W` to `x`, `g` to `u`, nothing to `W`.
-struct FrozenLinearCpu;
+pub(super) struct FrozenLinearCpu;
 
 /// Inner-dimension block of the f32 products ([`FrozenLinearCpu::gemm`]).
 const K_BLOCK: usize = 128;
@@ -26,7 +26,15 @@ impl FrozenLinearCpu {
     /// that a later MLP cancels) carry to the logits. Summing blocks of [`K_BLOCK`] and adding
     /// the blocks keeps the chains short, at one more pass over `out` per block (f32 mode
     /// trains ~4% slower; the bf16 mode's products are not these).
-    fn gemm(x: &[f32], w: &[f32], out: &mut [f32], n: usize, i: usize, o: usize, accumulate: bool) {
+    pub(super) fn gemm(
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        n: usize,
+        i: usize,
+        o: usize,
+        accumulate: bool,
+    ) {
         #[cfg(target_os = "macos")]
         if super::accelerate::enabled()
             && super::accelerate::sgemm_xwt(x, w, out, (n, i, o), accumulate)
@@ -82,28 +90,39 @@ impl FrozenLinearCpu {
         lw: &Layout,
         u: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
+        let out = Self::product(x, lx, w, lw, u.map(<[f32]>::to_vec))?;
+        let (n, o) = (lx.dims()[0], lw.dims()[0]);
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
+    }
+
+    /// `x · wᵀ` (n, o), added onto `init` when given (which it then holds).
+    pub(super) fn product(
+        x: &[f32],
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        init: Option<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
         let (n, i) = lx.shape().dims2()?;
         let (o, wi) = lw.shape().dims2()?;
-        if wi != i || x.len() != n * i || u.is_some_and(|u| u.len() != n * o) {
+        if wi != i || x.len() != n * i || init.as_ref().is_some_and(|u| u.len() != n * o) {
             candle_core::bail!(
                 "frozen linear: shapes {:?} · {:?}ᵀ do not fit",
                 lx.dims(),
                 lw.dims()
             );
         }
-        let mut out = match u {
-            Some(u) => u.to_vec(),
-            None => vec![0f32; n * o],
-        };
+        let accumulate = init.is_some();
+        let mut out = init.unwrap_or_else(|| vec![0f32; n * o]);
         match w {
             CpuStorage::BF16(_) if n <= gemv::MAX_ROWS => {
                 let w = bf16_slice(w, lw, "ft-frozen-linear")?;
-                gemv::gemv(x, w, &mut out, n, i, o, u.is_some());
+                gemv::gemv(x, w, &mut out, n, i, o, accumulate);
             }
             CpuStorage::BF16(_) => {
                 let w = bf16_slice(w, lw, "ft-frozen-linear")?;
                 // out (n, o) = x (n, i) · wᵀ: B = wᵀ is (i, o) with rows 1 apart, columns i apart.
-                bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, &mut out, o, u.is_some())
+                bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, &mut out, o, accumulate)
                     .map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
             }
             _ => {
@@ -112,18 +131,18 @@ impl FrozenLinearCpu {
                     candle_core::bail!("frozen linear: weight is not {o}×{i}");
                 }
                 if n <= gemv::MAX_ROWS {
-                    gemv::gemv(x, w, &mut out, n, i, o, u.is_some());
+                    gemv::gemv(x, w, &mut out, n, i, o, accumulate);
                 } else {
-                    Self::gemm(x, w, &mut out, n, i, o, u.is_some());
+                    Self::gemm(x, w, &mut out, n, i, o, accumulate);
                 }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
+        Ok(out)
     }
 }
 
 /// The contiguous bf16 slice of a storage/layout pair, or an error.
-fn bf16_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [half::bf16]> {
+pub(super) fn bf16_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [half::bf16]> {
     let CpuStorage::BF16(data) = s else {
         candle_core::bail!("{op}: expected bf16");
     };
@@ -141,6 +160,18 @@ fn input_grad(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
     } else {
         grad.matmul(w)
     }
+}
+
+/// `out (n, i) = g (n, o) · W (o, i)` with f32 `g` and bf16 `W`.
+pub(super) fn mixed_grad_x(
+    g: &[f32],
+    w: &[half::bf16],
+    (n, o, i): (usize, usize, usize),
+    out: &mut [f32],
+) -> Result<()> {
+    // B = W is (o, i) row-major.
+    bf16::matmul_f32_bf16(n, i, o, g, o, 1, w, i, 1, out, i, false)
+        .map_err(|e| candle_core::Error::Msg(format!("ft-mixed-grad-x: {e}")))
 }
 
 /// `g (n, o) · W (o, i)` with f32 `g` and bf16 `W`, f32 out.
@@ -171,9 +202,7 @@ impl CustomOp2 for MixedGradX {
             );
         }
         let mut out = vec![0f32; n * i];
-        // B = W is (o, i) row-major.
-        bf16::matmul_f32_bf16(n, i, o, g, o, 1, w, i, 1, &mut out, i, false)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.name())))?;
+        mixed_grad_x(g, w, (n, o, i), &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, i])))
     }
 }
@@ -245,89 +274,6 @@ pub fn frozen_linear_plus(x: &Tensor, weight: &Tensor, update: Option<&Tensor>) 
     }
 }
 
-/// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op: a frozen `weight` (out, in) in f32 or bf16, a CPU
-/// f32 `x` (N, in), f32 LoRA factors `a` (r, in) and `b` (out, r). The graph keeps x, A, B and
-/// the output; the (N, r) and (N, out) LoRA intermediates are not kept (backward recomputes the
-/// (N, r) one). Gradients to x, A and B, never to W.
-pub fn lora_linear(
-    x: &Tensor,
-    weight: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    let op = LoraLinearCpu {
-        weight: weight.contiguous()?,
-        scale: scale as f32,
-    };
-    x.contiguous()?
-        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
-}
-
-struct LoraLinearCpu {
-    weight: Tensor,
-    scale: f32,
-}
-
-impl CustomOp3 for LoraLinearCpu {
-    fn name(&self) -> &'static str {
-        "ft-lora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (x, a, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
-        let (n, i) = l1.shape().dims2()?;
-        let (r, ai) = l2.shape().dims2()?;
-        let (o, br) = l3.shape().dims2()?;
-        if ai != i || br != r || a.len() != r * i || b.len() != o * r {
-            candle_core::bail!(
-                "{op}: x {:?}, A {:?}, B {:?} do not fit",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        // h = s · x · Aᵀ (N, r), then u = h · Bᵀ (N, out) as the frozen product's addend.
-        let mut h = vec![0f32; n * r];
-        FrozenLinearCpu::gemm(x, a, &mut h, n, i, r, false);
-        h.iter_mut().for_each(|v| *v *= self.scale);
-        let mut u = vec![0f32; n * o];
-        FrozenLinearCpu::gemm(&h, b, &mut u, n, r, o, false);
-        let (w, lw) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w else {
-            candle_core::bail!("{op}: the frozen weight is not on the CPU");
-        };
-        FrozenLinearCpu::run(x, l1, w, lw, Some(&u))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.detach());
-        let s = self.scale as f64;
-        // gb = s · g · B (N, r); dx = g · W + gb · A; dA = gbᵀ · x; dB = s · gᵀ · (x · Aᵀ).
-        let gb = (g.matmul(&b)? * s)?;
-        let dx = (input_grad(&g, &self.weight)? + gb.matmul(&a)?)?;
-        let da = gb.t()?.matmul(&x)?;
-        let db = (g.t()?.matmul(&x.matmul(&a.t()?)?)? * s)?;
-        Ok((Some(dx), Some(da), Some(db)))
-    }
-}
-
 /// True when the kernel takes `weight` (on the CPU, f32 or bf16).
 pub(crate) fn weight_fits(weight: &Tensor) -> bool {
     weight.device().is_cpu() && matches!(weight.dtype(), DType::F32 | DType::BF16)
@@ -338,46 +284,6 @@ mod tests {
     use super::*;
     use crate::model::kernels::cpu::tests::{close, grad_of};
     use candle_core::{Device, Var};
-
-    /// The one-op LoRA projection against the frozen kernel plus the composed LoRA term (the
-    /// path it replaces), with f32 and bf16 weights and many rows (the products' own kernels):
-    /// value and the gradients of x, A and B; none for W.
-    #[test]
-    fn lora_linear_equals_frozen_plus_composed_update() {
-        let dev = Device::Cpu;
-        let (n, i, o, r, s) = (300, 48, 40, 4, 2.5);
-        for wdt in [DType::F32, DType::BF16] {
-            let var = |shape: (usize, usize), sd: f32| {
-                Var::from_tensor(&Tensor::randn(0f32, sd, shape, &dev).unwrap()).unwrap()
-            };
-            let (x, a, b) = (var((n, i), 1.0), var((r, i), 0.3), var((o, r), 0.3));
-            let w = Tensor::randn(0f32, 0.2, (o, i), &dev)
-                .unwrap()
-                .to_dtype(wdt)
-                .unwrap();
-            let up = Tensor::randn(0f32, 1., (n, o), &dev).unwrap();
-            let run = |fused: bool| {
-                let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
-                let y = if fused {
-                    lora_linear(xt, &w, at, bt, s).unwrap()
-                } else {
-                    let u = xt.matmul(&at.t()?)?.matmul(&(bt.t()? * s)?)?;
-                    frozen_linear_plus(xt, &w, Some(&u)).unwrap()
-                };
-                let g = (&y * &up)?.sum_all()?.backward()?;
-                assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
-                let grads = [&x, &a, &b].map(|v| g.get(v).unwrap().clone());
-                Ok::<_, candle_core::Error>((y, grads))
-            };
-            let ((y, g), (y0, g0)) = (run(true).unwrap(), run(false).unwrap());
-            let top = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            let rel = |p: &Tensor, q: &Tensor| close(p, q) / top(q).to_scalar::<f32>().unwrap();
-            assert!(rel(&y, &y0) < 1e-6, "{wdt:?} value {}", rel(&y, &y0));
-            for (name, (p, q)) in ["x", "A", "B"].iter().zip(g.iter().zip(&g0)) {
-                assert!(rel(p, q) < 1e-5, "{wdt:?} d{name}: {}", rel(p, q));
-            }
-        }
-    }
 
     /// The f32 product sums its inner dimension in short chains. Rows as a model's massive
     /// activations make them (SmolLM2's MLP inputs: a few entries in the thousands among ones

@@ -1,0 +1,353 @@
+//! The LoRA projection `x · Wᵀ + s · (x · Aᵀ) · Bᵀ` as one op on the CPU, with its own backward:
+//! a frozen `W` (out, in) in f32 or bf16, f32 `x` (N, in), `A` (r, in) and `B` (out, r).
+//!
+//! The graph keeps x, A, B and the output; the op keeps `h = s · x · Aᵀ` (N, r, a few KB) for its
+//! backward, which writes every gradient straight into one buffer, with no tensor between:
+//! `gb = s · g · B` (N, r), `dx = g · W + gb · A`, `dA = gbᵀ · x`, `dB = gᵀ · h`. The forward adds
+//! the LoRA term onto the frozen product's own output. (Composed, the term and the gradients took
+//! eight Candle ops, each with its output buffer, and x was read once more to recompute h.)
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use super::linear::{bf16_slice, mixed_grad_x, FrozenLinearCpu};
+use super::slice;
+use super::strided::gemm;
+
+/// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op (see the module doc). Gradients to x, A and B,
+/// never to W.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = LoraLinearCpu {
+        weight: weight.contiguous()?,
+        scale: scale as f32,
+        h: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LoraLinearCpu {
+    weight: Tensor,
+    scale: f32,
+    /// `scale · x · Aᵀ` (N, r) from the forward.
+    h: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+/// The sizes of one projection: rows, in, out, rank.
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
+    i: usize,
+    o: usize,
+    r: usize,
+}
+
+impl Dims {
+    /// Checks x (n, i), A (r, i), B (o, r) against their slices.
+    fn of(
+        op: &str,
+        (x, lx): (&[f32], &Layout),
+        a: (&[f32], &Layout),
+        b: (&[f32], &Layout),
+    ) -> Result<Self> {
+        let (n, i) = lx.shape().dims2()?;
+        let (r, ai) = a.1.shape().dims2()?;
+        let (o, br) = b.1.shape().dims2()?;
+        if ai != i || br != r || x.len() != n * i || a.0.len() != r * i || b.0.len() != o * r {
+            candle_core::bail!(
+                "{op}: x {:?}, A {:?}, B {:?} do not fit",
+                lx.dims(),
+                a.1.dims(),
+                b.1.dims()
+            );
+        }
+        Ok(Self { n, i, o, r })
+    }
+}
+
+/// `h = scale · x · Aᵀ` (n, r).
+fn low_rank_input(x: &[f32], a: &[f32], d: Dims, scale: f32) -> Vec<f32> {
+    let mut h = vec![0f32; d.n * d.r];
+    FrozenLinearCpu::gemm(x, a, &mut h, d.n, d.i, d.r, false);
+    h.iter_mut().for_each(|v| *v *= scale);
+    h
+}
+
+/// Runs `f` on a contiguous f32 CPU tensor's values and layout.
+fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32], &Layout) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("{op}: expected a CPU tensor");
+    };
+    f(slice(s, layout, op)?, layout)
+}
+
+/// Runs `f` on the frozen weight's CPU storage and layout.
+fn with_weight<R>(
+    w: &Tensor,
+    op: &str,
+    f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("{op}: the frozen weight is not on the CPU");
+    };
+    f(s, layout)
+}
+
+impl CustomOp3 for LoraLinearCpu {
+    fn name(&self) -> &'static str {
+        "ft-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, a, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
+        let d = Dims::of(op, (x, l1), (a, l2), (b, l3))?;
+        let h = low_rank_input(x, a, d, self.scale);
+        let mut out = with_weight(&self.weight, op, |w, lw| {
+            FrozenLinearCpu::product(x, l1, w, lw, None)
+        })?;
+        // out += h · Bᵀ: Bᵀ (r, o) has rows 1 apart, columns r apart.
+        let (n, o, r) = (d.n, d.o, d.r);
+        gemm(
+            op,
+            (n, o, r),
+            (&mut out, o),
+            true,
+            (&h, r, 1),
+            (b, 1, r),
+            1.0,
+            true,
+        )?;
+        let mut slot = match self.h.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        *slot = Some(Arc::new(h));
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = match self.h.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let op = LoraLinearBwd {
+            weight: self.weight.clone(),
+            a: a.contiguous()?,
+            b: b.contiguous()?,
+            scale: self.scale,
+            h,
+        };
+        let all = x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)?;
+        let (nx, na, nb) = (x.elem_count(), a.elem_count(), b.elem_count());
+        let dx = all.narrow(0, 0, nx)?.reshape(x.shape())?;
+        // A's and B's gradients (kept until the optimizer's step) get storages of their own, so
+        // that they do not keep x's buffer alive (`Tensor::copy` would clone the whole storage).
+        let own = |start: usize, len: usize, like: &Tensor| {
+            let v = all.narrow(0, start, len)?.to_vec1::<f32>()?;
+            Tensor::from_vec(v, like.shape(), like.device())
+        };
+        let (da, db) = (own(nx, na, a)?, own(nx + na, nb, b)?);
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// The backward over (x, g): dx, dA and dB concatenated into one flat buffer.
+struct LoraLinearBwd {
+    weight: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: f32,
+    /// The forward's `scale · x · Aᵀ`, recomputed if absent.
+    h: Option<Arc<Vec<f32>>>,
+}
+
+impl CustomOp2 for LoraLinearBwd {
+    fn name(&self) -> &'static str {
+        "ft-lora-linear-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, g) = (slice(s1, l1, op)?, slice(s2, l2, op)?);
+        with_f32(&self.a, op, |a, la| {
+            with_f32(&self.b, op, |b, lb| {
+                let d = Dims::of(op, (x, l1), (a, la), (b, lb))?;
+                if g.len() != d.n * d.o {
+                    candle_core::bail!("{op}: the output gradient is not {}×{}", d.n, d.o);
+                }
+                let fresh;
+                let h = match &self.h {
+                    Some(h) if h.len() == d.n * d.r => h.as_slice(),
+                    _ => {
+                        fresh = low_rank_input(x, a, d, self.scale);
+                        &fresh
+                    }
+                };
+                let all = self.gradients(d, (x, g), (a, b), h)?;
+                let len = all.len();
+                Ok((CpuStorage::F32(all), Shape::from_dims(&[len])))
+            })
+        })
+    }
+}
+
+impl LoraLinearBwd {
+    /// [dx | dA | dB] for x (n, i), g (n, o), A (r, i), B (o, r) and h (n, r).
+    fn gradients(
+        &self,
+        d: Dims,
+        (x, g): (&[f32], &[f32]),
+        (a, b): (&[f32], &[f32]),
+        h: &[f32],
+    ) -> Result<Vec<f32>> {
+        let op = self.name();
+        let Dims { n, i, o, r } = d;
+        let mut all = vec![0f32; n * i + r * i + o * r];
+        let (dx, rest) = all.split_at_mut(n * i);
+        let (da, db) = rest.split_at_mut(r * i);
+        // gb = s · g · B (n, r)
+        let mut gb = vec![0f32; n * r];
+        gemm(
+            op,
+            (n, r, o),
+            (&mut gb, r),
+            false,
+            (g, o, 1),
+            (b, r, 1),
+            self.scale,
+            true,
+        )?;
+        // dx = g · W (W (o, i) row-major), then + gb · A
+        with_weight(&self.weight, op, |w, lw| match w {
+            CpuStorage::BF16(_) => mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx),
+            _ => {
+                let w = slice(w, lw, op)?;
+                gemm(
+                    op,
+                    (n, i, o),
+                    (&mut *dx, i),
+                    false,
+                    (g, o, 1),
+                    (w, i, 1),
+                    1.0,
+                    true,
+                )
+            }
+        })?;
+        gemm(
+            op,
+            (n, i, r),
+            (dx, i),
+            true,
+            (&gb, r, 1),
+            (a, i, 1),
+            1.0,
+            true,
+        )?;
+        // dA = gbᵀ · x (r, i); dB = gᵀ · h (o, r)
+        gemm(
+            op,
+            (r, i, n),
+            (da, i),
+            false,
+            (&gb, 1, r),
+            (x, i, 1),
+            1.0,
+            true,
+        )?;
+        gemm(
+            op,
+            (o, r, n),
+            (db, r),
+            false,
+            (g, 1, o),
+            (h, r, 1),
+            1.0,
+            true,
+        )?;
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::kernels::cpu::frozen_linear_plus;
+    use crate::model::kernels::cpu::tests::close;
+    use candle_core::{DType, Device, Var};
+
+    /// The one-op LoRA projection against the frozen kernel plus the composed LoRA term (the
+    /// path it replaces), with f32 and bf16 weights and many rows (the products' own kernels):
+    /// value and the gradients of x, A and B; none for W.
+    #[test]
+    fn lora_linear_equals_frozen_plus_composed_update() {
+        let dev = Device::Cpu;
+        let (i, o, r, s) = (48, 40, 4, 2.5);
+        // Few rows (the frozen product's gemv) and many (its gemm), both weight dtypes.
+        for (n, wdt) in [3, 300]
+            .into_iter()
+            .flat_map(|n| [DType::F32, DType::BF16].map(|w| (n, w)))
+        {
+            let var = |shape: (usize, usize), sd: f32| {
+                Var::from_tensor(&Tensor::randn(0f32, sd, shape, &dev).unwrap()).unwrap()
+            };
+            let (x, a, b) = (var((n, i), 1.0), var((r, i), 0.3), var((o, r), 0.3));
+            let w = Tensor::randn(0f32, 0.2, (o, i), &dev)
+                .unwrap()
+                .to_dtype(wdt)
+                .unwrap();
+            let up = Tensor::randn(0f32, 1., (n, o), &dev).unwrap();
+            let run = |fused: bool| {
+                let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+                let y = if fused {
+                    lora_linear(xt, &w, at, bt, s).unwrap()
+                } else {
+                    let u = xt.matmul(&at.t()?)?.matmul(&(bt.t()? * s)?)?;
+                    frozen_linear_plus(xt, &w, Some(&u)).unwrap()
+                };
+                let g = (&y * &up)?.sum_all()?.backward()?;
+                assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
+                let grads = [&x, &a, &b].map(|v| g.get(v).unwrap().clone());
+                Ok::<_, candle_core::Error>((y, grads))
+            };
+            let ((y, g), (y0, g0)) = (run(true).unwrap(), run(false).unwrap());
+            let top = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let rel = |p: &Tensor, q: &Tensor| close(p, q) / top(q).to_scalar::<f32>().unwrap();
+            assert!(rel(&y, &y0) < 1e-6, "{n} {wdt:?} value {}", rel(&y, &y0));
+            for (name, (p, q)) in ["x", "A", "B"].iter().zip(g.iter().zip(&g0)) {
+                assert!(rel(p, q) < 1e-5, "{n} {wdt:?} d{name}: {}", rel(p, q));
+            }
+        }
+    }
+}
