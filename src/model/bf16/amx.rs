@@ -135,27 +135,19 @@ pub(crate) unsafe fn matmul(
     accumulate: bool,
 ) {
     if k > K_WHOLE {
-        for k0 in (0..k).step_by(K_CHUNK) {
-            let kc = K_CHUNK.min(k - k0);
-            // SAFETY: as for this call: k0 < k, so columns k0..k0 + kc of A and rows k0..k0 + kc
-            // of B lie inside the validated extents of the slices from those offsets on.
-            unsafe {
-                matmul(
-                    m,
-                    n,
-                    kc,
-                    &a[k0 * a_cs..],
-                    a_rs,
-                    a_cs,
-                    &b[k0 * b_rs..],
-                    b_rs,
-                    b_cs,
-                    c,
-                    ldc,
-                    accumulate || k0 > 0,
-                )
-            };
-        }
+        // SAFETY: this call's contract.
+        unsafe {
+            matmul_chunked(
+                m,
+                n,
+                k,
+                (a, a_rs, a_cs),
+                (b, b_rs, b_cs),
+                c,
+                ldc,
+                accumulate,
+            )
+        };
         return;
     }
     let kp = k.div_ceil(KT) * KT;
@@ -175,53 +167,122 @@ pub(crate) unsafe fn matmul(
     let bp = &bp_buf;
     (0..mp / BLOCK).into_par_iter().for_each(move |rb| {
         let out = out;
-        let mut tile = [0f32; BLOCK * BLOCK];
         // SAFETY: AMX is usable (the caller's contract); the configuration is valid for palette
         // 1 and is loaded on this thread before any tile instruction and released after.
         unsafe { asm!("ldtilecfg [{0}]", in(reg) &CONFIG, options(nostack, readonly)) };
         let a_rows = &ap[rb * BLOCK * kp..(rb + 1) * BLOCK * kp];
-        for pp in 0..panels / 2 {
-            let b_pair = &bp[2 * pp * panel_len..(2 * pp + 2) * panel_len];
-            let (i0, j0) = (rb * BLOCK, pp * BLOCK);
-            if i0 + BLOCK <= m && j0 + BLOCK <= n {
-                // A whole 32×32 block inside C: the tiles load (accumulate) and store C itself.
-                // SAFETY: as below for A and B; rows i0..i0 + 32 and columns j0..j0 + 32 lie
-                // inside C (validated: c.len() ≥ (m − 1)·ldc + n) and belong to this task.
-                unsafe {
-                    block(
-                        a_rows,
-                        kp,
-                        b_pair,
-                        panel_len,
-                        out.c.add(i0 * ldc + j0),
-                        ldc,
-                        accumulate,
-                    )
-                };
-                continue;
-            }
-            // SAFETY: the A rows hold 32 × kp values and the two panels 2 × kp/2 × 32, so every
-            // tile load (16 rows at the given strides, 64 bytes each) stays inside them; `tile`
-            // holds the 32×32 f32 the four stores write.
+        // SAFETY: the tiles are configured above; the packed operands are as `row_block` needs
+        // them; rows rb·32.. of C belong to this task.
+        unsafe {
+            row_block(
+                rb,
+                (a_rows, kp),
+                (bp, panel_len),
+                (m, n),
+                (out.c, ldc),
+                accumulate,
+            )
+        };
+        // SAFETY: releases this thread's tile state (configured above).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    });
+    keep(&B_SCRATCH, bp_buf);
+    keep(&A_SCRATCH, ap_buf);
+}
+
+/// Row block `rb` of C (rows rb·32..rb·32 + 32) against every pair of B panels: whole 32×32
+/// blocks straight in C, edge blocks through a tile-sized buffer.
+///
+/// # Safety
+/// The tiles are configured as [`CONFIG`] on this thread; `a_rows` holds 32·kp packed values and
+/// `bp` the packed panels of B (an even count covering n, `panel_len` each); C holds
+/// (m − 1)·ldc + n f32 at `c`, and no one else touches this block's rows meanwhile.
+unsafe fn row_block(
+    rb: usize,
+    (a_rows, kp): (&[bf16], usize),
+    (bp, panel_len): (&[bf16], usize),
+    (m, n): (usize, usize),
+    (c, ldc): (*mut f32, usize),
+    accumulate: bool,
+) {
+    let mut tile = [0f32; BLOCK * BLOCK];
+    let panels = bp.len() / panel_len;
+    for pp in 0..panels / 2 {
+        let b_pair = &bp[2 * pp * panel_len..(2 * pp + 2) * panel_len];
+        let (i0, j0) = (rb * BLOCK, pp * BLOCK);
+        if i0 + BLOCK <= m && j0 + BLOCK <= n {
+            // A whole 32×32 block inside C: the tiles load (accumulate) and store C itself.
+            // SAFETY: as below for A and B; rows i0..i0 + 32 and columns j0..j0 + 32 lie
+            // inside C (validated: c.len() ≥ (m − 1)·ldc + n) and belong to this task.
             unsafe {
                 block(
                     a_rows,
                     kp,
                     b_pair,
                     panel_len,
-                    tile.as_mut_ptr(),
-                    BLOCK,
-                    false,
+                    c.add(i0 * ldc + j0),
+                    ldc,
+                    accumulate,
                 )
             };
-            // SAFETY: rows i0.. (< m) and columns j0.. (< n) of C belong to this task.
-            unsafe { write_edge(&tile, out.c, ldc, (i0, j0), (m, n), accumulate) };
+            continue;
         }
-        // SAFETY: releases this thread's tile state (configured above).
-        unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    });
-    keep(&B_SCRATCH, bp_buf);
-    keep(&A_SCRATCH, ap_buf);
+        // SAFETY: the A rows hold 32 × kp values and the two panels 2 × kp/2 × 32, so every
+        // tile load (16 rows at the given strides, 64 bytes each) stays inside them; `tile`
+        // holds the 32×32 f32 the four stores write.
+        unsafe {
+            block(
+                a_rows,
+                kp,
+                b_pair,
+                panel_len,
+                tile.as_mut_ptr(),
+                BLOCK,
+                false,
+            )
+        };
+        // SAFETY: rows i0.. (< m) and columns j0.. (< n) of C belong to this task.
+        unsafe { write_edge(&tile, c, ldc, (i0, j0), (m, n), accumulate) };
+    }
+}
+
+/// [`matmul`] as a sum of products over k chunks of [`K_CHUNK`] (see [`K_WHOLE`]).
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_chunked(
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, b_rs, b_cs): (&[bf16], usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    for k0 in (0..k).step_by(K_CHUNK) {
+        let kc = K_CHUNK.min(k - k0);
+        let (a, b) = (&a[k0 * a_cs..], &b[k0 * b_rs..]);
+        // SAFETY: as for this call: k0 < k, so columns k0..k0 + kc of A and rows k0..k0 + kc of
+        // B lie inside the validated extents of the slices from those offsets on.
+        unsafe {
+            matmul(
+                m,
+                n,
+                kc,
+                a,
+                a_rs,
+                a_cs,
+                b,
+                b_rs,
+                b_cs,
+                c,
+                ldc,
+                accumulate || k0 > 0,
+            )
+        };
+    }
 }
 
 thread_local! {

@@ -4,8 +4,7 @@
 
 use candle_core::Result;
 
-/// A matrix operand: its slice, row stride and column stride.
-pub(crate) type Operand<'a> = (&'a [f32], usize, usize);
+use crate::model::bf16::Operand;
 
 /// Elements a `rows × cols` matrix at strides (`rs`, `cs`) spans.
 fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
