@@ -13,7 +13,7 @@
 //! products take bf16-rounded operands on the AMX tiles (`bf16::matmul_f32_small`, f32 sums),
 //! as torch runs attention in a bf16 model; the softmax and its statistics stay f32.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -45,7 +45,7 @@ pub fn flash(
         bias_rows,
         bf16,
         scale: scale as f32,
-        lse: Mutex::new(None),
+        lse: cpu::Saved::new(),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -270,7 +270,7 @@ struct FlashAttn {
     /// The products on bf16-rounded operands.
     bf16: bool,
     scale: f32,
-    lse: Mutex<Option<Arc<Vec<f32>>>>,
+    lse: cpu::Saved<Arc<Vec<f32>>>,
 }
 
 impl CustomOp3 for FlashAttn {
@@ -317,11 +317,7 @@ impl CustomOp3 for FlashAttn {
                     })
             })?;
         }
-        let mut slot = match self.lse.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        *slot = Some(Arc::new(lse));
+        self.lse.set(Arc::new(lse));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -333,10 +329,7 @@ impl CustomOp3 for FlashAttn {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = match self.lse.lock() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let lse = self.lse.get();
         let op = FlashAttnBwd {
             bias: self.bias.clone(),
             bias_rows: self.bias_rows,

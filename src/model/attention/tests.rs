@@ -81,7 +81,7 @@ fn check_in(b: usize, h: usize, kv: usize, t: usize, d: usize, packed: bool, bf1
         bias_rows: bias.dim(0).unwrap(),
         bf16,
         scale: scale as f32,
-        lse: Mutex::new(None),
+        lse: cpu::Saved::new(),
     };
     let got = q
         .as_tensor()
@@ -189,7 +189,7 @@ fn attention_timing() {
             bias_rows: 1,
             bf16,
             scale: scale as f32,
-            lse: Mutex::new(None),
+            lse: cpu::Saved::new(),
         };
         q.as_tensor()
             .apply_op3(k.as_tensor(), v.as_tensor(), op)

@@ -133,6 +133,25 @@ fn validate(
     Ok(())
 }
 
+/// Handles a product with no rows, columns or inner dimension (C (m×n, rows `ldc` apart) is
+/// zeroed for k = 0 unless `accumulate`); false when there is work for a kernel.
+pub fn degenerate(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> bool {
+    if m > 0 && n > 0 && k > 0 {
+        return false;
+    }
+    if m > 0 && n > 0 && !accumulate {
+        for i in 0..m {
+            c[i * ldc..i * ldc + n].fill(0.0);
+        }
+    }
+    true
+}
+
 /// True when the AVX512-BF16 kernel can run on this CPU.
 pub fn has_bf16_hw() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -277,15 +296,7 @@ fn matmul_impl(
         c.len(),
         ldc,
     )?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
-            }
-        }
+    if degenerate((m, n, k), c, ldc, accumulate) {
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
@@ -357,15 +368,7 @@ pub fn matmul_f32_small(
         c.len(),
         ldc,
     )?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
-            }
-        }
+    if degenerate((m, n, k), c, ldc, accumulate) {
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]

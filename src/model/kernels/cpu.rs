@@ -317,6 +317,33 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(op)?.sum_all()? / targets.len() as f64
 }
 
+/// A value an op's forward keeps for its backward (a poisoned lock still holds it).
+pub(crate) struct Saved<T>(std::sync::Mutex<Option<T>>);
+
+impl<T: Clone> Saved<T> {
+    /// Nothing saved yet.
+    pub(crate) fn new() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    /// Keeps `value`, replacing what was kept.
+    pub(crate) fn set(&self, value: T) {
+        let mut slot = match self.0.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        *slot = Some(value);
+    }
+
+    /// What is kept, if anything.
+    pub(crate) fn get(&self) -> Option<T> {
+        match self.0.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::composed;

@@ -7,13 +7,13 @@
 //! the LoRA term onto the frozen product's own output. (Composed, the term and the gradients took
 //! eight Candle ops, each with its output buffer, and x was read once more to recompute h.)
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::linear::{bf16_slice, mixed_grad_x, FrozenLinearCpu};
-use super::slice;
 use super::strided::gemm;
+use super::{slice, Saved};
 
 /// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op (see the module doc). Gradients to x, A and B,
 /// never to W.
@@ -27,7 +27,7 @@ pub fn lora_linear(
     let op = LoraLinearCpu {
         weight: weight.contiguous()?,
         scale: scale as f32,
-        h: Mutex::new(None),
+        h: Saved::new(),
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -37,7 +37,7 @@ struct LoraLinearCpu {
     weight: Tensor,
     scale: f32,
     /// `scale · x · Aᵀ` (N, r) from the forward.
-    h: Mutex<Option<Arc<Vec<f32>>>>,
+    h: Saved<Arc<Vec<f32>>>,
 }
 
 /// The sizes of one projection: rows, in, out, rank.
@@ -135,11 +135,7 @@ impl CustomOp3 for LoraLinearCpu {
             1.0,
             true,
         )?;
-        let mut slot = match self.h.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        *slot = Some(Arc::new(h));
+        self.h.set(Arc::new(h));
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
     }
 
@@ -151,10 +147,7 @@ impl CustomOp3 for LoraLinearCpu {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = match self.h.lock() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let h = self.h.get();
         let op = LoraLinearBwd {
             weight: self.weight.clone(),
             a: a.contiguous()?,

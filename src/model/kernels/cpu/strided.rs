@@ -38,12 +38,7 @@ pub(crate) fn gemm(
     {
         candle_core::bail!("{op}: gemm operands out of bounds");
     }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
-        }
+    if crate::model::bf16::degenerate((m, n, k), dst, dst_rs, accumulate) {
         return Ok(());
     }
     let threads = rayon::current_num_threads();
