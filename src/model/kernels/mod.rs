@@ -23,11 +23,11 @@
 //! | rms_norm      | cpu-fused                                           | cuda          | gpu-common      |
 //! | layer_norm    | composed                                            | composed      | composed        |
 //! | rope          | cpu-fused                                           | cuda          | gpu-common      |
-//! | attention     | cpu-fused (flash)                                   | cuda(-flash)  | composed        |
+//! | attention     | cpu-fused (flash) · its products in bf16 on AMX     | cuda(-flash)  | composed        |
 //! | softmax       | cpu-fused                                           | cuda          | composed        |
 //! | cross_entropy | cpu-fused                                           | cuda          | composed        |
 //! | swiglu        | cpu-fused                                           | cuda          | composed        |
-//! | frozen_linear | cpu-fused · cpu-bf16-avx512 / cpu-bf16-portable     | cuda          | gpu-common      |
+//! | frozen_linear | cpu-fused · cpu-bf16-amx / -avx512 / -portable      | cuda          | gpu-common      |
 //! | lora_linear   | cpu-fused                                           | cuda          | composed        |
 //! | decode step   | cpu-fused (one pass per token, llama family)        | the ops above | the ops above   |
 //!
