@@ -26,7 +26,7 @@ thread_local! {
 /// C (m×n, row stride `ldc`) = [C +] A·B with A (m×k) and B (k×n) f32 at the given strides.
 ///
 /// # Safety
-/// [`super::amx::usable`] returned true (so the CPU has AVX512-BF16 too); shapes were validated
+/// [`super::amx::usable`] and [`super::has_bf16_hw`] returned true; shapes were validated
 /// against the slices; m, n, k > 0.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul(
@@ -96,8 +96,8 @@ fn pack_a(
     ap[m * kp2..].fill(0);
     if cs == 1 {
         for (i, row) in ap.chunks_exact_mut(kp2).take(m).enumerate() {
-            // SAFETY: the CPU has AVX512-BF16 (every AMX CPU does; the caller checked AMX);
-            // row i's k values lie in `a` (validated) and `row` holds kp2 ≥ k/2 pairs.
+            // SAFETY: the CPU has AVX512-BF16 (the caller's contract); row i's k values lie in
+            // `a` (validated) and `row` holds kp2 ≥ k/2 pairs.
             unsafe { super::avx512::pack_a_row(a, i * rs, 1, k, row) };
         }
     } else if rs == 1 {

@@ -327,12 +327,13 @@ fn matmul_impl(
     Ok(())
 }
 
-/// Whether [`matmul_f32_small`] runs on the AMX tiles here; elsewhere it is a plain loop, kept
-/// for tests (callers use it only where this says yes).
+/// Whether [`matmul_f32_small`] runs on the AMX tiles here (its packers need AVX512-BF16 too,
+/// which every AMX CPU has; a VM could hide it); elsewhere it is a plain loop, kept for tests
+/// (callers use it only where this says yes).
 pub fn small_products_on_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        amx::usable()
+        amx::usable() && has_bf16_hw()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -372,9 +373,9 @@ pub fn matmul_f32_small(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if amx::usable() {
-        // SAFETY: AMX (and with it AVX512-BF16) is usable here, checked just above; the shapes
-        // and strides were validated against the slices; m, n, k > 0.
+    if small_products_on_tiles() {
+        // SAFETY: AMX and AVX512-BF16 are usable here, checked just above; the shapes and
+        // strides were validated against the slices; m, n, k > 0.
         unsafe { amx_small::matmul((m, n, k), a, b, c, ldc, accumulate) };
         return Ok(());
     }
