@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::cpu;
@@ -94,11 +94,7 @@ fn dims_of(
 
 /// Reads a contiguous f32 CPU tensor inside a kernel.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else {
-        candle_core::bail!("attention: expected a CPU tensor");
-    };
-    f(cpu::slice(s, layout, "attention")?)
+    cpu::with_f32(t, "attention", |x, _| f(x))
 }
 
 /// For every bias row and query i, the half-open key range `lo..hi` between the first and the last

@@ -317,6 +317,29 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(op)?.sum_all()? / targets.len() as f64
 }
 
+/// Runs `f` on a CPU tensor's storage and layout (inside an op that holds the tensor); errs,
+/// naming `op`, for a tensor on another device.
+pub(crate) fn with_cpu<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("{op}: expected a CPU tensor");
+    };
+    f(s, layout)
+}
+
+/// [`with_cpu`] for a contiguous f32 tensor: its values and layout.
+pub(crate) fn with_f32<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32], &Layout) -> Result<R>,
+) -> Result<R> {
+    with_cpu(t, op, |s, l| f(slice(s, l, op)?, l))
+}
+
 /// A value an op's forward keeps for its backward (a poisoned lock still holds it).
 pub(crate) struct Saved<T>(std::sync::Mutex<Option<T>>);
 

@@ -9,11 +9,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::linear::{bf16_slice, mixed_grad_x, FrozenLinearCpu};
 use super::strided::gemm;
-use super::{slice, Saved};
+use super::{slice, with_cpu, with_f32, Saved};
 
 /// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op (see the module doc). Gradients to x, A and B,
 /// never to W.
@@ -80,28 +80,6 @@ fn low_rank_input(x: &[f32], a: &[f32], d: Dims, scale: f32) -> Vec<f32> {
     h
 }
 
-/// Runs `f` on a contiguous f32 CPU tensor's values and layout.
-fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32], &Layout) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else {
-        candle_core::bail!("{op}: expected a CPU tensor");
-    };
-    f(slice(s, layout, op)?, layout)
-}
-
-/// Runs `f` on the frozen weight's CPU storage and layout.
-fn with_weight<R>(
-    w: &Tensor,
-    op: &str,
-    f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
-) -> Result<R> {
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else {
-        candle_core::bail!("{op}: the frozen weight is not on the CPU");
-    };
-    f(s, layout)
-}
-
 impl CustomOp3 for LoraLinearCpu {
     fn name(&self) -> &'static str {
         "ft-lora-linear"
@@ -120,7 +98,7 @@ impl CustomOp3 for LoraLinearCpu {
         let (x, a, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
         let d = Dims::of(op, (x, l1), (a, l2), (b, l3))?;
         let h = low_rank_input(x, a, d, self.scale);
-        let mut out = with_weight(&self.weight, op, |w, lw| {
+        let mut out = with_cpu(&self.weight, op, |w, lw| {
             FrozenLinearCpu::product(x, l1, w, lw, None)
         })?;
         // out += h · Bᵀ: Bᵀ (r, o) has rows 1 apart, columns r apart.
@@ -242,7 +220,7 @@ impl LoraLinearBwd {
             true,
         )?;
         // dx = g · W (W (o, i) row-major), then + gb · A
-        with_weight(&self.weight, op, |w, lw| match w {
+        with_cpu(&self.weight, op, |w, lw| match w {
             CpuStorage::BF16(_) => mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx),
             _ => {
                 let w = slice(w, lw, op)?;
