@@ -473,14 +473,16 @@ pub(super) unsafe fn block(
     }
     for t in 0..kp / KT {
         // A tiles: columns t·32.. of rows 0..16 and 16..32; B tiles: k-pair rows t·16.. of each
-        // panel (64 bytes a row).
+        // panel (64 bytes a row). Each product comes right after the loads it needs: 10–15%
+        // faster than four loads then four products (`examples/bf16_matmul`, Sapphire Rapids,
+        // 2 threads).
         asm!(
             "tileloadd tmm4, [{a0} + {sa} * 1]",
-            "tileloadd tmm5, [{a1} + {sa} * 1]",
             "tileloadd tmm6, [{b0} + {sb} * 1]",
-            "tileloadd tmm7, [{b1} + {sb} * 1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {sb} * 1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {sa} * 1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             a0 = in(reg) a0.add(t * KT * 2),
