@@ -159,6 +159,9 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 ///   packs that gradient to bf16 (N·V·2 bytes) and, on AMX tiles, the (V, D) weight (V·D·2
 ///   bytes), all alive at once: the step's peak (`bench/results/cpu-memory-grid-2026-12-06-estimate.log`:
 ///   every mode within ±5%).
+///   With the loss in chunks of rows (the plan's `loss_chunks`, `model::loss`) all of this is
+///   counted for one chunk's rows only (each chunk's logits and gradients are freed before the
+///   next), plus the (N, D) input gradient the graph keeps.
 /// * with checkpointing (llama only): per layer the detached output, the recompute op's zeros and
 ///   their sum (3·N·H) and the gradient stored for the detached output (N·H), plus one layer's
 ///   full set while it is recomputed. That set is counted on top of the freed cross-entropy
@@ -185,10 +188,8 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// k and v gradients at a time.
 ///
 /// With the fused bf16 attention on CUDA (the plan's attention `cuda-flash`, head sizes it is
-/// built for) neither S nor the GQA copies are kept: the per-row log-sum-exp (f32) and, as in the
-/// chunked form, the value and the zeros carrying its gradient (2·N·Q) instead; one layer's
-/// backward holds f32 q, k, v gradients and their bf16 casts. Measured on an H100: 5.11 GB at
-/// Qwen2.5-0.5B 4×512 (this count 5.16), 9.16 GB at 1×4096 (9.16).
+/// built for) neither S nor the GQA copies are kept: the per-row log-sum-exp (f32) instead; one
+/// layer's backward holds f32 q, k, v gradients and their bf16 casts.
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let n = Counts::of(cfg, input);
     let params = cfg.parameter_count() as u64;
@@ -209,8 +210,16 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     };
     // parameter + gradient + exp_avg + exp_avg_sq, all f32
     let lora_and_optimizer = (n.lora_params() + n.dora_params()) * 4 * 4;
-    let loss_rows = n.b * n.t.saturating_sub(1).max(1);
     let kernels = &input.kernels;
+    // Rows of logits alive at once: every row with a label, or one chunk of them
+    // (`model::loss`), which then leaves an (N, D) input gradient in the activations' dtype.
+    let all_rows = n.b * n.t.saturating_sub(1).max(1);
+    let (loss_rows, input_grad) = if kernels.loss_chunks {
+        let rows = all_rows.min(crate::model::loss::chunk_rows(n.v as usize) as u64);
+        (rows, all_rows * n.d * n.ae)
+    } else {
+        (all_rows, 0)
+    };
     let logits = if n.cuda_kernels {
         loss_rows * n.v * n.ae * 2
     } else if kernels.cross_entropy == Impl::CpuFused
@@ -232,7 +241,7 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     } else {
         // Composed: the logits, log-softmax, its gradient and the logits' gradient.
         loss_rows * n.v * 4 * 4
-    };
+    } + input_grad;
     // The chunked attention's tiles live while a layer's backward runs, after the loss's buffers
     // are freed: they raise the peak only where they need more than those.
     let activations =
@@ -449,9 +458,9 @@ impl<'a> Counts<'a> {
         // Long sequences on CUDA and the composed graph go through in query chunks: no scores
         // kept, the chunked value and the zeros that carry its gradient instead (2·N·Q).
         let (kept_scores, leaked_scores) = if self.flash {
-            // The fused CUDA attention keeps its per-row log-sum-exp (f32), and, computed off
-            // the graph like the chunked one, its value and the zeros carrying its gradient.
-            (2 * tokens * self.q + b * self.heads * t * 4 / ae.max(1), 0)
+            // The fused CUDA attention (one op whose output is the attention's value, counted
+            // with the layer) keeps its per-row log-sum-exp (f32).
+            (b * self.heads * t * 4 / ae.max(1), 0)
         } else if self.chunked_attention().is_some() {
             (2 * tokens * self.q, 0)
         } else if self.cuda {

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use finetune::model::{kernels, ops};
+use finetune::model::{kernels, loss, ops};
 
 /// ‖a − b‖ / ‖b‖, in f64 on the CPU.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -404,6 +404,35 @@ fn cross_entropy_matches_the_cpu() {
             );
             assert!(e <= tol(dtype), "cross_entropy {n}x{v} {dtype:?}: {e}");
         }
+    }
+}
+
+/// The LM head and the loss taken 16 rows at a time (`model::loss`, as training takes them) on
+/// CUDA against the whole loss in f64 on the CPU: the value and the hidden states' gradient, for
+/// rows that 16 does not divide, a 151,936-entry vocabulary and an upstream gradient other than 1.
+#[test]
+fn chunked_head_loss_matches_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        let (n, d, v) = (45, 896, 151_936);
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % v as u32).collect();
+        let w = randn(&[v, d], 21).affine(0.05, 0.0).unwrap();
+        let e = compare(
+            "LM head + loss, chunks of 16 rows",
+            &[randn(&[n, d], 20)],
+            &[w],
+            dtype,
+            |x, c| {
+                let head = |h: &Tensor, t: &[u32]| {
+                    kernels::cross_entropy(&kernels::frozen_linear(h, &c[0])?, t)
+                };
+                if x[0].device().is_cuda() {
+                    loss::chunked_mean_loss(&x[0], &targets, 16, head)
+                } else {
+                    head(&x[0], &targets)
+                }
+            },
+        );
+        assert!(e <= tol(dtype), "chunked head loss {dtype:?}: {e}");
     }
 }
 

@@ -5,7 +5,9 @@
 //! only allocates zeros).
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 /// The input gradient of an op, given (input, upstream gradient).
 pub(crate) type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -21,18 +23,20 @@ pub(crate) type InputGrads3 = Box<
 /// gradient).
 struct GradVia {
     shape: Shape,
+    /// The value's dtype (the zeros are added to it), which may differ from the input's.
+    dtype: DType,
     bwd: InputGrad,
 }
 
 impl GradVia {
-    /// The forward of every backend: zeros of the value's shape, in the input's dtype.
+    /// The forward of every backend: zeros of the value's shape and dtype.
     fn zeros<S>(&self, s: &S) -> Result<(S, Shape)>
     where
         S: BackendStorage,
         S::Device: BackendDevice<Storage = S>,
     {
         Ok((
-            s.device().zeros_impl(&self.shape, s.dtype())?,
+            s.device().zeros_impl(&self.shape, self.dtype)?,
             self.shape.clone(),
         ))
     }
@@ -201,8 +205,8 @@ pub(crate) fn with_grad(value: Tensor, x: &Tensor, bwd: InputGrad) -> Result<Ten
     if !x.track_op() {
         return Ok(value);
     }
-    let shape = value.shape().clone();
-    value + x.apply_op1(GradVia { shape, bwd })?
+    let (shape, dtype) = (value.shape().clone(), value.dtype());
+    value + x.apply_op1(GradVia { shape, dtype, bwd })?
 }
 
 /// As [`with_grad`], on the graph even when `x` is a constant: the op also hangs on `anchor`
@@ -214,6 +218,6 @@ pub(crate) fn with_grad_anchored(
     anchor: &Tensor,
     bwd: InputGrad,
 ) -> Result<Tensor> {
-    let shape = value.shape().clone();
-    value + x.apply_op2(anchor, GradVia { shape, bwd })?
+    let (shape, dtype) = (value.shape().clone(), value.dtype());
+    value + x.apply_op2(anchor, GradVia { shape, dtype, bwd })?
 }

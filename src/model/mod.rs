@@ -34,6 +34,7 @@ pub mod import;
 pub mod kernels;
 pub mod llama;
 pub mod lora;
+pub mod loss;
 pub mod ops;
 pub mod qload;
 pub mod quant;
@@ -453,13 +454,29 @@ impl Model {
 
     /// Masked next-token loss as transformers defines it: `labels` `(B, T)` (row-major, unshifted,
     /// -100 = ignore); position t predicts label t+1; mean over the positions that count.
-    /// The LM head runs only on those positions, which saves (B·T − N)·V logits.
+    /// The LM head runs only on those positions, which saves (B·T − N)·V logits, and in chunks of
+    /// rows where the plan says so ([`loss`]): no whole (N, V) logits.
     /// Returns `(loss, N)`; an error if no position counts.
     pub fn loss(
         &self,
         input: &ModelInput,
         labels: &[i64],
         train: bool,
+    ) -> candle_core::Result<(Tensor, usize)> {
+        let chunks = kernels::plan_for_device(self.device(), self.dtype).loss_chunks
+            && !self.lm_head().track_op();
+        let chunk = chunks.then(|| loss::chunk_rows(self.config.vocab_size));
+        self.loss_in_chunks(input, labels, train, chunk)
+    }
+
+    /// [`Model::loss`] with the loss `chunk` rows at a time (`None`: all at once), whatever the
+    /// kernel plan says (to compare the two).
+    pub fn loss_in_chunks(
+        &self,
+        input: &ModelInput,
+        labels: &[i64],
+        train: bool,
+        chunk: Option<usize>,
     ) -> candle_core::Result<(Tensor, usize)> {
         let (b, t) = input.input_ids.dims2()?;
         if labels.len() != b * t {
@@ -492,8 +509,11 @@ impl Model {
         let picked = x
             .reshape((b * t, d))?
             .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        let logits = self.head(&picked)?;
-        let loss = kernels::cross_entropy(&logits, &targets)?;
+        let head_loss = |x: &Tensor, t: &[u32]| kernels::cross_entropy(&self.head(x)?, t);
+        let loss = match chunk {
+            Some(rows) => loss::chunked_mean_loss(&picked, &targets, rows, head_loss)?,
+            None => head_loss(&picked, &targets)?,
+        };
         Ok((loss, n))
     }
 }

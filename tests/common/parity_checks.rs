@@ -189,3 +189,48 @@ fn bf16_weights_match_within_bf16_tolerances() {
         assert!(worst <= 5e-2, "{}: gradient {worst:.2e}", name(&dir));
     }
 }
+
+/// The loss taken a few rows at a time (`model::loss`: no whole logits) gives the whole loss's
+/// value and every LoRA gradient: chunks of 3 rows and of 1 against all rows at once.
+#[test]
+fn loss_in_chunks_equals_the_whole_loss() {
+    for dir in reference_dirs() {
+        let r = reference(&dir);
+        let mut model = load(&dir);
+        let state = adapter::load(&dir.join("peft-adapter"), &mut model).unwrap();
+        let ids = r.input_ids.to_device(model.device()).unwrap();
+        let input = ModelInput::causal(ids);
+        let run = |rows: Option<usize>| {
+            let (loss, n) = model
+                .loss_in_chunks(&input, &r.labels, true, rows)
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let mut grads: Vec<_> = state
+                .named_vars()
+                .into_iter()
+                .map(|(k, v)| (k, grads.get(&v).unwrap().clone()))
+                .collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            (loss.to_scalar::<f32>().unwrap() as f64, n, grads)
+        };
+        let (whole, n, want) = run(None);
+        assert!(n > 3, "{}: the fixture has {n} positions", name(&dir));
+        for rows in [3, 1] {
+            let (loss, _, got) = run(Some(rows));
+            assert!(
+                (loss - whole).abs() <= 1e-6 * whole.abs().max(1.0),
+                "{}: {rows} rows a chunk: loss {loss} vs {whole}",
+                name(&dir)
+            );
+            for ((key, g), (_, w)) in got.iter().zip(&want) {
+                let w = w.to_device(&candle_core::Device::Cpu).unwrap();
+                let rel = rel_err(g, &w);
+                assert!(
+                    rel <= 1e-5,
+                    "{}: {rows} rows a chunk: {key} off by {rel:.2e}",
+                    name(&dir)
+                );
+            }
+        }
+    }
+}

@@ -261,6 +261,9 @@ pub struct KernelPlan {
     /// A projection with its LoRA term as one op (`cuda`, in passes without dropout), or the
     /// composed f32 LoRA term added by the frozen linear.
     pub lora_linear: Impl,
+    /// The LM head and the loss a chunk of rows at a time in training ([`crate::model::loss`]):
+    /// no whole (N, V) logits. Every device; `FINETUNE_LOSS_CHUNK=0` turns it off.
+    pub loss_chunks: bool,
 }
 
 impl KernelPlan {
@@ -278,7 +281,7 @@ impl std::fmt::Display for KernelPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: rms_norm {}, layer_norm {}, rope {}, attention {}, softmax {}, cross_entropy {}, swiglu {}, frozen_linear {}, lora_linear {}",
+            "{}: rms_norm {}, layer_norm {}, rope {}, attention {}, softmax {}, cross_entropy {}, swiglu {}, frozen_linear {}, lora_linear {}, loss {}",
             self.mode.as_str(),
             self.rms_norm.as_str(),
             self.layer_norm.as_str(),
@@ -288,7 +291,8 @@ impl std::fmt::Display for KernelPlan {
             self.cross_entropy.as_str(),
             self.swiglu.as_str(),
             self.frozen_linear.as_str(),
-            self.lora_linear.as_str()
+            self.lora_linear.as_str(),
+            if self.loss_chunks { "chunked" } else { "whole" }
         )
     }
 }
@@ -350,18 +354,19 @@ pub fn plan(device: DeviceKind, dtype: DType, cpu: CpuFeatures, mode: Mode) -> K
             GpuCommon,
         ),
         lora_linear: pick(Cuda, CpuFused, Composed),
+        loss_chunks: true,
     }
 }
 
 /// The plan for a model in `dtype` on `device`, in this process's mode.
 pub fn plan_for_device(device: &Device, dtype: DType) -> KernelPlan {
-    #[allow(unused_mut)]
     let mut p = plan(
         DeviceKind::of(device),
         dtype,
         CpuFeatures::detect(),
         Mode::current(),
     );
+    p.loss_chunks = !crate::model::loss::switched_off();
     #[cfg(feature = "cuda")]
     if p.attention == Impl::Cuda && dtype == DType::BF16 && cuda::flash::available(device) {
         p.attention = Impl::CudaFlash;

@@ -21,7 +21,7 @@ fn auto_picks_each_devices_kernels() {
         cpu.to_string(),
         "auto: rms_norm cpu-fused, layer_norm composed, rope cpu-fused, attention cpu-fused, \
          softmax cpu-fused, cross_entropy cpu-fused, swiglu cpu-fused, frozen_linear cpu-fused, \
-         lora_linear cpu-fused"
+         lora_linear cpu-fused, loss chunked"
     );
     let mixed = p(DeviceKind::Cpu, DType::BF16, Mode::Auto);
     assert_eq!(mixed.activations, DType::F32);
@@ -91,7 +91,7 @@ fn composed_mode_runs_the_metal_graph_everywhere() {
         metal.to_string(),
         "auto: rms_norm gpu-common, layer_norm composed, rope gpu-common, attention composed, \
          softmax composed, cross_entropy composed, swiglu composed, frozen_linear gpu-common, \
-         lora_linear composed"
+         lora_linear composed, loss chunked"
     );
     assert_eq!(p(DeviceKind::Cuda, DType::F16, Mode::Auto), {
         KernelPlan {

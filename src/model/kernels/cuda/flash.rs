@@ -8,13 +8,15 @@
 use std::sync::OnceLock;
 
 use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
-use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
 use half::bf16;
 
-use crate::model::grad::with_grad3;
+use crate::model::kernels::cpu::Saved;
 
 const SOURCE: &str = include_str!("flash.cu");
 const MODULE: &str = "finetune_flash";
@@ -77,7 +79,8 @@ fn aligned(t: &Tensor) -> Result<Tensor> {
     if t.layout().start_offset().is_multiple_of(8) {
         return Ok(t);
     }
-    t.copy()
+    // A fresh buffer from offset 0 (`copy` would keep the offset), on the graph.
+    t.force_contiguous()
 }
 
 /// Runs `f` with the CUDA slice of a contiguous tensor of element type `T`.
@@ -163,24 +166,92 @@ impl Dims {
 /// of KV), bias `(1 or B, 1, T, T)` masking every key after its query; differentiable in q, k, v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(q, k, v, bias)?;
-    let (qd, kd, vd, bias) = (
-        aligned(&q.detach())?,
-        aligned(&k.detach())?,
-        aligned(&v.detach())?,
-        aligned(&bias.detach())?,
-    );
-    let (out, lse) = forward(&qd, &kd, &vd, &bias, scale as f32, dims)?;
-    let o = out.clone();
-    let bwd = move |q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor| {
-        let (q, k, v) = (
-            aligned(&q.detach())?,
-            aligned(&k.detach())?,
-            aligned(&v.detach())?,
-        );
-        let dy = aligned(&dy.detach().to_dtype(DType::BF16)?)?;
-        backward((&q, &k, &v), &bias, (&o, &lse, &dy), scale as f32, dims)
+    let op = Flash {
+        bias: aligned(&bias.detach())?,
+        scale: scale as f32,
+        dims,
+        lse: Saved::new(),
     };
-    with_grad3(out, (q, k, v), Box::new(bwd))
+    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// The fused attention as one op of the graph: its output is the attention's value (nothing is
+/// added to carry the gradient), the per-row log-sum-exp kept for the backward.
+struct Flash {
+    bias: Tensor,
+    scale: f32,
+    dims: Dims,
+    lse: Saved<Tensor>,
+}
+
+/// The contiguous bf16 view of a CUDA storage.
+fn view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<candle_core::cuda::cudarc::driver::CudaView<'a, bf16>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    if a % 8 != 0 {
+        candle_core::bail!("{op}: input must start on a 16-byte boundary");
+    }
+    Ok(s.as_cuda_slice::<bf16>()?.slice(a..b))
+}
+
+impl CustomOp3 for Flash {
+    fn name(&self) -> &'static str {
+        "ft-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        k: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let dev = q.device.clone();
+        let (qv, kv, vv) = (view(q, lq, op)?, view(k, lk, op)?, view(v, lv, op)?);
+        let (o, lse) = forward(&dev, (&qv, &kv, &vv), &self.bias, self.scale, self.dims)?;
+        let Dims { b, h, t, d, .. } = self.dims;
+        self.lse.set(tensor(lse, &dev, (b, h, t)));
+        Ok((
+            CudaStorage::wrap_cuda_slice(o, dev),
+            Shape::from_dims(&[b, h, t, d]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(lse) = self.lse.get() else {
+            candle_core::bail!("{}: backward before forward", self.name());
+        };
+        let dy = aligned(&dy.detach().to_dtype(DType::BF16)?)?;
+        let (dq, dk, dv) = backward((q, k, v), &self.bias, (o, &lse, &dy), self.scale, self.dims)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
 }
 
 fn device(t: &Tensor) -> Result<CudaDevice> {
@@ -190,44 +261,44 @@ fn device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
+/// The forward kernel: the output (B, H, T, D) bf16 and the per-row log-sum-exp (B, H, T) f32.
 fn forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    dev: &CudaDevice,
+    (qv, kv_, vv): (
+        &CudaView<'_, bf16>,
+        &CudaView<'_, bf16>,
+        &CudaView<'_, bf16>,
+    ),
     bias: &Tensor,
     scale: f32,
     dims: Dims,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(CudaSlice<bf16>, CudaSlice<f32>)> {
     let op = "ft-flash-fwd";
-    let dev = device(q)?;
-    let Dims { b, h, t, d, .. } = dims;
+    let Dims { b, h, t, d, kv, .. } = dims;
+    if qv.len() != b * h * t * d || kv_.len() != b * kv * t * d || vv.len() != kv_.len() {
+        candle_core::bail!("{op}: inputs do not hold the checked shapes");
+    }
     // SAFETY: the kernel writes every element of o and lse (each row of each head once).
     let o = unsafe { dev.alloc::<bf16>(b * h * t * d) }?;
     let lse = unsafe { dev.alloc::<f32>(b * h * t) }?;
     let f = dev.get_or_load_custom_func(&format!("ft_flash_fwd_{d}"), MODULE, ptx()?)?;
     let [tt, hh, kk, rr] = dims.ints(op)?;
     let (gx, gy) = dims.grid(op)?;
-    with_slice::<bf16, _>(q, op, |qv| {
-        with_slice::<bf16, _>(k, op, |kv_| {
-            with_slice::<bf16, _>(v, op, |vv| {
-                with_slice::<bf16, _>(bias, op, |bv| {
-                    let mut bl = f.builder();
-                    bl.arg(qv).arg(kv_).arg(vv).arg(bv).arg(&o).arg(&lse);
-                    bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
-                    let cfg = LaunchConfig {
-                        grid_dim: (gx, gy, 1),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    // SAFETY: the arguments are `ft_flash_fwd_D`'s in its order and types; the
-                    // inputs hold the shapes `dims` checked, contiguous and 16-byte aligned.
-                    unsafe { bl.launch(cfg) }.w()?;
-                    Ok(())
-                })
-            })
-        })
+    with_slice::<bf16, _>(bias, op, |bv| {
+        let mut bl = f.builder();
+        bl.arg(qv).arg(kv_).arg(vv).arg(bv).arg(&o).arg(&lse);
+        bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (gx, gy, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments are `ft_flash_fwd_D`'s in its order and types; the inputs hold
+        // the shapes `dims` checked (lengths checked above), contiguous and 16-byte aligned.
+        unsafe { bl.launch(cfg) }.w()?;
+        Ok(())
     })?;
-    Ok((tensor(o, &dev, (b, h, t, d)), tensor(lse, &dev, (b, h, t))))
+    Ok((o, lse))
 }
 
 /// δ = Σ_d dO·O per row of `rows` rows of `d` (bf16 o and dy), in f32.
