@@ -178,8 +178,11 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// its merge (2Q); the residual sums (2H); the SwiGLU output (I). That is 6H + 7Q + 5KV + 3I
 /// elements, plus 2·S (scores and probabilities, the softmax kernel's input and output). No
 /// gradient is stored for constants, and the logits are bf16: the (N, V) logits and their
-/// gradient. Measured peak allocated on an H100 (`bench/results/h100-*-c3.log`): 6.52 GB for
-/// Qwen2.5-0.5B at 4×512 (this count: 6.53 GB) and 6.60 GB for SmolLM2-135M at 8×512 (6.58 GB).
+/// gradient (one chunk of rows of them with the loss in chunks; the peak is then in backward,
+/// where the LoRA op of the MLP's down projection holds (N, I) tensors of its own beside the
+/// graph, `Counts::mlp_backward`). Measured peak allocated on an H100
+/// (`bench/results/h100-eleventh-2026-12-06.log`), Qwen2.5-0.5B at 4×512: 5.57 GB (this count
+/// 5.46), with the fused attention 3.98 GB (3.88); SmolLM2-135M at 8×512 with it: 3.36 GB (3.36).
 /// Other GPUs follow the composed counts above, unmeasured.
 ///
 /// Past `attention::chunked::CHUNK_ABOVE` score elements (long sequences) the attention of CUDA
@@ -189,7 +192,8 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 ///
 /// With the fused bf16 attention on CUDA (the plan's attention `cuda-flash`, head sizes it is
 /// built for) neither S nor the GQA copies are kept: the per-row log-sum-exp (f32) instead; one
-/// layer's backward holds f32 q, k, v gradients and their bf16 casts.
+/// layer's backward holds f32 q, k, v gradients and their bf16 casts. Measured on an H100 at
+/// Qwen2.5-0.5B 1×4096: 6.87 GB (this count 6.60; 8.81 with the whole loss, counted 8.81).
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let n = Counts::of(cfg, input);
     let params = cfg.parameter_count() as u64;
@@ -242,10 +246,11 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
         // Composed: the logits, log-softmax, its gradient and the logits' gradient.
         loss_rows * n.v * 4 * 4
     } + input_grad;
-    // The chunked attention's tiles live while a layer's backward runs, after the loss's buffers
-    // are freed: they raise the peak only where they need more than those.
-    let activations =
-        n.activations() + n.dora_activations() + n.attention_tiles().saturating_sub(logits);
+    // The chunked attention's tiles and the CUDA LoRA op's MLP backward live while a layer's
+    // backward runs, after the loss's buffers are freed: they raise the peak only where they need
+    // more than those.
+    let backward = n.attention_tiles().max(n.mlp_backward());
+    let activations = n.activations() + n.dora_activations() + backward.saturating_sub(logits);
     let runtime = RUNTIME_BYTES;
     let training = runtime + base_weights + lora_and_optimizer + activations + logits;
     let mapped_file = if input.device_memory {
@@ -497,6 +502,19 @@ impl<'a> Counts<'a> {
             let tile_bytes = if self.cuda { self.ae } else { 4 };
             4 * tile * tile_bytes + 2 * self.b * self.t * self.q * 4
         })
+    }
+
+    /// What the CUDA LoRA op's backward of the MLP's down projection holds beside the graph
+    /// (`kernels::cuda::lora_linear`, in = I): the f32 copy of its input, the input gradient's
+    /// f32 low-rank part, its cast, the frozen part and their sum, (N, I) each: 14 bytes per token
+    /// and intermediate unit in bf16. With the loss in chunks this is the step's peak; measured
+    /// on an H100 it is ~265 MB short at 4096 tokens of Qwen2.5-0.5B (a working set of the first
+    /// layers' backward not yet pinned down), within 2% at 2048 tokens.
+    fn mlp_backward(&self) -> u64 {
+        if !self.cuda {
+            return 0;
+        }
+        self.b * self.t * self.i * (2 * 4 + 3 * self.ae)
     }
 
     /// Bytes of every layer's graph, with gradient checkpointing's kept layers and boundaries.

