@@ -204,17 +204,7 @@ impl CustomOp3 for Flash {
         "ft-flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{} runs on CUDA only", self.name())
-    }
+    cuda_only!(3);
 
     fn cuda_fwd(
         &self,
