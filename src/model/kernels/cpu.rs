@@ -27,6 +27,7 @@ pub use rope::rope;
 pub use swiglu::swiglu;
 mod linear;
 mod lora;
+mod lowrank;
 
 pub use linear::frozen_linear_plus;
 pub(crate) use linear::weight_fits as linear_weight_fits;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::linear::{bf16_slice, mixed_grad_x, FrozenLinearCpu};
+use super::lowrank::{dots, reduce, transposed, update};
 use super::strided::gemm;
 use super::{slice, with_cpu, with_f32, Saved};
 
@@ -73,11 +74,10 @@ impl Dims {
 }
 
 /// `h = scale · x · Aᵀ` (n, r).
-fn low_rank_input(x: &[f32], a: &[f32], d: Dims, scale: f32) -> Vec<f32> {
+fn low_rank_input(x: &[f32], a: &[f32], d: Dims, scale: f32) -> Result<Vec<f32>> {
     let mut h = vec![0f32; d.n * d.r];
-    FrozenLinearCpu::gemm(x, a, &mut h, d.n, d.i, d.r, false);
-    h.iter_mut().for_each(|v| *v *= scale);
-    h
+    dots(x, a, &mut h, (d.n, d.i, d.r), scale)?;
+    Ok(h)
 }
 
 impl CustomOp3 for LoraLinearCpu {
@@ -97,22 +97,13 @@ impl CustomOp3 for LoraLinearCpu {
         let op = self.name();
         let (x, a, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
         let d = Dims::of(op, (x, l1), (a, l2), (b, l3))?;
-        let h = low_rank_input(x, a, d, self.scale);
+        let h = low_rank_input(x, a, d, self.scale)?;
         let mut out = with_cpu(&self.weight, op, |w, lw| {
             FrozenLinearCpu::product(x, l1, w, lw, None)
         })?;
-        // out += h · Bᵀ: Bᵀ (r, o) has rows 1 apart, columns r apart.
+        // out += h · Bᵀ
         let (n, o, r) = (d.n, d.o, d.r);
-        gemm(
-            op,
-            (n, o, r),
-            (&mut out, o),
-            true,
-            (&h, r, 1),
-            (b, 1, r),
-            1.0,
-            true,
-        )?;
+        update(&h, &transposed(b, o, r), &mut out, (n, r, o), 1.0, true)?;
         self.h.set(Arc::new(h));
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
     }
@@ -181,7 +172,7 @@ impl CustomOp2 for LoraLinearBwd {
                 let h = match &self.h {
                     Some(h) if h.len() == d.n * d.r => h.as_slice(),
                     _ => {
-                        fresh = low_rank_input(x, a, d, self.scale);
+                        fresh = low_rank_input(x, a, d, self.scale)?;
                         &fresh
                     }
                 };
@@ -207,18 +198,10 @@ impl LoraLinearBwd {
         let mut all = vec![0f32; n * i + r * i + o * r];
         let (dx, rest) = all.split_at_mut(n * i);
         let (da, db) = rest.split_at_mut(r * i);
-        // gb = s · g · B (n, r)
+        // gb = s · g · B (n, r): dot products of g's rows with Bᵀ's.
+        let bt = transposed(b, o, r);
         let mut gb = vec![0f32; n * r];
-        gemm(
-            op,
-            (n, r, o),
-            (&mut gb, r),
-            false,
-            (g, o, 1),
-            (b, r, 1),
-            self.scale,
-            true,
-        )?;
+        dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
         // dx = g · W (W (o, i) row-major), then + gb · A
         with_cpu(&self.weight, op, |w, lw| match w {
             CpuStorage::BF16(_) => mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx),
@@ -236,37 +219,12 @@ impl LoraLinearBwd {
                 )
             }
         })?;
-        gemm(
-            op,
-            (n, i, r),
-            (dx, i),
-            true,
-            (&gb, r, 1),
-            (a, i, 1),
-            1.0,
-            true,
-        )?;
-        // dA = gbᵀ · x (r, i); dB = gᵀ · h (o, r)
-        gemm(
-            op,
-            (r, i, n),
-            (da, i),
-            false,
-            (&gb, 1, r),
-            (x, i, 1),
-            1.0,
-            true,
-        )?;
-        gemm(
-            op,
-            (o, r, n),
-            (db, r),
-            false,
-            (g, 1, o),
-            (h, r, 1),
-            1.0,
-            true,
-        )?;
+        update(&gb, a, dx, (n, r, i), 1.0, true)?;
+        // dA = gbᵀ · x (r, i); dB = gᵀ · h (o, r), as (hᵀ · g)ᵀ
+        reduce(&gb, x, da, (n, r, i), 1.0)?;
+        let mut dbt = vec![0f32; r * o];
+        reduce(h, g, &mut dbt, (n, r, o), 1.0)?;
+        db.copy_from_slice(&transposed(&dbt, r, o));
         Ok(all)
     }
 }
