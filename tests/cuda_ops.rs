@@ -470,30 +470,40 @@ fn frozen_linear_matches_the_cpu() {
 
 #[test]
 fn lora_linear_matches_the_cpu() {
-    for dtype in [DType::F32, DType::BF16] {
-        let (n, i, o, r) = (300, 896, 4864, 16);
-        let w = randn(&[o, i], 12).affine(0.03, 0.0).unwrap();
-        let inputs = [
-            randn(&[n, i], 13),
-            randn(&[r, i], 14).affine(0.05, 0.0).unwrap(),
-            randn(&[o, r], 15).affine(0.05, 0.0).unwrap(),
-        ];
-        let e = compare(
-            "LoRA linear 300x896 → 4864, r16",
-            &inputs,
-            &[w],
-            dtype,
-            |x, c| {
-                if x[0].device().is_cuda() {
-                    // The op takes f32 LoRA factors whatever the activation dtype.
-                    let (a, b) = (x[1].to_dtype(DType::F32)?, x[2].to_dtype(DType::F32)?);
-                    kernels::cuda::lora_linear(&x[0], &c[0], &a, &b, 2.0)
-                } else {
-                    x[0].matmul(&c[0].t()?)? + (x[0].matmul(&x[1].t()?)?.matmul(&x[2].t()?)? * 2.0)?
-                }
-            },
-        );
-        assert!(e <= tol(dtype), "LoRA linear {dtype:?}: {e}");
+    // Both directions of an MLP (896 → 4864 and back); the backward in one chunk of rows and in
+    // chunks of 64 (the last one partial), which sum dA and dB across chunks.
+    for (i, o) in [(896, 4864), (4864, 896)] {
+        for rows in [None, Some(64)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let (n, r) = (300, 16);
+                let w = randn(&[o, i], 12).affine(0.03, 0.0).unwrap();
+                let inputs = [
+                    randn(&[n, i], 13),
+                    randn(&[r, i], 14).affine(0.05, 0.0).unwrap(),
+                    randn(&[o, r], 15).affine(0.05, 0.0).unwrap(),
+                ];
+                let e = compare(
+                    &format!("LoRA linear 300x{i} → {o}, r16, rows {rows:?}"),
+                    &inputs,
+                    &[w],
+                    dtype,
+                    |x, c| {
+                        if x[0].device().is_cuda() {
+                            // The op takes f32 LoRA factors whatever the activation dtype.
+                            let (a, b) = (x[1].to_dtype(DType::F32)?, x[2].to_dtype(DType::F32)?);
+                            kernels::cuda::lora_linear_in_chunks(&x[0], &c[0], &a, &b, 2.0, rows)
+                        } else {
+                            x[0].matmul(&c[0].t()?)?
+                                + (x[0].matmul(&x[1].t()?)?.matmul(&x[2].t()?)? * 2.0)?
+                        }
+                    },
+                );
+                assert!(
+                    e <= tol(dtype),
+                    "LoRA linear {i}→{o} {rows:?} {dtype:?}: {e}"
+                );
+            }
+        }
     }
 }
 

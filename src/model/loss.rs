@@ -20,16 +20,32 @@ use super::grad::with_grad;
 /// with the whole loss (18.7k against 20.4k tokens/s) for 1.9 GB less memory; at 4×512 as fast.
 pub const CHUNK_ELEMENTS: usize = 16 << 20;
 
-/// Rows per chunk for a vocabulary of `vocab` entries.
+/// Rows per chunk for a vocabulary of `vocab` entries: [`CHUNK_ELEMENTS`] logits, or
+/// `FINETUNE_LOSS_CHUNK` million (2²⁰) of them where set (to measure other sizes).
 pub fn chunk_rows(vocab: usize) -> usize {
-    (CHUNK_ELEMENTS / vocab.max(1)).max(1)
+    (chunk_elements() / vocab.max(1)).max(1)
+}
+
+/// `FINETUNE_LOSS_CHUNK`: unset (or not a number) the default; `0` the whole loss; `M` M·2²⁰ logits.
+fn setting() -> Option<usize> {
+    static SET: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| {
+        let v = std::env::var("FINETUNE_LOSS_CHUNK").ok()?;
+        v.trim().parse::<usize>().ok()
+    })
+}
+
+fn chunk_elements() -> usize {
+    match setting() {
+        Some(m) if m > 0 => m.saturating_mul(1 << 20),
+        _ => CHUNK_ELEMENTS,
+    }
 }
 
 /// `FINETUNE_LOSS_CHUNK=0` asks for the whole loss at once (to compare the two; the kernel plan's
 /// `loss_chunks`).
 pub fn switched_off() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("FINETUNE_LOSS_CHUNK").is_ok_and(|v| v == "0"))
+    setting() == Some(0)
 }
 
 /// The mean loss of the rows of `x` `(N, D)` against `targets` (N), computed `rows` at a time by

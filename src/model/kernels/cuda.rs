@@ -79,14 +79,20 @@ fn to_i32(v: usize, op: &str) -> Result<i32> {
 /// An element type the kernels are built for.
 trait Elem: CudaDType + DeviceRepr {
     const SUFFIX: &'static str;
+    const ZERO: Self;
+    const ONE: Self;
 }
 
 impl Elem for half::bf16 {
     const SUFFIX: &'static str = "bf16";
+    const ZERO: Self = half::bf16::ZERO;
+    const ONE: Self = half::bf16::ONE;
 }
 
 impl Elem for f32 {
     const SUFFIX: &'static str = "f32";
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
 }
 
 /// Runs `$body` with `$t` bound to the element type of `$dtype` (bf16 or f32).
@@ -106,10 +112,11 @@ macro_rules! by_dtype {
     };
 }
 
-/// Uninitialised device memory for `n` elements, for a kernel to write in full.
+/// Uninitialised device memory for `n` elements, for a kernel (or a cuBLAS product with β = 0) to
+/// write in full.
 fn alloc<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-    // SAFETY: every caller launches a kernel that writes all `n` elements before the storage is
-    // wrapped and read.
+    // SAFETY: every caller launches a kernel (or a cuBLAS product with β = 0) that writes all `n`
+    // elements before the storage is wrapped and read.
     unsafe { dev.alloc::<T>(n) }
 }
 
@@ -191,10 +198,13 @@ fn elem_blocks(n: usize, op: &str) -> Result<usize> {
 pub mod flash;
 mod layer;
 mod linear;
+mod lora_bwd;
 mod softmax;
 
 pub use layer::{rms_norm, rope, swiglu};
-pub use linear::{dequantize_bf16, frozen_linear, lora_linear, qlora_linear};
+pub use linear::{
+    dequantize_bf16, frozen_linear, lora_linear, lora_linear_in_chunks, qlora_linear,
+};
 pub use softmax::{attention_softmax, attention_softmax_bwd, cross_entropy_rows};
 
 /// Scaled dot-product attention over `(B, H, T, Dh)` q, k, v (k and v already repeated to H

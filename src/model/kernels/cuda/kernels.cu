@@ -202,7 +202,8 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* da, T* d, long long 
     st(d, n + i, gr * x * sg);
 }
 
-// The frozen output plus the scaled f32 LoRA update, rounded once: out = y + s·u.
+// The frozen output plus the scaled f32 LoRA update, rounded once: out = y + s·u (`ft_add_into`:
+// in place, y += s·u; each thread reads and writes its own element).
 template <typename T>
 __device__ void add_scaled(const T* y, const float* u, T* out, long long n, float s) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -253,6 +254,9 @@ __device__ void add_scaled(const T* y, const float* u, T* out, long long n, floa
     extern "C" __global__ void ft_add_scaled_##N(const T* y, const float* u, T* out,           \
                                                  long long n, float s) {                      \
         add_scaled<T>(y, u, out, n, s);                                                        \
+    }                                                                                          \
+    extern "C" __global__ void ft_add_into_##N(T* y, const float* u, long long n, float s) {   \
+        add_scaled<T>(y, u, y, n, s);                                                          \
     }
 
 FOR_TYPES(SOFTMAX)

@@ -69,7 +69,8 @@ impl CustomOp2 for FrozenLinear {
 /// computes it, added to the frozen output with one rounding. As one op, Candle keeps only `x`,
 /// A and B for backward; composed, it kept the f32 update, its cast and the frozen output of
 /// every projection (about half of the activation memory). Backward recomputes the (N, r)
-/// product. Gradients go to `x`, A and B; no dropout (the composed path applies it).
+/// product, a chunk of rows at a time (`lora_bwd`). Gradients go to `x`, A and B; no dropout (the
+/// composed path applies it).
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -77,9 +78,23 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    lora_linear_in_chunks(x, weight, a, b, scale, None)
+}
+
+/// [`lora_linear`] whose backward takes `rows` rows at a time (`None`: its own choice, chunks of
+/// about 32 MB of f32); for the tests, which compare several chunks against one.
+pub fn lora_linear_in_chunks(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    rows: Option<usize>,
+) -> Result<Tensor> {
     let op = LoraLinearOp {
         w: Weight::Dense(weight.contiguous()?),
         scale: scale as f32,
+        rows,
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -98,6 +113,7 @@ pub fn qlora_linear(
     let op = LoraLinearOp {
         w: Weight::Quant(weight.clone()),
         scale: scale as f32,
+        rows: None,
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -124,6 +140,8 @@ impl Weight {
 struct LoraLinearOp {
     w: Weight,
     scale: f32,
+    /// Rows per chunk of the backward (`None`: `lora_bwd::chunk_rows`).
+    rows: Option<usize>,
 }
 
 impl CustomOp3 for LoraLinearOp {
@@ -212,16 +230,14 @@ impl CustomOp3 for LoraLinearOp {
         // Detached: A and B are leaves, so Candle stores these gradients as they are; computed from
         // tracked inputs they would carry (and keep alive) the whole step's graph.
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
-        let s = self.scale as f64;
-        let g = g.detach().contiguous()?;
-        let g32 = g.to_dtype(DType::F32)?;
-        let x32 = x.to_dtype(DType::F32)?;
-        let mid = x32.matmul(&a.t()?)?;
-        let gb = (g32.matmul(&b)? * s)?;
-        let da = gb.t()?.matmul(&x32)?;
-        let db = (g32.t()?.matmul(&mid)? * s)?;
         let w = self.w.in_dtype(g.dtype())?;
-        let dx = (g.matmul(&w)? + gb.matmul(&a)?.to_dtype(x.dtype())?)?;
+        let ((n, i), o) = (x.dims2()?, w.dim(0)?);
+        let rows = self
+            .rows
+            .unwrap_or_else(|| super::lora_bwd::chunk_rows(i, o))
+            .clamp(1, n.max(1));
+        let (dx, da, db) =
+            super::lora_bwd::lora_backward(&x, &g.detach(), &w, (&a, &b), self.scale, rows)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
