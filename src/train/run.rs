@@ -70,8 +70,8 @@ fn validation_loss(
     };
     for batch in batches.take(limit) {
         let input = model_input(&batch, config.packing, model.dtype, model.device())?;
-        let (loss, n) = model.loss(&input, &batch.labels, false)?;
-        let loss = loss.detach().to_scalar::<f32>()? as f64;
+        let (loss, n) = model.eval_loss(&input, &batch.labels)?;
+        let loss = loss.to_scalar::<f32>()? as f64;
         sum += loss * n as f64;
         count += n;
     }

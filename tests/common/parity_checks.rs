@@ -215,6 +215,16 @@ fn loss_in_chunks_equals_the_whole_loss() {
         };
         let (whole, n, want) = run(None);
         assert!(n > 3, "{}: the fixture has {n} positions", name(&dir));
+        // The evaluation loss: the same value, in chunks, with no graph to run backward on.
+        let (eval, eval_n) = model.eval_loss(&input, &r.labels).unwrap();
+        assert!(!eval.track_op(), "{}: the eval loss carries a graph", name(&dir));
+        let eval = eval.to_scalar::<f32>().unwrap() as f64;
+        assert_eq!(eval_n, n);
+        assert!(
+            (eval - whole).abs() <= 1e-6 * whole.abs().max(1.0),
+            "{}: eval loss {eval} vs {whole}",
+            name(&dir)
+        );
         for rows in [3, 1] {
             let (loss, _, got) = run(Some(rows));
             assert!(
