@@ -11,7 +11,7 @@
 //! dA and dB accumulate over the chunks in cuBLAS (β = 1).
 
 use candle_core::cuda::cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use candle_core::cuda::cudarc::driver::{CudaView, CudaViewMut};
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use candle_core::op::BackpropOp;
 use candle_core::{Device, Storage};
 
@@ -152,30 +152,16 @@ pub(super) fn lora_backward(
         let mut db = alloc::<f32>(dev, o * r)?;
         for start in (0..n).step_by(rows) {
             let c = rows.min(n - start);
-            // β = 0 on the first chunk: dA and dB are written there, summed into after.
-            let beta = if start == 0 { 0.0 } else { 1.0 };
-            let rows_of = |cols: usize, l: &Layout| {
-                Layout::contiguous_with_offset((c, cols), l.start_offset() + start * cols)
-            };
-            let mut x32 = xs.to_dtype(&rows_of(i, lx), DType::F32)?;
-            let g32 = gs.to_dtype(&rows_of(o, lg), DType::F32)?;
-            let g32 = g32.as_cuda_slice::<f32>()?.slice(..);
-            let mut mid = alloc::<f32>(dev, c * r)?;
-            let mut gb = alloc::<f32>(dev, c * r)?;
-            {
-                let x32 = x32.as_cuda_slice::<f32>()?.slice(..);
-                // x·Aᵀ, s·g·B, then dA += (s·g·B)ᵀ·x.
-                gemm(&blas, (&x32, false), (&av, true), &mut mid.slice_mut(..), (c, r, i), 1.0, 0.0, op)?;
-                gemm(&blas, (&g32, false), (&bv, false), &mut gb.slice_mut(..), (c, r, o), scale, 0.0, op)?;
-                gemm(&blas, (&gb.slice(..), true), (&x32, false), &mut da.slice_mut(..), (r, i, c), 1.0, beta, op)?;
-            }
-            // dB += s·gᵀ·(x·Aᵀ).
-            gemm(&blas, (&g32, true), (&mid.slice(..), false), &mut db.slice_mut(..), (o, r, c), scale, beta, op)?;
-            // The chunk's f32 x is spent: its buffer takes (s·g·B)·A, added to dx's rows.
-            let part = x32.as_cuda_slice_mut::<f32>()?;
-            gemm(&blas, (&gb.slice(..), false), (&av, false), &mut part.slice_mut(..), (c, i, r), 1.0, 0.0, op)?;
-            let len = (c * i) as i64;
-            let one = 1f32;
+            let mut part = chunk_low_rank(
+                (&blas, dev),
+                ((xs, lx), (gs, lg)),
+                (&av, &bv),
+                (i, o, r, scale),
+                (start, c),
+                (&mut da, &mut db),
+            )?;
+            let part = part.as_cuda_slice_mut::<f32>()?;
+            let (len, one) = ((c * i) as i64, 1f32);
             let mut rows_dx = dx.slice_mut(start * i..(start + c) * i);
             let mut bl = add.builder();
             bl.arg(&mut rows_dx).arg(&*part).arg(&len).arg(&one);
@@ -192,4 +178,86 @@ pub(super) fn lora_backward(
         )
     });
     Ok(dx)
+}
+
+/// The LoRA products of rows `start..start + c`: dA += (s·g·B)ᵀ·x and dB += s·gᵀ·(x·Aᵀ) (written,
+/// β = 0, on the first chunk), and the chunk's f32 LoRA part of dx, (s·g·B)·A, returned in the
+/// buffer that held the chunk's f32 x.
+fn chunk_low_rank(
+    (blas, dev): (&CudaBlas, &CudaDevice),
+    ((xs, lx), (gs, lg)): ((&CudaStorage, &Layout), (&CudaStorage, &Layout)),
+    (av, bv): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    (i, o, r, scale): (usize, usize, usize, f32),
+    (start, c): (usize, usize),
+    (da, db): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+) -> Result<CudaStorage> {
+    let op = "ft-cuda-lora-linear backward";
+    let beta = if start == 0 { 0.0 } else { 1.0 };
+    let rows_of = |cols: usize, l: &Layout| {
+        Layout::contiguous_with_offset((c, cols), l.start_offset() + start * cols)
+    };
+    let mut x32 = xs.to_dtype(&rows_of(i, lx), DType::F32)?;
+    let g32 = gs.to_dtype(&rows_of(o, lg), DType::F32)?;
+    let g32 = g32.as_cuda_slice::<f32>()?.slice(..);
+    let mut mid = alloc::<f32>(dev, c * r)?;
+    let mut gb = alloc::<f32>(dev, c * r)?;
+    {
+        let x32 = x32.as_cuda_slice::<f32>()?.slice(..);
+        // x·Aᵀ, s·g·B, then dA += (s·g·B)ᵀ·x.
+        gemm(
+            blas,
+            (&x32, false),
+            (av, true),
+            &mut mid.slice_mut(..),
+            (c, r, i),
+            1.0,
+            0.0,
+            op,
+        )?;
+        gemm(
+            blas,
+            (&g32, false),
+            (bv, false),
+            &mut gb.slice_mut(..),
+            (c, r, o),
+            scale,
+            0.0,
+            op,
+        )?;
+        let gbv = gb.slice(..);
+        gemm(
+            blas,
+            (&gbv, true),
+            (&x32, false),
+            &mut da.slice_mut(..),
+            (r, i, c),
+            1.0,
+            beta,
+            op,
+        )?;
+    }
+    // dB += s·gᵀ·(x·Aᵀ).
+    gemm(
+        blas,
+        (&g32, true),
+        (&mid.slice(..), false),
+        &mut db.slice_mut(..),
+        (o, r, c),
+        scale,
+        beta,
+        op,
+    )?;
+    // The chunk's f32 x is spent: its buffer takes (s·g·B)·A.
+    let part = x32.as_cuda_slice_mut::<f32>()?;
+    gemm(
+        blas,
+        (&gb.slice(..), false),
+        (av, false),
+        &mut part.slice_mut(..),
+        (c, i, r),
+        1.0,
+        0.0,
+        op,
+    )?;
+    Ok(x32)
 }
