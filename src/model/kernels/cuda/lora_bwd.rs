@@ -82,25 +82,12 @@ fn cuda<'a>(s: &'a Storage, op: &str) -> Result<&'a CudaStorage> {
     }
 }
 
-/// `(dx, dA, dB)` of the LoRA linear `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` for the upstream gradient `g`,
-/// `rows` rows at a time. x, g and W share the activations' dtype (bf16 or f32); A and B are
-/// f32. The results carry no graph.
-pub(super) fn lora_backward(
-    x: &Tensor,
-    g: &Tensor,
-    w: &Tensor,
-    (a, b): (&Tensor, &Tensor),
-    scale: f32,
+/// (N, I, O, r) of x, g, W, A, B, checked: shapes that fit, x, g and W of one dtype, f32 factors.
+fn dims(
+    op: &str,
+    [x, g, w, a, b]: [&Tensor; 5],
     rows: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let op = "ft-cuda-lora-linear backward";
-    let (x, g, w, a, b) = (
-        x.contiguous()?,
-        g.contiguous()?,
-        w.contiguous()?,
-        a.contiguous()?,
-        b.contiguous()?,
-    );
+) -> Result<(usize, usize, usize, usize)> {
     let (n, i) = x.dims2()?;
     let (r, o) = (a.dim(0)?, g.dim(1)?);
     let fits = g.dims() == [n, o] && w.dims() == [o, i] && a.dims() == [r, i] && b.dims() == [o, r];
@@ -120,6 +107,29 @@ pub(super) fn lora_backward(
     if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         candle_core::bail!("{op}: LoRA factors must be f32");
     }
+    Ok((n, i, o, r))
+}
+
+/// `(dx, dA, dB)` of the LoRA linear `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` for the upstream gradient `g`,
+/// `rows` rows at a time. x, g and W share the activations' dtype (bf16 or f32); A and B are
+/// f32. The results carry no graph.
+pub(super) fn lora_backward(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    (a, b): (&Tensor, &Tensor),
+    scale: f32,
+    rows: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "ft-cuda-lora-linear backward";
+    let (x, g, w, a, b) = (
+        x.contiguous()?,
+        g.contiguous()?,
+        w.contiguous()?,
+        a.contiguous()?,
+        b.contiguous()?,
+    );
+    let (n, i, o, r) = dims(op, [&x, &g, &w, &a, &b], rows)?;
     let Device::Cuda(dev) = x.device() else {
         candle_core::bail!("{op}: x is not on the GPU");
     };
