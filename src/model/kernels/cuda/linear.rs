@@ -232,12 +232,31 @@ impl CustomOp3 for LoraLinearOp {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let w = self.w.in_dtype(g.dtype())?;
         let ((n, i), o) = (x.dims2()?, w.dim(0)?);
-        let rows = self
-            .rows
-            .unwrap_or_else(|| super::lora_bwd::chunk_rows(i, o))
-            .clamp(1, n.max(1));
-        let (dx, da, db) =
-            super::lora_bwd::lora_backward(&x, &g.detach(), &w, (&a, &b), self.scale, rows)?;
+        let rows = match (self.rows, super::lora_bwd::chunked()) {
+            (Some(rows), _) => rows,
+            (None, true) => super::lora_bwd::chunk_rows(i, o),
+            (None, false) => {
+                // Composed from Candle's ops (the default until the chunked form has run on a GPU).
+                let s = self.scale as f64;
+                let g = g.detach().contiguous()?;
+                let g32 = g.to_dtype(DType::F32)?;
+                let x32 = x.to_dtype(DType::F32)?;
+                let mid = x32.matmul(&a.t()?)?;
+                let gb = (g32.matmul(&b)? * s)?;
+                let da = gb.t()?.matmul(&x32)?;
+                let db = (g32.t()?.matmul(&mid)? * s)?;
+                let dx = (g.matmul(&w)? + gb.matmul(&a)?.to_dtype(x.dtype())?)?;
+                return Ok((Some(dx), Some(da), Some(db)));
+            }
+        };
+        let (dx, da, db) = super::lora_bwd::lora_backward(
+            &x,
+            &g.detach(),
+            &w,
+            (&a, &b),
+            self.scale,
+            rows.clamp(1, n.max(1)),
+        )?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }

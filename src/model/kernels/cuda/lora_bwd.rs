@@ -20,6 +20,14 @@ use super::*;
 /// f32 elements of a chunk's widest scratch tensor (its rows of x or g): 8M, 32 MB.
 const CHUNK_ELEMENTS: usize = 8 << 20;
 
+/// `FINETUNE_CUDA_LORA_BWD=chunked` runs this backward for every LoRA op; otherwise only where a
+/// caller asks for chunks (`lora_linear_in_chunks`). Opt-in until it has run on a GPU: it was
+/// built and type-checked in a session whose device calls found no machine.
+pub(super) fn chunked() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FINETUNE_CUDA_LORA_BWD").is_ok_and(|v| v == "chunked"))
+}
+
 /// Rows per chunk for an (N, I) → (N, O) projection.
 pub(super) fn chunk_rows(i: usize, o: usize) -> usize {
     (CHUNK_ELEMENTS / i.max(o).max(1)).max(1)
