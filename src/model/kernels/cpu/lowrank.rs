@@ -228,6 +228,8 @@ fn reduce_on(
             unsafe {
                 x86::reduce(h, x, &mut acc, (n, r, m), (c0, c1 - c0))
             };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (&mut acc, c0, c1);
             acc
         })
         .collect();
