@@ -236,7 +236,7 @@ impl CustomOp3 for LoraLinearOp {
             (Some(rows), _) => rows,
             (None, true) => super::lora_bwd::chunk_rows(i, o),
             (None, false) => {
-                // Composed from Candle's ops (the default until the chunked form has run on a GPU).
+                // Composed from Candle's ops (the default until the estimate counts the chunked form).
                 let s = self.scale as f64;
                 let g = g.detach().contiguous()?;
                 let g32 = g.to_dtype(DType::F32)?;
