@@ -463,10 +463,16 @@ impl Model {
         labels: &[i64],
         train: bool,
     ) -> candle_core::Result<(Tensor, usize)> {
-        let chunks = kernels::plan_for_device(self.device(), self.dtype).loss_chunks
-            && !self.lm_head().track_op();
-        let chunk = chunks.then(|| loss::chunk_rows(self.config.vocab_size));
+        // Not while the LM head itself trains: the chunks' gradients go to the hidden states only.
+        let chunk = self.planned_chunk().filter(|_| !self.lm_head().track_op());
         self.loss_in_chunks(input, labels, train, chunk)
+    }
+
+    /// Rows per loss chunk where this device's kernel plan chunks the loss.
+    fn planned_chunk(&self) -> Option<usize> {
+        kernels::plan_for_device(self.device(), self.dtype)
+            .loss_chunks
+            .then(|| loss::chunk_rows(self.config.vocab_size))
     }
 
     /// The evaluation loss: [`Model::loss`] in eval mode (no dropout) with no gradient of the
@@ -477,10 +483,7 @@ impl Model {
         input: &ModelInput,
         labels: &[i64],
     ) -> candle_core::Result<(Tensor, usize)> {
-        let chunk = kernels::plan_for_device(self.device(), self.dtype)
-            .loss_chunks
-            .then(|| loss::chunk_rows(self.config.vocab_size));
-        self.loss_rows(input, labels, (false, false), chunk)
+        self.loss_rows(input, labels, (false, false), self.planned_chunk())
     }
 
     /// [`Model::loss`] with the loss `chunk` rows at a time (`None`: all at once), whatever the
