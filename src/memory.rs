@@ -171,19 +171,18 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// The peak is the larger of that and the load peak (weights + the mmapped checkpoint: its files'
 /// size where known, else 16-bit).
 ///
-/// With FineTune's CUDA kernels (the plan's LoRA linear `cuda`, no dropout; llama family) the graph keeps, per layer and
-/// token: the layer input and both RMSNorm outputs (3H); each LoRA projection's output only
-/// (Q+2KV+H+2I, plus Q+2KV again after a q/k/v bias); the head-major copies and RoPE outputs of
-/// q and k and the copy of v (2Q+3KV); the GQA-expanded k and v (2Q); the attention output and
-/// its merge (2Q); the residual sums (2H); the SwiGLU output (I). That is 6H + 7Q + 5KV + 3I
-/// elements, plus 2·S (scores and probabilities, the softmax kernel's input and output). No
-/// gradient is stored for constants, and the logits are bf16: the (N, V) logits and their
-/// gradient (one chunk of rows of them with the loss in chunks; the peak is then in backward,
-/// where the LoRA op of the MLP's down projection holds (N, I) tensors of its own beside the
-/// graph, `Counts::mlp_backward`). Measured peak allocated on an H100
-/// (`bench/results/h100-eleventh-2026-12-06.log`), Qwen2.5-0.5B at 4×512: 5.57 GB (this count
-/// 5.46), with the fused attention 3.98 GB (3.88); SmolLM2-135M at 8×512 with it: 3.36 GB (3.36).
-/// Other GPUs follow the composed counts above, unmeasured.
+/// With FineTune's CUDA kernels (the plan's LoRA linear `cuda`, no dropout; llama family) the
+/// graph keeps, per layer and token: the layer input and both RMSNorm outputs (3H); each LoRA
+/// projection's output only (Q+2KV+H+2I, plus Q+2KV again after a q/k/v bias); the head-major
+/// copies and RoPE outputs of q and k and the copy of v (2Q+3KV); the GQA-expanded k and v (2Q);
+/// the attention output and its merge (2Q); the residual sums (2H); the SwiGLU output (I) unless
+/// the down projection's op makes it itself (`kernels::swiglu_linear`: silu activation, no DoRA;
+/// then it is made again in that op's backward). That is 6H + 7Q + 5KV + 2I (or 3I) elements,
+/// plus 2·S (scores and probabilities, the softmax kernel's input and output). No gradient is
+/// stored for constants, and the logits are bf16: the (N, V) logits and their gradient (one
+/// chunk of rows of them with the loss in chunks, 64M logits a chunk on CUDA; the peak is then
+/// in backward, where the MLP's backward holds (N, I) tensors of its own beside the graph,
+/// `Counts::mlp_backward`).
 ///
 /// Past `attention::chunked::CHUNK_ABOVE` score elements (long sequences) the attention of CUDA
 /// and of the composed graph runs in query chunks: no S is kept, its chunked value and the zeros
@@ -192,8 +191,12 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 ///
 /// With the fused bf16 attention on CUDA (the plan's attention `cuda-flash`, head sizes it is
 /// built for) neither S nor the GQA copies are kept: the per-row log-sum-exp (f32) instead; one
-/// layer's backward holds f32 q, k, v gradients and their bf16 casts. Measured on an H100 at
-/// Qwen2.5-0.5B 1×4096: 6.87 GB (this count 6.60; 8.81 with the whole loss, counted 8.81).
+/// layer's backward holds f32 q, k, v gradients and their bf16 casts.
+///
+/// Measured peak allocated on an H100 (`bench/results/h100-thirteenth-2026-12-07.log`,
+/// `memory::tests::cuda_estimate_matches_the_h100_peaks`), Qwen2.5-0.5B r16: 4×512 3.49 GB (this
+/// count 3.54), 1×4096 5.77 GB (5.64); SmolLM2-135M 8×512 3.14 GB (3.17). Other GPUs follow the
+/// composed counts above, unmeasured.
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let n = Counts::of(cfg, input);
     let params = cfg.parameter_count() as u64;
@@ -219,7 +222,9 @@ pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     // (`model::loss`), which then leaves an (N, D) input gradient in the activations' dtype.
     let all_rows = n.b * n.t.saturating_sub(1).max(1);
     let (loss_rows, input_grad) = if kernels.loss_chunks {
-        let rows = all_rows.min(crate::model::loss::chunk_rows(n.v as usize) as u64);
+        // The CUDA cross-entropy kernel takes larger chunks than the CPU's (`model::loss`).
+        let cuda = kernels.cross_entropy == Impl::Cuda;
+        let rows = all_rows.min(crate::model::loss::chunk_rows(n.v as usize, cuda) as u64);
         (rows, all_rows * n.d * n.ae)
     } else {
         (all_rows, 0)
@@ -298,6 +303,9 @@ struct Counts<'a> {
     cuda: bool,
     /// The fused bf16 attention on CUDA (`kernels::cuda::flash`): no scores, no GQA copies.
     flash: bool,
+    /// The MLP's SwiGLU and down projection as one CUDA op (`kernels::swiglu_linear`): the
+    /// product of gate and up is not kept, and is made again in the down projection's backward.
+    swiglu_linear: bool,
 }
 
 impl<'a> Counts<'a> {
@@ -331,6 +339,11 @@ impl<'a> Counts<'a> {
                 && input.kernels.attention == Impl::CudaFlash
                 && input.activation_bytes == 2
                 && crate::model::kernels::FLASH_HEAD_DIMS.contains(&cfg.head_dim),
+            swiglu_linear: cuda_kernels
+                && matches!(cfg.family, Family::Llama)
+                && cfg.activation == crate::model::config::Activation::Silu
+                && input.kernels.swiglu == Impl::Cuda
+                && !input.dora,
         }
     }
 
@@ -402,7 +415,9 @@ impl<'a> Counts<'a> {
         match self.cfg.family {
             Family::Llama if self.cuda => {
                 let bias = if self.cfg.qkv_bias { q + 2 * kv } else { 0 };
-                (6 * h + 5 * q + 5 * kv + 3 * i + bias + gqa_copies, 0)
+                // Gate and up, and the SwiGLU output unless the down projection's op makes it.
+                let mlp = if self.swiglu_linear { 2 * i } else { 3 * i };
+                (6 * h + 5 * q + 5 * kv + mlp + bias + gqa_copies, 0)
             }
             Family::Llama => {
                 let outputs = q + 2 * kv + 2 * h + 2 * i;
@@ -504,17 +519,24 @@ impl<'a> Counts<'a> {
         })
     }
 
-    /// What the CUDA LoRA op's backward of the MLP's down projection holds beside the graph
-    /// (`kernels::cuda::lora_linear`, in = I): the f32 copy of its input, the input gradient's
-    /// f32 low-rank part, its cast, the frozen part and their sum, (N, I) each: 14 bytes per token
-    /// and intermediate unit in bf16. With the loss in chunks this is the step's peak; measured
-    /// on an H100 it is ~265 MB short at 4096 tokens of Qwen2.5-0.5B (a working set of the first
-    /// layers' backward not yet pinned down), within 2% at 2048 tokens.
+    /// What the MLP's backward holds beside the graph on CUDA: in the down projection's backward
+    /// its input gradient (N, I), the SwiGLU output made again where the op fuses them, and the
+    /// LoRA backward's f32 rows of x and g (`kernels::cuda` `lora_bwd`, chunks of
+    /// [`crate::model::kernels::LORA_BWD_CHUNK_ELEMENTS`]); then the SwiGLU backward's input
+    /// gradient and its two outputs (3 × (N, I)).
     fn mlp_backward(&self) -> u64 {
         if !self.cuda {
             return 0;
         }
-        self.b * self.t * self.i * (2 * 4 + 3 * self.ae)
+        let (tokens, i, ae) = (self.b * self.t, self.i, self.ae);
+        let chunk = crate::model::kernels::LORA_BWD_CHUNK_ELEMENTS as u64 / i.max(self.d).max(1);
+        let scratch = tokens.min(chunk.max(1)) * (i + self.d) * 4;
+        let remade = if self.swiglu_linear {
+            tokens * i * ae
+        } else {
+            0
+        };
+        (tokens * i * ae + remade + scratch).max(3 * tokens * i * ae)
     }
 
     /// Bytes of every layer's graph, with gradient checkpointing's kept layers and boundaries.

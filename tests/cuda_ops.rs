@@ -470,8 +470,9 @@ fn frozen_linear_matches_the_cpu() {
 
 #[test]
 fn lora_linear_matches_the_cpu() {
-    // Both directions of an MLP (896 → 4864 and back); the backward composed (the default, `None`)
-    // and on cuBLAS in chunks of 64 rows (the last one partial), which sum dA and dB across chunks.
+    // Both directions of an MLP (896 → 4864 and back); the backward on cuBLAS in its own chunks
+    // (`None`: one chunk of 300 rows here) and in chunks of 64 rows (the last one partial), which
+    // sum dA and dB across chunks.
     for (i, o) in [(896, 4864), (4864, 896)] {
         for rows in [None, Some(64)] {
             for dtype in [DType::F32, DType::BF16] {
@@ -503,6 +504,71 @@ fn lora_linear_matches_the_cpu() {
                     "LoRA linear {i}→{o} {rows:?} {dtype:?}: {e}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn swiglu_linear_matches_the_cpu() {
+    // The MLP's gated activation and down projection as one op (4864 → 896): with the LoRA term,
+    // without it (a frozen down projection), and over a Q4_K weight (against its dequantized
+    // values); gradients to gate, up, A and B.
+    use candle_core::quantized::GgmlDType;
+    use finetune::model::quant::QWeight;
+    let gpu = Device::new_cuda(0).unwrap();
+    let (n, i, o, r) = (300, 4864, 896, 16);
+    let w = randn(&[o, i], 32).affine(0.03, 0.0).unwrap();
+    let q = QWeight::quantize(&w, GgmlDType::Q4K, &gpu).unwrap();
+    let deq = q
+        .dequantize(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let inputs = [
+        randn(&[n, i], 33).affine(2.0, 0.0).unwrap(),
+        randn(&[n, i], 34),
+        randn(&[r, i], 35).affine(0.05, 0.0).unwrap(),
+        randn(&[o, r], 36).affine(0.05, 0.0).unwrap(),
+    ];
+    for (what, lora, quant) in [
+        ("LoRA", true, false),
+        ("frozen", false, false),
+        ("QLoRA Q4_K", true, true),
+    ] {
+        let inputs = if lora { &inputs[..] } else { &inputs[..2] };
+        let w = if quant { deq.clone() } else { w.clone() };
+        for dtype in [DType::F32, DType::BF16] {
+            let e = compare(
+                &format!("swiglu linear {what} 300x{i} → {o}"),
+                inputs,
+                std::slice::from_ref(&w),
+                dtype,
+                |x, c| {
+                    if x[0].device().is_cuda() {
+                        let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+                        let ab = if lora {
+                            Some((f32s(&x[2])?, f32s(&x[3])?))
+                        } else {
+                            None
+                        };
+                        let lora = ab.as_ref().map(|(a, b)| (a, b, 2.0));
+                        if quant {
+                            kernels::cuda::swiglu_qlinear(&x[0], &x[1], q.qtensor(), lora)
+                        } else {
+                            kernels::cuda::swiglu_linear(&x[0], &x[1], &c[0], lora)
+                        }
+                    } else {
+                        let h = (x[0].silu()? * &x[1])?;
+                        let y = h.matmul(&c[0].t()?)?;
+                        if lora {
+                            y + (h.matmul(&x[2].t()?)?.matmul(&x[3].t()?)? * 2.0)?
+                        } else {
+                            Ok(y)
+                        }
+                    }
+                },
+            );
+            assert!(e <= tol(dtype), "swiglu linear {what} {dtype:?}: {e}");
         }
     }
 }

@@ -31,12 +31,14 @@ fn rss_is_known_and_plausible() {
     assert!(peak_rss_bytes().unwrap() >= rss / 2);
 }
 
-/// Peak bytes held by tensors, measured on an H100 with the CUDA kernels, the LoRA op, the
-/// flash attention as one op and the loss in chunks of rows (`bench/results/h100-eleventh-2026-12-06.log`:
-/// `finetune bench --device cuda`, random weights, r16 / r8 on every linear): the estimate within
-/// 3%, except at 4096 tokens in one sequence, where the measured peak (in the first layers'
-/// backward) holds ~265 MB more than the count (see `Counts::mlp_backward`): within 7% there.
-/// The whole loss (`FINETUNE_LOSS_CHUNK=0`) in the same run, as a check of the activations.
+/// Peak bytes held by tensors, measured on an H100 with the defaults: the CUDA kernels, the
+/// LoRA op with its cuBLAS backward, the SwiGLU and down projection as one op, the flash attention
+/// and the loss in chunks of 64M logits (`bench/results/h100-thirteenth-2026-12-07.log`:
+/// `finetune bench --device cuda`, random weights, r16 / r8 on every linear). The whole loss
+/// (`FINETUNE_LOSS_CHUNK=0`) and the attention without the flash kernel (`FINETUNE_CUDA_FLASH=0`)
+/// in the same run. The estimate is within 3% of each, except the query-chunked attention at
+/// 4096 tokens in one sequence (no flash kernel), which holds ~510 MB more than the count at its
+/// peak: within 8% there (the bound is 10%).
 #[test]
 fn cuda_estimate_matches_the_h100_peaks() {
     let qwen05 = ModelConfig::from_json(
@@ -62,13 +64,13 @@ fn cuda_estimate_matches_the_h100_peaks() {
     };
     // (config, batch, seq, rank, kernels, measured peak, tolerance)
     for (cfg, batch, seq_len, rank, kernels, measured, tol) in [
-        (qwen05.clone(), 4, 512, 16, flash, 3_984_586_496u64, 0.03),
-        (qwen05.clone(), 4, 512, 16, cuda, 5_567_280_896, 0.03),
-        (qwen05.clone(), 4, 512, 16, whole, 4_933_476_056, 0.03),
-        (smollm2_135m(), 8, 512, 8, flash, 3_359_840_880, 0.03),
-        (qwen05.clone(), 1, 4096, 16, whole, 8_810_879_740, 0.03),
-        (qwen05.clone(), 1, 4096, 16, flash, 6_874_751_244, 0.07),
-        (qwen05, 1, 4096, 16, cuda, 7_818_961_164, 0.07),
+        (qwen05.clone(), 4, 512, 16, flash, 3_490_234_824u64, 0.03),
+        (qwen05.clone(), 4, 512, 16, cuda, 5_072_929_224, 0.03),
+        (qwen05.clone(), 4, 512, 16, whole, 4_464_172_760, 0.03),
+        (smollm2_135m(), 8, 512, 8, flash, 3_140_940_768, 0.03),
+        (qwen05.clone(), 1, 4096, 16, whole, 7_863_425_788, 0.03),
+        (qwen05.clone(), 1, 4096, 16, flash, 5_768_222_476, 0.03),
+        (qwen05, 1, 4096, 16, cuda, 6_871_507_212, 0.08),
     ] {
         let e = estimate(
             &cfg,
@@ -262,10 +264,13 @@ fn matches_measured_peaks_with_the_cpu_kernels() {
     }
 }
 
-/// Peak bytes held by tensors on an H100 (`bench/qlora_memory.sh`, `bench/results/h100-qlora-*`):
-/// bf16 LoRA and QLoRA (Q4_K) on the Llama 3.2 1B shape at 4×512 and the Llama 3.1 8B shape at
-/// 1×512, r16 on every linear. On the GPU the memory-mapped checkpoint is host memory, so the
-/// 8B load (16 GB of weights) does not double the device's peak.
+/// Peak bytes held by tensors on an H100 (`bench/qlora_memory.sh`, `bench/results/h100-qlora-*`,
+/// `bench/results/h100-thirteenth-2026-12-07.log`): bf16 LoRA and QLoRA (Q4_K) on the Llama 3.2
+/// 1B shape at 4×512 and the Llama 3.1 8B shape at 1×512, every linear adapted. On the GPU the
+/// memory-mapped checkpoint is host memory, so the 8B load (16 GB of weights) does not double the
+/// device's peak. The 1B rows ran with the current defaults; the 8B rows before the loss came in
+/// chunks and before the SwiGLU and down projection became one op (estimated with the whole loss
+/// and without that op's saving: 32 layers × 512 tokens × 14,336 × 2 bytes).
 #[test]
 fn cuda_estimate_matches_the_h100_qlora_peaks() {
     let llama = |h: usize, i: usize, layers: usize, dh: usize, tied: bool| {
@@ -277,20 +282,25 @@ fn cuda_estimate_matches_the_h100_qlora_peaks() {
         .unwrap()
     };
     let q4k = Some(144.0 / 256.0);
-    for (name, cfg, batch, quant, measured) in [
+    let (now, before) = (true, false);
+    // (name, shape, batch, quantized, measured peak, ran with the current defaults (at r8, the
+    // bench's default) or before them (r16))
+    for (name, cfg, batch, quant, measured, current) in [
         (
             "1B bf16",
             llama(2048, 8192, 16, 64, true),
             4,
             None,
-            9_292_791_768u64,
+            5_569_313_880u64,
+            now,
         ),
         (
             "1B Q4_K",
             llama(2048, 8192, 16, 64, true),
             4,
             q4k,
-            7_894_023_640,
+            4_170_545_752,
+            now,
         ),
         (
             "8B bf16",
@@ -298,6 +308,7 @@ fn cuda_estimate_matches_the_h100_qlora_peaks() {
             1,
             None,
             21_439_460_860,
+            before,
         ),
         (
             "8B Q4_K",
@@ -305,6 +316,7 @@ fn cuda_estimate_matches_the_h100_qlora_peaks() {
             1,
             q4k,
             11_406_750_204,
+            before,
         ),
     ] {
         let e = estimate(
@@ -312,15 +324,16 @@ fn cuda_estimate_matches_the_h100_qlora_peaks() {
             &EstimateInput {
                 batch,
                 seq_len: 512,
-                rank: 16,
+                rank: if current { 8 } else { 16 },
                 weight_bytes: 2,
                 activation_bytes: 2,
                 checkpointing: false,
                 checkpoint_keep_every: 0,
                 lora_modules_per_layer: None,
-                // Measured before the loss came in chunks.
+                // The current rows ran the flash attention (head size 64), the 8B rows before it.
                 kernels: KernelPlan {
-                    loss_chunks: false,
+                    loss_chunks: current,
+                    attention: if current { Impl::CudaFlash } else { Impl::Cuda },
                     ..plan(
                         DeviceKind::Cuda,
                         DType::BF16,
@@ -335,11 +348,11 @@ fn cuda_estimate_matches_the_h100_qlora_peaks() {
                 checkpoint_bytes: None,
             },
         );
-        let ratio = e.total as f64 / measured as f64;
-        println!(
-            "{name}: estimate {} vs measured {measured}: {ratio:.3} ({e:?})",
-            e.total
-        );
+        // Before the SwiGLU and down projection were one op the graph also kept their product.
+        let product = (batch * 512 * cfg.intermediate_size * cfg.num_layers * 2) as u64;
+        let total = e.total + if current { 0 } else { product };
+        let ratio = total as f64 / measured as f64;
+        println!("{name}: estimate {total} vs measured {measured}: {ratio:.3} ({e:?})");
         assert!((0.95..=1.05).contains(&ratio), "{name}: {ratio}");
     }
 }

@@ -472,7 +472,7 @@ impl Model {
     fn planned_chunk(&self) -> Option<usize> {
         kernels::plan_for_device(self.device(), self.dtype)
             .loss_chunks
-            .then(|| loss::chunk_rows(self.config.vocab_size))
+            .then(|| loss::chunk_rows(self.config.vocab_size, self.device().is_cuda()))
     }
 
     /// The evaluation loss: [`Model::loss`] in eval mode (no dropout) with no gradient of the

@@ -196,11 +196,13 @@ fn elem_blocks(n: usize, op: &str) -> Result<usize> {
 }
 
 pub mod flash;
+mod gated;
 mod layer;
 mod linear;
 mod lora_bwd;
 mod softmax;
 
+pub use gated::{swiglu_linear, swiglu_qlinear};
 pub use layer::{rms_norm, rope, swiglu};
 pub use linear::{
     dequantize_bf16, frozen_linear, lora_linear, lora_linear_in_chunks, qlora_linear,

@@ -106,3 +106,64 @@ pub fn qlora_linear(
         x.dtype()
     )
 }
+
+/// A frozen weight as the one-op projections take it.
+pub enum FrozenRef<'a> {
+    /// In the activations' dtype.
+    Dense(&'a Tensor),
+    /// Quantized.
+    Quant(&'a std::sync::Arc<candle_core::quantized::QTensor>),
+}
+
+/// Whether the MLP's `act(gate) ⊙ up` and its down projection (frozen `weight`, with or without
+/// a LoRA term) run as one op ([`swiglu_linear`]): CUDA's SwiGLU and LoRA ops are planned, the
+/// activation is silu, the pass draws no dropout mask and the weight is in `gate`'s dtype (or
+/// quantized). `FINETUNE_CUDA_SWIGLU_LINEAR=0` turns it off (to compare the two).
+pub fn swiglu_linear_fused(
+    gate: &Tensor,
+    act: Activation,
+    weight: &FrozenRef<'_>,
+    dropout_in_pass: bool,
+) -> bool {
+    let plan = plan_for(gate);
+    let weight_fits = match weight {
+        FrozenRef::Dense(w) => w.dtype() == gate.dtype(),
+        FrozenRef::Quant(_) => matches!(gate.dtype(), DType::BF16 | DType::F32),
+    };
+    cfg!(feature = "cuda")
+        && act == Activation::Silu
+        && plan.swiglu == Impl::Cuda
+        && plan.lora_linear == Impl::Cuda
+        && !dropout_in_pass
+        && weight_fits
+        && swiglu_linear_on()
+}
+
+fn swiglu_linear_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FINETUNE_CUDA_SWIGLU_LINEAR").map_or(true, |v| v != "0"))
+}
+
+/// `(act(gate) ⊙ up) · Wᵀ (+ s·(…)·Aᵀ·Bᵀ)` for 2-D `gate` and `up` (N, I) as one op where
+/// [`swiglu_linear_fused`] holds (the product of gate and up is not kept for backward); an error
+/// on a device without such an op.
+pub fn swiglu_linear(
+    gate: &Tensor,
+    up: &Tensor,
+    weight: FrozenRef<'_>,
+    lora: Option<(&Tensor, &Tensor, f64)>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if plan_for(gate).lora_linear == Impl::Cuda {
+        return match weight {
+            FrozenRef::Dense(w) => cuda::swiglu_linear(gate, up, w, lora),
+            FrozenRef::Quant(q) => cuda::swiglu_qlinear(gate, up, q, lora),
+        };
+    }
+    let _ = (up, weight, lora);
+    candle_core::bail!(
+        "no single-op SwiGLU projection on {:?} in {:?}; check swiglu_linear_fused first",
+        DeviceKind::of(gate.device()),
+        gate.dtype()
+    )
+}

@@ -63,7 +63,7 @@ mod sdpa;
 
 pub use linear::{
     dequantize, frozen_linear, frozen_linear_plus, lora_linear, lora_linear_fused, qlora_linear,
-    qlora_linear_fused,
+    qlora_linear_fused, swiglu_linear, swiglu_linear_fused, FrozenRef,
 };
 pub use sdpa::{attention, attention_softcap, attention_with, bf16_attention_products, Products};
 
@@ -373,6 +373,10 @@ pub fn plan_for_device(device: &Device, dtype: DType) -> KernelPlan {
     }
     p
 }
+
+/// f32 elements of the CUDA LoRA backward's widest scratch tensor (a chunk's rows of x or g):
+/// 8M, 32 MB (`cuda::lora_bwd`; the memory estimate counts them).
+pub const LORA_BWD_CHUNK_ELEMENTS: usize = 8 << 20;
 
 /// Head sizes the fused CUDA attention is built for.
 pub const FLASH_HEAD_DIMS: [usize; 3] = [64, 96, 128];

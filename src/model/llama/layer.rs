@@ -9,6 +9,7 @@ use crate::model::cache::LayerKv;
 use crate::model::config::ModelConfig;
 use crate::model::kernels;
 use crate::model::lora::{lora_input_f32, LoraLinear};
+use crate::model::quant::Frozen;
 use crate::model::weights::Weights;
 use crate::model::ModelError;
 
@@ -325,8 +326,13 @@ impl Layer {
                 (y.narrow(2, 0, i)?, y.narrow(2, i, i)?)
             }
         };
-        let mlp = kernels::gated(&gate.contiguous()?, &up.contiguous()?, cfg.activation)?;
-        let y = self.down_proj.forward_opts(&mlp, ctx.train, detach_lora)?;
+        let y = gated_down(
+            &self.down_proj,
+            (&gate, &up),
+            cfg.activation,
+            ctx.train,
+            detach_lora,
+        )?;
         match &self.post_mlp_norm {
             Some(w) => kernels::rms_norm(&y, w, cfg.norm_eps),
             None => Ok(y),
@@ -343,4 +349,44 @@ fn rope_part(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
     let turned = kernels::rope(&x.narrow(3, 0, rd)?.contiguous()?, cos, sin)?;
     Tensor::cat(&[&turned, &x.narrow(3, rd, dh - rd)?], 3)?.contiguous()
+}
+
+/// `down(act(gate) ⊙ up)`: as one op where the kernels have it (CUDA: the product of gate and up
+/// is not kept for backward, `kernels::swiglu_linear`), else the gated activation, then the
+/// projection.
+fn gated_down(
+    down: &LoraLinear,
+    (gate, up): (&Tensor, &Tensor),
+    act: crate::model::config::Activation,
+    train: bool,
+    detach_lora: bool,
+) -> Result<Tensor> {
+    let lora = down.active();
+    let plain = lora.is_none_or(|l| l.magnitude.is_none());
+    let dropout = train && lora.is_some_and(|l| l.dropout > 0.0);
+    let weight = match &down.weight {
+        Frozen::Dense(w) => kernels::FrozenRef::Dense(w),
+        Frozen::Quant(q) => kernels::FrozenRef::Quant(q.qtensor()),
+    };
+    if plain && down.bias.is_none() && kernels::swiglu_linear_fused(gate, act, &weight, dropout) {
+        let dims = gate.dims().to_vec();
+        let i = down.in_features();
+        let (gate2, up2) = (gate.reshape(((), i))?, up.reshape(((), i))?);
+        let factors = lora.map(|l| {
+            let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+            match detach_lora {
+                true => (a.detach(), b.detach(), l.scale),
+                false => (a.clone(), b.clone(), l.scale),
+            }
+        });
+        let lora = factors.as_ref().map(|(a, b, s)| (a, b, *s));
+        let y = kernels::swiglu_linear(&gate2.contiguous()?, &up2.contiguous()?, weight, lora)?;
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = down.out_features();
+        }
+        return y.reshape(out);
+    }
+    let h = kernels::gated(&gate.contiguous()?, &up.contiguous()?, act)?;
+    down.forward_opts(&h, train, detach_lora)
 }

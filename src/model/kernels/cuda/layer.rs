@@ -204,7 +204,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
-struct SwiGlu;
+pub(super) struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -251,7 +251,7 @@ impl CustomOp2 for SwiGlu {
 }
 
 /// Both SwiGLU gradients in one launch, stacked `(2, ...)`.
-struct SwiGluBwd;
+pub(super) struct SwiGluBwd;
 
 impl CustomOp3 for SwiGluBwd {
     fn name(&self) -> &'static str {

@@ -120,7 +120,7 @@ pub fn qlora_linear(
 }
 
 /// The frozen weight (out, in) of a LoRA op.
-enum Weight {
+pub(super) enum Weight {
     /// In the activations' dtype.
     Dense(Tensor),
     /// Quantized; dequantized per product.
@@ -129,7 +129,7 @@ enum Weight {
 
 impl Weight {
     /// The weight as a float tensor of `dtype` (a fresh one when quantized).
-    fn in_dtype(&self, dtype: DType) -> Result<Tensor> {
+    pub(super) fn in_dtype(&self, dtype: DType) -> Result<Tensor> {
         match self {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quant(q) => super::super::dequantize(q, dtype),
@@ -160,63 +160,7 @@ impl CustomOp3 for LoraLinearOp {
         b: &CudaStorage,
         lb: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let op = self.name();
-        let (n, i) = lx.shape().dims2()?;
-        let (r, ai) = la.shape().dims2()?;
-        let (o, br) = lb.shape().dims2()?;
-        let w_t = self.w.in_dtype(x.dtype())?;
-        let (w_ref, lw) = w_t.storage_and_layout();
-        let candle_core::Storage::Cuda(w) = &*w_ref else {
-            candle_core::bail!("{op}: the weight is not on the GPU");
-        };
-        if ai != i || br != r || lw.dims() != [o, i] || w.dtype() != x.dtype() {
-            candle_core::bail!(
-                "{op}: x {:?} {:?}, W {:?} {:?}, A {:?}, B {:?} do not fit",
-                lx.dims(),
-                x.dtype(),
-                lw.dims(),
-                w.dtype(),
-                la.dims(),
-                lb.dims()
-            );
-        }
-        if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
-            candle_core::bail!("{op}: LoRA factors must be f32");
-        }
-        let y = x.matmul(w, (1, n, o, i), lx, &lw.transpose(0, 1)?)?;
-        let x32 = if x.dtype() == DType::F32 {
-            None
-        } else {
-            Some(x.to_dtype(lx, DType::F32)?)
-        };
-        let (x32, lx32) = match &x32 {
-            Some(s) => (s, Layout::contiguous((n, i))),
-            None => (x, lx.clone()),
-        };
-        let mid = x32.matmul(a, (1, n, r, i), &lx32, &la.transpose(0, 1)?)?;
-        let u = mid.matmul(
-            b,
-            (1, n, o, r),
-            &Layout::contiguous((n, r)),
-            &lb.transpose(0, 1)?,
-        )?;
-        let len = (n * o) as i64;
-        let scale = self.scale;
-        let dev = x.device();
-        let lyu = Layout::contiguous((n, o));
-        let uv = view::<f32>(&u, &lyu, op)?;
-        let out = by_dtype!(x.dtype(), op, T => {
-            let yv = view::<T>(&y, &lyu, op)?;
-            let out = alloc::<T>(dev, n * o)?;
-            let name = format!("ft_add_scaled_{}", T::SUFFIX);
-            let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
-            let mut bl = f.builder();
-            bl.arg(&yv).arg(&uv).arg(&out).arg(&len).arg(&scale);
-            // SAFETY: the arguments match `ft_add_scaled`; one thread per element.
-            unsafe { bl.launch(rows_cfg(elem_blocks(n * o, op)?, 256)) }.w()?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        });
-        Ok((out, Shape::from_dims(&[n, o])))
+        lora_forward(self.name(), &self.w, self.scale, (x, lx), (a, la), (b, lb))
     }
 
     fn bwd(
@@ -229,36 +173,115 @@ impl CustomOp3 for LoraLinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached: A and B are leaves, so Candle stores these gradients as they are; computed from
         // tracked inputs they would carry (and keep alive) the whole step's graph.
-        let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let w = self.w.in_dtype(g.dtype())?;
-        let ((n, i), o) = (x.dims2()?, w.dim(0)?);
-        let rows = match (self.rows, super::lora_bwd::chunked()) {
-            (Some(rows), _) => rows,
-            (None, true) => super::lora_bwd::chunk_rows(i, o),
-            (None, false) => {
-                // Composed from Candle's ops (the default until the estimate counts the chunked form).
-                let s = self.scale as f64;
-                let g = g.detach().contiguous()?;
-                let g32 = g.to_dtype(DType::F32)?;
-                let x32 = x.to_dtype(DType::F32)?;
-                let mid = x32.matmul(&a.t()?)?;
-                let gb = (g32.matmul(&b)? * s)?;
-                let da = gb.t()?.matmul(&x32)?;
-                let db = (g32.t()?.matmul(&mid)? * s)?;
-                let dx = (g.matmul(&w)? + gb.matmul(&a)?.to_dtype(x.dtype())?)?;
-                return Ok((Some(dx), Some(da), Some(db)));
-            }
-        };
-        let (dx, da, db) = super::lora_bwd::lora_backward(
-            &x,
+        let (dx, da, db) = lora_grads(
+            &x.detach(),
             &g.detach(),
             &w,
-            (&a, &b),
+            (&a.detach(), &b.detach()),
             self.scale,
-            rows.clamp(1, n.max(1)),
+            self.rows,
         )?;
         Ok((Some(dx), Some(da), Some(db)))
     }
+}
+
+/// The LoRA op's forward `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` on the storages: the frozen product by cuBLAS in
+/// x's dtype, the LoRA product in f32, added with one rounding.
+pub(super) fn lora_forward(
+    op: &str,
+    w: &Weight,
+    scale: f32,
+    (x, lx): (&CudaStorage, &Layout),
+    (a, la): (&CudaStorage, &Layout),
+    (b, lb): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let (n, i) = lx.shape().dims2()?;
+    let (r, ai) = la.shape().dims2()?;
+    let (o, br) = lb.shape().dims2()?;
+    let w_t = w.in_dtype(x.dtype())?;
+    let (w_ref, lw) = w_t.storage_and_layout();
+    let candle_core::Storage::Cuda(w) = &*w_ref else {
+        candle_core::bail!("{op}: the weight is not on the GPU");
+    };
+    if ai != i || br != r || lw.dims() != [o, i] || w.dtype() != x.dtype() {
+        candle_core::bail!(
+            "{op}: x {:?} {:?}, W {:?} {:?}, A {:?}, B {:?} do not fit",
+            lx.dims(),
+            x.dtype(),
+            lw.dims(),
+            w.dtype(),
+            la.dims(),
+            lb.dims()
+        );
+    }
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        candle_core::bail!("{op}: LoRA factors must be f32");
+    }
+    let y = x.matmul(w, (1, n, o, i), lx, &lw.transpose(0, 1)?)?;
+    let x32 = if x.dtype() == DType::F32 {
+        None
+    } else {
+        Some(x.to_dtype(lx, DType::F32)?)
+    };
+    let (x32, lx32) = match &x32 {
+        Some(s) => (s, Layout::contiguous((n, i))),
+        None => (x, lx.clone()),
+    };
+    let mid = x32.matmul(a, (1, n, r, i), &lx32, &la.transpose(0, 1)?)?;
+    let u = mid.matmul(
+        b,
+        (1, n, o, r),
+        &Layout::contiguous((n, r)),
+        &lb.transpose(0, 1)?,
+    )?;
+    let len = (n * o) as i64;
+    let dev = x.device();
+    let lyu = Layout::contiguous((n, o));
+    let uv = view::<f32>(&u, &lyu, op)?;
+    let out = by_dtype!(x.dtype(), op, T => {
+        let yv = view::<T>(&y, &lyu, op)?;
+        let out = alloc::<T>(dev, n * o)?;
+        let name = format!("ft_add_scaled_{}", T::SUFFIX);
+        let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+        let mut bl = f.builder();
+        bl.arg(&yv).arg(&uv).arg(&out).arg(&len).arg(&scale);
+        // SAFETY: the arguments match `ft_add_scaled`; one thread per element.
+        unsafe { bl.launch(rows_cfg(elem_blocks(n * o, op)?, 256)) }.w()?;
+        CudaStorage::wrap_cuda_slice(out, dev.clone())
+    });
+    Ok((out, Shape::from_dims(&[n, o])))
+}
+
+/// `(dx, dA, dB)` of the LoRA op for the upstream gradient `g`, from detached tensors: on cuBLAS
+/// in chunks of `rows` rows (`None`: `lora_bwd::chunk_rows`), or composed from Candle's ops with
+/// `FINETUNE_CUDA_LORA_BWD=composed` (to compare the two).
+pub(super) fn lora_grads(
+    x: &Tensor,
+    g: &Tensor,
+    w: &Tensor,
+    (a, b): (&Tensor, &Tensor),
+    scale: f32,
+    rows: Option<usize>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let ((n, i), o) = (x.dims2()?, w.dim(0)?);
+    let rows = match (rows, super::lora_bwd::chunked()) {
+        (Some(rows), _) => rows,
+        (None, true) => super::lora_bwd::chunk_rows(i, o),
+        (None, false) => {
+            let s = scale as f64;
+            let g = g.contiguous()?;
+            let g32 = g.to_dtype(DType::F32)?;
+            let x32 = x.to_dtype(DType::F32)?;
+            let mid = x32.matmul(&a.t()?)?;
+            let gb = (g32.matmul(b)? * s)?;
+            let da = gb.t()?.matmul(&x32)?;
+            let db = (g32.t()?.matmul(&mid)? * s)?;
+            let dx = (g.matmul(w)? + gb.matmul(a)?.to_dtype(x.dtype())?)?;
+            return Ok((dx, da, db));
+        }
+    };
+    super::lora_bwd::lora_backward(x, g, w, (a, b), scale, rows.clamp(1, n.max(1)))
 }
 
 // ---------------------------------------------------------------- dequantization

@@ -17,16 +17,14 @@ use candle_core::{Device, Storage};
 
 use super::*;
 
-/// f32 elements of a chunk's widest scratch tensor (its rows of x or g): 8M, 32 MB.
-const CHUNK_ELEMENTS: usize = 8 << 20;
+use super::super::LORA_BWD_CHUNK_ELEMENTS as CHUNK_ELEMENTS;
 
-/// `FINETUNE_CUDA_LORA_BWD=chunked` runs this backward for every LoRA op; otherwise only where a
-/// caller asks for chunks (`lora_linear_in_chunks`). On an H100 (BENCHMARKS.md) it passes the op
-/// tests and takes 159 MB off Qwen2.5-0.5B's 1×4096 peak; opt-in until the CUDA memory estimate
-/// counts it and its rows are re-measured under it.
+/// Whether the LoRA ops' backward runs here (the default); `FINETUNE_CUDA_LORA_BWD=composed`
+/// composes it from Candle's ops instead (to compare the two; 14 bytes per element of the
+/// input's (N, in) against 2 here, BENCHMARKS.md).
 pub(super) fn chunked() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FINETUNE_CUDA_LORA_BWD").is_ok_and(|v| v == "chunked"))
+    *ON.get_or_init(|| std::env::var("FINETUNE_CUDA_LORA_BWD").map_or(true, |v| v != "composed"))
 }
 
 /// Rows per chunk for an (N, I) → (N, O) projection.
