@@ -318,6 +318,19 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(op)?.sum_all()? / targets.len() as f64
 }
 
+/// A buffer of `n` f32 for a kernel that writes every element before anything reads it: no
+/// zeroing pass. Zeroing the step's outputs first (`vec![0.0; n]`, which glibc's `calloc` fills
+/// with `memset` once the memory is recycled) was ~8% of a CPU training step.
+///
+/// # Safety
+/// The caller must write all `n` elements before reading any (a kernel in overwrite mode).
+pub(crate) unsafe fn for_writing(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is `n`; the caller writes every element before any is read.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Runs `f` on a CPU tensor's storage and layout (inside an op that holds the tensor); errs,
 /// naming `op`, for a tensor on another device.
 pub(crate) fn with_cpu<R>(

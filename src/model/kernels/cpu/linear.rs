@@ -113,7 +113,14 @@ impl FrozenLinearCpu {
             );
         }
         let accumulate = init.is_some();
-        let mut out = init.unwrap_or_else(|| vec![0f32; n * o]);
+        let mut out = match init {
+            Some(u) => u,
+            // An empty sum: zeros (`gemm` below would write nothing).
+            None if i == 0 => vec![0f32; n * o],
+            // SAFETY: without `init` every product below runs in overwrite mode (`accumulate`
+            // false): gemv, the bf16 matmuls and `gemm` write each of the n·o outputs, reading none.
+            None => unsafe { super::for_writing(n * o) },
+        };
         match w {
             CpuStorage::BF16(_) if n <= gemv::MAX_ROWS => {
                 let w = bf16_slice(w, lw, "ft-frozen-linear")?;
@@ -201,7 +208,9 @@ impl CustomOp2 for MixedGradX {
                 l2.dims()
             );
         }
-        let mut out = vec![0f32; n * i];
+        // SAFETY: `mixed_grad_x` writes every element (the bf16 matmul in overwrite mode, zeros
+        // for an empty sum) before anything reads them.
+        let mut out = unsafe { super::for_writing(n * i) };
         mixed_grad_x(g, w, (n, o, i), &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, i])))
     }

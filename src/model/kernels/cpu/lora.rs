@@ -195,7 +195,9 @@ impl LoraLinearBwd {
     ) -> Result<Vec<f32>> {
         let op = self.name();
         let Dims { n, i, o, r } = d;
-        let mut all = vec![0f32; n * i + r * i + o * r];
+        // SAFETY: dx is written whole by the product below (overwrite mode) before `update` adds
+        // onto it, dA whole by `reduce`, dB by the copy at the end.
+        let mut all = unsafe { super::for_writing(n * i + r * i + o * r) };
         let (dx, rest) = all.split_at_mut(n * i);
         let (da, db) = rest.split_at_mut(r * i);
         // gb = s · g · B (n, r): dot products of g's rows with Bᵀ's.

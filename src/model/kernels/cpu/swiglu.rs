@@ -43,7 +43,8 @@ impl CustomOp2 for SwiGlu {
         if g.len() != u.len() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
         }
-        let mut out = vec![0f32; g.len()];
+        // SAFETY: every chunk of `out` is written by `exp_neg` before the loop reads it.
+        let mut out = unsafe { super::for_writing(g.len()) };
         out.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
@@ -91,7 +92,9 @@ impl CustomOp3 for SwiGluBwd {
             candle_core::bail!("{op}: inputs differ in size");
         }
         let n = g.len();
-        let mut out = vec![0f32; 2 * n];
+        // SAFETY: `exp_neg` writes each chunk of dg before the loop reads it, and the loop
+        // writes every element of dg and du.
+        let mut out = unsafe { super::for_writing(2 * n) };
         let (dg, du) = out.split_at_mut(n);
         dg.par_chunks_mut(CHUNK)
             .zip(du.par_chunks_mut(CHUNK))
