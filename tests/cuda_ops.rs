@@ -508,22 +508,31 @@ fn lora_linear_matches_the_cpu() {
     }
 }
 
+/// `w` quantized to `ty` on `gpu`, and the values it holds (f32, on the CPU).
+fn quantized(
+    w: &Tensor,
+    ty: candle_core::quantized::GgmlDType,
+    gpu: &Device,
+) -> (finetune::model::quant::QWeight, Tensor) {
+    let q = finetune::model::quant::QWeight::quantize(w, ty, gpu).unwrap();
+    let values = q
+        .dequantize(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    (q, values)
+}
+
 #[test]
 fn swiglu_linear_matches_the_cpu() {
     // The MLP's gated activation and down projection as one op (4864 → 896): with the LoRA term,
     // without it (a frozen down projection), and over a Q4_K weight (against its dequantized
     // values); gradients to gate, up, A and B.
     use candle_core::quantized::GgmlDType;
-    use finetune::model::quant::QWeight;
     let gpu = Device::new_cuda(0).unwrap();
     let (n, i, o, r) = (300, 4864, 896, 16);
     let w = randn(&[o, i], 32).affine(0.03, 0.0).unwrap();
-    let q = QWeight::quantize(&w, GgmlDType::Q4K, &gpu).unwrap();
-    let deq = q
-        .dequantize(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
+    let (q, deq) = quantized(&w, GgmlDType::Q4K, &gpu);
     let inputs = [
         randn(&[n, i], 33).affine(2.0, 0.0).unwrap(),
         randn(&[n, i], 34),
@@ -576,18 +585,12 @@ fn swiglu_linear_matches_the_cpu() {
 #[test]
 fn qlora_linear_matches_the_cpu_on_the_dequantized_weight() {
     use candle_core::quantized::GgmlDType;
-    use finetune::model::quant::QWeight;
     let gpu = Device::new_cuda(0).unwrap();
     for ty in [GgmlDType::Q4K, GgmlDType::Q8_0] {
         let (n, i, o, r) = (300, 1024, 2816, 16);
         let w = randn(&[o, i], 22).affine(0.03, 0.0).unwrap();
-        let q = QWeight::quantize(&w, ty, &gpu).unwrap();
         // The reference multiplies by the weight the op sees: the quantized values.
-        let deq = q
-            .dequantize(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap();
+        let (q, deq) = quantized(&w, ty, &gpu);
         let inputs = [
             randn(&[n, i], 23),
             randn(&[r, i], 24).affine(0.05, 0.0).unwrap(),

@@ -113,37 +113,43 @@ impl FrozenLinearCpu {
             );
         }
         let accumulate = init.is_some();
-        let mut out = match init {
-            Some(u) => u,
-            // An empty sum: zeros (`gemm` below would write nothing).
-            None if i == 0 => vec![0f32; n * o],
-            // SAFETY: without `init` every product below runs in overwrite mode (`accumulate`
-            // false): gemv, the bf16 matmuls and `gemm` write each of the n·o outputs, reading none.
-            None => unsafe { super::for_writing(n * o) },
+        let product = |out: &mut [f32]| -> Result<()> {
+            match w {
+                CpuStorage::BF16(_) if n <= gemv::MAX_ROWS => {
+                    let w = bf16_slice(w, lw, "ft-frozen-linear")?;
+                    gemv::gemv(x, w, out, n, i, o, accumulate);
+                }
+                CpuStorage::BF16(_) => {
+                    let w = bf16_slice(w, lw, "ft-frozen-linear")?;
+                    // out (n, o) = x (n, i) · wᵀ: B = wᵀ is (i, o), rows 1 apart, columns i apart.
+                    bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, out, o, accumulate)
+                        .map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
+                }
+                _ => {
+                    let w = slice(w, lw, "ft-frozen-linear")?;
+                    if w.len() != o * i {
+                        candle_core::bail!("frozen linear: weight is not {o}×{i}");
+                    }
+                    if n <= gemv::MAX_ROWS {
+                        gemv::gemv(x, w, out, n, i, o, accumulate);
+                    } else {
+                        Self::gemm(x, w, out, n, i, o, accumulate);
+                    }
+                }
+            }
+            Ok(())
         };
-        match w {
-            CpuStorage::BF16(_) if n <= gemv::MAX_ROWS => {
-                let w = bf16_slice(w, lw, "ft-frozen-linear")?;
-                gemv::gemv(x, w, &mut out, n, i, o, accumulate);
+        let out = match init {
+            Some(mut u) => {
+                product(&mut u)?;
+                u
             }
-            CpuStorage::BF16(_) => {
-                let w = bf16_slice(w, lw, "ft-frozen-linear")?;
-                // out (n, o) = x (n, i) · wᵀ: B = wᵀ is (i, o) with rows 1 apart, columns i apart.
-                bf16::matmul_f32_bf16(n, o, i, x, i, 1, w, 1, i, &mut out, o, accumulate)
-                    .map_err(|e| candle_core::Error::Msg(format!("frozen linear: {e}")))?;
-            }
-            _ => {
-                let w = slice(w, lw, "ft-frozen-linear")?;
-                if w.len() != o * i {
-                    candle_core::bail!("frozen linear: weight is not {o}×{i}");
-                }
-                if n <= gemv::MAX_ROWS {
-                    gemv::gemv(x, w, &mut out, n, i, o, accumulate);
-                } else {
-                    Self::gemm(x, w, &mut out, n, i, o, accumulate);
-                }
-            }
-        }
+            // An empty sum: zeros (`gemm` would write nothing).
+            None if i == 0 => vec![0f32; n * o],
+            // SAFETY: without `init` every product runs in overwrite mode (`accumulate` false):
+            // gemv, the bf16 matmuls and `gemm` write each of the n·o outputs, reading none.
+            None => unsafe { super::written_by(n * o, product)? },
+        };
         Ok(out)
     }
 }
@@ -209,9 +215,8 @@ impl CustomOp2 for MixedGradX {
             );
         }
         // SAFETY: `mixed_grad_x` writes every element (the bf16 matmul in overwrite mode, zeros
-        // for an empty sum) before anything reads them.
-        let mut out = unsafe { super::for_writing(n * i) };
-        mixed_grad_x(g, w, (n, o, i), &mut out)?;
+        // for an empty sum) and reads none.
+        let out = unsafe { super::written_by(n * i, |out| mixed_grad_x(g, w, (n, o, i), out))? };
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, i])))
     }
 }

@@ -195,38 +195,41 @@ impl LoraLinearBwd {
     ) -> Result<Vec<f32>> {
         let op = self.name();
         let Dims { n, i, o, r } = d;
-        // SAFETY: dx is written whole by the product below (overwrite mode) before `update` adds
-        // onto it, dA whole by `reduce`, dB by the copy at the end.
-        let mut all = unsafe { super::for_writing(n * i + r * i + o * r) };
-        let (dx, rest) = all.split_at_mut(n * i);
-        let (da, db) = rest.split_at_mut(r * i);
-        // gb = s · g · B (n, r): dot products of g's rows with Bᵀ's.
-        let bt = transposed(b, o, r);
-        let mut gb = vec![0f32; n * r];
-        dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
-        // dx = g · W (W (o, i) row-major), then + gb · A
-        with_cpu(&self.weight, op, |w, lw| match w {
-            CpuStorage::BF16(_) => mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx),
-            _ => {
-                let w = slice(w, lw, op)?;
-                gemm(
-                    op,
-                    (n, i, o),
-                    (&mut *dx, i),
-                    false,
-                    (g, o, 1),
-                    (w, i, 1),
-                    1.0,
-                    true,
-                )
-            }
-        })?;
-        update(&gb, a, dx, (n, r, i), 1.0, true)?;
-        // dA = gbᵀ · x (r, i); dB = gᵀ · h (o, r), as (hᵀ · g)ᵀ
-        reduce(&gb, x, da, (n, r, i), 1.0)?;
-        let mut dbt = vec![0f32; r * o];
-        reduce(h, g, &mut dbt, (n, r, o), 1.0)?;
-        db.copy_from_slice(&transposed(&dbt, r, o));
+        let fill = |all: &mut [f32]| -> Result<()> {
+            let (dx, rest) = all.split_at_mut(n * i);
+            let (da, db) = rest.split_at_mut(r * i);
+            // gb = s · g · B (n, r): dot products of g's rows with Bᵀ's.
+            let bt = transposed(b, o, r);
+            let mut gb = vec![0f32; n * r];
+            dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
+            // dx = g · W (W (o, i) row-major), then + gb · A
+            with_cpu(&self.weight, op, |w, lw| match w {
+                CpuStorage::BF16(_) => mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx),
+                _ => {
+                    let w = slice(w, lw, op)?;
+                    gemm(
+                        op,
+                        (n, i, o),
+                        (&mut *dx, i),
+                        false,
+                        (g, o, 1),
+                        (w, i, 1),
+                        1.0,
+                        true,
+                    )
+                }
+            })?;
+            update(&gb, a, dx, (n, r, i), 1.0, true)?;
+            // dA = gbᵀ · x (r, i); dB = gᵀ · h (o, r), as (hᵀ · g)ᵀ
+            reduce(&gb, x, da, (n, r, i), 1.0)?;
+            let mut dbt = vec![0f32; r * o];
+            reduce(h, g, &mut dbt, (n, r, o), 1.0)?;
+            db.copy_from_slice(&transposed(&dbt, r, o));
+            Ok(())
+        };
+        // SAFETY: dx is written whole by the product (overwrite mode; zeros for an empty sum)
+        // before `update` adds onto it, dA whole by `reduce`, dB by the copy at the end.
+        let all = unsafe { super::written_by(n * i + r * i + o * r, fill)? };
         Ok(all)
     }
 }

@@ -43,16 +43,20 @@ impl CustomOp2 for SwiGlu {
         if g.len() != u.len() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
         }
-        // SAFETY: every chunk of `out` is written by `exp_neg` before the loop reads it.
-        let mut out = unsafe { super::for_writing(g.len()) };
-        out.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| {
-                exp_neg(g, o);
-                for (o, (&g, &u)) in o.iter_mut().zip(g.iter().zip(u)) {
-                    *o = g * u / (1.0 + *o);
-                }
-            });
+        let fill = |out: &mut [f32]| {
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .for_each(|(o, (g, u))| {
+                    exp_neg(g, o);
+                    for (o, (&g, &u)) in o.iter_mut().zip(g.iter().zip(u)) {
+                        *o = g * u / (1.0 + *o);
+                    }
+                });
+            Ok(())
+        };
+        // SAFETY: g, u and out have the same length, so the chunks pair up whole; `exp_neg`
+        // writes each chunk of `out` before the loop reads it back.
+        let out = unsafe { super::written_by(g.len(), fill)? };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -92,22 +96,25 @@ impl CustomOp3 for SwiGluBwd {
             candle_core::bail!("{op}: inputs differ in size");
         }
         let n = g.len();
-        // SAFETY: `exp_neg` writes each chunk of dg before the loop reads it, and the loop
-        // writes every element of dg and du.
-        let mut out = unsafe { super::for_writing(2 * n) };
-        let (dg, du) = out.split_at_mut(n);
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .zip(da.par_chunks(CHUNK))
-            .for_each(|(((dg, du), (g, u)), da)| {
-                exp_neg(g, dg);
-                for (i, (&g, (&u, &da))) in g.iter().zip(u.iter().zip(da)).enumerate() {
-                    let sg = 1.0 / (1.0 + dg[i]);
-                    dg[i] = da * u * sg * (1.0 + g * (1.0 - sg));
-                    du[i] = da * g * sg;
-                }
-            });
+        let fill = |out: &mut [f32]| {
+            let (dg, du) = out.split_at_mut(n);
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .zip(da.par_chunks(CHUNK))
+                .for_each(|(((dg, du), (g, u)), da)| {
+                    exp_neg(g, dg);
+                    for (i, (&g, (&u, &da))) in g.iter().zip(u.iter().zip(da)).enumerate() {
+                        let sg = 1.0 / (1.0 + dg[i]);
+                        dg[i] = da * u * sg * (1.0 + g * (1.0 - sg));
+                        du[i] = da * g * sg;
+                    }
+                });
+            Ok(())
+        };
+        // SAFETY: every input has n elements, so the chunks pair up whole; `exp_neg` writes each
+        // chunk of dg before the loop reads it, and the loop writes every element of dg and du.
+        let out = unsafe { super::written_by(2 * n, fill)? };
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((CpuStorage::F32(out), Shape::from_dims(&dims)))
