@@ -343,6 +343,7 @@ impl<'a> Counts<'a> {
                 && matches!(cfg.family, Family::Llama)
                 && cfg.activation == crate::model::config::Activation::Silu
                 && input.kernels.swiglu == Impl::Cuda
+                && !cfg.mlp_bias
                 && !input.dora,
         }
     }
