@@ -156,15 +156,11 @@ pub(crate) unsafe fn matmul(
     let mut ap = scratch(&A_SCRATCH, mp * kp / 2, 0u32);
     pack_a(m, k, kp, a, a_rs, a_cs, &mut ap);
     let panel_len = kp * 16;
-    let mut bp_buf = scratch(&B_SCRATCH, panels * panel_len, bf16::ZERO);
-    pack_b(n, k, kp, b, b_rs, b_cs, &mut bp_buf);
+    let mut bp_buf = scratch(&B_SCRATCH, panels * panel_len / 2, 0u32);
+    pack_b(n, k, kp, b, (b_rs, b_cs), &mut bp_buf);
     let ap_buf = ap;
-    // SAFETY: a u32 holds two bf16 (its bytes, low half first on x86-64), and bf16's alignment
-    // divides u32's: the same memory read as kp bf16 a row.
-    let ap: &[bf16] =
-        unsafe { std::slice::from_raw_parts(ap_buf.as_ptr().cast::<bf16>(), ap_buf.len() * 2) };
+    let (ap, bp) = (as_bf16(&ap_buf), as_bf16(&bp_buf));
     let out = Ptrs { c: c.as_mut_ptr() };
-    let bp = &bp_buf;
     (0..mp / BLOCK).into_par_iter().for_each(move |rb| {
         let out = out;
         // SAFETY: AMX is usable (the caller's contract); the configuration is valid for palette
@@ -287,7 +283,7 @@ unsafe fn matmul_chunked(
 
 thread_local! {
     static A_SCRATCH: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
-    static B_SCRATCH: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
+    static B_SCRATCH: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Packed operands up to this size are kept for the next call on the thread: a training step
@@ -377,50 +373,31 @@ fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize, ap
         });
 }
 
+/// Packed pairs of bf16 as the bf16 values they hold.
+fn as_bf16(v: &[u32]) -> &[bf16] {
+    // SAFETY: a u32 holds two bf16 (its bytes, low half first on x86-64), and bf16's alignment
+    // divides u32's: the same memory read as twice as many bf16.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<bf16>(), v.len() * 2) }
+}
+
 /// B (bf16, k×n at the given strides) as 16-column panels (`bp` holds a whole number, an even
-/// count covering n) of kp/2 rows, each row the panel's 16 columns × (k even, k odd): the layout
-/// of a B tile. Zero padded. The two layouts training uses get loops that read B in order: the
-/// forward's Wᵀ (`b_rs` = 1: a column is a row of W) and the input gradient's W (`b_cs` = 1).
-fn pack_b(n: usize, k: usize, kp: usize, b: &[bf16], b_rs: usize, b_cs: usize, bp: &mut [bf16]) {
-    let panel_len = kp * 16;
+/// count covering n) of kp/2 rows of 16 u32, each the panel's 16 columns × (k even, k odd): the
+/// layout of a B tile (`avx512::pack_b_panel` with rows 16 wide: 16×16 transposes for the
+/// forward's Wᵀ, paired rows for the input gradient's W). Zero padded.
+fn pack_b(n: usize, k: usize, kp: usize, b: &[bf16], strides: (usize, usize), bp: &mut [u32]) {
+    let panel_len = kp * 8;
+    let written = k.div_ceil(2) * 16;
     bp.par_chunks_mut(panel_len)
         .enumerate()
         .for_each(|(p, panel)| {
-            panel.fill(bf16::ZERO);
             let (j0, cols) = (p * 16, 16.min(n.saturating_sub(p * 16)));
             if cols == 0 {
                 // A padding panel (the second of the last pair).
-            } else if b_rs == 1 {
-                for col in 0..cols {
-                    let start = (j0 + col) * b_cs;
-                    let src = &b[start..start + k];
-                    let pairs = src.chunks_exact(2);
-                    if let [last] = pairs.remainder() {
-                        panel[(k / 2) * 32 + 2 * col] = *last;
-                    }
-                    for (row, pair) in panel.chunks_exact_mut(32).zip(pairs) {
-                        row[2 * col] = pair[0];
-                        row[2 * col + 1] = pair[1];
-                    }
-                }
-            } else if b_cs == 1 {
-                for (q, row) in panel.chunks_exact_mut(32).take(k.div_ceil(2)).enumerate() {
-                    for e in 0..2.min(k - 2 * q) {
-                        let start = (2 * q + e) * b_rs + j0;
-                        for (col, &v) in b[start..start + cols].iter().enumerate() {
-                            row[2 * col + e] = v;
-                        }
-                    }
-                }
-            } else {
-                for (q, row) in panel.chunks_exact_mut(32).take(k.div_ceil(2)).enumerate() {
-                    for col in 0..cols {
-                        for e in 0..2.min(k - 2 * q) {
-                            row[2 * col + e] = b[(2 * q + e) * b_rs + (j0 + col) * b_cs];
-                        }
-                    }
-                }
+                panel.fill(0);
+                return;
             }
+            super::avx512::pack_b_panel(b, strides, (0, k), (j0, cols), panel, 16);
+            panel[written..].fill(0);
         });
 }
 

@@ -148,7 +148,7 @@ pub(crate) unsafe fn matmul(
                         bbuf = vec![0u32; kpb * NR];
                     }
                     let bpack = &mut bbuf[..kpb * NR];
-                    pack_b_panel(b, b_rs, b_cs, pc, kc, j0, nr, bpack);
+                    pack_b_panel(b, (b_rs, b_cs), (pc, kc), (j0, nr), bpack, NR);
                     for ip in ip0..ip1 {
                         let i0 = ip * MR;
                         let mr = MR.min(mc - i0);
@@ -245,11 +245,10 @@ pub(super) unsafe fn pack_a_row(a: &[f32], start: usize, cs: usize, kc: usize, d
 unsafe fn pack_b_fwd(
     b: &[bf16],
     b_cs: usize,
-    pc: usize,
-    kc: usize,
-    j0: usize,
-    nr: usize,
+    (pc, kc): (usize, usize),
+    (j0, nr): (usize, usize),
     dst: &mut [u32],
+    ld: usize,
 ) {
     let kpn = kc.div_ceil(2);
     for jb in (0..nr).step_by(16) {
@@ -278,7 +277,7 @@ unsafe fn pack_b_fwd(
             let t = transpose16(v);
             let np = (kpn - kp0).min(16);
             for (q, tv) in t.iter().enumerate().take(np) {
-                let off = (kp0 + q) * NR + jb;
+                let off = (kp0 + q) * ld + jb;
                 let d = &mut dst[off..off + 16];
                 // SAFETY: `d` has exactly 16 u32.
                 unsafe { _mm512_storeu_si512(d.as_mut_ptr().cast(), *tv) };
@@ -325,39 +324,37 @@ fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     w
 }
 
-/// Pack B(pc..pc+kc, j0..j0+nr) into an NR-wide k-pair interleaved panel.
-#[allow(clippy::too_many_arguments)]
+/// Pack B(pc..pc+kc, j0..j0+nr) into a k-pair interleaved panel `ld` u32 wide (`NR` here, 16
+/// for the AMX tiles): row `q` holds, for each column, B[2q][j] | B[2q+1][j] << 16; columns
+/// nr..ld are zeros. Writes rows 0..kc/2 rounded up.
 #[inline]
-fn pack_b_panel(
+pub(super) fn pack_b_panel(
     b: &[bf16],
-    b_rs: usize,
-    b_cs: usize,
-    pc: usize,
-    kc: usize,
-    j0: usize,
-    nr: usize,
+    (b_rs, b_cs): (usize, usize),
+    (pc, kc): (usize, usize),
+    (j0, nr): (usize, usize),
     dst: &mut [u32],
+    ld: usize,
 ) {
     let kpn = kc.div_ceil(2);
     let kfull = kc / 2;
-    if b_rs == 1 {
+    if b_rs == 1 && super::has_bf16_hw() {
         // Columns of B contiguous in k (forward: B = Wᵀ): 16×16 u32 transposes.
-        // SAFETY: this function is only called from code compiled with (and
-        // running on CPUs with) avx512f/bw; `pack_b_fwd` bounds-checks via slices.
-        unsafe { pack_b_fwd(b, b_cs, pc, kc, j0, nr, dst) };
+        // SAFETY: the CPU has AVX512-BF16/BW (checked); `pack_b_fwd` bounds-checks via slices.
+        unsafe { pack_b_fwd(b, b_cs, (pc, kc), (j0, nr), dst, ld) };
     } else if b_cs == 1 {
         // Rows of B contiguous in n (backward: B = W).
         for kp in 0..kfull {
             let r0 = &b[(pc + 2 * kp) * b_rs + j0..(pc + 2 * kp) * b_rs + j0 + nr];
             let r1 = &b[(pc + 2 * kp + 1) * b_rs + j0..(pc + 2 * kp + 1) * b_rs + j0 + nr];
-            let d = &mut dst[kp * NR..kp * NR + nr];
+            let d = &mut dst[kp * ld..kp * ld + nr];
             for ((d, x), y) in d.iter_mut().zip(r0).zip(r1) {
                 *d = (x.to_bits() as u32) | ((y.to_bits() as u32) << 16);
             }
         }
         if kfull < kpn {
             let r0 = &b[(pc + 2 * kfull) * b_rs + j0..(pc + 2 * kfull) * b_rs + j0 + nr];
-            let d = &mut dst[kfull * NR..kfull * NR + nr];
+            let d = &mut dst[kfull * ld..kfull * ld + nr];
             for (d, x) in d.iter_mut().zip(r0) {
                 *d = x.to_bits() as u32;
             }
@@ -372,13 +369,13 @@ fn pack_b_panel(
                 } else {
                     0
                 };
-                dst[kp * NR + jj] = lo | (hi << 16);
+                dst[kp * ld + jj] = lo | (hi << 16);
             }
         }
     }
-    if nr < NR {
+    if nr < ld {
         for kp in 0..kpn {
-            dst[kp * NR + nr..kp * NR + NR].fill(0);
+            dst[kp * ld + nr..kp * ld + ld].fill(0);
         }
     }
 }
