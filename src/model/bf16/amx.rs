@@ -21,6 +21,8 @@ use std::thread::LocalKey;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::RowWork;
+
 /// Rows (and columns) of C one task computes per block: two tiles of 16.
 pub(super) const BLOCK: usize = 32;
 /// k values per tile step.
@@ -115,10 +117,13 @@ unsafe impl Send for Ptrs {}
 // SAFETY: see above.
 unsafe impl Sync for Ptrs {}
 
-/// Same contract as [`super::matmul_f32_bf16`].
+/// Same contract as [`super::matmul_f32_bf16`]; with `work`, as [`super::matmul_f32_bf16_rows`]
+/// (each block's rows to `packed` as A's are packed, to `done` as C's are complete).
 ///
 /// # Safety
-/// [`usable`] returned true; shapes were validated against the slices; m, n, k > 0.
+/// [`usable`] returned true; shapes were validated against the slices; m, n, k > 0; with
+/// `work`: A row-major (a_rs = k, a_cs = 1), ldc = n, and `work.side` holds m·width values,
+/// width ≥ 1.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul(
     m: usize,
@@ -133,8 +138,14 @@ pub(crate) unsafe fn matmul(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
-) {
+    mut work: Option<&mut RowWork<'_>>,
+) -> Result<(), String> {
     if k > K_WHOLE {
+        if let Some(w) = work.as_deref_mut() {
+            // Chunked products reach C's rows once per chunk: the work runs around the whole
+            // (A and C row-major with `work`, the caller's contract).
+            (w.packed)(&a[..m * k], w.side)?;
+        }
         // SAFETY: this call's contract.
         unsafe {
             matmul_chunked(
@@ -147,21 +158,52 @@ pub(crate) unsafe fn matmul(
                 ldc,
                 accumulate,
             )
-        };
-        return;
+        }?;
+        if let Some(w) = work {
+            (w.done)(w.side, &mut c[..m * n])?;
+        }
+        return Ok(());
     }
     let kp = k.div_ceil(KT) * KT;
     let mp = m.div_ceil(BLOCK) * BLOCK;
     let panels = n.div_ceil(BLOCK) * 2;
     let mut ap = scratch(&A_SCRATCH, mp * kp / 2, 0u32);
-    pack_a(m, k, kp, a, a_rs, a_cs, &mut ap);
+    let packed = pack_a(m, (k, kp), (a, a_rs, a_cs), &mut ap, work.as_deref_mut());
     let panel_len = kp * 16;
     let mut bp_buf = scratch(&B_SCRATCH, panels * panel_len / 2, 0u32);
     pack_b(n, k, kp, b, (b_rs, b_cs), &mut bp_buf);
     let ap_buf = ap;
     let (ap, bp) = (as_bf16(&ap_buf), as_bf16(&bp_buf));
     let out = Ptrs { c: c.as_mut_ptr() };
-    (0..mp / BLOCK).into_par_iter().for_each(move |rb| {
+    let result = packed.and_then(|()| {
+        products(
+            mp / BLOCK,
+            (m, n, kp),
+            (ap, bp, panel_len),
+            (out, ldc),
+            accumulate,
+            work.as_deref(),
+        )
+    });
+    keep(&B_SCRATCH, bp_buf);
+    keep(&A_SCRATCH, ap_buf);
+    result
+}
+
+/// Every row block of C from the packed operands, each followed by `work`'s `done` on its rows.
+///
+/// # Safety
+/// As [`matmul`]'s, with the operands packed by [`pack_a`] and [`pack_b`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn products(
+    blocks: usize,
+    (m, n, kp): (usize, usize, usize),
+    (ap, bp, panel_len): (&[bf16], &[bf16], usize),
+    (out, ldc): (Ptrs, usize),
+    accumulate: bool,
+    work: Option<&RowWork<'_>>,
+) -> Result<(), String> {
+    (0..blocks).into_par_iter().try_for_each(move |rb| {
         let out = out;
         // SAFETY: AMX is usable (the caller's contract); the configuration is valid for palette
         // 1 and is loaded on this thread before any tile instruction and released after.
@@ -181,9 +223,15 @@ pub(crate) unsafe fn matmul(
         };
         // SAFETY: releases this thread's tile state (configured above).
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    });
-    keep(&B_SCRATCH, bp_buf);
-    keep(&A_SCRATCH, ap_buf);
+        let Some(w) = work else {
+            return Ok(());
+        };
+        let (i0, i1) = (rb * BLOCK, ((rb + 1) * BLOCK).min(m));
+        // SAFETY: rows i0..i1 of C (ldc = n, checked by the caller) belong to this task, and
+        // its products above are done.
+        let c_rows = unsafe { std::slice::from_raw_parts_mut(out.c.add(i0 * ldc), (i1 - i0) * n) };
+        (w.done)(&w.side[i0 * w.width..i1 * w.width], c_rows)
+    })
 }
 
 /// Row block `rb` of C (rows rb·32..rb·32 + 32) against every pair of B panels: whole 32×32
@@ -256,7 +304,7 @@ unsafe fn matmul_chunked(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
-) {
+) -> Result<(), String> {
     for k0 in (0..k).step_by(K_CHUNK) {
         let kc = K_CHUNK.min(k - k0);
         let (a, b) = (&a[k0 * a_cs..], &b[k0 * b_rs..]);
@@ -276,9 +324,11 @@ unsafe fn matmul_chunked(
                 c,
                 ldc,
                 accumulate || k0 > 0,
+                None,
             )
-        };
+        }?;
     }
+    Ok(())
 }
 
 thread_local! {
@@ -340,37 +390,55 @@ pub(super) unsafe fn write_edge(
 /// A (f32, m×k at the given strides) as `mp` rows of `kp` bf16 (rounded to nearest even),
 /// row-major, zero padded to whole 32-row blocks; two bf16 per u32, the even k in the low half
 /// (the bytes of a bf16 row). Converted 32 at a time by AVX512-BF16 where the CPU has it (every
-/// AMX CPU does).
-fn pack_a(m: usize, k: usize, kp: usize, a: &[f32], a_rs: usize, a_cs: usize, ap: &mut [u32]) {
+/// AMX CPU does). With `work` (A row-major), each block's rows go to its `packed` right after,
+/// while they are in cache.
+fn pack_a(
+    m: usize,
+    (k, kp): (usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    ap: &mut [u32],
+    work: Option<&mut RowWork<'_>>,
+) -> Result<(), String> {
     let fast = super::has_bf16_hw();
-    ap.par_chunks_mut(BLOCK * kp / 2)
-        .enumerate()
-        .for_each(|(rb, rows)| {
-            for (di, row) in rows.chunks_exact_mut(kp / 2).enumerate() {
-                let i = rb * BLOCK + di;
-                if i >= m {
-                    row.fill(0);
-                    continue;
-                }
-                if fast {
-                    // SAFETY: the CPU has AVX512-BF16 (checked); row i's k elements lie in `a`
-                    // (validated by the caller) and `row` holds kp/2 ≥ k/2 pairs.
-                    unsafe { super::avx512::pack_a_row(a, i * a_rs, a_cs, k, row) };
-                    row[k.div_ceil(2)..].fill(0);
-                    continue;
-                }
-                for (q, pair) in row.iter_mut().enumerate().take(k.div_ceil(2)) {
-                    let lo = bf16::from_f32(a[i * a_rs + 2 * q * a_cs]).to_bits() as u32;
-                    let hi = if 2 * q + 1 < k {
-                        bf16::from_f32(a[i * a_rs + (2 * q + 1) * a_cs]).to_bits() as u32
-                    } else {
-                        0
-                    };
-                    *pair = lo | (hi << 16);
-                }
-                row[k.div_ceil(2)..].fill(0);
+    let pack = |rb: usize, rows: &mut [u32]| {
+        for (di, row) in rows.chunks_exact_mut(kp / 2).enumerate() {
+            let i = rb * BLOCK + di;
+            if i >= m {
+                row.fill(0);
+                continue;
             }
-        });
+            if fast {
+                // SAFETY: the CPU has AVX512-BF16 (checked); row i's k elements lie in `a`
+                // (validated by the caller) and `row` holds kp/2 ≥ k/2 pairs.
+                unsafe { super::avx512::pack_a_row(a, i * a_rs, a_cs, k, row) };
+                row[k.div_ceil(2)..].fill(0);
+                continue;
+            }
+            for (q, pair) in row.iter_mut().enumerate().take(k.div_ceil(2)) {
+                let lo = bf16::from_f32(a[i * a_rs + 2 * q * a_cs]).to_bits() as u32;
+                let hi = if 2 * q + 1 < k {
+                    bf16::from_f32(a[i * a_rs + (2 * q + 1) * a_cs]).to_bits() as u32
+                } else {
+                    0
+                };
+                *pair = lo | (hi << 16);
+            }
+            row[k.div_ceil(2)..].fill(0);
+        }
+    };
+    let blocks = ap.par_chunks_mut(BLOCK * kp / 2).enumerate();
+    let Some(w) = work else {
+        blocks.for_each(|(rb, rows)| pack(rb, rows));
+        return Ok(());
+    };
+    let (packed, width) = (w.packed, w.width);
+    blocks
+        .zip(w.side.par_chunks_mut(BLOCK * width.max(1)))
+        .try_for_each(|((rb, rows), side)| {
+            pack(rb, rows);
+            let (i0, i1) = (rb * BLOCK, ((rb + 1) * BLOCK).min(m));
+            packed(&a[i0 * k..i1 * k], &mut side[..(i1 - i0) * width])
+        })
 }
 
 /// Packed pairs of bf16 as the bf16 values they hold.

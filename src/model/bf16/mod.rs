@@ -22,7 +22,7 @@ use std::fmt;
 pub const AMX_K_CHUNK: usize = 1024;
 
 /// Errors reported for inconsistent slice sizes / strides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// Slice `a` is too short for the given shape and strides.
     ATooShort {
@@ -54,6 +54,8 @@ pub enum Error {
     },
     /// Index arithmetic overflowed `usize`.
     Overflow,
+    /// The row work of [`matmul_f32_bf16_rows`] failed, or its side buffer is too short.
+    Work(String),
 }
 
 impl fmt::Display for Error {
@@ -70,6 +72,7 @@ impl fmt::Display for Error {
             }
             Error::LdcTooSmall { ldc, n } => write!(f, "ldc ({ldc}) smaller than n ({n})"),
             Error::Overflow => write!(f, "index arithmetic overflow"),
+            Error::Work(ref e) => write!(f, "{e}"),
         }
     }
 }
@@ -304,10 +307,12 @@ fn matmul_impl(
         if path == Path::Best && amx::usable() {
             // SAFETY: AMX-BF16 is usable on this CPU and process (checked just above) and all
             // shapes/strides were validated against the slice lengths by `validate`.
-            unsafe {
-                amx::matmul(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+            return unsafe {
+                amx::matmul(
+                    m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate, None,
+                )
             }
-            return Ok(());
+            .map_err(Error::Work);
         }
         #[cfg(test)]
         let avx512_allowed = path != Path::Portable;
@@ -325,6 +330,84 @@ fn matmul_impl(
     let _ = path;
     portable::matmul(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
     Ok(())
+}
+
+/// Work on a product's rows while they are in cache (the LoRA op's rank-r terms): `packed` gets
+/// rows of A (k each) and the same rows of `side` (`width` each) right after those rows are
+/// packed; `done` gets rows of `side` and the same rows of C (n each) as soon as they are
+/// complete. Blocks of rows come in any order, from any thread; each row exactly once to each.
+pub struct RowWork<'a> {
+    /// m rows of `width` values (written by `packed`, read by `done`).
+    pub side: &'a mut [f32],
+    /// Values a row of `side` holds (≥ 1).
+    pub width: usize,
+    /// (rows of A, the same rows of `side`).
+    pub packed: &'a RowFn<'a>,
+    /// (rows of `side`, the same rows of C).
+    pub done: &'a RowFn<'a>,
+}
+
+/// Work on rows of two matrices: (rows read, rows written).
+pub type RowFn<'f> = dyn Fn(&[f32], &mut [f32]) -> Result<(), String> + Sync + 'f;
+
+/// C (m×n, rows n apart) = [C +] A · B as [`matmul_f32_bf16`] with A row-major (m×k), running
+/// `work` on the rows: inside the AMX kernel where it runs (A's rows as they are packed, C's as
+/// each block of 32 is done), else `packed` on all of A before the product and `done` on all of
+/// C after it — the same calls on the same rows either way.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32_bf16_rows(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (b, b_rs, b_cs): (&[bf16], usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    work: &mut RowWork<'_>,
+) -> Result<(), Error> {
+    validate(m, n, k, a.len(), k, 1, b.len(), b_rs, b_cs, c.len(), n)?;
+    if work.width == 0 || work.side.len() < m * work.width {
+        return Err(Error::Work(format!(
+            "row work: {} side values for {m} rows of {}",
+            work.side.len(),
+            work.width
+        )));
+    }
+    let (a, c, side) = (
+        &a[..m * k],
+        &mut c[..m * n],
+        &mut work.side[..m * work.width],
+    );
+    let mut work = RowWork {
+        side,
+        width: work.width,
+        packed: work.packed,
+        done: work.done,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if m > 0 && n > 0 && k > 0 && amx::usable() {
+        // SAFETY: AMX-BF16 is usable here (checked), the shapes were validated against the
+        // slices, m, n, k > 0, A is row-major, ldc = n and the side holds m·width ≥ m values.
+        return unsafe {
+            amx::matmul(
+                m,
+                n,
+                k,
+                a,
+                k,
+                1,
+                b,
+                b_rs,
+                b_cs,
+                c,
+                n,
+                accumulate,
+                Some(&mut work),
+            )
+        }
+        .map_err(Error::Work);
+    }
+    (work.packed)(a, work.side).map_err(Error::Work)?;
+    matmul_f32_bf16(m, n, k, a, k, 1, b, b_rs, b_cs, c, n, accumulate)?;
+    (work.done)(work.side, c).map_err(Error::Work)
 }
 
 /// Whether [`matmul_f32_small`] runs on the AMX tiles here (its packers need AVX512-BF16 too,

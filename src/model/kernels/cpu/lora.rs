@@ -11,10 +11,12 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::gemv;
 use super::linear::{bf16_slice, mixed_grad_x, FrozenLinearCpu};
 use super::lowrank::{dots, reduce, transposed, update};
 use super::strided::gemm;
 use super::{slice, with_cpu, with_f32, Saved};
+use crate::model::bf16;
 
 /// `x · Wᵀ + scale · (x · Aᵀ) · Bᵀ` as one op (see the module doc). Gradients to x, A and B,
 /// never to W.
@@ -80,6 +82,29 @@ fn low_rank_input(x: &[f32], a: &[f32], d: Dims, scale: f32) -> Result<Vec<f32>>
     Ok(h)
 }
 
+/// `out (n, o) = x (n, k) · B` on the bf16 kernel, with the rank-r work done on each block of
+/// rows while it is in cache (`bf16::matmul_f32_bf16_rows`): `packed(x's rows, side's rows)`, then
+/// `done(side's rows, out's rows)`; side holds r values a row.
+fn low_rank_into(
+    (n, o, k): (usize, usize, usize),
+    (x, b): (&[f32], (&[half::bf16], usize, usize)),
+    out: &mut [f32],
+    (side, r): (&mut [f32], usize),
+    packed: impl Fn(&[f32], &mut [f32]) -> Result<()> + Sync,
+    done: impl Fn(&[f32], &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let packed = |x: &[f32], s: &mut [f32]| packed(x, s).map_err(|e| e.to_string());
+    let done = |s: &[f32], out: &mut [f32]| done(s, out).map_err(|e| e.to_string());
+    let mut work = bf16::RowWork {
+        side,
+        width: r,
+        packed: &packed,
+        done: &done,
+    };
+    bf16::matmul_f32_bf16_rows((n, o, k), x, b, out, false, &mut work)
+        .map_err(|e| candle_core::Error::Msg(format!("ft-lora-linear: {e}")))
+}
+
 impl CustomOp3 for LoraLinearCpu {
     fn name(&self) -> &'static str {
         "ft-lora-linear"
@@ -97,13 +122,36 @@ impl CustomOp3 for LoraLinearCpu {
         let op = self.name();
         let (x, a, b) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
         let d = Dims::of(op, (x, l1), (a, l2), (b, l3))?;
-        let h = low_rank_input(x, a, d, self.scale)?;
-        let mut out = with_cpu(&self.weight, op, |w, lw| {
-            FrozenLinearCpu::product(x, l1, w, lw, None)
-        })?;
-        // out += h · Bᵀ
         let (n, o, r) = (d.n, d.o, d.r);
-        update(&h, &transposed(b, o, r), &mut out, (n, r, o), 1.0, true)?;
+        let bt = transposed(b, o, r);
+        let (out, h) = with_cpu(&self.weight, op, |w, lw| match w {
+            CpuStorage::BF16(_) if n > gemv::MAX_ROWS && r > 0 => {
+                // h = s · x · Aᵀ as x's rows are packed, out += h · Bᵀ as out's rows are done.
+                let w = bf16_slice(w, lw, op)?;
+                let mut h = vec![0f32; n * r];
+                let fill = |out: &mut [f32]| {
+                    low_rank_into(
+                        (n, o, d.i),
+                        (x, (w, 1, d.i)),
+                        out,
+                        (&mut h, r),
+                        |x, h| dots(x, a, h, (h.len() / r, d.i, r), self.scale),
+                        |h, out| update(h, &bt, out, (h.len() / r, r, o), 1.0, true),
+                    )
+                };
+                // SAFETY: the product runs in overwrite mode (zeros for an empty sum) and writes
+                // each row before `update` adds onto it.
+                let out = unsafe { super::written_by(n * o, fill)? };
+                Ok((out, h))
+            }
+            _ => {
+                let h = low_rank_input(x, a, d, self.scale)?;
+                let mut out = FrozenLinearCpu::product(x, l1, w, lw, None)?;
+                // out += h · Bᵀ
+                update(&h, &bt, &mut out, (n, r, o), 1.0, true)?;
+                Ok((out, h))
+            }
+        })?;
         self.h.set(Arc::new(h));
         Ok((CpuStorage::F32(out), Shape::from_dims(&[n, o])))
     }
@@ -201,11 +249,27 @@ impl LoraLinearBwd {
             // gb = s · g · B (n, r): dot products of g's rows with Bᵀ's.
             let bt = transposed(b, o, r);
             let mut gb = vec![0f32; n * r];
-            dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
             // dx = g · W (W (o, i) row-major), then + gb · A
             with_cpu(&self.weight, op, |w, lw| match w {
-                CpuStorage::BF16(_) => mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx),
+                CpuStorage::BF16(_) if r > 0 => {
+                    // gb as g's rows are packed, dx += gb · A as dx's rows are done.
+                    let w = bf16_slice(w, lw, op)?;
+                    low_rank_into(
+                        (n, i, o),
+                        (g, (w, i, 1)),
+                        dx,
+                        (&mut gb, r),
+                        |g, gb| dots(g, &bt, gb, (gb.len() / r, o, r), self.scale),
+                        |gb, dx| update(gb, a, dx, (gb.len() / r, r, i), 1.0, true),
+                    )
+                }
+                CpuStorage::BF16(_) => {
+                    dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
+                    mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx)?;
+                    update(&gb, a, dx, (n, r, i), 1.0, true)
+                }
                 _ => {
+                    dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
                     let w = slice(w, lw, op)?;
                     gemm(
                         op,
@@ -216,10 +280,10 @@ impl LoraLinearBwd {
                         (w, i, 1),
                         1.0,
                         true,
-                    )
+                    )?;
+                    update(&gb, a, dx, (n, r, i), 1.0, true)
                 }
             })?;
-            update(&gb, a, dx, (n, r, i), 1.0, true)?;
             // dA = gbᵀ · x (r, i); dB = gᵀ · h (o, r), as (hᵀ · g)ᵀ
             reduce(&gb, x, da, (n, r, i), 1.0)?;
             let mut dbt = vec![0f32; r * o];

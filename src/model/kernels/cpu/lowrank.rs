@@ -5,9 +5,10 @@
 //! The `gemm` crate packs both operands and runs its 32×6 register tile over an r-wide side: at
 //! r = 8 on SmolLM2's shapes a LoRA op cost 1.4–2× its r = 1 time. With AVX-512 (Intel since
 //! Skylake-SP, AMD since Zen 4) these run as kernels of their own instead, which read the large
-//! operand once, in row order, with the r-wide side in registers: `dots` four rows of w per pass
-//! over an x row, `update` 64 columns of an output row per pass over v, `reduce` eight output rows
-//! × 32 columns per pass over x. Elsewhere, and with `FINETUNE_NO_AVX512=1` (`exp::path`), the same
+//! operand once, in row order, with the r-wide side in registers: `dots` four rows of w against
+//! four x rows per pass, `update` 64 columns of four output rows per pass over v (w and v, up to
+//! 64 × 4 KB, come from L2: each vector serves four rows), `reduce` eight output rows × 32 columns
+//! per pass over x. Elsewhere, and with `FINETUNE_NO_AVX512=1` (`exp::path`), the same
 //! products go to `gemm`. Sums in f32, each in a fixed order (so a result does not depend on the
 //! thread count); `tests` checks both paths against f64.
 
@@ -276,78 +277,146 @@ mod x86 {
         }
     }
 
-    /// `G` dot products of the row at `xp` with the rows at `wp` (`k` apart), all `k` long.
+    /// Dot products of `R` rows of x (at `xp`, `k` apart) with `G` rows of w (at `wp`, `k`
+    /// apart), all `k` long: each vector of w is loaded once for the R rows (w is read from L2
+    /// once per R rows of x, not once per row). Each product's sum is the same as one row alone.
     #[target_feature(enable = "avx512f")]
-    fn dot_group<const G: usize>(xp: *const f32, wp: *const f32, k: usize) -> [f32; G] {
+    fn dot_block<const R: usize, const G: usize>(
+        xp: *const f32,
+        wp: *const f32,
+        k: usize,
+    ) -> [[f32; G]; R] {
         let full = k / LANES * LANES;
-        let mut acc = [_mm512_setzero_ps(); G];
+        let mut acc = [[_mm512_setzero_ps(); G]; R];
         let mut c = 0;
         while c < k {
             let mk = if c < full { 0xffff } else { mask(k - full) };
-            // SAFETY: lanes c..c + 16, masked to k: inside x's row and each of the G rows of w.
+            // SAFETY: lanes c..c + 16, masked to k: inside each of the R rows of x and G of w.
             unsafe {
-                let xv = _mm512_maskz_loadu_ps(mk, xp.add(c));
-                for (q, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mk, wp.add(q * k + c)), *a);
+                let xv: [__m512; R] =
+                    std::array::from_fn(|r| _mm512_maskz_loadu_ps(mk, xp.add(r * k + c)));
+                let wv: [__m512; G] =
+                    std::array::from_fn(|q| _mm512_maskz_loadu_ps(mk, wp.add(q * k + c)));
+                for (accs, x) in acc.iter_mut().zip(xv) {
+                    for (a, w) in accs.iter_mut().zip(wv) {
+                        *a = _mm512_fmadd_ps(x, w, *a);
+                    }
                 }
             }
             c += LANES;
         }
-        acc.map(|a| _mm512_reduce_add_ps(a))
+        acc.map(|row| row.map(|a| _mm512_reduce_add_ps(a)))
+    }
+
+    /// Rows `rows` of x (k each) against w's r rows into out's rows (r each), R rows at a time.
+    #[target_feature(enable = "avx512f")]
+    fn dots_rows<const R: usize>(
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        (k, r, alpha): (usize, usize, f32),
+    ) {
+        for (xr, or) in x.chunks_exact(R * k).zip(out.chunks_exact_mut(R * r)) {
+            let put = |or: &mut [f32], j: usize, d: &[f32], row: usize| {
+                let o = &mut or[row * r + j..row * r + j + d.len()];
+                o.iter_mut().zip(d).for_each(|(o, v)| *o = alpha * v);
+            };
+            let mut j = 0;
+            while j + 4 <= r {
+                for (row, d) in dot_block::<R, 4>(xr.as_ptr(), w[j * k..].as_ptr(), k)
+                    .iter()
+                    .enumerate()
+                {
+                    put(or, j, d, row);
+                }
+                j += 4;
+            }
+            for j in j..r {
+                for (row, d) in dot_block::<R, 1>(xr.as_ptr(), w[j * k..].as_ptr(), k)
+                    .iter()
+                    .enumerate()
+                {
+                    put(or, j, d, row);
+                }
+            }
+        }
     }
 
     /// Rows of `out (rows×r) = alpha · x (rows×k) · wᵀ`.
     #[target_feature(enable = "avx512f")]
     pub(super) fn dots(x: &[f32], w: &[f32], out: &mut [f32], k: usize, r: usize, alpha: f32) {
         let w = &w[..r * k];
-        for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(r)) {
-            let mut j = 0;
-            while j < r {
-                let wp = w[j * k..].as_ptr();
-                if r - j >= 4 {
-                    let d = dot_group::<4>(xr.as_ptr(), wp, k);
-                    for (o, v) in or[j..j + 4].iter_mut().zip(d) {
-                        *o = alpha * v;
-                    }
-                    j += 4;
-                } else {
-                    or[j] = alpha * dot_group::<1>(xr.as_ptr(), wp, k)[0];
-                    j += 1;
+        let rows = (x.len() / k.max(1)).min(out.len() / r.max(1));
+        let four = rows / 4 * 4;
+        dots_rows::<4>(&x[..four * k], w, &mut out[..four * r], (k, r, alpha));
+        dots_rows::<1>(
+            &x[four * k..rows * k],
+            w,
+            &mut out[four * r..rows * r],
+            (k, r, alpha),
+        );
+    }
+
+    /// `G` vectors of columns from `c` of `R` output rows (at `op`, `m` apart): `(+)= alpha ·
+    /// Σ_j h[row][j] · v[j]` with h's rows (`r` long) in `hr` and v's rows (`m` long) at `vp`.
+    /// Each vector of v is loaded once for the R rows; each output's sum is as for one row.
+    #[target_feature(enable = "avx512f")]
+    fn update_block<const R: usize, const G: usize>(
+        hr: &[f32],
+        (vp, op): (*const f32, *mut f32),
+        (r, m, c): (usize, usize, usize),
+        (alpha, accumulate): (f32, bool),
+    ) {
+        let masks: [__mmask16; G] = std::array::from_fn(|q| mask(m.saturating_sub(c + q * LANES)));
+        let mut acc = [[_mm512_setzero_ps(); G]; R];
+        for j in 0..r {
+            let hv: [__m512; R] = std::array::from_fn(|row| _mm512_set1_ps(hr[row * r + j]));
+            // SAFETY: the masks keep the lanes inside v's row j (column < m).
+            let vv: [__m512; G] = std::array::from_fn(|q| unsafe {
+                _mm512_maskz_loadu_ps(masks[q], vp.add(j * m + c + q * LANES))
+            });
+            for (accs, h) in acc.iter_mut().zip(hv) {
+                for (a, v) in accs.iter_mut().zip(vv) {
+                    *a = _mm512_fmadd_ps(h, v, *a);
+                }
+            }
+        }
+        let al = _mm512_set1_ps(alpha);
+        for (row, accs) in acc.iter().enumerate() {
+            for (q, a) in accs.iter().enumerate() {
+                // SAFETY: as above, inside out's row `row`.
+                unsafe {
+                    let p = op.add(row * m + c + q * LANES);
+                    let y = if accumulate {
+                        _mm512_fmadd_ps(al, *a, _mm512_maskz_loadu_ps(masks[q], p))
+                    } else {
+                        _mm512_mul_ps(al, *a)
+                    };
+                    _mm512_mask_storeu_ps(p, masks[q], y);
                 }
             }
         }
     }
 
-    /// `G` vectors of columns from `c` of one output row at `op`: `(+)= alpha · Σ_j h[j] · v[j]`
-    /// with v's rows (`m` long) at `vp`.
+    /// Rows of out (m each) from h's rows (r each), R at a time.
     #[target_feature(enable = "avx512f")]
-    fn update_block<const G: usize>(
-        hr: &[f32],
-        (vp, op): (*const f32, *mut f32),
-        (m, c): (usize, usize),
-        (alpha, accumulate): (f32, bool),
+    fn update_rows<const R: usize>(
+        h: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        (r, m): (usize, usize),
+        how: (f32, bool),
     ) {
-        let masks: [__mmask16; G] = std::array::from_fn(|q| mask(m.saturating_sub(c + q * LANES)));
-        let mut acc = [_mm512_setzero_ps(); G];
-        for (j, &hj) in hr.iter().enumerate() {
-            let hv = _mm512_set1_ps(hj);
-            for (q, a) in acc.iter_mut().enumerate() {
-                // SAFETY: the mask keeps the lanes inside v's row j (column < m).
-                let vv = unsafe { _mm512_maskz_loadu_ps(masks[q], vp.add(j * m + c + q * LANES)) };
-                *a = _mm512_fmadd_ps(hv, vv, *a);
+        for (hr, or) in h.chunks_exact(R * r).zip(out.chunks_exact_mut(R * m)) {
+            let op = or.as_mut_ptr();
+            let mut c = 0;
+            while c + 4 * LANES <= m {
+                update_block::<R, 4>(hr, (v.as_ptr(), op), (r, m, c), how);
+                c += 4 * LANES;
             }
-        }
-        let al = _mm512_set1_ps(alpha);
-        for (q, a) in acc.iter().enumerate() {
-            // SAFETY: as above, inside out's row.
-            unsafe {
-                let p = op.add(c + q * LANES);
-                let y = if accumulate {
-                    _mm512_fmadd_ps(al, *a, _mm512_maskz_loadu_ps(masks[q], p))
-                } else {
-                    _mm512_mul_ps(al, *a)
-                };
-                _mm512_mask_storeu_ps(p, masks[q], y);
+            while c < m {
+                update_block::<R, 1>(hr, (v.as_ptr(), op), (r, m, c), how);
+                c += LANES;
             }
         }
     }
@@ -362,18 +431,16 @@ mod x86 {
         how: (f32, bool),
     ) {
         let v = &v[..r * m];
-        for (hr, or) in h.chunks_exact(r).zip(out.chunks_exact_mut(m)) {
-            let op = or.as_mut_ptr();
-            let mut c = 0;
-            while c + 4 * LANES <= m {
-                update_block::<4>(hr, (v.as_ptr(), op), (m, c), how);
-                c += 4 * LANES;
-            }
-            while c < m {
-                update_block::<1>(hr, (v.as_ptr(), op), (m, c), how);
-                c += LANES;
-            }
-        }
+        let rows = (h.len() / r.max(1)).min(out.len() / m.max(1));
+        let four = rows / 4 * 4;
+        update_rows::<4>(&h[..four * r], v, &mut out[..four * m], (r, m), how);
+        update_rows::<1>(
+            &h[four * r..rows * r],
+            v,
+            &mut out[four * m..rows * m],
+            (r, m),
+            how,
+        );
     }
 
     /// Output rows `j..j + G`, columns `c0..c0 + w` (w ≤ 32) of `hᵀ · x`.
@@ -442,100 +509,4 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
-
-    fn paths() -> Vec<Path> {
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-        let mut p = vec![Path::Portable];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            p.push(Path::Avx512);
-        }
-        p
-    }
-
-    /// Both paths (gemm; the AVX-512 kernels where the CPU has them) against f64 sums, at sizes
-    /// with and without whole vectors and 64-column blocks, ranks 1–13 (groups of 8/4/1 and their
-    /// remainders), row counts that split over several tasks.
-    #[test]
-    fn products_match_f64_on_every_path() {
-        for &(n, k, r) in &[
-            (1, 1, 1),
-            (5, 31, 3),
-            (37, 64, 8),
-            (70, 100, 13),
-            (600, 130, 4),
-        ] {
-            let (x, w, h, base) = (
-                data(n * k, 1),
-                data(r * k, 2),
-                data(n * r, 3),
-                data(n * k, 5),
-            );
-            for p in paths() {
-                let close = |got: f32, want: f64, what: &str| {
-                    let ok = (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs());
-                    assert!(ok, "{p:?} {what} ({n},{k},{r}): {got} vs {want}");
-                };
-                let mut out = vec![f32::NAN; n * r];
-                dots_on(p, &x, &w, &mut out, (n, k, r), 0.5).unwrap();
-                for i in 0..n {
-                    for j in 0..r {
-                        let s: f64 = (0..k)
-                            .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
-                            .sum();
-                        close(out[i * r + j], 0.5 * s, "dots");
-                    }
-                }
-                for acc in [false, true] {
-                    let mut out = if acc {
-                        base.clone()
-                    } else {
-                        vec![f32::NAN; n * k]
-                    };
-                    update_on(p, &h, &w, &mut out, (n, r, k), (2.0, acc)).unwrap();
-                    for i in 0..n {
-                        for c in 0..k {
-                            let s: f64 = (0..r)
-                                .map(|j| h[i * r + j] as f64 * w[j * k + c] as f64)
-                                .sum();
-                            let want = 2.0 * s + if acc { base[i * k + c] as f64 } else { 0.0 };
-                            close(out[i * k + c], want, "update");
-                        }
-                    }
-                }
-                let mut out = vec![f32::NAN; r * k];
-                reduce_on(p, &h, &x, &mut out, (n, r, k), 0.25).unwrap();
-                for j in 0..r {
-                    for c in 0..k {
-                        let s: f64 = (0..n)
-                            .map(|i| h[i * r + j] as f64 * x[i * k + c] as f64)
-                            .sum();
-                        close(out[j * k + c], 0.25 * s, "reduce");
-                    }
-                }
-            }
-            let t = transposed(&w, r, k);
-            assert!((0..r).all(|j| (0..k).all(|c| t[c * r + j] == w[j * k + c])));
-        }
-    }
-
-    /// A slice shorter than its matrix is an error naming it, on every path.
-    #[test]
-    fn short_slices_are_errors() {
-        for p in paths() {
-            let err = dots_on(p, &[0.0; 3], &[0.0; 4], &mut [0.0; 4], (2, 2, 2), 1.0).unwrap_err();
-            assert!(err.to_string().contains("x holds 3 elements"), "{err}");
-            let err =
-                reduce_on(p, &[0.0; 4], &[0.0; 4], &mut [0.0; 3], (2, 2, 2), 1.0).unwrap_err();
-            assert!(err.to_string().contains("out holds 3 elements"), "{err}");
-        }
-    }
-}
+mod tests;
