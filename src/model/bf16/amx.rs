@@ -167,13 +167,19 @@ pub(crate) unsafe fn matmul(
     let kp = k.div_ceil(KT) * KT;
     let mp = m.div_ceil(BLOCK) * BLOCK;
     let panels = n.div_ceil(BLOCK) * 2;
-    let mut ap = scratch(&A_SCRATCH, mp * kp / 2, 0u32);
-    let packed = pack_a(m, (k, kp), (a, a_rs, a_cs), &mut ap, work.as_deref_mut());
-    let panel_len = kp * 16;
-    let mut bp_buf = scratch(&B_SCRATCH, panels * panel_len / 2, 0u32);
-    pack_b(n, k, kp, b, (b_rs, b_cs), &mut bp_buf);
-    let ap_buf = ap;
-    let (ap, bp) = (as_bf16(&ap_buf), as_bf16(&bp_buf));
+    let (a_len, panel_len) = (mp * kp / 2, kp * 16);
+    let b_len = panels * panel_len / 2;
+    let mut ap_buf = scratch(&A_SCRATCH, a_len, 0u32);
+    let packed = pack_a(
+        m,
+        (k, kp),
+        (a, a_rs, a_cs),
+        &mut ap_buf[..a_len],
+        work.as_deref_mut(),
+    );
+    let mut bp_buf = scratch(&B_SCRATCH, b_len, 0u32);
+    pack_b(n, k, kp, b, (b_rs, b_cs), &mut bp_buf[..b_len]);
+    let (ap, bp) = (as_bf16(&ap_buf[..a_len]), as_bf16(&bp_buf[..b_len]));
     let out = Ptrs { c: c.as_mut_ptr() };
     let result = packed.and_then(|()| {
         products(
@@ -341,7 +347,9 @@ thread_local! {
 const KEEP_BYTES: usize = 64 << 20;
 
 /// This thread's kept buffer (or a new one; a nested call finds it taken) of at least `len`
-/// values. Its contents are stale: the packers write every value, padding included.
+/// values: callers use its first `len`. Its contents are stale: the packers write every value,
+/// padding included. It is never shortened, so a call after a larger one zeroes nothing (a
+/// step's products alternate between sizes; growing back was a `memset` each time).
 pub(super) fn scratch<T: Copy>(
     cell: &'static LocalKey<Cell<Vec<T>>>,
     len: usize,
@@ -351,7 +359,6 @@ pub(super) fn scratch<T: Copy>(
     if v.len() < len {
         v.resize(len, zero);
     }
-    v.truncate(len);
     v
 }
 

@@ -41,11 +41,13 @@ pub(crate) unsafe fn matmul(
     let (kp2, mp) = (kp / 2, m.div_ceil(BLOCK) * BLOCK);
     let panels = n.div_ceil(BLOCK) * 2;
     let panel = kp2 * 16;
-    let mut ap = scratch(&A_PACK, mp * kp2, 0u32);
-    let mut bp = scratch(&B_PACK, panels * panel, 0u32);
-    let mut column = scratch(&COLUMN, kp2.max(panels * 16).max(m), 0u32);
-    pack_a(m, k, kp2, (a, a_rs, a_cs), &mut ap, &mut column);
-    pack_b(n, k, kp2, (b, b_rs, b_cs), &mut bp, &mut column);
+    let mut ap_v = scratch(&A_PACK, mp * kp2, 0u32);
+    let mut bp_v = scratch(&B_PACK, panels * panel, 0u32);
+    let mut column_v = scratch(&COLUMN, kp2.max(panels * 16).max(m), 0u32);
+    let (ap, bp) = (&mut ap_v[..mp * kp2], &mut bp_v[..panels * panel]);
+    let column = &mut column_v[..kp2.max(panels * 16).max(m)];
+    pack_a(m, k, kp2, (a, a_rs, a_cs), ap, column);
+    pack_b(n, k, kp2, (b, b_rs, b_cs), bp, column);
     // SAFETY: a u32 holds two bf16 (low half first on x86-64) and bf16's alignment divides
     // u32's: the same memory read as bf16.
     let (ap16, bp16): (&[bf16], &[bf16]) = unsafe {
@@ -79,9 +81,9 @@ pub(crate) unsafe fn matmul(
     }
     // SAFETY: releases this thread's tile state (configured above).
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
-    keep(&COLUMN, column);
-    keep(&B_PACK, bp);
-    keep(&A_PACK, ap);
+    keep(&COLUMN, column_v);
+    keep(&B_PACK, bp_v);
+    keep(&A_PACK, ap_v);
 }
 
 /// A as `mp` rows of `kp2` bf16 pairs (k padded with zeros), rows past m zero.

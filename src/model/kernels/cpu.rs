@@ -290,22 +290,36 @@ impl CustomOp2 for CrossEntropyBwd {
         let x = slice(s1, l1, self.name())?;
         let g = slice(s2, l2, self.name())?;
         let v = last_dim(l1)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(v)
-            .zip(
-                x.par_chunks(v)
-                    .zip(g.par_iter().zip(self.targets.par_iter())),
-            )
-            .for_each(|(o, (x, (&g, &t)))| {
-                // d/dx (lse − x_t) = softmax(x) − onehot(t)
-                let max = exp::max(x);
-                o.copy_from_slice(x);
-                let scale = g / exp::exp_in_place(o, max);
-                o.iter_mut().for_each(|o| *o *= scale);
-                if let Some(o) = o.get_mut(t as usize) {
-                    *o -= g;
-                }
-            });
+        let rows = x.len() / v.max(1);
+        if rows * v != x.len() || g.len() != rows || self.targets.len() != rows {
+            candle_core::bail!(
+                "{}: {rows} rows, {} gradients, {} targets",
+                self.name(),
+                g.len(),
+                self.targets.len()
+            );
+        }
+        let fill = |out: &mut [f32]| -> Result<()> {
+            out.par_chunks_mut(v.max(1))
+                .zip(
+                    x.par_chunks(v.max(1))
+                        .zip(g.par_iter().zip(self.targets.par_iter())),
+                )
+                .for_each(|(o, (x, (&g, &t)))| {
+                    // d/dx (lse − x_t) = softmax(x) − onehot(t)
+                    let max = exp::max(x);
+                    o.copy_from_slice(x);
+                    let scale = g / exp::exp_in_place(o, max);
+                    o.iter_mut().for_each(|o| *o *= scale);
+                    if let Some(o) = o.get_mut(t as usize) {
+                        *o -= g;
+                    }
+                });
+            Ok(())
+        };
+        // SAFETY: x is `rows` whole rows of v, and every row has its gradient and target
+        // (checked), so each row of out is written whole by `copy_from_slice` before it is read.
+        let out = unsafe { written_by(x.len(), fill)? };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

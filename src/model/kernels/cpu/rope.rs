@@ -118,17 +118,28 @@ impl CustomOp3 for Rope {
             candle_core::bail!("{op}: tables {:?} do not fit {:?}", l2.dims(), l1.dims());
         }
         let slab_len = t * d;
-        let mut out = vec![0f32; x.len()];
+        if x.len() != b * h * slab_len || c.len() != tb * slab_len || s.len() != c.len() {
+            candle_core::bail!("{op}: x or the tables do not hold their shapes' values");
+        }
+        if x.is_empty() {
+            return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
+        }
         let inverse = self.inverse;
-        out.par_chunks_mut(slab_len)
-            .zip(x.par_chunks(slab_len))
-            .enumerate()
-            .for_each(|(i, (o, x))| {
-                // Slab i is batch row i / h; the tables have one slab per batch row or one.
-                let tab = if tb == 1 { 0 } else { i / h } * slab_len;
-                let (c, s) = (&c[tab..tab + slab_len], &s[tab..tab + slab_len]);
-                slab_on(x, c, s, o, d, inverse);
-            });
+        let fill = |out: &mut [f32]| -> Result<()> {
+            out.par_chunks_mut(slab_len)
+                .zip(x.par_chunks(slab_len))
+                .enumerate()
+                .for_each(|(i, (o, x))| {
+                    // Slab i is batch row i / h; the tables have one slab per batch row or one.
+                    let tab = if tb == 1 { 0 } else { i / h } * slab_len;
+                    let (c, s) = (&c[tab..tab + slab_len], &s[tab..tab + slab_len]);
+                    slab_on(x, c, s, o, d, inverse);
+                });
+            Ok(())
+        };
+        // SAFETY: out and x have the same length, a whole number of slabs (checked); each slab is
+        // whole rows of d (even) values, and `row` writes both halves of every row.
+        let out = unsafe { super::written_by(x.len(), fill)? };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
