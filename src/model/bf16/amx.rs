@@ -144,7 +144,7 @@ pub(crate) unsafe fn matmul(
         if let Some(w) = work.as_deref_mut() {
             // Chunked products reach C's rows once per chunk: the work runs around the whole
             // (A and C row-major with `work`, the caller's contract).
-            (w.packed)(&a[..m * k], w.side)?;
+            (w.packed)(0, &a[..m * k], w.side)?;
         }
         // SAFETY: this call's contract.
         unsafe {
@@ -160,7 +160,7 @@ pub(crate) unsafe fn matmul(
             )
         }?;
         if let Some(w) = work {
-            (w.done)(w.side, &mut c[..m * n])?;
+            (w.done)(0, w.side, &mut c[..m * n])?;
         }
         return Ok(());
     }
@@ -236,7 +236,7 @@ unsafe fn products(
         // SAFETY: rows i0..i1 of C (ldc = n, checked by the caller) belong to this task, and
         // its products above are done.
         let c_rows = unsafe { std::slice::from_raw_parts_mut(out.c.add(i0 * ldc), (i1 - i0) * n) };
-        (w.done)(&w.side[i0 * w.width..i1 * w.width], c_rows)
+        (w.done)(i0, &w.side[i0 * w.width..i1 * w.width], c_rows)
     })
 }
 
@@ -444,7 +444,7 @@ fn pack_a(
         .try_for_each(|((rb, rows), side)| {
             pack(rb, rows);
             let (i0, i1) = (rb * BLOCK, ((rb + 1) * BLOCK).min(m));
-            packed(&a[i0 * k..i1 * k], &mut side[..(i1 - i0) * width])
+            packed(i0, &a[i0 * k..i1 * k], &mut side[..(i1 - i0) * width])
         })
 }
 

@@ -333,9 +333,10 @@ fn matmul_impl(
 }
 
 /// Work on a product's rows while they are in cache (the LoRA op's rank-r terms): `packed` gets
-/// rows of A (k each) and the same rows of `side` (`width` each) right after those rows are
-/// packed; `done` gets rows of `side` and the same rows of C (n each) as soon as they are
-/// complete. Blocks of rows come in any order, from any thread; each row exactly once to each.
+/// the index of a block's first row, its rows of A (k each) and the same rows of `side` (`width`
+/// each) right after those rows are packed; `done` gets the index, rows of `side` and the same
+/// rows of C (n each) as soon as they are complete. Blocks of rows come in any order, from any
+/// thread; each row exactly once to each.
 pub struct RowWork<'a> {
     /// m rows of `width` values (written by `packed`, read by `done`).
     pub side: &'a mut [f32],
@@ -347,8 +348,8 @@ pub struct RowWork<'a> {
     pub done: &'a RowFn<'a>,
 }
 
-/// Work on rows of two matrices: (rows read, rows written).
-pub type RowFn<'f> = dyn Fn(&[f32], &mut [f32]) -> Result<(), String> + Sync + 'f;
+/// Work on rows of two matrices: (first row's index, rows read, rows written).
+pub type RowFn<'f> = dyn Fn(usize, &[f32], &mut [f32]) -> Result<(), String> + Sync + 'f;
 
 /// C (m×n, rows n apart) = [C +] A · B as [`matmul_f32_bf16`] with A row-major (m×k), running
 /// `work` on the rows: inside the AMX kernel where it runs (A's rows as they are packed, C's as
@@ -405,9 +406,9 @@ pub fn matmul_f32_bf16_rows(
         }
         .map_err(Error::Work);
     }
-    (work.packed)(a, work.side).map_err(Error::Work)?;
+    (work.packed)(0, a, work.side).map_err(Error::Work)?;
     matmul_f32_bf16(m, n, k, a, k, 1, b, b_rs, b_cs, c, n, accumulate)?;
-    (work.done)(work.side, c).map_err(Error::Work)
+    (work.done)(0, work.side, c).map_err(Error::Work)
 }
 
 /// Whether [`matmul_f32_small`] runs on the AMX tiles here (its packers need AVX512-BF16 too,

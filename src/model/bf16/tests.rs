@@ -263,30 +263,13 @@ fn real_shapes() {
 
 /// The product with row work (`matmul_f32_bf16_rows`, inside the AMX kernel where it runs, k
 /// chunked above 2048 included) equals the plain product followed by the same work on every row:
-/// `packed` gives each row of the side buffer the sums of its row of A, `done` adds them onto C's
-/// row, so a row given twice, skipped or paired with another row's side would show.
+/// `packed` checks that its rows are A's from the index it is given and gives each row of the side
+/// buffer the sums of its row of A, `done` adds them onto C's row, so a row given twice, skipped,
+/// misplaced or paired with another row's side would show.
 #[test]
 fn row_work_equals_the_work_around_the_product() {
     let mut rng = Rng(11);
     let width = 3;
-    let packed = |a: &[f32], side: &mut [f32]| -> Result<(), String> {
-        let k = a.len() / (side.len() / width);
-        for (row, s) in a.chunks_exact(k).zip(side.chunks_exact_mut(width)) {
-            for (t, v) in s.iter_mut().enumerate() {
-                *v = row.iter().sum::<f32>() * (t + 1) as f32;
-            }
-        }
-        Ok(())
-    };
-    let done = |side: &[f32], c: &mut [f32]| -> Result<(), String> {
-        let n = c.len() / (side.len() / width);
-        for (s, row) in side.chunks_exact(width).zip(c.chunks_exact_mut(n)) {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v += s[j % width] + 1.0;
-            }
-        }
-        Ok(())
-    };
     for &(m, n, k) in &[
         (1, 5, 7),
         (31, 40, 64),
@@ -298,6 +281,25 @@ fn row_work_equals_the_work_around_the_product() {
             let (b_rs, b_cs) = if fwd { (1, k) } else { (n, 1) };
             let a: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
             let b: Vec<bf16> = (0..k * n).map(|_| bf16::from_f32(rng.f())).collect();
+            let packed = |i0: usize, rows: &[f32], side: &mut [f32]| -> Result<(), String> {
+                if rows != &a[i0 * k..i0 * k + rows.len()] || rows.len() != side.len() / width * k {
+                    return Err(format!("rows from {i0} are not A's"));
+                }
+                for (row, s) in rows.chunks_exact(k).zip(side.chunks_exact_mut(width)) {
+                    for (t, v) in s.iter_mut().enumerate() {
+                        *v = row.iter().sum::<f32>() * (t + 1) as f32;
+                    }
+                }
+                Ok(())
+            };
+            let done = |_: usize, side: &[f32], c: &mut [f32]| -> Result<(), String> {
+                for (s, row) in side.chunks_exact(width).zip(c.chunks_exact_mut(n)) {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v += s[j % width] + 1.0;
+                    }
+                }
+                Ok(())
+            };
             let mut side = vec![f32::NAN; m * width];
             let mut got = vec![f32::NAN; m * n];
             let mut work = RowWork {
@@ -311,18 +313,18 @@ fn row_work_equals_the_work_around_the_product() {
             let mut want = vec![0f32; m * n];
             matmul_f32_bf16(m, n, k, &a, k, 1, &b, b_rs, b_cs, &mut want, n, false).unwrap();
             let mut want_side = vec![0f32; m * width];
-            packed(&a, &mut want_side).unwrap();
-            done(&want_side, &mut want).unwrap();
+            packed(0, &a, &mut want_side).unwrap();
+            done(0, &want_side, &mut want).unwrap();
             assert_eq!(side, want_side, "side ({m},{n},{k}) fwd {fwd}");
             assert_eq!(got, want, "C ({m},{n},{k}) fwd {fwd}");
         }
     }
-    let mut short = vec![0f32; 2];
+    let (mut short, nothing) = (vec![0f32; 2], |_: usize, _: &[f32], _: &mut [f32]| Ok(()));
     let mut work = RowWork {
         side: &mut short,
         width,
-        packed: &packed,
-        done: &done,
+        packed: &nothing,
+        done: &nothing,
     };
     let err = matmul_f32_bf16_rows(
         (2, 2, 2),

@@ -83,18 +83,18 @@ fn low_rank_input(x: &[f32], a: &[f32], d: Dims, scale: f32) -> Result<Vec<f32>>
 }
 
 /// `out (n, o) = x (n, k) · B` on the bf16 kernel, with the rank-r work done on each block of
-/// rows while it is in cache (`bf16::matmul_f32_bf16_rows`): `packed(x's rows, side's rows)`, then
-/// `done(side's rows, out's rows)`; side holds r values a row.
+/// rows while it is in cache (`bf16::matmul_f32_bf16_rows`): `packed(first row, x's rows, side's
+/// rows)`, then `done(first row, side's rows, out's rows)`; side holds r values a row.
 fn low_rank_into(
     (n, o, k): (usize, usize, usize),
     (x, b): (&[f32], (&[half::bf16], usize, usize)),
     out: &mut [f32],
     (side, r): (&mut [f32], usize),
-    packed: impl Fn(&[f32], &mut [f32]) -> Result<()> + Sync,
-    done: impl Fn(&[f32], &mut [f32]) -> Result<()> + Sync,
+    packed: impl Fn(usize, &[f32], &mut [f32]) -> Result<()> + Sync,
+    done: impl Fn(usize, &[f32], &mut [f32]) -> Result<()> + Sync,
 ) -> Result<()> {
-    let packed = |x: &[f32], s: &mut [f32]| packed(x, s).map_err(|e| e.to_string());
-    let done = |s: &[f32], out: &mut [f32]| done(s, out).map_err(|e| e.to_string());
+    let packed = |i0, x: &[f32], s: &mut [f32]| packed(i0, x, s).map_err(|e| e.to_string());
+    let done = |i0, s: &[f32], out: &mut [f32]| done(i0, s, out).map_err(|e| e.to_string());
     let mut work = bf16::RowWork {
         side,
         width: r,
@@ -135,8 +135,8 @@ impl CustomOp3 for LoraLinearCpu {
                         (x, (w, 1, d.i)),
                         out,
                         (&mut h, r),
-                        |x, h| dots(x, a, h, (h.len() / r, d.i, r), self.scale),
-                        |h, out| update(h, &bt, out, (h.len() / r, r, o), 1.0, true),
+                        |_, x, h| dots(x, a, h, (h.len() / r, d.i, r), self.scale),
+                        |_, h, out| update(h, &bt, out, (h.len() / r, r, o), 1.0, true),
                     )
                 };
                 // SAFETY: the product runs in overwrite mode (zeros for an empty sum) and writes
@@ -259,8 +259,8 @@ impl LoraLinearBwd {
                         (g, (w, i, 1)),
                         dx,
                         (&mut gb, r),
-                        |g, gb| dots(g, &bt, gb, (gb.len() / r, o, r), self.scale),
-                        |gb, dx| update(gb, a, dx, (gb.len() / r, r, i), 1.0, true),
+                        |_, g, gb| dots(g, &bt, gb, (gb.len() / r, o, r), self.scale),
+                        |_, gb, dx| update(gb, a, dx, (gb.len() / r, r, i), 1.0, true),
                     )
                 }
                 CpuStorage::BF16(_) => {
