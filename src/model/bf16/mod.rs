@@ -377,7 +377,7 @@ pub fn matmul_f32_bf16_rows(
         &mut c[..m * n],
         &mut work.side[..m * work.width],
     );
-    let mut work = RowWork {
+    let work = RowWork {
         side,
         width: work.width,
         packed: work.packed,
@@ -385,6 +385,7 @@ pub fn matmul_f32_bf16_rows(
     };
     #[cfg(target_arch = "x86_64")]
     if m > 0 && n > 0 && k > 0 && amx::usable() {
+        let mut work = work;
         // SAFETY: AMX-BF16 is usable here (checked), the shapes were validated against the
         // slices, m, n, k > 0, A is row-major, ldc = n and the side holds m·width ≥ m values.
         return unsafe {

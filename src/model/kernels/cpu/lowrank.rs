@@ -443,6 +443,9 @@ mod x86 {
         );
     }
 
+    /// Rows ahead that `reduce_group` prefetches.
+    const AHEAD: usize = 8;
+
     /// Output rows `j..j + G`, columns `c0..c0 + w` (w ≤ 32) of `hᵀ · x`.
     #[target_feature(enable = "avx512f")]
     fn reduce_group<const G: usize>(
@@ -455,6 +458,11 @@ mod x86 {
         let mut a = [[_mm512_setzero_ps(); 2]; G];
         for (hr, xr) in h.chunks_exact(r).zip(x.chunks_exact(m)) {
             let xp = xr[c0..c0 + w].as_ptr();
+            // The same columns AHEAD rows on: rows are m apart, too far for the prefetchers to
+            // follow. A prefetch never faults; the address is formed without `add`'s bounds.
+            let ahead = xp.wrapping_add(AHEAD * m).cast::<i8>();
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             // SAFETY: the masks keep the lanes inside the w columns of this row.
             let (x0, x1) = unsafe {
                 (
