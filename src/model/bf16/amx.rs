@@ -449,7 +449,7 @@ fn pack_a(
 }
 
 /// Packed pairs of bf16 as the bf16 values they hold.
-fn as_bf16(v: &[u32]) -> &[bf16] {
+pub(super) fn as_bf16(v: &[u32]) -> &[bf16] {
     // SAFETY: a u32 holds two bf16 (its bytes, low half first on x86-64), and bf16's alignment
     // divides u32's: the same memory read as twice as many bf16.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<bf16>(), v.len() * 2) }

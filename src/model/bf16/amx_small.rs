@@ -15,7 +15,7 @@ use std::cell::Cell;
 
 use half::bf16;
 
-use super::amx::{block, keep, scratch, write_edge, BLOCK, CONFIG, KT};
+use super::amx::{as_bf16, block, keep, scratch, write_edge, BLOCK, CONFIG, KT};
 
 thread_local! {
     static A_PACK: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
@@ -48,14 +48,7 @@ pub(crate) unsafe fn matmul(
     let column = &mut column_v[..kp2.max(panels * 16).max(m)];
     pack_a(m, k, kp2, (a, a_rs, a_cs), ap, column);
     pack_b(n, k, kp2, (b, b_rs, b_cs), bp, column);
-    // SAFETY: a u32 holds two bf16 (low half first on x86-64) and bf16's alignment divides
-    // u32's: the same memory read as bf16.
-    let (ap16, bp16): (&[bf16], &[bf16]) = unsafe {
-        (
-            std::slice::from_raw_parts(ap.as_ptr().cast(), ap.len() * 2),
-            std::slice::from_raw_parts(bp.as_ptr().cast(), bp.len() * 2),
-        )
-    };
+    let (ap16, bp16) = (as_bf16(ap), as_bf16(bp));
     let mut tile = [0f32; BLOCK * BLOCK];
     // SAFETY: AMX is usable (the caller's contract); the configuration is valid for palette 1
     // and is loaded on this thread before any tile instruction and released after.

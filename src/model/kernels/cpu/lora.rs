@@ -263,11 +263,8 @@ impl LoraLinearBwd {
                         |_, gb, dx| update(gb, a, dx, (gb.len() / r, r, i), 1.0, true),
                     )
                 }
-                CpuStorage::BF16(_) => {
-                    dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
-                    mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx)?;
-                    update(&gb, a, dx, (n, r, i), 1.0, true)
-                }
+                // Rank 0: no LoRA term.
+                CpuStorage::BF16(_) => mixed_grad_x(g, bf16_slice(w, lw, op)?, (n, o, i), dx),
                 _ => {
                     dots(g, &bt, &mut gb, (n, o, r), self.scale)?;
                     let w = slice(w, lw, op)?;
