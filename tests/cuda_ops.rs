@@ -256,7 +256,7 @@ fn chunked_attention_matches_the_cpu() {
 
 /// The fused bf16 attention (`cuda::flash`) against the f64 composed graph: every head size it is
 /// built for, GQA, sequences that end inside a 64-row block, one token, per-row packed masks with
-/// padding rows masked entirely.
+/// padding rows masked entirely, tiles of zeros, of −∞ and mixed.
 #[test]
 fn flash_attention_matches_the_cpu() {
     use finetune::model::kernels::cuda::flash;
@@ -267,6 +267,8 @@ fn flash_attention_matches_the_cpu() {
         (1, 3, 1, 130, 96, false),
         (2, 2, 1, 77, 128, true),
         (1, 2, 1, 1024, 64, false),
+        // Documents of 200 and 395 tokens: whole 64×64 tiles masked between them (skipped).
+        (1, 2, 1, 600, 64, true),
     ] {
         let seg: Vec<u32> = (0..b * t)
             .map(|i| match i % t {

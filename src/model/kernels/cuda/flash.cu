@@ -11,12 +11,18 @@
 // (R, 1, T, T) with R = 1 or B, added to the scaled scores (0 or −∞: the causal mask and the
 // packing boundaries). Key blocks after a query block are skipped: the bias must mask every key
 // after its query (kernels::attention's contract). A row with every key masked gives zeros.
+// `ft_flash_tiles` first sorts the bias's 64×64 tiles into all-zero (no bias read), all −∞
+// (skipped: the causal future, other documents of a packed row) and mixed (read per element).
+// Fragments come from shared memory through `ldmatrix` (.trans for the column-major operands).
 // One block of 4 warps handles 64 queries (forward) or 64 keys (backward); each warp 16 of them.
 
 typedef unsigned short bf16_t;
 #define FT_INF __int_as_float(0x7f800000)
 #define LOG2E 1.4426950408889634f
 #define BLK 64
+#define TILE_ZERO 0
+#define TILE_MASKED 1
+#define TILE_MIXED 2
 
 __device__ __forceinline__ float bf(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
 
@@ -26,8 +32,6 @@ __device__ __forceinline__ unsigned pack(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
-
-__device__ __forceinline__ bf16_t to_bf16(float v) { return (bf16_t)(pack(v, 0.f) & 0xffffu); }
 
 // c (16×8, f32) += a (16×16, row-major bf16) · b (16×8, column-major bf16).
 __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {
@@ -40,33 +44,52 @@ __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned*
 
 // Two consecutive bf16 of a row (an even column): one 32-bit load.
 __device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
-// The same column of two consecutive rows `ld` apart.
-__device__ __forceinline__ unsigned ld_col(const bf16_t* p, int ld) {
-    return (unsigned)p[0] | ((unsigned)p[ld] << 16);
+
+// A generic pointer into shared memory as the 32-bit shared-space address ldmatrix takes.
+__device__ __forceinline__ unsigned shared_addr(const bf16_t* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
 }
 
-// The A fragment of rows `r`, `r + 8` and columns `c..c+16` of a row-major tile.
+// Four 8×8 bf16 matrices, lane l giving the address of row l%8 of matrix l/8: register i holds
+// row g, columns 2t and 2t+1 of matrix i (.trans: column g, rows 2t and 2t+1).
+__device__ __forceinline__ void ldsm4(unsigned* r, const bf16_t* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_addr(p)));
+}
+__device__ __forceinline__ void ldsm4_t(unsigned* r, const bf16_t* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_addr(p)));
+}
+
+// The A fragment of rows `r..r+16` and columns `c..c+16` of a row-major shared tile.
 __device__ __forceinline__ void frag_a(unsigned* a, const bf16_t* s, int ld, int r, int c) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    a[0] = ld_pair(s + (r + g) * ld + c + 2 * t);
-    a[1] = ld_pair(s + (r + g + 8) * ld + c + 2 * t);
-    a[2] = ld_pair(s + (r + g) * ld + c + 2 * t + 8);
-    a[3] = ld_pair(s + (r + g + 8) * ld + c + 2 * t + 8);
+    const int lane = threadIdx.x & 31;
+    ldsm4(a, s + (r + (lane & 15)) * ld + c + (lane >> 4) * 8);
 }
 
-// The B fragment (16 × 8) whose column n is row `n0 + n` of a row-major tile, from column c:
-// B = tileᵀ (the keys of q·kᵀ).
-__device__ __forceinline__ void frag_bt(unsigned* b, const bf16_t* s, int ld, int n0, int c) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    b[0] = ld_pair(s + (n0 + g) * ld + c + 2 * t);
-    b[1] = ld_pair(s + (n0 + g) * ld + c + 2 * t + 8);
+// The A fragment of rows `r..r+16`, columns `c..c+16` of the transpose of a shared tile: the
+// tile's rows c.. are the fragment's columns.
+__device__ __forceinline__ void frag_a_t(unsigned* a, const bf16_t* s, int ld, int r, int c) {
+    const int lane = threadIdx.x & 31;
+    ldsm4_t(a, s + (c + (lane & 7) + (lane >> 4) * 8) * ld + r + ((lane >> 3) & 1) * 8);
 }
 
-// The B fragment (16 × 8) of rows `k0..k0+16` and columns `n0..n0+8` of a row-major tile.
-__device__ __forceinline__ void frag_b(unsigned* b, const bf16_t* s, int ld, int k0, int n0) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    b[0] = ld_col(s + (k0 + 2 * t) * ld + n0 + g, ld);
-    b[1] = ld_col(s + (k0 + 2 * t + 8) * ld + n0 + g, ld);
+// Two B fragments (16 × 8 each) whose columns are rows `n0..n0+16` of a row-major shared tile,
+// from column c: B = tileᵀ (the keys of q·kᵀ). b[0..2] for rows n0.., b[2..4] for rows n0+8...
+__device__ __forceinline__ void frag_bt2(unsigned* b, const bf16_t* s, int ld, int n0, int c) {
+    const int lane = threadIdx.x & 31;
+    ldsm4(b, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + c + ((lane >> 3) & 1) * 8);
+}
+
+// Two B fragments of rows `k0..k0+16` of a row-major shared tile: columns `n0..n0+8` in b[0..2],
+// `n0+8..n0+16` in b[2..4].
+__device__ __forceinline__ void frag_b2(unsigned* b, const bf16_t* s, int ld, int k0, int n0) {
+    const int lane = threadIdx.x & 31;
+    ldsm4_t(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
 
 // The A fragment of 16 columns (keys 16·kk..) from two 16×8 accumulators: the accumulator layout
@@ -93,8 +116,8 @@ __device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src, int r0
 // log₂ domain (scores·log₂e), +∞ for a row with every key masked. Grid (⌈T/64⌉, B·H), 128 threads.
 template <int D>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
-                          bf16_t* o, float* lse, int T, int H, int KV, int bias_batches,
-                          float scale) {
+                          const unsigned char* codes, bf16_t* o, float* lse, int T, int H, int KV,
+                          int bias_batches, float scale) {
     constexpr int LD = D + 8;
     __shared__ __align__(16) bf16_t Ks[BLK * LD];
     __shared__ __align__(16) bf16_t Vs[BLK * LD];
@@ -105,6 +128,8 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const bf16_t* kb = k + ((long long)b * KV + kvh) * T * D;
     const bf16_t* vb = v + ((long long)b * KV + kvh) * T * D;
     const bf16_t* bb = bias + (long long)(bias_batches == 1 ? 0 : b) * T * T;
+    const int nb = (T + BLK - 1) / BLK;
+    const unsigned char* tile = codes + ((long long)(bias_batches == 1 ? 0 : b) * nb + blockIdx.x) * nb;
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
 
     // This warp's 16 query rows as A fragments, kept for every key block.
@@ -126,9 +151,11 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 #pragma unroll
     for (int d = 0; d < D / 8; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
     const float sl = scale * LOG2E;
-    const int nblocks = min((T + BLK - 1) / BLK, (int)blockIdx.x + 1);
+    const int nblocks = min(nb, (int)blockIdx.x + 1);
     for (int j = 0; j < nblocks; j++) {
         const int k0 = j * BLK;
+        const int code = tile[j];
+        if (code == TILE_MASKED) continue;  // the same for the whole block
         __syncthreads();
         load_tile<D, LD>(Ks, kb, k0, T);
         load_tile<D, LD>(Vs, vb, k0, T);
@@ -139,10 +166,11 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc++) {
 #pragma unroll
-            for (int n = 0; n < 8; n++) {
-                unsigned fb[2];
-                frag_bt(fb, Ks, LD, n * 8, kc * 16);
+            for (int n = 0; n < 8; n += 2) {
+                unsigned fb[4];
+                frag_bt2(fb, Ks, LD, n * 8, kc * 16);
                 mma(s[n], qa[kc], fb);
+                mma(s[n + 1], qa[kc], fb + 2);
             }
         }
         float mx0 = -FT_INF, mx1 = -FT_INF;
@@ -153,7 +181,10 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 const int row = e < 2 ? r0 : r1;
                 const int col = k0 + n * 8 + 2 * t + (e & 1);
                 float x = -FT_INF;
-                if (row < T && col < T) x = s[n][e] * sl + bf(bb[(long long)row * T + col]) * LOG2E;
+                if (row < T && col < T) {
+                    x = s[n][e] * sl;
+                    if (code == TILE_MIXED) x += bf(bb[(long long)row * T + col]) * LOG2E;
+                }
                 s[n][e] = x;
                 if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
@@ -193,10 +224,11 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             unsigned pa[4];
             acc_to_a(pa, s, kk);
 #pragma unroll
-            for (int d = 0; d < D / 8; d++) {
-                unsigned fb[2];
-                frag_b(fb, Vs, LD, kk * 16, d * 8);
+            for (int d = 0; d < D / 8; d += 2) {
+                unsigned fb[4];
+                frag_b2(fb, Vs, LD, kk * 16, d * 8);
                 mma(acc[d], pa, fb);
+                mma(acc[d + 1], pa, fb + 2);
             }
         }
     }
@@ -224,16 +256,16 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 // shared memory.
 template <int D>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
-                          const bf16_t* dout, const float* lse, const float* delta, float* dq,
-                          float* dk, float* dv, int T, int H, int KV, int bias_batches,
-                          float scale) {
+                          const unsigned char* codes, const bf16_t* dout, const float* lse,
+                          const float* delta, float* dq, float* dk, float* dv, int T, int H,
+                          int KV, int bias_batches, float scale) {
     constexpr int LD = D + 8, LS = BLK + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* Qs = (bf16_t*)smem;
     bf16_t* Os = Qs + BLK * LD;  // dO
     bf16_t* Ks = Os + BLK * LD;
     bf16_t* Vs = Ks + BLK * LD;
-    bf16_t* Ss = Vs + BLK * LD;  // dS, query-major
+    bf16_t* Ss = Vs + BLK * LD;  // dSᵀ, key-major
     float* Ls = (float*)(Ss + BLK * LS);
     float* Ds = Ls + BLK;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -253,8 +285,11 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         for (int e = 0; e < 4; e++) dka[d][e] = dva[d][e] = 0.f;
     const float sl = scale * LOG2E;
     const int nq = (T + BLK - 1) / BLK;
+    const unsigned char* tiles = codes + (long long)(bias_batches == 1 ? 0 : b) * nq * nq;
     for (int i = blockIdx.x; i < nq; i++) {
         const int q0 = i * BLK;
+        const int code = tiles[(long long)i * nq + blockIdx.x];
+        if (code == TILE_MASKED) continue;  // the same for the whole block
         __syncthreads();
         load_tile<D, LD>(Qs, qb, q0, T);
         load_tile<D, LD>(Os, ob, q0, T);
@@ -276,12 +311,14 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             frag_a(ka, Ks, LD, warp * 16, kc * 16);
             frag_a(va, Vs, LD, warp * 16, kc * 16);
 #pragma unroll
-            for (int n = 0; n < 8; n++) {
-                unsigned fb[2];
-                frag_bt(fb, Qs, LD, n * 8, kc * 16);
+            for (int n = 0; n < 8; n += 2) {
+                unsigned fb[4];
+                frag_bt2(fb, Qs, LD, n * 8, kc * 16);
                 mma(s[n], ka, fb);
-                frag_bt(fb, Os, LD, n * 8, kc * 16);
+                mma(s[n + 1], ka, fb + 2);
+                frag_bt2(fb, Os, LD, n * 8, kc * 16);
                 mma(dp[n], va, fb);
+                mma(dp[n + 1], va, fb + 2);
             }
         }
         // Pᵀ from the kept log-sum-exp, then dSᵀ = Pᵀ ⊙ (dPᵀ − δ)·scale.
@@ -294,7 +331,8 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 const int qr = q0 + ql;
                 float p = 0.f;
                 if (qr < T && key < T) {
-                    const float x = s[n][e] * sl + bf(bb[(long long)qr * T + key]) * LOG2E;
+                    float x = s[n][e] * sl;
+                    if (code == TILE_MIXED) x += bf(bb[(long long)qr * T + key]) * LOG2E;
                     p = exp2f(x - Ls[ql]);
                 }
                 s[n][e] = p;
@@ -308,23 +346,22 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             acc_to_a(pa, s, kk);
             acc_to_a(da, dp, kk);
 #pragma unroll
-            for (int d = 0; d < D / 8; d++) {
-                unsigned fb[2];
-                frag_b(fb, Os, LD, kk * 16, d * 8);
+            for (int d = 0; d < D / 8; d += 2) {
+                unsigned fb[4];
+                frag_b2(fb, Os, LD, kk * 16, d * 8);
                 mma(dva[d], pa, fb);
-                frag_b(fb, Qs, LD, kk * 16, d * 8);
+                mma(dva[d + 1], pa, fb + 2);
+                frag_b2(fb, Qs, LD, kk * 16, d * 8);
                 mma(dka[d], da, fb);
+                mma(dka[d + 1], da, fb + 2);
             }
         }
-        // dS, query-major, for dQ = dS·K over the block's 64 keys.
+        // dSᵀ (key-major, as the accumulators hold it) for dQ = dS·K over the block's 64 keys.
 #pragma unroll
         for (int n = 0; n < 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int kl = warp * 16 + g + (e < 2 ? 0 : 8);
-                const int ql = n * 8 + 2 * t + (e & 1);
-                Ss[ql * LS + kl] = to_bf16(dp[n][e]);
-            }
+            const int kl = warp * 16 + g, ql = n * 8 + 2 * t;
+            *(unsigned*)(Ss + kl * LS + ql) = pack(dp[n][0], dp[n][1]);
+            *(unsigned*)(Ss + (kl + 8) * LS + ql) = pack(dp[n][2], dp[n][3]);
         }
         __syncthreads();
         float dqa[D / 8][4];
@@ -333,12 +370,13 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             unsigned sa[4];
-            frag_a(sa, Ss, LS, warp * 16, kk * 16);
+            frag_a_t(sa, Ss, LS, warp * 16, kk * 16);
 #pragma unroll
-            for (int d = 0; d < D / 8; d++) {
-                unsigned fb[2];
-                frag_b(fb, Ks, LD, kk * 16, d * 8);
+            for (int d = 0; d < D / 8; d += 2) {
+                unsigned fb[4];
+                frag_b2(fb, Ks, LD, kk * 16, d * 8);
                 mma(dqa[d], sa, fb);
+                mma(dqa[d + 1], sa, fb + 2);
             }
         }
         const int qa0 = q0 + warp * 16 + g, qa1 = qa0 + 8;
@@ -374,6 +412,32 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     }
 }
 
+// The code of each 64×64 tile of the bias (R, 1, T, T): TILE_ZERO when every entry is ±0,
+// TILE_MASKED when every entry is −∞, else TILE_MIXED; cells past T count for neither. codes
+// (R, nb, nb) by [bias batch][query block][key block]. Tiles wholly after the diagonal are masked
+// by the contract and not read. Grid (nb, nb, R), 256 threads.
+extern "C" __global__ void ft_flash_tiles(const bf16_t* bias, unsigned char* codes, int T) {
+    const int kb = blockIdx.x, qb = blockIdx.y, r = blockIdx.z, nb = gridDim.x;
+    unsigned char* out = codes + ((long long)r * nb + qb) * nb + kb;
+    if (kb > qb) {
+        if (threadIdx.x == 0) *out = TILE_MASKED;
+        return;
+    }
+    const bf16_t* base = bias + (long long)r * T * T;
+    int zero = 1, masked = 1;
+    for (int i = threadIdx.x; i < BLK * BLK; i += blockDim.x) {
+        const int row = qb * BLK + i / BLK, col = kb * BLK + i % BLK;
+        if (row < T && col < T) {
+            const unsigned x = base[(long long)row * T + col];
+            zero &= (x & 0x7fffu) == 0u;
+            masked &= x == 0xff80u;
+        }
+    }
+    zero = __syncthreads_and(zero);
+    masked = __syncthreads_and(masked);
+    if (threadIdx.x == 0) *out = zero ? TILE_ZERO : masked ? TILE_MASKED : TILE_MIXED;
+}
+
 // δ = Σ_d dO·O per row of `rows` rows of D: one warp per row, 8 rows per block of 256 threads.
 extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, float* delta,
                                           long long rows, int D) {
@@ -386,20 +450,22 @@ extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, f
     if (lane == 0) delta[row] = sum;
 }
 
-#define FT_FLASH(D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) ft_flash_fwd_##D(                          \
-        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias, bf16_t* o,       \
-        float* lse, int T, int H, int KV, int bias_batches, float scale) {                      \
-        flash_fwd<D>(q, k, v, bias, o, lse, T, H, KV, bias_batches, scale);                     \
+#define FT_FLASH(D, B)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128, B) ft_flash_fwd_##D(                        \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \
+        const unsigned char* codes, bf16_t* o, float* lse, int T, int H, int KV,                \
+        int bias_batches, float scale) {                                                         \
+        flash_fwd<D>(q, k, v, bias, codes, o, lse, T, H, KV, bias_batches, scale);              \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) ft_flash_bwd_##D(                          \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \
-        const bf16_t* dout, const float* lse, const float* delta, float* dq, float* dk,         \
-        float* dv, int T, int H, int KV, int bias_batches, float scale) {                       \
-        flash_bwd<D>(q, k, v, bias, dout, lse, delta, dq, dk, dv, T, H, KV, bias_batches,       \
-                     scale);                                                                     \
+        const unsigned char* codes, const bf16_t* dout, const float* lse, const float* delta,   \
+        float* dq, float* dk, float* dv, int T, int H, int KV, int bias_batches, float scale) { \
+        flash_bwd<D>(q, k, v, bias, codes, dout, lse, delta, dq, dk, dv, T, H, KV,              \
+                     bias_batches, scale);                                                       \
     }
 
-FT_FLASH(64)
-FT_FLASH(96)
-FT_FLASH(128)
+// Forward blocks an SM: four at D = 64 (128 registers a thread), three above (168), no spills.
+FT_FLASH(64, 4)
+FT_FLASH(96, 3)
+FT_FLASH(128, 3)

@@ -166,8 +166,10 @@ impl Dims {
 /// of KV), bias `(1 or B, 1, T, T)` masking every key after its query; differentiable in q, k, v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(q, k, v, bias)?;
+    let bias = aligned(&bias.detach())?;
     let op = Flash {
-        bias: aligned(&bias.detach())?,
+        codes: tile_codes(&bias, dims)?,
+        bias,
         scale: scale as f32,
         dims,
         lse: Saved::new(),
@@ -179,6 +181,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
 /// added to carry the gradient), the per-row log-sum-exp kept for the backward.
 struct Flash {
     bias: Tensor,
+    /// The bias's tiles sorted by [`tile_codes`], shared by the forward and the backward.
+    codes: Tensor,
     scale: f32,
     dims: Dims,
     lse: Saved<Tensor>,
@@ -218,7 +222,8 @@ impl CustomOp3 for Flash {
         let op = self.name();
         let dev = q.device.clone();
         let (qv, kv, vv) = (view(q, lq, op)?, view(k, lk, op)?, view(v, lv, op)?);
-        let (o, lse) = forward(&dev, (&qv, &kv, &vv), &self.bias, self.scale, self.dims)?;
+        let bias = (&self.bias, &self.codes);
+        let (o, lse) = forward(&dev, (&qv, &kv, &vv), bias, self.scale, self.dims)?;
         let Dims { b, h, t, d, .. } = self.dims;
         self.lse.set(tensor(lse, &dev, (b, h, t)));
         Ok((
@@ -239,7 +244,8 @@ impl CustomOp3 for Flash {
             candle_core::bail!("{}: backward before forward", self.name());
         };
         let dy = aligned(&dy.detach().to_dtype(DType::BF16)?)?;
-        let (dq, dk, dv) = backward((q, k, v), &self.bias, (o, &lse, &dy), self.scale, self.dims)?;
+        let bias = (&self.bias, &self.codes);
+        let (dq, dk, dv) = backward((q, k, v), bias, (o, &lse, &dy), self.scale, self.dims)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -251,6 +257,36 @@ fn device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
+/// The code of each 64×64 tile of the bias (`ft_flash_tiles`: all zero, all −∞, mixed), u8
+/// (R, nb, nb) with nb = ⌈T/64⌉: the kernels skip the masked tiles and read the bias only in
+/// the mixed ones. One pass over the bias a call (32 MB at T = 4096).
+fn tile_codes(bias: &Tensor, dims: Dims) -> Result<Tensor> {
+    let op = "ft-flash-tiles";
+    let dev = device(bias)?;
+    let (nb, r) = (dims.t.div_ceil(BLK), dims.bias_batches);
+    // SAFETY: ft_flash_tiles writes one code per block of its (nb, nb, r) grid: every element.
+    let codes = unsafe { dev.alloc::<u8>(r * nb * nb) }?;
+    let f = dev.get_or_load_custom_func("ft_flash_tiles", MODULE, ptx()?)?;
+    let (tt, nbu, ru) = (int(dims.t, op)?, int(nb, op)? as u32, int(r, op)? as u32);
+    with_slice::<bf16, _>(bias, op, |bv| {
+        if bv.len() != r * dims.t * dims.t {
+            candle_core::bail!("{op}: the bias does not hold the checked shape");
+        }
+        let mut bl = f.builder();
+        bl.arg(bv).arg(&codes).arg(&tt);
+        let cfg = LaunchConfig {
+            grid_dim: (nbu, nbu, ru),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `ft_flash_tiles`' arguments in its order and types; the bias holds R·T² bf16
+        // (checked above) and codes R·nb² bytes.
+        unsafe { bl.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(tensor(codes, &dev, (r, nb, nb)))
+}
+
 /// The forward kernel: the output (B, H, T, D) bf16 and the per-row log-sum-exp (B, H, T) f32.
 fn forward(
     dev: &CudaDevice,
@@ -259,7 +295,7 @@ fn forward(
         &CudaView<'_, bf16>,
         &CudaView<'_, bf16>,
     ),
-    bias: &Tensor,
+    (bias, codes): (&Tensor, &Tensor),
     scale: f32,
     dims: Dims,
 ) -> Result<(CudaSlice<bf16>, CudaSlice<f32>)> {
@@ -275,18 +311,27 @@ fn forward(
     let [tt, hh, kk, rr] = dims.ints(op)?;
     let (gx, gy) = dims.grid(op)?;
     with_slice::<bf16, _>(bias, op, |bv| {
-        let mut bl = f.builder();
-        bl.arg(qv).arg(kv_).arg(vv).arg(bv).arg(&o).arg(&lse);
-        bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (gx, gy, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments are `ft_flash_fwd_D`'s in its order and types; the inputs hold
-        // the shapes `dims` checked (lengths checked above), contiguous and 16-byte aligned.
-        unsafe { bl.launch(cfg) }.w()?;
-        Ok(())
+        with_slice::<u8, _>(codes, op, |cv| {
+            let mut bl = f.builder();
+            bl.arg(qv)
+                .arg(kv_)
+                .arg(vv)
+                .arg(bv)
+                .arg(cv)
+                .arg(&o)
+                .arg(&lse);
+            bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
+            let cfg = LaunchConfig {
+                grid_dim: (gx, gy, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments are `ft_flash_fwd_D`'s in its order and types; the inputs
+            // hold the shapes `dims` checked (lengths checked above), contiguous and 16-byte
+            // aligned; codes are `tile_codes`' for this bias.
+            unsafe { bl.launch(cfg) }.w()?;
+            Ok(())
+        })
     })?;
     Ok((o, lse))
 }
@@ -328,7 +373,7 @@ fn bwd_shared_bytes(d: usize) -> usize {
 
 fn backward(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    bias: &Tensor,
+    (bias, codes): (&Tensor, &Tensor),
     (o, lse, dy): (&Tensor, &Tensor, &Tensor),
     scale: f32,
     dims: Dims,
@@ -356,28 +401,33 @@ fn backward(
         with_slice::<bf16, _>(k, op, |kv_| {
             with_slice::<bf16, _>(v, op, |vv| {
                 with_slice::<bf16, _>(bias, op, |bv| {
-                    with_slice::<bf16, _>(dy, op, |dyv| {
-                        with_slice::<f32, _>(lse, op, |lse_v| {
-                            let mut bl = f.builder();
-                            bl.arg(qv)
-                                .arg(kv_)
-                                .arg(vv)
-                                .arg(bv)
-                                .arg(dyv)
-                                .arg(lse_v)
-                                .arg(&delta);
-                            bl.arg(&dq).arg(&dk).arg(&dv);
-                            bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
-                            let cfg = LaunchConfig {
-                                grid_dim: (gx, gy, 1),
-                                block_dim: (128, 1, 1),
-                                shared_mem_bytes: shared as u32,
-                            };
-                            // SAFETY: the arguments are `ft_flash_bwd_D`'s in its order and types; the
-                            // inputs hold the shapes `dims` checked; dq, dk, dv are zeroed f32 of
-                            // (B, H, T, D) and (B, KV, T, D); the shared memory is what it indexes.
-                            unsafe { bl.launch(cfg) }.w()?;
-                            Ok(())
+                    with_slice::<u8, _>(codes, op, |cv| {
+                        with_slice::<bf16, _>(dy, op, |dyv| {
+                            with_slice::<f32, _>(lse, op, |lse_v| {
+                                let mut bl = f.builder();
+                                bl.arg(qv)
+                                    .arg(kv_)
+                                    .arg(vv)
+                                    .arg(bv)
+                                    .arg(cv)
+                                    .arg(dyv)
+                                    .arg(lse_v)
+                                    .arg(&delta);
+                                bl.arg(&dq).arg(&dk).arg(&dv);
+                                bl.arg(&tt).arg(&hh).arg(&kk).arg(&rr).arg(&scale);
+                                let cfg = LaunchConfig {
+                                    grid_dim: (gx, gy, 1),
+                                    block_dim: (128, 1, 1),
+                                    shared_mem_bytes: shared as u32,
+                                };
+                                // SAFETY: the arguments are `ft_flash_bwd_D`'s in its order
+                                // and types; the inputs hold the shapes `dims` checked; codes
+                                // are `tile_codes`' for this bias; dq, dk, dv are zeroed f32 of
+                                // (B, H, T, D) and (B, KV, T, D); the shared memory is what it
+                                // indexes.
+                                unsafe { bl.launch(cfg) }.w()?;
+                                Ok(())
+                            })
                         })
                     })
                 })
