@@ -510,6 +510,65 @@ fn lora_linear_matches_the_cpu() {
     }
 }
 
+/// The LoRA op on bf16 activations is as exact as f32 products (`cuda::lora_split`: the f32 side
+/// of each product in three bf16 parts on tensor cores): against f64 products of the same bf16 x
+/// and g and f32 A and B, dA and dB within f32 rounding, and, with W = 0 so that the LoRA term is
+/// all of them, y and dx equal to the f64 values rounded once to bf16 but for near-ties. (Fewer
+/// parts would miss about half of those roundings.) Both directions of an MLP; an odd rank.
+#[test]
+fn lora_linear_bf16_is_as_exact_as_f32() {
+    let gpu = Device::new_cuda(0).unwrap();
+    for (i, o, r) in [(896, 4864, 16), (4864, 896, 16), (896, 896, 5)] {
+        let (n, s) = (300, 2.0);
+        let x = randn(&[n, i], 21).to_dtype(DType::BF16).unwrap();
+        let a = randn(&[r, i], 22).affine(0.05, 0.0).unwrap();
+        let b = randn(&[o, r], 23).affine(0.05, 0.0).unwrap();
+        let up = randn(&[n, o], 24);
+        let w = Tensor::zeros((o, i), DType::BF16, &gpu).unwrap();
+        let xv = Var::from_tensor(&x.to_device(&gpu).unwrap()).unwrap();
+        let av = Var::from_tensor(&a.to_device(&gpu).unwrap()).unwrap();
+        let bv = Var::from_tensor(&b.to_device(&gpu).unwrap()).unwrap();
+        let y = kernels::cuda::lora_linear(xv.as_tensor(), &w, av.as_tensor(), bv.as_tensor(), s)
+            .unwrap();
+        let loss = (y.to_dtype(DType::F32).unwrap() * up.to_device(&gpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let got = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        let (dx, da, db) = (
+            got(grads.get(&xv).unwrap()),
+            got(grads.get(&av).unwrap()),
+            got(grads.get(&bv).unwrap()),
+        );
+        // The reference in f64 from the values the GPU saw (g reaches the op as bf16).
+        let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let g = f64_of(&up.to_dtype(DType::BF16).unwrap());
+        let (x, a, b) = (f64_of(&x), f64_of(&a), f64_of(&b));
+        let mid = x.matmul(&a.t().unwrap()).unwrap();
+        let gb = (g.matmul(&b).unwrap() * s).unwrap();
+        let y_ref = (mid.matmul(&b.t().unwrap()).unwrap() * s).unwrap();
+        let dx_ref = gb.matmul(&a).unwrap();
+        let da_ref = gb.t().unwrap().matmul(&x).unwrap();
+        let db_ref = (g.t().unwrap().matmul(&mid).unwrap() * s).unwrap();
+        let (e_da, e_db) = (rel(&da, &da_ref), rel(&db, &db_ref));
+        // Elements that differ from the reference rounded once to bf16.
+        let off = |t: &Tensor, want: &Tensor| {
+            let want = want.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+            let t = got(t).to_dtype(DType::F32).unwrap();
+            let ne = t.ne(&want).unwrap().to_dtype(DType::F32).unwrap();
+            ne.sum_all().unwrap().to_scalar::<f32>().unwrap() / t.elem_count() as f32
+        };
+        let (off_y, off_dx) = (off(&y, &y_ref), off(&dx, &dx_ref));
+        println!(
+            "LoRA bf16 {n}x{i} → {o} r{r}: dA {e_da:.1e}, dB {e_db:.1e}; \
+             y off its rounding {off_y:.1e}, dx {off_dx:.1e}"
+        );
+        assert!(e_da <= 1e-5 && e_db <= 1e-5, "{i}→{o} r{r}: dA {e_da}, dB {e_db}");
+        assert!(off_y <= 0.01 && off_dx <= 0.01, "{i}→{o} r{r}: y {off_y}, dx {off_dx}");
+    }
+}
+
 /// `w` quantized to `ty` on `gpu`, and the values it holds (f32, on the CPU).
 fn quantized(
     w: &Tensor,

@@ -200,6 +200,7 @@ mod gated;
 mod layer;
 mod linear;
 mod lora_bwd;
+mod lora_split;
 mod softmax;
 
 pub use gated::{swiglu_linear, swiglu_qlinear};

@@ -360,3 +360,45 @@ extern "C" __global__ void ft_dequant_bf16(const unsigned char* q, bf16_t* out, 
         }
     }
 }
+
+// LoRA products of bf16 activations on bf16 tensor cores, as exact as f32 (lora_split.rs): an
+// f32 matrix becomes three bf16 parts (hi, mid, lo: each the rounding of what the parts before
+// it leave), which together hold its 24 significant bits; a product of two parts is exact in
+// f32, so the parts' products summed in f32 give the f32 product.
+//
+// ft_split_parts writes `copies` bf16 copies of an (rows, cols) f32 matrix — the sum of `parts`
+// blocks `part_stride` apart, times `scale` — copy j holding the part numbered by bits 2j..2j+2
+// of `pattern` (0 hi, 1 mid, 2 lo). Source element (u, v) at src[u·su + v·sv (+ q·part_stride)];
+// copy j's at dst[j·dj + u·du + v·dv]. One thread per source element.
+extern "C" __global__ void ft_split_parts(const float* src, long long rows, int cols,
+                                          long long su, long long sv, int parts,
+                                          long long part_stride, float scale, bf16_t* dst,
+                                          int copies, int pattern, long long du, long long dv,
+                                          long long dj) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * cols) return;
+    const long long u = e / cols, v = e % cols;
+    const float* s = src + u * su + v * sv;
+    float x = 0.f;
+    for (int q = parts - 1; q >= 0; q--) x += s[q * part_stride];  // small parts first
+    x *= scale;
+    bf16_t p[3];
+    float rest = x;
+    for (int k = 0; k < 3; k++) {
+        st(p, k, rest);
+        rest -= ld(p, k);
+    }
+    bf16_t* d = dst + u * du + v * dv;
+    for (int j = 0; j < copies; j++) d[j * dj] = p[(pattern >> (2 * j)) & 3];
+}
+
+// dst (rows, cols) = scale · Σ_{q<3} src[u·su + q·sq + v], small parts first: the three
+// part-products of a split summed into an f32 result. One thread per element.
+extern "C" __global__ void ft_sum_parts(const float* src, float* dst, long long rows, int cols,
+                                        long long su, long long sq, float scale) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * cols) return;
+    const long long u = e / cols, v = e % cols;
+    const float* s = src + u * su + v;
+    dst[e] = scale * ((s[2 * sq] + s[sq]) + s[0]);
+}

@@ -219,6 +219,19 @@ pub(super) fn lora_forward(
         candle_core::bail!("{op}: LoRA factors must be f32");
     }
     let y = x.matmul(w, (1, n, o, i), lx, &lw.transpose(0, 1)?)?;
+    if x.dtype() == DType::BF16 && super::lora_split::on() {
+        // The LoRA term on bf16 tensor cores in f32-exact parts, added onto y in place.
+        let mut y = y;
+        let (xv, av, bv) = (
+            view::<half::bf16>(x, lx, op)?,
+            view::<f32>(a, la, op)?,
+            view::<f32>(b, lb, op)?,
+        );
+        let d = super::lora_split::Shapes { n, i, o, r };
+        let ys = y.as_cuda_slice_mut::<half::bf16>()?;
+        super::lora_split::forward(x.device(), (&xv, &av, &bv), ys, d, scale)?;
+        return Ok((y, Shape::from_dims(&[n, o])));
+    }
     let x32 = if x.dtype() == DType::F32 {
         None
     } else {

@@ -150,6 +150,23 @@ pub(super) fn lora_backward(
         view::<f32>(cuda(&as_, op)?, la, op)?,
         view::<f32>(cuda(&bs, op)?, lb, op)?,
     );
+    let wrap = |s: CudaStorage, shape: (usize, usize)| {
+        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+    };
+    if x.dtype() == DType::BF16 && super::lora_split::on() {
+        // bf16 activations: the f32 products on tensor cores in parts, no chunks needed.
+        let v = |s, l| view::<half::bf16>(s, l, op);
+        let (xv, gv, wv) = (v(xs, lx)?, v(gs, lg)?, v(ws, lw)?);
+        let d = super::lora_split::Shapes { n, i, o, r };
+        let (dx, da, db) =
+            super::lora_split::backward(dev, (&xv, &gv, &wv), (&av, &bv), d, scale)?;
+        let storage = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
+        return Ok((
+            wrap(storage(dx), (n, i)),
+            wrap(CudaStorage::wrap_cuda_slice(da, dev.clone()), (r, i)),
+            wrap(CudaStorage::wrap_cuda_slice(db, dev.clone()), (o, r)),
+        ));
+    }
     let blas = dev.cublas_handle();
     let dx = by_dtype!(x.dtype(), op, T => {
         let mut dx = alloc::<T>(dev, n * i)?;
@@ -185,9 +202,6 @@ pub(super) fn lora_backward(
             // SAFETY: the arguments match `ft_add_into`; one thread per element of the chunk.
             unsafe { bl.launch(rows_cfg(elem_blocks(c * i, op)?, 256)) }.w()?;
         }
-        let wrap = |s: CudaStorage, shape: (usize, usize)| {
-            Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
-        };
         (
             wrap(CudaStorage::wrap_cuda_slice(dx, dev.clone()), (n, i)),
             wrap(CudaStorage::wrap_cuda_slice(da, dev.clone()), (r, i)),
