@@ -522,7 +522,8 @@ impl<'a> Counts<'a> {
 
     /// What the MLP's backward holds beside the graph on CUDA: in the down projection's backward
     /// its input gradient (N, I), the SwiGLU output made again where the op fuses them, and the
-    /// LoRA backward's f32 rows of x and g (`kernels::cuda` `lora_bwd`, chunks of
+    /// LoRA backward's scratch: for bf16 the (N, r) products and their bf16 parts (`lora_split`:
+    /// 48 bytes a token and rank), else the f32 rows of x and g (`lora_bwd`, chunks of
     /// [`crate::model::kernels::LORA_BWD_CHUNK_ELEMENTS`]); then the SwiGLU backward's input
     /// gradient and its two outputs (3 × (N, I)).
     fn mlp_backward(&self) -> u64 {
@@ -531,7 +532,11 @@ impl<'a> Counts<'a> {
         }
         let (tokens, i, ae) = (self.b * self.t, self.i, self.ae);
         let chunk = crate::model::kernels::LORA_BWD_CHUNK_ELEMENTS as u64 / i.max(self.d).max(1);
-        let scratch = tokens.min(chunk.max(1)) * (i + self.d) * 4;
+        let scratch = if ae == 2 {
+            tokens * self.r * 48
+        } else {
+            tokens.min(chunk.max(1)) * (i + self.d) * 4
+        };
         let remade = if self.swiglu_linear {
             tokens * i * ae
         } else {

@@ -61,8 +61,9 @@ impl AdamW {
         let device = params
             .first()
             .map_or(candle_core::Device::Cpu, |(_, p)| p.device().clone());
+        // Two buffers: the CUDA step writes them in place.
         let m = Tensor::zeros(total, DType::F32, &device)?;
-        let v = m.clone();
+        let v = Tensor::zeros(total, DType::F32, &device)?;
         Ok(Self {
             params,
             spans,
@@ -131,6 +132,60 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
+        #[cfg(feature = "cuda")]
+        if self.m.device().is_cuda() && crate::model::kernels::cuda::adamw_on() {
+            return self.step_cuda(grads, lr, grad_scale, (bc1, bc2));
+        }
+        self.step_composed(grads, lr, grad_scale, (bc1, bc2))
+    }
+
+    /// The step as one launch over every tensor with a gradient (`kernels::cuda::adamw`).
+    #[cfg(feature = "cuda")]
+    fn step_cuda(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+        bias_corrections: (f64, f64),
+    ) -> Result<()> {
+        let c = self.config;
+        let present = (0..self.params.len())
+            .filter_map(|i| match grads.get(i) {
+                Some(Some(g)) => Some(
+                    g.to_dtype(DType::F32)
+                        .and_then(|g| g.contiguous())
+                        .map(|g| (i, g)),
+                ),
+                _ => None,
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let items: Vec<_> = present
+            .iter()
+            .map(|(i, g)| (self.params[*i].1.as_tensor(), g, self.spans[*i].0))
+            .collect();
+        let step = crate::model::kernels::cuda::AdamWStep {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            lr,
+            weight_decay: c.weight_decay,
+            bias_corrections,
+            grad_scale,
+        };
+        crate::model::kernels::cuda::adamw(&items, &self.m, &self.v, step)
+    }
+
+    /// The step from Candle's element-wise ops over the concatenated gradients and parameters
+    /// (every device; on CUDA with `FINETUNE_CUDA_ADAMW=0`, and for the tests to compare).
+    /// `bias_corrections`: 1 − β₁ᵗ and 1 − β₂ᵗ of the step (counted by the caller).
+    pub fn step_composed(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+        (bc1, bc2): (f64, f64),
+    ) -> Result<()> {
+        let c = self.config;
         let present: Vec<bool> = (0..self.params.len())
             .map(|i| matches!(grads.get(i), Some(Some(_))))
             .collect();

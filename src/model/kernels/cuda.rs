@@ -195,6 +195,7 @@ fn elem_blocks(n: usize, op: &str) -> Result<usize> {
     Ok(blocks)
 }
 
+mod adamw;
 pub mod flash;
 mod gated;
 mod layer;
@@ -203,6 +204,7 @@ mod lora_bwd;
 mod lora_split;
 mod softmax;
 
+pub use adamw::{adamw, on as adamw_on, AdamWStep};
 pub use gated::{swiglu_linear, swiglu_qlinear};
 pub use layer::{rms_norm, rope, swiglu};
 pub use linear::{

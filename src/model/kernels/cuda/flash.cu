@@ -14,6 +14,8 @@
 // `ft_flash_tiles` first sorts the bias's 64×64 tiles into all-zero (no bias read), all −∞
 // (skipped: the causal future, other documents of a packed row) and mixed (read per element).
 // Fragments come from shared memory through `ldmatrix` (.trans for the column-major operands).
+// Tiles reach shared memory by cp.async, the next block's while this one is computed where
+// shared memory holds two (double buffering).
 // One block of 4 warps handles 64 queries (forward) or 64 keys (backward); each warp 16 of them.
 
 typedef unsigned short bf16_t;
@@ -46,7 +48,7 @@ __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned*
 __device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
 
 // A generic pointer into shared memory as the 32-bit shared-space address ldmatrix takes.
-__device__ __forceinline__ unsigned shared_addr(const bf16_t* p) {
+__device__ __forceinline__ unsigned shared_addr(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
@@ -101,15 +103,36 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int k
     a[3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
-// Rows r0..r0+64 of a (T, D) matrix into a shared tile with row stride LD, zeros past T.
+// Rows r0..r0+64 of a (T, D) matrix into a shared tile with row stride LD, zeros past T, by
+// cp.async (16 bytes a copy, straight to shared memory): complete after the cp_wait that
+// follows its group's cp_commit.
 template <int D, int LD>
-__device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src, int r0, int T) {
+__device__ __forceinline__ void load_tile_async(bf16_t* dst, const bf16_t* src, int r0, int T) {
     for (int i = threadIdx.x; i < BLK * D / 8; i += blockDim.x) {
         const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-        uint4 x = make_uint4(0u, 0u, 0u, 0u);
-        if (r0 + r < T) x = *(const uint4*)(src + (long long)(r0 + r) * D + c);
-        *(uint4*)(dst + r * LD + c) = x;
+        const bool in = r0 + r < T;
+        const bf16_t* from = src + (long long)(in ? r0 + r : 0) * D + c;  // zeros past T
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
+                         shared_addr(dst + r * LD + c)),
+                     "l"(from), "r"(in ? 16 : 0));
     }
+}
+
+// `BLK` floats of a row vector from r0 (zeros past T) by cp.async, one thread a value.
+__device__ __forceinline__ void load_row_async(float* dst, const float* src, int r0, int T) {
+    if (threadIdx.x < BLK) {
+        const bool in = r0 + (int)threadIdx.x < T;
+        const float* from = src + (in ? r0 + threadIdx.x : 0);
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(
+                         shared_addr(dst + threadIdx.x)),
+                     "l"(from), "r"(in ? 4 : 0));
+    }
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // Forward: o (B, H, T, D) and lse (B, H, T), the log₂-sum-exp₂ of each row's scores in the
@@ -119,8 +142,11 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                           const unsigned char* codes, bf16_t* o, float* lse, int T, int H, int KV,
                           int bias_batches, float scale) {
     constexpr int LD = D + 8;
-    __shared__ __align__(16) bf16_t Ks[BLK * LD];
-    __shared__ __align__(16) bf16_t Vs[BLK * LD];
+    // Key blocks in STAGES buffers: with two (D = 64, 36 KB), the next block's k and v load
+    // (cp.async) while this one is computed; above that the static shared memory holds one.
+    constexpr int STAGES = D <= 64 ? 2 : 1;
+    __shared__ __align__(16) bf16_t Kbuf[STAGES * BLK * LD];
+    __shared__ __align__(16) bf16_t Vbuf[STAGES * BLK * LD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KV);
     const int q0 = blockIdx.x * BLK;
@@ -152,14 +178,35 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     for (int d = 0; d < D / 8; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
     const float sl = scale * LOG2E;
     const int nblocks = min(nb, (int)blockIdx.x + 1);
-    for (int j = 0; j < nblocks; j++) {
+    // The key blocks this query block meets, the masked tiles skipped.
+    auto next = [&](int j) {
+        while (j < nblocks && tile[j] == TILE_MASKED) j++;
+        return j;
+    };
+    auto fetch = [&](int j, int stage) {
+        load_tile_async<D, LD>(Kbuf + stage * BLK * LD, kb, j * BLK, T);
+        load_tile_async<D, LD>(Vbuf + stage * BLK * LD, vb, j * BLK, T);
+    };
+    int j = next(0), stage = 0;
+    if (STAGES == 2 && j < nblocks) fetch(j, 0);
+    cp_commit();
+    for (; j < nblocks; j = next(j + 1), stage ^= STAGES - 1) {
         const int k0 = j * BLK;
         const int code = tile[j];
-        if (code == TILE_MASKED) continue;  // the same for the whole block
+        __syncthreads();  // every thread is done with the buffers about to be refilled
+        if (STAGES == 2) {
+            const int nj = next(j + 1);
+            if (nj < nblocks) fetch(nj, stage ^ 1);
+            cp_commit();
+            cp_wait<1>();  // all but the group just issued: this block's k and v are here
+        } else {
+            fetch(j, 0);
+            cp_commit();
+            cp_wait<0>();
+        }
         __syncthreads();
-        load_tile<D, LD>(Ks, kb, k0, T);
-        load_tile<D, LD>(Vs, vb, k0, T);
-        __syncthreads();
+        const bf16_t* Ks = Kbuf + stage * BLK * LD;
+        const bf16_t* Vs = Vbuf + stage * BLK * LD;
         float s[8][4];
 #pragma unroll
         for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -232,6 +279,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             }
         }
     }
+    cp_wait<0>();  // nothing left in flight when no key block was met
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
@@ -252,22 +300,26 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 
 // Backward: dq (B, H, T, D), dk and dv (B, KV, T, D) accumulated in f32 (zeroed by the caller;
 // dq by query blocks, dk/dv by the H/KV heads of a group). `delta` (B, H, T) is Σ_d dO·O per row.
-// Grid (⌈T/64⌉ key blocks, B·H), 128 threads, LD·64·3 + 64·72 bf16 and 128 floats of dynamic
-// shared memory.
+// Grid (⌈T/64⌉ key blocks, B·H), 128 threads, (2·STAGES + 2)·64·LD + 64·72 bf16 and
+// 2·STAGES·64 floats of dynamic shared memory (flash.rs `bwd_shared_bytes`).
 template <int D>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
                           const unsigned char* codes, const bf16_t* dout, const float* lse,
                           const float* delta, float* dq, float* dk, float* dv, int T, int H,
                           int KV, int bias_batches, float scale) {
     constexpr int LD = D + 8, LS = BLK + 8;
+    // Query-side tiles in STAGES buffers: with two, the next block's q, dO, lse and δ load
+    // (cp.async) while this one is computed. Two need 65.5 KB of shared memory at D = 64, 90 KB
+    // at D = 96; D = 128 keeps one (two blocks an SM).
+    constexpr int STAGES = D <= 96 ? 2 : 1;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16_t* Qs = (bf16_t*)smem;
-    bf16_t* Os = Qs + BLK * LD;  // dO
-    bf16_t* Ks = Os + BLK * LD;
+    bf16_t* Qbuf = (bf16_t*)smem;            // STAGES tiles of q
+    bf16_t* Obuf = Qbuf + STAGES * BLK * LD;  // of dO
+    bf16_t* Ks = Obuf + STAGES * BLK * LD;
     bf16_t* Vs = Ks + BLK * LD;
     bf16_t* Ss = Vs + BLK * LD;  // dSᵀ, key-major
-    float* Ls = (float*)(Ss + BLK * LS);
-    float* Ds = Ls + BLK;
+    float* Lbuf = (float*)(Ss + BLK * LS);  // STAGES rows of lse
+    float* Dbuf = Lbuf + STAGES * BLK;      // of δ
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KV);
     const int k0 = blockIdx.x * BLK;
@@ -276,8 +328,6 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const long long kvoff = ((long long)b * KV + kvh) * T * D;
     const bf16_t* bb = bias + (long long)(bias_batches == 1 ? 0 : b) * T * T;
     const int kr0 = k0 + warp * 16 + g, kr1 = kr0 + 8;  // this thread's two keys
-    load_tile<D, LD>(Ks, k + kvoff, k0, T);
-    load_tile<D, LD>(Vs, v + kvoff, k0, T);
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int d = 0; d < D / 8; d++)
@@ -286,19 +336,41 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const float sl = scale * LOG2E;
     const int nq = (T + BLK - 1) / BLK;
     const unsigned char* tiles = codes + (long long)(bias_batches == 1 ? 0 : b) * nq * nq;
-    for (int i = blockIdx.x; i < nq; i++) {
+    // The query blocks this key block meets: from its own on, the masked tiles skipped.
+    auto next = [&](int i) {
+        while (i < nq && tiles[(long long)i * nq + blockIdx.x] == TILE_MASKED) i++;
+        return i;
+    };
+    auto fetch = [&](int i, int stage) {
+        load_tile_async<D, LD>(Qbuf + stage * BLK * LD, qb, i * BLK, T);
+        load_tile_async<D, LD>(Obuf + stage * BLK * LD, ob, i * BLK, T);
+        load_row_async(Lbuf + stage * BLK, lse + (long long)bh * T, i * BLK, T);
+        load_row_async(Dbuf + stage * BLK, delta + (long long)bh * T, i * BLK, T);
+    };
+    load_tile_async<D, LD>(Ks, k + kvoff, k0, T);
+    load_tile_async<D, LD>(Vs, v + kvoff, k0, T);
+    int i = next(blockIdx.x), stage = 0;
+    if (STAGES == 2 && i < nq) fetch(i, 0);
+    cp_commit();
+    for (; i < nq; i = next(i + 1), stage ^= STAGES - 1) {
         const int q0 = i * BLK;
         const int code = tiles[(long long)i * nq + blockIdx.x];
-        if (code == TILE_MASKED) continue;  // the same for the whole block
-        __syncthreads();
-        load_tile<D, LD>(Qs, qb, q0, T);
-        load_tile<D, LD>(Os, ob, q0, T);
-        if (threadIdx.x < BLK) {
-            const int r = q0 + threadIdx.x;
-            Ls[threadIdx.x] = r < T ? lse[(long long)bh * T + r] : FT_INF;
-            Ds[threadIdx.x] = r < T ? delta[(long long)bh * T + r] : 0.f;
+        __syncthreads();  // every thread is done with the buffers about to be refilled
+        if (STAGES == 2) {
+            const int ni = next(i + 1);
+            if (ni < nq) fetch(ni, stage ^ 1);
+            cp_commit();
+            cp_wait<1>();  // all but the group just issued: this block's tiles are here
+        } else {
+            fetch(i, 0);
+            cp_commit();
+            cp_wait<0>();
         }
         __syncthreads();
+        const bf16_t* Qs = Qbuf + stage * BLK * LD;
+        const bf16_t* Os = Obuf + stage * BLK * LD;
+        const float* Ls = Lbuf + stage * BLK;
+        const float* Ds = Dbuf + stage * BLK;
         // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys against the 64 queries.
         float s[8][4], dp[8][4];
 #pragma unroll
@@ -394,6 +466,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
             }
         }
     }
+    cp_wait<0>();  // nothing left in flight when no query block was met
 #pragma unroll
     for (int d = 0; d < D / 8; d++) {
         const int c = d * 8 + 2 * t;
@@ -465,7 +538,8 @@ extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, f
                      bias_batches, scale);                                                       \
     }
 
-// Forward blocks an SM: four at D = 64 (128 registers a thread), three above (168), no spills.
-FT_FLASH(64, 4)
+// Forward blocks an SM (the fewest the registers are held to): three at D = 64 and 96, two at
+// D = 128, without spills.
+FT_FLASH(64, 3)
 FT_FLASH(96, 3)
-FT_FLASH(128, 3)
+FT_FLASH(128, 2)

@@ -366,9 +366,11 @@ fn row_dots(
     Ok(delta)
 }
 
-/// Dynamic shared memory of the backward kernel: q, dO, k, v tiles, the dS tile, lse and δ.
+/// Dynamic shared memory of the backward kernel: q and dO tiles, lse and δ rows in `STAGES`
+/// buffers (two up to D = 96, flash.cu), the k and v tiles, the dS tile.
 fn bwd_shared_bytes(d: usize) -> usize {
-    4 * BLK * (d + 8) * 2 + BLK * (BLK + 8) * 2 + 2 * BLK * 4
+    let stages = if d <= 96 { 2 } else { 1 };
+    (2 * stages + 2) * BLK * (d + 8) * 2 + BLK * (BLK + 8) * 2 + 2 * stages * BLK * 4
 }
 
 fn backward(

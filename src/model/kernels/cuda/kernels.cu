@@ -369,27 +369,33 @@ extern "C" __global__ void ft_dequant_bf16(const unsigned char* q, bf16_t* out, 
 // ft_split_parts writes `copies` bf16 copies of an (rows, cols) f32 matrix — the sum of `parts`
 // blocks `part_stride` apart, times `scale` — copy j holding the part numbered by bits 2j..2j+2
 // of `pattern` (0 hi, 1 mid, 2 lo). Source element (u, v) at src[u·su + v·sv (+ q·part_stride)];
-// copy j's at dst[j·dj + u·du + v·dv]. One thread per source element.
-extern "C" __global__ void ft_split_parts(const float* src, long long rows, int cols,
-                                          long long su, long long sv, int parts,
-                                          long long part_stride, float scale, bf16_t* dst,
-                                          int copies, int pattern, long long du, long long dv,
-                                          long long dj) {
+// copy j's at dst[j·dj + u·du + v·dv]. Two jobs a launch (blockIdx.y picks one), one thread per
+// source element. lora_split.rs's `Job` has this layout.
+struct SplitJob {
+    const float* src;
+    bf16_t* dst;
+    long long rows, su, sv, part_stride, du, dv, dj;
+    int cols, parts, copies, pattern;
+    float scale;
+    int unused;
+};
+extern "C" __global__ void ft_split_parts(SplitJob a, SplitJob b) {
+    const SplitJob j = blockIdx.y == 0 ? a : b;
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= rows * cols) return;
-    const long long u = e / cols, v = e % cols;
-    const float* s = src + u * su + v * sv;
+    if (e >= j.rows * j.cols) return;
+    const long long u = e / j.cols, v = e % j.cols;
+    const float* s = j.src + u * j.su + v * j.sv;
     float x = 0.f;
-    for (int q = parts - 1; q >= 0; q--) x += s[q * part_stride];  // small parts first
-    x *= scale;
+    for (int q = j.parts - 1; q >= 0; q--) x += s[q * j.part_stride];  // small parts first
+    x *= j.scale;
     bf16_t p[3];
     float rest = x;
     for (int k = 0; k < 3; k++) {
         st(p, k, rest);
         rest -= ld(p, k);
     }
-    bf16_t* d = dst + u * du + v * dv;
-    for (int j = 0; j < copies; j++) d[j * dj] = p[(pattern >> (2 * j)) & 3];
+    bf16_t* d = j.dst + u * j.du + v * j.dv;
+    for (int c = 0; c < j.copies; c++) d[c * j.dj] = p[(j.pattern >> (2 * c)) & 3];
 }
 
 // dst (rows, cols) = scale · Σ_{q<3} src[u·su + q·sq + v], small parts first: the three
@@ -401,4 +407,35 @@ extern "C" __global__ void ft_sum_parts(const float* src, float* dst, long long 
     const long long u = e / cols, v = e % cols;
     const float* s = src + u * su + v;
     dst[e] = scale * ((s[2 * sq] + s[sq]) + s[0]);
+}
+
+// AdamW over many f32 tensors in one launch (kernels::cuda::adamw): block b updates tensor b of
+// `jobs` in place with its moments at `off` in the flat m and v. The arithmetic is optim.rs's
+// flat step op by op, each rounded as Candle's kernels round it (no contraction into FMAs), so
+// the two give the same values. flags: 1 scale the gradient, 2 decay the weights.
+struct AdamWJob {
+    float* p;
+    const float* g;
+    long long off;
+    long long len;
+};
+extern "C" __global__ void ft_adamw(const AdamWJob* jobs, float* m, float* v, float b1,
+                                    float nb1, float b2, float nb2, float ibc1, float ibc2,
+                                    float eps, float lr, float decay, float gscale, int flags) {
+    const AdamWJob j = jobs[blockIdx.x];
+    for (long long e = threadIdx.x; e < j.len; e += blockDim.x) {
+        float g = j.g[e];
+        if (flags & 1) g = __fmul_rn(g, gscale);
+        float* mp = m + j.off + e;
+        float* vp = v + j.off + e;
+        const float mn = __fadd_rn(__fmul_rn(*mp, b1), __fmul_rn(g, nb1));
+        const float vn = __fadd_rn(__fmul_rn(*vp, b2), __fmul_rn(__fmul_rn(g, g), nb2));
+        const float den = __fadd_rn(__fsqrt_rn(__fmul_rn(vn, ibc2)), eps);
+        const float up = __fdiv_rn(__fmul_rn(mn, ibc1), den);
+        float p = j.p[e];
+        if (flags & 2) p = __fmul_rn(p, decay);
+        j.p[e] = __fsub_rn(p, __fmul_rn(up, lr));
+        *mp = mn;
+        *vp = vn;
+    }
 }

@@ -158,8 +158,7 @@ pub(super) fn lora_backward(
         let v = |s, l| view::<half::bf16>(s, l, op);
         let (xv, gv, wv) = (v(xs, lx)?, v(gs, lg)?, v(ws, lw)?);
         let d = super::lora_split::Shapes { n, i, o, r };
-        let (dx, da, db) =
-            super::lora_split::backward(dev, (&xv, &gv, &wv), (&av, &bv), d, scale)?;
+        let (dx, da, db) = super::lora_split::backward(dev, (&xv, &gv, &wv), (&av, &bv), d, scale)?;
         let storage = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
         return Ok((
             wrap(storage(dx), (n, i)),

@@ -14,7 +14,7 @@
 
 use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
 use candle_core::cuda::cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
 };
 use half::bf16;
 
@@ -26,11 +26,11 @@ pub(super) fn on() -> bool {
     *ON.get_or_init(|| std::env::var("FINETUNE_CUDA_LORA_SPLIT").map_or(true, |v| v != "0"))
 }
 
-/// The parts copy j holds: all three side by side; the left and right operands of the six
-/// products `hi·hi, hi·mid, hi·lo, mid·hi, mid·mid, lo·hi` (those of weight 2⁻¹⁶ and above).
-const PARTS: [u8; 3] = [0, 1, 2];
-const LEFT: [u8; 6] = [0, 0, 0, 1, 1, 2];
-const RIGHT: [u8; 6] = [0, 1, 2, 0, 1, 0];
+/// The parts copy j holds (0 hi, 1 mid, 2 lo) in the left and right operands of the six products
+/// above 2⁻²⁴ (`hi·lo, mid·mid, lo·hi, hi·hi, hi·mid, mid·hi`). The first three copies of each
+/// are the three parts, so a product with one f32 side uses the first half of the same split.
+const LEFT: [u8; 6] = [0, 1, 2, 0, 0, 1];
+const RIGHT: [u8; 6] = [2, 1, 0, 0, 1, 0];
 
 /// An f32 matrix inside a buffer: (rows, cols), element (u, v) at `u·su + v·sv`.
 #[derive(Debug, Clone, Copy)]
@@ -52,47 +52,121 @@ impl Mat {
     }
 }
 
-/// bf16 copies of `m` in `src` (the sum of `parts` blocks `part_stride` apart, times `scale`),
-/// copy j made of part `pat[j]`, copy j's element (u, v) at `j·dj + u·du + v·dv` of a fresh
-/// buffer of `len` elements.
-fn split(
-    dev: &CudaDevice,
-    src: &CudaView<'_, f32>,
+/// One matrix to split: copies of `m` in `src` (the sum of `parts` blocks `part_stride` apart,
+/// times `scale`), copy j made of part `pat[j]`, copy j's element (u, v) at `j·dj + u·du + v·dv`
+/// of a fresh buffer of `len` elements.
+struct Split<'a, 'b> {
+    src: &'a CudaView<'b, f32>,
     m: Mat,
-    (parts, part_stride, scale): (usize, usize, f32),
-    pat: &[u8],
-    (du, dv, dj): (usize, usize, usize),
+    parts: (usize, usize, f32),
+    pat: &'a [u8],
+    to: (usize, usize, usize),
     len: usize,
-) -> Result<CudaSlice<bf16>> {
+}
+
+/// A job of `ft_split_parts` (`SplitJob` in kernels.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    src: u64,
+    dst: u64,
+    rows: i64,
+    su: i64,
+    sv: i64,
+    part_stride: i64,
+    du: i64,
+    dv: i64,
+    dj: i64,
+    cols: i32,
+    parts: i32,
+    copies: i32,
+    pattern: i32,
+    scale: f32,
+    unused: i32,
+}
+
+// SAFETY: plain old data with kernels.cu's `SplitJob` layout (two pointers, seven 64-bit ints,
+// four ints, a float, an int).
+unsafe impl DeviceRepr for Job {}
+
+/// The splits of one or two matrices in one launch, their buffers in order.
+fn split(dev: &CudaDevice, splits: &[Split<'_, '_>]) -> Result<Vec<CudaSlice<bf16>>> {
     let op = "ft-split-parts";
-    let last = |n: usize| n.saturating_sub(1);
-    let src_end = last(parts) * part_stride + last(m.rows) * m.su + last(m.cols) * m.sv;
-    let dst_end = last(pat.len()) * dj + last(m.rows) * du + last(m.cols) * dv;
-    let n = m.rows * m.cols;
-    if n == 0 || parts == 0 || src_end >= src.len() || dst_end >= len || pat.is_empty() {
-        candle_core::bail!("{op}: {m:?} ({parts} parts) does not fit its buffers");
+    if splits.is_empty() || splits.len() > 2 {
+        candle_core::bail!("{op}: {} matrices for a launch of one or two", splits.len());
     }
-    // SAFETY: the copies cover every element of dst (the callers' layouts tile it) and the
-    // kernel writes each copy's element of every source element.
-    let dst = unsafe { dev.alloc::<bf16>(len) }?;
-    let pattern: i32 = pat
+    let last = |n: usize| n.saturating_sub(1);
+    let mut dsts = Vec::with_capacity(2);
+    for sp in splits {
+        let (m, (parts, stride, _), (du, dv, dj)) = (sp.m, sp.parts, sp.to);
+        if m.rows * m.cols == 0 || parts == 0 || sp.pat.is_empty() {
+            candle_core::bail!("{op}: an empty split of {m:?}");
+        }
+        let src_end = last(parts) * stride + last(m.rows) * m.su + last(m.cols) * m.sv;
+        let dst_end = last(sp.pat.len()) * dj + last(m.rows) * du + last(m.cols) * dv;
+        if src_end >= sp.src.len() || dst_end >= sp.len {
+            candle_core::bail!("{op}: {m:?} ({parts} parts) does not fit its buffers");
+        }
+        // SAFETY: the copies cover every element of dst (the callers' layouts tile it) and the
+        // kernel writes each copy's element of every source element.
+        dsts.push(unsafe { dev.alloc::<bf16>(sp.len) }?);
+    }
+    let stream = dev.cuda_stream();
+    let mut jobs = Vec::with_capacity(2);
+    let mut keep = Vec::with_capacity(4);
+    for (sp, dst) in splits.iter().zip(&dsts) {
+        let (src, held_src) = sp.src.device_ptr(&stream);
+        let (dst, held_dst) = dst.device_ptr(&stream);
+        keep.push((held_src, held_dst));
+        let (m, (parts, stride, scale), (du, dv, dj)) = (sp.m, sp.parts, sp.to);
+        let long = |v: usize| v as i64;
+        jobs.push(Job {
+            src,
+            dst,
+            rows: long(m.rows),
+            su: long(m.su),
+            sv: long(m.sv),
+            part_stride: long(stride),
+            du: long(du),
+            dv: long(dv),
+            dj: long(dj),
+            cols: to_i32(m.cols, op)?,
+            parts: to_i32(parts, op)?,
+            copies: to_i32(sp.pat.len(), op)?,
+            pattern: sp
+                .pat
+                .iter()
+                .enumerate()
+                .map(|(j, &p)| i32::from(p) << (2 * j))
+                .sum(),
+            scale,
+            unused: 0,
+        });
+    }
+    let most = splits
         .iter()
-        .enumerate()
-        .map(|(j, &p)| i32::from(p) << (2 * j))
-        .sum();
+        .map(|sp| sp.m.rows * sp.m.cols)
+        .max()
+        .unwrap_or(1);
+    let (first, second) = (jobs[0], jobs[jobs.len() - 1]);
     let f = dev.get_or_load_custom_func("ft_split_parts", MODULE, ptx()?)?;
-    let (rows, cols) = (m.rows as i64, to_i32(m.cols, op)?);
-    let (su, sv, ps) = (m.su as i64, m.sv as i64, part_stride as i64);
-    let (parts, copies) = (to_i32(parts, op)?, to_i32(pat.len(), op)?);
-    let (du, dv, dj) = (du as i64, dv as i64, dj as i64);
     let mut bl = f.builder();
-    bl.arg(src).arg(&rows).arg(&cols).arg(&su).arg(&sv);
-    bl.arg(&parts).arg(&ps).arg(&scale).arg(&dst);
-    bl.arg(&copies).arg(&pattern).arg(&du).arg(&dv).arg(&dj);
-    // SAFETY: `ft_split_parts`' arguments in its order and types; the largest source and copy
-    // indices were checked against the buffers above; one thread per source element.
-    unsafe { bl.launch(rows_cfg(elem_blocks(n, op)?, 256)) }.w()?;
-    Ok(dst)
+    bl.arg(&first).arg(&second);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            to_i32(elem_blocks(most, op)?, op)? as u32,
+            jobs.len() as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `ft_split_parts`' two jobs by value in `SplitJob`'s layout; each job's largest
+    // source and copy indices were checked against its buffers above; blockIdx.y < jobs.len()
+    // picks a real job, and threads past a job's elements return.
+    unsafe { bl.launch(cfg) }.w()?;
+    drop(keep);
+    Ok(dsts)
 }
 
 /// `scale · Σ_q src[u·su + q·sq + v]` over the three part-products, (rows, cols) f32.
@@ -106,13 +180,22 @@ fn sum_parts(
     let op = "ft-sum-parts";
     let n = rows * cols;
     if n == 0 || 2 * sq + (rows - 1) * su + cols > src.len() {
-        candle_core::bail!("{op}: ({rows}, {cols}) parts do not fit {} values", src.len());
+        candle_core::bail!(
+            "{op}: ({rows}, {cols}) parts do not fit {} values",
+            src.len()
+        );
     }
     let dst = alloc::<f32>(dev, n)?;
     let f = dev.get_or_load_custom_func("ft_sum_parts", MODULE, ptx()?)?;
     let (r, c, su, sq) = (rows as i64, to_i32(cols, op)?, su as i64, sq as i64);
     let mut bl = f.builder();
-    bl.arg(src).arg(&dst).arg(&r).arg(&c).arg(&su).arg(&sq).arg(&scale);
+    bl.arg(src)
+        .arg(&dst)
+        .arg(&r)
+        .arg(&c)
+        .arg(&su)
+        .arg(&sq)
+        .arg(&scale);
     // SAFETY: `ft_sum_parts`' arguments; the largest index read was checked above; one thread
     // per element of dst, which it writes whole.
     unsafe { bl.launch(rows_cfg(elem_blocks(n, op)?, 256)) }.w()?;
@@ -130,23 +213,43 @@ impl Out for bf16 {
     const TYPE: sys::cudaDataType_t = sys::cudaDataType_t::CUDA_R_16BF;
 }
 
+/// A bf16 operand of [`gemm`]: stored row-major as given (`t` false) or transposed, rows `ld`
+/// apart (their length, or more when the operand is the first columns of a wider matrix).
+struct Arg<'a, 'b> {
+    v: &'a CudaView<'b, bf16>,
+    t: bool,
+    ld: usize,
+}
+
+/// `v` row-major (`t` false) or transposed, with rows `ld` apart.
+fn arg<'a, 'b>(v: &'a CudaView<'b, bf16>, t: bool, ld: usize) -> Arg<'a, 'b> {
+    Arg { v, t, ld }
+}
+
+/// Whether a stored (rows × cols) matrix with rows `ld` apart lies inside `len` elements.
+fn holds(len: usize, (rows, cols): (usize, usize), ld: usize) -> bool {
+    ld >= cols && rows > 0 && cols > 0 && (rows - 1) * ld + cols <= len
+}
+
 /// Row-major `c (m×n) = α·op(a)·op(b) + β·c` for bf16 `a`, `b` on tensor cores with f32
-/// accumulation; `ta` / `tb`: stored transposed, (k×m) / (n×k).
-#[allow(clippy::too_many_arguments)]
+/// accumulation; op(a) is (m×k), op(b) (k×n); c's rows are n apart.
 fn gemm<C: Out>(
     (blas, dev): (&CudaBlas, &CudaDevice),
-    (a, ta): (&CudaView<'_, bf16>, bool),
-    (b, tb): (&CudaView<'_, bf16>, bool),
+    (a, b): (Arg<'_, '_>, Arg<'_, '_>),
     c: &mut CudaViewMut<'_, C>,
     (m, n, k): (usize, usize, usize),
     (alpha, beta): (f32, f32),
     op: &str,
 ) -> Result<()> {
-    if a.len() < m * k || b.len() < k * n || c.len() < m * n || m * n * k == 0 {
+    let stored = |x: &Arg<'_, '_>, rows, cols| if x.t { (cols, rows) } else { (rows, cols) };
+    if !holds(a.v.len(), stored(&a, m, k), a.ld)
+        || !holds(b.v.len(), stored(&b, k, n), b.ld)
+        || !holds(c.len(), (m, n), n)
+    {
         candle_core::bail!(
             "{op}: a product of ({m}×{k}) and ({k}×{n}) over buffers of {}, {} and {}",
-            a.len(),
-            b.len(),
+            a.v.len(),
+            b.v.len(),
             c.len()
         );
     }
@@ -158,8 +261,8 @@ fn gemm<C: Out>(
         }
     };
     let stream = dev.cuda_stream();
-    let (ap, _ga) = a.device_ptr(&stream);
-    let (bp, _gb) = b.device_ptr(&stream);
+    let (ap, _ga) = a.v.device_ptr(&stream);
+    let (bp, _gb) = b.v.device_ptr(&stream);
     let (cp, _gc) = c.device_ptr_mut(&stream);
     // cuBLAS is column-major: a row-major matrix is its transpose there, so cᵀ = op(b)ᵀ·op(a)ᵀ.
     // SAFETY: the lengths checked above hold every element read (op(a), op(b), and c when β ≠ 0)
@@ -168,18 +271,18 @@ fn gemm<C: Out>(
     unsafe {
         gemm_ex(
             *blas.handle(),
-            t(tb),
-            t(ta),
+            t(b.t),
+            t(a.t),
             to_i32(n, op)?,
             to_i32(m, op)?,
             to_i32(k, op)?,
             (&alpha) as *const f32 as *const _,
             bp as *const _,
             sys::cudaDataType_t::CUDA_R_16BF,
-            to_i32(if tb { k } else { n }, op)?,
+            to_i32(b.ld, op)?,
             ap as *const _,
             sys::cudaDataType_t::CUDA_R_16BF,
-            to_i32(if ta { m } else { k }, op)?,
+            to_i32(a.ld, op)?,
             (&beta) as *const f32 as *const _,
             cp as *mut _,
             C::TYPE,
@@ -200,20 +303,85 @@ pub(super) struct Shapes {
     pub r: usize,
 }
 
-/// `p = x·Aᵀ` as its three part-products side by side, (n, 3r) f32.
+/// `p = x·Aᵀ` as its three part-products side by side, (n, 3r) f32, from the split of A by
+/// [`a_parts`] (its first 3r rows are the three parts).
 fn down(
     ctx: (&CudaBlas, &CudaDevice),
     x: &CudaView<'_, bf16>,
-    a: &CudaView<'_, f32>,
+    a_split: &CudaSlice<bf16>,
     d: Shapes,
     op: &str,
 ) -> Result<CudaSlice<f32>> {
     let Shapes { n, i, r, .. } = d;
-    let a3 = split(ctx.1, a, Mat::rows(r, i), (1, 0, 1.0), &PARTS, (i, 1, r * i), 3 * r * i)?;
     let mut p = alloc::<f32>(ctx.1, n * 3 * r)?;
-    let a3v = a3.slice(..);
-    gemm(ctx, (x, false), (&a3v, true), &mut p.slice_mut(..), (n, 3 * r, i), (1.0, 0.0), op)?;
+    let a3 = a_split.slice(..3 * r * i);
+    let args = (arg(x, false, i), arg(&a3, true, i));
+    gemm(
+        ctx,
+        args,
+        &mut p.slice_mut(..),
+        (n, 3 * r, i),
+        (1.0, 0.0),
+        op,
+    )?;
     Ok(p)
+}
+
+/// A (r, i) as (copies·r, i) bf16, row block j holding part `RIGHT[j]` (3 or 6 copies).
+fn a_parts<'a, 'b>(a: &'a CudaView<'b, f32>, d: Shapes, copies: usize) -> Split<'a, 'b> {
+    let Shapes { i, r, .. } = d;
+    Split {
+        src: a,
+        m: Mat::rows(r, i),
+        parts: (1, 0, 1.0),
+        pat: &RIGHT[..copies],
+        to: (i, 1, r * i),
+        len: copies * r * i,
+    }
+}
+
+/// B (o, r) as (o, 6r) bf16, column block j holding part `RIGHT[j]`.
+fn b_parts<'a, 'b>(b: &'a CudaView<'b, f32>, d: Shapes) -> Split<'a, 'b> {
+    let Shapes { o, r, .. } = d;
+    Split {
+        src: b,
+        m: Mat::rows(o, r),
+        parts: (1, 0, 1.0),
+        pat: &RIGHT,
+        to: (6 * r, 1, r),
+        len: o * 6 * r,
+    }
+}
+
+/// The (n, r) sum of the three part-products in `p` (n, 3r), times `scale`, as (n, 6r) bf16,
+/// column block j holding part `LEFT[j]`.
+fn row_parts<'a, 'b>(p: &'a CudaView<'b, f32>, d: Shapes, scale: f32) -> Split<'a, 'b> {
+    let Shapes { n, r, .. } = d;
+    Split {
+        src: p,
+        m: Mat {
+            su: 3 * r,
+            ..Mat::rows(n, r)
+        },
+        parts: (3, r, scale),
+        pat: &LEFT,
+        to: (6 * r, 1, r),
+        len: n * 6 * r,
+    }
+}
+
+/// The buffers of a launch of two splits.
+fn two(mut v: Vec<CudaSlice<bf16>>) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>)> {
+    match (v.pop(), v.pop()) {
+        (Some(second), Some(first)) => Ok((first, second)),
+        _ => candle_core::bail!("ft-split-parts: two buffers expected"),
+    }
+}
+
+/// The buffer of a launch of one split.
+fn one(mut v: Vec<CudaSlice<bf16>>) -> Result<CudaSlice<bf16>> {
+    v.pop()
+        .ok_or_else(|| candle_core::Error::Msg("ft-split-parts: one buffer expected".into()))
 }
 
 /// `y += s·(x·Aᵀ)·Bᵀ` for bf16 x (n, i) and y (n, o), f32 A (r, i) and B (o, r): the LoRA term
@@ -229,13 +397,19 @@ pub(super) fn forward(
     let Shapes { n, o, r, .. } = d;
     let blas = dev.cublas_handle();
     let ctx = (&*blas, dev);
-    let p = down(ctx, x, a, d, op)?;
-    let (pv, mid) = (p.slice(..), Mat { su: 3 * r, ..Mat::rows(n, r) });
-    let m6 = split(dev, &pv, mid, (3, r, 1.0), &LEFT, (6 * r, 1, r), n * 6 * r)?;
-    let b6 = split(dev, b, Mat::rows(o, r), (1, 0, 1.0), &RIGHT, (6 * r, 1, r), o * 6 * r)?;
-    let (m6v, b6v) = (m6.slice(..), b6.slice(..));
-    let mut yv = y.slice_mut(..);
-    gemm(ctx, (&m6v, false), (&b6v, true), &mut yv, (n, o, 6 * r), (scale, 1.0), op)
+    let (a3, b6) = two(split(dev, &[a_parts(a, d, 3), b_parts(b, d)])?)?;
+    let p = down(ctx, x, &a3, d, op)?;
+    let m6 = one(split(dev, &[row_parts(&p.slice(..), d, 1.0)])?)?;
+    let (m6, b6) = (m6.slice(..), b6.slice(..));
+    let args = (arg(&m6, false, 6 * r), arg(&b6, true, 6 * r));
+    gemm(
+        ctx,
+        args,
+        &mut y.slice_mut(..),
+        (n, o, 6 * r),
+        (scale, 1.0),
+        op,
+    )
 }
 
 /// `(dx, dA, dB)` of `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for bf16 x (n, i), g (n, o), W (o, i) and f32 A
@@ -243,7 +417,11 @@ pub(super) fn forward(
 /// `dB = s·gᵀ·(x·Aᵀ)` (f32).
 pub(super) fn backward(
     dev: &CudaDevice,
-    (x, g, w): (&CudaView<'_, bf16>, &CudaView<'_, bf16>, &CudaView<'_, bf16>),
+    (x, g, w): (
+        &CudaView<'_, bf16>,
+        &CudaView<'_, bf16>,
+        &CudaView<'_, bf16>,
+    ),
     (a, b): (&CudaView<'_, f32>, &CudaView<'_, f32>),
     d: Shapes,
     scale: f32,
@@ -254,31 +432,61 @@ pub(super) fn backward(
     let ctx = (&*blas, dev);
     // dx = g·W, written whole (β = 0).
     let mut dx = alloc::<bf16>(dev, n * i)?;
-    gemm(ctx, (g, false), (w, false), &mut dx.slice_mut(..), (n, i, o), (1.0, 0.0), op)?;
-    // x·Aᵀ (its parts for dB) and s·g·B (its parts for dA and for dx).
-    let three = |rows| Mat { su: 3 * r, ..Mat::rows(rows, r) };
-    let p = down(ctx, x, a, d, op)?;
-    let mid3 = split(dev, &p.slice(..), three(n), (3, r, 1.0), &PARTS, (3 * r, 1, r), n * 3 * r)?;
-    let b3 = split(dev, b, Mat::rows(o, r), (1, 0, 1.0), &PARTS, (3 * r, 1, r), o * 3 * r)?;
+    let args = (arg(g, false, o), arg(w, false, i));
+    gemm(ctx, args, &mut dx.slice_mut(..), (n, i, o), (1.0, 0.0), op)?;
+    // x·Aᵀ and s·g·B, split; their first three column blocks are the three parts.
+    let (a6, b6) = two(split(dev, &[a_parts(a, d, 6), b_parts(b, d)])?)?;
+    let p = down(ctx, x, &a6, d, op)?;
     let mut q = alloc::<f32>(dev, n * 3 * r)?;
-    let b3v = b3.slice(..);
-    gemm(ctx, (g, false), (&b3v, false), &mut q.slice_mut(..), (n, 3 * r, o), (1.0, 0.0), op)?;
-    let qv = q.slice(..);
-    let gb3 = split(dev, &qv, three(n), (3, r, scale), &PARTS, (3 * r, 1, r), n * 3 * r)?;
-    let gb6 = split(dev, &qv, three(n), (3, r, scale), &LEFT, (6 * r, 1, r), n * 6 * r)?;
+    let b6v = b6.slice(..);
+    let args = (arg(g, false, o), arg(&b6v, false, 6 * r));
+    gemm(
+        ctx,
+        args,
+        &mut q.slice_mut(..),
+        (n, 3 * r, o),
+        (1.0, 0.0),
+        op,
+    )?;
+    let (pv, qv) = (p.slice(..), q.slice(..));
+    let (mid6, gb6) = two(split(
+        dev,
+        &[row_parts(&pv, d, 1.0), row_parts(&qv, d, scale)],
+    )?)?;
+    let (gb6v, mid6v, a6v) = (gb6.slice(..), mid6.slice(..), a6.slice(..));
     // dA = Σ parts of (s·g·B)ᵀ·x: (3r, i), summed over the three row blocks.
     let mut da3 = alloc::<f32>(dev, 3 * r * i)?;
-    let gb3v = gb3.slice(..);
-    gemm(ctx, (&gb3v, true), (x, false), &mut da3.slice_mut(..), (3 * r, i, n), (1.0, 0.0), op)?;
+    let args = (arg(&gb6v, true, 6 * r), arg(x, false, i));
+    gemm(
+        ctx,
+        args,
+        &mut da3.slice_mut(..),
+        (3 * r, i, n),
+        (1.0, 0.0),
+        op,
+    )?;
     let da = sum_parts(dev, &da3, (r, i), (i, r * i), 1.0)?;
     // dB = s · Σ parts of gᵀ·(x·Aᵀ): (o, 3r), summed over the three column blocks.
     let mut db3 = alloc::<f32>(dev, o * 3 * r)?;
-    let mid3v = mid3.slice(..);
-    gemm(ctx, (g, true), (&mid3v, false), &mut db3.slice_mut(..), (o, 3 * r, n), (1.0, 0.0), op)?;
+    let args = (arg(g, true, o), arg(&mid6v, false, 6 * r));
+    gemm(
+        ctx,
+        args,
+        &mut db3.slice_mut(..),
+        (o, 3 * r, n),
+        (1.0, 0.0),
+        op,
+    )?;
     let db = sum_parts(dev, &db3, (o, r), (3 * r, r), scale)?;
     // dx += (s·g·B)·A along the six-fold inner dimension.
-    let a6 = split(dev, a, Mat::rows(r, i), (1, 0, 1.0), &RIGHT, (i, 1, r * i), 6 * r * i)?;
-    let (gb6v, a6v) = (gb6.slice(..), a6.slice(..));
-    gemm(ctx, (&gb6v, false), (&a6v, false), &mut dx.slice_mut(..), (n, i, 6 * r), (1.0, 1.0), op)?;
+    let args = (arg(&gb6v, false, 6 * r), arg(&a6v, false, i));
+    gemm(
+        ctx,
+        args,
+        &mut dx.slice_mut(..),
+        (n, i, 6 * r),
+        (1.0, 1.0),
+        op,
+    )?;
     Ok((dx, da, db))
 }
