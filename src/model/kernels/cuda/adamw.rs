@@ -50,6 +50,30 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
+/// Each guarded tensor's f32 data on the device: its first element's address and its length, and
+/// what keeps the stream ordered while the addresses are in use.
+#[allow(clippy::type_complexity)]
+fn addresses<'a, G: std::ops::Deref<Target = Storage>>(
+    guards: &'a [(G, &Layout)],
+    stream: &'a std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>,
+    op: &str,
+) -> Result<(
+    Vec<(u64, usize)>,
+    Vec<candle_core::cuda::cudarc::driver::SyncOnDrop<'a>>,
+)> {
+    let mut ptrs = Vec::with_capacity(guards.len());
+    let mut keep = Vec::with_capacity(guards.len());
+    for (s, l) in guards {
+        let (Storage::Cuda(c), Some((a, b))) = (&**s, l.contiguous_offsets()) else {
+            candle_core::bail!("{op}: a tensor is not contiguous on the GPU");
+        };
+        let (ptr, sync) = c.as_cuda_slice::<f32>()?.device_ptr(stream);
+        ptrs.push((ptr + (a * std::mem::size_of::<f32>()) as u64, b - a));
+        keep.push(sync);
+    }
+    Ok((ptrs, keep))
+}
+
 /// Updates each `(parameter, gradient, offset)` in place, with its moments at `offset` of the
 /// flat `m` and `v` (all f32, contiguous, on one GPU; `m` and `v` distinct buffers): the
 /// composed step of `train::optim::AdamW` in one launch.
@@ -66,23 +90,13 @@ pub fn adamw(
     let candle_core::Device::Cuda(dev) = m.device() else {
         candle_core::bail!("{op}: the moments are not on the GPU");
     };
-    let stream = dev.cuda_stream();
     let guards: Vec<_> = [m, v]
         .into_iter()
         .chain(items.iter().flat_map(|(p, g, _)| [*p, *g]))
         .map(|t| t.storage_and_layout())
         .collect();
-    // Each tensor's f32 data (its first element's address and its length).
-    let mut ptrs = Vec::with_capacity(guards.len());
-    let mut keep = Vec::with_capacity(guards.len());
-    for (s, l) in &guards {
-        let (Storage::Cuda(c), Some((a, b))) = (&**s, l.contiguous_offsets()) else {
-            candle_core::bail!("{op}: a tensor is not contiguous on the GPU");
-        };
-        let (ptr, sync) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
-        ptrs.push((ptr + (a * std::mem::size_of::<f32>()) as u64, b - a));
-        keep.push(sync);
-    }
+    let stream = dev.cuda_stream();
+    let (ptrs, keep) = addresses(&guards, &stream, op)?;
     let total = ptrs[0].1;
     if ptrs[1].1 != total || ptrs[0].0 == ptrs[1].0 {
         candle_core::bail!("{op}: the moments must be two buffers of one length");

@@ -150,21 +150,10 @@ pub(super) fn lora_backward(
         view::<f32>(cuda(&as_, op)?, la, op)?,
         view::<f32>(cuda(&bs, op)?, lb, op)?,
     );
-    let wrap = |s: CudaStorage, shape: (usize, usize)| {
-        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
-    };
     if x.dtype() == DType::BF16 && super::lora_split::on() {
         // bf16 activations: the f32 products on tensor cores in parts, no chunks needed.
-        let v = |s, l| view::<half::bf16>(s, l, op);
-        let (xv, gv, wv) = (v(xs, lx)?, v(gs, lg)?, v(ws, lw)?);
-        let d = super::lora_split::Shapes { n, i, o, r };
-        let (dx, da, db) = super::lora_split::backward(dev, (&xv, &gv, &wv), (&av, &bv), d, scale)?;
-        let storage = |s| CudaStorage::wrap_cuda_slice(s, dev.clone());
-        return Ok((
-            wrap(storage(dx), (n, i)),
-            wrap(CudaStorage::wrap_cuda_slice(da, dev.clone()), (r, i)),
-            wrap(CudaStorage::wrap_cuda_slice(db, dev.clone()), (o, r)),
-        ));
+        let storages = [(xs, lx), (gs, lg), (ws, lw)];
+        return split_backward(dev, storages, (&av, &bv), (n, i, o, r), scale);
     }
     let blas = dev.cublas_handle();
     let dx = by_dtype!(x.dtype(), op, T => {
@@ -208,6 +197,33 @@ pub(super) fn lora_backward(
         )
     });
     Ok(dx)
+}
+
+/// A tensor of `shape` on `s`, carrying no graph.
+fn wrap(s: CudaStorage, shape: (usize, usize)) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+}
+
+/// [`lora_backward`] for bf16 x, g and W (`lora_split`): the storages of x, g and W with their
+/// layouts, the f32 A and B, (N, I, O, r).
+fn split_backward(
+    dev: &CudaDevice,
+    [(xs, lx), (gs, lg), (ws, lw)]: [(&CudaStorage, &Layout); 3],
+    (av, bv): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    (n, i, o, r): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "ft-cuda-lora-linear backward";
+    let v = |s, l| view::<half::bf16>(s, l, op);
+    let d = super::lora_split::Shapes { n, i, o, r };
+    let views = (&v(xs, lx)?, &v(gs, lg)?, &v(ws, lw)?);
+    let (dx, da, db) = super::lora_split::backward(dev, views, (av, bv), d, scale)?;
+    let (da, db) = (
+        CudaStorage::wrap_cuda_slice(da, dev.clone()),
+        CudaStorage::wrap_cuda_slice(db, dev.clone()),
+    );
+    let dx = CudaStorage::wrap_cuda_slice(dx, dev.clone());
+    Ok((wrap(dx, (n, i)), wrap(da, (r, i)), wrap(db, (o, r))))
 }
 
 /// The LoRA products of rows `start..start + c`: dA += (s·g·B)ᵀ·x and dB += s·gᵀ·(x·Aᵀ) (written,
