@@ -538,8 +538,8 @@ impl Model {
         let x = if graph { x } else { x.detach() };
         // On CUDA, the same positions of every row are taken as a view (its backward pads with
         // zeros): `index_select`'s backward is an index-add there, 2 ms a step at 4096 tokens on
-        // an H100. On the CPU `index_select` measured faster (SmolLM2 B4×256: 701–752 against
-        // 664–676 tokens/s with the view), so it stays.
+        // an H100. The CPU keeps `index_select`: no gain from the view was measured there (the
+        // one comparison was confounded by the environment's size, BENCHMARKS.md).
         let span = uniform_span(&rows, b, t).filter(|_| dev.is_cuda());
         let picked = match span {
             Some((lo, len)) => x.narrow(1, lo, len)?.reshape((b * len, d))?,
