@@ -838,3 +838,90 @@ fn adamw_in_one_launch_equals_the_composed_step() {
     println!("AdamW one launch vs composed: worst relative difference {worst:.1e}");
     assert!(worst <= 1e-7, "{worst}");
 }
+
+/// The bits of `t` as f32 on the CPU (bf16 widens exactly): equal tensors give equal lists.
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// `f`'s value at `x` and the gradient of Σ f(x)·`up` (so the gradient is f's backward of `up`).
+fn value_and_grad(x: &Tensor, up: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> (Tensor, Tensor) {
+    let v = Var::from_tensor(x).unwrap();
+    let y = f(v.as_tensor());
+    let grads = (&y * up).unwrap().sum_all().unwrap().backward().unwrap();
+    (y, grads.get(&v).unwrap().clone())
+}
+
+#[test]
+fn head_copies_rope_heads_and_bias_equal_candles_ops_bit_for_bit() {
+    let gpu = Device::new_cuda(0).unwrap();
+    let on = |t: Tensor, dtype: DType| t.to_device(&gpu).unwrap().to_dtype(dtype).unwrap();
+    for dtype in [DType::BF16, DType::F32] {
+        // Rows of 16-byte units (64), 4-byte words (6 in bf16) and neither (5 in bf16: Candle's
+        // copy); and an input that starts inside its storage (a narrowed batch).
+        for (d, skip) in [(64, 0), (6, 0), (5, 0), (64, 1), (6, 1)] {
+            let whole = on(randn(&[3, 7, 4, d], 40 + d as u64), dtype);
+            let x = whole.narrow(0, skip, 2).unwrap();
+            let up = on(randn(&[2, 4, 7, d], 41), dtype);
+            let (y, g) = value_and_grad(&x, &up, |x| kernels::swap_heads(x).unwrap());
+            let want = x.transpose(1, 2).unwrap().contiguous().unwrap();
+            assert_eq!(y.dims(), want.dims());
+            assert_eq!(bits(&y), bits(&want), "swap_heads D={d} {dtype:?}");
+            // The Var above is a fresh copy: the view itself, read from its offset.
+            let direct = kernels::swap_heads(&x).unwrap();
+            assert_eq!(
+                bits(&direct),
+                bits(&want),
+                "swap_heads of a view D={d} {dtype:?}"
+            );
+            let back = up.transpose(1, 2).unwrap().contiguous().unwrap();
+            assert_eq!(bits(&g), bits(&back), "swap_heads gradient D={d} {dtype:?}");
+        }
+        // RoPE of (B, T, H, Dh) written (B, H, T, Dh) = RoPE of the transpose, value and gradient.
+        let (b, t, h, d) = (2, 17, 3, 64);
+        let shared: Vec<u32> = (0..t as u32).collect();
+        let per_row: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % 300).collect();
+        for (pos, rows) in [(shared, 1), (per_row, b)] {
+            let (cos, sin) = rope_tables(&pos, rows, t, d);
+            let (cos, sin) = (on(cos, dtype), on(sin, dtype));
+            let x = on(randn(&[b, t, h, d], 42), dtype);
+            let up = on(randn(&[b, h, t, d], 43), dtype);
+            let (y1, g1) = value_and_grad(&x, &up, |x| kernels::rope_heads(x, &cos, &sin).unwrap());
+            let (y2, g2) = value_and_grad(&x, &up, |x| {
+                let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
+                kernels::rope(&x, &cos, &sin).unwrap()
+            });
+            assert_eq!(y1.dims(), &[b, h, t, d]);
+            assert_eq!(bits(&y1), bits(&y2), "rope_heads {rows} {dtype:?}");
+            assert_eq!(bits(&g1), bits(&g2), "rope_heads gradient {rows} {dtype:?}");
+        }
+        // A frozen bias: Candle's broadcast add, bit for bit; the gradient is the upstream's.
+        let (y, bias) = (
+            on(randn(&[3, 5, 896], 44), dtype),
+            on(randn(&[896], 45), dtype),
+        );
+        let up = on(randn(&[3, 5, 896], 46), dtype);
+        let (out, g) = value_and_grad(&y, &up, |y| kernels::add_bias(y, &bias).unwrap());
+        let want = y.broadcast_add(&bias).unwrap();
+        assert_eq!(bits(&out), bits(&want), "add_bias {dtype:?}");
+        assert_eq!(bits(&g), bits(&up), "add_bias gradient {dtype:?}");
+        // A bias that trains still gets its gradient (Candle's add).
+        let trained = Var::from_tensor(&bias).unwrap();
+        let sum = kernels::add_bias(&y, trained.as_tensor()).unwrap();
+        let grads = (&sum * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(&trained).is_some(),
+            "a trained bias lost its gradient"
+        );
+    }
+    println!("swap_heads, rope_heads, add_bias: bit-equal to Candle's ops (bf16, f32)");
+}

@@ -230,7 +230,10 @@ impl Llama {
         let last = pos.iter().copied().max().unwrap_or(0) as usize;
         let device = bias.device().clone();
         let gather = |freqs: &ops::RopeFreqs| -> Result<(Tensor, Tensor)> {
-            let (c, s) = freqs.tables(&pos, self.dtype, &device)?;
+            let (c, s) = match positions {
+                Some(_) => freqs.tables(&pos, self.dtype, &device)?,
+                None => freqs.range_tables(past, t, self.dtype, &device)?,
+            };
             let shape = (rows, 1, t, freqs.dim());
             Ok((c.reshape(shape)?, s.reshape(shape)?))
         };

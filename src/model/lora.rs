@@ -362,7 +362,7 @@ impl LoraLinear {
     /// The bias added to `y` `(N, out)`, reshaped to the input's leading `dims`.
     fn finish(&self, mut y: Tensor, dims: Vec<usize>) -> Result<Tensor> {
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = kernels::add_bias(&y, b)?;
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

@@ -1,6 +1,8 @@
 //! Constant inputs of the forward pass: the RoPE tables and the additive attention bias. The
 //! differentiable ops themselves are chosen and run by [`super::kernels`].
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::RopeScaling;
@@ -20,13 +22,46 @@ pub fn rope_tables(
 }
 
 /// RoPE's inverse frequencies and the scale of its cos and sin: the rows of any positions are
-/// computed when a pass needs them (a 128k-context model keeps no 128k-row table).
+/// computed when a pass needs them (a 128k-context model keeps no 128k-row table); the rows
+/// 0..n of the longest pass so far stay on its device for the passes after it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeFreqs {
     /// One per rotary pair, rounded to f32 as transformers computes them.
     inv_freq: Vec<f32>,
     /// LongRoPE's attention factor (1 otherwise).
     magnitude: f32,
+    cache: TableCache,
+}
+
+/// The `(cos, sin)` rows 0..n already made, per dtype and device: a 4096-token pass otherwise
+/// computes half a million sines on the host and uploads them every step.
+#[derive(Default)]
+struct TableCache(Mutex<Vec<Tables>>);
+
+struct Tables {
+    dtype: DType,
+    device: Device,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Clone for TableCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// A cache is not part of the value.
+impl PartialEq for TableCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for TableCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TableCache")
+    }
 }
 
 impl RopeFreqs {
@@ -88,6 +123,7 @@ impl RopeFreqs {
         Ok(Self {
             inv_freq: inv_freq.iter().map(|&f| f as f32).collect(),
             magnitude,
+            cache: TableCache::default(),
         })
     }
 
@@ -108,6 +144,45 @@ impl RopeFreqs {
             }
         }
         (cos, sin)
+    }
+
+    /// `(cos, sin)` rows of positions `start..start + n`, each `(n, dim)` in `dtype` on `device`:
+    /// views of the kept rows (made once, 256 or a power of two of them), the same values as
+    /// [`RopeFreqs::tables`].
+    pub fn range_tables(
+        &self,
+        start: usize,
+        n: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let end = start + n;
+        let Ok(mut kept) = self.cache.0.lock() else {
+            let positions: Vec<u32> = (start as u32..end as u32).collect();
+            return self.tables(&positions, dtype, device);
+        };
+        let fits = |t: &Tables| t.dtype == dtype && t.device.same_device(device);
+        let hit = kept
+            .iter()
+            .position(|t| fits(t) && t.cos.dim(0).is_ok_and(|r| r >= end));
+        let at = match hit {
+            Some(at) => at,
+            None => {
+                let rows = end.next_power_of_two().max(256);
+                let positions: Vec<u32> = (0..rows as u32).collect();
+                let (cos, sin) = self.tables(&positions, dtype, device)?;
+                kept.retain(|t| !fits(t));
+                kept.push(Tables {
+                    dtype,
+                    device: device.clone(),
+                    cos,
+                    sin,
+                });
+                kept.len() - 1
+            }
+        };
+        let t = &kept[at];
+        Ok((t.cos.narrow(0, start, n)?, t.sin.narrow(0, start, n)?))
     }
 
     /// `(cos, sin)` rows of `positions`, each `(n, dim)` in `dtype` on `device`.
@@ -136,6 +211,8 @@ impl RopeFreqs {
 /// Additive attention bias `(B, 1, T, T)`: 0 where query i may see key j (j ≤ i and both in the
 /// same segment), -inf elsewhere. Segment 0 (padding) tokens see only themselves, so no row is
 /// all -inf. `segment_ids` is `B*T` row-major; `None` means one segment per row (plain causal).
+/// Built on `device` from the positions and segment ids (only those are copied there): a T × T
+/// mask made on the host cost a 4096-token step tens of milliseconds and a blocking upload.
 pub fn attention_bias(
     batch: usize,
     seq_len: usize,
@@ -144,44 +221,31 @@ pub fn attention_bias(
     device: &Device,
 ) -> Result<Tensor> {
     let t = seq_len;
-    let rows = if segment_ids.is_some() { batch } else { 1 };
-    let mut bias = vec![f32::NEG_INFINITY; rows * t * t];
-    for b in 0..rows {
-        for i in 0..t {
-            for j in 0..=i {
-                let visible = match segment_ids {
-                    None => true,
-                    Some(seg) => {
-                        let (si, sj) = (seg[b * t + i], seg[b * t + j]);
-                        si == sj && (si != 0 || i == j)
-                    }
-                };
-                if visible {
-                    bias[(b * t + i) * t + j] = 0.0;
-                }
-            }
+    let causal = visible_after(0, t, None, device)?;
+    let visible = match segment_ids {
+        None => causal.reshape((1, 1, t, t))?,
+        Some(seg) => {
+            let seg = Tensor::from_slice(seg, (batch, t), device)?;
+            let same = seg.unsqueeze(2)?.broadcast_eq(&seg.unsqueeze(1)?)?; // (B, T, T)
+                                                                            // A padding token (segment 0) sees itself only.
+            let keys = Tensor::arange(0u32, t as u32, device)?;
+            let diagonal = keys.unsqueeze(1)?.broadcast_eq(&keys.unsqueeze(0)?)?;
+            let real = seg.ne(0u32)?.unsqueeze(2)?; // (B, T, 1)
+            let allowed = real.broadcast_maximum(&diagonal)?; // (B, T, T)
+            same.mul(&allowed)?.broadcast_mul(&causal)?.unsqueeze(1)?
         }
-    }
-    Tensor::from_vec(bias, (rows, 1, t, t), device)?.to_dtype(dtype)
+    };
+    additive(&visible, dtype)
 }
 
 /// Additive causal bias `(1, 1, T, past + T)` for `T` new queries after `past` cached keys: query
 /// i (at position past + i) sees keys 0..=past + i. With `past` = 0 it is [`attention_bias`]'s
 /// plain causal mask; one new query sees every key (all zeros).
 pub fn causal_bias_after(past: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let s = past + t;
-    let bias: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(bias, (1, 1, t, s), device)?.to_dtype(dtype)
+    additive(
+        &visible_after(past, t, None, device)?.reshape((1, 1, t, past + t))?,
+        dtype,
+    )
 }
 
 /// Additive band `(1, 1, T, past + T)` of a sliding-window layer: query i (at position past + i)
@@ -194,19 +258,37 @@ pub fn sliding_band(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let s = past + t;
-    let band: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j + window > past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(band, (1, 1, t, s), device)?.to_dtype(dtype)
+    let band = visible_after(past, t, Some(window), device)?;
+    additive(&band.reshape((1, 1, t, past + t))?, dtype)
+}
+
+/// `(T, past + T)` u8 on `device`: 1 where query i (at position past + i) sees key j — j ≤ past +
+/// i, or with a `window`, j + window > past + i (the band alone).
+fn visible_after(past: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let (p, s) = (past as u32, (past + t) as u32);
+    let queries = Tensor::arange(p, s, device)?.unsqueeze(1)?; // (T, 1)
+    match window {
+        None => Tensor::arange(0u32, s, device)?
+            .unsqueeze(0)?
+            .broadcast_le(&queries),
+        Some(w) => {
+            // A window past every key leaves the band all visible.
+            let w = w.min((u32::MAX - s) as usize) as u32;
+            Tensor::arange(w, w + s, device)?
+                .unsqueeze(0)?
+                .broadcast_gt(&queries)
+        }
+    }
+}
+
+/// 0 where `visible` (u8) is set, −∞ elsewhere, in `dtype`.
+fn additive(visible: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (shape, device) = (visible.shape(), visible.device());
+    let zero = Tensor::zeros((), dtype, device)?.broadcast_as(shape)?;
+    let masked = Tensor::full(f32::NEG_INFINITY, (), device)?
+        .to_dtype(dtype)?
+        .broadcast_as(shape)?;
+    visible.where_cond(&zero, &masked)
 }
 
 #[cfg(test)]
@@ -225,6 +307,78 @@ mod tests {
         let visible = |i: usize, j: usize| bias[i * 5 + j] == 0.0;
         assert!(visible(1, 0) && visible(3, 2) && visible(4, 4));
         assert!(!visible(2, 1) && !visible(0, 1) && !visible(4, 3));
+    }
+
+    /// The masks as the host built them before (one element at a time), for comparison.
+    fn host_bias(
+        b: usize,
+        past: usize,
+        t: usize,
+        seg: Option<&[u32]>,
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let s = past + t;
+        let mut out = vec![f32::NEG_INFINITY; b * t * s];
+        for r in 0..b {
+            for i in 0..t {
+                for j in 0..s {
+                    let q = past + i;
+                    let mut seen = match window {
+                        None => j <= q,
+                        Some(w) => j + w > q,
+                    };
+                    if let Some(seg) = seg {
+                        let (si, sj) = (seg[r * t + i], seg[r * t + j]);
+                        seen &= si == sj && (si != 0 || i == j);
+                    }
+                    if seen {
+                        out[(r * t + i) * s + j] = 0.0;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(x: Tensor) -> Vec<f32> {
+        x.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn device_built_masks_equal_the_element_wise_ones() {
+        let dev = Device::Cpu;
+        // Packed rows: documents of several lengths, padding (0) at the end and in between.
+        let seg = [
+            1u32, 1, 1, 2, 2, 3, 0, 0, //
+            5, 5, 5, 5, 5, 5, 5, 5, //
+            1, 0, 2, 2, 2, 0, 7, 7,
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            let packed = attention_bias(3, 8, Some(&seg), dtype, &dev).unwrap();
+            assert_eq!(packed.dims(), &[3, 1, 8, 8]);
+            assert_eq!(values(packed), host_bias(3, 0, 8, Some(&seg), None));
+            let plain = attention_bias(2, 7, None, dtype, &dev).unwrap();
+            assert_eq!(plain.dims(), &[1, 1, 7, 7]);
+            assert_eq!(values(plain), host_bias(1, 0, 7, None, None));
+            for (past, t) in [(0, 5), (3, 1), (4, 3)] {
+                let after = causal_bias_after(past, t, dtype, &dev).unwrap();
+                assert_eq!(values(after), host_bias(1, past, t, None, None));
+                for w in [1, 2, 4, 100] {
+                    let band = sliding_band(past, t, w, dtype, &dev).unwrap();
+                    assert_eq!(band.dims(), &[1, 1, t, past + t]);
+                    assert_eq!(
+                        values(band),
+                        host_bias(1, past, t, None, Some(w)),
+                        "{past} {t} {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

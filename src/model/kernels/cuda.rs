@@ -15,7 +15,8 @@ use candle_core::cuda::cudarc::driver::{
 };
 use candle_core::cuda::{CudaDType, WrapErr};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape, Tensor,
 };
 
 const SOURCE: &str = include_str!("cuda/kernels.cu");
@@ -149,8 +150,13 @@ macro_rules! launch {
     };
 }
 
-/// The `cpu_fwd` of an op that runs on CUDA only, for 2 or 3 inputs.
+/// The `cpu_fwd` of an op that runs on CUDA only, for 1, 2 or 3 inputs.
 macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
     (2) => {
         fn cpu_fwd(
             &self,
@@ -198,6 +204,7 @@ fn elem_blocks(n: usize, op: &str) -> Result<usize> {
 mod adamw;
 pub mod flash;
 mod gated;
+mod heads;
 mod layer;
 mod linear;
 mod lora_bwd;
@@ -206,7 +213,8 @@ mod softmax;
 
 pub use adamw::{adamw, on as adamw_on, AdamWStep};
 pub use gated::{swiglu_linear, swiglu_qlinear};
-pub use layer::{rms_norm, rope, swiglu};
+pub use heads::{add_bias, swap_heads};
+pub use layer::{rms_norm, rope, rope_heads, swiglu};
 pub use linear::{
     dequantize_bf16, frozen_linear, lora_linear, lora_linear_in_chunks, qlora_linear,
 };

@@ -433,6 +433,36 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// RoPE on `x` `(B, T, H, Dh)` (a projection's rows split into heads), returned `(B, H, T, Dh)`:
+/// on CUDA one pass that also transposes; elsewhere the transpose, then [`rope`].
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    match plan_for(x).rope {
+        #[cfg(feature = "cuda")]
+        Impl::Cuda => cuda::rope_heads(x, cos, sin),
+        _ => rope(&x.transpose(1, 2)?.contiguous()?, cos, sin),
+    }
+}
+
+/// `x` `(B, A, C, D)` → `(B, C, A, D)`, contiguous: the head transposes around attention (one
+/// coalesced pass on CUDA, where RoPE's ops run).
+pub fn swap_heads(x: &Tensor) -> Result<Tensor> {
+    match plan_for(x).rope {
+        #[cfg(feature = "cuda")]
+        Impl::Cuda => cuda::swap_heads(x),
+        _ => x.transpose(1, 2)?.contiguous(),
+    }
+}
+
+/// `y + bias` for a projection's output `y` `(…, O)` and its frozen `bias` `(O)` (one launch on
+/// CUDA, where the frozen products run).
+pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    match plan_for(y).frozen_linear {
+        #[cfg(feature = "cuda")]
+        Impl::Cuda => cuda::add_bias(y, bias),
+        _ => y.broadcast_add(bias),
+    }
+}
+
 /// Softmax over the last dim (the attention probabilities of the composed attention).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     match plan_for(x).softmax {

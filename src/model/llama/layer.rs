@@ -230,27 +230,26 @@ impl Layer {
         let lin = |l: &LoraLinear, x: &Tensor| l.forward_opts(x, ctx.train, detach_lora);
         let normed = kernels::rms_norm(x, &self.input_norm, cfg.norm_eps)?;
         let (q, k, val) = self.project_qkv(&normed, ctx, detach_lora)?;
-        // (B, T, heads·Dh) → (B, heads, T, Dh)
-        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+        let tables = match (&ctx.local, self.sliding) {
+            _ if !self.rope => None,
+            (Some((c, s)), true) => Some((c, s)),
+            _ => Some((&ctx.cos, &ctx.sin)),
+        };
+        // (B, T, heads·Dh) → (B, heads, T, Dh), q and k rotated on the way.
+        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>, turn: bool| -> Result<Tensor> {
             let y = y.reshape((b, t, n, dh))?;
             let y = match norm {
                 Some(w) => kernels::rms_norm(&y, w, cfg.norm_eps)?,
                 None => y,
             };
-            y.transpose(1, 2)?.contiguous()
+            match tables {
+                Some((cos, sin)) if turn => rope_heads(&y, cos, sin),
+                _ => kernels::swap_heads(&y),
+            }
         };
-        let q = heads(q, h, &self.q_norm)?;
-        let k = heads(k, kv, &self.k_norm)?;
-        let val = heads(val, kv, &None)?;
-        let (q, k) = if self.rope {
-            let (cos, sin) = match (&ctx.local, self.sliding) {
-                (Some((c, s)), true) => (c, s),
-                _ => (&ctx.cos, &ctx.sin),
-            };
-            (rope_part(&q, cos, sin)?, rope_part(&k, cos, sin)?)
-        } else {
-            (q, k)
-        };
+        let q = heads(q, h, &self.q_norm, true)?;
+        let k = heads(k, kv, &self.k_norm, true)?;
+        let val = heads(val, kv, &None, false)?;
         let (k, val) = match cache {
             Some(cache) => cache.append(k, val)?,
             None => (k, val),
@@ -267,9 +266,8 @@ impl Layer {
                 let products = kernels::Products::of(self.o_proj.weight.as_dense(), &q);
                 kernels::attention_with(&q, &k, &val, bias, scale, products)?
             }
-        }
-        .transpose(1, 2)?
-        .reshape((b, t, h * dh))?;
+        };
+        let att = kernels::swap_heads(&att)?.reshape((b, t, h * dh))?;
         let mut y = lin(&self.o_proj, &att)?;
         if let Some(w) = &self.post_attn_norm {
             y = kernels::rms_norm(&y, w, cfg.norm_eps)?;
@@ -342,6 +340,15 @@ impl Layer {
 
 /// RoPE on the first `cos.dim(-1)` dims of each head of `x` `(B, heads, T, Dh)` (all of them
 /// unless Phi-3's partial rotary factor leaves the rest as they are).
+/// RoPE of `y` `(B, T, H, Dh)` returned `(B, H, T, Dh)`: the transpose and the rotation in one
+/// op where all of Dh turns, else [`rope_part`] after the transpose.
+fn rope_heads(y: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.dim(3)? == y.dim(3)? {
+        return kernels::rope_heads(y, cos, sin);
+    }
+    rope_part(&kernels::swap_heads(y)?, cos, sin)
+}
+
 fn rope_part(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (dh, rd) = (x.dim(3)?, cos.dim(3)?);
     if rd == dh {

@@ -96,35 +96,96 @@ __device__ void softmax_bwd(const T* p, const T* dp, T* ds, int cols, float scal
         st(ds, off + j, scale * ld(p, off + j) * (ld(dp, off + j) - dot));
 }
 
-// Cross-entropy of each row of logits against its target: loss = logsumexp(x) − x[target], f32.
+// The elements of one row, `f(j, value)` for each j this thread owns: 16 bytes a load where the
+// row allows (cols a multiple of the unit and the row 16-byte aligned), else one at a time.
+__device__ __forceinline__ void unpack16(const float* p, float* v) {
+    const float4 u = *(const float4*)p;
+    v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w;
+}
+__device__ __forceinline__ void unpack16(const bf16_t* p, float* v) {
+    const uint4 u = *(const uint4*)p;
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        v[2 * k] = __uint_as_float(w[k] << 16);
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+template <typename T, typename F>
+__device__ __forceinline__ void for_row(const T* row, int cols, F f) {
+    constexpr int N = 16 / sizeof(T);
+    if (cols % N == 0 && ((unsigned long long)row & 15) == 0) {
+        for (int u = threadIdx.x; u < cols / N; u += blockDim.x) {
+            float v[N];
+            unpack16(row + u * N, v);
+#pragma unroll
+            for (int k = 0; k < N; k++) f(u * N + k, v[k]);
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) f(j, ld(row, j));
+    }
+}
+
+// Per-row cross-entropy: loss[row] = logsumexp(x[row]) − x[row, target[row]]; the max and the
+// sum in one pass over the row (each thread rescales its sum when its max grows).
 template <typename T>
 __device__ void ce_fwd(const T* x, const unsigned int* target, float* loss, int cols) {
     __shared__ float sh[32];
-    const long long off = (long long)blockIdx.x * cols;
-    float m = -FT_INF;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, ld(x, off + j));
-    m = block_max(m, sh);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) sum += __expf(ld(x, off + j) - m);
-    sum = block_sum(sum, sh);
-    if (threadIdx.x == 0) loss[blockIdx.x] = logf(sum) + m - ld(x, off + target[blockIdx.x]);
+    const T* row = x + (long long)blockIdx.x * cols;
+    float m = -FT_INF, sum = 0.f;
+    for_row(row, cols, [&](int, float v) {
+        if (v > m) {
+            sum = sum * __expf(m - v) + 1.f;
+            m = v;
+        } else if (m != -FT_INF) {
+            sum += __expf(v - m);
+        }
+    });
+    const float top = block_max(m, sh);
+    sum = block_sum(m == -FT_INF ? 0.f : sum * __expf(m - top), sh);
+    if (threadIdx.x == 0) loss[blockIdx.x] = logf(sum) + top - ld(row, target[blockIdx.x]);
 }
 
-// dx = (softmax(x) − onehot(target)) · g[row].
+// Eight (bf16) or four (f32) values stored as 16 bytes, each rounded as `st` rounds it.
+__device__ __forceinline__ void pack16(float* p, const float* v) {
+    *(float4*)p = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void pack16(bf16_t* p, const float* v) {
+    bf16_t h[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) st(h, k, v[k]);
+    uint4 u;
+    u.x = h[0] | ((unsigned)h[1] << 16);
+    u.y = h[2] | ((unsigned)h[3] << 16);
+    u.z = h[4] | ((unsigned)h[5] << 16);
+    u.w = h[6] | ((unsigned)h[7] << 16);
+    *(uint4*)p = u;
+}
+
+// dx = (softmax(x) − onehot(target)) · g[row], the log-sum-exp taken back from the forward's
+// loss (lse = loss + x[target]): one read of the row and one write, 16 bytes at a time where
+// both rows allow.
 template <typename T>
-__device__ void ce_bwd(const T* x, const unsigned int* target, const float* g, T* dx, int cols) {
-    __shared__ float sh[32];
+__device__ void ce_bwd(const T* x, const unsigned int* target, const float* loss, const float* g,
+                       T* dx, int cols) {
+    constexpr int N = 16 / sizeof(T);
     const long long off = (long long)blockIdx.x * cols;
-    float m = -FT_INF;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, ld(x, off + j));
-    m = block_max(m, sh);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) sum += __expf(ld(x, off + j) - m);
-    sum = block_sum(sum, sh);
-    const float inv = 1.f / sum, gr = g[blockIdx.x];
     const int tg = (int)target[blockIdx.x];
-    for (int j = threadIdx.x; j < cols; j += blockDim.x)
-        st(dx, off + j, (__expf(ld(x, off + j) - m) * inv - (j == tg ? 1.f : 0.f)) * gr);
+    const float lse = loss[blockIdx.x] + ld(x, off + tg), gr = g[blockIdx.x];
+    const T* row = x + off;
+    T* out = dx + off;
+    if (cols % N == 0 && (((unsigned long long)row | (unsigned long long)out) & 15) == 0) {
+        for (int u = threadIdx.x; u < cols / N; u += blockDim.x) {
+            float v[N];
+            unpack16(row + u * N, v);
+#pragma unroll
+            for (int k = 0; k < N; k++) v[k] = (__expf(v[k] - lse) - (u * N + k == tg ? 1.f : 0.f)) * gr;
+            pack16(out + u * N, v);
+        }
+    } else {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x)
+            st(out, j, (__expf(ld(row, j) - lse) - (j == tg ? 1.f : 0.f)) * gr);
+    }
 }
 
 // RMSNorm with a frozen weight: y = x · r · w, r = 1/√(mean(x²) + eps).
@@ -163,22 +224,36 @@ __device__ void rms_bwd(const T* x, const T* w, const T* g, T* dx, int cols, flo
 
 // RoPE, rotate-half convention, on x (B, H, T, Dh) with cos/sin tables (Bc, T, Dh) (Bc = 1 or B,
 // halves repeated as transformers builds them). `sign` = −1 applies the inverse rotation
-// (the backward). One thread per (row, i < Dh/2) pair.
+// (the backward). `in_bthd` / `out_bthd` = 1 read / write the rows in (B, T, H, Dh) order instead:
+// the head transpose done by the same pass. One thread per (row, i < Dh/2) pair.
 template <typename T>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, long long pairs, int d,
-                     int heads, int t_len, int table_batches, float sign) {
+                     int heads, int t_len, int table_batches, float sign, int in_bthd,
+                     int out_bthd) {
     long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= pairs) return;
     const int half = d / 2;
-    const long long row = k / half;
+    const long long row = k / half;  // in (B, H, T) order
     const int i = (int)(k % half);
     const int t = (int)(row % t_len);
+    const int h = (int)((row / t_len) % heads);
     const int b = (int)(row / ((long long)heads * t_len));
+    const long long bthd = ((long long)b * t_len + t) * heads + h;
+    const long long ri = in_bthd ? bthd : row, ro = out_bthd ? bthd : row;
     const long long toff = ((long long)(table_batches == 1 ? 0 : b) * t_len + t) * d + i;
     const float c = ld(cos, toff), s = sign * ld(sin, toff);
-    const float x1 = ld(x, row * d + i), x2 = ld(x, row * d + i + half);
-    st(y, row * d + i, x1 * c - x2 * s);
-    st(y, row * d + i + half, x2 * c + x1 * s);
+    const float x1 = ld(x, ri * d + i), x2 = ld(x, ri * d + i + half);
+    st(y, ro * d + i, x1 * c - x2 * s);
+    st(y, ro * d + i + half, x2 * c + x1 * s);
+}
+
+// out = y + bias for y (N, cols) and bias (cols), in f32 and rounded once (the correctly rounded
+// sum of the two values, as Candle's add). One thread per element.
+template <typename T>
+__device__ void add_bias(const T* y, const T* bias, T* out, long long n, int cols) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    st(out, i, ld(y, i) + ld(bias, i % cols));
 }
 
 // SwiGLU: a = silu(g) · u, silu(g) = g·σ(g). One thread per element.
@@ -228,8 +303,9 @@ __device__ void add_scaled(const T* y, const float* u, T* out, long long n, floa
         ce_fwd<T>(x, target, loss, cols);                                                      \
     }                                                                                          \
     extern "C" __global__ void ft_ce_bwd_##N(const T* x, const unsigned int* target,          \
-                                             const float* g, T* dx, int cols) {               \
-        ce_bwd<T>(x, target, g, dx, cols);                                                     \
+                                             const float* loss, const float* g, T* dx,        \
+                                             int cols) {                                      \
+        ce_bwd<T>(x, target, loss, g, dx, cols);                                               \
     }                                                                                          \
     extern "C" __global__ void ft_rms_fwd_##N(const T* x, const T* w, T* y, int cols,         \
                                               float eps) {                                    \
@@ -241,8 +317,14 @@ __device__ void add_scaled(const T* y, const float* u, T* out, long long n, floa
     }                                                                                          \
     extern "C" __global__ void ft_rope_##N(const T* x, const T* cos, const T* sin, T* y,      \
                                            long long pairs, int d, int heads, int t_len,      \
-                                           int table_batches, float sign) {                   \
-        rope<T>(x, cos, sin, y, pairs, d, heads, t_len, table_batches, sign);                 \
+                                           int table_batches, float sign, int in_bthd,        \
+                                           int out_bthd) {                                    \
+        rope<T>(x, cos, sin, y, pairs, d, heads, t_len, table_batches, sign, in_bthd,         \
+                out_bthd);                                                                     \
+    }                                                                                          \
+    extern "C" __global__ void ft_add_bias_##N(const T* y, const T* bias, T* out, long long n, \
+                                               int cols) {                                    \
+        add_bias<T>(y, bias, out, n, cols);                                                    \
     }                                                                                          \
     extern "C" __global__ void ft_swiglu_fwd_##N(const T* g, const T* u, T* a, long long n) {  \
         swiglu_fwd<T>(g, u, a, n);                                                             \
@@ -438,4 +520,28 @@ extern "C" __global__ void ft_adamw(const AdamWJob* jobs, float* m, float* v, fl
         *mp = mn;
         *vp = vn;
     }
+}
+
+// x (N, A, B, W) → y (N, B, A, W) in units of 4 bytes (`unsigned`) or 16 (`u4`): dims 1 and 2
+// swapped, each row of W units copied whole (the head transposes around attention). One thread
+// per unit of y, consecutive threads along a row: reads and writes are both coalesced.
+struct __align__(16) u4 { unsigned x, y, z, w; };
+template <typename U>
+__device__ void swap12(const U* x, U* y, long long n, int a, int b, int w) {
+    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    const int c = (int)(k % w);
+    const long long r = k / w;  // (m·B + j)·A + i
+    const int i = (int)(r % a);
+    const long long r2 = r / a;
+    const int j = (int)(r2 % b);
+    const long long m = r2 / b;
+    y[k] = x[((m * a + i) * b + j) * w + c];
+}
+extern "C" __global__ void ft_swap12_4(const unsigned* x, unsigned* y, long long n, int a, int b,
+                                       int w) {
+    swap12<unsigned>(x, y, n, a, b, w);
+}
+extern "C" __global__ void ft_swap12_16(const u4* x, u4* y, long long n, int a, int b, int w) {
+    swap12<u4>(x, y, n, a, b, w);
 }

@@ -120,13 +120,32 @@ impl CustomOp3 for RmsNormBwd {
 /// RoPE (rotate-half) on `x` `(B, H, T, Dh)` with `cos`/`sin` `(B or 1, 1, T, Dh)` in `x`'s dtype;
 /// gradient to `x` (the inverse rotation).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { sign: 1.0 })
+    rope_as(x, cos, sin, false)
 }
 
+/// RoPE on `x` `(B, T, H, Dh)` (a projection's rows split into heads), written `(B, H, T, Dh)`:
+/// the head transpose and the rotation in one pass, as [`rope`] of the transposed `x` bit for
+/// bit; the gradient comes back `(B, T, H, Dh)` the same way.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_as(x, cos, sin, true)
+}
+
+fn rope_as(x: &Tensor, cos: &Tensor, sin: &Tensor, from_bthd: bool) -> Result<Tensor> {
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    let op = Rope {
+        sign: 1.0,
+        from_bthd,
+        to_bthd: false,
+    };
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)
+}
+
+/// `from_bthd` / `to_bthd`: the input / output rows in `(B, T, H, Dh)` order.
 struct Rope {
     sign: f32,
+    from_bthd: bool,
+    to_bthd: bool,
 }
 
 impl CustomOp3 for Rope {
@@ -146,12 +165,19 @@ impl CustomOp3 for Rope {
         ls: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (b, h, t, d) = lx.shape().dims4()?;
+        let (b, h, t, d) = match lx.shape().dims4()? {
+            (b, t, h, d) if self.from_bthd => (b, h, t, d),
+            dims => dims,
+        };
         let (tb, one, tt, td) = lc.shape().dims4()?;
         let fits = one == 1 && tt == t && td == d && (tb == 1 || tb == b) && d % 2 == 0;
         if !fits || ls.shape() != lc.shape() {
             candle_core::bail!("{op}: tables {:?} do not fit {:?}", lc.dims(), lx.dims());
         }
+        let out_shape = match self.to_bthd {
+            true => Shape::from_dims(&[b, t, h, d]),
+            false => Shape::from_dims(&[b, h, t, d]),
+        };
         let n = lx.shape().elem_count();
         let pairs = (n / 2) as i64;
         let (d, h, t, tb) = (
@@ -160,7 +186,7 @@ impl CustomOp3 for Rope {
             to_i32(t, op)?,
             to_i32(tb, op)?,
         );
-        let sign = self.sign;
+        let (sign, from, to) = (self.sign, self.from_bthd as i32, self.to_bthd as i32);
         let dev = x.device();
         let out = launch!(
             op,
@@ -169,11 +195,11 @@ impl CustomOp3 for Rope {
             "ft_rope",
             [(x, lx), (c, lc), (s, ls)],
             n,
-            [pairs, d, h, t, tb, sign],
+            [pairs, d, h, t, tb, sign, from, to],
             elem_blocks(n / 2, op)?,
             256
         );
-        Ok((out, lx.shape().clone()))
+        Ok((out, out_shape))
     }
 
     fn bwd(
@@ -184,7 +210,11 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = Rope { sign: -self.sign };
+        let op = Rope {
+            sign: -self.sign,
+            from_bthd: self.to_bthd,
+            to_bthd: self.from_bthd,
+        };
         let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &op)?;
         Ok((Some(dx), None, None))
     }

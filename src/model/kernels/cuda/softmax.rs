@@ -183,16 +183,18 @@ impl CustomOp2 for CrossEntropy {
         &self,
         x: &Tensor,
         targets: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.to_dtype(DType::F32)?.contiguous()?;
-        let dx = x.apply_op3_no_bwd(targets, &g, &CrossEntropyBwd)?;
+        // The rows' losses (whence their log-sum-exp) and upstream gradients, (2, N).
+        let lg = Tensor::stack(&[res.to_dtype(DType::F32)?, g.to_dtype(DType::F32)?], 0)?;
+        let dx = x.apply_op3_no_bwd(targets, &lg, &CrossEntropyBwd)?;
         Ok((Some(dx), None))
     }
 }
 
-/// `(softmax(x) − onehot(target)) · g[row]`.
+/// `(softmax(x) − onehot(target)) · g[row]`, the third input `(2, N)`: each row's forward loss
+/// (log-sum-exp − x[target], so the row is read once) and its upstream gradient.
 struct CrossEntropyBwd;
 
 impl CustomOp3 for CrossEntropyBwd {
@@ -213,18 +215,20 @@ impl CustomOp3 for CrossEntropyBwd {
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let (n, cols) = rows_cols(lx, op)?;
-        if lt.shape().elem_count() != n || lg.shape().elem_count() != n {
-            candle_core::bail!("{op}: targets or gradient do not have {n} rows");
+        if lt.shape().elem_count() != n || lg.shape().elem_count() != 2 * n {
+            candle_core::bail!("{op}: targets or losses and gradients do not have {n} rows");
         }
         let dev = x.device();
-        let (tv, gv) = (view::<u32>(tg, lt, op)?, view::<f32>(g, lg, op)?);
+        let tv = view::<u32>(tg, lt, op)?;
+        let both = view::<f32>(g, lg, op)?;
+        let (lv, gv) = (both.slice(0..n), both.slice(n..2 * n));
         let out = by_dtype!(x.dtype(), op, T => {
             let xv = view::<T>(x, lx, op)?;
             let out = alloc::<T>(dev, lx.shape().elem_count())?;
             let name = format!("ft_ce_bwd_{}", T::SUFFIX);
             let f = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
             let mut b = f.builder();
-            b.arg(&xv).arg(&tv).arg(&gv).arg(&out).arg(&cols);
+            b.arg(&xv).arg(&tv).arg(&lv).arg(&gv).arg(&out).arg(&cols);
             // SAFETY: the arguments match `ft_ce_bwd`; one block per row.
             unsafe { b.launch(rows_cfg(n, 1024)) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
