@@ -136,7 +136,9 @@ __device__ __forceinline__ void cp_wait() {
 }
 
 // Forward: o (B, H, T, D) and lse (B, H, T), the log₂-sum-exp₂ of each row's scores in the
-// log₂ domain (scores·log₂e), +∞ for a row with every key masked. Grid (⌈T/64⌉, B·H), 128 threads.
+// log₂ domain (scores·log₂e), +∞ for a row with every key masked. Grid (B·H, ⌈T/64⌉), 128
+// threads: blocks start in grid order, x fastest, so every head's last query block (the one that
+// meets the most keys) starts first and no long block is left for the end of the grid.
 template <int D>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
                           const unsigned char* codes, bf16_t* o, float* lse, int T, int H, int KV,
@@ -148,14 +150,15 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     __shared__ __align__(16) bf16_t Kbuf[STAGES * BLK * LD];
     __shared__ __align__(16) bf16_t Vbuf[STAGES * BLK * LD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KV);
-    const int q0 = blockIdx.x * BLK;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / KV);
+    const int qblk = gridDim.y - 1 - blockIdx.y;
+    const int q0 = qblk * BLK;
     const bf16_t* qb = q + (long long)bh * T * D;
     const bf16_t* kb = k + ((long long)b * KV + kvh) * T * D;
     const bf16_t* vb = v + ((long long)b * KV + kvh) * T * D;
     const bf16_t* bb = bias + (long long)(bias_batches == 1 ? 0 : b) * T * T;
     const int nb = (T + BLK - 1) / BLK;
-    const unsigned char* tile = codes + ((long long)(bias_batches == 1 ? 0 : b) * nb + blockIdx.x) * nb;
+    const unsigned char* tile = codes + ((long long)(bias_batches == 1 ? 0 : b) * nb + qblk) * nb;
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
 
     // This warp's 16 query rows as A fragments, kept for every key block.
@@ -177,7 +180,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 #pragma unroll
     for (int d = 0; d < D / 8; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
     const float sl = scale * LOG2E;
-    const int nblocks = min(nb, (int)blockIdx.x + 1);
+    const int nblocks = min(nb, qblk + 1);
     // The key blocks this query block meets, the masked tiles skipped.
     auto next = [&](int j) {
         while (j < nblocks && tile[j] == TILE_MASKED) j++;
@@ -300,7 +303,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 
 // Backward: dq (B, H, T, D), dk and dv (B, KV, T, D) accumulated in f32 (zeroed by the caller;
 // dq by query blocks, dk/dv by the H/KV heads of a group). `delta` (B, H, T) is Σ_d dO·O per row.
-// Grid (⌈T/64⌉ key blocks, B·H), 128 threads, (2·STAGES + 2)·64·LD + 64·72 bf16 and
+// Grid (B·H, ⌈T/64⌉ key blocks), 128 threads, (2·STAGES + 2)·64·LD + 64·72 bf16 and
 // 2·STAGES·64 floats of dynamic shared memory (flash.rs `bwd_shared_bytes`).
 template <int D>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
@@ -321,8 +324,9 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     float* Lbuf = (float*)(Ss + BLK * LS);  // STAGES rows of lse
     float* Dbuf = Lbuf + STAGES * BLK;      // of δ
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KV);
-    const int k0 = blockIdx.x * BLK;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / KV);
+    const int kblk = blockIdx.y;  // the first key blocks meet the most queries and start first
+    const int k0 = kblk * BLK;
     const bf16_t* qb = q + (long long)bh * T * D;
     const bf16_t* ob = dout + (long long)bh * T * D;
     const long long kvoff = ((long long)b * KV + kvh) * T * D;
@@ -338,7 +342,7 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     const unsigned char* tiles = codes + (long long)(bias_batches == 1 ? 0 : b) * nq * nq;
     // The query blocks this key block meets: from its own on, the masked tiles skipped.
     auto next = [&](int i) {
-        while (i < nq && tiles[(long long)i * nq + blockIdx.x] == TILE_MASKED) i++;
+        while (i < nq && tiles[(long long)i * nq + kblk] == TILE_MASKED) i++;
         return i;
     };
     auto fetch = [&](int i, int stage) {
@@ -349,12 +353,12 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     };
     load_tile_async<D, LD>(Ks, k + kvoff, k0, T);
     load_tile_async<D, LD>(Vs, v + kvoff, k0, T);
-    int i = next(blockIdx.x), stage = 0;
+    int i = next(kblk), stage = 0;
     if (STAGES == 2 && i < nq) fetch(i, 0);
     cp_commit();
     for (; i < nq; i = next(i + 1), stage ^= STAGES - 1) {
         const int q0 = i * BLK;
-        const int code = tiles[(long long)i * nq + blockIdx.x];
+        const int code = tiles[(long long)i * nq + kblk];
         __syncthreads();  // every thread is done with the buffers about to be refilled
         if (STAGES == 2) {
             const int ni = next(i + 1);

@@ -156,9 +156,14 @@ impl Dims {
         ])
     }
 
+    /// (B·H, ⌈T/64⌉): x, the head, runs fastest, so the blocks of every head that meet the most
+    /// keys (forward: the last query blocks; backward: the first key blocks) start first.
     fn grid(&self, op: &str) -> Result<(u32, u32)> {
         let blocks = self.t.div_ceil(BLK);
-        Ok((int(blocks, op)? as u32, int(self.b * self.h, op)? as u32))
+        if blocks > 65_535 {
+            candle_core::bail!("{op}: {} positions is past the grid", self.t);
+        }
+        Ok((int(self.b * self.h, op)? as u32, blocks as u32))
     }
 }
 
