@@ -194,6 +194,11 @@ fn rows_cols(l: &Layout, op: &str) -> Result<(usize, i32)> {
     Ok((rows, to_i32(c, op)?))
 }
 
+/// Threads for the kernels that take 16 bytes of `n` elements of `dtype` a thread.
+fn vec_units(n: usize, dtype: DType) -> usize {
+    n.div_ceil(16 / dtype.size_in_bytes())
+}
+
 /// Blocks of 256 threads for one thread per element (or pair) of `n`.
 fn elem_blocks(n: usize, op: &str) -> Result<usize> {
     let blocks = n / 256 + 1;

@@ -5,7 +5,7 @@
 //! of compute capability 8.0 or later with head sizes in [`FLASH_HEAD_DIMS`](crate::model::kernels::FLASH_HEAD_DIMS); `FINETUNE_CUDA_FLASH=0`
 //! turns it off (the cuBLAS + softmax-kernel path, chunked for long sequences, runs instead).
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -13,6 +13,7 @@ use candle_core::cuda::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    TensorId,
 };
 use half::bf16;
 
@@ -171,9 +172,10 @@ impl Dims {
 /// of KV), bias `(1 or B, 1, T, T)` masking every key after its query; differentiable in q, k, v.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(q, k, v, bias)?;
+    let id = bias.id();
     let bias = aligned(&bias.detach())?;
     let op = Flash {
-        codes: tile_codes(&bias, dims)?,
+        codes: kept_codes(id, &bias, dims)?,
         bias,
         scale: scale as f32,
         dims,
@@ -260,6 +262,28 @@ fn device(t: &Tensor) -> Result<CudaDevice> {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
         _ => candle_core::bail!("flash attention: not on the GPU"),
     }
+}
+
+/// [`tile_codes`] of the bias whose id is `id`, sorted once and kept for the next calls with it:
+/// every layer of a pass, and its backward, attends with the same bias (a few are kept: the
+/// sliding-window layers have their own).
+fn kept_codes(id: TensorId, bias: &Tensor, dims: Dims) -> Result<Tensor> {
+    static KEPT: Mutex<Vec<(TensorId, Tensor)>> = Mutex::new(Vec::new());
+    if let Some((_, codes)) = KEPT
+        .lock()
+        .ok()
+        .and_then(|k| k.iter().find(|(i, _)| *i == id).cloned())
+    {
+        return Ok(codes);
+    }
+    let codes = tile_codes(bias, dims)?;
+    if let Ok(mut kept) = KEPT.lock() {
+        if kept.len() >= 4 {
+            kept.remove(0);
+        }
+        kept.push((id, codes.clone()));
+    }
+    Ok(codes)
 }
 
 /// The code of each 64×64 tile of the bias (`ft_flash_tiles`: all zero, all −∞, mixed), u8
@@ -399,6 +423,12 @@ fn backward(
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             shared as i32,
+        )
+        .w()?;
+        // All of the SM's unified memory as shared memory, so three blocks of 65.5 KB fit.
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
         )
         .w()?;
     }

@@ -262,7 +262,7 @@ impl CustomOp2 for SwiGlu {
             [(g, lg), (u, lu)],
             n,
             [len],
-            elem_blocks(n, op)?,
+            elem_blocks(vec_units(n, g.dtype()), op)?,
             256
         );
         Ok((out, lg.shape().clone()))
@@ -314,7 +314,7 @@ impl CustomOp3 for SwiGluBwd {
             [(g, lg), (u, lu), (da, lda)],
             2 * n,
             [len],
-            elem_blocks(n, op)?,
+            elem_blocks(vec_units(n, g.dtype()), op)?,
             256
         );
         let mut dims = vec![2];
