@@ -305,7 +305,7 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
 // dq by query blocks, dk/dv by the H/KV heads of a group). `delta` (B, H, T) is Σ_d dO·O per row.
 // Grid (B·H, ⌈T/64⌉ key blocks), 128 threads, (2·STAGES + 2)·64·LD + 64·72 bf16 and
 // 2·STAGES·64 floats of dynamic shared memory (flash.rs `bwd_shared_bytes`).
-template <int D>
+template <int D, bool STAGED_DQ>
 __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
                           const unsigned char* codes, const bf16_t* dout, const float* lse,
                           const float* delta, float* dq, float* dk, float* dv, int T, int H,
@@ -457,16 +457,40 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         }
         const int qa0 = q0 + warp * 16 + g, qa1 = qa0 + 8;
         float* dqb = dq + (long long)bh * T * D;
+        if (STAGED_DQ) {
+            // This warp's 16 × D of dQ through shared memory, then added a row at a time: each
+            // atomic instruction covers 32 consecutive floats (whole 32-byte sectors) instead of
+            // 8 rows × 4 scattered ones. The space: this stage's q tile (warps 0, 1) or dO tile
+            // (2, 3), 32 rows × (D + 8) floats each, free since the barrier above (every warp
+            // is done with dK and dV); the next fetch into it comes after the loop's barrier.
+            constexpr int LQ = D + 8;
+            float* stg = (float*)(warp < 2 ? Qbuf + stage * BLK * LD : Obuf + stage * BLK * LD) +
+                         (warp & 1) * 16 * LQ;
 #pragma unroll
-        for (int d = 0; d < D / 8; d++) {
-            const int c = d * 8 + 2 * t;
-            if (qa0 < T) {
-                atomicAdd(dqb + (long long)qa0 * D + c, dqa[d][0]);
-                atomicAdd(dqb + (long long)qa0 * D + c + 1, dqa[d][1]);
+            for (int d = 0; d < D / 8; d++) {
+                const int c = d * 8 + 2 * t;
+                *(float2*)(stg + g * LQ + c) = make_float2(dqa[d][0], dqa[d][1]);
+                *(float2*)(stg + (g + 8) * LQ + c) = make_float2(dqa[d][2], dqa[d][3]);
             }
-            if (qa1 < T) {
-                atomicAdd(dqb + (long long)qa1 * D + c, dqa[d][2]);
-                atomicAdd(dqb + (long long)qa1 * D + c + 1, dqa[d][3]);
+            __syncwarp();
+            for (int r = 0; r < 16; r++) {
+                const int qr = q0 + warp * 16 + r;
+                if (qr >= T) break;
+#pragma unroll
+                for (int c = lane; c < D; c += 32) atomicAdd(dqb + (long long)qr * D + c, stg[r * LQ + c]);
+            }
+        } else {
+#pragma unroll
+            for (int d = 0; d < D / 8; d++) {
+                const int c = d * 8 + 2 * t;
+                if (qa0 < T) {
+                    atomicAdd(dqb + (long long)qa0 * D + c, dqa[d][0]);
+                    atomicAdd(dqb + (long long)qa0 * D + c + 1, dqa[d][1]);
+                }
+                if (qa1 < T) {
+                    atomicAdd(dqb + (long long)qa1 * D + c, dqa[d][2]);
+                    atomicAdd(dqb + (long long)qa1 * D + c + 1, dqa[d][3]);
+                }
             }
         }
     }
@@ -538,8 +562,15 @@ extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, f
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \
         const unsigned char* codes, const bf16_t* dout, const float* lse, const float* delta,   \
         float* dq, float* dk, float* dv, int T, int H, int KV, int bias_batches, float scale) { \
-        flash_bwd<D>(q, k, v, bias, codes, dout, lse, delta, dq, dk, dv, T, H, KV,              \
-                     bias_batches, scale);                                                       \
+        flash_bwd<D, true>(q, k, v, bias, codes, dout, lse, delta, dq, dk, dv, T, H, KV,        \
+                           bias_batches, scale);                                                 \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128, BB) ft_flash_bwd_scattered_##D(            \
+        const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \
+        const unsigned char* codes, const bf16_t* dout, const float* lse, const float* delta,   \
+        float* dq, float* dk, float* dv, int T, int H, int KV, int bias_batches, float scale) { \
+        flash_bwd<D, false>(q, k, v, bias, codes, dout, lse, delta, dq, dk, dv, T, H, KV,       \
+                            bias_batches, scale);                                                \
     }
 
 // Blocks an SM (the fewest the registers are held to), forward and backward: forward three at

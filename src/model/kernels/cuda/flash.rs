@@ -60,6 +60,20 @@ fn switched_off() -> bool {
     *OFF.get_or_init(|| std::env::var("FINETUNE_CUDA_FLASH").is_ok_and(|v| v == "0"))
 }
 
+/// The backward kernel's name: dQ added a row at a time through shared memory
+/// (`ft_flash_bwd_D`), or straight from the fragments (`ft_flash_bwd_scattered_D`: at D = 128,
+/// where the staged kernel spills registers, and by `FINETUNE_CUDA_FLASH_DQ=scattered`, to
+/// compare).
+fn bwd_kernel(d: usize) -> String {
+    static SCATTERED: OnceLock<bool> = OnceLock::new();
+    let scattered = *SCATTERED
+        .get_or_init(|| std::env::var("FINETUNE_CUDA_FLASH_DQ").is_ok_and(|v| v == "scattered"));
+    match scattered || d > 96 {
+        true => format!("ft_flash_bwd_scattered_{d}"),
+        false => format!("ft_flash_bwd_{d}"),
+    }
+}
+
 /// Whether [`attention`] takes these inputs: bf16 on a GPU with bf16 tensor cores, a head size
 /// the kernels are built for, and a sequence an `int` indexes.
 pub fn usable(q: &Tensor, bias: &Tensor) -> bool {
@@ -417,7 +431,7 @@ fn backward(
     let dq = dev.alloc_zeros::<f32>(rows * d)?;
     let dk = dev.alloc_zeros::<f32>(b * kv * t * d)?;
     let dv = dev.alloc_zeros::<f32>(b * kv * t * d)?;
-    let f = dev.get_or_load_custom_func(&format!("ft_flash_bwd_{d}"), MODULE, ptx()?)?;
+    let f = dev.get_or_load_custom_func(&bwd_kernel(d), MODULE, ptx()?)?;
     let shared = bwd_shared_bytes(d);
     if shared > 48 * 1024 {
         f.set_attribute(
