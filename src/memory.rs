@@ -418,7 +418,18 @@ impl<'a> Counts<'a> {
                 let bias = if self.cfg.qkv_bias { q + 2 * kv } else { 0 };
                 // Gate and up, and the SwiGLU output unless the down projection's op makes it.
                 let mlp = if self.swiglu_linear { 2 * i } else { 3 * i };
-                (6 * h + 5 * q + 5 * kv + mlp + bias + gqa_copies, 0)
+                // q and k: the projection, the heads-first copy RoPE turns, RoPE's output; v: the
+                // projection and its copy; the attention output and its merge. CUDA's RoPE
+                // writes the heads-first layout itself (no copy) unless only part of each head
+                // turns.
+                let fused_rope =
+                    self.input.kernels.rope == Impl::Cuda && self.cfg.variant.rotary_dim.is_none();
+                let heads = if fused_rope {
+                    4 * q + 4 * kv
+                } else {
+                    5 * q + 5 * kv
+                };
+                (6 * h + heads + mlp + bias + gqa_copies, 0)
             }
             Family::Llama => {
                 let outputs = q + 2 * kv + 2 * h + 2 * i;
