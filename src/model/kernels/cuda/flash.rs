@@ -302,7 +302,7 @@ fn kept_codes(id: TensorId, bias: &Tensor, dims: Dims) -> Result<Tensor> {
 
 /// The code of each 64×64 tile of the bias (`ft_flash_tiles`: all zero, all −∞, mixed), u8
 /// (R, nb, nb) with nb = ⌈T/64⌉: the kernels skip the masked tiles and read the bias only in
-/// the mixed ones. One pass over the bias a call (32 MB at T = 4096).
+/// the mixed ones. One pass over the bias (32 MB at T = 4096), once a bias ([`kept_codes`]).
 fn tile_codes(bias: &Tensor, dims: Dims) -> Result<Tensor> {
     let op = "ft-flash-tiles";
     let dev = device(bias)?;
