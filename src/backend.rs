@@ -473,6 +473,9 @@ pub fn open(plan: Plan) -> Result<Backend, BackendError> {
         // another stream. It is set before any tensor of the device exists.
         unsafe { d.disable_event_tracking() };
         keep_pool_memory(d);
+        // The backward's gradient sums through FineTune's add (16 bytes a thread; Candle's
+        // add for anything else); a second device opened in the process finds it set.
+        candle_core::backprop::set_grad_add(crate::model::kernels::cuda::add_untracked);
     }
     Ok(Backend {
         device,

@@ -922,6 +922,47 @@ fn head_copies_rope_heads_and_bias_equal_candles_ops_bit_for_bit() {
             grads.get(&trained).is_some(),
             "a trained bias lost its gradient"
         );
+        // Rows of 27 (no 16-byte unit inside a row past the first in bf16): the element path.
+        let (y, bias) = (
+            on(randn(&[3, 5, 27], 47), dtype),
+            on(randn(&[27], 48), dtype),
+        );
+        let out = kernels::add_bias(&y, &bias).unwrap();
+        let want = y.broadcast_add(&bias).unwrap();
+        assert_eq!(bits(&out), bits(&want), "add_bias of rows of 27 {dtype:?}");
+        // A plain sum, values and both gradients: 16-byte units with a tail (3·5·27 elements),
+        // and operands starting inside their storage (not 16-byte aligned).
+        for (skip, len) in [(0, 5), (1, 4)] {
+            let a = on(randn(&[3, 5, 27], 49), dtype)
+                .narrow(1, skip, len)
+                .unwrap();
+            let b = on(randn(&[3, 6, 27], 50), dtype).narrow(1, 1, len).unwrap();
+            let (a, b) = (a.contiguous().unwrap(), b.contiguous().unwrap());
+            let want = a.add(&b).unwrap();
+            let untracked = kernels::cuda::add_untracked(&a, &b).unwrap();
+            assert_eq!(bits(&untracked), bits(&want), "add_untracked {dtype:?}");
+            let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+            let sum = kernels::cuda::add(va.as_tensor(), vb.as_tensor()).unwrap();
+            assert_eq!(bits(&sum), bits(&want), "add {dtype:?} skip {skip}");
+            let up = on(randn(sum.dims(), 51), dtype);
+            let grads = (&sum * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&va, &vb] {
+                let g = grads.get(v).unwrap();
+                assert_eq!(bits(g), bits(&up), "add gradient {dtype:?}");
+            }
+        }
     }
-    println!("swap_heads, rope_heads, add_bias: bit-equal to Candle's ops (bf16, f32)");
+    // The backward's gradient sums through the installed add: a tensor used twice gets the
+    // same gradient as Candle's sum of its two contributions.
+    candle_core::backprop::set_grad_add(kernels::cuda::add_untracked);
+    let x = Var::from_tensor(&on(randn(&[4, 9, 33], 52), DType::BF16)).unwrap();
+    let (p, q) = (
+        on(randn(&[4, 9, 33], 53), DType::BF16),
+        on(randn(&[4, 9, 33], 54), DType::BF16),
+    );
+    let y = ((x.as_tensor() * &p).unwrap() + (x.as_tensor() * &q).unwrap()).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let want = p.add(&q).unwrap();
+    assert_eq!(bits(g.get(&x).unwrap()), bits(&want), "a gradient sum");
+    println!("swap_heads, rope_heads, add_bias, add: bit-equal to Candle's ops (bf16, f32)");
 }

@@ -19,10 +19,13 @@ use candle_core::{
     Shape, Tensor,
 };
 
-const SOURCE: &str = include_str!("cuda/kernels.cu");
+const SOURCE: &str = concat!(
+    include_str!("cuda/kernels.cu"),
+    include_str!("cuda/dequant.cu")
+);
 const MODULE: &str = "finetune_kernels";
 
-/// The PTX of `kernels.cu`, compiled on first use.
+/// The PTX of `kernels.cu` and `dequant.cu`, compiled on first use.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     compiled_ptx(&PTX, SOURCE, Default::default(), "FineTune's CUDA kernels")
@@ -218,7 +221,7 @@ mod softmax;
 
 pub use adamw::{adamw, on as adamw_on, AdamWStep};
 pub use gated::{swiglu_linear, swiglu_qlinear};
-pub use heads::{add_bias, swap_heads};
+pub use heads::{add, add_bias, add_untracked, swap_heads};
 pub use layer::{rms_norm, rope, rope_heads, swiglu};
 pub use linear::{
     dequantize_bf16, frozen_linear, lora_linear, lora_linear_in_chunks, qlora_linear,

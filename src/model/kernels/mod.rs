@@ -463,6 +463,15 @@ pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `a + b` for two tensors of one shape: the residual adds (one 16-byte-a-thread launch on CUDA).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match plan_for(a).frozen_linear {
+        #[cfg(feature = "cuda")]
+        Impl::Cuda => cuda::add(a, b),
+        _ => a.add(b),
+    }
+}
+
 /// Softmax over the last dim (the attention probabilities of the composed attention).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     match plan_for(x).softmax {

@@ -272,9 +272,9 @@ impl Layer {
         if let Some(w) = &self.post_attn_norm {
             y = kernels::rms_norm(&y, w, cfg.norm_eps)?;
         }
-        let x = (x + y)?;
+        let x = kernels::add(x, &y)?;
         let y = self.mlp(&x, ctx, detach_lora)?;
-        x + y
+        kernels::add(&x, &y)
     }
 
     /// q, k and v `(B, T, heads·Dh)` of the normed input: three projections sharing one f32 LoRA

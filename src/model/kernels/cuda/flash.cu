@@ -16,130 +16,58 @@
 // Fragments come from shared memory through `ldmatrix` (.trans for the column-major operands).
 // Tiles reach shared memory by cp.async, the next block's while this one is computed where
 // shared memory holds two (double buffering).
-// One block of 4 warps handles 64 queries (forward) or 64 keys (backward); each warp 16 of them.
+// One block of 4 warps handles 64·MT queries (forward: MT m-tiles of 16 rows a warp) or 64 keys
+// (backward: 16 a warp).
+// The fragment helpers and constants are in flash_frag.cu, compiled before this file.
 
-typedef unsigned short bf16_t;
-#define FT_INF __int_as_float(0x7f800000)
-#define LOG2E 1.4426950408889634f
-#define BLK 64
-#define TILE_ZERO 0
-#define TILE_MASKED 1
-#define TILE_MIXED 2
-
-__device__ __forceinline__ float bf(bf16_t x) { return __uint_as_float(((unsigned)x) << 16); }
-
-// Two floats to a bf16 pair (round to nearest even), `lo` in the low half.
-__device__ __forceinline__ unsigned pack(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-// c (16×8, f32) += a (16×16, row-major bf16) · b (16×8, column-major bf16).
-__device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Two consecutive bf16 of a row (an even column): one 32-bit load.
-__device__ __forceinline__ unsigned ld_pair(const bf16_t* p) { return *(const unsigned*)p; }
-
-// A generic pointer into shared memory as the 32-bit shared-space address ldmatrix takes.
-__device__ __forceinline__ unsigned shared_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// Four 8×8 bf16 matrices, lane l giving the address of row l%8 of matrix l/8: register i holds
-// row g, columns 2t and 2t+1 of matrix i (.trans: column g, rows 2t and 2t+1).
-__device__ __forceinline__ void ldsm4(unsigned* r, const bf16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_addr(p)));
-}
-__device__ __forceinline__ void ldsm4_t(unsigned* r, const bf16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(shared_addr(p)));
-}
-
-// The A fragment of rows `r..r+16` and columns `c..c+16` of a row-major shared tile.
-__device__ __forceinline__ void frag_a(unsigned* a, const bf16_t* s, int ld, int r, int c) {
-    const int lane = threadIdx.x & 31;
-    ldsm4(a, s + (r + (lane & 15)) * ld + c + (lane >> 4) * 8);
-}
-
-// The A fragment of rows `r..r+16`, columns `c..c+16` of the transpose of a shared tile: the
-// tile's rows c.. are the fragment's columns.
-__device__ __forceinline__ void frag_a_t(unsigned* a, const bf16_t* s, int ld, int r, int c) {
-    const int lane = threadIdx.x & 31;
-    ldsm4_t(a, s + (c + (lane & 7) + (lane >> 4) * 8) * ld + r + ((lane >> 3) & 1) * 8);
-}
-
-// Two B fragments (16 × 8 each) whose columns are rows `n0..n0+16` of a row-major shared tile,
-// from column c: B = tileᵀ (the keys of q·kᵀ). b[0..2] for rows n0.., b[2..4] for rows n0+8...
-__device__ __forceinline__ void frag_bt2(unsigned* b, const bf16_t* s, int ld, int n0, int c) {
-    const int lane = threadIdx.x & 31;
-    ldsm4(b, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + c + ((lane >> 3) & 1) * 8);
-}
-
-// Two B fragments of rows `k0..k0+16` of a row-major shared tile: columns `n0..n0+8` in b[0..2],
-// `n0+8..n0+16` in b[2..4].
-__device__ __forceinline__ void frag_b2(unsigned* b, const bf16_t* s, int ld, int k0, int n0) {
-    const int lane = threadIdx.x & 31;
-    ldsm4_t(b, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
-}
-
-// The A fragment of 16 columns (keys 16·kk..) from two 16×8 accumulators: the accumulator layout
-// of n-tiles 2kk and 2kk+1 is the A layout of their 16 columns.
-__device__ __forceinline__ void acc_to_a(unsigned* a, const float (*s)[4], int kk) {
-    a[0] = pack(s[2 * kk][0], s[2 * kk][1]);
-    a[1] = pack(s[2 * kk][2], s[2 * kk][3]);
-    a[2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    a[3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-}
-
-// Rows r0..r0+64 of a (T, D) matrix into a shared tile with row stride LD, zeros past T, by
-// cp.async (16 bytes a copy, straight to shared memory): complete after the cp_wait that
-// follows its group's cp_commit.
-template <int D, int LD>
-__device__ __forceinline__ void load_tile_async(bf16_t* dst, const bf16_t* src, int r0, int T) {
-    for (int i = threadIdx.x; i < BLK * D / 8; i += blockDim.x) {
-        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-        const bool in = r0 + r < T;
-        const bf16_t* from = src + (long long)(in ? r0 + r : 0) * D + c;  // zeros past T
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
-                         shared_addr(dst + r * LD + c)),
-                     "l"(from), "r"(in ? 16 : 0));
+// Scores of one 16-row m-tile against a key block, in place: scaled to the log₂ domain, the
+// bias added (mixed tiles), −∞ for keys past T or a masked tile; returns nothing, the row maxima
+// in mx0 (rows r0) and mx1 (r1), reduced over the row's 4 threads.
+__device__ __forceinline__ void scores(float (*s)[4], int code, int r0, int r1, int k0, int T,
+                                       float sl, const bf16_t* bb, float& mx0, float& mx1) {
+    const int t = threadIdx.x & 3;
+    mx0 = -FT_INF;
+    mx1 = -FT_INF;
+    if (code == TILE_ZERO && k0 + BLK <= T) {
+        // The common tile: no bias, every key real (rows past T compute values never stored).
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[n][e] *= sl;
+                if (e < 2) mx0 = fmaxf(mx0, s[n][e]); else mx1 = fmaxf(mx1, s[n][e]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = e < 2 ? r0 : r1;
+                const int col = k0 + n * 8 + 2 * t + (e & 1);
+                float x = -FT_INF;
+                if (code != TILE_MASKED && row < T && col < T) {
+                    x = s[n][e] * sl;
+                    if (code == TILE_MIXED) x += bf(bb[(long long)row * T + col]) * LOG2E;
+                }
+                s[n][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        }
     }
-}
-
-// `BLK` floats of a row vector from r0 (zeros past T) by cp.async, one thread a value.
-__device__ __forceinline__ void load_row_async(float* dst, const float* src, int r0, int T) {
-    if (threadIdx.x < BLK) {
-        const bool in = r0 + (int)threadIdx.x < T;
-        const float* from = src + (in ? r0 + threadIdx.x : 0);
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(
-                         shared_addr(dst + threadIdx.x)),
-                     "l"(from), "r"(in ? 4 : 0));
-    }
-}
-
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
 }
 
 // Forward: o (B, H, T, D) and lse (B, H, T), the log₂-sum-exp₂ of each row's scores in the
-// log₂ domain (scores·log₂e), +∞ for a row with every key masked. Grid (B·H, ⌈T/64⌉), 128
-// threads: blocks start in grid order, x fastest, so every head's last query block (the one that
-// meets the most keys) starts first and no long block is left for the end of the grid.
-template <int D>
+// log₂ domain (scores·log₂e), +∞ for a row with every key masked. A block of 4 warps takes
+// 64·MT queries, each warp MT m-tiles of 16 rows (m-tile i of warp w: rows 64·i + 16·w..), so
+// each k and v fragment read from shared memory serves MT products. Grid (B·H, ⌈T/(64·MT)⌉),
+// 128 threads: blocks start in grid order, x fastest, so every head's last query block (the one
+// that meets the most keys) starts first and no long block is left for the end of the grid.
+template <int D, int MT>
 __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
                           const unsigned char* codes, bf16_t* o, float* lse, int T, int H, int KV,
                           int bias_batches, float scale) {
@@ -149,41 +77,62 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     constexpr int STAGES = D <= 64 ? 2 : 1;
     __shared__ __align__(16) bf16_t Kbuf[STAGES * BLK * LD];
     __shared__ __align__(16) bf16_t Vbuf[STAGES * BLK * LD];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / KV);
     const int qblk = gridDim.y - 1 - blockIdx.y;
-    const int q0 = qblk * BLK;
     const bf16_t* qb = q + (long long)bh * T * D;
     const bf16_t* kb = k + ((long long)b * KV + kvh) * T * D;
     const bf16_t* vb = v + ((long long)b * KV + kvh) * T * D;
     const bf16_t* bb = bias + (long long)(bias_batches == 1 ? 0 : b) * T * T;
     const int nb = (T + BLK - 1) / BLK;
-    const unsigned char* tile = codes + ((long long)(bias_batches == 1 ? 0 : b) * nb + qblk) * nb;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    const unsigned char* tiles = codes + (long long)(bias_batches == 1 ? 0 : b) * nb * nb;
+    // The 64-row query block of m-tile i is qblk·MT + i; one past T has no rows (masked).
+    auto code_of = [&](int i, int j) {
+        const int qr = qblk * MT + i;
+        return qr < nb ? (int)tiles[(long long)qr * nb + j] : TILE_MASKED;
+    };
+    int r0[MT], r1[MT];
+#pragma unroll
+    for (int i = 0; i < MT; i++) {
+        r0[i] = (qblk * MT + i) * BLK + warp * 16 + g;
+        r1[i] = r0[i] + 8;
+    }
 
-    // This warp's 16 query rows as A fragments, kept for every key block.
-    unsigned qa[D / 16][4];
-    {
-        const bf16_t* p0 = qb + (long long)min(r0, T - 1) * D;
-        const bf16_t* p1 = qb + (long long)min(r1, T - 1) * D;
+    // This warp's query rows as A fragments, kept for every key block.
+    unsigned qa[MT][D / 16][4];
+#pragma unroll
+    for (int i = 0; i < MT; i++) {
+        const bf16_t* p0 = qb + (long long)min(r0[i], T - 1) * D;
+        const bf16_t* p1 = qb + (long long)min(r1[i], T - 1) * D;
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc++) {
             const int c = kc * 16 + 2 * t;
-            qa[kc][0] = r0 < T ? ld_pair(p0 + c) : 0u;
-            qa[kc][1] = r1 < T ? ld_pair(p1 + c) : 0u;
-            qa[kc][2] = r0 < T ? ld_pair(p0 + c + 8) : 0u;
-            qa[kc][3] = r1 < T ? ld_pair(p1 + c + 8) : 0u;
+            qa[i][kc][0] = r0[i] < T ? ld_pair(p0 + c) : 0u;
+            qa[i][kc][1] = r1[i] < T ? ld_pair(p1 + c) : 0u;
+            qa[i][kc][2] = r0[i] < T ? ld_pair(p0 + c + 8) : 0u;
+            qa[i][kc][3] = r1[i] < T ? ld_pair(p1 + c + 8) : 0u;
         }
     }
-    float m0 = -FT_INF, m1 = -FT_INF, l0 = 0.f, l1 = 0.f;
-    float acc[D / 8][4];
+    float m0[MT], m1[MT], l0[MT], l1[MT];
+    float acc[MT][D / 8][4];
 #pragma unroll
-    for (int d = 0; d < D / 8; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+    for (int i = 0; i < MT; i++) {
+        m0[i] = m1[i] = -FT_INF;
+        l0[i] = l1[i] = 0.f;
+#pragma unroll
+        for (int d = 0; d < D / 8; d++) acc[i][d][0] = acc[i][d][1] = acc[i][d][2] = acc[i][d][3] = 0.f;
+    }
     const float sl = scale * LOG2E;
-    const int nblocks = min(nb, qblk + 1);
-    // The key blocks this query block meets, the masked tiles skipped.
+    // Key blocks up to the diagonal of the block's last (real) query block.
+    const int nblocks = min(nb, (qblk + 1) * MT);
+    // The key blocks this query block meets: those not masked for every m-tile.
     auto next = [&](int j) {
-        while (j < nblocks && tile[j] == TILE_MASKED) j++;
+        for (; j < nblocks; j++) {
+            bool masked = true;
+#pragma unroll
+            for (int i = 0; i < MT; i++) masked = masked && code_of(i, j) == TILE_MASKED;
+            if (!masked) break;
+        }
         return j;
     };
     auto fetch = [&](int j, int stage) {
@@ -195,7 +144,6 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     cp_commit();
     for (; j < nblocks; j = next(j + 1), stage ^= STAGES - 1) {
         const int k0 = j * BLK;
-        const int code = tile[j];
         __syncthreads();  // every thread is done with the buffers about to be refilled
         if (STAGES == 2) {
             const int nj = next(j + 1);
@@ -210,94 +158,94 @@ __device__ void flash_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         __syncthreads();
         const bf16_t* Ks = Kbuf + stage * BLK * LD;
         const bf16_t* Vs = Vbuf + stage * BLK * LD;
-        float s[8][4];
+        float s[MT][8][4];
 #pragma unroll
-        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int i = 0; i < MT; i++)
+#pragma unroll
+            for (int n = 0; n < 8; n++) s[i][n][0] = s[i][n][1] = s[i][n][2] = s[i][n][3] = 0.f;
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc++) {
 #pragma unroll
             for (int n = 0; n < 8; n += 2) {
                 unsigned fb[4];
                 frag_bt2(fb, Ks, LD, n * 8, kc * 16);
-                mma(s[n], qa[kc], fb);
-                mma(s[n + 1], qa[kc], fb + 2);
-            }
-        }
-        float mx0 = -FT_INF, mx1 = -FT_INF;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = e < 2 ? r0 : r1;
-                const int col = k0 + n * 8 + 2 * t + (e & 1);
-                float x = -FT_INF;
-                if (row < T && col < T) {
-                    x = s[n][e] * sl;
-                    if (code == TILE_MIXED) x += bf(bb[(long long)row * T + col]) * LOG2E;
+                for (int i = 0; i < MT; i++) {
+                    mma(s[i][n], qa[i][kc], fb);
+                    mma(s[i][n + 1], qa[i][kc], fb + 2);
                 }
-                s[n][e] = x;
-                if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
         }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        // While a row has seen only masked keys its max is −∞: exponents are taken from 0.
-        const float base0 = n0 == -FT_INF ? 0.f : n0, base1 = n1 == -FT_INF ? 0.f : n1;
-        const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
-        m0 = n0;
-        m1 = n1;
-        float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
-            s[n][0] = exp2f(s[n][0] - base0);
-            s[n][1] = exp2f(s[n][1] - base0);
-            s[n][2] = exp2f(s[n][2] - base1);
-            s[n][3] = exp2f(s[n][3] - base1);
-            ps0 += s[n][0] + s[n][1];
-            ps1 += s[n][2] + s[n][3];
-        }
-        // Each thread keeps its share of the row sums; the 4 threads of a row add them at the end.
-        l0 = l0 * a0 + ps0;
-        l1 = l1 * a1 + ps1;
+        for (int i = 0; i < MT; i++) {
+            float mx0, mx1;
+            scores(s[i], code_of(i, j), r0[i], r1[i], k0, T, sl, bb, mx0, mx1);
+            const float n0 = fmaxf(m0[i], mx0), n1 = fmaxf(m1[i], mx1);
+            // While a row has seen only masked keys its max is −∞: exponents are taken from 0.
+            const float base0 = n0 == -FT_INF ? 0.f : n0, base1 = n1 == -FT_INF ? 0.f : n1;
+            const float a0 = exp2f(m0[i] - base0), a1 = exp2f(m1[i] - base1);
+            m0[i] = n0;
+            m1[i] = n1;
+            float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
-        for (int d = 0; d < D / 8; d++) {
-            acc[d][0] *= a0;
-            acc[d][1] *= a0;
-            acc[d][2] *= a1;
-            acc[d][3] *= a1;
+            for (int n = 0; n < 8; n++) {
+                s[i][n][0] = exp2f(s[i][n][0] - base0);
+                s[i][n][1] = exp2f(s[i][n][1] - base0);
+                s[i][n][2] = exp2f(s[i][n][2] - base1);
+                s[i][n][3] = exp2f(s[i][n][3] - base1);
+                ps0 += s[i][n][0] + s[i][n][1];
+                ps1 += s[i][n][2] + s[i][n][3];
+            }
+            // Each thread keeps its share of the row sums; the 4 threads of a row add them at
+            // the end.
+            l0[i] = l0[i] * a0 + ps0;
+            l1[i] = l1[i] * a1 + ps1;
+#pragma unroll
+            for (int d = 0; d < D / 8; d++) {
+                acc[i][d][0] *= a0;
+                acc[i][d][1] *= a0;
+                acc[i][d][2] *= a1;
+                acc[i][d][3] *= a1;
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
-            unsigned pa[4];
-            acc_to_a(pa, s, kk);
+            unsigned pa[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; i++) acc_to_a(pa[i], s[i], kk);
 #pragma unroll
             for (int d = 0; d < D / 8; d += 2) {
                 unsigned fb[4];
                 frag_b2(fb, Vs, LD, kk * 16, d * 8);
-                mma(acc[d], pa, fb);
-                mma(acc[d + 1], pa, fb + 2);
+#pragma unroll
+                for (int i = 0; i < MT; i++) {
+                    mma(acc[i][d], pa[i], fb);
+                    mma(acc[i][d + 1], pa[i], fb + 2);
+                }
             }
         }
     }
     cp_wait<0>();  // nothing left in flight when no key block was met
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
     bf16_t* ob = o + (long long)bh * T * D;
 #pragma unroll
-    for (int d = 0; d < D / 8; d++) {
-        const int c = d * 8 + 2 * t;
-        if (r0 < T) *(unsigned*)(ob + (long long)r0 * D + c) = pack(acc[d][0] * i0, acc[d][1] * i0);
-        if (r1 < T) *(unsigned*)(ob + (long long)r1 * D + c) = pack(acc[d][2] * i1, acc[d][3] * i1);
-    }
-    if (t == 0) {
-        if (r0 < T) lse[(long long)bh * T + r0] = l0 > 0.f ? m0 + log2f(l0) : FT_INF;
-        if (r1 < T) lse[(long long)bh * T + r1] = l1 > 0.f ? m1 + log2f(l1) : FT_INF;
+    for (int i = 0; i < MT; i++) {
+        float s0 = l0[i], s1 = l1[i];
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+        s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+        const float i0 = s0 > 0.f ? 1.f / s0 : 0.f, i1 = s1 > 0.f ? 1.f / s1 : 0.f;
+        const int ra = r0[i], rb = r1[i];
+#pragma unroll
+        for (int d = 0; d < D / 8; d++) {
+            const int c = d * 8 + 2 * t;
+            if (ra < T) *(unsigned*)(ob + (long long)ra * D + c) = pack(acc[i][d][0] * i0, acc[i][d][1] * i0);
+            if (rb < T) *(unsigned*)(ob + (long long)rb * D + c) = pack(acc[i][d][2] * i1, acc[i][d][3] * i1);
+        }
+        if (t == 0) {
+            if (ra < T) lse[(long long)bh * T + ra] = s0 > 0.f ? m0[i] + log2f(s0) : FT_INF;
+            if (rb < T) lse[(long long)bh * T + rb] = s1 > 0.f ? m1[i] + log2f(s1) : FT_INF;
+        }
     }
 }
 
@@ -473,12 +421,27 @@ __device__ void flash_bwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                 *(float2*)(stg + (g + 8) * LQ + c) = make_float2(dqa[d][2], dqa[d][3]);
             }
             __syncwarp();
+#if __CUDA_ARCH__ >= 900
+            // Four consecutive floats a lane, one vector reduction each: a warp instruction
+            // covers 128 floats of the warp's 16 rows (two rows at D = 64).
+#pragma unroll
+            for (int e = lane * 4; e < 16 * D; e += 128) {
+                const int r = e / D, c = e % D;
+                const int qr = q0 + warp * 16 + r;
+                if (qr < T) {
+                    const float4 x = *(const float4*)(stg + r * LQ + c);
+                    red4(dqb + (long long)qr * D + c, x.x, x.y, x.z, x.w);
+                }
+            }
+#else
+            // A row at a time, 32 consecutive floats an atomic instruction.
             for (int r = 0; r < 16; r++) {
                 const int qr = q0 + warp * 16 + r;
                 if (qr >= T) break;
 #pragma unroll
                 for (int c = lane; c < D; c += 32) atomicAdd(dqb + (long long)qr * D + c, stg[r * LQ + c]);
             }
+#endif
         } else {
 #pragma unroll
             for (int d = 0; d < D / 8; d++) {
@@ -551,12 +514,12 @@ extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, f
     if (lane == 0) delta[row] = sum;
 }
 
-#define FT_FLASH(D, B, BB)                                                                        \
+#define FT_FLASH(D, MT, B, BB)                                                                    \
     extern "C" __global__ void __launch_bounds__(128, B) ft_flash_fwd_##D(                        \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \
         const unsigned char* codes, bf16_t* o, float* lse, int T, int H, int KV,                \
         int bias_batches, float scale) {                                                         \
-        flash_fwd<D>(q, k, v, bias, codes, o, lse, T, H, KV, bias_batches, scale);              \
+        flash_fwd<D, MT>(q, k, v, bias, codes, o, lse, T, H, KV, bias_batches, scale);          \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128, BB) ft_flash_bwd_##D(                      \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \
@@ -573,9 +536,20 @@ extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, f
                             bias_batches, scale);                                                \
     }
 
-// Blocks an SM (the fewest the registers are held to), forward and backward: forward three at
-// D = 64 and 96, two at D = 128, without spills; backward three at D = 64 (168 registers, 8 bytes
-// spilled; 228 and two blocks unbounded), one above (bounds there spill hundreds of bytes).
-FT_FLASH(64, 3, 3)
-FT_FLASH(96, 3, 1)
-FT_FLASH(128, 2, 1)
+// Forward m-tiles a warp (MT: 128 queries a block at D = 64, 64 above; flash.rs
+// `fwd_block_rows` follows), and blocks an SM (the fewest the registers are held to), forward
+// and backward: forward two at D = 64 (MT = 2), three at D = 96, two at D = 128, without spills;
+// backward three at D = 64 (168 registers, 8 bytes spilled; 228 and two blocks unbounded), one
+// above (bounds there spill hundreds of bytes).
+FT_FLASH(64, 2, 2, 3)
+FT_FLASH(96, 1, 3, 1)
+FT_FLASH(128, 1, 2, 1)
+
+// D = 64 with 64 queries a block (one m-tile a warp, three blocks an SM): the forward before
+// MT, kept to compare (`FINETUNE_CUDA_FLASH_FWD_ROWS=64`).
+extern "C" __global__ void __launch_bounds__(128, 3) ft_flash_fwd_64_rows64(
+    const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,
+    const unsigned char* codes, bf16_t* o, float* lse, int T, int H, int KV, int bias_batches,
+    float scale) {
+    flash_fwd<64, 1>(q, k, v, bias, codes, o, lse, T, H, KV, bias_batches, scale);
+}

@@ -19,17 +19,34 @@ use half::bf16;
 
 use crate::model::kernels::cpu::Saved;
 
-const SOURCE: &str = include_str!("flash.cu");
+const SOURCE: &str = concat!(include_str!("flash_frag.cu"), include_str!("flash.cu"));
 const MODULE: &str = "finetune_flash";
 /// Queries (forward) or keys (backward) per block of 128 threads.
 const BLK: usize = 64;
 use crate::model::kernels::FLASH_HEAD_DIMS as HEAD_DIMS;
 
-/// The PTX of `flash.cu` for compute_80 (bf16 `mma.sync`), compiled on first use.
-fn ptx() -> Result<&'static str> {
+/// The PTX of `flash.cu`, compiled on first use: for compute_90 on a Hopper GPU or later (the
+/// backward adds dQ four floats an instruction, `red.global.add.v4.f32`), else for compute_80
+/// (bf16 `mma.sync`, the rest of the kernels); `FINETUNE_CUDA_FLASH_ARCH=80` takes compute_80
+/// everywhere, to compare.
+fn ptx(dev: &CudaDevice) -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    static ARCH: OnceLock<&'static str> = OnceLock::new();
+    let arch = *ARCH.get_or_init(|| {
+        let forced = std::env::var("FINETUNE_CUDA_FLASH_ARCH").is_ok_and(|v| v == "80");
+        let hopper = dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|(major, _)| major >= 9);
+        if hopper && !forced {
+            "compute_90"
+        } else {
+            "compute_80"
+        }
+    });
     let opts = candle_core::cuda::cudarc::nvrtc::CompileOptions {
-        arch: Some("compute_80"),
+        arch: Some(arch),
         ..Default::default()
     };
     super::compiled_ptx(&PTX, SOURCE, opts, "FineTune's flash attention")
@@ -124,6 +141,20 @@ fn int(v: usize, op: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {v} is out of range")))
 }
 
+/// The forward kernel for head size `d` and the queries a block of it takes: 64 times the
+/// m-tiles a warp takes (flash.cu's `FT_FLASH` instances: two at D = 64, one above;
+/// `FINETUNE_CUDA_FLASH_FWD_ROWS=64` takes one at D = 64 too, to compare).
+fn fwd_kernel(d: usize) -> (String, usize) {
+    static ROWS64: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let rows64 = *ROWS64
+        .get_or_init(|| std::env::var("FINETUNE_CUDA_FLASH_FWD_ROWS").is_ok_and(|v| v == "64"));
+    match d {
+        64 if rows64 => ("ft_flash_fwd_64_rows64".into(), BLK),
+        64 => ("ft_flash_fwd_64".into(), 2 * BLK),
+        _ => (format!("ft_flash_fwd_{d}"), BLK),
+    }
+}
+
 /// The shapes of one call: q (B, H, T, D), k and v (B, KV, T, D), bias (R, 1, T, T).
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -171,10 +202,11 @@ impl Dims {
         ])
     }
 
-    /// (B·H, ⌈T/64⌉): x, the head, runs fastest, so the blocks of every head that meet the most
-    /// keys (forward: the last query blocks; backward: the first key blocks) start first.
-    fn grid(&self, op: &str) -> Result<(u32, u32)> {
-        let blocks = self.t.div_ceil(BLK);
+    /// (B·H, ⌈T/rows⌉) for blocks of `rows` queries or keys: x, the head, runs fastest, so the
+    /// blocks of every head that meet the most keys (forward: the last query blocks; backward:
+    /// the first key blocks) start first.
+    fn grid(&self, rows: usize, op: &str) -> Result<(u32, u32)> {
+        let blocks = self.t.div_ceil(rows);
         if blocks > 65_535 {
             candle_core::bail!("{op}: {} positions is past the grid", self.t);
         }
@@ -309,7 +341,7 @@ fn tile_codes(bias: &Tensor, dims: Dims) -> Result<Tensor> {
     let (nb, r) = (dims.t.div_ceil(BLK), dims.bias_batches);
     // SAFETY: ft_flash_tiles writes one code per block of its (nb, nb, r) grid: every element.
     let codes = unsafe { dev.alloc::<u8>(r * nb * nb) }?;
-    let f = dev.get_or_load_custom_func("ft_flash_tiles", MODULE, ptx()?)?;
+    let f = dev.get_or_load_custom_func("ft_flash_tiles", MODULE, ptx(&dev)?)?;
     let (tt, nbu, ru) = (int(dims.t, op)?, int(nb, op)? as u32, int(r, op)? as u32);
     with_slice::<bf16, _>(bias, op, |bv| {
         if bv.len() != r * dims.t * dims.t {
@@ -350,9 +382,10 @@ fn forward(
     // SAFETY: the kernel writes every element of o and lse (each row of each head once).
     let o = unsafe { dev.alloc::<bf16>(b * h * t * d) }?;
     let lse = unsafe { dev.alloc::<f32>(b * h * t) }?;
-    let f = dev.get_or_load_custom_func(&format!("ft_flash_fwd_{d}"), MODULE, ptx()?)?;
+    let (name, rows) = fwd_kernel(d);
+    let f = dev.get_or_load_custom_func(&name, MODULE, ptx(dev)?)?;
     let [tt, hh, kk, rr] = dims.ints(op)?;
-    let (gx, gy) = dims.grid(op)?;
+    let (gx, gy) = dims.grid(rows, op)?;
     with_slice::<bf16, _>(bias, op, |bv| {
         with_slice::<u8, _>(codes, op, |cv| {
             let mut bl = f.builder();
@@ -390,7 +423,7 @@ fn row_dots(
     let op = "ft-flash-delta";
     // SAFETY: ft_flash_delta writes one value per row.
     let delta = unsafe { dev.alloc::<f32>(rows) }?;
-    let f = dev.get_or_load_custom_func("ft_flash_delta", MODULE, ptx()?)?;
+    let f = dev.get_or_load_custom_func("ft_flash_delta", MODULE, ptx(dev)?)?;
     let (rows_i, d_i) = (rows as i64, int(d, op)?);
     with_slice::<bf16, _>(o, op, |ov| {
         with_slice::<bf16, _>(dy, op, |dv_| {
@@ -431,7 +464,7 @@ fn backward(
     let dq = dev.alloc_zeros::<f32>(rows * d)?;
     let dk = dev.alloc_zeros::<f32>(b * kv * t * d)?;
     let dv = dev.alloc_zeros::<f32>(b * kv * t * d)?;
-    let f = dev.get_or_load_custom_func(&bwd_kernel(d), MODULE, ptx()?)?;
+    let f = dev.get_or_load_custom_func(&bwd_kernel(d), MODULE, ptx(&dev)?)?;
     let shared = bwd_shared_bytes(d);
     if shared > 48 * 1024 {
         f.set_attribute(
@@ -447,7 +480,7 @@ fn backward(
         .w()?;
     }
     let [tt, hh, kk, rr] = dims.ints(op)?;
-    let (gx, gy) = dims.grid(op)?;
+    let (gx, gy) = dims.grid(BLK, op)?;
     with_slice::<bf16, _>(q, op, |qv| {
         with_slice::<bf16, _>(k, op, |kv_| {
             with_slice::<bf16, _>(v, op, |vv| {
