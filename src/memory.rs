@@ -193,9 +193,12 @@ const STORED_BYTES_PER_PARAM: u64 = 2;
 /// built for) neither S nor the GQA copies are kept: the per-row log-sum-exp (f32) instead; one
 /// layer's backward holds f32 q, k, v gradients and their bf16 casts.
 ///
-/// Measured peak allocated on an H100 (`bench/results/h100-thirteenth-2026-12-07.log`,
-/// `memory::tests::cuda_estimate_matches_the_h100_peaks`), Qwen2.5-0.5B r16: 4×512 3.49 GB (this
-/// count 3.54), 1×4096 5.77 GB (5.64); SmolLM2-135M 8×512 3.14 GB (3.17). Other GPUs follow the
+/// The CUDA LoRA op on bf16 activations keeps its forward's splits for its backward: 12·r bytes
+/// per token of each adapted projection and 12 bytes per LoRA parameter (`Counts::lora_parts_kept`).
+///
+/// Measured peak allocated on an H100 (`bench/results/h100-eighteenth-2026-12-07.log`,
+/// `memory::tests::cuda_estimate_matches_the_h100_peaks`), Qwen2.5-0.5B r16: 4×512 3.56 GB (this
+/// count 3.61), 1×4096 5.67 GB (5.68); SmolLM2-135M 8×512 3.06 GB (3.09). Other GPUs follow the
 /// composed counts above, unmeasured.
 pub fn estimate(cfg: &ModelConfig, input: &EstimateInput) -> Estimate {
     let n = Counts::of(cfg, input);
@@ -502,10 +505,23 @@ impl<'a> Counts<'a> {
         } else {
             (4 * scores, scores)
         };
+        let (lora_per_token, lora_per_layer) = self.lora_parts_kept();
         (
-            tokens * per_token * ae + kept_scores * ae,
+            tokens * (per_token * ae + lora_per_token) + kept_scores * ae + lora_per_layer,
             tokens * leaked_per_token * ae + leaked_scores * ae,
         )
+    }
+
+    /// Bytes the CUDA LoRA op keeps from its forward for its backward on bf16 activations
+    /// (`kernels::cuda::lora_split`): per token, the split of `x·Aᵀ` (6r bf16 a module); per
+    /// layer, six bf16 copies of A and of B (12 bytes a LoRA parameter).
+    fn lora_parts_kept(&self) -> (u64, u64) {
+        if !self.cuda_kernels || self.ae != 2 || self.input.dora {
+            return (0, 0);
+        }
+        let modules = (self.share * self.modules as f64).round() as u64;
+        let params = self.lora_params() / self.layers.max(1);
+        (modules * 6 * self.r * 2, 12 * params)
     }
 
     /// Query rows per chunk where the attention runs in chunks (`attention::chunked`).

@@ -966,3 +966,50 @@ fn head_copies_rope_heads_and_bias_equal_candles_ops_bit_for_bit() {
     assert_eq!(bits(g.get(&x).unwrap()), bits(&want), "a gradient sum");
     println!("swap_heads, rope_heads, add_bias, add: bit-equal to Candle's ops (bf16, f32)");
 }
+
+/// The bf16 LoRA ops' backward from the splits their forward kept (`lora_split::Kept`) equals
+/// the backward that makes them again, bit for bit: a graph's second backward finds nothing kept
+/// (the first took it). The LoRA projection (both directions of an MLP, an odd rank) and the
+/// SwiGLU + down projection op; gradients to every input.
+#[test]
+fn lora_backward_from_kept_splits_equals_the_splits_made_again() {
+    let gpu = Device::new_cuda(0).unwrap();
+    let bf16 = |t: Tensor| {
+        Var::from_tensor(&t.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap()).unwrap()
+    };
+    let f32v = |t: Tensor| Var::from_tensor(&t.to_device(&gpu).unwrap()).unwrap();
+    let twice = |vars: &[&Var], y: &Tensor| {
+        let up = randn(y.dims(), 47).to_device(&gpu).unwrap();
+        let loss = (y.to_dtype(DType::F32).unwrap() * up)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (first, second) = (loss.backward().unwrap(), loss.backward().unwrap());
+        for (j, v) in vars.iter().enumerate() {
+            let (a, b) = (first.get(v).unwrap(), second.get(v).unwrap());
+            assert_eq!(bits(a), bits(b), "gradient {j} differs");
+        }
+    };
+    for (i, o, r) in [(896, 4864, 16), (4864, 896, 16), (896, 128, 5)] {
+        let n = 300;
+        let x = bf16(randn(&[n, i], 41));
+        let w = randn(&[o, i], 42).affine(0.03, 0.0).unwrap();
+        let w = w.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap();
+        let a = f32v(randn(&[r, i], 43).affine(0.05, 0.0).unwrap());
+        let b = f32v(randn(&[o, r], 44).affine(0.05, 0.0).unwrap());
+        let y = kernels::cuda::lora_linear(x.as_tensor(), &w, a.as_tensor(), b.as_tensor(), 2.0)
+            .unwrap();
+        twice(&[&x, &a, &b], &y);
+        println!("LoRA {n}x{i} → {o} r{r}: kept and made again bit-equal");
+    }
+    let (n, i, o, r) = (300, 4864, 896, 16);
+    let (gate, up) = (bf16(randn(&[n, i], 45)), bf16(randn(&[n, i], 46)));
+    let w = randn(&[o, i], 48).affine(0.03, 0.0).unwrap();
+    let w = w.to_dtype(DType::BF16).unwrap().to_device(&gpu).unwrap();
+    let a = f32v(randn(&[r, i], 49).affine(0.05, 0.0).unwrap());
+    let b = f32v(randn(&[o, r], 50).affine(0.05, 0.0).unwrap());
+    let lora = Some((a.as_tensor(), b.as_tensor(), 2.0));
+    let y = kernels::cuda::swiglu_linear(gate.as_tensor(), up.as_tensor(), &w, lora).unwrap();
+    twice(&[&gate, &up, &a, &b], &y);
+    println!("swiglu linear LoRA {n}x{i} → {o} r{r}: kept and made again bit-equal");
+}

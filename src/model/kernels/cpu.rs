@@ -381,27 +381,36 @@ pub(crate) fn with_f32<R>(
 /// A value an op's forward keeps for its backward (a poisoned lock still holds it).
 pub(crate) struct Saved<T>(std::sync::Mutex<Option<T>>);
 
-impl<T: Clone> Saved<T> {
+impl<T> Saved<T> {
     /// Nothing saved yet.
     pub(crate) fn new() -> Self {
         Self(std::sync::Mutex::new(None))
     }
 
-    /// Keeps `value`, replacing what was kept.
-    pub(crate) fn set(&self, value: T) {
-        let mut slot = match self.0.lock() {
+    /// The slot, whether or not a holder panicked.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<T>> {
+        match self.0.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
-        };
-        *slot = Some(value);
+        }
     }
 
+    /// Keeps `value`, replacing what was kept.
+    pub(crate) fn set(&self, value: T) {
+        *self.slot() = Some(value);
+    }
+
+    /// What is kept, leaving nothing (its memory goes when the caller drops it).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn take(&self) -> Option<T> {
+        self.slot().take()
+    }
+}
+
+impl<T: Clone> Saved<T> {
     /// What is kept, if anything.
     pub(crate) fn get(&self) -> Option<T> {
-        match self.0.lock() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.slot().clone()
     }
 }
 

@@ -11,7 +11,9 @@ use candle_core::quantized::QTensor;
 
 use super::layer::{SwiGlu, SwiGluBwd};
 use super::linear::{lora_forward, lora_grads, Weight};
+use super::lora_split::Kept;
 use super::*;
+use crate::model::kernels::cpu::Saved;
 
 /// `silu(gate) ⊙ up` through a frozen `weight` (out, I) with the LoRA term `(A, B, scale)` where
 /// given: `h·Wᵀ + s·(h·Aᵀ)·Bᵀ` for `h = silu(gate) ⊙ up`, the LoRA product in f32 as in
@@ -70,7 +72,11 @@ fn gated(
         }
         None => (Tensor::zeros(1, DType::F32, gate.device())?, None),
     };
-    let op = SwiGluLinear { w, lora };
+    let op = SwiGluLinear {
+        w,
+        lora,
+        kept: Saved::new(),
+    };
     gate.contiguous()?
         .apply_op3(&up.contiguous()?, &factors, op)
 }
@@ -79,6 +85,8 @@ struct SwiGluLinear {
     w: Weight,
     /// The LoRA term's rank, output width and scale; `None`: the frozen product alone.
     lora: Option<(usize, usize, f32)>,
+    /// The forward's LoRA splits for the backward (bf16, `lora_split`), taken by it.
+    kept: Saved<Kept>,
 }
 
 impl SwiGluLinear {
@@ -125,7 +133,8 @@ impl CustomOp3 for SwiGluLinear {
         let lh = Layout::contiguous(lh);
         match self.factor_layouts(i, lf)? {
             Some((la, lb, scale)) => {
-                lora_forward(op, &self.w, scale, (&h, &lh), (f, &la), (f, &lb))
+                let ab = ((f, &la), (f, &lb));
+                lora_forward(op, &self.w, scale, (&h, &lh), ab, &self.kept)
             }
             None => {
                 let w_t = self.w.in_dtype(gate.dtype())?;
@@ -169,7 +178,8 @@ impl CustomOp3 for SwiGluLinear {
                     let f = f.detach();
                     let a = f.narrow(0, 0, r * i)?.reshape((r, i))?;
                     let b = f.narrow(0, r * i, o * r)?.reshape((o, r))?;
-                    let (dh, da, db) = lora_grads(&h, &g, &w, (&a, &b), scale, None)?;
+                    let kept = self.kept.take();
+                    let (dh, da, db) = lora_grads(&h, &g, &w, (&a, &b), scale, None, kept)?;
                     let df = Tensor::cat(&[da.flatten_all()?, db.flatten_all()?], 0)?;
                     (dh, Some(df))
                 }

@@ -452,14 +452,22 @@ extern "C" __global__ void ft_split_parts(SplitJob a, SplitJob b) {
 }
 
 // dst (rows, cols) = scale · Σ_{q<3} src[u·su + q·sq + v], small parts first: the three
-// part-products of a split summed into an f32 result. One thread per element.
-extern "C" __global__ void ft_sum_parts(const float* src, float* dst, long long rows, int cols,
-                                        long long su, long long sq, float scale) {
+// part-products of a split summed into an f32 result (dA's and dB's). Two jobs a launch
+// (blockIdx.y picks one), one thread per element. lora_split.rs's `SumJob` has this layout.
+struct SumJob {
+    const float* src;
+    float* dst;
+    long long rows, su, sq;
+    int cols;
+    float scale;
+};
+extern "C" __global__ void ft_sum_parts(SumJob a, SumJob b) {
+    const SumJob j = blockIdx.y == 0 ? a : b;
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= rows * cols) return;
-    const long long u = e / cols, v = e % cols;
-    const float* s = src + u * su + v;
-    dst[e] = scale * ((s[2 * sq] + s[sq]) + s[0]);
+    if (e >= j.rows * j.cols) return;
+    const long long u = e / j.cols, v = e % j.cols;
+    const float* s = j.src + u * j.su + v;
+    j.dst[e] = j.scale * ((s[2 * j.sq] + s[j.sq]) + s[0]);
 }
 
 // AdamW over many f32 tensors in one launch (kernels::cuda::adamw): block b updates tensor b of

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 
+use super::lora_split::Kept;
 use super::*;
+use crate::model::kernels::cpu::Saved;
 
 // ---------------------------------------------------------------- frozen linear
 
@@ -95,6 +97,7 @@ pub fn lora_linear_in_chunks(
         w: Weight::Dense(weight.contiguous()?),
         scale: scale as f32,
         rows,
+        kept: Saved::new(),
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -114,6 +117,7 @@ pub fn qlora_linear(
         w: Weight::Quant(weight.clone()),
         scale: scale as f32,
         rows: None,
+        kept: Saved::new(),
     };
     x.contiguous()?
         .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -142,6 +146,8 @@ struct LoraLinearOp {
     scale: f32,
     /// Rows per chunk of the backward (`None`: `lora_bwd::chunk_rows`).
     rows: Option<usize>,
+    /// The forward's splits for the backward (bf16, `lora_split`), taken by it.
+    kept: Saved<Kept>,
 }
 
 impl CustomOp3 for LoraLinearOp {
@@ -160,7 +166,8 @@ impl CustomOp3 for LoraLinearOp {
         b: &CudaStorage,
         lb: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        lora_forward(self.name(), &self.w, self.scale, (x, lx), (a, la), (b, lb))
+        let ab = ((a, la), (b, lb));
+        lora_forward(self.name(), &self.w, self.scale, (x, lx), ab, &self.kept)
     }
 
     fn bwd(
@@ -181,20 +188,22 @@ impl CustomOp3 for LoraLinearOp {
             (&a.detach(), &b.detach()),
             self.scale,
             self.rows,
+            self.kept.take(),
         )?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
 /// The LoRA op's forward `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` on the storages: the frozen product by cuBLAS in
-/// x's dtype, the LoRA product in f32, added with one rounding.
+/// x's dtype, the LoRA product in f32, added with one rounding. For bf16 x, what the backward can
+/// use goes into `kept`.
 pub(super) fn lora_forward(
     op: &str,
     w: &Weight,
     scale: f32,
     (x, lx): (&CudaStorage, &Layout),
-    (a, la): (&CudaStorage, &Layout),
-    (b, lb): (&CudaStorage, &Layout),
+    ((a, la), (b, lb)): ((&CudaStorage, &Layout), (&CudaStorage, &Layout)),
+    kept: &Saved<Kept>,
 ) -> Result<(CudaStorage, Shape)> {
     let (n, i) = lx.shape().dims2()?;
     let (r, ai) = la.shape().dims2()?;
@@ -229,7 +238,9 @@ pub(super) fn lora_forward(
         );
         let d = super::lora_split::Shapes { n, i, o, r };
         let ys = y.as_cuda_slice_mut::<half::bf16>()?;
-        super::lora_split::forward(x.device(), (&xv, &av, &bv), ys, d, scale)?;
+        if let Some(k) = super::lora_split::forward(x.device(), (&xv, &av, &bv), ys, d, scale)? {
+            kept.set(k);
+        }
         return Ok((y, Shape::from_dims(&[n, o])));
     }
     let x32 = if x.dtype() == DType::F32 {
@@ -268,7 +279,8 @@ pub(super) fn lora_forward(
 
 /// `(dx, dA, dB)` of the LoRA op for the upstream gradient `g`, from detached tensors: on cuBLAS
 /// in chunks of `rows` rows (`None`: `lora_bwd::chunk_rows`), or composed from Candle's ops with
-/// `FINETUNE_CUDA_LORA_BWD=composed` (to compare the two).
+/// `FINETUNE_CUDA_LORA_BWD=composed` (to compare the two); with the forward's `kept` splits
+/// where the bf16 path runs.
 pub(super) fn lora_grads(
     x: &Tensor,
     g: &Tensor,
@@ -276,6 +288,7 @@ pub(super) fn lora_grads(
     (a, b): (&Tensor, &Tensor),
     scale: f32,
     rows: Option<usize>,
+    kept: Option<Kept>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let ((n, i), o) = (x.dims2()?, w.dim(0)?);
     let rows = match (rows, super::lora_bwd::chunked()) {
@@ -294,7 +307,7 @@ pub(super) fn lora_grads(
             return Ok((dx, da, db));
         }
     };
-    super::lora_bwd::lora_backward(x, g, w, (a, b), scale, rows.clamp(1, n.max(1)))
+    super::lora_bwd::lora_backward(x, g, w, (a, b), scale, rows.clamp(1, n.max(1)), kept)
 }
 
 // ---------------------------------------------------------------- dequantization

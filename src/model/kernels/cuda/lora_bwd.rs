@@ -127,6 +127,7 @@ pub(super) fn lora_backward(
     (a, b): (&Tensor, &Tensor),
     scale: f32,
     rows: usize,
+    kept: Option<super::lora_split::Kept>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "ft-cuda-lora-linear backward";
     let (x, g, w, a, b) = (
@@ -153,7 +154,8 @@ pub(super) fn lora_backward(
     if x.dtype() == DType::BF16 && super::lora_split::on() {
         // bf16 activations: the f32 products on tensor cores in parts, no chunks needed.
         let storages = [(xs, lx), (gs, lg), (ws, lw)];
-        return split_backward(dev, storages, (&av, &bv), (n, i, o, r), scale);
+        let kept = kept.as_ref();
+        return split_backward(dev, storages, (&av, &bv), (n, i, o, r), scale, kept);
     }
     let blas = dev.cublas_handle();
     let dx = by_dtype!(x.dtype(), op, T => {
@@ -205,19 +207,20 @@ fn wrap(s: CudaStorage, shape: (usize, usize)) -> Tensor {
 }
 
 /// [`lora_backward`] for bf16 x, g and W (`lora_split`): the storages of x, g and W with their
-/// layouts, the f32 A and B, (N, I, O, r).
+/// layouts, the f32 A and B, (N, I, O, r), the forward's splits where kept.
 fn split_backward(
     dev: &CudaDevice,
     [(xs, lx), (gs, lg), (ws, lw)]: [(&CudaStorage, &Layout); 3],
     (av, bv): (&CudaView<'_, f32>, &CudaView<'_, f32>),
     (n, i, o, r): (usize, usize, usize, usize),
     scale: f32,
+    kept: Option<&super::lora_split::Kept>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "ft-cuda-lora-linear backward";
     let v = |s, l| view::<half::bf16>(s, l, op);
     let d = super::lora_split::Shapes { n, i, o, r };
     let views = (&v(xs, lx)?, &v(gs, lg)?, &v(ws, lw)?);
-    let (dx, da, db) = super::lora_split::backward(dev, views, (av, bv), d, scale)?;
+    let (dx, da, db) = super::lora_split::backward(dev, views, (av, bv), d, scale, kept)?;
     let (da, db) = (
         CudaStorage::wrap_cuda_slice(da, dev.clone()),
         CudaStorage::wrap_cuda_slice(db, dev.clone()),

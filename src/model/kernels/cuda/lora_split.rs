@@ -11,6 +11,11 @@
 //! 2⁻²⁴ run as one product along a six-fold inner dimension, added onto the bf16 output by the
 //! same call (β = 1: one rounding, as the f32 path). No (N, I) or (N, O) f32 tensor is made, so
 //! the backward needs no chunks. `FINETUNE_CUDA_LORA_SPLIT=0` turns this off (the f32 path).
+//!
+//! The forward keeps what the backward would make again ([`Kept`]): the splits of A and B and of
+//! `x·Aᵀ`, so the backward skips a product and two of its three splits (`FINETUNE_CUDA_LORA_KEEP=0`
+//! makes them again, to compare). That is 12 bytes per LoRA parameter and 12·r per token of each
+//! adapted projection until its backward (`memory::estimate`).
 
 use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
 use candle_core::cuda::cudarc::driver::{
@@ -24,6 +29,22 @@ use super::*;
 pub(super) fn on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("FINETUNE_CUDA_LORA_SPLIT").map_or(true, |v| v != "0"))
+}
+
+/// Whether the forward keeps its splits for the backward (the default);
+/// `FINETUNE_CUDA_LORA_KEEP=0`: the backward makes them again.
+fn keep() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FINETUNE_CUDA_LORA_KEEP").map_or(true, |v| v != "0"))
+}
+
+/// What a forward keeps for its backward: A's six copies (`a_parts`), B's split (`b_parts`) and
+/// the split of `x·Aᵀ` (`row_parts`, n × 6r), for the shapes `d`.
+pub(super) struct Kept {
+    a6: CudaSlice<bf16>,
+    b6: CudaSlice<bf16>,
+    m6: CudaSlice<bf16>,
+    d: Shapes,
 }
 
 /// The parts copy j holds (0 hi, 1 mid, 2 lo) in the left and right operands of the six products
@@ -169,37 +190,85 @@ fn split(dev: &CudaDevice, splits: &[Split<'_, '_>]) -> Result<Vec<CudaSlice<bf1
     Ok(dsts)
 }
 
-/// `scale · Σ_q src[u·su + q·sq + v]` over the three part-products, (rows, cols) f32.
-fn sum_parts(
-    dev: &CudaDevice,
-    src: &CudaSlice<f32>,
-    (rows, cols): (usize, usize),
-    (su, sq): (usize, usize),
+/// One sum of [`sum_parts`]: `scale · Σ_q src[u·su + q·sq + v]` over the three part-products,
+/// an f32 (rows, cols) = `shape` result, `strides` = (su, sq).
+struct Sum<'a> {
+    src: &'a CudaSlice<f32>,
+    shape: (usize, usize),
+    strides: (usize, usize),
     scale: f32,
-) -> Result<CudaSlice<f32>> {
+}
+
+/// A job of `ft_sum_parts` (`SumJob` in kernels.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SumJob {
+    src: u64,
+    dst: u64,
+    rows: i64,
+    su: i64,
+    sq: i64,
+    cols: i32,
+    scale: f32,
+}
+
+// SAFETY: plain old data with kernels.cu's `SumJob` layout (two pointers, three 64-bit ints, an
+// int, a float).
+unsafe impl DeviceRepr for SumJob {}
+
+/// Two sums of part-products (dA's and dB's) in one launch, their results in order.
+fn sum_parts(dev: &CudaDevice, sums: [Sum<'_>; 2]) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
     let op = "ft-sum-parts";
-    let n = rows * cols;
-    if n == 0 || 2 * sq + (rows - 1) * su + cols > src.len() {
-        candle_core::bail!(
-            "{op}: ({rows}, {cols}) parts do not fit {} values",
-            src.len()
-        );
+    let mut dsts = Vec::with_capacity(2);
+    for s in &sums {
+        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
+        if rows * cols == 0 || 2 * sq + (rows - 1) * su + cols > s.src.len() {
+            candle_core::bail!(
+                "{op}: ({rows}, {cols}) parts do not fit {} values",
+                s.src.len()
+            );
+        }
+        dsts.push(alloc::<f32>(dev, rows * cols)?);
     }
-    let dst = alloc::<f32>(dev, n)?;
+    let stream = dev.cuda_stream();
+    let mut jobs = Vec::with_capacity(2);
+    let mut keep = Vec::with_capacity(2);
+    for (s, dst) in sums.iter().zip(&dsts) {
+        let (src, held_src) = s.src.device_ptr(&stream);
+        let (dst, held_dst) = dst.device_ptr(&stream);
+        keep.push((held_src, held_dst));
+        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
+        jobs.push(SumJob {
+            src,
+            dst,
+            rows: rows as i64,
+            su: su as i64,
+            sq: sq as i64,
+            cols: to_i32(cols, op)?,
+            scale: s.scale,
+        });
+    }
+    let most = sums
+        .iter()
+        .map(|s| s.shape.0 * s.shape.1)
+        .max()
+        .unwrap_or(1);
     let f = dev.get_or_load_custom_func("ft_sum_parts", MODULE, ptx()?)?;
-    let (r, c, su, sq) = (rows as i64, to_i32(cols, op)?, su as i64, sq as i64);
     let mut bl = f.builder();
-    bl.arg(src)
-        .arg(&dst)
-        .arg(&r)
-        .arg(&c)
-        .arg(&su)
-        .arg(&sq)
-        .arg(&scale);
-    // SAFETY: `ft_sum_parts`' arguments; the largest index read was checked above; one thread
-    // per element of dst, which it writes whole.
-    unsafe { bl.launch(rows_cfg(elem_blocks(n, op)?, 256)) }.w()?;
-    Ok(dst)
+    bl.arg(&jobs[0]).arg(&jobs[1]);
+    let cfg = LaunchConfig {
+        grid_dim: (to_i32(elem_blocks(most, op)?, op)? as u32, 2, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: `ft_sum_parts`' two jobs by value in `SumJob`'s layout; each job's largest index
+    // read was checked above and its dst holds rows × cols; threads past a job's elements return.
+    unsafe { bl.launch(cfg) }.w()?;
+    drop(keep);
+    match (dsts.pop(), dsts.pop()) {
+        (Some(second), Some(first)) => Ok((first, second)),
+        _ => candle_core::bail!("{op}: two results expected"),
+    }
 }
 
 /// An output type of [`gemm`]: f32, or bf16 (rounded once from the f32 sum).
@@ -295,7 +364,7 @@ fn gemm<C: Out>(
 }
 
 /// Shapes of one LoRA op: x (n, i), W (o, i), A (r, i), B (o, r).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Shapes {
     pub n: usize,
     pub i: usize,
@@ -385,23 +454,27 @@ fn one(mut v: Vec<CudaSlice<bf16>>) -> Result<CudaSlice<bf16>> {
 }
 
 /// `y += s·(x·Aᵀ)·Bᵀ` for bf16 x (n, i) and y (n, o), f32 A (r, i) and B (o, r): the LoRA term
-/// of the forward, added onto the frozen product with one rounding.
+/// of the forward, added onto the frozen product with one rounding. Returns what the backward
+/// can use ([`Kept`]) unless `FINETUNE_CUDA_LORA_KEEP=0`.
 pub(super) fn forward(
     dev: &CudaDevice,
     (x, a, b): (&CudaView<'_, bf16>, &CudaView<'_, f32>, &CudaView<'_, f32>),
     y: &mut CudaSlice<bf16>,
     d: Shapes,
     scale: f32,
-) -> Result<()> {
+) -> Result<Option<Kept>> {
     let op = "ft-cuda-lora-linear (bf16 parts)";
     let Shapes { n, o, r, .. } = d;
     let blas = dev.cublas_handle();
     let ctx = (&*blas, dev);
-    let (a3, b6) = two(split(dev, &[a_parts(a, d, 3), b_parts(b, d)])?)?;
-    let p = down(ctx, x, &a3, d, op)?;
+    // Six copies of A when kept (the backward's `(g·B)·A` takes six), three otherwise.
+    let copies = if keep() { 6 } else { 3 };
+    let (a6, b6) = two(split(dev, &[a_parts(a, d, copies), b_parts(b, d)])?)?;
+    let p = down(ctx, x, &a6, d, op)?;
     let m6 = one(split(dev, &[row_parts(&p.slice(..), d, 1.0)])?)?;
-    let (m6, b6) = (m6.slice(..), b6.slice(..));
-    let args = (arg(&m6, false, 6 * r), arg(&b6, true, 6 * r));
+    drop(p);
+    let (m6v, b6v) = (m6.slice(..), b6.slice(..));
+    let args = (arg(&m6v, false, 6 * r), arg(&b6v, true, 6 * r));
     gemm(
         ctx,
         args,
@@ -409,12 +482,14 @@ pub(super) fn forward(
         (n, o, 6 * r),
         (scale, 1.0),
         op,
-    )
+    )?;
+    Ok(keep().then_some(Kept { a6, b6, m6, d }))
 }
 
 /// `(dx, dA, dB)` of `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for bf16 x (n, i), g (n, o), W (o, i) and f32 A
 /// (r, i), B (o, r): `dx = g·W + (s·g·B)·A` (bf16, one rounding), `dA = (s·g·B)ᵀ·x`,
-/// `dB = s·gᵀ·(x·Aᵀ)` (f32).
+/// `dB = s·gᵀ·(x·Aᵀ)` (f32). With the forward's [`Kept`] splits (of these shapes) the splits of
+/// A, B and `x·Aᵀ` and the product `x·Aᵀ` are not made again.
 pub(super) fn backward(
     dev: &CudaDevice,
     (x, g, w): (
@@ -425,18 +500,29 @@ pub(super) fn backward(
     (a, b): (&CudaView<'_, f32>, &CudaView<'_, f32>),
     d: Shapes,
     scale: f32,
+    kept: Option<&Kept>,
 ) -> Result<(CudaSlice<bf16>, CudaSlice<f32>, CudaSlice<f32>)> {
     let op = "ft-cuda-lora-linear backward (bf16 parts)";
     let Shapes { n, i, o, r } = d;
     let blas = dev.cublas_handle();
     let ctx = (&*blas, dev);
+    let kept = kept.filter(|k| k.d == d);
     // dx = g·W, written whole (β = 0).
     let mut dx = alloc::<bf16>(dev, n * i)?;
     let args = (arg(g, false, o), arg(w, false, i));
     gemm(ctx, args, &mut dx.slice_mut(..), (n, i, o), (1.0, 0.0), op)?;
-    // x·Aᵀ and s·g·B, split; their first three column blocks are the three parts.
-    let (a6, b6) = two(split(dev, &[a_parts(a, d, 6), b_parts(b, d)])?)?;
-    let p = down(ctx, x, &a6, d, op)?;
+    // A's six copies and B's split: kept, or made here.
+    let made = match kept {
+        Some(_) => None,
+        None => Some(two(split(dev, &[a_parts(a, d, 6), b_parts(b, d)])?)?),
+    };
+    let (a6, b6) = match (kept, &made) {
+        (Some(k), _) => (&k.a6, &k.b6),
+        (None, Some((a6, b6))) => (a6, b6),
+        (None, None) => candle_core::bail!("{op}: no split of A and B"),
+    };
+    // s·g·B as its three part-products, then split with x·Aᵀ (kept, or made here). Their first
+    // three column blocks are the three parts.
     let mut q = alloc::<f32>(dev, n * 3 * r)?;
     let b6v = b6.slice(..);
     let args = (arg(g, false, o), arg(&b6v, false, 6 * r));
@@ -448,11 +534,25 @@ pub(super) fn backward(
         (1.0, 0.0),
         op,
     )?;
-    let (pv, qv) = (p.slice(..), q.slice(..));
-    let (mid6, gb6) = two(split(
-        dev,
-        &[row_parts(&pv, d, 1.0), row_parts(&qv, d, scale)],
-    )?)?;
+    let qv = q.slice(..);
+    let (made_mid, gb6) = match kept {
+        Some(_) => (None, one(split(dev, &[row_parts(&qv, d, scale)])?)?),
+        None => {
+            let p = down(ctx, x, a6, d, op)?;
+            let pv = p.slice(..);
+            let (mid6, gb6) = two(split(
+                dev,
+                &[row_parts(&pv, d, 1.0), row_parts(&qv, d, scale)],
+            )?)?;
+            (Some(mid6), gb6)
+        }
+    };
+    drop(q);
+    let mid6 = match (kept, &made_mid) {
+        (Some(k), _) => &k.m6,
+        (None, Some(m)) => m,
+        (None, None) => candle_core::bail!("{op}: no split of x·Aᵀ"),
+    };
     let (gb6v, mid6v, a6v) = (gb6.slice(..), mid6.slice(..), a6.slice(..));
     // dA = Σ parts of (s·g·B)ᵀ·x: (3r, i), summed over the three row blocks.
     let mut da3 = alloc::<f32>(dev, 3 * r * i)?;
@@ -465,7 +565,6 @@ pub(super) fn backward(
         (1.0, 0.0),
         op,
     )?;
-    let da = sum_parts(dev, &da3, (r, i), (i, r * i), 1.0)?;
     // dB = s · Σ parts of gᵀ·(x·Aᵀ): (o, 3r), summed over the three column blocks.
     let mut db3 = alloc::<f32>(dev, o * 3 * r)?;
     let args = (arg(g, true, o), arg(&mid6v, false, 6 * r));
@@ -477,7 +576,23 @@ pub(super) fn backward(
         (1.0, 0.0),
         op,
     )?;
-    let db = sum_parts(dev, &db3, (o, r), (3 * r, r), scale)?;
+    let (da, db) = sum_parts(
+        dev,
+        [
+            Sum {
+                src: &da3,
+                shape: (r, i),
+                strides: (i, r * i),
+                scale: 1.0,
+            },
+            Sum {
+                src: &db3,
+                shape: (o, r),
+                strides: (3 * r, r),
+                scale,
+            },
+        ],
+    )?;
     // dx += (s·g·B)·A along the six-fold inner dimension.
     let args = (arg(&gb6v, false, 6 * r), arg(&a6v, false, i));
     gemm(
