@@ -514,11 +514,18 @@ fn lora_linear_matches_the_cpu() {
 /// of each product in three bf16 parts on tensor cores): against f64 products of the same bf16 x
 /// and g and f32 A and B, dA and dB within f32 rounding, and, with W = 0 so that the LoRA term is
 /// all of them, y and dx equal to the f64 values rounded once to bf16 but for near-ties. (Fewer
-/// parts would miss about half of those roundings.) Both directions of an MLP; an odd rank.
+/// parts would miss about half of those roundings.) Both directions of an MLP; an odd rank; a
+/// width the fused kernels take in a partial chunk.
 #[test]
 fn lora_linear_bf16_is_as_exact_as_f32() {
     let gpu = Device::new_cuda(0).unwrap();
-    for (i, o, r) in [(896, 4864, 16), (4864, 896, 16), (896, 896, 5)] {
+    // (200, 72, 12): K of neither product a multiple of the fused kernels' 32 (`lora_fused`).
+    for (i, o, r) in [
+        (896, 4864, 16),
+        (4864, 896, 16),
+        (896, 896, 5),
+        (200, 72, 12),
+    ] {
         let (n, s) = (300, 2.0);
         let x = randn(&[n, i], 21).to_dtype(DType::BF16).unwrap();
         let a = randn(&[r, i], 22).affine(0.05, 0.0).unwrap();
@@ -969,8 +976,9 @@ fn head_copies_rope_heads_and_bias_equal_candles_ops_bit_for_bit() {
 
 /// The bf16 LoRA ops' backward from the splits their forward kept (`lora_split::Kept`) equals
 /// the backward that makes them again, bit for bit: a graph's second backward finds nothing kept
-/// (the first took it). The LoRA projection (both directions of an MLP, an odd rank) and the
-/// SwiGLU + down projection op; gradients to every input.
+/// (the first took it). The LoRA projection (both directions of an MLP, an odd rank, rank 64 over
+/// widths the fused kernels take in a partial chunk) and the SwiGLU + down projection op; gradients
+/// to every input.
 #[test]
 fn lora_backward_from_kept_splits_equals_the_splits_made_again() {
     let gpu = Device::new_cuda(0).unwrap();
@@ -990,7 +998,12 @@ fn lora_backward_from_kept_splits_equals_the_splits_made_again() {
             assert_eq!(bits(a), bits(b), "gradient {j} differs");
         }
     };
-    for (i, o, r) in [(896, 4864, 16), (4864, 896, 16), (896, 128, 5)] {
+    for (i, o, r) in [
+        (896, 4864, 16),
+        (4864, 896, 16),
+        (896, 128, 5),
+        (200, 72, 64),
+    ] {
         let n = 300;
         let x = bf16(randn(&[n, i], 41));
         let w = randn(&[o, i], 42).affine(0.03, 0.0).unwrap();
@@ -1012,4 +1025,42 @@ fn lora_backward_from_kept_splits_equals_the_splits_made_again() {
     let y = kernels::cuda::swiglu_linear(gate.as_tensor(), up.as_tensor(), &w, lora).unwrap();
     twice(&[&gate, &up, &a, &b], &y);
     println!("swiglu linear LoRA {n}x{i} → {o} r{r}: kept and made again bit-equal");
+}
+
+/// The attention masks built on the GPU (`ops::additive` takes a cast and a log there) equal the
+/// CPU's, bit for bit: plain causal, packed rows with padding, after a KV cache, sliding bands;
+/// bf16 and f32.
+#[test]
+fn attention_masks_on_the_gpu_equal_the_cpus() {
+    let gpu = Device::new_cuda(0).unwrap();
+    let seg = [
+        1u32, 1, 1, 2, 2, 3, 0, 0, //
+        5, 5, 5, 5, 5, 5, 5, 5, //
+        1, 0, 2, 2, 2, 0, 7, 7,
+    ];
+    for dtype in [DType::BF16, DType::F32] {
+        let both = |f: &dyn Fn(&Device) -> Tensor| (bits(&f(&gpu)), bits(&f(&Device::Cpu)));
+        let cases: Vec<(String, (Vec<u32>, Vec<u32>))> = vec![
+            (
+                "packed".into(),
+                both(&|d| ops::attention_bias(3, 8, Some(&seg), dtype, d).unwrap()),
+            ),
+            (
+                "plain 300".into(),
+                both(&|d| ops::attention_bias(2, 300, None, dtype, d).unwrap()),
+            ),
+            (
+                "after 4 + 3".into(),
+                both(&|d| ops::causal_bias_after(4, 3, dtype, d).unwrap()),
+            ),
+            (
+                "band 4 + 3, 2".into(),
+                both(&|d| ops::sliding_band(4, 3, 2, dtype, d).unwrap()),
+            ),
+        ];
+        for (what, (g, c)) in cases {
+            assert_eq!(g, c, "{what} {dtype:?}");
+        }
+    }
+    println!("attention masks: GPU and CPU bit-equal");
 }

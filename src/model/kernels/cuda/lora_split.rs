@@ -19,10 +19,12 @@
 
 use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
 use candle_core::cuda::cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
 };
 use half::bf16;
 
+use super::lora_fused::Right;
+use super::lora_parts::{one, split, sum_parts, two, Mat, Split, Sum};
 use super::*;
 
 /// Whether bf16 LoRA products run here (the default); `FINETUNE_CUDA_LORA_SPLIT=0`: f32 path.
@@ -52,224 +54,6 @@ pub(super) struct Kept {
 /// are the three parts, so a product with one f32 side uses the first half of the same split.
 const LEFT: [u8; 6] = [0, 1, 2, 0, 0, 1];
 const RIGHT: [u8; 6] = [2, 1, 0, 0, 1, 0];
-
-/// An f32 matrix inside a buffer: (rows, cols), element (u, v) at `u·su + v·sv`.
-#[derive(Debug, Clone, Copy)]
-struct Mat {
-    rows: usize,
-    cols: usize,
-    su: usize,
-    sv: usize,
-}
-
-impl Mat {
-    fn rows(rows: usize, cols: usize) -> Self {
-        Mat {
-            rows,
-            cols,
-            su: cols,
-            sv: 1,
-        }
-    }
-}
-
-/// One matrix to split: copies of `m` in `src` (the sum of `parts` blocks `part_stride` apart,
-/// times `scale`), copy j made of part `pat[j]`, copy j's element (u, v) at `j·dj + u·du + v·dv`
-/// of a fresh buffer of `len` elements.
-struct Split<'a, 'b> {
-    src: &'a CudaView<'b, f32>,
-    m: Mat,
-    parts: (usize, usize, f32),
-    pat: &'a [u8],
-    to: (usize, usize, usize),
-    len: usize,
-}
-
-/// A job of `ft_split_parts` (`SplitJob` in kernels.cu).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct Job {
-    src: u64,
-    dst: u64,
-    rows: i64,
-    su: i64,
-    sv: i64,
-    part_stride: i64,
-    du: i64,
-    dv: i64,
-    dj: i64,
-    cols: i32,
-    parts: i32,
-    copies: i32,
-    pattern: i32,
-    scale: f32,
-    unused: i32,
-}
-
-// SAFETY: plain old data with kernels.cu's `SplitJob` layout (two pointers, seven 64-bit ints,
-// four ints, a float, an int).
-unsafe impl DeviceRepr for Job {}
-
-/// The splits of one or two matrices in one launch, their buffers in order.
-fn split(dev: &CudaDevice, splits: &[Split<'_, '_>]) -> Result<Vec<CudaSlice<bf16>>> {
-    let op = "ft-split-parts";
-    if splits.is_empty() || splits.len() > 2 {
-        candle_core::bail!("{op}: {} matrices for a launch of one or two", splits.len());
-    }
-    let last = |n: usize| n.saturating_sub(1);
-    let mut dsts = Vec::with_capacity(2);
-    for sp in splits {
-        let (m, (parts, stride, _), (du, dv, dj)) = (sp.m, sp.parts, sp.to);
-        if m.rows * m.cols == 0 || parts == 0 || sp.pat.is_empty() {
-            candle_core::bail!("{op}: an empty split of {m:?}");
-        }
-        let src_end = last(parts) * stride + last(m.rows) * m.su + last(m.cols) * m.sv;
-        let dst_end = last(sp.pat.len()) * dj + last(m.rows) * du + last(m.cols) * dv;
-        if src_end >= sp.src.len() || dst_end >= sp.len {
-            candle_core::bail!("{op}: {m:?} ({parts} parts) does not fit its buffers");
-        }
-        // SAFETY: the copies cover every element of dst (the callers' layouts tile it) and the
-        // kernel writes each copy's element of every source element.
-        dsts.push(unsafe { dev.alloc::<bf16>(sp.len) }?);
-    }
-    let stream = dev.cuda_stream();
-    let mut jobs = Vec::with_capacity(2);
-    let mut keep = Vec::with_capacity(4);
-    for (sp, dst) in splits.iter().zip(&dsts) {
-        let (src, held_src) = sp.src.device_ptr(&stream);
-        let (dst, held_dst) = dst.device_ptr(&stream);
-        keep.push((held_src, held_dst));
-        let (m, (parts, stride, scale), (du, dv, dj)) = (sp.m, sp.parts, sp.to);
-        let long = |v: usize| v as i64;
-        jobs.push(Job {
-            src,
-            dst,
-            rows: long(m.rows),
-            su: long(m.su),
-            sv: long(m.sv),
-            part_stride: long(stride),
-            du: long(du),
-            dv: long(dv),
-            dj: long(dj),
-            cols: to_i32(m.cols, op)?,
-            parts: to_i32(parts, op)?,
-            copies: to_i32(sp.pat.len(), op)?,
-            pattern: sp
-                .pat
-                .iter()
-                .enumerate()
-                .map(|(j, &p)| i32::from(p) << (2 * j))
-                .sum(),
-            scale,
-            unused: 0,
-        });
-    }
-    let most = splits
-        .iter()
-        .map(|sp| sp.m.rows * sp.m.cols)
-        .max()
-        .unwrap_or(1);
-    let (first, second) = (jobs[0], jobs[jobs.len() - 1]);
-    let f = dev.get_or_load_custom_func("ft_split_parts", MODULE, ptx()?)?;
-    let mut bl = f.builder();
-    bl.arg(&first).arg(&second);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            to_i32(elem_blocks(most, op)?, op)? as u32,
-            jobs.len() as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: `ft_split_parts`' two jobs by value in `SplitJob`'s layout; each job's largest
-    // source and copy indices were checked against its buffers above; blockIdx.y < jobs.len()
-    // picks a real job, and threads past a job's elements return.
-    unsafe { bl.launch(cfg) }.w()?;
-    drop(keep);
-    Ok(dsts)
-}
-
-/// One sum of [`sum_parts`]: `scale · Σ_q src[u·su + q·sq + v]` over the three part-products,
-/// an f32 (rows, cols) = `shape` result, `strides` = (su, sq).
-struct Sum<'a> {
-    src: &'a CudaSlice<f32>,
-    shape: (usize, usize),
-    strides: (usize, usize),
-    scale: f32,
-}
-
-/// A job of `ft_sum_parts` (`SumJob` in kernels.cu).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct SumJob {
-    src: u64,
-    dst: u64,
-    rows: i64,
-    su: i64,
-    sq: i64,
-    cols: i32,
-    scale: f32,
-}
-
-// SAFETY: plain old data with kernels.cu's `SumJob` layout (two pointers, three 64-bit ints, an
-// int, a float).
-unsafe impl DeviceRepr for SumJob {}
-
-/// Two sums of part-products (dA's and dB's) in one launch, their results in order.
-fn sum_parts(dev: &CudaDevice, sums: [Sum<'_>; 2]) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-    let op = "ft-sum-parts";
-    let mut dsts = Vec::with_capacity(2);
-    for s in &sums {
-        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
-        if rows * cols == 0 || 2 * sq + (rows - 1) * su + cols > s.src.len() {
-            candle_core::bail!(
-                "{op}: ({rows}, {cols}) parts do not fit {} values",
-                s.src.len()
-            );
-        }
-        dsts.push(alloc::<f32>(dev, rows * cols)?);
-    }
-    let stream = dev.cuda_stream();
-    let mut jobs = Vec::with_capacity(2);
-    let mut keep = Vec::with_capacity(2);
-    for (s, dst) in sums.iter().zip(&dsts) {
-        let (src, held_src) = s.src.device_ptr(&stream);
-        let (dst, held_dst) = dst.device_ptr(&stream);
-        keep.push((held_src, held_dst));
-        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
-        jobs.push(SumJob {
-            src,
-            dst,
-            rows: rows as i64,
-            su: su as i64,
-            sq: sq as i64,
-            cols: to_i32(cols, op)?,
-            scale: s.scale,
-        });
-    }
-    let most = sums
-        .iter()
-        .map(|s| s.shape.0 * s.shape.1)
-        .max()
-        .unwrap_or(1);
-    let f = dev.get_or_load_custom_func("ft_sum_parts", MODULE, ptx()?)?;
-    let mut bl = f.builder();
-    bl.arg(&jobs[0]).arg(&jobs[1]);
-    let cfg = LaunchConfig {
-        grid_dim: (to_i32(elem_blocks(most, op)?, op)? as u32, 2, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: `ft_sum_parts`' two jobs by value in `SumJob`'s layout; each job's largest index
-    // read was checked above and its dst holds rows × cols; threads past a job's elements return.
-    unsafe { bl.launch(cfg) }.w()?;
-    drop(keep);
-    match (dsts.pop(), dsts.pop()) {
-        (Some(second), Some(first)) => Ok((first, second)),
-        _ => candle_core::bail!("{op}: two results expected"),
-    }
-}
 
 /// An output type of [`gemm`]: f32, or bf16 (rounded once from the f32 sum).
 trait Out: candle_core::cuda::CudaDType {
@@ -439,18 +223,51 @@ fn row_parts<'a, 'b>(p: &'a CudaView<'b, f32>, d: Shapes, scale: f32) -> Split<'
     }
 }
 
-/// The buffers of a launch of two splits.
-fn two(mut v: Vec<CudaSlice<bf16>>) -> Result<(CudaSlice<bf16>, CudaSlice<bf16>)> {
-    match (v.pop(), v.pop()) {
-        (Some(second), Some(first)) => Ok((first, second)),
-        _ => candle_core::bail!("ft-split-parts: two buffers expected"),
+/// The split of `x·Aᵀ` (n, 6r), from A's split `a_split` (its first 3r rows are the parts): one
+/// fused kernel (`lora_fused`), or cuBLAS's (n, 3r) f32 product and a split launch.
+fn mid_parts(
+    ctx: (&CudaBlas, &CudaDevice),
+    x: &CudaView<'_, bf16>,
+    a_split: &CudaSlice<bf16>,
+    d: Shapes,
+    op: &str,
+) -> Result<CudaSlice<bf16>> {
+    let Shapes { n, i, r, .. } = d;
+    let right = (&a_split.slice(..), Right::Transposed { ld: i });
+    if let Some(m6) = super::lora_fused::down_split(ctx.1, x, (n, i, r), right, 1.0, &LEFT)? {
+        return Ok(m6);
     }
+    let p = down(ctx, x, a_split, d, op)?;
+    one(split(ctx.1, &[row_parts(&p.slice(..), d, 1.0)])?)
 }
 
-/// The buffer of a launch of one split.
-fn one(mut v: Vec<CudaSlice<bf16>>) -> Result<CudaSlice<bf16>> {
-    v.pop()
-        .ok_or_else(|| candle_core::Error::Msg("ft-split-parts: one buffer expected".into()))
+/// The split of `s·g·B` (n, 6r), from B's split `b6` (its first 3r columns are the parts): one
+/// fused kernel (`lora_fused`), or cuBLAS's (n, 3r) f32 product and a split launch.
+fn grad_parts(
+    ctx: (&CudaBlas, &CudaDevice),
+    g: &CudaView<'_, bf16>,
+    b6: &CudaSlice<bf16>,
+    d: Shapes,
+    scale: f32,
+    op: &str,
+) -> Result<CudaSlice<bf16>> {
+    let Shapes { n, o, r, .. } = d;
+    let b6v = b6.slice(..);
+    let right = (&b6v, Right::Plain { ld: 6 * r });
+    if let Some(gb6) = super::lora_fused::down_split(ctx.1, g, (n, o, r), right, scale, &LEFT)? {
+        return Ok(gb6);
+    }
+    let mut q = alloc::<f32>(ctx.1, n * 3 * r)?;
+    let args = (arg(g, false, o), arg(&b6v, false, 6 * r));
+    gemm(
+        ctx,
+        args,
+        &mut q.slice_mut(..),
+        (n, 3 * r, o),
+        (1.0, 0.0),
+        op,
+    )?;
+    one(split(ctx.1, &[row_parts(&q.slice(..), d, scale)])?)
 }
 
 /// `y += s·(x·Aᵀ)·Bᵀ` for bf16 x (n, i) and y (n, o), f32 A (r, i) and B (o, r): the LoRA term
@@ -470,9 +287,7 @@ pub(super) fn forward(
     // Six copies of A when kept (the backward's `(g·B)·A` takes six), three otherwise.
     let copies = if keep() { 6 } else { 3 };
     let (a6, b6) = two(split(dev, &[a_parts(a, d, copies), b_parts(b, d)])?)?;
-    let p = down(ctx, x, &a6, d, op)?;
-    let m6 = one(split(dev, &[row_parts(&p.slice(..), d, 1.0)])?)?;
-    drop(p);
+    let m6 = mid_parts(ctx, x, &a6, d, op)?;
     let (m6v, b6v) = (m6.slice(..), b6.slice(..));
     let args = (arg(&m6v, false, 6 * r), arg(&b6v, true, 6 * r));
     gemm(
@@ -521,33 +336,12 @@ pub(super) fn backward(
         (None, Some((a6, b6))) => (a6, b6),
         (None, None) => candle_core::bail!("{op}: no split of A and B"),
     };
-    // s·g·B as its three part-products, then split with x·Aᵀ (kept, or made here). Their first
-    // three column blocks are the three parts.
-    let mut q = alloc::<f32>(dev, n * 3 * r)?;
-    let b6v = b6.slice(..);
-    let args = (arg(g, false, o), arg(&b6v, false, 6 * r));
-    gemm(
-        ctx,
-        args,
-        &mut q.slice_mut(..),
-        (n, 3 * r, o),
-        (1.0, 0.0),
-        op,
-    )?;
-    let qv = q.slice(..);
-    let (made_mid, gb6) = match kept {
-        Some(_) => (None, one(split(dev, &[row_parts(&qv, d, scale)])?)?),
-        None => {
-            let p = down(ctx, x, a6, d, op)?;
-            let pv = p.slice(..);
-            let (mid6, gb6) = two(split(
-                dev,
-                &[row_parts(&pv, d, 1.0), row_parts(&qv, d, scale)],
-            )?)?;
-            (Some(mid6), gb6)
-        }
+    // s·g·B and x·Aᵀ (kept, or made here), split; their first three column blocks are the parts.
+    let gb6 = grad_parts(ctx, g, b6, d, scale, op)?;
+    let made_mid = match kept {
+        Some(_) => None,
+        None => Some(mid_parts(ctx, x, a6, d, op)?),
     };
-    drop(q);
     let mid6 = match (kept, &made_mid) {
         (Some(k), _) => &k.m6,
         (None, Some(m)) => m,
