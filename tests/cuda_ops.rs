@@ -1040,21 +1040,22 @@ fn attention_masks_on_the_gpu_equal_the_cpus() {
     ];
     for dtype in [DType::BF16, DType::F32] {
         let both = |f: &dyn Fn(&Device) -> Tensor| (bits(&f(&gpu)), bits(&f(&Device::Cpu)));
-        let cases: Vec<(String, (Vec<u32>, Vec<u32>))> = vec![
+        type Bits = (Vec<u32>, Vec<u32>);
+        let cases: Vec<(&str, Bits)> = vec![
             (
-                "packed".into(),
+                "packed",
                 both(&|d| ops::attention_bias(3, 8, Some(&seg), dtype, d).unwrap()),
             ),
             (
-                "plain 300".into(),
+                "plain 300",
                 both(&|d| ops::attention_bias(2, 300, None, dtype, d).unwrap()),
             ),
             (
-                "after 4 + 3".into(),
+                "after 4 + 3",
                 both(&|d| ops::causal_bias_after(4, 3, dtype, d).unwrap()),
             ),
             (
-                "band 4 + 3, 2".into(),
+                "band 4 + 3, 2",
                 both(&|d| ops::sliding_band(4, 3, 2, dtype, d).unwrap()),
             ),
         ];
