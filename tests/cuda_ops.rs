@@ -514,12 +514,11 @@ fn lora_linear_matches_the_cpu() {
 /// of each product in three bf16 parts on tensor cores): against f64 products of the same bf16 x
 /// and g and f32 A and B, dA and dB within f32 rounding, and, with W = 0 so that the LoRA term is
 /// all of them, y and dx equal to the f64 values rounded once to bf16 but for near-ties. (Fewer
-/// parts would miss about half of those roundings.) Both directions of an MLP; an odd rank; a
-/// width the fused kernels take in a partial chunk.
+/// parts would miss about half of those roundings.) Both directions of an MLP; an odd rank;
+/// small widths that are not multiples of 32.
 #[test]
 fn lora_linear_bf16_is_as_exact_as_f32() {
     let gpu = Device::new_cuda(0).unwrap();
-    // (200, 72, 12): K of neither product a multiple of the fused kernels' 32 (`lora_fused`).
     for (i, o, r) in [
         (896, 4864, 16),
         (4864, 896, 16),
@@ -977,8 +976,7 @@ fn head_copies_rope_heads_and_bias_equal_candles_ops_bit_for_bit() {
 /// The bf16 LoRA ops' backward from the splits their forward kept (`lora_split::Kept`) equals
 /// the backward that makes them again, bit for bit: a graph's second backward finds nothing kept
 /// (the first took it). The LoRA projection (both directions of an MLP, an odd rank, rank 64 over
-/// widths the fused kernels take in a partial chunk) and the SwiGLU + down projection op; gradients
-/// to every input.
+/// small widths) and the SwiGLU + down projection op; gradients to every input.
 #[test]
 fn lora_backward_from_kept_splits_equals_the_splits_made_again() {
     let gpu = Device::new_cuda(0).unwrap();

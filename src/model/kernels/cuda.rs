@@ -216,7 +216,6 @@ mod heads;
 mod layer;
 mod linear;
 mod lora_bwd;
-mod lora_fused;
 mod lora_parts;
 mod lora_split;
 mod softmax;

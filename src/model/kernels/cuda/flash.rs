@@ -62,7 +62,7 @@ pub fn available(device: &candle_core::Device) -> bool {
 }
 
 /// Whether the GPU has bf16 tensor cores (compute capability 8.0 or later), asked once.
-pub(super) fn gpu_has_bf16_mma(dev: &CudaDevice) -> bool {
+fn gpu_has_bf16_mma(dev: &CudaDevice) -> bool {
     static CC: OnceLock<bool> = OnceLock::new();
     *CC.get_or_init(|| {
         dev.cuda_stream()

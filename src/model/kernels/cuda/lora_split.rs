@@ -23,7 +23,6 @@ use candle_core::cuda::cudarc::driver::{
 };
 use half::bf16;
 
-use super::lora_fused::Right;
 use super::lora_parts::{one, split, sum_parts, two, Mat, Split, Sum};
 use super::*;
 
@@ -223,8 +222,8 @@ fn row_parts<'a, 'b>(p: &'a CudaView<'b, f32>, d: Shapes, scale: f32) -> Split<'
     }
 }
 
-/// The split of `x·Aᵀ` (n, 6r), from A's split `a_split` (its first 3r rows are the parts): one
-/// fused kernel (`lora_fused`), or cuBLAS's (n, 3r) f32 product and a split launch.
+/// The split of `x·Aᵀ` (n, 6r), from A's split `a_split` (its first 3r rows are the parts):
+/// cuBLAS's (n, 3r) f32 product, then a split launch.
 fn mid_parts(
     ctx: (&CudaBlas, &CudaDevice),
     x: &CudaView<'_, bf16>,
@@ -232,17 +231,12 @@ fn mid_parts(
     d: Shapes,
     op: &str,
 ) -> Result<CudaSlice<bf16>> {
-    let Shapes { n, i, r, .. } = d;
-    let right = (&a_split.slice(..), Right::Transposed { ld: i });
-    if let Some(m6) = super::lora_fused::down_split(ctx.1, x, (n, i, r), right, 1.0, &LEFT)? {
-        return Ok(m6);
-    }
     let p = down(ctx, x, a_split, d, op)?;
     one(split(ctx.1, &[row_parts(&p.slice(..), d, 1.0)])?)
 }
 
-/// The split of `s·g·B` (n, 6r), from B's split `b6` (its first 3r columns are the parts): one
-/// fused kernel (`lora_fused`), or cuBLAS's (n, 3r) f32 product and a split launch.
+/// The split of `s·g·B` (n, 6r), from B's split `b6` (its first 3r columns are the parts):
+/// cuBLAS's (n, 3r) f32 product, then a split launch.
 fn grad_parts(
     ctx: (&CudaBlas, &CudaDevice),
     g: &CudaView<'_, bf16>,
@@ -253,10 +247,6 @@ fn grad_parts(
 ) -> Result<CudaSlice<bf16>> {
     let Shapes { n, o, r, .. } = d;
     let b6v = b6.slice(..);
-    let right = (&b6v, Right::Plain { ld: 6 * r });
-    if let Some(gb6) = super::lora_fused::down_split(ctx.1, g, (n, o, r), right, scale, &LEFT)? {
-        return Ok(gb6);
-    }
     let mut q = alloc::<f32>(ctx.1, n * 3 * r)?;
     let args = (arg(g, false, o), arg(&b6v, false, 6 * r));
     gemm(
