@@ -291,6 +291,56 @@ pub(super) fn forward(
     Ok(keep().then_some(Kept { a6, b6, m6, d }))
 }
 
+/// `(dA, dB)` from the splits of `s·g·B` (`gb6`) and of `x·Aᵀ` (`mid6`), (n, 6r) each:
+/// `dA = Σ parts of (s·g·B)ᵀ·x` and `dB = s · Σ parts of gᵀ·(x·Aᵀ)`, the three part-products of
+/// each by cuBLAS, then summed in one launch.
+fn factor_grads(
+    ctx: (&CudaBlas, &CudaDevice),
+    (x, g): (&CudaView<'_, bf16>, &CudaView<'_, bf16>),
+    (gb6, mid6): (&CudaSlice<bf16>, &CudaSlice<bf16>),
+    d: Shapes,
+    scale: f32,
+    op: &str,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let Shapes { n, i, o, r } = d;
+    let (gb6v, mid6v) = (gb6.slice(..), mid6.slice(..));
+    // (3r, i): the parts of dA in three row blocks.
+    let mut da3 = alloc::<f32>(ctx.1, 3 * r * i)?;
+    let args = (arg(&gb6v, true, 6 * r), arg(x, false, i));
+    gemm(
+        ctx,
+        args,
+        &mut da3.slice_mut(..),
+        (3 * r, i, n),
+        (1.0, 0.0),
+        op,
+    )?;
+    // (o, 3r): the parts of dB in three column blocks.
+    let mut db3 = alloc::<f32>(ctx.1, o * 3 * r)?;
+    let args = (arg(g, true, o), arg(&mid6v, false, 6 * r));
+    gemm(
+        ctx,
+        args,
+        &mut db3.slice_mut(..),
+        (o, 3 * r, n),
+        (1.0, 0.0),
+        op,
+    )?;
+    let da = Sum {
+        src: &da3,
+        shape: (r, i),
+        strides: (i, r * i),
+        scale: 1.0,
+    };
+    let db = Sum {
+        src: &db3,
+        shape: (o, r),
+        strides: (3 * r, r),
+        scale,
+    };
+    sum_parts(ctx.1, [da, db])
+}
+
 /// `(dx, dA, dB)` of `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` for bf16 x (n, i), g (n, o), W (o, i) and f32 A
 /// (r, i), B (o, r): `dx = g·W + (s·g·B)·A` (bf16, one rounding), `dA = (s·g·B)ᵀ·x`,
 /// `dB = s·gᵀ·(x·Aᵀ)` (f32). With the forward's [`Kept`] splits (of these shapes) the splits of
@@ -337,46 +387,8 @@ pub(super) fn backward(
         (None, Some(m)) => m,
         (None, None) => candle_core::bail!("{op}: no split of x·Aᵀ"),
     };
-    let (gb6v, mid6v, a6v) = (gb6.slice(..), mid6.slice(..), a6.slice(..));
-    // dA = Σ parts of (s·g·B)ᵀ·x: (3r, i), summed over the three row blocks.
-    let mut da3 = alloc::<f32>(dev, 3 * r * i)?;
-    let args = (arg(&gb6v, true, 6 * r), arg(x, false, i));
-    gemm(
-        ctx,
-        args,
-        &mut da3.slice_mut(..),
-        (3 * r, i, n),
-        (1.0, 0.0),
-        op,
-    )?;
-    // dB = s · Σ parts of gᵀ·(x·Aᵀ): (o, 3r), summed over the three column blocks.
-    let mut db3 = alloc::<f32>(dev, o * 3 * r)?;
-    let args = (arg(g, true, o), arg(&mid6v, false, 6 * r));
-    gemm(
-        ctx,
-        args,
-        &mut db3.slice_mut(..),
-        (o, 3 * r, n),
-        (1.0, 0.0),
-        op,
-    )?;
-    let (da, db) = sum_parts(
-        dev,
-        [
-            Sum {
-                src: &da3,
-                shape: (r, i),
-                strides: (i, r * i),
-                scale: 1.0,
-            },
-            Sum {
-                src: &db3,
-                shape: (o, r),
-                strides: (3 * r, r),
-                scale,
-            },
-        ],
-    )?;
+    let (da, db) = factor_grads(ctx, (x, g), (&gb6, mid6), d, scale, op)?;
+    let (gb6v, a6v) = (gb6.slice(..), a6.slice(..));
     // dx += (s·g·B)·A along the six-fold inner dimension.
     let args = (arg(&gb6v, false, 6 * r), arg(&a6v, false, i));
     gemm(
