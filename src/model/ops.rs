@@ -285,8 +285,8 @@ fn visible_after(past: usize, t: usize, window: Option<usize>, device: &Device) 
 fn additive(visible: &Tensor, dtype: DType) -> Result<Tensor> {
     if visible.device().is_cuda() {
         // ln 1 = 0 and ln 0 = −∞: two element-wise passes. Candle's `where_cond` over the
-        // broadcast operands took 0.44 ms for a 4096 × 4096 mask on an H100 (the cast and the
-        // log are each about a tenth of that).
+        // broadcast operands took 0.44 ms for a 4096 × 4096 mask on an H100; the cast and the
+        // log fell out of the step's 30 longest kernels (bench/results/h100-eighteenth-…).
         return visible.to_dtype(dtype)?.log();
     }
     let (shape, device) = (visible.shape(), visible.device());
