@@ -221,21 +221,45 @@ pub fn attention_bias(
     device: &Device,
 ) -> Result<Tensor> {
     let t = seq_len;
-    let causal = visible_after(0, t, None, device)?;
-    let visible = match segment_ids {
-        None => causal.reshape((1, 1, t, t))?,
-        Some(seg) => {
-            let seg = Tensor::from_slice(seg, (batch, t), device)?;
-            let same = seg.unsqueeze(2)?.broadcast_eq(&seg.unsqueeze(1)?)?; // (B, T, T)
-                                                                            // A padding token (segment 0) sees itself only.
-            let keys = Tensor::arange(0u32, t as u32, device)?;
-            let diagonal = keys.unsqueeze(1)?.broadcast_eq(&keys.unsqueeze(0)?)?;
-            let real = seg.ne(0u32)?.unsqueeze(2)?; // (B, T, 1)
-            let allowed = real.broadcast_maximum(&diagonal)?; // (B, T, T)
-            same.mul(&allowed)?.broadcast_mul(&causal)?.unsqueeze(1)?
-        }
+    let Some(seg) = segment_ids else {
+        return causal_bias(t, dtype, device);
     };
+    let causal = visible_after(0, t, None, device)?;
+    let seg = Tensor::from_slice(seg, (batch, t), device)?;
+    // (B, T, T): both in one segment.
+    let same = seg.unsqueeze(2)?.broadcast_eq(&seg.unsqueeze(1)?)?;
+    // A padding token (segment 0) sees itself only.
+    let keys = Tensor::arange(0u32, t as u32, device)?;
+    let diagonal = keys.unsqueeze(1)?.broadcast_eq(&keys.unsqueeze(0)?)?;
+    let real = seg.ne(0u32)?.unsqueeze(2)?; // (B, T, 1)
+    let allowed = real.broadcast_maximum(&diagonal)?; // (B, T, T)
+    let visible = same.mul(&allowed)?.broadcast_mul(&causal)?.unsqueeze(1)?;
     additive(&visible, dtype)
+}
+
+/// The plain causal bias `(1, 1, T, T)`, made once for a length, dtype and device and kept for the
+/// next passes (the last one made): every step of a run attends with it, and making it is a
+/// compare, a cast and a log over T² elements, then (on CUDA) the flash kernels' pass sorting its
+/// tiles, which they keep per bias. Kept between steps, it adds nothing to a step's peak, which
+/// holds it anyway.
+fn causal_bias(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    static KEPT: Mutex<Option<(usize, DType, Device, Tensor)>> = Mutex::new(None);
+    let mut kept = KEPT
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the causal bias cache was poisoned".into()))?;
+    if let Some((kt, kd, kdev, bias)) = kept.as_ref() {
+        if *kt == t && *kd == dtype && kdev.same_device(device) {
+            return Ok(bias.clone());
+        }
+    }
+    // The previous one goes before the next is made, so the two are never held together.
+    *kept = None;
+    let bias = additive(
+        &visible_after(0, t, None, device)?.reshape((1, 1, t, t))?,
+        dtype,
+    )?;
+    *kept = Some((t, dtype, device.clone(), bias.clone()));
+    Ok(bias)
 }
 
 /// Additive causal bias `(1, 1, T, past + T)` for `T` new queries after `past` cached keys: query
@@ -384,6 +408,23 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The kept causal bias is never one of another length or dtype (other tests on other
+    /// threads may replace it between these calls, so only the values are checked).
+    #[test]
+    fn the_kept_causal_bias_follows_length_and_dtype() {
+        let dev = Device::Cpu;
+        for (t, dtype) in [
+            (5, DType::F32),
+            (5, DType::F32),
+            (3, DType::F32),
+            (5, DType::BF16),
+        ] {
+            let bias = attention_bias(4, t, None, dtype, &dev).unwrap();
+            assert_eq!((bias.dims(), bias.dtype()), (&[1, 1, t, t][..], dtype));
+            assert_eq!(values(bias), host_bias(1, 0, t, None, None));
         }
     }
 
