@@ -171,6 +171,27 @@ fn rope_matches_the_cpu() {
     }
 }
 
+/// RoPE's 16-byte path (aligned rows) and its pair-at-a-time path (the same rows one element into
+/// their storage, so no 16-byte access is aligned) give the same bits, in both dtypes.
+#[test]
+fn rope_by_units_equals_rope_by_pairs() {
+    let gpu = Device::new_cuda(0).unwrap();
+    for dtype in [DType::BF16, DType::F32] {
+        let (b, h, t, d) = (2, 3, 17, 64);
+        let pos: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % 300).collect();
+        let (cos, sin) = rope_tables(&pos, b, t, d);
+        let on = |x: &Tensor| x.to_device(&gpu).unwrap().to_dtype(dtype).unwrap();
+        let (cos, sin) = (on(&cos), on(&sin));
+        let n = b * h * t * d;
+        let flat = on(&randn(&[n + 1], 50));
+        let shifted = flat.narrow(0, 1, n).unwrap().reshape((b, h, t, d)).unwrap();
+        let aligned = shifted.copy().unwrap();
+        let by_pairs = kernels::rope(&shifted, &cos, &sin).unwrap();
+        let by_units = kernels::rope(&aligned, &cos, &sin).unwrap();
+        assert_eq!(bits(&by_pairs), bits(&by_units), "{dtype:?}");
+    }
+}
+
 #[test]
 fn attention_matches_the_cpu() {
     for dtype in [DType::F32, DType::BF16] {
@@ -519,13 +540,17 @@ fn lora_linear_matches_the_cpu() {
 #[test]
 fn lora_linear_bf16_is_as_exact_as_f32() {
     let gpu = Device::new_cuda(0).unwrap();
-    for (i, o, r) in [
-        (896, 4864, 16),
-        (4864, 896, 16),
-        (896, 896, 5),
-        (200, 72, 12),
+    // The last rows are long enough for dA's and dB's products to be cut along the tokens
+    // (`FINETUNE_CUDA_LORA_KSPLIT`).
+    for (n, i, o, r) in [
+        (300, 896, 4864, 16),
+        (300, 4864, 896, 16),
+        (300, 896, 896, 5),
+        (300, 200, 72, 12),
+        (2048, 896, 4864, 16),
+        (2048, 4864, 896, 16),
     ] {
-        let (n, s) = (300, 2.0);
+        let s = 2.0;
         let x = randn(&[n, i], 21).to_dtype(DType::BF16).unwrap();
         let a = randn(&[r, i], 22).affine(0.05, 0.0).unwrap();
         let b = randn(&[o, r], 23).affine(0.05, 0.0).unwrap();

@@ -21,11 +21,12 @@ use candle_core::{
 
 const SOURCE: &str = concat!(
     include_str!("cuda/kernels.cu"),
-    include_str!("cuda/dequant.cu")
+    include_str!("cuda/dequant.cu"),
+    include_str!("cuda/lora_parts.cu")
 );
 const MODULE: &str = "finetune_kernels";
 
-/// The PTX of `kernels.cu` and `dequant.cu`, compiled on first use.
+/// The PTX of `kernels.cu`, `dequant.cu` and `lora_parts.cu`, compiled on first use.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
     compiled_ptx(&PTX, SOURCE, Default::default(), "FineTune's CUDA kernels")

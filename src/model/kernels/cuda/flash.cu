@@ -514,6 +514,24 @@ extern "C" __global__ void ft_flash_delta(const bf16_t* o, const bf16_t* dout, f
     if (lane == 0) delta[row] = sum;
 }
 
+// The backward's dQ, dK and dV (f32, accumulated by atomics) as bf16, the three in one launch
+// (blockIdx.y picks one), four elements a thread: lengths `n4` in fours (flash.rs checks they
+// divide), rounded to nearest even as Candle's cast rounds.
+extern "C" __global__ void ft_flash_cast3(const float4* a, uint2* ao, long long na,
+                                          const float4* b, uint2* bo, long long nb,
+                                          const float4* c, uint2* co, long long nc) {
+    const long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const float4* s = blockIdx.y == 0 ? a : (blockIdx.y == 1 ? b : c);
+    uint2* d = blockIdx.y == 0 ? ao : (blockIdx.y == 1 ? bo : co);
+    const long long n = blockIdx.y == 0 ? na : (blockIdx.y == 1 ? nb : nc);
+    if (k >= n) return;
+    const float4 v = s[k];
+    uint2 r;
+    r.x = pack(v.x, v.y);
+    r.y = pack(v.z, v.w);
+    d[k] = r;
+}
+
 #define FT_FLASH(D, MT, B, BB)                                                                    \
     extern "C" __global__ void __launch_bounds__(128, B) ft_flash_fwd_##D(                        \
         const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* bias,                  \

@@ -188,68 +188,155 @@ __device__ void ce_bwd(const T* x, const unsigned int* target, const float* loss
     }
 }
 
-// RMSNorm with a frozen weight: y = x · r · w, r = 1/√(mean(x²) + eps).
-template <typename T>
-__device__ void rms_fwd(const T* x, const T* w, T* y, int cols, float eps) {
-    __shared__ float sh[32];
-    const long long off = (long long)blockIdx.x * cols;
-    float ss = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        float v = ld(x, off + j);
-        ss += v * v;
-    }
-    const float r = rsqrtf(block_sum(ss, sh) / cols + eps);
-    for (int j = threadIdx.x; j < cols; j += blockDim.x)
-        st(y, off + j, ld(x, off + j) * r * ld(w, j));
+// Whether 16-byte accesses at these addresses are aligned.
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c) {
+    return (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15) == 0;
 }
 
-// Its input gradient: dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x).
+// RMSNorm with a frozen weight: y = x · r · w, r = 1/√(mean(x²) + eps). One warp per row (8 rows
+// a block of 256): each lane sums its part of the row and the warp adds them, with no shared
+// memory or block barrier; 16 bytes at a time where the row allows (`vec`: cols a multiple of
+// the unit, every address aligned), else one element.
 template <typename T>
-__device__ void rms_bwd(const T* x, const T* w, const T* g, T* dx, int cols, float eps) {
-    __shared__ float sh[32];
-    const long long off = (long long)blockIdx.x * cols;
-    float ss = 0.f, dot = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        float v = ld(x, off + j);
-        ss += v * v;
-        dot += ld(g, off + j) * ld(w, j) * v;
+__device__ __forceinline__ bool rms_vec(int cols, const void* a, const void* b, const void* c,
+                                        const void* d) {
+    return cols % (16 / sizeof(T)) == 0 && aligned16(a, b, c) && aligned16(d, d, d);
+}
+template <typename T>
+__device__ void rms_fwd(const T* x, const T* w, T* y, long long rows, int cols, float eps) {
+    constexpr int N = 16 / sizeof(T);
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const T* xr = x + row * cols;
+    T* yr = y + row * cols;
+    const bool vec = rms_vec<T>(cols, xr, w, yr, yr);
+    float ss = 0.f;
+    if (vec) {
+        for (int u = lane; u < cols / N; u += 32) {
+            float v[N];
+            unpack16(xr + u * N, v);
+#pragma unroll
+            for (int k = 0; k < N; k++) ss += v[k] * v[k];
+        }
+    } else {
+        for (int j = lane; j < cols; j += 32) ss += ld(xr, j) * ld(xr, j);
     }
-    ss = block_sum(ss, sh);
-    dot = block_sum(dot, sh);
+    const float r = rsqrtf(warp_sum(ss) / cols + eps);
+    if (vec) {
+        for (int u = lane; u < cols / N; u += 32) {
+            float v[N], wv[N];
+            unpack16(xr + u * N, v);
+            unpack16(w + u * N, wv);
+#pragma unroll
+            for (int k = 0; k < N; k++) v[k] = v[k] * r * wv[k];
+            pack16(yr + u * N, v);
+        }
+    } else {
+        for (int j = lane; j < cols; j += 32) st(yr, j, ld(xr, j) * r * ld(w, j));
+    }
+}
+
+// Its input gradient: dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x), a warp per row as the forward.
+template <typename T>
+__device__ void rms_bwd(const T* x, const T* w, const T* g, T* dx, long long rows, int cols,
+                        float eps) {
+    constexpr int N = 16 / sizeof(T);
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const T* xr = x + row * cols;
+    const T* gr = g + row * cols;
+    T* dr = dx + row * cols;
+    const bool vec = rms_vec<T>(cols, xr, w, gr, dr);
+    float ss = 0.f, dot = 0.f;
+    if (vec) {
+        for (int u = lane; u < cols / N; u += 32) {
+            float v[N], wv[N], gv[N];
+            unpack16(xr + u * N, v);
+            unpack16(w + u * N, wv);
+            unpack16(gr + u * N, gv);
+#pragma unroll
+            for (int k = 0; k < N; k++) {
+                ss += v[k] * v[k];
+                dot += gv[k] * wv[k] * v[k];
+            }
+        }
+    } else {
+        for (int j = lane; j < cols; j += 32) {
+            const float v = ld(xr, j);
+            ss += v * v;
+            dot += ld(gr, j) * ld(w, j) * v;
+        }
+    }
+    ss = warp_sum(ss);
+    dot = warp_sum(dot);
     const float r = rsqrtf(ss / cols + eps);
     const float k = r * r * r * dot / cols;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x)
-        st(dx, off + j, r * ld(g, off + j) * ld(w, j) - ld(x, off + j) * k);
+    if (vec) {
+        for (int u = lane; u < cols / N; u += 32) {
+            float v[N], wv[N], gv[N];
+            unpack16(xr + u * N, v);
+            unpack16(w + u * N, wv);
+            unpack16(gr + u * N, gv);
+#pragma unroll
+            for (int q = 0; q < N; q++) v[q] = r * gv[q] * wv[q] - v[q] * k;
+            pack16(dr + u * N, v);
+        }
+    } else {
+        for (int j = lane; j < cols; j += 32) st(dr, j, r * ld(gr, j) * ld(w, j) - ld(xr, j) * k);
+    }
+}
+
+// One rotated pair: (x1, x2) by the angle whose cosine is c and (signed) sine s.
+__device__ __forceinline__ void rot(float x1, float x2, float c, float s, float& y1, float& y2) {
+    y1 = x1 * c - x2 * s;
+    y2 = x2 * c + x1 * s;
 }
 
 // RoPE, rotate-half convention, on x (B, H, T, Dh) with cos/sin tables (Bc, T, Dh) (Bc = 1 or B,
 // halves repeated as transformers builds them). `sign` = −1 applies the inverse rotation
 // (the backward). `in_bthd` / `out_bthd` = 1 read / write the rows in (B, T, H, Dh) order instead:
-// the head transpose done by the same pass. One thread per (row, i < Dh/2) pair.
+// the head transpose done by the same pass. One thread per `per` consecutive pairs of a row
+// (`threads` of them): with `per` = 16 bytes of elements (8 bf16, 4 f32) and aligned addresses,
+// 16-byte loads and stores, else one pair at a time.
 template <typename T>
-__device__ void rope(const T* x, const T* cos, const T* sin, T* y, long long pairs, int d,
-                     int heads, int t_len, int table_batches, float sign, int in_bthd,
+__device__ void rope(const T* x, const T* cos, const T* sin, T* y, long long threads, int per,
+                     int d, int heads, int t_len, int table_batches, float sign, int in_bthd,
                      int out_bthd) {
+    constexpr int N = 16 / sizeof(T);
     long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (k >= pairs) return;
+    if (k >= threads) return;
     const int half = d / 2;
-    const long long row = k / half;  // in (B, H, T) order
-    const int i = (int)(k % half);
+    const long long p0 = k * per;
+    const long long row = p0 / half;  // in (B, H, T) order
+    const int i = (int)(p0 % half);
     const int t = (int)(row % t_len);
     const int h = (int)((row / t_len) % heads);
     const int b = (int)(row / ((long long)heads * t_len));
     const long long bthd = ((long long)b * t_len + t) * heads + h;
     const long long ri = in_bthd ? bthd : row, ro = out_bthd ? bthd : row;
     const long long toff = ((long long)(table_batches == 1 ? 0 : b) * t_len + t) * d + i;
-    const float c = ld(cos, toff), s = sign * ld(sin, toff);
-    const float x1 = ld(x, ri * d + i), x2 = ld(x, ri * d + i + half);
-    st(y, ro * d + i, x1 * c - x2 * s);
-    st(y, ro * d + i + half, x2 * c + x1 * s);
-}
-
-// Whether 16-byte accesses at these addresses are aligned.
-__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c) {
-    return (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15) == 0;
+    const T* xa = x + ri * d + i;
+    T* ya = y + ro * d + i;
+    if (per == N && aligned16(xa, xa + half, ya) && aligned16(ya + half, cos + toff, sin + toff)) {
+        float c[N], s[N], a[N], bb[N], oa[N], ob[N];
+        unpack16(cos + toff, c);
+        unpack16(sin + toff, s);
+        unpack16(xa, a);
+        unpack16(xa + half, bb);
+#pragma unroll
+        for (int j = 0; j < N; j++) rot(a[j], bb[j], c[j], sign * s[j], oa[j], ob[j]);
+        pack16(ya, oa);
+        pack16(ya + half, ob);
+        return;
+    }
+    for (int j = 0; j < per; j++) {
+        float o1, o2;
+        rot(ld(xa, j), ld(xa, j + half), ld(cos, toff + j), sign * ld(sin, toff + j), o1, o2);
+        st(ya, j, o1);
+        st(ya, j + half, o2);
+    }
 }
 
 // out = y + bias for y (N, cols) and bias (cols), in f32 and rounded once (the correctly rounded
@@ -375,19 +462,19 @@ __device__ void add_scaled(const T* y, const float* u, T* out, long long n, floa
                                              int cols) {                                      \
         ce_bwd<T>(x, target, loss, g, dx, cols);                                               \
     }                                                                                          \
-    extern "C" __global__ void ft_rms_fwd_##N(const T* x, const T* w, T* y, int cols,         \
-                                              float eps) {                                    \
-        rms_fwd<T>(x, w, y, cols, eps);                                                        \
+    extern "C" __global__ void ft_rms_fwd_##N(const T* x, const T* w, T* y, long long rows,   \
+                                              int cols, float eps) {                          \
+        rms_fwd<T>(x, w, y, rows, cols, eps);                                                  \
     }                                                                                          \
     extern "C" __global__ void ft_rms_bwd_##N(const T* x, const T* w, const T* g, T* dx,      \
-                                              int cols, float eps) {                          \
-        rms_bwd<T>(x, w, g, dx, cols, eps);                                                    \
+                                              long long rows, int cols, float eps) {          \
+        rms_bwd<T>(x, w, g, dx, rows, cols, eps);                                              \
     }                                                                                          \
     extern "C" __global__ void ft_rope_##N(const T* x, const T* cos, const T* sin, T* y,      \
-                                           long long pairs, int d, int heads, int t_len,      \
-                                           int table_batches, float sign, int in_bthd,        \
-                                           int out_bthd) {                                    \
-        rope<T>(x, cos, sin, y, pairs, d, heads, t_len, table_batches, sign, in_bthd,         \
+                                           long long threads, int per, int d, int heads,      \
+                                           int t_len, int table_batches, float sign,          \
+                                           int in_bthd, int out_bthd) {                       \
+        rope<T>(x, cos, sin, y, threads, per, d, heads, t_len, table_batches, sign, in_bthd,  \
                 out_bthd);                                                                     \
     }                                                                                          \
     extern "C" __global__ void ft_add_bias_##N(const T* y, const T* bias, T* out, long long n, \
@@ -419,57 +506,6 @@ FOR_TYPES(SOFTMAX)
 // it leave), which together hold its 24 significant bits; a product of two parts is exact in
 // f32, so the parts' products summed in f32 give the f32 product.
 //
-// ft_split_parts writes `copies` bf16 copies of an (rows, cols) f32 matrix — the sum of `parts`
-// blocks `part_stride` apart, times `scale` — copy j holding the part numbered by bits 2j..2j+2
-// of `pattern` (0 hi, 1 mid, 2 lo). Source element (u, v) at src[u·su + v·sv (+ q·part_stride)];
-// copy j's at dst[j·dj + u·du + v·dv]. Two jobs a launch (blockIdx.y picks one), one thread per
-// source element. lora_split.rs's `Job` has this layout.
-struct SplitJob {
-    const float* src;
-    bf16_t* dst;
-    long long rows, su, sv, part_stride, du, dv, dj;
-    int cols, parts, copies, pattern;
-    float scale;
-    int unused;
-};
-extern "C" __global__ void ft_split_parts(SplitJob a, SplitJob b) {
-    const SplitJob j = blockIdx.y == 0 ? a : b;
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= j.rows * j.cols) return;
-    const long long u = e / j.cols, v = e % j.cols;
-    const float* s = j.src + u * j.su + v * j.sv;
-    float x = 0.f;
-    for (int q = j.parts - 1; q >= 0; q--) x += s[q * j.part_stride];  // small parts first
-    x *= j.scale;
-    bf16_t p[3];
-    float rest = x;
-    for (int k = 0; k < 3; k++) {
-        st(p, k, rest);
-        rest -= ld(p, k);
-    }
-    bf16_t* d = j.dst + u * j.du + v * j.dv;
-    for (int c = 0; c < j.copies; c++) d[c * j.dj] = p[(j.pattern >> (2 * c)) & 3];
-}
-
-// dst (rows, cols) = scale · Σ_{q<3} src[u·su + q·sq + v], small parts first: the three
-// part-products of a split summed into an f32 result (dA's and dB's). Two jobs a launch
-// (blockIdx.y picks one), one thread per element. lora_split.rs's `SumJob` has this layout.
-struct SumJob {
-    const float* src;
-    float* dst;
-    long long rows, su, sq;
-    int cols;
-    float scale;
-};
-extern "C" __global__ void ft_sum_parts(SumJob a, SumJob b) {
-    const SumJob j = blockIdx.y == 0 ? a : b;
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= j.rows * j.cols) return;
-    const long long u = e / j.cols, v = e % j.cols;
-    const float* s = j.src + u * j.su + v;
-    j.dst[e] = j.scale * ((s[2 * j.sq] + s[j.sq]) + s[0]);
-}
-
 // AdamW over many f32 tensors in one launch (kernels::cuda::adamw): block b updates tensor b of
 // `jobs` in place with its moments at `off` in the flat m and v. The arithmetic is optim.rs's
 // flat step op by op, each rounded as Candle's kernels round it (no contraction into FMAs), so

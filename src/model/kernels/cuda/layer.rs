@@ -43,7 +43,8 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         let (rows, cols) = rms_dims(lx, lw, op)?;
-        let eps = self.eps;
+        // A warp per row, eight a block (kernels.cu).
+        let (rows_l, eps) = (rows as i64, self.eps);
         let dev = x.device();
         let out = launch!(
             op,
@@ -52,8 +53,8 @@ impl CustomOp2 for RmsNorm {
             "ft_rms_fwd",
             [(x, lx), (w, lw)],
             lx.shape().elem_count(),
-            [cols, eps],
-            rows,
+            [rows_l, cols, eps],
+            rows.div_ceil(8),
             256
         );
         Ok((out, lx.shape().clone()))
@@ -98,7 +99,7 @@ impl CustomOp3 for RmsNormBwd {
         if lg.shape() != lx.shape() || g.dtype() != x.dtype() {
             candle_core::bail!("{op}: gradient does not match the input");
         }
-        let eps = self.eps;
+        let (rows_l, eps) = (rows as i64, self.eps);
         let dev = x.device();
         let out = launch!(
             op,
@@ -107,8 +108,8 @@ impl CustomOp3 for RmsNormBwd {
             "ft_rms_bwd",
             [(x, lx), (w, lw), (g, lg)],
             lx.shape().elem_count(),
-            [cols, eps],
-            rows,
+            [rows_l, cols, eps],
+            rows.div_ceil(8),
             256
         );
         Ok((out, lx.shape().clone()))
@@ -179,7 +180,11 @@ impl CustomOp3 for Rope {
             false => Shape::from_dims(&[b, h, t, d]),
         };
         let n = lx.shape().elem_count();
-        let pairs = (n / 2) as i64;
+        // A thread per 16 bytes of a half row where the halves hold whole units, else per pair.
+        let unit = 16 / x.dtype().size_in_bytes();
+        let per = if (d / 2).is_multiple_of(unit) { unit } else { 1 };
+        let threads = n / 2 / per;
+        let (threads_l, per_i) = (threads as i64, to_i32(per, op)?);
         let (d, h, t, tb) = (
             to_i32(d, op)?,
             to_i32(h, op)?,
@@ -195,8 +200,8 @@ impl CustomOp3 for Rope {
             "ft_rope",
             [(x, lx), (c, lc), (s, ls)],
             n,
-            [pairs, d, h, t, tb, sign, from, to],
-            elem_blocks(n / 2, op)?,
+            [threads_l, per_i, d, h, t, tb, sign, from, to],
+            elem_blocks(threads, op)?,
             256
         );
         Ok((out, out_shape))

@@ -1,7 +1,8 @@
 //! The bf16 parts of f32 matrices for `lora_split`'s products, and the sums of part-products:
 //! `ft_split_parts` writes copies of an f32 matrix (or of the sum of three part-products) as
 //! hi, mid and lo bf16 parts, two matrices a launch; `ft_sum_parts` adds three part-products
-//! back into f32, two results a launch (kernels.cu).
+//! (each possibly in pieces along the inner dimension) back into f32, two results a launch
+//! (lora_parts.cu).
 
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::bf16;
@@ -40,7 +41,7 @@ pub(super) struct Split<'a, 'b> {
     pub(super) len: usize,
 }
 
-/// A job of `ft_split_parts` (`SplitJob` in kernels.cu).
+/// A job of `ft_split_parts` (`SplitJob` in lora_parts.cu).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct Job {
@@ -61,7 +62,7 @@ struct Job {
     unused: i32,
 }
 
-// SAFETY: plain old data with kernels.cu's `SplitJob` layout (two pointers, seven 64-bit ints,
+// SAFETY: plain old data with lora_parts.cu's `SplitJob` layout (two pointers, seven 64-bit ints,
 // four ints, a float, an int).
 unsafe impl DeviceRepr for Job {}
 
@@ -78,6 +79,8 @@ pub(super) fn split(dev: &CudaDevice, splits: &[Split<'_, '_>]) -> Result<Vec<Cu
         if m.rows * m.cols == 0 || parts == 0 || sp.pat.is_empty() {
             candle_core::bail!("{op}: an empty split of {m:?}");
         }
+        // The kernel indexes elements with 32-bit ints.
+        to_i32(m.rows * m.cols, op)?;
         let src_end = last(parts) * stride + last(m.rows) * m.su + last(m.cols) * m.sv;
         let dst_end = last(sp.pat.len()) * dj + last(m.rows) * du + last(m.cols) * dv;
         if src_end >= sp.src.len() || dst_end >= sp.len {
@@ -145,16 +148,18 @@ pub(super) fn split(dev: &CudaDevice, splits: &[Split<'_, '_>]) -> Result<Vec<Cu
     Ok(dsts)
 }
 
-/// One sum of [`sum_parts`]: `scale · Σ_q src[u·su + q·sq + v]` over the three part-products,
-/// an f32 (rows, cols) = `shape` result, `strides` = (su, sq).
+/// One sum of [`sum_parts`]: `scale · Σ_q Σ_c src[u·su + q·sq + c·sc + v]` over the three
+/// part-products and their `chunks` = (count, sc) partial products along the inner dimension, an
+/// f32 (rows, cols) = `shape` result, `strides` = (su, sq).
 pub(super) struct Sum<'a> {
     pub(super) src: &'a CudaSlice<f32>,
     pub(super) shape: (usize, usize),
     pub(super) strides: (usize, usize),
+    pub(super) chunks: (usize, usize),
     pub(super) scale: f32,
 }
 
-/// A job of `ft_sum_parts` (`SumJob` in kernels.cu).
+/// A job of `ft_sum_parts` (`SumJob` in lora_parts.cu).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct SumJob {
@@ -163,12 +168,15 @@ struct SumJob {
     rows: i64,
     su: i64,
     sq: i64,
+    sc: i64,
     cols: i32,
+    chunks: i32,
     scale: f32,
+    unused: i32,
 }
 
-// SAFETY: plain old data with kernels.cu's `SumJob` layout (two pointers, three 64-bit ints, an
-// int, a float).
+// SAFETY: plain old data with lora_parts.cu's `SumJob` layout (two pointers, four 64-bit ints, two
+// ints, a float, an int).
 unsafe impl DeviceRepr for SumJob {}
 
 /// Two sums of part-products (dA's and dB's) in one launch, their results in order.
@@ -179,13 +187,18 @@ pub(super) fn sum_parts(
     let op = "ft-sum-parts";
     let mut dsts = Vec::with_capacity(2);
     for s in &sums {
-        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
-        if rows * cols == 0 || 2 * sq + (rows - 1) * su + cols > s.src.len() {
+        let ((rows, cols), (su, sq), (chunks, sc)) = (s.shape, s.strides, s.chunks);
+        if rows * cols == 0
+            || chunks == 0
+            || (chunks - 1) * sc + 2 * sq + (rows - 1) * su + cols > s.src.len()
+        {
             candle_core::bail!(
-                "{op}: ({rows}, {cols}) parts do not fit {} values",
+                "{op}: ({rows}, {cols}) parts in {chunks} chunks do not fit {} values",
                 s.src.len()
             );
         }
+        // The kernel indexes elements with 32-bit ints.
+        to_i32(rows * cols, op)?;
         dsts.push(alloc::<f32>(dev, rows * cols)?);
     }
     let stream = dev.cuda_stream();
@@ -195,15 +208,18 @@ pub(super) fn sum_parts(
         let (src, held_src) = s.src.device_ptr(&stream);
         let (dst, held_dst) = dst.device_ptr(&stream);
         keep.push((held_src, held_dst));
-        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
+        let ((rows, cols), (su, sq), (chunks, sc)) = (s.shape, s.strides, s.chunks);
         jobs.push(SumJob {
             src,
             dst,
             rows: rows as i64,
             su: su as i64,
             sq: sq as i64,
+            sc: sc as i64,
             cols: to_i32(cols, op)?,
+            chunks: to_i32(chunks, op)?,
             scale: s.scale,
+            unused: 0,
         });
     }
     let most = sums
