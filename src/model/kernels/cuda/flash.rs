@@ -530,7 +530,10 @@ fn backward(
 /// `ft_flash_cast3` instead of three of Candle's casts.
 fn to_bf16(dev: &CudaDevice, src: [&CudaSlice<f32>; 3]) -> Result<[CudaSlice<bf16>; 3]> {
     let op = "ft-flash-cast3";
-    if src.iter().any(|s| !s.len().is_multiple_of(4) || s.is_empty()) {
+    if src
+        .iter()
+        .any(|s| !s.len().is_multiple_of(4) || s.is_empty())
+    {
         candle_core::bail!("{op}: lengths must be a nonzero multiple of four");
     }
     // SAFETY: the kernel writes every element of each (four a thread over len / 4 threads).

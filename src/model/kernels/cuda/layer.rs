@@ -182,7 +182,11 @@ impl CustomOp3 for Rope {
         let n = lx.shape().elem_count();
         // A thread per 16 bytes of a half row where the halves hold whole units, else per pair.
         let unit = 16 / x.dtype().size_in_bytes();
-        let per = if (d / 2).is_multiple_of(unit) { unit } else { 1 };
+        let per = if (d / 2).is_multiple_of(unit) {
+            unit
+        } else {
+            1
+        };
         let threads = n / 2 / per;
         let (threads_l, per_i) = (threads as i64, to_i32(per, op)?);
         let (d, h, t, tb) = (
