@@ -74,6 +74,11 @@ fn addresses<'a, G: std::ops::Deref<Target = Storage>>(
     Ok((ptrs, keep))
 }
 
+/// Elements a block of `ft_adamw` updates: a tensor is cut into pieces of this many, so that the
+/// launch spreads over every SM (a block per tensor left the largest tensors to a few SMs: 0.35
+/// ms for Qwen2.5-0.5B's 8.8M LoRA parameters on an H100).
+const PIECE: usize = 8192;
+
 /// Updates each `(parameter, gradient, offset)` in place, with its moments at `offset` of the
 /// flat `m` and `v` (all f32, contiguous, on one GPU; `m` and `v` distinct buffers): the
 /// composed step of `train::optim::AdamW` in one launch.
@@ -101,22 +106,23 @@ pub fn adamw(
     if ptrs[1].1 != total || ptrs[0].0 == ptrs[1].0 {
         candle_core::bail!("{op}: the moments must be two buffers of one length");
     }
-    let jobs = items
-        .iter()
-        .zip(ptrs[2..].chunks_exact(2))
-        .map(|(&(_, _, off), pg)| {
-            let ((p, len), (g, glen)) = (pg[0], pg[1]);
-            if glen != len || off + len > total {
-                candle_core::bail!("{op}: a gradient or offset does not fit its parameter");
-            }
-            Ok(Job {
-                p,
-                g,
-                off: off as i64,
-                len: len as i64,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // A block per piece of at most PIECE elements of a tensor (each piece is a job of its own).
+    let mut jobs = Vec::with_capacity(items.len());
+    for (&(_, _, off), pg) in items.iter().zip(ptrs[2..].chunks_exact(2)) {
+        let ((p, len), (g, glen)) = (pg[0], pg[1]);
+        if glen != len || off + len > total {
+            candle_core::bail!("{op}: a gradient or offset does not fit its parameter");
+        }
+        for start in (0..len).step_by(PIECE) {
+            let bytes = (start * std::mem::size_of::<f32>()) as u64;
+            jobs.push(Job {
+                p: p + bytes,
+                g: g + bytes,
+                off: (off + start) as i64,
+                len: PIECE.min(len - start) as i64,
+            });
+        }
+    }
     let table = dev.clone_htod(&jobs)?;
     let f32_of = |x: f64| x as f32;
     let (bc1, bc2) = s.bias_corrections;

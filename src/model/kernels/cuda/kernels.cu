@@ -237,6 +237,16 @@ __device__ void rms_fwd(const T* x, const T* w, T* y, long long rows, int cols, 
     }
 }
 
+// Unit u (16 bytes of elements) of a row of x, of w and of a row of g, as floats.
+template <typename T>
+__device__ __forceinline__ void unpack_unit(const T* xr, const T* w, const T* gr, int u, float* v,
+                                            float* wv, float* gv) {
+    constexpr int N = 16 / sizeof(T);
+    unpack16(xr + u * N, v);
+    unpack16(w + u * N, wv);
+    unpack16(gr + u * N, gv);
+}
+
 // Its input gradient: dx = r·(g⊙w) − x·r³·mean(g⊙w⊙x), a warp per row as the forward.
 template <typename T>
 __device__ void rms_bwd(const T* x, const T* w, const T* g, T* dx, long long rows, int cols,
@@ -253,9 +263,7 @@ __device__ void rms_bwd(const T* x, const T* w, const T* g, T* dx, long long row
     if (vec) {
         for (int u = lane; u < cols / N; u += 32) {
             float v[N], wv[N], gv[N];
-            unpack16(xr + u * N, v);
-            unpack16(w + u * N, wv);
-            unpack16(gr + u * N, gv);
+            unpack_unit(xr, w, gr, u, v, wv, gv);
 #pragma unroll
             for (int k = 0; k < N; k++) {
                 ss += v[k] * v[k];
@@ -276,9 +284,7 @@ __device__ void rms_bwd(const T* x, const T* w, const T* g, T* dx, long long row
     if (vec) {
         for (int u = lane; u < cols / N; u += 32) {
             float v[N], wv[N], gv[N];
-            unpack16(xr + u * N, v);
-            unpack16(w + u * N, wv);
-            unpack16(gr + u * N, gv);
+            unpack_unit(xr, w, gr, u, v, wv, gv);
 #pragma unroll
             for (int q = 0; q < N; q++) v[q] = r * gv[q] * wv[q] - v[q] * k;
             pack16(dr + u * N, v);
@@ -506,8 +512,8 @@ FOR_TYPES(SOFTMAX)
 // it leave), which together hold its 24 significant bits; a product of two parts is exact in
 // f32, so the parts' products summed in f32 give the f32 product.
 //
-// AdamW over many f32 tensors in one launch (kernels::cuda::adamw): block b updates tensor b of
-// `jobs` in place with its moments at `off` in the flat m and v. The arithmetic is optim.rs's
+// AdamW over many f32 tensors in one launch (kernels::cuda::adamw): block b updates job b (a
+// tensor, or a piece of one) in place with its moments at `off` in the flat m and v. The arithmetic is optim.rs's
 // flat step op by op, each rounded as Candle's kernels round it (no contraction into FMAs), so
 // the two give the same values. flags: 1 scale the gradient, 2 decay the weights.
 struct AdamWJob {

@@ -52,32 +52,21 @@ extern "C" __global__ void ft_split_parts(SplitJob a, SplitJob b) {
     }
 }
 
-// dst (rows, cols) = scale · Σ_q Σ_c src[u·su + q·sq + c·sc + v] over the three parts q (small
-// parts first) and `chunks` partial products c (each part's partials summed in order, then the
-// parts): the part-products of a split summed into an f32 result (dA's and dB's), cut along
-// their inner dimension when `chunks` > 1. Two jobs a launch (blockIdx.y picks one), one thread
-// per element; rows · cols < 2³¹. lora_parts.rs's `SumJob` has this layout.
+// dst (rows, cols) = scale · Σ_{q<3} src[u·su + q·sq + v], small parts first: the three
+// part-products of a split summed into an f32 result (dA's and dB's). Two jobs a launch
+// (blockIdx.y picks one), one thread per element; rows · cols < 2³¹. lora_parts.rs's `SumJob`
+// has this layout.
 struct SumJob {
     const float* src;
     float* dst;
-    long long rows, su, sq, sc;
-    int cols, chunks;
+    long long rows, su, sq;
+    int cols;
     float scale;
-    int unused;
 };
-__device__ __forceinline__ float chunk_sum(const float* s, int chunks, long long sc) {
-    float acc = s[0];
-#pragma unroll 4
-    for (int c = 1; c < chunks; c++) acc += s[c * sc];
-    return acc;
-}
 __device__ __forceinline__ void sum_elem(const SumJob j, int e) {
     const int u = e / j.cols, v = e - u * j.cols;
     const float* s = j.src + u * j.su + v;
-    const float p2 = chunk_sum(s + 2 * j.sq, j.chunks, j.sc);
-    const float p1 = chunk_sum(s + j.sq, j.chunks, j.sc);
-    const float p0 = chunk_sum(s, j.chunks, j.sc);
-    j.dst[e] = j.scale * ((p2 + p1) + p0);
+    j.dst[e] = j.scale * ((s[2 * j.sq] + s[j.sq]) + s[0]);
 }
 extern "C" __global__ void ft_sum_parts(SumJob a, SumJob b) {
     const int e = blockIdx.x * blockDim.x + threadIdx.x;

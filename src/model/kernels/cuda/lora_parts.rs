@@ -1,8 +1,7 @@
 //! The bf16 parts of f32 matrices for `lora_split`'s products, and the sums of part-products:
 //! `ft_split_parts` writes copies of an f32 matrix (or of the sum of three part-products) as
 //! hi, mid and lo bf16 parts, two matrices a launch; `ft_sum_parts` adds three part-products
-//! (each possibly in pieces along the inner dimension) back into f32, two results a launch
-//! (lora_parts.cu).
+//! back into f32, two results a launch (lora_parts.cu).
 
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr};
 use half::bf16;
@@ -148,14 +147,12 @@ pub(super) fn split(dev: &CudaDevice, splits: &[Split<'_, '_>]) -> Result<Vec<Cu
     Ok(dsts)
 }
 
-/// One sum of [`sum_parts`]: `scale · Σ_q Σ_c src[u·su + q·sq + c·sc + v]` over the three
-/// part-products and their `chunks` = (count, sc) partial products along the inner dimension, an
-/// f32 (rows, cols) = `shape` result, `strides` = (su, sq).
+/// One sum of [`sum_parts`]: `scale · Σ_q src[u·su + q·sq + v]` over the three part-products,
+/// an f32 (rows, cols) = `shape` result, `strides` = (su, sq).
 pub(super) struct Sum<'a> {
     pub(super) src: &'a CudaSlice<f32>,
     pub(super) shape: (usize, usize),
     pub(super) strides: (usize, usize),
-    pub(super) chunks: (usize, usize),
     pub(super) scale: f32,
 }
 
@@ -168,15 +165,12 @@ struct SumJob {
     rows: i64,
     su: i64,
     sq: i64,
-    sc: i64,
     cols: i32,
-    chunks: i32,
     scale: f32,
-    unused: i32,
 }
 
-// SAFETY: plain old data with lora_parts.cu's `SumJob` layout (two pointers, four 64-bit ints, two
-// ints, a float, an int).
+// SAFETY: plain old data with lora_parts.cu's `SumJob` layout (two pointers, three 64-bit ints, an
+// int, a float).
 unsafe impl DeviceRepr for SumJob {}
 
 /// Two sums of part-products (dA's and dB's) in one launch, their results in order.
@@ -187,13 +181,10 @@ pub(super) fn sum_parts(
     let op = "ft-sum-parts";
     let mut dsts = Vec::with_capacity(2);
     for s in &sums {
-        let ((rows, cols), (su, sq), (chunks, sc)) = (s.shape, s.strides, s.chunks);
-        if rows * cols == 0
-            || chunks == 0
-            || (chunks - 1) * sc + 2 * sq + (rows - 1) * su + cols > s.src.len()
-        {
+        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
+        if rows * cols == 0 || 2 * sq + (rows - 1) * su + cols > s.src.len() {
             candle_core::bail!(
-                "{op}: ({rows}, {cols}) parts in {chunks} chunks do not fit {} values",
+                "{op}: ({rows}, {cols}) parts do not fit {} values",
                 s.src.len()
             );
         }
@@ -208,18 +199,15 @@ pub(super) fn sum_parts(
         let (src, held_src) = s.src.device_ptr(&stream);
         let (dst, held_dst) = dst.device_ptr(&stream);
         keep.push((held_src, held_dst));
-        let ((rows, cols), (su, sq), (chunks, sc)) = (s.shape, s.strides, s.chunks);
+        let ((rows, cols), (su, sq)) = (s.shape, s.strides);
         jobs.push(SumJob {
             src,
             dst,
             rows: rows as i64,
             su: su as i64,
             sq: sq as i64,
-            sc: sc as i64,
             cols: to_i32(cols, op)?,
-            chunks: to_i32(chunks, op)?,
             scale: s.scale,
-            unused: 0,
         });
     }
     let most = sums

@@ -17,8 +17,7 @@
 //! makes them again, to compare). That is 12 bytes per LoRA parameter and 12·r per token of each
 //! adapted projection until its backward (`memory::estimate`).
 
-use candle_core::cuda::cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
-use candle_core::cuda::cudarc::cublas::{sys, CudaBlas};
+use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys, CudaBlas};
 use candle_core::cuda::cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
 };
@@ -84,62 +83,23 @@ fn holds(len: usize, (rows, cols): (usize, usize), ld: usize) -> bool {
     ld >= cols && rows > 0 && cols > 0 && (rows - 1) * ld + cols <= len
 }
 
-/// A batch of [`gemm_at`]'s products: `count` of them, the operands and results of product j
-/// at j·`a`, j·`b`, j·`c` elements past the first's.
-#[derive(Debug, Clone, Copy)]
-struct Batch {
-    count: usize,
-    a: usize,
-    b: usize,
-    c: usize,
-}
-
-/// One product, no batch.
-const ONE: Batch = Batch {
-    count: 1,
-    a: 0,
-    b: 0,
-    c: 0,
-};
-
 /// Row-major `c (m×n) = α·op(a)·op(b) + β·c` for bf16 `a`, `b` on tensor cores with f32
 /// accumulation; op(a) is (m×k), op(b) (k×n); c's rows are n apart.
 fn gemm<C: Out>(
-    ctx: (&CudaBlas, &CudaDevice),
-    args: (Arg<'_, '_>, Arg<'_, '_>),
-    c: &mut CudaViewMut<'_, C>,
-    dims: (usize, usize, usize),
-    ab: (f32, f32),
-    op: &str,
-) -> Result<()> {
-    gemm_at(ctx, args, c, dims, ab, op, ONE)
-}
-
-/// [`gemm`] for each product of `batch` (cuBLAS's strided batched call when there are several).
-fn gemm_at<C: Out>(
     (blas, dev): (&CudaBlas, &CudaDevice),
     (a, b): (Arg<'_, '_>, Arg<'_, '_>),
     c: &mut CudaViewMut<'_, C>,
     (m, n, k): (usize, usize, usize),
     (alpha, beta): (f32, f32),
     op: &str,
-    batch: Batch,
 ) -> Result<()> {
     let stored = |x: &Arg<'_, '_>, rows, cols| if x.t { (cols, rows) } else { (rows, cols) };
-    // The last product's operands and result must lie inside the buffers.
-    let last = batch.count.saturating_sub(1);
-    let within = |len: usize, step: usize| len.saturating_sub(last * step);
-    if batch.count == 0
-        || !holds(within(a.v.len(), batch.a), stored(&a, m, k), a.ld)
-        || !holds(within(b.v.len(), batch.b), stored(&b, k, n), b.ld)
-        || !holds(within(c.len(), batch.c), (m, n), n)
-        || last * batch.a > a.v.len()
-        || last * batch.b > b.v.len()
-        || last * batch.c > c.len()
+    if !holds(a.v.len(), stored(&a, m, k), a.ld)
+        || !holds(b.v.len(), stored(&b, k, n), b.ld)
+        || !holds(c.len(), (m, n), n)
     {
         candle_core::bail!(
-            "{op}: {} products of ({m}×{k}) and ({k}×{n}) over buffers of {}, {} and {}",
-            batch.count,
+            "{op}: a product of ({m}×{k}) and ({k}×{n}) over buffers of {}, {} and {}",
             a.v.len(),
             b.v.len(),
             c.len()
@@ -156,94 +116,34 @@ fn gemm_at<C: Out>(
     let (ap, _ga) = a.v.device_ptr(&stream);
     let (bp, _gb) = b.v.device_ptr(&stream);
     let (cp, _gc) = c.device_ptr_mut(&stream);
-    let (bf, f32c) = (
-        sys::cudaDataType_t::CUDA_R_16BF,
-        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-    );
-    let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP;
-    let (mi, ni, ki) = (to_i32(m, op)?, to_i32(n, op)?, to_i32(k, op)?);
-    let (lda, ldb) = (to_i32(a.ld, op)?, to_i32(b.ld, op)?);
-    let (alpha, beta) = ((&alpha) as *const f32, (&beta) as *const f32);
     // cuBLAS is column-major: a row-major matrix is its transpose there, so cᵀ = op(b)ᵀ·op(a)ᵀ.
     // SAFETY: the lengths checked above hold every element read (op(a), op(b), and c when β ≠ 0)
-    // and written (c) of every product of the batch for these sizes, strides and leading
-    // dimensions; α and β are f32 as the 32F compute type takes them; the handle works on the
-    // device's stream.
-    if batch.count == 1 {
-        unsafe {
-            gemm_ex(
-                *blas.handle(),
-                t(b.t),
-                t(a.t),
-                ni,
-                mi,
-                ki,
-                alpha as *const _,
-                bp as *const _,
-                bf,
-                ldb,
-                ap as *const _,
-                bf,
-                lda,
-                beta as *const _,
-                cp as *mut _,
-                C::TYPE,
-                ni,
-                f32c,
-                algo,
-            )
-        }
-        .w()
-    } else {
-        let long = |v: usize| v as i64;
-        unsafe {
-            gemm_strided_batched_ex(
-                *blas.handle(),
-                t(b.t),
-                t(a.t),
-                ni,
-                mi,
-                ki,
-                alpha as *const _,
-                bp as *const _,
-                bf,
-                ldb,
-                long(batch.b),
-                ap as *const _,
-                bf,
-                lda,
-                long(batch.a),
-                beta as *const _,
-                cp as *mut _,
-                C::TYPE,
-                ni,
-                long(batch.c),
-                to_i32(batch.count, op)?,
-                f32c,
-                algo,
-            )
-        }
-        .w()
+    // and written (c) for these sizes and leading dimensions; α and β are f32 as the 32F compute
+    // type takes them; the handle works on the device's stream.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            t(b.t),
+            t(a.t),
+            to_i32(n, op)?,
+            to_i32(m, op)?,
+            to_i32(k, op)?,
+            (&alpha) as *const f32 as *const _,
+            bp as *const _,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            to_i32(b.ld, op)?,
+            ap as *const _,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            to_i32(a.ld, op)?,
+            (&beta) as *const f32 as *const _,
+            cp as *mut _,
+            C::TYPE,
+            to_i32(n, op)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
     }
-}
-
-/// How many pieces dA's and dB's products (inner dimension n, the tokens) are cut into, each a
-/// product of its own in one batched call, their sums left to `ft_sum_parts`: instead of
-/// cuBLAS's split-K and its reduction launch. `FINETUNE_CUDA_LORA_KSPLIT` (default 1: cuBLAS's
-/// own); pieces of fewer than 256 tokens, or n not a multiple, leave it to cuBLAS.
-fn k_chunks(n: usize) -> usize {
-    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let want = *K.get_or_init(|| {
-        std::env::var("FINETUNE_CUDA_LORA_KSPLIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1)
-    });
-    if want > 1 && n.is_multiple_of(want) && n / want >= 256 {
-        want
-    } else {
-        1
-    }
+    .w()
 }
 
 /// Shapes of one LoRA op: x (n, i), W (o, i), A (r, i), B (o, r).
@@ -404,46 +304,38 @@ fn factor_grads(
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
     let Shapes { n, i, o, r } = d;
     let (gb6v, mid6v) = (gb6.slice(..), mid6.slice(..));
-    // Cut along the tokens into `s` products of `kc` tokens each (one when cuBLAS splits).
-    let s = k_chunks(n);
-    let kc = n / s;
-    // (s, 3r, i): the parts of dA in three row blocks, for each piece of the tokens.
-    let mut da3 = alloc::<f32>(ctx.1, s * 3 * r * i)?;
+    // (3r, i): the parts of dA in three row blocks.
+    let mut da3 = alloc::<f32>(ctx.1, 3 * r * i)?;
     let args = (arg(&gb6v, true, 6 * r), arg(x, false, i));
-    let pieces = |a: usize, b: usize, c: usize| Batch { count: s, a, b, c };
-    gemm_at(
+    gemm(
         ctx,
         args,
         &mut da3.slice_mut(..),
-        (3 * r, i, kc),
+        (3 * r, i, n),
         (1.0, 0.0),
         op,
-        pieces(kc * 6 * r, kc * i, 3 * r * i),
     )?;
-    // (s, o, 3r): the parts of dB in three column blocks, for each piece.
-    let mut db3 = alloc::<f32>(ctx.1, s * o * 3 * r)?;
+    // (o, 3r): the parts of dB in three column blocks.
+    let mut db3 = alloc::<f32>(ctx.1, o * 3 * r)?;
     let args = (arg(g, true, o), arg(&mid6v, false, 6 * r));
-    gemm_at(
+    gemm(
         ctx,
         args,
         &mut db3.slice_mut(..),
-        (o, 3 * r, kc),
+        (o, 3 * r, n),
         (1.0, 0.0),
         op,
-        pieces(kc * o, kc * 6 * r, o * 3 * r),
     )?;
     let da = Sum {
         src: &da3,
         shape: (r, i),
         strides: (i, r * i),
-        chunks: (s, 3 * r * i),
         scale: 1.0,
     };
     let db = Sum {
         src: &db3,
         shape: (o, r),
         strides: (3 * r, r),
-        chunks: (s, o * 3 * r),
         scale,
     };
     sum_parts(ctx.1, [da, db])
