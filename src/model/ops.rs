@@ -254,10 +254,7 @@ fn causal_bias(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     }
     // The previous one goes before the next is made, so the two are never held together.
     *kept = None;
-    let bias = additive(
-        &visible_after(0, t, None, device)?.reshape((1, 1, t, t))?,
-        dtype,
-    )?;
+    let bias = causal_bias_after(0, t, dtype, device)?;
     *kept = Some((t, dtype, device.clone(), bias.clone()));
     Ok(bias)
 }

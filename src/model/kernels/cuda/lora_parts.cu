@@ -43,14 +43,6 @@ __device__ __forceinline__ void split_elem(const SplitJob j, int e) {
         d[c * j.dj] = k == 0 ? p[0] : (k == 1 ? p[1] : p[2]);
     }
 }
-extern "C" __global__ void ft_split_parts(SplitJob a, SplitJob b) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (blockIdx.y == 0) {
-        if (e < a.rows * a.cols) split_elem(a, e);
-    } else if (e < b.rows * b.cols) {
-        split_elem(b, e);
-    }
-}
 
 // dst (rows, cols) = scale · Σ_{q<3} src[u·su + q·sq + v], small parts first: the three
 // part-products of a split summed into an f32 result (dA's and dB's). Two jobs a launch
@@ -68,11 +60,17 @@ __device__ __forceinline__ void sum_elem(const SumJob j, int e) {
     const float* s = j.src + u * j.su + v;
     j.dst[e] = j.scale * ((s[2 * j.sq] + s[j.sq]) + s[0]);
 }
-extern "C" __global__ void ft_sum_parts(SumJob a, SumJob b) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (blockIdx.y == 0) {
-        if (e < a.rows * a.cols) sum_elem(a, e);
-    } else if (e < b.rows * b.cols) {
-        sum_elem(b, e);
+
+// A launch of two jobs: blockIdx.y picks one, thread e does its element e. (A macro rather than
+// a template over the jobs: each job's fields stay read from the launch parameters.)
+#define FT_TWO_JOBS(NAME, J, ELEM)                                   \
+    extern "C" __global__ void NAME(J a, J b) {                      \
+        const int e = blockIdx.x * blockDim.x + threadIdx.x;         \
+        if (blockIdx.y == 0) {                                       \
+            if (e < a.rows * a.cols) ELEM(a, e);                     \
+        } else if (e < b.rows * b.cols) {                            \
+            ELEM(b, e);                                              \
+        }                                                            \
     }
-}
+FT_TWO_JOBS(ft_split_parts, SplitJob, split_elem)
+FT_TWO_JOBS(ft_sum_parts, SumJob, sum_elem)
